@@ -1,0 +1,155 @@
+"""Configuration: the seed's defaults, precedence (defaults < YAML < CLI), and clear errors."""
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mtq_common.config import Config, ConfigError, load_config, parse_args
+
+REPO = Path(__file__).resolve().parent.parent
+SEED_VALUES = {
+    "training": dict(
+        learning_rate=0.0003,
+        batch_size=256,
+        n_epochs=10,
+        gamma=0.99,
+        gae_lambda=0.95,
+        clip_range=0.2,
+        phase_1_timesteps=500000,
+        phase_2_timesteps=300000,
+        phase_3_timesteps=1000000,
+        meta_update_freq=1,
+        specialist_update_freq=5,
+        device="auto",
+    ),
+    "environment": dict(
+        episode_length=1000,
+        warmup_steps=50,
+        initial_capital=100000,
+        transaction_cost=0.003,
+        max_position_size=0.1,
+        stop_loss_pct=0.02,
+        max_portfolio_var=0.02,
+        max_correlation_exposure=0.7,
+        max_sector_allocation=0.4,
+    ),
+    "reward": dict(
+        risk_penalty_weight=1.0,
+        transaction_cost_weight=1.0,
+        diversification_bonus_weight=0.5,
+        sharpe_target=2.0,
+        max_drawdown_target=0.15,
+        risk_free_rate=0.02,
+        downside_volatility_weight=1.0,
+    ),
+    "risk": dict(var_confidence=0.95, correlation_window=100),
+}
+
+
+@dataclass
+class Args:
+    config: str | None = None
+    """YAML file."""
+    timesteps: int = 0
+    """Environment steps."""
+    learning_rate: float = 0.0
+    """Adam learning rate."""
+    num_envs: int = 1
+    """Environment rows."""
+    seed: int = 1
+    """Seed."""
+
+
+@pytest.mark.parametrize("source", ["builtin", "yaml"])
+def test_defaults_are_the_seed_values(source):
+    cfg = Config() if source == "builtin" else load_config(REPO / "config" / "agents.yaml")
+    for section, values in SEED_VALUES.items():
+        for key, value in values.items():
+            assert getattr(getattr(cfg, section), key) == value, f"{section}.{key}"
+    assert cfg.specialists == ["forex", "commodities", "equity"]
+    assert [cfg.sector_of(s) for s in cfg.data.instruments] == ["forex"] * 3 + ["commodities"] * 2 + ["equity"] * 3
+
+
+def test_yaml_file_equals_builtin_defaults():
+    a = dataclasses.asdict(load_config(REPO / "config" / "agents.yaml"))
+    b = dataclasses.asdict(Config())
+    a.pop("source_path"), b.pop("source_path")
+    assert a == b
+
+
+def test_precedence_defaults_yaml_cli(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  learning_rate: 0.001\n  n_envs: 8\n  phase_1_timesteps: 1234\n")
+    args, cfg = parse_args(Args, aliases={"timesteps": "training.phase_1_timesteps"}, argv=["--config", str(path)])
+    assert args.learning_rate == 0.001 and cfg.training.learning_rate == 0.001
+    assert args.num_envs == 8 and args.timesteps == 1234
+    assert cfg.training.gamma == 0.99  # untouched key keeps the built-in default
+    args, cfg = parse_args(
+        Args,
+        aliases={"timesteps": "training.phase_1_timesteps"},
+        argv=["--config", str(path), "--learning-rate", "0.01", "--timesteps", "99"],
+    )
+    assert args.learning_rate == 0.01 and cfg.training.learning_rate == 0.01
+    assert args.timesteps == 99 and cfg.training.phase_1_timesteps == 99
+    assert args.num_envs == 8
+
+
+def test_user_can_add_a_symbol(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "instruments:\n  DAX40: {sector: equity, annual_vol: 0.18}\ndata:\n  instruments: [DAX40, SPX500]\n"
+    )
+    cfg = load_config(path)
+    assert cfg.sector_of("DAX40") == "equity" and cfg.instruments["DAX40"].annual_vol == 0.18
+    assert cfg.active_specialists() == ["equity"]
+    assert cfg.sector_of("EURUSD") == "forex"  # the built-in registry is kept
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("training:\n  lerning_rate: 0.1\n", ["training.lerning_rate", "unknown key"]),
+        ("trainig:\n  learning_rate: 0.1\n", ["trainig", "unknown section"]),
+        ("training:\n  batch_size: abc\n", ["training.batch_size", "whole number"]),
+        ("training:\n  gamma: 1.5\n", ["training.gamma", "1.5"]),
+        ("training:\n  phase_1_timesteps: -5\n", ["training.phase_1_timesteps", "-5"]),
+        ("environment:\n  max_portfolio_var: 1.5\n", ["environment.max_portfolio_var", "(0, 1]"]),
+        ("environment:\n  max_sector_allocation: 0\n", ["environment.max_sector_allocation"]),
+        ("reward:\n  risk_penalty_weight: -1\n", ["reward.risk_penalty_weight"]),
+        ("data:\n  instruments: [EURUSD, FOO]\n", ["FOO", "instruments"]),
+        ("instruments:\n  FOO: {annual_vol: 0.2}\n", ["instruments.FOO", "sector"]),
+        ("data:\n  splits: [0.5, 0.5]\n", ["data.splits"]),
+        ("data:\n  synthetic:\n    sed: 3\n", ["data.synthetic.sed"]),
+        ("training: [1, 2]\n", ["training", "mapping"]),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path, text, words):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert str(path) in message
+    for word in words:
+        assert word in message
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_bad_cli_value_is_rejected():
+    with pytest.raises(ConfigError, match="training.learning_rate"):
+        parse_args(Args, argv=["--learning-rate", "-1"])
+
+
+def test_hash_changes_with_values_not_with_device():
+    a, b = Config(), Config()
+    assert a.hash() == b.hash()
+    b.training.device = "cpu"
+    assert a.hash() == b.hash()
+    b.reward.risk_penalty_weight = 2.0
+    assert a.hash() != b.hash()
