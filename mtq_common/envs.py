@@ -1,0 +1,553 @@
+"""Batched trading environments: `SpecialistEnv` (one instrument per row) and `PortfolioEnv` (all of them).
+
+Both are native `gymnasium.vector.VectorEnv`s whose state is a set of `(num_envs, ...)` tensors on one
+device, stepped without a Python loop over rows, instruments or specialists and without a host sync
+(PureJaxRL style: the reset state is computed for every row and selected with the done mask).
+
+Shared mechanics (DESIGN section 4):
+* a row's episode starts at a random bar of the split after the warm-up window (the longest feature
+  lookback and `warmup_steps`) and lasts `episode_length` bars or until the data end; either end is a
+  **truncation** (`terminated` is always False: the market goes on), so PPO bootstraps from the final
+  observation, which `info["final_obs"]` carries;
+* `autoreset_mode` is SAME_STEP: the observation returned for a finished row is already the first one
+  of its next episode;
+* the position chosen at bar t earns the return of bar t -> t+1; costs, equity, drawdown and the
+  reward come from `kernels.portfolio_step` (the one place those formulas live);
+* stop-loss: a trade (a run of one position sign) whose price has moved more than `stop_loss_pct`
+  against its entry is closed at that bar's close: the instrument is held flat until the policy asks
+  for a position of another sign (`info["stop_loss"]` flags the bar).
+
+Actions may be NumPy arrays (Gymnasium's convention; NumPy comes back) or, with `torch_mode=True`,
+tensors on the environment's device (tensors come back). Finite actions outside [-1, 1] are clipped
+(documented); NaN/inf, a wrong shape or a non-float dtype raise `ValueError`.
+
+`next_return_diagnostic=True` appends the next bar's (volatility-scaled) return to every instrument's
+observation. It is look-ahead by design, **a test aid only**: it proves the PPO machinery can learn
+when the signal is there, separately from whether the market is learnable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium.vector import AutoresetMode, VectorEnv
+
+import kernels
+from mtq_common.config import Config
+from mtq_common.features import FEATURE_NAMES, FEATURE_WINDOW, compute_features
+from mtq_common.market import MarketData
+
+OBS_CLIP = 10.0
+"""Observations are clipped to +-OBS_CLIP so they always lie inside the observation space."""
+TIME_IN_TRADE_SCALE = 100.0
+NORMAL_QUANTILES = {0.9: 1.2815515655446004, 0.95: 1.6448536269514722, 0.99: 2.3263478740408408}
+
+
+def normal_quantile(p: float) -> float:
+    """z such that P(Z <= z) = p for a standard normal (bisection on erf; exact for the common levels)."""
+    if p in NORMAL_QUANTILES:
+        return NORMAL_QUANTILES[p]
+    lo, hi = -10.0, 10.0
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if 0.5 * (1 + math.erf(mid / math.sqrt(2))) < p:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+# ---------------------------------------------------------------------------------------------
+# Market tables: everything that depends only on the market path, computed once per dataset
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MarketTables:
+    """Device tensors of one `MarketData` that every step gathers from (no per-step recomputation)."""
+
+    prices: torch.Tensor  # [T, N] closes
+    returns: torch.Tensor  # [T, N] simple return of bar t-1 -> t
+    features: torch.Tensor  # [T, N, F] causal features
+    cov: torch.Tensor  # [T, N, N] per-bar EWMA covariance through bar t
+    variance: torch.Tensor  # [T, N] per-bar variance (the diagonal of cov)
+    vol: torch.Tensor  # [T, N] annualised volatility from cov
+    corr_ut: torch.Tensor  # [T, N(N-1)/2] upper triangle of the correlation matrix
+    regime: torch.Tensor | None  # [T] synthetic only (info, for evaluation)
+    drift: torch.Tensor | None  # [T, N] synthetic only (info, for evaluation)
+    first_bar: int  # earliest bar an episode may start at
+    bars_per_year: float
+    bars_per_day: float
+
+    @property
+    def num_bars(self) -> int:
+        return self.prices.shape[0]
+
+
+def build_tables(market: MarketData, cfg: Config, device: torch.device | str = "cpu") -> MarketTables:
+    """Features, returns and the EWMA risk tables of `market`, as float32 tensors on `device`."""
+    dtype = torch.float32
+    returns64 = torch.as_tensor(market.returns)
+    cov = kernels.ewma_covariance(returns64, cfg.risk.correlation_window)
+    sigma = torch.diagonal(cov, dim1=-2, dim2=-1).clamp_min(1e-20).sqrt()
+    corr = cov / (sigma.unsqueeze(-1) * sigma.unsqueeze(-2))
+    iu = torch.triu_indices(market.num_instruments, market.num_instruments, offset=1)
+    first_bar = max(FEATURE_WINDOW, cfg.environment.warmup_steps, 1)
+    if market.num_bars < first_bar + 2:
+        raise ValueError(
+            f"market split '{market.split}' has {market.num_bars} bars; an episode needs at least "
+            f"{first_bar + 2} (feature window {FEATURE_WINDOW} / warmup_steps plus two bars)"
+        )
+
+    def put(x):
+        # contiguous: a strided table would make every per-step gather copy the whole table
+        return None if x is None else torch.as_tensor(x).to(device=device, dtype=dtype).contiguous()
+
+    return MarketTables(
+        prices=put(market.prices),
+        returns=put(market.returns),
+        features=put(compute_features(market.prices)),
+        cov=put(cov),
+        variance=put(sigma**2),
+        vol=put(sigma * math.sqrt(market.bars_per_year)),
+        corr_ut=put(corr[:, iu[0], iu[1]]),
+        regime=None if market.regime is None else torch.as_tensor(market.regime, device=device),
+        drift=put(market.drift),
+        first_bar=first_bar,
+        bars_per_year=market.bars_per_year,
+        bars_per_day=market.bars_per_day,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared engine: episode bookkeeping, stop-loss, portfolio step
+# ---------------------------------------------------------------------------------------------
+
+
+class _TradingEngine:
+    """State and mechanics shared by both environments: B rows, each holding `n` instruments.
+
+    `instrument_index` [B, n] says which market column each held slot is (the specialist env has
+    n = 1 and a different instrument per row; the portfolio env holds all N columns in every row).
+    """
+
+    def __init__(self, tables: MarketTables, cfg: Config, instrument_index: torch.Tensor, seed: int, device):
+        env = cfg.environment
+        self.tables, self.cfg, self.device = tables, cfg, torch.device(device)
+        self.index = instrument_index.to(self.device)  # [B, n]
+        self.num_rows, self.n = self.index.shape
+        self.num_instruments = tables.prices.shape[1]
+        self.onehot = torch.nn.functional.one_hot(self.index, self.num_instruments).float()  # [B, n, N], constant
+        self.episode_length = env.episode_length
+        self.max_position = env.max_position_size
+        self.stop_loss = env.stop_loss_pct
+        self.reward_params = kernels.RewardParams.from_config(cfg.reward, tables.bars_per_year)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+        zeros = torch.zeros(self.num_rows, device=self.device)
+        zeros_n = torch.zeros(self.num_rows, self.n, device=self.device)
+        self.t = torch.zeros(self.num_rows, dtype=torch.long, device=self.device)
+        self.steps = torch.zeros_like(self.t)
+        self.weights, self.entry, self.locked, self.time_in_trade = (zeros_n.clone() for _ in range(4))
+        self.equity, self.peak, self.ema_a, self.ema_b, self.ema_down, self.drawdown = (zeros.clone() for _ in range(6))
+        self.episode_return = zeros.clone()
+
+    def gather(self, table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """`table[t[b], index[b, j]]` for every row b and held slot j: [T, N, ...] -> [B, n, ...].
+
+        One `index_select` on the flattened table: much faster on the CPU than advanced indexing.
+        """
+        flat = table.reshape(-1, *table.shape[2:])
+        rows = (t.unsqueeze(-1) * self.num_instruments + self.index).reshape(-1)
+        return flat.index_select(0, rows).reshape(self.num_rows, self.n, *table.shape[2:])
+
+    # -- reset --------------------------------------------------------------------------------
+    def seed(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+
+    def random_starts(self) -> torch.Tensor:
+        """A start bar for every row: after the warm-up window, at least two bars before the end."""
+        low, high = self.tables.first_bar, self.tables.num_bars - 1
+        return torch.randint(low, high, (self.num_rows,), generator=self.generator, device=self.device)
+
+    def reset_rows(self, mask: torch.Tensor, starts: torch.Tensor) -> None:
+        """Reset the rows where `mask` is True to fresh episodes starting at `starts` (branch-free)."""
+        m, m_n = mask, mask.unsqueeze(-1)
+        self.t = torch.where(m, starts, self.t)
+        self.steps = torch.where(m, 0, self.steps)
+        zero = torch.zeros((), device=self.device)
+        self.weights = torch.where(m_n, zero, self.weights)
+        self.locked = torch.where(m_n, zero, self.locked)
+        self.time_in_trade = torch.where(m_n, zero, self.time_in_trade)
+        self.entry = torch.where(m_n, self.gather(self.tables.prices, starts), self.entry)
+        one = torch.ones((), device=self.device)
+        self.equity = torch.where(m, one, self.equity)
+        self.peak = torch.where(m, one, self.peak)
+        self.drawdown = torch.where(m, zero, self.drawdown)
+        # Reward moments start from the variance a full-size position would have had (the causal EWMA
+        # at the start bar): the differential Sharpe is then well scaled from the first bar.
+        variance = self.gather(self.tables.variance, starts)  # [B, n] per-bar variances
+        b0 = (self.max_position**2) * variance.mean(-1).clamp_min(1e-12)
+        self.ema_a = torch.where(m, zero, self.ema_a)
+        self.ema_b = torch.where(m, b0, self.ema_b)
+        self.ema_down = torch.where(m, 0.5 * b0, self.ema_down)
+        self.episode_return = torch.where(m, zero, self.episode_return)
+
+    # -- step ---------------------------------------------------------------------------------
+    def apply_stop_lock(self, target: torch.Tensor) -> torch.Tensor:
+        """Hold stopped instruments flat while the policy keeps asking for the stopped trade's sign."""
+        same = (torch.sign(target) == self.locked) & (self.locked != 0)
+        self.locked = torch.where(same, self.locked, torch.zeros_like(self.locked))
+        return torch.where(same, torch.zeros_like(target), target)
+
+    def advance(self, weights: torch.Tensor, var_usage: torch.Tensor, cost_rate: torch.Tensor):
+        """Hold `weights` [B, n] over bar t -> t+1: book-keeping, stop-loss, reward, truncation."""
+        tb = self.tables
+        t_next = self.t + 1
+        ret = self.gather(tb.returns, t_next)
+        out = kernels.portfolio_step(
+            weights,
+            self.weights,
+            ret,
+            cost_rate,
+            self.equity,
+            self.peak,
+            self.ema_a,
+            self.ema_b,
+            self.ema_down,
+            var_usage,
+            self.reward_params,
+        )
+        # A new trade (sign change into a position) enters at bar t's close.
+        price_now = self.gather(tb.prices, self.t)
+        price_next = self.gather(tb.prices, t_next)
+        side = torch.sign(weights)
+        new_trade = (side != torch.sign(self.weights)) & (side != 0)
+        self.entry = torch.where(new_trade, price_now, self.entry)
+        self.time_in_trade = torch.where(side == 0, 0.0, torch.where(new_trade, 1.0, self.time_in_trade + 1.0))
+        adverse = -side * (price_next / self.entry - 1.0)
+        stopped = (side != 0) & (adverse > self.stop_loss)
+        self.locked = torch.where(stopped, side, self.locked)
+
+        self.weights = weights
+        self.equity, self.peak, self.drawdown = out.equity, out.peak, out.drawdown
+        self.ema_a, self.ema_b, self.ema_down = out.ema_a, out.ema_b, out.ema_down
+        self.t, self.steps = t_next, self.steps + 1
+        self.episode_return = self.episode_return + out.reward
+        truncated = (self.steps >= self.episode_length) | (self.t >= tb.num_bars - 1)
+        return out, stopped, truncated
+
+    def instrument_obs(self, diagnostic: bool) -> torch.Tensor:
+        """Per held slot: features, instrument one-hot, position, unrealised PnL, drawdown, time in trade."""
+        tb = self.tables
+        prices = self.gather(tb.prices, self.t)
+        unrealised = torch.sign(self.weights) * (prices / self.entry - 1.0) / self.stop_loss  # in stop distances
+        state = [
+            self.weights / self.max_position,
+            unrealised,
+            (self.drawdown / self.cfg.reward.max_drawdown_target).unsqueeze(-1).expand(-1, self.n),
+            self.time_in_trade / TIME_IN_TRADE_SCALE,
+        ]
+        if diagnostic:
+            t_next = (self.t + 1).clamp_max(tb.num_bars - 1)
+            daily = self.gather(tb.variance, self.t).sqrt().clamp_min(1e-8)
+            state.append(self.gather(tb.returns, t_next) / daily)
+        # Features are already clipped and the one-hot is bounded: only the state needs the clip.
+        state = torch.stack(state, -1).clamp(-OBS_CLIP, OBS_CLIP)
+        return torch.cat([self.gather(tb.features, self.t), self.onehot, state], -1)
+
+
+def instrument_obs_size(num_instruments: int, diagnostic: bool = False) -> int:
+    """Length of one instrument's observation (the layout of `_TradingEngine.instrument_obs`)."""
+    return len(FEATURE_NAMES) + num_instruments + 4 + int(diagnostic)
+
+
+def _check_actions(actions, shape: tuple[int, ...], device) -> torch.Tensor:
+    """Actions as a float32 tensor of `shape`; a clear error for NaN/inf, wrong shape or dtype."""
+    if isinstance(actions, np.ndarray):
+        if not np.issubdtype(actions.dtype, np.floating):
+            raise ValueError(f"actions must be floating point, got dtype {actions.dtype}")
+        actions = torch.from_numpy(np.ascontiguousarray(actions))
+    elif not isinstance(actions, torch.Tensor):
+        raise ValueError(f"actions must be a numpy array or a torch tensor, got {type(actions).__name__}")
+    if not actions.is_floating_point():
+        raise ValueError(f"actions must be floating point, got dtype {actions.dtype}")
+    if tuple(actions.shape) != shape:
+        if actions.numel() == math.prod(shape):
+            actions = actions.reshape(shape)
+        else:
+            raise ValueError(f"actions must have shape {shape}, got {tuple(actions.shape)}")
+    actions = actions.to(device=device, dtype=torch.float32)
+    if not bool(torch.isfinite(actions).all()):
+        bad = (~torch.isfinite(actions)).nonzero()[0].tolist()
+        raise ValueError(f"actions contain NaN or inf (first at index {bad}); the state was not changed")
+    return actions.clamp(-1.0, 1.0)
+
+
+def _to_numpy(x):
+    if isinstance(x, dict):
+        return {k: _to_numpy(v) for k, v in x.items()}
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
+
+
+class _BatchedTradingEnv(VectorEnv):
+    """What both environments share: spaces, NumPy/torch conversion, SAME_STEP autoreset, episode stats."""
+
+    metadata = {"autoreset_mode": AutoresetMode.SAME_STEP, "render_modes": []}
+
+    def __init__(self, torch_mode: bool, check_actions: bool):
+        self.torch_mode = torch_mode
+        self.check_actions = check_actions
+
+    def _out(self, x):
+        return x if self.torch_mode else _to_numpy(x)
+
+    def _finish(self, obs_stepped, reward, truncated, info: dict):
+        """SAME_STEP autoreset: finished rows start their next episode; their final obs goes in info."""
+        eng = self.engine
+        done = truncated
+        info["episode"] = {"r": eng.episode_return.clone(), "l": eng.steps.clone()}
+        info["_episode"] = done
+        eng.reset_rows(done, eng.random_starts())
+        self._reset_extra(done)
+        obs = self._observe()
+        info["final_obs"] = obs_stepped
+        info["_final_obs"] = done
+        terminated = torch.zeros_like(done)
+        return self._out(obs), self._out(reward), self._out(terminated), self._out(truncated), self._out(info)
+
+    def _reset_extra(self, mask: torch.Tensor) -> None:
+        """Reset state a subclass keeps beyond the engine's (nothing by default)."""
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        if seed is not None:
+            self.engine.seed(seed)
+        all_rows = torch.ones(self.num_envs, dtype=torch.bool, device=self.engine.device)
+        self.engine.reset_rows(all_rows, self.engine.random_starts())
+        self._reset_extra(all_rows)
+        return self._out(self._observe()), {}
+
+
+class SpecialistEnv(_BatchedTradingEnv):
+    """Batched single-instrument trading: row b trades instrument `row_instrument[b]`.
+
+    Action [B, 1] in [-1, 1] -> position `a * max_position_size`. Observation [B, F_obs]: the
+    instrument's features, its one-hot over the market's N instruments, position / max size,
+    unrealised PnL of the open trade in stop-loss distances, drawdown / drawdown target, time in trade
+    / 100 (and the next return under the diagnostic switch). Reward: the differential Sharpe (and
+    downside ratio) of the net return, from `kernels.portfolio_step` with one instrument.
+    """
+
+    def __init__(
+        self,
+        market: MarketData,
+        cfg: Config,
+        row_instrument: torch.Tensor | np.ndarray | list[int],
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        torch_mode: bool = False,
+        next_return_diagnostic: bool = False,
+        check_actions: bool = True,
+        tables: MarketTables | None = None,
+    ):
+        super().__init__(torch_mode, check_actions)
+        tables = tables or build_tables(market, cfg, device)
+        index = torch.as_tensor(np.asarray(row_instrument), dtype=torch.long).reshape(-1, 1)
+        n_instruments = tables.prices.shape[1]
+        if index.numel() == 0 or index.min() < 0 or index.max() >= n_instruments:
+            raise ValueError(f"row_instrument must index the market's {n_instruments} instruments")
+        self.engine = _TradingEngine(tables, cfg, index, seed, device)
+        self.num_envs = index.shape[0]
+        self.diagnostic = next_return_diagnostic
+        self.obs_size = instrument_obs_size(n_instruments, next_return_diagnostic)
+        self.single_observation_space = gym.spaces.Box(-OBS_CLIP, OBS_CLIP, (self.obs_size,), np.float32)
+        self.single_action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = gym.vector.utils.batch_space(self.single_action_space, self.num_envs)
+        self.cost_rate = cost_rates(market, cfg, self.engine.device)[self.engine.index]  # [B, 1]
+
+    def _observe(self) -> torch.Tensor:
+        return self.engine.instrument_obs(self.diagnostic).squeeze(1)
+
+    def step(self, actions):
+        eng = self.engine
+        if self.check_actions:
+            actions = _check_actions(actions, (self.num_envs, 1), eng.device)
+        target = eng.apply_stop_lock(actions.reshape(self.num_envs, 1) * eng.max_position)
+        out, stopped, truncated = eng.advance(target, torch.zeros_like(eng.equity), self.cost_rate)
+        info = {
+            "net_return": out.net_return,
+            "cost": out.cost,
+            "position": target.squeeze(1),
+            "equity": out.equity,
+            "drawdown": out.drawdown,
+            "stop_loss": stopped.squeeze(1),
+        }
+        return self._finish(self._observe(), out.reward, truncated, info)
+
+
+class PortfolioEnv(_BatchedTradingEnv):
+    """Batched multi-instrument portfolio: every row holds all N instruments under the risk manager.
+
+    `step(proposed_weights [B, N])` (signed fractions of equity, clipped to [-1, 1]): the stop-loss
+    lock, then the risk manager (`kernels.risk_step`) maps the proposal to executed weights within
+    every limit, then `kernels.portfolio_step` books costs, returns, equity, drawdown and the reward.
+
+    Observation: `{"instruments": [B, N, F_obs]` (the specialists' layout, as in `SpecialistEnv`),
+    `"portfolio": [B, P]}` for the meta-controller: each instrument's 1- and 20-bar scaled returns,
+    annualised volatilities, the correlation matrix's upper triangle, drawdown / target, current
+    weights / max size, and risk usage (VaR, correlation exposure and largest sector share, each over
+    its limit). `info` carries the executed weights, VaR, correlation exposure, sector allocation,
+    the risk manager's intervention and, on synthetic data, the regime and the latent drift
+    (evaluation only: never part of an observation).
+    """
+
+    def __init__(
+        self,
+        market: MarketData,
+        cfg: Config,
+        num_envs: int,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        torch_mode: bool = False,
+        next_return_diagnostic: bool = False,
+        check_actions: bool = True,
+        tables: MarketTables | None = None,
+    ):
+        super().__init__(torch_mode, check_actions)
+        tables = tables or build_tables(market, cfg, device)
+        n = market.num_instruments
+        index = torch.arange(n).expand(num_envs, n)
+        self.engine = _TradingEngine(tables, cfg, index, seed, device)
+        self.num_envs, self.n = num_envs, n
+        self.diagnostic = next_return_diagnostic
+        self.sectors = sorted(set(market.sectors), key=market.sectors.index)
+        onehot = torch.zeros(n, len(self.sectors))
+        onehot[torch.arange(n), torch.tensor([self.sectors.index(s) for s in market.sectors])] = 1.0
+        self.sector_onehot = onehot.to(self.engine.device)
+        self.limits, self.relaxed = feasible_limits(cfg, n, len(self.sectors), tables.bars_per_day)
+        self.cost_rate = cost_rates(market, cfg, self.engine.device)  # [N]
+        self.risk = {k: torch.zeros(num_envs, device=self.engine.device) for k in ("var", "corr", "sector")}
+
+        f_obs = instrument_obs_size(n, next_return_diagnostic)
+        self.portfolio_obs_size = 2 * n + n + n * (n - 1) // 2 + 1 + n + 3
+        self.single_observation_space = gym.spaces.Dict(
+            {
+                "instruments": gym.spaces.Box(-OBS_CLIP, OBS_CLIP, (n, f_obs), np.float32),
+                "portfolio": gym.spaces.Box(-OBS_CLIP, OBS_CLIP, (self.portfolio_obs_size,), np.float32),
+            }
+        )
+        self.single_action_space = gym.spaces.Box(-1.0, 1.0, (n,), np.float32)
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, num_envs)
+        self.action_space = gym.vector.utils.batch_space(self.single_action_space, num_envs)
+        self.has_truth = tables.regime is not None
+
+    def _observe(self) -> dict[str, torch.Tensor]:
+        eng, tb = self.engine, self.engine.tables
+        t = eng.t
+        feats = tb.features.index_select(0, t)  # [B, N, F]
+        lim = self.limits
+        portfolio = torch.cat(
+            [
+                feats[..., FEATURE_NAMES.index("ret_1")],
+                feats[..., FEATURE_NAMES.index("ret_20")],
+                tb.vol.index_select(0, t),
+                tb.corr_ut.index_select(0, t),
+                (eng.drawdown / eng.cfg.reward.max_drawdown_target).unsqueeze(-1),
+                eng.weights / eng.max_position,
+                (self.risk["var"] / lim.max_var).unsqueeze(-1),
+                (self.risk["corr"] / lim.max_correlation).unsqueeze(-1),
+                (self.risk["sector"] / lim.max_sector).unsqueeze(-1),
+            ],
+            -1,
+        ).clamp(-OBS_CLIP, OBS_CLIP)
+        return {"instruments": eng.instrument_obs(self.diagnostic), "portfolio": portfolio}
+
+    def _reset_extra(self, mask: torch.Tensor) -> None:
+        # A new episode starts flat: no risk in use.
+        self.risk = {k: torch.where(mask, 0.0, v) for k, v in self.risk.items()}
+
+    def step(self, proposed_weights):
+        eng = self.engine
+        if self.check_actions:
+            proposed_weights = _check_actions(proposed_weights, (self.num_envs, self.n), eng.device)
+        proposal = eng.apply_stop_lock(proposed_weights)
+        cov = eng.tables.cov.index_select(0, eng.t)
+        risk = kernels.risk_step(proposal, cov, self.sector_onehot, self.limits)
+        var_usage = risk.var / self.limits.max_var
+        t_now = eng.t
+        out, stopped, truncated = eng.advance(risk.weights, var_usage, self.cost_rate)
+        self.risk = {"var": risk.var, "corr": risk.correlation_exposure, "sector": risk.sector_allocation.amax(-1)}
+        info = {
+            "net_return": out.net_return,
+            "cost": out.cost,
+            "equity": out.equity,
+            "drawdown": out.drawdown,
+            "executed_weights": risk.weights,
+            "var": risk.var,
+            "correlation_exposure": risk.correlation_exposure,
+            "sector_allocation": risk.sector_allocation,
+            "intervention": risk.intervention,
+            "stop_loss": stopped,
+        }
+        if self.has_truth:
+            info["regime"] = eng.tables.regime.index_select(0, t_now)
+            info["drift"] = eng.tables.drift.index_select(0, t_now)
+        return self._finish(self._observe(), out.reward, truncated, info)
+
+
+def feasible_limits(cfg: Config, n_instruments: int, n_sectors: int, bars_per_day: float):
+    """The configured limits relaxed to what a small universe allows; returns `(RiskLimits, notes)`.
+
+    Fewer sectors than `1 / max_sector_allocation` make the sector limit impossible: it becomes
+    `1 / n_sectors`. With one instrument the correlation exposure is 1 by definition: not applied.
+    """
+    env = cfg.environment
+    notes = []
+    max_sector = env.max_sector_allocation
+    if n_sectors * max_sector < 1.0:
+        max_sector = 1.0 / n_sectors
+        notes.append(
+            f"max_sector_allocation {env.max_sector_allocation} is infeasible with {n_sectors} sector(s): "
+            f"relaxed to {max_sector:.4g}"
+        )
+    max_corr = env.max_correlation_exposure
+    if n_instruments == 1:
+        max_corr = 1.0
+        notes.append("max_correlation_exposure is not applied to a single instrument")
+    z = normal_quantile(cfg.risk.var_confidence)
+    limits = kernels.RiskLimits(
+        max_position=env.max_position_size,
+        max_var=env.max_portfolio_var,
+        max_correlation=max_corr,
+        max_sector=max_sector,
+        var_scale=z * math.sqrt(bars_per_day),
+    )
+    return limits, notes
+
+
+def cost_rates(market: MarketData, cfg: Config, device) -> torch.Tensor:
+    """Cost per unit of turnover of each instrument: config cost x instrument and market multipliers."""
+    scale = [cfg.instruments[s].cost_multiplier for s in market.symbols]
+    rate = cfg.environment.transaction_cost * market.cost_multiplier
+    return torch.tensor(scale, dtype=torch.float32, device=device) * rate
+
+
+def specialist_rows(market: MarketData, specialists: list[str], rows_per_specialist: int):
+    """Row layout for training several specialists in one `SpecialistEnv`.
+
+    Rows are grouped by specialist (`rows_per_specialist` each, in `specialists` order), and within a
+    group they cycle over that specialist's instruments. Returns `(row_instrument, row_specialist)`.
+    """
+    instruments, owners = [], []
+    for k, name in enumerate(specialists):
+        mine = [i for i, s in enumerate(market.sectors) if s == name]
+        if not mine:
+            raise ValueError(f"specialist {name!r} has no instrument in {market.symbols}")
+        instruments += [mine[j % len(mine)] for j in range(rows_per_specialist)]
+        owners += [k] * rows_per_specialist
+    return torch.tensor(instruments), torch.tensor(owners)

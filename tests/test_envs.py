@@ -1,0 +1,412 @@
+"""Environments, risk manager and reward: hand-checked steps, hard limits, reward weights, bad input."""
+
+import dataclasses
+import functools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from kernels import RewardParams, RiskLimits
+from kernels.portfolio_step import portfolio_step_reference
+from kernels.risk import correlation_from_covariance, risk_step_reference
+from mtq_common.config import Config
+from mtq_common.envs import PortfolioEnv, SpecialistEnv, build_tables, feasible_limits, specialist_rows
+from mtq_common.features import FEATURE_WINDOW
+from mtq_common.hierarchy import compose_weights, instrument_specialist_index
+from mtq_common.market import MarketData
+from mtq_common.synthetic import generate_market
+
+START = FEATURE_WINDOW + 5  # a bar every episode may start at
+
+
+def small_config(**env) -> Config:
+    cfg = Config()
+    for key, value in env.items():
+        setattr(cfg.environment, key, value)
+    return cfg
+
+
+def hand_market(prices: np.ndarray, sectors=None) -> MarketData:
+    """A market with explicit prices; flat history before START so hand-checked numbers stay simple."""
+    prices = np.asarray(prices, dtype=np.float64)
+    if prices.ndim == 1:
+        prices = prices[:, None]
+    n = prices.shape[1]
+    history = np.ones((START, n)) * prices[:1]
+    full = np.concatenate([history, prices], axis=0)
+    symbols = ["SPX500", "NAS100", "EURUSD"][:n]
+    return MarketData(
+        symbols=symbols,
+        sectors=sectors or ["equity", "equity", "forex"][:n],
+        prices=full,
+        timestamps=np.arange(len(full)).astype("datetime64[D]"),
+        bars_per_year=252.0,
+        bars_per_day=1.0,
+        source="synthetic",
+        split="train",
+    )
+
+
+def start_at(env, bar: int = START) -> None:
+    env.reset(seed=0)
+    rows = torch.ones(env.num_envs, dtype=torch.bool)
+    env.engine.reset_rows(rows, torch.full((env.num_envs,), bar, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------------------------
+# Hand-checked single steps
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cost_on_turnover_equity_and_drawdown():
+    cfg = small_config(max_position_size=0.1, transaction_cost=0.003)
+    market = hand_market([100.0, 101.0, 98.98, 98.98, 98.98])
+    env = SpecialistEnv(market, cfg, [0], torch_mode=True)
+    start_at(env)
+    _, _, _, _, info = env.step(torch.tensor([[1.0]]))  # buy 0.1 at 100, price -> 101
+    assert info["cost"].item() == pytest.approx(0.003 * 0.1)
+    assert info["net_return"].item() == pytest.approx(0.1 * 0.01 - 0.0003, abs=1e-7)
+    equity1 = 1 + 0.1 * 0.01 - 0.0003
+    assert info["equity"].item() == pytest.approx(equity1, rel=1e-6)
+    _, _, _, _, info = env.step(torch.tensor([[1.0]]))  # hold: no cost, price -2%
+    assert info["cost"].item() == pytest.approx(0.0, abs=1e-9)
+    equity2 = equity1 * (1 + 0.1 * (98.98 / 101 - 1))
+    assert info["equity"].item() == pytest.approx(equity2, rel=1e-6)
+    assert info["drawdown"].item() == pytest.approx(1 - equity2 / equity1, rel=1e-4)
+    _, _, _, _, info = env.step(torch.tensor([[-0.5]]))  # flip to -0.05: turnover 0.15
+    assert info["cost"].item() == pytest.approx(0.003 * 0.15, rel=1e-5)
+
+
+def test_stop_loss_closes_the_trade_and_holds_flat_until_a_new_trade():
+    cfg = small_config(stop_loss_pct=0.02)
+    market = hand_market([100.0, 99.0, 97.5, 97.0, 96.0, 95.0, 96.0])
+    env = SpecialistEnv(market, cfg, [0], torch_mode=True)
+    start_at(env)
+    _, _, _, _, info = env.step(torch.tensor([[1.0]]))  # long at 100 -> 99: -1%, no stop
+    assert not info["stop_loss"].item()
+    _, _, _, _, info = env.step(torch.tensor([[1.0]]))  # 97.5: -2.5% against entry: stopped
+    assert info["stop_loss"].item()
+    _, _, _, _, info = env.step(torch.tensor([[1.0]]))  # same sign asked: held flat, closing cost paid
+    assert info["position"].item() == 0.0
+    assert info["cost"].item() == pytest.approx(0.003 * 0.1)
+    _, _, _, _, info = env.step(torch.tensor([[0.7]]))  # still the stopped sign: flat
+    assert info["position"].item() == 0.0
+    _, _, _, _, info = env.step(torch.tensor([[-1.0]]))  # a new (short) trade opens
+    assert info["position"].item() == pytest.approx(-0.1)
+
+
+def test_reward_sign_follows_the_return():
+    market = hand_market([100.0, 102.0, 104.0, 102.0])
+    env = SpecialistEnv(market, small_config(), [0], torch_mode=True)
+    start_at(env)
+    _, reward, _, _, _ = env.step(torch.tensor([[1.0]]))
+    assert reward.item() > 0  # long into a rise
+    start_at(env)
+    _, reward, _, _, _ = env.step(torch.tensor([[-1.0]]))
+    assert reward.item() < 0  # short into a rise
+
+
+def test_truncation_at_the_data_end_is_not_termination():
+    market = hand_market([100.0, 101.0, 102.0, 103.0])
+    env = SpecialistEnv(market, small_config(episode_length=1000), [0], torch_mode=True)
+    start_at(env, market.num_bars - 3)
+    truncs = []
+    for _ in range(2):
+        _, _, term, trunc, info = env.step(torch.tensor([[0.5]]))
+        truncs.append(bool(trunc.item()))
+        assert not term.item()
+    assert truncs == [False, True]
+    assert info["_final_obs"].item() and info["_episode"].item()
+    assert info["episode"]["l"].item() == 2
+    assert env.engine.steps.item() == 0  # autoreset (SAME_STEP): a new episode has begun
+
+
+def test_episode_length_truncates():
+    market = generate_market(["SPX500"], ["equity"], [0.17], 600, seed=1)
+    env = SpecialistEnv(market, small_config(episode_length=7), [0, 0, 0], torch_mode=True)
+    env.reset(seed=3)
+    for i in range(7):
+        _, _, _, trunc, _ = env.step(torch.zeros(3, 1))
+        assert bool(trunc.all()) == (i == 6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward weights: each one moves the reward the right way
+# ---------------------------------------------------------------------------------------------
+
+
+def _reward(params: RewardParams, weights=(0.05, 0.05), prev=(0.0, 0.0), ret=(0.01, -0.004), drawdown_state=0.0):
+    w = torch.tensor([weights])
+    peak = torch.tensor([1.0])
+    equity = torch.tensor([1.0 - drawdown_state])
+    out = portfolio_step_reference(
+        w,
+        torch.tensor([prev]),
+        torch.tensor([ret]),
+        torch.tensor([0.003, 0.003]),
+        equity,
+        peak,
+        torch.tensor([0.0002]),
+        torch.tensor([2e-5]),
+        torch.tensor([1e-5]),
+        torch.tensor([0.5]),
+        params,
+    )
+    return out.reward.item()
+
+
+@pytest.mark.parametrize(
+    "key, low, high, kwargs, direction",
+    [
+        ("risk_penalty_weight", 0.0, 2.0, dict(drawdown_state=0.3), -1),
+        ("transaction_cost_weight", 0.0, 5.0, dict(prev=(-0.05, 0.0)), -1),
+        ("diversification_bonus_weight", 0.0, 2.0, {}, +1),
+        ("sharpe_target", 0.0, 5.0, {}, -1),
+        ("max_drawdown_target", 0.05, 0.3, dict(drawdown_state=0.2), +1),
+        ("risk_free_per_bar", 0.0, 0.02 / 252 * 50, {}, -1),
+        ("downside_volatility_weight", 0.0, 2.0, dict(ret=(-0.02, -0.01)), -1),
+        ("downside_volatility_weight", 0.0, 2.0, dict(ret=(0.02, 0.01)), +1),
+    ],
+)
+def test_each_reward_weight_moves_the_reward(key, low, high, kwargs, direction):
+    lo = _reward(dataclasses.replace(RewardParams(), **{key: low}), **kwargs)
+    hi = _reward(dataclasses.replace(RewardParams(), **{key: high}), **kwargs)
+    assert (hi - lo) * direction > 1e-6, (key, lo, hi)
+
+
+@pytest.mark.parametrize(
+    "key, value", [("risk_penalty_weight", 3.0), ("transaction_cost_weight", 3.0), ("risk_free_rate", 0.2)]
+)
+def test_config_reward_keys_reach_the_environment(key, value):
+    market = generate_market(["SPX500", "EURUSD"], ["equity", "forex"], [0.17, 0.07], 400, seed=2)
+    actions = torch.tensor([[0.08, -0.06], [-0.07, 0.09]] * 10)
+
+    def total(cfg):
+        env = PortfolioEnv(market, cfg, 1, torch_mode=True)
+        start_at(env)
+        return sum(env.step(a[None])[1].item() for a in actions)
+
+    changed = Config()
+    setattr(changed.reward, key, value)
+    assert total(changed) < total(Config())
+
+
+# ---------------------------------------------------------------------------------------------
+# Risk manager
+# ---------------------------------------------------------------------------------------------
+
+SECTORS = ["forex", "forex", "forex", "commodities", "commodities", "equity", "equity", "equity"]
+ONEHOT = torch.tensor([[s == k for k in ("forex", "commodities", "equity")] for s in SECTORS], dtype=torch.float32)
+
+
+VOLS = [Config().instruments[s].annual_vol for s in Config().data.instruments]
+
+
+@functools.lru_cache(maxsize=1)
+def _cov_table() -> torch.Tensor:
+    cfg = Config()
+    return build_tables(generate_market(cfg.data.instruments, SECTORS, VOLS, 3000, 3), cfg).cov
+
+
+def realistic_cov(batch: int = 1) -> torch.Tensor:
+    """Covariances of the last `batch` bars of a synthetic market with the eight instruments."""
+    return _cov_table()[-batch:]
+
+
+def limits_hold(w, cov, limits: RiskLimits, onehot=ONEHOT):
+    """Check every limit with an independent float64 numpy computation."""
+    w, cov = w.double().numpy(), cov.double().numpy()
+    onehot = onehot.double().numpy()
+    for b in range(len(w)):
+        x = w[b]
+        assert np.all(np.abs(x) <= limits.max_position * (1 + 1e-5))
+        var = limits.var_scale * math.sqrt(max(x @ cov[b] @ x, 0.0))
+        assert var <= limits.max_var * (1 + 1e-5)
+        gross = np.abs(x).sum()
+        if gross > 0:
+            sigma = np.sqrt(np.diag(cov[b]))
+            corr = cov[b] / np.outer(sigma, sigma)
+            xn = x / gross
+            assert xn @ corr @ xn <= limits.max_correlation * (1 + 1e-4)
+            assert (np.abs(x) @ onehot / gross).max() <= limits.max_sector * (1 + 1e-4)
+
+
+def test_book_within_limits_is_unchanged():
+    cov = realistic_cov()
+    book = torch.tensor([[0.015, -0.01, 0.015, 0.02, -0.01, 0.01, -0.01, 0.015]])  # sector shares 0.38/0.29/0.33
+    out = risk_step_reference(book, cov, ONEHOT, RiskLimits())
+    torch.testing.assert_close(out.weights, book)
+    assert out.intervention.item() == 0.0
+
+
+@pytest.mark.parametrize(
+    "name, book, limits",
+    [
+        ("position", [[0.5, -0.3, 0.05, 0.05, -0.05, 0.05, 0.05, -0.05]], RiskLimits()),
+        ("sector", [[0.01, 0.01, -0.01, 0.01, 0.01, 0.1, 0.1, 0.1]], RiskLimits()),
+        ("var", [[0.1, 0.1, -0.1, 0.1, 0.1, 0.1, -0.1, 0.1]], RiskLimits(max_var=0.002)),
+        # a book crowded into the three indices (pairwise 0.85-0.95) with small other positions
+        ("correlation", [[0.005, 0.0, 0.0, 0.005, 0.0, 0.1, 0.1, 0.1]], RiskLimits(max_sector=1.0)),
+    ],
+)
+def test_a_violating_book_comes_back_within_every_limit(name, book, limits):
+    cov = realistic_cov()
+    proposed = torch.tensor(book)
+    out = risk_step_reference(proposed, cov, ONEHOT, limits)
+    limits_hold(out.weights, cov, limits)
+    assert out.intervention.item() > 0
+    assert out.weights.abs().sum() > 0, "the limit was met by more than going flat"
+    if name == "var":
+        assert out.var.item() == pytest.approx(limits.max_var, rel=1e-5)
+    if name == "correlation":
+        assert out.correlation_exposure.item() == pytest.approx(limits.max_correlation, rel=1e-3)
+
+
+def test_random_books_always_satisfy_every_limit():
+    gen = torch.Generator().manual_seed(0)
+    cov = realistic_cov(256)
+    for scale in (0.01, 0.1, 1.0):
+        book = torch.randn(256, 8, generator=gen) * scale
+        book[::7] = 0.0  # flat books
+        book[1::5, :5] = 0.0  # one-sector books
+        out = risk_step_reference(book, cov, ONEHOT, RiskLimits())
+        limits_hold(out.weights, cov, RiskLimits())
+        assert torch.isfinite(out.weights).all()
+
+
+def test_var_matches_a_direct_numpy_computation():
+    cov = realistic_cov()
+    book = torch.tensor([[0.02, -0.02, 0.01, 0.02, 0.01, 0.02, -0.01, 0.02]])  # within every limit
+    out = risk_step_reference(book, cov, ONEHOT, RiskLimits(var_scale=1.6448536269514722))
+    torch.testing.assert_close(out.weights, book)
+    w, c = book.double().numpy()[0], cov.double().numpy()[0]
+    assert out.var.item() == pytest.approx(1.6448536269514722 * math.sqrt(w @ c @ w), rel=1e-5)
+    corr = correlation_from_covariance(cov.double())[0].numpy()
+    x = w / np.abs(w).sum()
+    assert out.correlation_exposure.item() == pytest.approx(x @ corr @ x, rel=1e-5)
+
+
+def test_small_universes_relax_infeasible_limits():
+    cfg = Config()
+    limits, notes = feasible_limits(cfg, 3, 2, 1.0)
+    assert limits.max_sector == 0.5 and any("relaxed" in n for n in notes)
+    limits, notes = feasible_limits(cfg, 1, 1, 1.0)
+    assert limits.max_correlation >= 1.0 and limits.max_sector == 1.0
+    limits, notes = feasible_limits(cfg, 8, 3, 1.0)
+    assert limits.max_sector == 0.4 and notes == []
+
+
+def test_single_instrument_portfolio_still_trades():
+    market = generate_market(["SPX500"], ["equity"], [0.17], 400, seed=4)
+    env = PortfolioEnv(market, Config(), 4, torch_mode=True)
+    env.reset(seed=0)
+    _, _, _, _, info = env.step(torch.full((4, 1), 0.05))
+    assert torch.allclose(info["executed_weights"], torch.full((4, 1), 0.05))
+
+
+def test_every_executed_book_in_the_portfolio_env_satisfies_every_limit():
+    cfg = Config()
+    market = generate_market(cfg.data.instruments, SECTORS, VOLS, 800, 5)
+    env = PortfolioEnv(market, cfg, 64, torch_mode=True, seed=1)
+    env.reset(seed=1)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(30):
+        cov = env.engine.tables.cov.index_select(0, env.engine.t)
+        _, _, _, _, info = env.step(torch.randn(64, 8, generator=gen) * 0.2)
+        limits_hold(info["executed_weights"], cov, env.limits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Observations, determinism, bad input
+# ---------------------------------------------------------------------------------------------
+
+
+def test_observations_do_not_look_ahead():
+    cfg = Config()
+    market = generate_market(cfg.data.instruments, SECTORS, [0.1] * 8, 400, 6)
+    changed = dataclasses.replace(market, prices=market.prices.copy())
+    changed.prices[START + 1 :] *= np.linspace(0.5, 2.0, 400 - START - 1)[:, None]
+    obs = []
+    for m in (market, changed):
+        env = PortfolioEnv(m, cfg, 1, torch_mode=True)
+        start_at(env)
+        obs.append(env._observe())
+    for key in ("instruments", "portfolio"):
+        torch.testing.assert_close(obs[0][key], obs[1][key], rtol=0, atol=0)
+
+
+def test_diagnostic_observation_carries_the_next_return():
+    market = hand_market([100.0, 103.0, 103.0])
+    env = SpecialistEnv(market, small_config(), [0], torch_mode=True, next_return_diagnostic=True)
+    start_at(env)
+    obs = env._observe()
+    assert obs.shape[-1] == env.obs_size and obs[0, -1].item() > 0
+
+
+def test_same_seed_same_trajectory():
+    cfg = Config()
+    market = generate_market(cfg.data.instruments, SECTORS, [0.1] * 8, 800, 7)
+    runs = []
+    for _ in range(2):
+        env = PortfolioEnv(market, cfg, 16, seed=5)
+        obs, _ = env.reset(seed=5)
+        rng = np.random.default_rng(0)
+        rewards = [env.step(rng.normal(0, 0.1, (16, 8)).astype(np.float32))[1] for _ in range(20)]
+        runs.append((obs["portfolio"], np.stack(rewards)))
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (np.full((2, 1), np.nan, np.float32), "NaN or inf"),
+        (np.full((2, 1), np.inf, np.float32), "NaN or inf"),
+        (np.zeros((3, 1), np.float32), "shape"),
+        (np.zeros((2, 1), np.int64), "floating point"),
+        ([[0.0], [0.0]], "numpy array or a torch tensor"),
+    ],
+)
+def test_bad_actions_are_clear_errors_and_leave_the_state_alone(bad, match):
+    market = generate_market(["SPX500"], ["equity"], [0.17], 400, seed=8)
+    env = SpecialistEnv(market, Config(), [0, 0])
+    env.reset(seed=0)
+    before = env.engine.t.clone()
+    with pytest.raises(ValueError, match=match):
+        env.step(bad)
+    assert torch.equal(env.engine.t, before)
+
+
+def test_out_of_range_actions_are_clipped():
+    market = generate_market(["SPX500"], ["equity"], [0.17], 400, seed=8)
+    env = SpecialistEnv(market, Config(), [0], torch_mode=True)
+    start_at(env)
+    _, _, _, _, info = env.step(torch.tensor([[7.0]]))
+    assert info["position"].item() == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hierarchy composition and row layout
+# ---------------------------------------------------------------------------------------------
+
+
+def test_compose_weights():
+    owner = instrument_specialist_index(SECTORS, ["forex", "commodities", "equity"])
+    positions = torch.tensor([[1.0, -0.5, 0.2, 1.0, -1.0, 0.5, 0.5, -1.0]])
+    even = torch.full((1, 3), 1 / 3)
+    w = compose_weights(even, torch.ones(1), positions, owner, 0.1)
+    torch.testing.assert_close(w, positions * 0.1)  # even allocation = the specialists as trained
+    only_equity = torch.tensor([[0.0, 0.0, 1.0]])
+    w = compose_weights(only_equity, torch.full((1,), 0.5), positions, owner, 0.1)
+    assert torch.all(w[0, :5] == 0) and torch.all(w.abs() <= 0.1)
+    torch.testing.assert_close(w[0, 5:], torch.tensor([0.075, 0.075, -0.1]))  # 0.5 * 3 * 1.0 * 0.1, capped
+
+
+def test_specialist_rows_group_by_specialist():
+    cfg = Config()
+    market = generate_market(cfg.data.instruments, SECTORS, [0.1] * 8, 300, 1)
+    inst, owner = specialist_rows(market, ["forex", "commodities", "equity"], 4)
+    assert owner.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert inst.tolist() == [0, 1, 2, 0, 3, 4, 3, 4, 5, 6, 7, 5]
