@@ -1,0 +1,26 @@
+"""MTQuant's shared library: what the phase scripts (`phase1_ppo.py`, `phase2_meta.py`, `phase3_joint.py`) import.
+
+It holds the configuration (`config`), the market data (`market`, `synthetic`, `csv_data`), the causal
+features (`features`), the batched trading environments (`envs`) and their Gymnasium adapters
+(`gym_env`), the hierarchy of specialists and meta-controller (`hierarchy`), baselines and metrics.
+Importing the package registers two Gymnasium ids, `MTQ/Specialist-v0` and `MTQ/Portfolio-v0`, for
+`gymnasium.make` (a single-environment adapter) and `gymnasium.make_vec` (the native batched env).
+The entry points are strings, so this import stays light: torch and the market load only when an
+environment is made.
+"""
+
+import gymnasium
+
+_ENVIRONMENTS = {
+    "MTQ/Specialist-v0": ("SpecialistSingleEnv", "make_specialist_vec"),
+    "MTQ/Portfolio-v0": ("PortfolioSingleEnv", "make_portfolio_vec"),
+}
+
+for _env_id, (_single, _vector) in _ENVIRONMENTS.items():
+    # A module reload or a second import path must not register twice (Gymnasium warns on overrides).
+    if _env_id not in gymnasium.registry:
+        gymnasium.register(
+            id=_env_id,
+            entry_point=f"mtq_common.gym_env:{_single}",
+            vector_entry_point=f"mtq_common.gym_env:{_vector}",
+        )

@@ -438,7 +438,7 @@ def parse_args(args_cls: type, aliases: dict[str, str] | None = None, argv: list
 
     `args_cls` must have a `config: str | None` field. Each other field named like a config key
     (or listed in `aliases` as `field -> "section.key"`) takes the file's value as its default,
-    and its final value (file or explicit flag) is written back into `cfg`, which is validated again.
+    and its final value (file or explicit flag) is written back into `cfg` by `config_from_args`.
     """
     import tyro
 
@@ -455,12 +455,24 @@ def parse_args(args_cls: type, aliases: dict[str, str] | None = None, argv: list
             defaults[f.name] = _get(cfg, key)
     defaults["config"] = path
     args = tyro.cli(args_cls, args=argv, default=args_cls(**defaults))
-    for f in dataclasses.fields(args_cls):
+    return args, config_from_args(args, aliases)
+
+
+def config_from_args(args: Any, aliases: dict[str, str] | None = None) -> Config:
+    """The `Config` a script runs with: `args.config` (or the built-in defaults) overridden by `args`.
+
+    Every field of `args` that backs a config key (see `parse_args`) wins over the file, so calling
+    a script's `main(args)` from Python gives the same run as the command line.
+    """
+    aliases = {**_ALIASES, **(aliases or {})}
+    path = getattr(args, "config", None)
+    cfg = load_config(path)
+    for f in dataclasses.fields(args):
         key = _config_key(f.name, aliases)
-        if key is not None:
-            _set(cfg, key, getattr(args, f.name))
+        value = getattr(args, f.name)
+        if key is not None and value is not None:
+            _set(cfg, key, list(value) if isinstance(value, tuple) else value)
     if getattr(args, "data_dir", None):
         cfg.data.source = "csv"
     cfg.source_path = f"{path or '<defaults>'} + command line"
-    validate(cfg)
-    return args, cfg
+    return validate(cfg)

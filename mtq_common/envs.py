@@ -165,6 +165,27 @@ class _TradingEngine:
         rows = (t.unsqueeze(-1) * self.num_instruments + self.index).reshape(-1)
         return flat.index_select(0, rows).reshape(self.num_rows, self.n, *table.shape[2:])
 
+    STATE = (
+        "t", "steps", "weights", "entry", "locked", "time_in_trade",
+        "equity", "peak", "ema_a", "ema_b", "ema_down", "drawdown", "episode_return",
+    )  # fmt: skip
+
+    def state_dict(self) -> dict:
+        """Every per-row tensor and the start generator: what an exact resume needs."""
+        state = {name: getattr(self, name).clone() for name in self.STATE}
+        state["generator"] = self.generator.get_state()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in self.STATE:
+            if state[name].shape != getattr(self, name).shape:
+                raise ValueError(
+                    f"environment state {name!r} has shape {tuple(state[name].shape)}, "
+                    f"expected {tuple(getattr(self, name).shape)} (another --num-envs?)"
+                )
+            setattr(self, name, state[name].to(self.device))
+        self.generator.set_state(state["generator"])
+
     # -- reset --------------------------------------------------------------------------------
     def seed(self, seed: int) -> None:
         self.generator.manual_seed(seed)
@@ -310,6 +331,9 @@ class _BatchedTradingEnv(VectorEnv):
         """SAME_STEP autoreset: finished rows start their next episode; their final obs goes in info."""
         eng = self.engine
         done = truncated
+        # Gymnasium's dict-of-arrays infos: every per-step key is valid for every row.
+        every_row = torch.ones_like(done)
+        info.update({f"_{key}": every_row for key in list(info)})
         info["episode"] = {"r": eng.episode_return.clone(), "l": eng.steps.clone()}
         info["_episode"] = done
         eng.reset_rows(done, eng.random_starts())
@@ -322,6 +346,24 @@ class _BatchedTradingEnv(VectorEnv):
 
     def _reset_extra(self, mask: torch.Tensor) -> None:
         """Reset state a subclass keeps beyond the engine's (nothing by default)."""
+
+    def state_dict(self) -> dict:
+        """The environment's full state (for checkpoints that resume exactly)."""
+        return {"engine": self.engine.state_dict(), **self._extra_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.engine.load_state_dict(state["engine"])
+        self._load_extra_state(state)
+
+    def observe(self):
+        """The current observation (after `load_state_dict`, say), as `step` would return it."""
+        return self._out(self._observe())
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _load_extra_state(self, state: dict) -> None:
+        pass
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         if seed is not None:
@@ -466,6 +508,12 @@ class PortfolioEnv(_BatchedTradingEnv):
             -1,
         ).clamp(-OBS_CLIP, OBS_CLIP)
         return {"instruments": eng.instrument_obs(self.diagnostic), "portfolio": portfolio}
+
+    def _extra_state(self) -> dict:
+        return {"risk": {k: v.clone() for k, v in self.risk.items()}}
+
+    def _load_extra_state(self, state: dict) -> None:
+        self.risk = {k: v.to(self.engine.device) for k, v in state["risk"].items()}
 
     def _reset_extra(self, mask: torch.Tensor) -> None:
         # A new episode starts flat: no risk in use.

@@ -22,7 +22,9 @@ START = FEATURE_WINDOW + 5  # a bar every episode may start at
 
 
 def small_config(**env) -> Config:
+    """Default config with `env` overrides and no cash yield, so hand-checked returns stay simple."""
     cfg = Config()
+    cfg.reward.risk_free_rate = 0.0
     for key, value in env.items():
         setattr(cfg.environment, key, value)
     return cfg
@@ -77,6 +79,15 @@ def test_cost_on_turnover_equity_and_drawdown():
     assert info["drawdown"].item() == pytest.approx(1 - equity2 / equity1, rel=1e-4)
     _, _, _, _, info = env.step(torch.tensor([[-0.5]]))  # flip to -0.05: turnover 0.15
     assert info["cost"].item() == pytest.approx(0.003 * 0.15, rel=1e-5)
+
+
+def test_the_account_earns_the_cash_rate_on_top_of_its_trading():
+    cfg = Config()  # risk_free_rate 0.02
+    market = hand_market([100.0, 101.0, 101.0])
+    env = SpecialistEnv(market, cfg, [0], torch_mode=True)
+    start_at(env)
+    _, _, _, _, info = env.step(torch.tensor([[0.0]]))  # flat: only the cash yield
+    assert info["net_return"].item() == pytest.approx(0.02 / 252, rel=1e-5)
 
 
 def test_stop_loss_closes_the_trade_and_holds_flat_until_a_new_trade():

@@ -1,0 +1,308 @@
+"""Throughput of the batched environments and of the portfolio kernels (DESIGN section 13).
+
+    python -m benchmarks.throughput [--batch-sizes 64 256 1024 4096 16384] [--steps 200] [--json PATH]
+                                    [--devices cpu cuda] [--threads N]
+
+What is measured, on every requested device (`cuda` only when `torch.cuda.is_available()`):
+
+* **environment steps/s** = rows x steps / seconds for `SpecialistEnv` and `PortfolioEnv` (the risk
+  manager included), in torch mode with `check_actions=False` and the actions pre-generated on the
+  device (a small pool of batches, cycled): what a rollout pays per environment step, minus the policy;
+* **kernel rows/s** of `kernels.portfolio_step` and `kernels.risk_step`: the dispatcher (the `path`
+  column says whether it took Triton or the torch reference), the torch reference called directly
+  and, on CUDA with Triton installed, the Triton launcher called directly;
+* on CUDA, each kernel's **achieved GB/s** (the bytes it must read and write per call / time) next to
+  the device's **copy bandwidth** measured with `torch.empty(...).copy_` of a 1 GiB buffer: the memory
+  floor DESIGN section 13 compares the kernels against (`% copy`).
+
+Every measurement runs `--warmup` untimed steps (Triton compiles, caches and the allocator settle),
+then times `--steps` steps with `time.perf_counter`, with `torch.cuda.synchronize()` around the timed
+loop on CUDA. These are benchmarks, not tests: other processes on the machine move the numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import tyro
+
+import kernels
+from kernels.portfolio_step import RewardParams, portfolio_step_reference
+from kernels.risk import risk_step_reference
+from mtq_common.config import load_config
+from mtq_common.envs import build_tables
+from mtq_common.gym_env import make_portfolio_vec, make_specialist_vec
+from mtq_common.market import load_splits
+
+ACTION_POOL = 16
+"""Distinct pre-generated action batches cycled through the timed steps (memory stays small at any size)."""
+COPY_BYTES = 1 << 30
+"""Buffer size of the device copy-bandwidth measurement."""
+DESIGN_TARGET = ("portfolio", 4096, 2_000_000)
+"""DESIGN section 13: the portfolio environment at 4096 rows, in environment steps/s (on the 2-core CPU)."""
+
+
+@dataclass
+class Args:
+    batch_sizes: tuple[int, ...] = (64, 256, 1024, 4096, 16384)
+    """Rows (environments, or kernel rows) per batch; one measurement per size."""
+    steps: int = 200
+    """Timed steps (environment steps or kernel calls) per measurement."""
+    warmup: int = 20
+    """Untimed steps before each measurement."""
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    """Devices to measure; a CUDA device is skipped when torch sees no GPU."""
+    config: str | None = None
+    """YAML config (None: the built-in defaults)."""
+    bars: int | None = None
+    """Bars of the synthetic training market the environments step through (None: the config's)."""
+    threads: int | None = None
+    """torch CPU threads (None: torch's default)."""
+    json: str | None = None
+    """Also write the results as JSON to this path."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing and device helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work: CUDA launches are asynchronous, CPU work is not."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds_per_call(fn: Callable[[int], object], steps: int, warmup: int, device: torch.device) -> float:
+    """Mean wall time of `fn(i)` over `steps` calls, after `warmup` untimed calls."""
+    for i in range(warmup):
+        fn(i)
+    synchronize(device)
+    start = time.perf_counter()
+    for i in range(steps):
+        fn(i)
+    synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model from /proc/cpuinfo (platform's guess elsewhere)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = COPY_BYTES, repeats: int = 10) -> float:
+    """Device copy bandwidth in GB/s: bytes read + written by `dst.copy_(src)` of an `nbytes` buffer."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    seconds = seconds_per_call(lambda _: dst.copy_(src), repeats, warmup=3, device=device)
+    return 2 * nbytes / seconds / 1e9
+
+
+# ---------------------------------------------------------------------------------------------
+# Environments
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_env(kind: str, rows: int, market, cfg, tables, device: torch.device, args: Args) -> dict:
+    """Environment steps/s of one batched env (torch mode, unchecked pre-generated actions)."""
+    make = make_specialist_vec if kind == "specialist" else make_portfolio_vec
+    env = make(
+        rows, config=cfg, market=market, seed=0, torch_mode=True, device=device, check_actions=False, tables=tables
+    )
+    generator = torch.Generator(device=device).manual_seed(0)
+    pool = torch.rand((ACTION_POOL, *env.action_space.shape), generator=generator, device=device) * 2 - 1
+    env.reset(seed=0)
+    seconds = seconds_per_call(lambda i: env.step(pool[i % ACTION_POOL]), args.steps, args.warmup, device)
+    return {"benchmark": "env", "name": kind, "impl": "env", "path": "dispatch", "seconds": seconds}
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+def kernel_implementations(device: torch.device) -> dict[str, dict[str, Callable]]:
+    """Per op: the dispatcher and the reference, plus the Triton launcher on CUDA when Triton imports."""
+    impls = {
+        "portfolio_step": {"dispatch": kernels.portfolio_step, "reference": portfolio_step_reference},
+        "risk_step": {"dispatch": kernels.risk_step, "reference": risk_step_reference},
+    }
+    if device.type == "cuda" and kernels.HAS_TRITON:
+        from kernels.portfolio_step import portfolio_step_triton
+        from kernels.risk import risk_step_triton
+
+        impls["portfolio_step"]["triton"] = portfolio_step_triton
+        impls["risk_step"]["triton"] = risk_step_triton
+    return impls
+
+
+def kernel_inputs(op: str, rows: int, portfolio_env, device: torch.device) -> tuple:
+    """Plausible inputs of `op` for `rows` rows: market rows of the env's tables, random books and state."""
+    tables, n = portfolio_env.engine.tables, portfolio_env.n
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def uniform(*shape, low=0.0, high=1.0):
+        return low + (high - low) * torch.rand(shape, generator=generator, device=device)
+
+    bars = torch.randint(tables.first_bar, tables.num_bars, (rows,), generator=generator, device=device)
+    max_position = portfolio_env.engine.max_position
+    if op == "risk_step":
+        cov = tables.cov.index_select(0, bars).contiguous()
+        return uniform(rows, n, low=-1.0, high=1.0), cov, portfolio_env.sector_onehot, portfolio_env.limits
+    equity = uniform(rows, low=0.9, high=1.1)
+    ema_b = uniform(rows, low=1e-5, high=1e-4)
+    return (
+        uniform(rows, n, low=-max_position, high=max_position),  # weights
+        uniform(rows, n, low=-max_position, high=max_position),  # previous weights
+        tables.returns.index_select(0, bars).contiguous(),
+        portfolio_env.cost_rate,
+        equity,
+        equity * uniform(rows, low=1.0, high=1.1),  # peak >= equity
+        uniform(rows, low=-1e-4, high=1e-4),  # ema_a
+        ema_b,
+        0.5 * ema_b,  # ema_down
+        uniform(rows),  # var_usage
+        RewardParams.from_config(portfolio_env.engine.cfg.reward, tables.bars_per_year),
+    )
+
+
+def kernel_bytes(op: str, rows: int, n: int, k: int, itemsize: int = 4) -> int:
+    """Bytes a fused kernel must move per call: every input read once and every output written once."""
+    if op == "portfolio_step":
+        # weights, previous weights, returns [B, N]; cost rate [N]; 6 state inputs [B]; 9 outputs [B]
+        return itemsize * (3 * rows * n + n + 6 * rows + 9 * rows)
+    # proposal [B, N], covariance [B, N, N], sector one-hot [N, K]; weights [B, N], sectors [B, K], 3 x [B]
+    return itemsize * (rows * n + rows * n * n + n * k + rows * n + rows * k + 3 * rows)
+
+
+def bench_kernel(op: str, impl: str, fn: Callable, inputs: tuple, device: torch.device, args: Args) -> dict:
+    """Rows/s of one kernel implementation on prepared inputs."""
+    seconds = seconds_per_call(lambda _: fn(*inputs), args.steps, args.warmup, device)
+    if impl == "dispatch":
+        path = "triton" if kernels.use_triton(inputs[0]) else "torch"
+    else:
+        path = "triton" if impl == "triton" else "torch"
+    return {"benchmark": "kernel", "name": op, "impl": impl, "path": path, "seconds": seconds}
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_device(device: torch.device, market, cfg, args: Args) -> tuple[dict, list[dict]]:
+    """Every measurement on one device: `(device info, result rows)`."""
+    info = {"name": device_name(device), "torch_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["copy_gbps"] = copy_bandwidth(device)
+    tables = build_tables(market, cfg, device)
+    portfolio_env = make_portfolio_vec(1, config=cfg, market=market, device=device, tables=tables)
+    n, k = portfolio_env.n, portfolio_env.sector_onehot.shape[1]
+    impls = kernel_implementations(device)
+    results = []
+    for rows in args.batch_sizes:
+        measured = [bench_env(kind, rows, market, cfg, tables, device, args) for kind in ("specialist", "portfolio")]
+        for op, by_impl in impls.items():
+            inputs = kernel_inputs(op, rows, portfolio_env, device)
+            for impl, fn in by_impl.items():
+                result = bench_kernel(op, impl, fn, inputs, device, args)
+                if device.type == "cuda":
+                    result["gbps"] = kernel_bytes(op, rows, n, k) / result["seconds"] / 1e9
+                    result["copy_fraction"] = result["gbps"] / info["copy_gbps"]
+                measured.append(result)
+        for result in measured:
+            result.update(device=str(device), rows=rows, rows_per_second=rows / result["seconds"])
+            results.append(result)
+            print_row(result)
+    return info, results
+
+
+def print_header() -> None:
+    print(
+        f"{'device':<8}{'bench':<8}{'name':<16}{'impl':<11}{'path':<10}{'rows':>8}"
+        f"{'rows/s':>14}{'us/step':>12}{'GB/s':>9}{'% copy':>8}"
+    )
+
+
+def print_row(r: dict) -> None:
+    gbps = f"{r['gbps']:9.1f}{100 * r['copy_fraction']:7.0f}%" if "gbps" in r else f"{'-':>9}{'-':>8}"
+    print(
+        f"{r['device']:<8}{r['benchmark']:<8}{r['name']:<16}{r['impl']:<11}{r['path']:<10}{r['rows']:>8}"
+        f"{r['rows_per_second']:>14,.0f}{1e6 * r['seconds']:>12.1f}{gbps}"
+    )
+
+
+def main(args: Args) -> dict:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(args.config)
+    if args.bars is not None:
+        cfg.data.synthetic.train_bars = args.bars
+    market = load_splits(cfg)["train"]
+    dispatch_mode = os.environ.get("MTQ_KERNELS", "auto")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, MTQ_KERNELS={dispatch_mode}")
+    print(f"market: {market.num_bars} bars x {market.num_instruments} instruments ({market.source}, {market.split})")
+    print(f"{args.steps} timed steps after {args.warmup} warm-up steps; env rows/s = environment steps/s")
+    # Other processes on the CPU slow every number (and stall multi-threaded small ops): say how busy it was.
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    if load is not None:
+        print(f"load average before the run: {load[0]:.2f} on {os.cpu_count()} CPUs")
+
+    devices, skipped, results = {}, [], []
+    for name in args.devices:
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            skipped.append(name)
+            continue
+        print(f"\n{name}: {device_name(device)}")
+        print_header()
+        info, rows = bench_device(device, market, cfg, args)
+        if "copy_gbps" in info:
+            print(
+                f"{name} copy bandwidth: {info['copy_gbps']:.1f} GB/s (torch.empty(...).copy_, {COPY_BYTES >> 20} MiB)"
+            )
+        devices[name] = info
+        results += rows
+    if skipped:
+        print(f"\nskipped (no GPU visible to torch): {', '.join(skipped)}")
+
+    kind, target_rows, target = DESIGN_TARGET
+    for r in results:
+        if r["benchmark"] == "env" and r["name"] == kind and r["rows"] == target_rows:
+            verdict = "meets" if r["rows_per_second"] >= target else "below"
+            print(
+                f"{r['device']}: {kind} env at {target_rows} rows {r['rows_per_second']:,.0f} steps/s "
+                f"({verdict} the DESIGN target of {target:,} on the 2-core CPU)"
+            )
+
+    out = {
+        "args": asdict(args),
+        "torch": torch.__version__,
+        "load_average": load,
+        "devices": devices,
+        "skipped": skipped,
+        "results": results,
+    }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return out
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
