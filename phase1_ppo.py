@@ -1,7 +1,392 @@
-"""phase1_ppo: not built yet (see the open issue); this stub exits 2 and writes nothing."""
+"""Phase 1: train the forex, commodities and equity specialists at once with PPO (CleanRL style).
 
+    python phase1_ppo.py --config config/agents.yaml --timesteps 500000 \\
+        --output-dir models/checkpoints/phase1 --log-dir logs/phase1 --device cuda
+
+Each specialist is one Gaussian actor-critic that trades one instrument at a time; all specialists'
+rows step in one batched `SpecialistEnv` (rows grouped by specialist) and their networks are stacked
+weights (`mtq_common.nets.SpecialistAgents`), so the rollout and the update are single batched passes
+over all specialists. `--timesteps` counts environment steps per specialist (CleanRL's global_step).
+Episodes end by truncation only (data end or `episode_length`): GAE bootstraps from the value of the
+final observation. Outputs: `latest.pt`, `best.pt` (each specialist's slice from its best validation
+Sharpe), rotating `step_*.pt` and `metrics.json` in `--output-dir`; `training.log` and TensorBoard
+events in `--log-dir`.
+"""
+
+from __future__ import annotations
+
+import random
 import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from mtq_common import checkpoint as ckpt
+from mtq_common.config import ConfigError, config_from_args, parse_args
+from mtq_common.envs import SpecialistEnv, build_tables, specialist_rows
+from mtq_common.evaluation import evaluate_specialists, format_specialist_table
+from mtq_common.market import load_splits
+from mtq_common.nets import SpecialistAgents
+from mtq_common.runtime import clip_grad_norm_per_group, resolve_device, setup_logging
+
+ALIASES = {"timesteps": "training.phase_1_timesteps"}
+
+
+@dataclass
+class Args:
+    config: str | None = None
+    """YAML config (defaults for every flag below that names a config key)."""
+    timesteps: int = 500_000
+    """Environment steps per specialist (config: training.phase_1_timesteps)."""
+    output_dir: str = "models/checkpoints/phase1"
+    """Where checkpoints and metrics.json go."""
+    log_dir: str = "logs/phase1"
+    """Where training.log and the TensorBoard events go."""
+    device: str = "auto"
+    """auto (CUDA when present), cpu, cuda or cuda:N."""
+    seed: int = 1
+    """Seed of the weights, the action noise and the environments."""
+    data_dir: str | None = None
+    """Folder of <SYMBOL>.csv files; unset: the built-in synthetic market."""
+    instruments: list[str] = field(default_factory=list)
+    """Instruments traded (default: config data.instruments)."""
+    num_envs: int = 64
+    """Environment rows per specialist (config: training.n_envs)."""
+    specialists: list[str] = field(default_factory=list)
+    """Train only these specialists (default: every specialist that owns a traded instrument)."""
+    num_steps: int = 128
+    """Rollout length per iteration."""
+    learning_rate: float = 3e-4
+    """Adam learning rate."""
+    batch_size: int = 256
+    """PPO minibatch size per specialist."""
+    n_epochs: int = 10
+    """PPO epochs per iteration."""
+    gamma: float = 0.99
+    """Discount factor."""
+    gae_lambda: float = 0.95
+    """GAE lambda."""
+    clip_range: float = 0.2
+    """PPO clipping coefficient."""
+    ent_coef: float = 0.0
+    """Entropy bonus coefficient."""
+    vf_coef: float = 0.5
+    """Value loss coefficient."""
+    max_grad_norm: float = 0.5
+    """Gradient-norm clip, applied to each specialist separately."""
+    anneal_lr: bool = True
+    """Anneal the learning rate linearly to 0."""
+    norm_adv: bool = True
+    """Normalise advantages per minibatch."""
+    target_kl: float | None = None
+    """Stop an iteration's epochs early above this approximate KL (unset: never)."""
+    hidden_size: int = 64
+    """Width of the two hidden layers."""
+    eval_interval: int = 10
+    """Validate (and update `best.pt`) every this many iterations, and at the end."""
+    eval_segments: int = 8
+    """Validation split pieces run in parallel (see mtq_common.evaluation)."""
+    keep_checkpoints: int = 3
+    """Rotating step_*.pt files kept."""
+    resume: bool = False
+    """Continue from latest.pt in --output-dir."""
+    force: bool = False
+    """Resume even if the config differs from the checkpoint's."""
+    stop_after: int | None = None
+    """Stop after this many iterations in this invocation (time-sliced jobs; continue with --resume)."""
+    next_return_diagnostic: bool = False
+    """TEST AID ONLY: observe the next bar's return (look-ahead) to check that PPO learns at all."""
+    progress: bool = True
+    """Show a progress bar (only on a terminal)."""
+
+
+def main(args: Args) -> dict:
+    cfg = config_from_args(args, ALIASES)
+    out_dir, log_dir = Path(args.output_dir), Path(args.log_dir)
+    log = setup_logging(log_dir / "training.log", "phase1")
+    device = resolve_device(args.device)
+    specialists = args.specialists or cfg.active_specialists()
+    for name in cfg.specialists:
+        if name not in cfg.active_specialists():
+            log.info("specialist %s skipped: no instrument of its sector in %s", name, cfg.data.instruments)
+    unknown = [s for s in specialists if s not in cfg.active_specialists()]
+    if unknown:
+        raise ConfigError(f"--specialists {unknown}: not among the active specialists {cfg.active_specialists()}")
+    rows_per_iteration = args.num_envs * args.num_steps
+    num_iterations = max(1, args.timesteps // rows_per_iteration)
+    if args.batch_size > rows_per_iteration:
+        raise ConfigError(f"--batch-size {args.batch_size} exceeds the rollout ({args.num_envs} x {args.num_steps})")
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)  # noqa: NPY002 (the legacy global state is what third-party code draws from)
+    torch.manual_seed(args.seed)
+
+    # ENV SETUP: one batched environment, rows grouped by specialist
+    splits = load_splits(cfg)
+    train, val = splits["train"], splits["val"]
+    row_instrument, _ = specialist_rows(train, specialists, args.num_envs)
+    envs = SpecialistEnv(
+        train, cfg, row_instrument, device=device, seed=args.seed, torch_mode=True,
+        next_return_diagnostic=args.next_return_diagnostic, check_actions=False,
+    )  # fmt: skip
+    val_tables = build_tables(val, cfg, device)
+    diagnostic = args.next_return_diagnostic
+    k, r, f = len(specialists), args.num_envs, envs.obs_size
+
+    agent = SpecialistAgents(specialists, f, args.hidden_size).to(device)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+
+    # ALGO LOGIC: storage setup, (num_steps, specialists, rows per specialist, ...)
+    obs = torch.zeros((args.num_steps, k, r, f), device=device)
+    final_obs = torch.zeros_like(obs)
+    actions = torch.zeros((args.num_steps, k, r), device=device)
+    logprobs, rewards, values, truncs = (torch.zeros_like(actions) for _ in range(4))
+
+    start_iteration, global_step = 1, 0
+    best = {"sharpe": {name: -float("inf") for name in specialists}, "iteration": {}, "model": None}
+    next_obs, _ = envs.reset(seed=args.seed)
+    if args.resume:
+        state = ckpt.load_checkpoint(out_dir / "latest.pt", "phase1", hint="Run without --resume to start fresh.")
+        ckpt.check_config_hash(state, cfg.hash(), out_dir / "latest.pt", args.force)
+        if state["specialists"] != specialists or state["obs_size"] != f:
+            raise ckpt.CheckpointError(f"{out_dir / 'latest.pt'} trained {state['specialists']} on another layout")
+        agent.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        envs.load_state_dict(state["env"])
+        ckpt.restore_rng_state(state["rng"])
+        start_iteration, global_step, best = state["iteration"] + 1, state["global_step"], state["best"]
+        next_obs = envs.observe()
+        log.info("resumed from %s at iteration %d (step %d)", out_dir / "latest.pt", start_iteration - 1, global_step)
+    writer = SummaryWriter(str(log_dir), purge_step=global_step if args.resume else None)
+    if not args.resume:
+        table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    log.info("phase 1: %s on %s rows x %d steps, %d iterations, device %s", specialists, r, args.num_steps,
+             num_iterations, device)  # fmt: skip
+
+    bar = tqdm(total=num_iterations * rows_per_iteration, initial=global_step, unit="step",
+               disable=not (args.progress and sys.stderr.isatty()), desc="phase1")  # fmt: skip
+    start_time, start_step = time.time(), global_step
+    evaluation = None
+    for iteration in range(start_iteration, num_iterations + 1):
+        # Annealing the rate if instructed to do so.
+        if args.anneal_lr:
+            optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
+
+        ep_return_sum = torch.zeros((), device=device)
+        ep_count = torch.zeros((), device=device)
+        for step in range(args.num_steps):
+            global_step += r
+            obs[step] = next_obs.view(k, r, f)
+            with torch.no_grad():
+                action, logprob, _, value = agent.get_action_and_value(obs[step])
+            values[step], actions[step], logprobs[step] = value, action, logprob
+            next_obs, reward, _, truncated, info = envs.step(action.reshape(-1, 1))
+            rewards[step] = reward.view(k, r)
+            truncs[step] = truncated.view(k, r).float()
+            final_obs[step] = info["final_obs"].view(k, r, f)
+            ep_return_sum += (info["episode"]["r"] * info["_episode"]).sum()
+            ep_count += info["_episode"].sum()
+
+        # bootstrap value if not done: a truncated row continues from V(final obs), not from zero
+        with torch.no_grad():
+            final_values = agent.forward_grouped(final_obs.transpose(0, 1).reshape(k, -1, f))[2]
+            final_values = final_values.view(k, args.num_steps, r).transpose(0, 1)
+            next_value = agent.forward_grouped(next_obs.view(k, r, f))[2]
+            advantages = torch.zeros_like(rewards)
+            lastgaelam = torch.zeros_like(next_value)
+            for t in reversed(range(args.num_steps)):
+                nextvalues = next_value if t == args.num_steps - 1 else values[t + 1]
+                # At a truncation the next state of this episode is the final obs, not the reset obs.
+                nextvalues = torch.where(truncs[t].bool(), final_values[t], nextvalues)
+                nextnonterminal = 1.0 - truncs[t]  # the GAE chain stops at the episode boundary
+                delta = rewards[t] + args.gamma * nextvalues - values[t]
+                lastgaelam = delta + args.gamma * args.gae_lambda * nextnonterminal * lastgaelam
+                advantages[t] = lastgaelam
+            returns = advantages + values
+
+        # flatten the batch per specialist: [K, num_steps * rows, ...]
+        b_obs = obs.transpose(0, 1).reshape(k, -1, f)
+        b_logprobs, b_actions, b_advantages, b_returns, b_values = (
+            x.transpose(0, 1).reshape(k, -1) for x in (logprobs, actions, advantages, returns, values)
+        )
+
+        # Optimizing the policy and value network
+        clipfracs = []
+        for _epoch in range(args.n_epochs):
+            perm = torch.randperm(rows_per_iteration, device=device)
+            for start in range(0, rows_per_iteration, args.batch_size):
+                mb = perm[start : start + args.batch_size]
+                _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[:, mb], b_actions[:, mb])
+                logratio = newlogprob - b_logprobs[:, mb]
+                ratio = logratio.exp()
+                with torch.no_grad():
+                    approx_kl = ((ratio - 1) - logratio).mean(1)  # per specialist
+                    clipfracs.append(((ratio - 1.0).abs() > args.clip_range).float().mean())
+                mb_advantages = b_advantages[:, mb]
+                if args.norm_adv:
+                    mb_advantages = (mb_advantages - mb_advantages.mean(1, keepdim=True)) / (
+                        mb_advantages.std(1, keepdim=True) + 1e-8
+                    )
+                # Policy loss (each specialist's mean; summed, so the specialists' gradients stay separate)
+                pg_loss1 = -mb_advantages * ratio
+                pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_range, 1 + args.clip_range)
+                pg_loss = torch.max(pg_loss1, pg_loss2).mean(1)
+                v_loss = 0.5 * ((newvalue - b_returns[:, mb]) ** 2).mean(1)
+                entropy_loss = entropy.mean(1)
+                loss = (pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef).sum()
+                optimizer.zero_grad()
+                loss.backward()
+                clip_grad_norm_per_group(agent.parameters(), args.max_grad_norm)
+                optimizer.step()
+            if args.target_kl is not None and bool(approx_kl.max() > args.target_kl):
+                break
+
+        # Observation statistics move only between iterations, so a rollout and its update agree.
+        agent.norm.update(b_obs)
+        y_pred, y_true = b_values, b_returns
+        explained_var = 1 - (y_true - y_pred).var(1) / y_true.var(1).clamp_min(1e-8)
+
+        # TRY NOT TO MODIFY: record rewards for plotting purposes (one host sync per iteration)
+        sps = int((global_step - start_step) / max(time.time() - start_time, 1e-9))
+        scalars = {
+            "charts/learning_rate": optimizer.param_groups[0]["lr"],
+            "charts/SPS": sps,
+            "losses/value_loss": v_loss.mean().item(),
+            "losses/policy_loss": pg_loss.mean().item(),
+            "losses/entropy": entropy_loss.mean().item(),
+            "losses/approx_kl": approx_kl.mean().item(),
+            "losses/clipfrac": torch.stack(clipfracs).mean().item(),
+            "losses/explained_variance": explained_var.mean().item(),
+        }
+        if ep_count.item() > 0:
+            scalars["charts/episodic_return"] = (ep_return_sum / ep_count).item()
+        for name, i in zip(specialists, range(k), strict=True):
+            scalars[f"specialists/{name}/explained_variance"] = explained_var[i].item()
+            scalars[f"specialists/{name}/action_std"] = agent.log_std[i].exp().item()
+        for key, value in scalars.items():
+            writer.add_scalar(key, value, global_step)
+        bar.update(rows_per_iteration)
+
+        # VALIDATION: per-instrument backtests; each specialist's best slice goes into best.pt
+        if iteration % args.eval_interval == 0 or iteration == num_iterations:
+            evaluation = evaluate_specialists(agent, val, cfg, device, args.eval_segments, val_tables, diagnostic)
+            best = update_best(best, agent, evaluation, iteration)
+            log_validation(writer, evaluation, global_step)
+            log.info("iteration %d/%d step %d SPS %d val sharpe %s", iteration, num_iterations, global_step, sps,
+                     {n: round(v["mean_sharpe"], 3) for n, v in evaluation.items()})  # fmt: skip
+            ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best["model"], agent, cfg, specialists, val))
+        ckpt.save_rotating(
+            out_dir,
+            {
+                **model_payload(agent.state_dict(), agent, cfg, specialists, val),
+                "optimizer": optimizer.state_dict(),
+                "env": envs.state_dict(),
+                "rng": ckpt.rng_state(),
+                "iteration": iteration,
+                "global_step": global_step,
+                "best": best,
+            },
+            global_step,
+            args.keep_checkpoints,
+        )
+        done_here = iteration - start_iteration + 1
+        if args.stop_after is not None and done_here >= args.stop_after and iteration < num_iterations:
+            log.info("stopping after %d iterations as asked (--stop-after); continue with --resume", args.stop_after)
+            bar.close()
+            writer.close()
+            return {"stopped_at_iteration": iteration, "global_step": global_step}
+    bar.close()
+    wall = time.time() - start_time
+
+    # FINAL EVALUATION: the best specialists (what Phase 2 loads) on the validation split
+    final_iterate = evaluation or evaluate_specialists(
+        agent, val, cfg, device, args.eval_segments, val_tables, diagnostic
+    )
+    best_agent = SpecialistAgents(specialists, f, args.hidden_size).to(device)
+    best_agent.load_state_dict(best["model"])
+    best_eval = evaluate_specialists(best_agent, val, cfg, device, args.eval_segments, val_tables, diagnostic)
+    result = {
+        "phase": 1,
+        "split": "val",
+        "specialists": best_eval,
+        "final_iterate": final_iterate,
+        "best_iteration": best["iteration"],
+        "global_step": global_step,
+        "config_hash": cfg.hash(),
+        "seed": args.seed,
+        "data": data_summary(val),
+        "timing": {"seconds": wall, "steps_per_second": (global_step - start_step) / max(wall, 1e-9)},
+    }
+    ckpt.atomic_write_json(out_dir / "metrics.json", result)
+    table = format_specialist_table(best_eval)
+    log.info("validation (best.pt, %s bars):\n%s", val.num_bars, table)
+    print(f"Phase 1 validation, best specialists ({val.split} split, {val.num_bars} bars):\n{table}")
+    writer.close()
+    return result
+
+
+def update_best(best: dict, agent: SpecialistAgents, evaluation: dict, iteration: int) -> dict:
+    """Copy each specialist whose validation Sharpe improved into the best model's stacked weights."""
+    state = {key: value.clone() for key, value in agent.state_dict().items()}
+    model = best["model"] or state
+    for i, name in enumerate(agent.names):
+        sharpe = evaluation[name]["mean_sharpe"]
+        if sharpe > best["sharpe"][name]:
+            best["sharpe"][name], best["iteration"][name] = sharpe, iteration
+            for key, value in state.items():
+                if key == "norm.count":
+                    continue  # shared count: the per-specialist mean and var are what matter
+                model[key][i] = value[i]
+    best["model"] = model
+    return best
+
+
+def model_payload(model_state: dict, agent: SpecialistAgents, cfg, specialists: list[str], market) -> dict:
+    """What Phase 2 needs to rebuild and check the specialists."""
+    return {
+        "kind": "phase1",
+        "model": model_state,
+        "specialists": specialists,
+        "obs_size": agent.obs_size,
+        "hidden": agent.hidden,
+        "symbols": market.symbols,
+        "sectors": market.sectors,
+        "config_hash": cfg.hash(),
+        "config": cfg.to_dict(),
+    }
+
+
+def data_summary(market) -> dict:
+    return {
+        "source": market.source,
+        "split": market.split,
+        "start": str(market.timestamps[0]),
+        "end": str(market.timestamps[-1]),
+        "bars": market.num_bars,
+        "instruments": market.symbols,
+    }
+
+
+def log_validation(writer: SummaryWriter, evaluation: dict, global_step: int) -> None:
+    """`trading/*` tags: means over all instruments, and each specialist's mean Sharpe."""
+    rows = [row for table in evaluation.values() for key, row in table.items() if key != "mean_sharpe"]
+    for key in ("sharpe", "sortino", "max_drawdown", "win_rate", "total_return"):
+        writer.add_scalar(f"trading/{key}", float(np.mean([row[key] for row in rows])), global_step)
+    for name, table in evaluation.items():
+        writer.add_scalar(f"trading/sharpe_{name}", table["mean_sharpe"], global_step)
+
 
 if __name__ == "__main__":
-    print("phase1_ppo.py: not built yet", file=sys.stderr)
-    sys.exit(2)
+    try:
+        cli_args, _ = parse_args(Args, ALIASES)
+        main(cli_args)
+    except (ConfigError, ckpt.CheckpointError, ValueError) as err:
+        print(f"phase1_ppo.py: error: {err}", file=sys.stderr)
+        sys.exit(2)

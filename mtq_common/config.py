@@ -470,7 +470,7 @@ def config_from_args(args: Any, aliases: dict[str, str] | None = None) -> Config
     for f in dataclasses.fields(args):
         key = _config_key(f.name, aliases)
         value = getattr(args, f.name)
-        if key is not None and value is not None:
+        if key is not None and value is not None and value != []:  # unset list flags keep the file's value
             _set(cfg, key, list(value) if isinstance(value, tuple) else value)
     if getattr(args, "data_dir", None):
         cfg.data.source = "csv"

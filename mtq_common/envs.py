@@ -529,6 +529,7 @@ class PortfolioEnv(_BatchedTradingEnv):
         var_usage = risk.var / self.limits.max_var
         t_now = eng.t
         out, stopped, truncated = eng.advance(risk.weights, var_usage, self.cost_rate)
+        bar_returns = eng.gather(eng.tables.returns, t_now + 1)  # the bar just completed (known now)
         self.risk = {"var": risk.var, "corr": risk.correlation_exposure, "sector": risk.sector_allocation.amax(-1)}
         info = {
             "net_return": out.net_return,
@@ -541,6 +542,7 @@ class PortfolioEnv(_BatchedTradingEnv):
             "sector_allocation": risk.sector_allocation,
             "intervention": risk.intervention,
             "stop_loss": stopped,
+            "bar_returns": bar_returns,
         }
         if self.has_truth:
             info["regime"] = eng.tables.regime.index_select(0, t_now)

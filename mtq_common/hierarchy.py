@@ -41,3 +41,73 @@ def instrument_specialist_index(sectors: list[str], specialists: list[str]) -> t
     if missing:
         raise ValueError(f"no specialist for sector(s) {missing}; specialists: {specialists}")
     return torch.tensor([specialists.index(s) for s in sectors], dtype=torch.long)
+
+
+PERFORMANCE_RATE = 0.05
+"""EMA rate of each specialist's recent performance signal (about a 20-bar memory)."""
+
+
+def meta_observation_size(portfolio_obs_size: int, num_specialists: int) -> int:
+    """Length of `meta_observation`'s output."""
+    return portfolio_obs_size + 3 * num_specialists
+
+
+def specialist_signals(positions: torch.Tensor, owner: torch.Tensor, num_specialists: int) -> torch.Tensor:
+    """Each specialist's mean signed position and mean |position| over its instruments: [B, 2K]."""
+    onehot = torch.nn.functional.one_hot(owner, num_specialists).to(positions.dtype)  # [N, K]
+    count = onehot.sum(0).clamp_min(1.0)
+    return torch.cat([positions @ onehot / count, positions.abs() @ onehot / count], -1)
+
+
+def meta_observation(portfolio_obs: torch.Tensor, positions: torch.Tensor, owner: torch.Tensor,
+                     performance: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """What the meta-controller sees: the portfolio observation, the specialists' current signals and
+    their recent performance (`performance` [B, K], an EMA of each specialist's unit-size sleeve return
+    in units of 1e-3 per bar)."""
+    signals = specialist_signals(positions, owner, performance.shape[-1])
+    return torch.cat([portfolio_obs, signals, performance.clamp(-10.0, 10.0)], -1)
+
+
+def update_performance(performance: torch.Tensor, positions: torch.Tensor, bar_returns: torch.Tensor,
+                       owner: torch.Tensor, done: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """EMA of each specialist's sleeve return `sum_{i in k} position_i * return_i` (unit size, before
+    allocation), reset to 0 where an episode ended. Uses the bar just completed: no look-ahead."""
+    onehot = torch.nn.functional.one_hot(owner, performance.shape[-1]).to(positions.dtype)
+    sleeve = (positions * bar_returns) @ onehot * 1e3
+    updated = performance + PERFORMANCE_RATE * (sleeve - performance)
+    return torch.where(done.unsqueeze(-1), torch.zeros_like(updated), updated)
+
+
+class HierarchyPolicy:
+    """Frozen specialists + meta-controller as one policy over `PortfolioEnv` (evaluation and Phase 2/3).
+
+    `propose(obs, env)` returns the proposed weights for the env; `observe(info, done)` must follow
+    every step to keep the specialists' performance signal current. (Every evaluated policy, the
+    rule-based baselines included, has these two methods.) With `meta=None` the allocation is even
+    and the appetite full (the "equal allocation" reference of allocation efficiency).
+    """
+
+    def __init__(self, specialists, meta, owner: torch.Tensor, max_position: float, num_rows: int, device):
+        self.specialists, self.meta = specialists, meta
+        self.owner = owner.to(device)
+        self.max_position = max_position
+        self.k = len(specialists.names)
+        self.performance = torch.zeros(num_rows, self.k, device=device)
+        self.positions = torch.zeros(num_rows, len(owner), device=device)
+        self.last_allocation = torch.full((num_rows, self.k), 1.0 / self.k, device=device)
+
+    @torch.no_grad()
+    def propose(self, obs: dict, env=None) -> torch.Tensor:
+        self.positions = self.specialists.positions(obs["instruments"], self.owner)
+        if self.meta is None:
+            allocation = torch.full_like(self.performance, 1.0 / self.k)
+            appetite = torch.ones(len(allocation), device=allocation.device)
+        else:
+            meta_obs = meta_observation(obs["portfolio"], self.positions, self.owner, self.performance)
+            allocation, appetite = self.meta.split_action(self.meta.deterministic(meta_obs))
+        self.last_allocation = allocation
+        return compose_weights(allocation, appetite, self.positions, self.owner, self.max_position)
+
+    def observe(self, info: dict, done: torch.Tensor) -> None:
+        self.performance = update_performance(self.performance, self.positions, info["bar_returns"], self.owner,
+                                              done)  # fmt: skip

@@ -1,0 +1,108 @@
+"""Checkpoints: atomic writes, safe loads, `latest` / `best` / pruned step files, config-hash checks.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts saved with `torch.save`
+and read back with `torch.load(..., weights_only=True)`, which never executes code from the file.
+Writes go to a temporary file in the same folder, are fsynced, then renamed over the target: a run
+killed at any moment leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "mtquant-checkpoint-v1"
+
+
+class CheckpointError(RuntimeError):
+    """A missing, corrupted, foreign or incompatible checkpoint; the message names the path and the fix."""
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` atomically (temporary file in the same folder, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, payload: Any) -> None:
+    """JSON with sorted keys, written atomically."""
+    atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
+
+
+def save_checkpoint(path: str | Path, payload: dict) -> None:
+    """Save a checkpoint dict atomically (adds the format tag)."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, **payload}, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: str | Path, kind: str | None = None, hint: str = "") -> dict:
+    """Load a checkpoint safely; a clear `CheckpointError` for a missing, corrupted or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}. {hint}".strip())
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and unpickler errors all mean the same thing to a user
+        raise CheckpointError(
+            f"{path} is not a readable MTQuant checkpoint (corrupted, truncated or not written by MTQuant): "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}. {hint}".strip()
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an MTQuant checkpoint (format tag missing). {hint}".strip())
+    if kind is not None and payload.get("kind") != kind:
+        raise CheckpointError(
+            f"{path} holds a {payload.get('kind')!r} checkpoint, expected {kind!r}. {hint}".strip()
+        )
+    return payload
+
+
+def check_config_hash(payload: dict, config_hash: str, path: str | Path, force: bool = False) -> None:
+    """Refuse to resume with a different config unless forced."""
+    if payload.get("config_hash") != config_hash and not force:
+        raise CheckpointError(
+            f"{path} was written with config hash {payload.get('config_hash')} but the current config hashes to "
+            f"{config_hash}: resuming would mix two experiments. Use the original config, or pass --force to "
+            f"resume anyway."
+        )
+
+
+def save_rotating(output_dir: str | Path, payload: dict, step: int, keep: int) -> None:
+    """Write `step_<N>.pt` and `latest.pt`, and prune step files beyond the newest `keep`."""
+    output_dir = Path(output_dir)
+    save_checkpoint(output_dir / f"step_{step:010d}.pt", payload)
+    save_checkpoint(output_dir / "latest.pt", payload)
+    steps = sorted(output_dir.glob("step_*.pt"))
+    for old in steps[: max(0, len(steps) - keep)]:
+        old.unlink(missing_ok=True)
+
+
+def rng_state() -> dict:
+    """The RNG states a resumed run needs (torch CPU, and CUDA when used)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

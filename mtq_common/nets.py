@@ -1,0 +1,207 @@
+"""Networks that checkpoints store: the stacked specialists (Phase 1) and the meta-controller (Phase 2).
+
+`SpecialistAgents` holds the K specialists' actor-critics as stacked weights (one `[K, in, out]`
+tensor per layer), so a single batched matmul evaluates all of them:
+
+* grouped: `obs [K, R, F]` (R rows per specialist, Phase 1's row layout) -> `torch.bmm`;
+* per slot: `obs [B, N, F]` with `owner [N]` (the specialist of each instrument; Phase 2/3 and the
+  evaluation) -> the owner's weights are gathered per instrument and applied with one einsum.
+
+Each specialist has its own observation normaliser (`RunningNorm`), stored with the weights and
+used at evaluation. The policy is a Gaussian over the action in [-1, 1] (the environment clips the
+sample, as in CleanRL's continuous PPO); `deterministic` evaluation uses the clipped mean.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class RunningNorm(nn.Module):
+    """Per-group running mean and variance of observations (Welford/Chan merge), clipped z-scores.
+
+    `shape = (K, F)`: one normaliser per specialist. Statistics update only when `update` is called
+    on training batches, so evaluation never moves them.
+    """
+
+    def __init__(self, shape: tuple[int, ...], clip: float = 10.0, eps: float = 1e-8):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(shape))
+        self.register_buffer("var", torch.ones(shape))
+        self.register_buffer("count", torch.tensor(eps, dtype=torch.float64))
+        self.clip = clip
+        self.eps = eps
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """Merge a batch `x [K, M, F]` (M samples per group) into the running statistics."""
+        batch_mean = x.mean(1)
+        batch_var = x.var(1, unbiased=False)
+        m = x.shape[1]
+        total = self.count + m
+        delta = batch_mean - self.mean
+        self.mean += delta * (m / total).float()
+        m2 = self.var * self.count.float() + batch_var * m + delta.pow(2) * (self.count * m / total).float()
+        self.var.copy_(m2 / total.float())
+        self.count.copy_(total)
+
+    def forward(self, x: torch.Tensor, group_mean=None, group_var=None) -> torch.Tensor:
+        mean = self.mean if group_mean is None else group_mean
+        var = self.var if group_var is None else group_var
+        return ((x - mean) / torch.sqrt(var + self.eps)).clamp(-self.clip, self.clip)
+
+
+class StackedLinear(nn.Module):
+    """K independent linear layers stored as one `[K, in, out]` weight (orthogonal init per group)."""
+
+    def __init__(self, groups: int, in_features: int, out_features: int, std: float = math.sqrt(2)):
+        super().__init__()
+        weight = torch.empty(groups, in_features, out_features)
+        for k in range(groups):  # initialisation only, not a hot path
+            w = torch.empty(out_features, in_features)
+            nn.init.orthogonal_(w, std)
+            weight[k] = w.T
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(torch.zeros(groups, 1, out_features))
+
+    def grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """x [K, R, in] -> [K, R, out]."""
+        return torch.baddbmm(self.bias, x, self.weight)
+
+    def per_slot(self, x: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+        """x [B, N, in] with owner [N] -> [B, N, out], slot j using group owner[j]'s weights."""
+        return torch.einsum("bni,nio->bno", x, self.weight[owner]) + self.bias[owner, 0]
+
+
+class SpecialistAgents(nn.Module):
+    """K specialist actor-critics (two tanh hidden layers each, CleanRL's layout) in stacked weights."""
+
+    def __init__(self, names: list[str], obs_size: int, hidden: int = 64, init_log_std: float = -0.5):
+        super().__init__()
+        self.names = list(names)
+        k = len(names)
+        self.obs_size, self.hidden = obs_size, hidden
+        self.norm = RunningNorm((k, obs_size))
+        self.critic = nn.ModuleList(
+            [StackedLinear(k, obs_size, hidden), StackedLinear(k, hidden, hidden), StackedLinear(k, hidden, 1, 1.0)]
+        )
+        self.actor = nn.ModuleList(
+            [StackedLinear(k, obs_size, hidden), StackedLinear(k, hidden, hidden), StackedLinear(k, hidden, 1, 0.01)]
+        )
+        self.log_std = nn.Parameter(torch.full((k, 1, 1), init_log_std))
+
+    @staticmethod
+    def _mlp(layers, x, apply):
+        for i, layer in enumerate(layers):
+            x = apply(layer, x)
+            if i < len(layers) - 1:
+                x = torch.tanh(x)
+        return x
+
+    # -- Phase 1: grouped rows ---------------------------------------------------------------
+    def forward_grouped(self, obs: torch.Tensor):
+        """obs [K, R, F] -> (action mean [K, R], log std [K, 1], value [K, R])."""
+        x = self.norm(obs, self.norm.mean.unsqueeze(1), self.norm.var.unsqueeze(1))
+
+        def apply(layer, h):
+            return layer.grouped(h)
+
+        mean = self._mlp(self.actor, x, apply).squeeze(-1)
+        value = self._mlp(self.critic, x, apply).squeeze(-1)
+        return mean, self.log_std.squeeze(-1), value
+
+    def get_action_and_value(self, obs: torch.Tensor, action: torch.Tensor | None = None):
+        """CleanRL's interface on grouped rows: (action, log_prob, entropy, value), each [K, R]."""
+        mean, log_std, value = self.forward_grouped(obs)
+        dist = torch.distributions.Normal(mean, log_std.exp().expand_as(mean))
+        if action is None:
+            action = dist.sample()
+        return action, dist.log_prob(action), dist.entropy(), value
+
+    # -- Phase 2/3 and evaluation: one specialist per instrument slot --------------------------
+    def forward_per_slot(self, obs: torch.Tensor, owner: torch.Tensor):
+        """obs [B, N, F], owner [N] -> (action mean [B, N], log std [N], value [B, N])."""
+        x = self.norm(obs, self.norm.mean[owner], self.norm.var[owner])
+
+        def apply(layer, h):
+            return layer.per_slot(h, owner)
+
+        mean = self._mlp(self.actor, x, apply).squeeze(-1)
+        value = self._mlp(self.critic, x, apply).squeeze(-1)
+        return mean, self.log_std[owner, 0, 0], value
+
+    @torch.no_grad()
+    def positions(self, obs: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+        """Deterministic positions in [-1, 1] (the clipped mean) for obs [B, N, F]."""
+        mean, _, _ = self.forward_per_slot(obs, owner)
+        return mean.clamp(-1.0, 1.0)
+
+    def describe(self) -> dict:
+        """What a loader must match: names, observation size, hidden size."""
+        return {"names": self.names, "obs_size": self.obs_size, "hidden": self.hidden}
+
+
+def layer_init(layer: nn.Linear, std: float = math.sqrt(2), bias: float = 0.0) -> nn.Linear:
+    """CleanRL's orthogonal initialisation."""
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, bias)
+    return layer
+
+
+class MetaController(nn.Module):
+    """The meta-controller's actor-critic: observation -> Gaussian over `u` in R^(K+1).
+
+    `allocation = softmax(u[:K])` (a point of the simplex over the specialists) and
+    `risk_appetite = sigmoid(u[K])`. PPO's ratio uses the density of `u` itself: the deterministic
+    maps after it have the same Jacobian under the old and new policy, so it cancels in the ratio.
+    """
+
+    def __init__(self, obs_size: int, num_specialists: int, hidden: int = 64, init_log_std: float = -0.5):
+        super().__init__()
+        self.obs_size, self.num_specialists, self.hidden = obs_size, num_specialists, hidden
+        self.norm = RunningNorm((1, obs_size))
+        self.critic = nn.Sequential(
+            layer_init(nn.Linear(obs_size, hidden)), nn.Tanh(),
+            layer_init(nn.Linear(hidden, hidden)), nn.Tanh(),
+            layer_init(nn.Linear(hidden, 1), std=1.0),
+        )  # fmt: skip
+        head = layer_init(nn.Linear(hidden, num_specialists + 1), std=0.01)
+        with torch.no_grad():
+            head.bias[-1] = 1.0  # start at risk appetite sigmoid(1) = 0.73 and an even allocation
+        self.actor_mean = nn.Sequential(
+            layer_init(nn.Linear(obs_size, hidden)), nn.Tanh(),
+            layer_init(nn.Linear(hidden, hidden)), nn.Tanh(),
+            head,
+        )  # fmt: skip
+        self.actor_log_std = nn.Parameter(torch.full((1, num_specialists + 1), init_log_std))
+
+    def normalise(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.norm(obs, self.norm.mean[0], self.norm.var[0])
+
+    def get_value(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.critic(self.normalise(obs)).squeeze(-1)
+
+    def get_action_and_value(self, obs: torch.Tensor, action: torch.Tensor | None = None):
+        """CleanRL's interface: (u, log_prob, entropy, value) for obs [B, D]."""
+        x = self.normalise(obs)
+        mean = self.actor_mean(x)
+        dist = torch.distributions.Normal(mean, self.actor_log_std.expand_as(mean).exp())
+        if action is None:
+            action = dist.sample()
+        return action, dist.log_prob(action).sum(-1), dist.entropy().sum(-1), self.critic(x).squeeze(-1)
+
+    @torch.no_grad()
+    def deterministic(self, obs: torch.Tensor) -> torch.Tensor:
+        """The mean action u (evaluation)."""
+        return self.actor_mean(self.normalise(obs))
+
+    @staticmethod
+    def split_action(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """u [B, K+1] -> (allocation [B, K] on the simplex, risk appetite [B] in (0, 1))."""
+        return torch.softmax(u[..., :-1], -1), torch.sigmoid(u[..., -1])
+
+    def describe(self) -> dict:
+        return {"obs_size": self.obs_size, "num_specialists": self.num_specialists, "hidden": self.hidden}

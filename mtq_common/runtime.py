@@ -1,0 +1,68 @@
+"""Run-time plumbing the phase scripts share: device choice, logging to a file, per-group gradient clipping."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` takes CUDA when present; an unavailable CUDA request is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
+    return device
+
+
+def setup_logging(path: str | Path, name: str) -> logging.Logger:
+    """A logger writing to `path` (appending: a resumed run continues its log) and to stderr."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    logger = logging.getLogger(f"mtq.{name}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for handler in list(logger.handlers):  # a second main() in one process (tests, pipeline) re-targets
+        logger.removeHandler(handler)
+        handler.close()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    file_handler = logging.FileHandler(path)
+    file_handler.setFormatter(fmt)
+    logger.addHandler(file_handler)
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(fmt)
+    stream.setLevel(logging.WARNING)
+    logger.addHandler(stream)
+    # Warnings of the data loaders (logger "mtq") land in the same file.
+    data_logger = logging.getLogger("mtq")
+    data_logger.setLevel(logging.INFO)
+    for handler in list(data_logger.handlers):
+        if isinstance(handler, logging.FileHandler):
+            data_logger.removeHandler(handler)
+            handler.close()
+    data_logger.addHandler(logging.FileHandler(path))
+    return logger
+
+
+@torch.no_grad()
+def clip_grad_norm_per_group(parameters: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip the gradient norm of each group (the leading dimension of every parameter) separately.
+
+    Stacked specialists share tensors but not gradients: clipping the global norm would let one
+    specialist's large gradient shrink the others' steps. Returns the per-group norms before clipping.
+    """
+    params = [p for p in parameters if p.grad is not None]
+    groups = params[0].shape[0]
+    squares = torch.zeros(groups, device=params[0].device)
+    for p in params:
+        squares += p.grad.reshape(groups, -1).pow(2).sum(1)
+    norms = squares.sqrt()
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for p in params:
+        p.grad.mul_(scale.view(groups, *([1] * (p.grad.dim() - 1))))
+    return norms
