@@ -1,7 +1,388 @@
-"""phase2_meta: not built yet (see the open issue); this stub exits 2 and writes nothing."""
+"""Phase 2: train the meta-controller over the frozen Phase 1 specialists with PPO (CleanRL style).
 
+    python phase2_meta.py --config config/agents.yaml --timesteps 300000 \\
+        --output-dir models/checkpoints/phase2 --log-dir logs/phase2
+
+The specialists are loaded from `--specialists-dir/best.pt` (with their observation normalisers),
+frozen and run without gradients. Each bar the meta-controller sees the portfolio, the specialists'
+signals and their recent performance, and outputs an allocation over the specialists (softmax of
+Gaussian logits) and a risk appetite (sigmoid of a Gaussian); `compose_weights` turns that and the
+specialists' positions into proposed weights, and `PortfolioEnv`'s risk manager maps them to weights
+within every hard limit before costs, returns and the portfolio reward. `--timesteps` counts
+environment steps of the meta-controller. Outputs as in Phase 1: `latest.pt`, `best.pt` (by
+validation portfolio Sharpe), `step_*.pt`, `metrics.json`; `training.log` and TensorBoard events.
+"""
+
+from __future__ import annotations
+
+import random
 import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from mtq_common import checkpoint as ckpt
+from mtq_common.config import ConfigError, config_from_args, parse_args
+from mtq_common.envs import PortfolioEnv, build_tables
+from mtq_common.hierarchy import (
+    compose_weights,
+    load_specialists,
+    meta_observation,
+    meta_observation_size,
+    parameter_fingerprint,
+    update_performance,
+)
+from mtq_common.market import load_splits
+from mtq_common.nets import MetaController
+from mtq_common.portfolio_eval import evaluate_portfolio, format_report
+from mtq_common.runtime import configure_threads, resolve_device, setup_logging
+
+ALIASES = {"timesteps": "training.phase_2_timesteps"}
+
+
+@dataclass
+class Args:
+    config: str | None = None
+    """YAML config (defaults for every flag below that names a config key)."""
+    timesteps: int = 300_000
+    """Environment steps of the meta-controller (config: training.phase_2_timesteps)."""
+    output_dir: str = "models/checkpoints/phase2"
+    """Where checkpoints and metrics.json go."""
+    log_dir: str = "logs/phase2"
+    """Where training.log and the TensorBoard events go."""
+    specialists_dir: str = "models/checkpoints/phase1"
+    """Phase 1 output folder (its best.pt is loaded and frozen)."""
+    device: str = "auto"
+    """auto (CUDA when present), cpu, cuda or cuda:N."""
+    seed: int = 1
+    """Seed of the weights, the action noise and the environments."""
+    data_dir: str | None = None
+    """Folder of <SYMBOL>.csv files; unset: the built-in synthetic market."""
+    instruments: list[str] = field(default_factory=list)
+    """Instruments traded (default: config data.instruments)."""
+    num_envs: int = 64
+    """Portfolio environment rows (config: training.n_envs)."""
+    num_steps: int = 128
+    """Rollout length per iteration."""
+    learning_rate: float = 3e-4
+    """Adam learning rate."""
+    batch_size: int = 256
+    """PPO minibatch size."""
+    n_epochs: int = 10
+    """PPO epochs per iteration."""
+    gamma: float = 0.99
+    """Discount factor."""
+    gae_lambda: float = 0.95
+    """GAE lambda."""
+    clip_range: float = 0.2
+    """PPO clipping coefficient."""
+    ent_coef: float = 0.0
+    """Entropy bonus coefficient."""
+    vf_coef: float = 0.5
+    """Value loss coefficient."""
+    max_grad_norm: float = 0.5
+    """Global gradient-norm clip."""
+    anneal_lr: bool = True
+    """Anneal the learning rate linearly to 0."""
+    norm_adv: bool = True
+    """Normalise advantages per minibatch."""
+    target_kl: float | None = None
+    """Stop an iteration's epochs early above this approximate KL (unset: never)."""
+    hidden_size: int = 64
+    """Width of the two hidden layers."""
+    eval_interval: int = 10
+    """Validate (and update best.pt) every this many iterations, and at the end."""
+    eval_segments: int = 16
+    """Validation split pieces run in parallel, each starting flat (see mtq_common.evaluation)."""
+    keep_checkpoints: int = 3
+    """Rotating step_*.pt files kept."""
+    resume: bool = False
+    """Continue from latest.pt in --output-dir."""
+    force: bool = False
+    """Resume even if the config differs from the checkpoint's."""
+    stop_after: int | None = None
+    """Stop after this many iterations in this invocation (time-sliced jobs; continue with --resume)."""
+    progress: bool = True
+    """Show a progress bar (only on a terminal)."""
+    torch_threads: int = 1
+    """torch intra-op threads on the CPU (0: torch's default); small-batch PPO is fastest with 1."""
+
+
+def main(args: Args) -> dict:
+    cfg = config_from_args(args, ALIASES)
+    out_dir, log_dir = Path(args.output_dir), Path(args.log_dir)
+    log = setup_logging(log_dir / "training.log", "phase2")
+    device = resolve_device(args.device)
+    configure_threads(args.torch_threads)
+    steps_per_iteration = args.num_envs * args.num_steps
+    num_iterations = max(1, args.timesteps // steps_per_iteration)
+    if args.batch_size > steps_per_iteration:
+        raise ConfigError(f"--batch-size {args.batch_size} exceeds the rollout ({args.num_envs} x {args.num_steps})")
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)  # noqa: NPY002 (the legacy global state is what third-party code draws from)
+    torch.manual_seed(args.seed)
+
+    # THE FROZEN SPECIALISTS and the environment
+    splits = load_splits(cfg)
+    train, val = splits["train"], splits["val"]
+    specialists, owner = load_specialists(args.specialists_dir, train, device)
+    fingerprint_at_load = parameter_fingerprint(specialists)
+    k = len(specialists.names)
+    envs = PortfolioEnv(train, cfg, args.num_envs, device=device, seed=args.seed, torch_mode=True, check_actions=False)
+    for note in envs.relaxed:
+        log.warning("risk limit relaxed: %s", note)
+    val_tables = build_tables(val, cfg, device)
+    references: dict = {}  # the baselines' and equal allocation's validation backtests, computed once
+    b, d = args.num_envs, meta_observation_size(envs.portfolio_obs_size, k)
+    meta = MetaController(d, k, args.hidden_size).to(device)
+    optimizer = torch.optim.Adam(meta.parameters(), lr=args.learning_rate, eps=1e-5)
+    max_position = cfg.environment.max_position_size
+
+    # ALGO LOGIC: storage setup
+    obs = torch.zeros((args.num_steps, b, d), device=device)
+    final_obs = torch.zeros_like(obs)
+    actions = torch.zeros((args.num_steps, b, k + 1), device=device)
+    logprobs, rewards, values, truncs = (torch.zeros((args.num_steps, b), device=device) for _ in range(4))
+
+    start_iteration, global_step = 1, 0
+    best = {"sharpe": -float("inf"), "iteration": 0, "model": None}
+    next_env_obs, _ = envs.reset(seed=args.seed)
+    performance = torch.zeros(b, k, device=device)  # each specialist's recent sleeve return (meta input)
+    if args.resume:
+        path = out_dir / "latest.pt"
+        state = ckpt.load_checkpoint(path, "phase2", hint="Run without --resume to start fresh.")
+        ckpt.check_config_hash(state, cfg.hash(), path, args.force)
+        meta.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        envs.load_state_dict(state["env"])
+        ckpt.restore_rng_state(state["rng"])
+        performance = state["performance"].to(device)
+        start_iteration, global_step, best = state["iteration"] + 1, state["global_step"], state["best"]
+        next_env_obs = envs.observe()
+        log.info("resumed from %s at iteration %d (step %d)", path, start_iteration - 1, global_step)
+    writer = SummaryWriter(str(log_dir), purge_step=global_step if args.resume else None)
+    if not args.resume:
+        table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    log.info("phase 2: meta-controller over %s, %d rows x %d steps, %d iterations, device %s",
+             specialists.names, b, args.num_steps, num_iterations, device)  # fmt: skip
+
+    bar = tqdm(total=num_iterations * steps_per_iteration, initial=global_step, unit="step",
+               disable=not (args.progress and sys.stderr.isatty()), desc="phase2")  # fmt: skip
+    start_time, start_step = time.time(), global_step
+    report = None
+    for iteration in range(start_iteration, num_iterations + 1):
+        if args.anneal_lr:
+            optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
+
+        sums = {key: torch.zeros((), device=device) for key in ("ep_return", "episodes", "var", "comply", "corr",
+                                                                  "sector", "intervention")}  # fmt: skip
+        allocation_sum = torch.zeros(k, device=device)
+        for step in range(args.num_steps):
+            global_step += b
+            with torch.no_grad():
+                positions = specialists.positions(next_env_obs["instruments"], owner)
+                obs[step] = meta_observation(next_env_obs["portfolio"], positions, owner, performance)
+                action, logprob, _, value = meta.get_action_and_value(obs[step])
+                allocation, appetite = meta.split_action(action)
+                proposal = compose_weights(allocation, appetite, positions, owner, max_position)
+            values[step], actions[step], logprobs[step] = value, action, logprob
+            next_env_obs, reward, _, truncated, info = envs.step(proposal)
+            rewards[step], truncs[step] = reward, truncated.float()
+            # the performance signal after this bar; a finished row's next episode starts from zero
+            performance = update_performance(performance, positions, info["bar_returns"], owner,
+                                             torch.zeros_like(truncated))  # fmt: skip
+            with torch.no_grad():
+                final_positions = specialists.positions(info["final_obs"]["instruments"], owner)
+                final_obs[step] = meta_observation(info["final_obs"]["portfolio"], final_positions, owner, performance)
+            performance = torch.where(truncated.unsqueeze(-1), 0.0, performance)
+            sums["ep_return"] += (info["episode"]["r"] * info["_episode"]).sum()
+            sums["episodes"] += info["_episode"].sum()
+            sums["var"] += info["var"].mean()
+            sums["comply"] += (info["var"] <= envs.limits.max_var * (1 + 1e-6)).float().mean()
+            sums["corr"] += info["correlation_exposure"].mean()
+            sums["sector"] += info["sector_allocation"].amax(-1).mean()
+            sums["intervention"] += info["intervention"].mean()
+            allocation_sum += allocation.mean(0)
+
+        # bootstrap value if not done: a truncated row continues from V(final obs), not from zero
+        with torch.no_grad():
+            final_values = meta.get_value(final_obs.reshape(-1, d)).view(args.num_steps, b)
+            next_value = meta.get_value(meta_observation(next_env_obs["portfolio"],
+                                                         specialists.positions(next_env_obs["instruments"], owner),
+                                                         owner, performance))  # fmt: skip
+            advantages = torch.zeros_like(rewards)
+            lastgaelam = torch.zeros_like(next_value)
+            for t in reversed(range(args.num_steps)):
+                nextvalues = next_value if t == args.num_steps - 1 else values[t + 1]
+                nextvalues = torch.where(truncs[t].bool(), final_values[t], nextvalues)
+                nextnonterminal = 1.0 - truncs[t]
+                delta = rewards[t] + args.gamma * nextvalues - values[t]
+                lastgaelam = delta + args.gamma * args.gae_lambda * nextnonterminal * lastgaelam
+                advantages[t] = lastgaelam
+            returns = advantages + values
+
+        # flatten the batch
+        b_obs = obs.reshape(-1, d)
+        b_actions = actions.reshape(-1, k + 1)
+        b_logprobs, b_advantages, b_returns, b_values = (x.reshape(-1) for x in (logprobs, advantages, returns, values))
+
+        # Optimizing the policy and value network
+        clipfracs = []
+        for _epoch in range(args.n_epochs):
+            perm = torch.randperm(steps_per_iteration, device=device)
+            for start in range(0, steps_per_iteration, args.batch_size):
+                mb = perm[start : start + args.batch_size]
+                _, newlogprob, entropy, newvalue = meta.get_action_and_value(b_obs[mb], b_actions[mb])
+                logratio = newlogprob - b_logprobs[mb]
+                ratio = logratio.exp()
+                with torch.no_grad():
+                    approx_kl = ((ratio - 1) - logratio).mean()
+                    clipfracs.append(((ratio - 1.0).abs() > args.clip_range).float().mean())
+                mb_advantages = b_advantages[mb]
+                if args.norm_adv:
+                    mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+                pg_loss1 = -mb_advantages * ratio
+                pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_range, 1 + args.clip_range)
+                pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+                v_loss = 0.5 * ((newvalue - b_returns[mb]) ** 2).mean()
+                entropy_loss = entropy.mean()
+                loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+                optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(meta.parameters(), args.max_grad_norm)
+                optimizer.step()
+            if args.target_kl is not None and bool(approx_kl > args.target_kl):
+                break
+
+        meta.norm.update(b_obs.unsqueeze(0))  # statistics move only between iterations
+        explained_var = 1 - (b_returns - b_values).var() / b_returns.var().clamp_min(1e-8)
+
+        # TRY NOT TO MODIFY: record rewards for plotting purposes (one host sync per iteration)
+        sps = int((global_step - start_step) / max(time.time() - start_time, 1e-9))
+        n = args.num_steps
+        scalars = {
+            "charts/learning_rate": optimizer.param_groups[0]["lr"],
+            "charts/SPS": sps,
+            "losses/value_loss": v_loss.item(),
+            "losses/policy_loss": pg_loss.item(),
+            "losses/entropy": entropy_loss.item(),
+            "losses/approx_kl": approx_kl.item(),
+            "losses/clipfrac": torch.stack(clipfracs).mean().item(),
+            "losses/explained_variance": explained_var.item(),
+            "risk/var": (sums["var"] / n).item(),
+            "risk/var_compliance": (sums["comply"] / n).item(),
+            "risk/correlation_exposure": (sums["corr"] / n).item(),
+            "risk/sector_max": (sums["sector"] / n).item(),
+            "risk/intervention": (sums["intervention"] / n).item(),
+        }
+        if sums["episodes"].item() > 0:
+            scalars["charts/episodic_return"] = (sums["ep_return"] / sums["episodes"]).item()
+        for name, share in zip(specialists.names, (allocation_sum / n).tolist(), strict=True):
+            scalars[f"allocation/{name}"] = share
+        for key, value in scalars.items():
+            writer.add_scalar(key, value, global_step)
+        bar.update(steps_per_iteration)
+
+        # VALIDATION: the whole hierarchy on the validation split, next to the baselines
+        if iteration % args.eval_interval == 0 or iteration == num_iterations:
+            report, _ = evaluate_portfolio(specialists, meta, val, cfg, device, args.eval_segments, val_tables, 2,
+                                           references)  # fmt: skip
+            log_report(writer, report, global_step)
+            sharpe = report["portfolio"]["sharpe"]
+            if sharpe > best["sharpe"]:
+                best = {"sharpe": sharpe, "iteration": iteration, "model": clone_state(meta)}
+                ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best["model"], meta, specialists, cfg, args))
+            log.info("iteration %d/%d step %d SPS %d val sharpe %.3f (equal allocation %+.3f)", iteration,
+                     num_iterations, global_step, sps, sharpe, -report["allocation_efficiency"] + sharpe)  # fmt: skip
+        ckpt.save_rotating(
+            out_dir,
+            {
+                **model_payload(clone_state(meta), meta, specialists, cfg, args),
+                "optimizer": optimizer.state_dict(),
+                "env": envs.state_dict(),
+                "performance": performance.clone(),
+                "rng": ckpt.rng_state(),
+                "iteration": iteration,
+                "global_step": global_step,
+                "best": best,
+            },
+            global_step,
+            args.keep_checkpoints,
+        )
+        done_here = iteration - start_iteration + 1
+        if args.stop_after is not None and done_here >= args.stop_after and iteration < num_iterations:
+            log.info("stopping after %d iterations as asked (--stop-after); continue with --resume", args.stop_after)
+            bar.close()
+            writer.close()
+            return {"stopped_at_iteration": iteration, "global_step": global_step}
+    bar.close()
+    wall = time.time() - start_time
+
+    # FINAL EVALUATION: the best meta-controller (what Phase 3 loads) on the validation split
+    best_meta = MetaController(d, k, args.hidden_size).to(device)
+    best_meta.load_state_dict(best["model"])
+    best_report, _ = evaluate_portfolio(specialists, best_meta, val, cfg, device, args.eval_segments, val_tables, 2,
+                                        references)  # fmt: skip
+    result = {
+        **best_report,
+        "phase": 2,
+        "best_iteration": best["iteration"],
+        "final_iterate": {"portfolio": report["portfolio"], "allocation_efficiency": report["allocation_efficiency"]},
+        "global_step": global_step,
+        "config_hash": cfg.hash(),
+        "seed": args.seed,
+        "specialists_fingerprint": {"at_load": fingerprint_at_load, "at_end": parameter_fingerprint(specialists)},
+        "timing": {"seconds": wall, "steps_per_second": (global_step - start_step) / max(wall, 1e-9)},
+    }
+    ckpt.atomic_write_json(out_dir / "metrics.json", result)
+    text = format_report(best_report)
+    log.info("validation (best.pt):\n%s", text)
+    print(f"Phase 2 validation, best meta-controller ({val.split} split, {val.num_bars} bars):\n{text}")
+    writer.close()
+    return result
+
+
+def clone_state(module: torch.nn.Module) -> dict:
+    return {key: value.detach().clone() for key, value in module.state_dict().items()}
+
+
+def model_payload(model_state: dict, meta: MetaController, specialists, cfg, args: Args) -> dict:
+    """What Phase 3 and the evaluation need to rebuild and check the meta-controller."""
+    return {
+        "kind": "phase2",
+        "model": model_state,
+        **meta.describe(),
+        "specialists": specialists.names,
+        "specialists_fingerprint": parameter_fingerprint(specialists),
+        "specialists_dir": str(args.specialists_dir),
+        "config_hash": cfg.hash(),
+        "config": cfg.to_dict(),
+    }
+
+
+def log_report(writer: SummaryWriter, report: dict, global_step: int) -> None:
+    """`trading/*` and the validation's risk and allocation figures."""
+    for key in ("sharpe", "sortino", "max_drawdown", "win_rate", "total_return", "turnover"):
+        writer.add_scalar(f"trading/{key}", report["portfolio"][key], global_step)
+    writer.add_scalar("trading/allocation_efficiency", report["allocation_efficiency"], global_step)
+    writer.add_scalar("risk/val_var_compliance", report["portfolio"]["var_compliance"], global_step)
+    writer.add_scalar("risk/val_var_breach_rate", report["portfolio"]["var_breach_rate"], global_step)
+    for name, share in report["specialist_utilization"].items():
+        writer.add_scalar(f"utilization/{name}", share, global_step)
+
 
 if __name__ == "__main__":
-    print("phase2_meta.py: not built yet", file=sys.stderr)
-    sys.exit(2)
+    try:
+        cli_args, _ = parse_args(Args, ALIASES)
+        main(cli_args)
+    except (ConfigError, ckpt.CheckpointError, ValueError) as err:
+        print(f"phase2_meta.py: error: {err}", file=sys.stderr)
+        sys.exit(2)

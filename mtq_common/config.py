@@ -106,6 +106,8 @@ class InstrumentSpec:
     """Annualised volatility of the synthetic path (ignored for CSV data)."""
     cost_multiplier: float = 1.0
     """Scales `transaction_cost` for this instrument."""
+    signal: float = 1.0
+    """Multiplies the synthetic latent drift of this instrument (0: a pure-noise instrument)."""
 
 
 @dataclass
@@ -357,6 +359,7 @@ def validate(cfg: Config) -> Config:
     for symbol, spec in cfg.instruments.items():
         _check(spec.annual_vol > 0, w, f"instruments.{symbol}.annual_vol", spec.annual_vol, "a positive number")
         _check(spec.cost_multiplier >= 0, w, f"instruments.{symbol}.cost_multiplier", spec.cost_multiplier, ">= 0")
+        _check(spec.signal >= 0, w, f"instruments.{symbol}.signal", spec.signal, ">= 0")
     _check(d.source in ("synthetic", "csv"), w, "data.source", d.source, "synthetic or csv")
     _check(d.source != "csv" or bool(d.data_dir), w, "data.data_dir", d.data_dir, "a folder when data.source is csv")
     _check(len(d.instruments) >= 1, w, "data.instruments", d.instruments, "at least one symbol")

@@ -151,8 +151,12 @@ def generate_market(
     drift_scale: float = 3.0,
     difficulty: Difficulty | None = None,
     start_date: str = START_DATE,
+    signal: list[float] | None = None,
 ) -> MarketData:
-    """One split of the synthetic market; the same arguments always give the same data."""
+    """One split of the synthetic market; the same arguments always give the same data.
+
+    `signal` multiplies each instrument's latent drift (default 1 for all; 0 makes pure noise).
+    """
     difficulty = difficulty or Difficulty()
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -169,7 +173,8 @@ def generate_market(
     noise = sigma[None, :] * vol_mult[regime][:, None] * difficulty.vol_multiplier * eps
 
     phi = 0.5 ** (1.0 / drift_half_life)
-    drift_std = difficulty.signal_to_noise * drift_scale * np.asarray(annual_vols) / BARS_PER_YEAR
+    signal_scale = np.ones(n) if signal is None else np.asarray(signal, dtype=np.float64)
+    drift_std = difficulty.signal_to_noise * drift_scale * signal_scale * np.asarray(annual_vols) / BARS_PER_YEAR
     innovations = rng.standard_normal((n_bars, n)) * drift_std * np.sqrt(1.0 - phi**2)
     drift = _ar1(innovations, phi, x0=rng.standard_normal(n) * drift_std)
 
@@ -214,6 +219,7 @@ def synthetic_splits(cfg, difficulty: Difficulty | None = None) -> dict[str, Mar
             drift_scale=s.drift_scale,
             difficulty=difficulty,
             start_date=str(start),
+            signal=[cfg.instruments[sym].signal for sym in symbols],
         )
         start = np.busday_offset(out[split].timestamps[-1], 1, roll="forward")
     return out

@@ -1,0 +1,143 @@
+"""phase2_meta.py: outputs, frozen specialists, routing capital to the skilled specialist, errors."""
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import phase1_ppo
+import phase2_meta
+from mtq_common.hierarchy import parameter_fingerprint
+from mtq_common.nets import SpecialistAgents
+from tests.helpers import tensorboard_tags, write_config
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL = {"num_envs": 8, "num_steps": 32, "batch_size": 64, "n_epochs": 2, "eval_segments": 4}
+
+
+def phase1(tmp: Path, config: Path, **kwargs) -> Path:
+    out = tmp / "phase1"
+    phase1_ppo.main(phase1_ppo.Args(config=str(config), output_dir=str(out), log_dir=str(tmp / "logs1"),
+                                    device="cpu", progress=False, **{**SMALL, "timesteps": 512, **kwargs}))  # fmt: skip
+    return out
+
+
+def phase2(tmp: Path, config: Path, phase1_dir: Path, name: str = "phase2", **kwargs) -> dict:
+    args = phase2_meta.Args(config=str(config), output_dir=str(tmp / name), log_dir=str(tmp / f"logs_{name}"),
+                            specialists_dir=str(phase1_dir), device="cpu", progress=False,
+                            **{**SMALL, "timesteps": 512, **kwargs})  # fmt: skip
+    return phase2_meta.main(args)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("p2")
+    config = write_config(tmp / "c.yaml")
+    return tmp, config, phase1(tmp, config)
+
+
+def test_smoke_subprocess_writes_every_output(tiny, tmp_path):
+    _, config, phase1_dir = tiny
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    cmd = [sys.executable, "phase2_meta.py", "--config", str(config), "--timesteps", "1024", "--specialists-dir",
+           str(phase1_dir), "--output-dir", str(out), "--log-dir", str(logs), "--device", "cpu", "--num-envs", "8",
+           "--num-steps", "32", "--batch-size", "64", "--n-epochs", "1", "--eval-interval", "2"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Phase 2 validation" in done.stdout
+    for name in ("latest.pt", "best.pt", "metrics.json"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("portfolio", "baselines", "allocation_efficiency", "specialist_utilization", "per_regime", "targets",
+                "data"):  # fmt: skip
+        assert key in metrics, key
+    assert set(metrics["baselines"]) == {"equal_weight", "buy_and_hold", "risk_parity", "momentum", "oracle"}
+    tags = tensorboard_tags(logs)
+    for tag in ("charts/SPS", "losses/approx_kl", "trading/sharpe", "risk/var", "risk/var_compliance",
+                "risk/intervention", "allocation/equity"):  # fmt: skip
+        assert tag in tags, tag
+
+
+def test_specialists_stay_bit_identical(tiny):
+    tmp, config, phase1_dir = tiny
+    best = phase1_dir / "best.pt"
+    file_hash = hashlib.sha256(best.read_bytes()).hexdigest()
+    state = torch.load(best, weights_only=True)
+    agents = SpecialistAgents(state["specialists"], state["obs_size"], state["hidden"])
+    agents.load_state_dict(state["model"])
+    metrics = phase2(tmp, config, phase1_dir, name="frozen", timesteps=1024)
+    fingerprints = metrics["specialists_fingerprint"]
+    assert fingerprints["at_load"] == fingerprints["at_end"] == parameter_fingerprint(agents)
+    assert hashlib.sha256(best.read_bytes()).hexdigest() == file_hash
+
+
+def test_var_compliance_is_total_for_system_and_baselines(tiny):
+    tmp, config, phase1_dir = tiny
+    metrics = phase2(tmp, config, phase1_dir, name="var")
+    assert metrics["portfolio"]["var_compliance"] == 1.0
+    for name, row in metrics["baselines"].items():
+        assert row["var_compliance"] == 1.0, name
+
+
+def market_config(path: Path, noise_classes: tuple[str, ...]) -> Path:
+    """Every asset class with a strong latent drift except `noise_classes` (pure noise); no sector limit."""
+    sectors = {"EURUSD": "forex", "GBPUSD": "forex", "USDJPY": "forex", "XAUUSD": "commodities",
+               "WTIUSD": "commodities", "SPX500": "equity", "NAS100": "equity", "US30": "equity"}  # fmt: skip
+    instruments = {s: {"sector": k, "signal": 0.0 if k in noise_classes else 2.0} for s, k in sectors.items()}
+    overrides = {
+        "environment": {"max_sector_allocation": 1.0},
+        "instruments": instruments,
+        "data": {"synthetic": {"train_bars": 4000, "val_bars": 2000}},
+    }
+    return write_config(path, overrides)
+
+
+ROUTING_SEED = 1  # seeds 1, 2 and 3 were tried; see the README for their figures
+
+
+def test_meta_controller_routes_capital_to_the_skilled_specialist(tmp_path, seed=ROUTING_SEED):
+    """The specialists learn where every asset class carries a signal; then, for the meta-controller,
+    forex and commodities become pure noise while equity keeps its signal. The forex and commodities
+    specialists still trade actively (their skill does not carry over), so an even allocation pays for
+    their noise; the meta-controller must learn to route capital to equity. The sector limit is lifted
+    so that routing is possible at all."""
+    everywhere = market_config(tmp_path / "all.yaml", ())
+    only_equity = market_config(tmp_path / "equity.yaml", ("forex", "commodities"))
+    phase1_dir = phase1(tmp_path, everywhere, timesteps=40960, num_envs=32, num_steps=64, batch_size=256,
+                        n_epochs=4, eval_interval=5, seed=seed)  # fmt: skip
+    metrics = phase2(tmp_path, only_equity, phase1_dir, timesteps=40960, num_envs=32, num_steps=64,
+                     batch_size=256, n_epochs=4, eval_interval=5, learning_rate=0.002, seed=seed)  # fmt: skip
+    utilization = metrics["specialist_utilization"]
+    # an even split of gross exposure over three specialists would be 1/3 each
+    assert utilization["equity"] > 0.42, utilization
+    assert metrics["allocation_efficiency"] > 0.15, metrics["allocation_efficiency"]
+
+
+def corrupt(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "best.pt").write_bytes(b"not a checkpoint at all")
+    return path
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupted", "instruments", "layout", "partial"])
+def test_bad_phase1_output_is_a_clear_error(tiny, tmp_path, case):
+    _, config, phase1_dir = tiny
+    if case == "missing":
+        source, message = tmp_path / "nothing", "checkpoint not found"
+    elif case == "corrupted":
+        source, message = corrupt(tmp_path / "bad"), "not a readable MTQuant checkpoint"
+    elif case == "instruments":
+        source, message = phase1(tmp_path, config, instruments=["SPX500", "EURUSD"]), "was trained on instruments"
+    elif case == "layout":
+        source, message = phase1(tmp_path, config, next_return_diagnostic=True), "observations of size"
+    else:
+        source, message = phase1(tmp_path, config, specialists=["equity"]), "is partial"
+    cmd = [sys.executable, "phase2_meta.py", "--config", str(config), "--specialists-dir", str(source),
+           "--output-dir", str(tmp_path / "o"), "--log-dir", str(tmp_path / "l"), "--device", "cpu"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and "phase1_ppo.py" in done.stderr and "Traceback" not in done.stderr

@@ -1,0 +1,387 @@
+"""Portfolio evaluation: baselines as defined and causal, stitched backtests, limits, the report's contents."""
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mtq_common.baselines import MOMENTUM_LOOKBACK
+from mtq_common.config import Config
+from mtq_common.envs import PortfolioEnv, build_tables, instrument_obs_size
+from mtq_common.evaluation import segment_starts
+from mtq_common.hierarchy import meta_observation_size
+from mtq_common.market import REGIME_NAMES, load_splits
+from mtq_common.nets import MetaController, SpecialistAgents
+from mtq_common.portfolio_eval import (
+    BASELINE_NAMES,
+    PORTFOLIO_KEYS,
+    BuyAndHoldPolicy,
+    MomentumPolicy,
+    backtest_metrics,
+    baseline_policies,
+    evaluate_portfolio,
+    format_report,
+    run_backtest,
+    specialist_utilization,
+    target_checks,
+)
+
+SEGMENTS = 8
+Z95 = 1.6448536269514722
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Bars of tiny tensors: two intra-op threads on a busy two-core machine are many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cfg() -> Config:
+    """Small splits and limits tight enough that the risk manager has work to do."""
+    cfg = Config()
+    for key in ("train_bars", "val_bars", "test_bars"):
+        setattr(cfg.data.synthetic, key, 600)
+    cfg.environment.max_portfolio_var = 0.004
+    cfg.environment.max_sector_allocation = 0.35
+    cfg.environment.max_correlation_exposure = 0.5
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def market(cfg):
+    return load_splits(cfg)["test"]
+
+
+@pytest.fixture(scope="module")
+def tables(market, cfg):
+    return build_tables(market, cfg)
+
+
+@pytest.fixture(scope="module")
+def agents(market, cfg, tables):
+    """Randomly initialised specialists (the actor head scaled up so they trade real sizes) and meta."""
+    torch.manual_seed(0)
+    specialists = SpecialistAgents(cfg.specialists, instrument_obs_size(market.num_instruments), hidden=8)
+    with torch.no_grad():
+        specialists.actor[-1].weight.mul_(100.0)
+    env = PortfolioEnv(market, cfg, 1, tables=tables)
+    meta = MetaController(meta_observation_size(env.portfolio_obs_size, len(cfg.specialists)), 3, hidden=8)
+    return specialists, meta
+
+
+@pytest.fixture(scope="module")
+def evaluated(agents, market, cfg, tables):
+    return evaluate_portfolio(*agents, market, cfg, segments=SEGMENTS, tables=tables, phase=2)
+
+
+def csv_like(market):
+    """The same bars without the generator's truth, as a CSV market has them."""
+    return dataclasses.replace(market, source="csv", regime=None, drift=None)
+
+
+def walk(x, path=""):
+    """Every leaf of a nested report with its path."""
+    if isinstance(x, dict):
+        for k, v in x.items():
+            yield from walk(v, f"{path}.{k}")
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            yield from walk(v, f"{path}[{i}]")
+    else:
+        yield path, x
+
+
+def check_report(report, regimes, baselines):
+    assert set(report["portfolio"]) >= set(PORTFOLIO_KEYS)
+    assert set(report["baselines"]) == set(baselines)
+    for metrics in report["baselines"].values():
+        assert set(metrics) >= set(PORTFOLIO_KEYS)
+    assert set(report["specialist_utilization"]) == {"forex", "commodities", "equity", "entropy"}
+    assert set(report["per_regime"]) == set(regimes)
+    assert isinstance(report["allocation_efficiency"], float)
+    assert [t["metric"] for t in report["targets"]] == ["sharpe", "max_drawdown", "win_rate", "var_compliance"]
+    assert set(report["data"]) >= {"source", "split", "start", "end", "bars", "instruments"}
+    assert {"max_position", "max_var", "max_correlation", "max_sector", "relaxed"} <= set(report["limits"])
+    for path, value in walk(report):
+        assert isinstance(value, (str, bool, int, float)), f"{path} is a {type(value).__name__}"
+        if isinstance(value, float):
+            assert math.isfinite(value), path
+    json.dumps(report, allow_nan=False)
+    text = format_report(report)
+    for name in ["system", *baselines, *regimes, "Allocation efficiency", "entropy"]:
+        assert name in text
+    assert ("PASS" in text) or ("FAIL" in text)
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------
+
+
+def test_report_has_every_key_finite_and_json(evaluated, market):
+    report, backtests = evaluated
+    check_report(report, REGIME_NAMES, BASELINE_NAMES)
+    assert set(backtests) == {"system", "equal_allocation", *BASELINE_NAMES}
+    assert report["data"]["source"] == "synthetic" and report["data"]["split"] == "test"
+    assert report["data"]["bars"] == len(backtests["system"].net_return)
+    assert report["data"]["instruments"] == market.symbols
+
+
+def test_csv_report_has_no_oracle_and_uses_volatility_terciles(agents, market, cfg):
+    csv = csv_like(market)
+    assert "oracle" not in baseline_policies(csv, cfg, 2)
+    assert "oracle" in baseline_policies(market, cfg, 2)
+    report, backtests = evaluate_portfolio(*agents, csv, cfg, segments=4)
+    check_report(report, ("low_vol", "mid_vol", "high_vol"), [n for n in BASELINE_NAMES if n != "oracle"])
+    assert report["data"]["source"] == "csv" and backtests["system"].regime is None
+    bars = [m["bars"] for m in report["per_regime"].values()]
+    assert sum(bars) == report["data"]["bars"] and min(bars) > 0
+    # the terciles really sort the bars by realised volatility
+    vol = backtests["system"].realised_vol
+    assert np.sum(vol <= np.quantile(vol, 1 / 3)) == report["per_regime"]["low_vol"]["bars"]
+
+
+def test_var_compliance_is_total_and_every_executed_book_is_within_every_limit(evaluated, tables, market, cfg):
+    report, backtests = evaluated
+    assert report["portfolio"]["var_compliance"] == 1.0
+    for name, metrics in report["baselines"].items():
+        assert metrics["var_compliance"] == 1.0, name
+    env = cfg.environment
+    sector_of = np.array([sorted(set(market.sectors)).index(s) for s in market.sectors])
+    onehot = np.eye(sector_of.max() + 1)[sector_of]
+    for name in ("system", "equal_weight", "momentum"):
+        bt = backtests[name]
+        w = bt.weights
+        cov = tables.cov.double().numpy()[bt.bars]
+        assert np.all(np.abs(w) <= env.max_position_size * (1 + 1e-6)), name
+        var = Z95 * math.sqrt(market.bars_per_day) * np.sqrt(np.einsum("ti,tij,tj->t", w, cov, w))
+        assert np.all(var <= env.max_portfolio_var * (1 + 1e-4)), name
+        np.testing.assert_allclose(bt.var, var, rtol=1e-4, atol=1e-9)
+        gross = np.abs(w).sum(1)
+        held = gross > 0
+        sigma = np.sqrt(np.einsum("tii->ti", cov))
+        corr = cov / sigma[:, :, None] / sigma[:, None, :]
+        x = w[held] / gross[held, None]
+        assert np.all(np.einsum("ti,tij,tj->t", x, corr[held], x) <= env.max_correlation_exposure * (1 + 1e-4)), name
+        assert np.all((np.abs(w[held]) @ onehot) / gross[held, None] <= env.max_sector_allocation * (1 + 1e-4)), name
+    # the limits bound: the risk manager moved books and VaR sat at its limit on some bars
+    assert backtests["system"].intervention.max() > 0.1
+    assert np.isclose(backtests["equal_weight"].var, env.max_portfolio_var, rtol=1e-4).any()
+
+
+def test_var_backtest_compares_the_loss_with_one_bar_of_var(evaluated, cfg):
+    _, backtests = evaluated
+    bt = backtests["momentum"]
+    expected = np.mean(-bt.net_return > bt.var / math.sqrt(bt.bars_per_day))
+    assert backtest_metrics(bt, cfg.reward.risk_free_rate)["var_breach_rate"] == pytest.approx(expected)
+    hourly = dataclasses.replace(bt, bars_per_day=24.0)  # one bar of a 24-bar day carries VaR / sqrt(24)
+    expected = np.mean(-bt.net_return > bt.var / math.sqrt(24.0))
+    assert backtest_metrics(hourly, cfg.reward.risk_free_rate)["var_breach_rate"] == pytest.approx(expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines
+# ---------------------------------------------------------------------------------------------
+
+
+def after_stops(bt) -> np.ndarray:
+    """[T, N] True on the bar after a stop-loss (within a segment): rules propose flat there to re-open."""
+    out = np.zeros_like(bt.stop_loss, dtype=bool)
+    out[1:] = bt.stop_loss[:-1] > 0
+    out[:: bt.segment_length] = False  # a segment starts a new episode
+    return out
+
+
+def rule_proposal(bt) -> np.ndarray:
+    """The proposals with the one-bar re-entry pauses filled with NaN (compared where finite)."""
+    return np.where(after_stops(bt), np.nan, bt.proposed)
+
+
+def test_rules_pause_one_bar_after_a_stop_then_reopen(evaluated):
+    _, backtests = evaluated
+    bt = backtests["equal_weight"]
+    pause = after_stops(bt)
+    assert pause.any(), "the test market should trigger stop-losses"
+    assert np.all(bt.proposed[pause] == 0.0)
+    reopened = np.zeros_like(pause)
+    reopened[1:] = pause[:-1]
+    reopened[:: bt.segment_length] = False
+    assert np.all(bt.proposed[reopened & ~pause] > 0)
+    assert (bt.weights != 0).mean() > 0.5, "the long-only book stays mostly invested"
+
+
+def test_baselines_propose_what_they_are_defined_to(evaluated, market, tables, cfg):
+    _, backtests = evaluated
+    m = float(np.float32(cfg.environment.max_position_size))  # the env's float32 tensors
+    bars = backtests["equal_weight"].bars
+    np.testing.assert_array_equal(
+        rule_proposal(backtests["equal_weight"]), np.where(after_stops(backtests["equal_weight"]), np.nan, m)
+    )
+
+    log_p = np.log(market.prices)
+    change = log_p[bars] - log_p[bars - MOMENTUM_LOOKBACK]
+    clear = np.abs(change) > 1e-5  # float32 tables may round a near-zero change either way
+    clear &= ~after_stops(backtests["momentum"])
+    np.testing.assert_array_equal(backtests["momentum"].proposed[clear], m * np.sign(change[clear]))
+
+    inverse_vol = 1.0 / np.sqrt(tables.variance.double().numpy()[bars])
+    expected = m * inverse_vol / inverse_vol.max(1, keepdims=True)
+    rp = backtests["risk_parity"]
+    np.testing.assert_allclose(rule_proposal(rp)[~after_stops(rp)], expected[~after_stops(rp)], rtol=1e-5)
+
+    oracle = backtests["oracle"]
+    keep = ~after_stops(oracle)
+    np.testing.assert_array_equal(oracle.proposed[keep], (m * np.sign(market.drift[bars]))[keep])
+
+    # buy-and-hold: bought at m at each segment's first bar, then drifting with prices
+    bh = backtests["buy_and_hold"]
+    starts = np.repeat(bars[:: bh.segment_length], bh.segment_length)
+    growth = market.prices[bars] / market.prices[starts]
+    expected = m * growth / (1.0 + m * (growth - 1.0).sum(1, keepdims=True))
+    keep = ~after_stops(bh)
+    np.testing.assert_allclose(bh.proposed[keep], expected[keep], rtol=1e-5)
+    np.testing.assert_allclose(bh.proposed[:: bh.segment_length], m)
+    assert np.abs(np.diff(bh.proposed, axis=0)).max() > 1e-3, "the weights drift with prices"
+
+
+def test_momentum_is_flat_without_enough_history_and_buy_and_hold_restarts_after_done(market, tables, cfg):
+    env = PortfolioEnv(market, cfg, 2, torch_mode=True, tables=tables)
+    env.reset(seed=0)
+    env.engine.reset_rows(torch.ones(2, dtype=torch.bool), torch.tensor([MOMENTUM_LOOKBACK - 1, MOMENTUM_LOOKBACK]))
+    proposal = MomentumPolicy(0.1, 2, "cpu").propose(env.observe(), env)
+    assert (proposal[0] == 0).all() and (proposal[1].abs() == 0.1).all()
+
+    policy = BuyAndHoldPolicy(0.1, 2, "cpu")
+    env.engine.reset_rows(torch.ones(2, dtype=torch.bool), torch.tensor([200, 300]))
+    first = policy.propose(env.observe(), env)
+    for _ in range(20):
+        _, _, _, _, info = env.step(policy.propose(env.observe(), env))
+    policy.observe(info, torch.tensor([True, False]))  # row 0's episode ended: it buys again
+    again = policy.propose(env.observe(), env)
+    torch.testing.assert_close(first, torch.full((2, market.num_instruments), 0.1))
+    torch.testing.assert_close(again[0], torch.full((market.num_instruments,), 0.1))
+    assert not torch.allclose(again[1], first[1])
+
+
+@pytest.mark.parametrize("name", ["equal_weight", "buy_and_hold", "risk_parity", "momentum"])
+def test_baselines_do_not_look_ahead(name, market, cfg, tables):
+    starts, length = segment_starts(tables, 4)
+    cut = starts[1] + length // 2  # the middle of a segment
+    rng = np.random.default_rng(1)
+    prices = market.prices.copy()
+    prices[cut + 1 :] *= np.exp(np.cumsum(rng.normal(0.0, 0.02, prices[cut + 1 :].shape), axis=0))
+    changed = dataclasses.replace(market, prices=prices)
+
+    def proposals(mkt):
+        bt = run_backtest(mkt, cfg, lambda rows: baseline_policies(mkt, cfg, rows)[name], segments=4)
+        return bt.bars, bt.proposed
+
+    bars, before = proposals(market)
+    _, after = proposals(changed)
+    upto = bars <= cut
+    np.testing.assert_array_equal(before[upto], after[upto])
+    if name != "equal_weight":
+        assert not np.array_equal(before[~upto], after[~upto]), "the perturbation is visible after the cut"
+
+
+# ---------------------------------------------------------------------------------------------
+# Stitching, attribution, allocation efficiency, utilisation, regimes, targets
+# ---------------------------------------------------------------------------------------------
+
+
+def test_backtest_is_stitched_in_time_order(evaluated, market, tables, cfg):
+    _, backtests = evaluated
+    starts, length = segment_starts(tables, SEGMENTS)
+    for name, bt in backtests.items():
+        assert len(bt.net_return) == len(starts) * length, name
+        np.testing.assert_array_equal(bt.bars, np.arange(starts[0], starts[0] + len(starts) * length))
+        np.testing.assert_array_equal(bt.timestamps, market.timestamps[bt.bars])
+        np.testing.assert_allclose(bt.bar_returns, market.returns[bt.bars + 1], rtol=1e-5, atol=1e-7)
+        np.testing.assert_array_equal(bt.regime, market.regime[bt.bars])
+        for key in ("weights", "proposed", "pnl", "bar_returns"):
+            assert getattr(bt, key).shape == (len(bt.bars), market.num_instruments)
+    system = backtests["system"]
+    assert system.allocation.shape == (len(system.bars), 3)
+    np.testing.assert_allclose(system.allocation.sum(1), 1.0, rtol=1e-5)
+    assert backtests["momentum"].allocation is None
+
+
+def test_pnl_attribution_adds_up_to_the_account_return(evaluated, market, cfg):
+    _, backtests = evaluated
+    rf = cfg.reward.risk_free_rate / market.bars_per_year
+    cost = cfg.environment.transaction_cost * np.array([cfg.instruments[s].cost_multiplier for s in market.symbols])
+    for bt in backtests.values():
+        np.testing.assert_allclose(bt.net_return, rf + bt.pnl.sum(1), atol=1e-7)
+        # every segment starts flat: its first bar pays the cost of the whole entry
+        first = slice(None, None, bt.segment_length)
+        w = bt.weights[first]
+        np.testing.assert_allclose(bt.pnl[first], w * bt.bar_returns[first] - cost * np.abs(w), atol=1e-8)
+
+
+def test_allocation_efficiency_is_zero_with_the_even_allocation(agents, market, cfg, tables):
+    specialists, _ = agents
+    report, backtests = evaluate_portfolio(specialists, None, market, cfg, segments=SEGMENTS, tables=tables)
+    assert report["allocation_efficiency"] == 0.0
+    assert report["portfolio"] == report["equal_allocation"]
+    np.testing.assert_array_equal(backtests["system"].weights, backtests["equal_allocation"].weights)
+
+
+def test_allocation_efficiency_is_the_sharpe_difference(evaluated):
+    report, _ = evaluated
+    diff = report["portfolio"]["sharpe"] - report["equal_allocation"]["sharpe"]
+    assert report["allocation_efficiency"] == pytest.approx(diff)
+    assert report["allocation_efficiency"] != 0.0  # the meta-controller's appetite below 1 moves the book
+
+
+def test_specialist_utilization_shares_and_entropy(evaluated):
+    report, backtests = evaluated
+    util = report["specialist_utilization"]
+    shares = np.array([util[k] for k in ("forex", "commodities", "equity")])
+    assert shares.sum() == pytest.approx(1.0)
+    assert util["entropy"] == pytest.approx(-(shares * np.log(shares)).sum() / math.log(3))
+    bt = backtests["system"]
+    one = specialist_utilization(dataclasses.replace(bt, instrument_sectors=["equity"] * len(bt.symbols)), ["equity"])
+    assert one == {"equity": pytest.approx(1.0), "entropy": 0.0}
+
+
+def test_per_regime_bars_add_up_to_the_total(evaluated):
+    report, backtests = evaluated
+    regimes = report["per_regime"]
+    assert sum(m["bars"] for m in regimes.values()) == report["data"]["bars"]
+    regime = backtests["system"].regime
+    for k, name in enumerate(REGIME_NAMES):
+        assert regimes[name]["bars"] == int(np.sum(regime == k))
+
+
+EXPECTED_TARGETS = {
+    2: {"sharpe": 1.8, "max_drawdown": 0.18, "win_rate": 0.60, "var_compliance": 0.95},
+    3: {"sharpe": 2.0, "max_drawdown": 0.15, "win_rate": 0.65, "var_compliance": 0.98},
+    "final": {"sharpe": 2.0, "max_drawdown": 0.15, "win_rate": 0.60, "var_compliance": 1.0},
+}
+
+
+@pytest.mark.parametrize("phase", [2, 3, "final"])
+def test_targets_are_the_design_table_and_pass_is_a_real_comparison(evaluated, phase):
+    report, _ = evaluated
+    portfolio = report["portfolio"]
+    for case in (portfolio, {**portfolio, "sharpe": 5.0, "max_drawdown": 0.01, "win_rate": 0.9}):
+        rows = target_checks(case, phase)
+        assert {r["metric"]: r["threshold"] for r in rows} == EXPECTED_TARGETS[phase]
+        for row in rows:
+            value, threshold = case[row["metric"]], row["threshold"]
+            assert row["value"] == value
+            lower_is_better = row["metric"] == "max_drawdown"
+            expected = value < threshold if lower_is_better else (value > threshold or value == threshold == 1.0)
+            assert row["pass"] == expected, row
+    assert all(r["pass"] for r in target_checks({**portfolio, "sharpe": 5.0, "max_drawdown": 0.01,
+                                                 "win_rate": 0.9, "var_compliance": 1.0}, phase))  # fmt: skip
+    assert report["targets"] == target_checks(portfolio, 2)
+    with pytest.raises(ValueError, match="phase"):
+        target_checks(portfolio, 4)
