@@ -139,7 +139,7 @@ def main(args: Args) -> dict:
     for note in envs.relaxed:
         log.warning("risk limit relaxed: %s", note)
     val_tables = build_tables(val, cfg, device)
-    references: dict = {}  # the baselines' and equal allocation's validation backtests, computed once
+    references: dict = {}  # the baselines' validation backtests, computed once
     b, d = args.num_envs, meta_observation_size(envs.portfolio_obs_size, k)
     meta = MetaController(d, k, args.hidden_size).to(device)
     optimizer = torch.optim.Adam(meta.parameters(), lr=args.learning_rate, eps=1e-5)

@@ -6,10 +6,15 @@ Per row b of a batch, with executed weights `w`, previous weights `w_prev` and b
 
     gross    = sum_i w_i * ret_i
     cost     = sum_i cost_rate_i * |w_i - w_prev_i|
-    net      = gross - cost                                     (what the account earns)
+    net      = risk_free_rate / bars_per_year + gross - cost    (what the account earns)
+
+Positions are self-financing (futures/CFD style: instrument returns are excess returns), so the
+account's equity earns the risk-free rate and its excess return is `gross - cost`: the Sharpe ratio
+of the account over the risk-free rate is the Sharpe ratio of the trading itself.
     equity'  = equity * (1 + net);  peak' = max(peak, equity');  drawdown = 1 - equity' / peak'
 
-The reward is computed on the excess return the agent is scored on,
+The reward is computed on the return the agent is scored on, the trading return with weighted costs
+less a hurdle of the risk-free rate on its risk capital,
 `r = gross - transaction_cost_weight * cost - risk_free_rate / bars_per_year`:
 
     dsr  = (B * dA - 0.5 * A * dB) / max(B - A^2, eps)^1.5       dA = r - A, dB = r^2 - B
@@ -35,6 +40,12 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no triton on this platform: only the reference is defined
+    triton = None
 
 RATIO_CLIP = 5.0
 RISK_USAGE_SCALE = 0.1
@@ -74,7 +85,7 @@ class RewardParams:
 
 
 class PortfolioStepOut(NamedTuple):
-    net_return: torch.Tensor  # [B] what the account earned this bar
+    net_return: torch.Tensor  # [B] what the account earned this bar (cash yield + trading - cost)
     cost: torch.Tensor  # [B] transaction cost paid
     equity: torch.Tensor  # [B] equity after the bar (relative to the episode's start)
     peak: torch.Tensor  # [B] running equity peak
@@ -98,11 +109,15 @@ def portfolio_step_reference(
     var_usage: torch.Tensor,
     params: RewardParams,
 ) -> PortfolioStepOut:
-    """Pure-torch reference of the fused portfolio step; shapes `[B, N]` and `[B]`, `cost_rate` `[N]`."""
+    """Pure-torch reference of the fused portfolio step; shapes `[B, N]` and `[B]`.
+
+    `cost_rate` is per row and instrument, `[B, N]` (an `[N]` tensor broadcasts): in the specialist
+    environment every row trades a different instrument with its own cost.
+    """
     p = params
     gross = (weights * returns).sum(-1)
     cost = (cost_rate * (weights - prev_weights).abs()).sum(-1)
-    net = gross - cost
+    net = p.risk_free_per_bar + gross - cost
     equity_new = equity * (1.0 + net)
     peak_new = torch.maximum(peak, equity_new)
     drawdown = 1.0 - equity_new / peak_new
@@ -138,3 +153,183 @@ def portfolio_step_reference(
         + p.diversification_bonus_weight * DIVERSIFICATION_SCALE * diversification
     )
     return PortfolioStepOut(net, cost, equity_new, peak_new, drawdown, a_new, b_new, down_new, reward)
+
+
+# TRITON KERNEL: one program per BLOCK_B rows. Defined only where triton imports, so that importing
+# `portfolio_step_triton` raises ImportError elsewhere and `kernels` falls back to the reference.
+if triton is not None:
+    # jit functions may only read constexpr globals; these mirror the reference's constants
+    _EPS: tl.constexpr = tl.constexpr(EPS)
+    _RATIO_CLIP: tl.constexpr = tl.constexpr(RATIO_CLIP)
+    _RISK_USAGE_SCALE: tl.constexpr = tl.constexpr(RISK_USAGE_SCALE)
+    _SHARPE_TARGET_SCALE: tl.constexpr = tl.constexpr(SHARPE_TARGET_SCALE)
+
+    @triton.jit
+    def _portfolio_step_kernel(
+        weights_ptr,  # [B, N] executed weights
+        prev_weights_ptr,  # [B, N] weights held before the bar
+        returns_ptr,  # [B, N] bar returns
+        cost_rate_ptr,  # [B, N] proportional cost per unit of turnover, per row and instrument
+        equity_ptr,  # [B] equity before the bar
+        peak_ptr,  # [B] running peak before the bar
+        ema_a_ptr,  # [B] moving mean A
+        ema_b_ptr,  # [B] moving second moment B
+        ema_down_ptr,  # [B] moving downside second moment DD^2
+        var_usage_ptr,  # [B] executed VaR over its limit
+        net_out_ptr,  # [B] out: net return
+        cost_out_ptr,  # [B] out: transaction cost
+        equity_out_ptr,  # [B] out: equity after the bar
+        peak_out_ptr,  # [B] out: running peak
+        drawdown_out_ptr,  # [B] out: 1 - equity / peak
+        ema_a_out_ptr,  # [B] out: updated A
+        ema_b_out_ptr,  # [B] out: updated B
+        ema_down_out_ptr,  # [B] out: updated DD^2
+        reward_out_ptr,  # [B] out: shaped reward
+        B,  # rows
+        N,  # instruments
+        eta,  # rate of the moving moments
+        transaction_cost_weight,  # weight of the cost in the scored return
+        risk_free_per_bar,  # the cash yield of the account; the hurdle of the scored return
+        downside_volatility_weight,  # weight of the downside ratio
+        risk_penalty_weight,  # weight of the drawdown and VaR penalty
+        max_drawdown_target,  # drawdown above which the penalty starts
+        sharpe_target,  # running Sharpe below which the shortfall is penalised
+        sqrt_bars_per_year,  # annualises the running Sharpe
+        diversification_weight,  # diversification_bonus_weight * DIVERSIFICATION_SCALE
+        diversification_norm,  # 1 - 1 / N, the diversification of the equal-weight book
+        HAS_DIVERSIFICATION: tl.constexpr,  # N > 1 (a single instrument has no diversification)
+        BLOCK_B: tl.constexpr,  # rows per program
+        BLOCK_N: tl.constexpr,  # next power of two >= N
+    ):
+        pid = tl.program_id(0).to(tl.int64)
+        rows = pid * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+        cols = tl.arange(0, BLOCK_N)
+        row_mask = rows < B
+        col_mask = cols < N
+        mask = row_mask[:, None] & col_mask[None, :]
+        offsets = rows[:, None] * N + cols[None, :]
+
+        w = tl.load(weights_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        w_prev = tl.load(prev_weights_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        ret = tl.load(returns_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        cost_rate = tl.load(cost_rate_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        equity = tl.load(equity_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+        # padded rows get peak 1 so that the drawdown division stays finite (they are never stored)
+        peak = tl.load(peak_ptr + rows, mask=row_mask, other=1.0).to(tl.float32)
+        ema_a = tl.load(ema_a_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+        ema_b = tl.load(ema_b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+        ema_down = tl.load(ema_down_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+        var_usage = tl.load(var_usage_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+
+        # account: what the book earned and paid this bar
+        gross = tl.sum(w * ret, axis=1)
+        cost = tl.sum(cost_rate * tl.abs(w - w_prev), axis=1)
+        net = risk_free_per_bar + gross - cost
+        equity_new = equity * (1.0 + net)
+        peak_new = tl.maximum(peak, equity_new)
+        drawdown = 1.0 - equity_new / peak_new
+
+        # differential Sharpe and downside ratios of the scored return (before the moment update)
+        r = gross - transaction_cost_weight * cost - risk_free_per_bar
+        d_a = r - ema_a
+        d_b = r * r - ema_b
+        variance = tl.maximum(ema_b - ema_a * ema_a, _EPS)
+        dsr = (ema_b * d_a - 0.5 * ema_a * d_b) / (variance * tl.sqrt_rn(variance))  # variance ** 1.5
+        dsr = tl.minimum(tl.maximum(dsr, -_RATIO_CLIP), _RATIO_CLIP)
+        dd = tl.sqrt_rn(tl.maximum(ema_down, _EPS))
+        centred = r - 0.5 * ema_a
+        ddr = tl.where(r > 0, centred / dd, (ema_down * centred - 0.5 * ema_a * r * r) / (dd * dd * dd))
+        ddr = tl.minimum(tl.maximum(ddr, -_RATIO_CLIP), _RATIO_CLIP)
+        a_new = ema_a + eta * d_a
+        b_new = ema_b + eta * d_b
+        r_down = tl.minimum(r, 0.0)
+        down_new = ema_down + eta * (r_down * r_down - ema_down)
+
+        running_sharpe = a_new / tl.sqrt_rn(tl.maximum(b_new - a_new * a_new, _EPS)) * sqrt_bars_per_year
+        if HAS_DIVERSIFICATION:
+            gross_exposure = tl.sum(tl.abs(w), axis=1)
+            x = tl.abs(w) / tl.maximum(gross_exposure, _EPS)[:, None]
+            diversification = tl.where(gross_exposure > 0, (1.0 - tl.sum(x * x, axis=1)) / diversification_norm, 0.0)
+        else:
+            diversification = tl.zeros_like(gross)
+        risk = tl.maximum(drawdown - max_drawdown_target, 0.0) / max_drawdown_target
+        risk = risk + _RISK_USAGE_SCALE * var_usage * var_usage
+        reward = (
+            dsr
+            + downside_volatility_weight * ddr
+            - risk_penalty_weight * risk
+            - _SHARPE_TARGET_SCALE * tl.maximum(sharpe_target - running_sharpe, 0.0)
+            + diversification_weight * diversification
+        )
+
+        tl.store(net_out_ptr + rows, net, mask=row_mask)
+        tl.store(cost_out_ptr + rows, cost, mask=row_mask)
+        tl.store(equity_out_ptr + rows, equity_new, mask=row_mask)
+        tl.store(peak_out_ptr + rows, peak_new, mask=row_mask)
+        tl.store(drawdown_out_ptr + rows, drawdown, mask=row_mask)
+        tl.store(ema_a_out_ptr + rows, a_new, mask=row_mask)
+        tl.store(ema_b_out_ptr + rows, b_new, mask=row_mask)
+        tl.store(ema_down_out_ptr + rows, down_new, mask=row_mask)
+        tl.store(reward_out_ptr + rows, reward, mask=row_mask)
+
+    def portfolio_step_triton(
+        weights: torch.Tensor,
+        prev_weights: torch.Tensor,
+        returns: torch.Tensor,
+        cost_rate: torch.Tensor,
+        equity: torch.Tensor,
+        peak: torch.Tensor,
+        ema_a: torch.Tensor,
+        ema_b: torch.Tensor,
+        ema_down: torch.Tensor,
+        var_usage: torch.Tensor,
+        params: RewardParams,
+    ) -> PortfolioStepOut:
+        """Triton version of `portfolio_step_reference` (same signature and outputs), float32.
+
+        One program handles a block of rows: the [BLOCK_B, N] tiles of weights and returns are reduced
+        along the instruments and every per-row output is written once.
+        """
+        p = params
+        weights, prev_weights, returns = weights.contiguous(), prev_weights.contiguous(), returns.contiguous()
+        b, n = weights.shape
+        cost_rate = cost_rate.expand(b, n).contiguous()  # [N] or [B, N] -> one rate per row and instrument
+        equity, peak = equity.contiguous(), peak.contiguous()
+        ema_a, ema_b, ema_down = ema_a.contiguous(), ema_b.contiguous(), ema_down.contiguous()
+        var_usage = var_usage.contiguous()
+        outs = [torch.empty(b, dtype=weights.dtype, device=weights.device) for _ in PortfolioStepOut._fields]
+        block_n = triton.next_power_of_2(n)
+        block_b = max(1, min(64, 4096 // block_n))  # up to 64 rows, tiles of at most 4k elements
+        if b == 0:  # an empty grid is not a launch
+            return PortfolioStepOut(*outs)
+        grid = (triton.cdiv(b, block_b),)
+        _portfolio_step_kernel[grid](
+            weights,
+            prev_weights,
+            returns,
+            cost_rate,
+            equity,
+            peak,
+            ema_a,
+            ema_b,
+            ema_down,
+            var_usage,
+            *outs,
+            b,
+            n,
+            p.eta,
+            p.transaction_cost_weight,
+            p.risk_free_per_bar,
+            p.downside_volatility_weight,
+            p.risk_penalty_weight,
+            p.max_drawdown_target,
+            p.sharpe_target,
+            p.sqrt_bars_per_year,
+            # the reference multiplies the two Python floats first, then the tensor
+            p.diversification_bonus_weight * DIVERSIFICATION_SCALE,
+            1.0 - 1.0 / n,
+            HAS_DIVERSIFICATION=n > 1,
+            BLOCK_B=block_b,
+            BLOCK_N=block_n,
+        )
+        return PortfolioStepOut(*outs)

@@ -443,9 +443,9 @@ def evaluate_portfolio(
     the system the equal allocation itself (allocation efficiency 0). `phase` picks the column of
     targets: 1, 2, 3 or "final".
 
-    The baselines (and, with frozen specialists, the equal allocation) do not depend on the
-    meta-controller: pass the same dict as `reference_cache` to repeated evaluations on the same
-    market (a training run's validations) and they are computed once.
+    The baselines depend on neither level of the hierarchy: pass the same dict as `reference_cache`
+    to repeated evaluations on the same market (a training run's validations) and they are computed
+    once.
     """
     tables = tables or build_tables(market, cfg, device)
     rf = cfg.reward.risk_free_rate
@@ -461,10 +461,14 @@ def evaluate_portfolio(
     run = dict(market=market, cfg=cfg, segments=segments, device=device, tables=tables)
     references = reference_cache if reference_cache is not None else {}
     if not references:
-        references["equal_allocation"] = run_backtest(make_policy=hierarchy(None), **run)
         for name in baseline_policies(market, cfg, 1, tables.prices.device):
             references[name] = run_backtest(make_policy=baseline(name), **run)
-    backtests = {"system": run_backtest(make_policy=hierarchy(meta), **run), **references}
+    backtests = {
+        "system": run_backtest(make_policy=hierarchy(meta), **run),
+        # the specialists may have changed since the last call (Phase 3): never cached
+        "equal_allocation": run_backtest(make_policy=hierarchy(None), **run),
+        **references,
+    }
 
     system = backtests["system"]
     portfolio = backtest_metrics(system, rf)
@@ -568,3 +572,74 @@ def format_report(report: dict) -> str:
     )
     out += [f"  relaxed: {note}" for note in lim.get("relaxed", [])]
     return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Repeated evaluation episodes: mean and spread of each metric
+# ---------------------------------------------------------------------------------------------
+
+EPISODE_METRICS = ("sharpe", "sortino", "max_drawdown", "win_rate", "total_return", "annual_volatility", "turnover")
+
+
+@torch.no_grad()
+def run_episodes(
+    market: MarketData,
+    cfg: Config,
+    make_policy,
+    episodes: int,
+    length: int | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    tables: MarketTables | None = None,
+) -> list[dict]:
+    """Metrics of `episodes` independent episodes of `length` bars (default `episode_length`, at most
+    what the split allows) at random start bars of `market`, all run at once as rows of one env.
+
+    Each episode starts flat at a start bar drawn with `seed`; on a synthetic market pass fresh paths
+    (another split seed) for independent markets, on CSV data the episodes are windows of the split.
+    """
+    tables = tables or build_tables(market, cfg, device)
+    available = tables.num_bars - 1 - tables.first_bar
+    length = max(2, min(length or cfg.environment.episode_length, available))
+    env_cfg = dataclasses.replace(cfg, environment=dataclasses.replace(cfg.environment, episode_length=length))
+    env = PortfolioEnv(market, env_cfg, episodes, device=device, seed=seed, torch_mode=True, tables=tables)
+    generator = torch.Generator().manual_seed(seed)
+    high = tables.num_bars - 1 - length  # the last start that leaves `length` bars
+    starts = torch.randint(tables.first_bar, max(high, tables.first_bar) + 1, (episodes,), generator=generator)
+    env.reset(seed=seed)
+    env.engine.reset_rows(torch.ones(episodes, dtype=torch.bool, device=env.engine.device), starts.to(device))
+    policy = make_policy(episodes)
+    obs = env.observe()
+    net = torch.zeros(length, episodes, device=device)
+    weights = torch.zeros(length, episodes, env.n, device=device)
+    pnl = torch.zeros_like(weights)
+    for k in range(length):
+        prev = env.engine.weights
+        proposed = policy.propose(obs, env)
+        obs, _, _, truncated, info = env.step(proposed)
+        policy.observe(info, truncated)
+        w = info["executed_weights"]
+        net[k], weights[k] = info["net_return"], w
+        pnl[k] = w * info["bar_returns"] - env.cost_rate * (w - prev).abs()
+    net, weights, pnl = (x.double().cpu().numpy() for x in (net, weights, pnl))
+    rf = cfg.reward.risk_free_rate
+    out = []
+    for e in range(episodes):  # evaluation only: a loop over finished episodes
+        summary = metrics.summarize(net[:, e], tables.bars_per_year, rf, positions=weights[:, e], pnl=pnl[:, e],
+                                    weights=weights[:, e])  # fmt: skip
+        out.append({key: summary[key] for key in EPISODE_METRICS})
+    return out
+
+
+def summarize_episodes(results: list[dict]) -> dict[str, dict[str, float]]:
+    """`{metric: {mean, std, min, max}}` over episodes (std with ddof=1; 0 for a single episode)."""
+    summary = {}
+    for key in results[0]:
+        values = np.array([r[key] for r in results], dtype=np.float64)
+        summary[key] = {
+            "mean": float(values.mean()),
+            "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+            "min": float(values.min()),
+            "max": float(values.max()),
+        }
+    return _json_ready(summary)

@@ -20,7 +20,7 @@ CLEANRL_TAGS = {
 def run(tmp_path: Path, name: str, config: Path, **kwargs) -> dict:
     """Phase 1 in-process (imports once, so the suite stays fast)."""
     args = phase1_ppo.Args(
-        config=str(config),
+        config=None if config is None else str(config),
         output_dir=str(tmp_path / name / "out"),
         log_dir=str(tmp_path / name / "logs"),
         device="cpu",
@@ -64,6 +64,20 @@ def test_it_learns_when_the_next_return_is_observable(tmp_path):
                   n_epochs=4, eval_interval=3, next_return_diagnostic=True)  # fmt: skip
     for name, table in metrics["specialists"].items():
         assert table["mean_sharpe"] > 3.0, (name, table["mean_sharpe"])
+
+
+def test_it_beats_buy_and_hold_on_the_default_market(tmp_path):
+    """No look-ahead: the default synthetic market, validation split, a short budget (~7 s).
+
+    Tried seeds 1, 2, 3: mean Sharpe over the eight instruments 0.88, 0.83, 0.81 against
+    buy-and-hold's -0.08 on the same bars (the 60-bar momentum rule: 1.15).
+    """
+    metrics = run(tmp_path, "default", None, timesteps=40960, num_envs=32, num_steps=64, batch_size=256,
+                  n_epochs=4, eval_interval=5, eval_segments=16)  # fmt: skip
+    rows = [row for table in metrics["specialists"].values() for key, row in table.items() if key != "mean_sharpe"]
+    agent = sum(row["sharpe"] for row in rows) / len(rows)
+    buy_and_hold = sum(row["buy_and_hold_sharpe"] for row in rows) / len(rows)
+    assert agent > buy_and_hold + 0.4, (agent, buy_and_hold)
 
 
 def test_same_seed_same_metrics(tmp_path):

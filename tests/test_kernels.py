@@ -1,0 +1,421 @@
+"""Triton kernels against their torch references (on the CPU through TRITON_INTERPRET=1), and the dispatcher.
+
+Inputs are seeded and at realistic scales (positions of at most 0.1, bar returns of about 1%, reward
+moments as the environment initialises them): the comparisons are in float32 with rtol 1e-5, and a
+few outputs are ill-conditioned far outside those scales (e.g. the downside ratio divides by
+sqrt(EPS) when its moment is 0), where a different summation order alone exceeds that tolerance.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels
+from kernels.portfolio_step import PortfolioStepOut, RewardParams, portfolio_step_reference
+from kernels.risk import (
+    LIMIT_RTOL,
+    RiskLimits,
+    RiskOut,
+    correlation_exposure,
+    correlation_from_covariance,
+    risk_step_reference,
+    sector_allocation,
+)
+
+try:
+    from kernels.portfolio_step import portfolio_step_triton
+    from kernels.risk import risk_step_triton
+except ImportError:  # no triton here: only the dispatcher's fallback is tested
+    portfolio_step_triton = risk_step_triton = None
+
+needs_triton = pytest.mark.skipif(portfolio_step_triton is None, reason="triton is not installed")
+
+BATCHES = (1, 7, 13, 64)  # 1, primes (partial blocks) and a power of two
+INSTRUMENTS = (1, 3, 8)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def assert_outputs_match(actual, expected, rtol=1e-5, atol=1e-6):
+    """Compare every field of two output tuples; a failure names the field, how many elements differ and where."""
+    assert type(actual) is type(expected)
+    for name, a, e in zip(expected._fields, actual, expected, strict=True):
+        assert a.dtype == e.dtype == torch.float32, name
+        torch.testing.assert_close(a, e, rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+# -- PORTFOLIO STEP ----------------------------------------------------------------------------
+
+
+def portfolio_inputs(b, n, case, seed=0):
+    """Seeded inputs of `portfolio_step` at the environment's scales; `case` picks the book and the bar."""
+    g = torch.Generator().manual_seed(seed)
+    weights = torch.rand(b, n, generator=g) * 0.2 - 0.1
+    prev_weights = torch.rand(b, n, generator=g) * 0.2 - 0.1
+    returns = torch.randn(b, n, generator=g) * 0.01
+    cost_rate = torch.rand(n, generator=g) * 1e-3
+    equity = 0.5 + torch.rand(b, generator=g)
+    # half the rows at their peak (a gain sets a new one), the others up to 30% below it
+    below = torch.rand(b, generator=g) < 0.5
+    peak = torch.where(below, equity * (1 + 0.3 * torch.rand(b, generator=g)), equity)
+    ema_a = torch.randn(b, generator=g) * 1e-4
+    ema_b = ema_a**2 + (0.5 + torch.rand(b, generator=g)) * 1e-6
+    ema_down = ema_b * (0.2 + 0.6 * torch.rand(b, generator=g))
+    var_usage = torch.rand(b, generator=g) * 1.5
+    if case == "flat":
+        weights = torch.zeros(b, n)
+    elif case == "unchanged":
+        prev_weights = weights.clone()
+    elif case == "losses":
+        returns, weights = -returns.abs(), weights.abs()
+    elif case == "gains":
+        returns, weights = returns.abs(), weights.abs()
+    elif case == "episode_start":  # the moments as `reset_rows` sets them
+        ema_a = torch.zeros(b)
+        ema_b = torch.full((b,), 0.01 * 1e-4)
+        ema_down = 0.5 * ema_b
+        equity, peak, prev_weights = torch.ones(b), torch.ones(b), torch.zeros(b, n)
+    else:
+        assert case == "random"
+    return weights, prev_weights, returns, cost_rate, equity, peak, ema_a, ema_b, ema_down, var_usage
+
+
+PORTFOLIO_CASES = ("random", "flat", "unchanged", "losses", "gains", "episode_start")
+PARAMS = RewardParams(risk_free_per_bar=0.04 / 252)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", PORTFOLIO_CASES)
+@pytest.mark.parametrize("n", INSTRUMENTS)
+@pytest.mark.parametrize("b", BATCHES)
+def test_portfolio_step_triton_matches_reference(b, n, case):
+    inputs = portfolio_inputs(b, n, case, seed=1000 * b + n)
+    expected = portfolio_step_reference(*inputs, PARAMS)
+    actual = portfolio_step_triton(*[x.clone() for x in inputs], PARAMS)
+    assert_outputs_match(actual, expected)
+    if case == "unchanged":
+        assert (actual.cost == 0).all()
+    if case == "flat":  # no trading gain: net return + cost is the same for every row
+        no_gain = actual.net_return + actual.cost
+        torch.testing.assert_close(no_gain, no_gain[:1].expand(b))
+
+
+@needs_triton
+def test_portfolio_step_triton_other_params_and_strided_inputs():
+    """Non-default reward weights, a drawdown target that binds, and non-contiguous inputs."""
+    params = RewardParams(
+        eta=0.05,
+        transaction_cost_weight=2.0,
+        risk_free_per_bar=0.0,
+        downside_volatility_weight=0.5,
+        risk_penalty_weight=2.0,
+        max_drawdown_target=0.05,
+        sharpe_target=1.0,
+        sqrt_bars_per_year=(252.0 * 6.5) ** 0.5,
+        diversification_bonus_weight=1.0,
+    )
+    inputs = portfolio_inputs(13, 8, "random", seed=7)
+    expected = portfolio_step_reference(*inputs, params)
+    strided = [x.t().contiguous().t() if x.dim() == 2 else x for x in inputs]
+    assert not strided[0].is_contiguous()
+    actual = portfolio_step_triton(*strided, params)
+    assert_outputs_match(actual, expected)
+    assert (expected.drawdown > params.max_drawdown_target).any()
+
+
+# -- RISK STEP ---------------------------------------------------------------------------------
+
+
+def covariance(b, n, g, correlated=False, scale=1.0):
+    """Per-row covariances [b, n, n] of daily-like returns: a random `A A^T / n * 1e-4` plus a diagonal.
+
+    `correlated` adds a block of correlation 0.85-0.95 on the first three ("equity-like") instruments.
+    """
+    a = torch.randn(b, n, n, generator=g)
+    cov = a @ a.transpose(-1, -2) / n * 1e-4 + torch.diag_embed(torch.rand(b, n, generator=g) * 1e-4)
+    if correlated:
+        m = min(3, n)
+        vol = 0.01 + 0.01 * torch.rand(b, m, generator=g)
+        rho = 0.85 + 0.1 * torch.rand(b, 1, 1, generator=g)
+        block = rho * vol[:, :, None] * vol[:, None, :] + torch.diag_embed((1 - rho[:, :, 0]) * vol**2)
+        cov = cov * 0.1
+        cov[:, :m, :m] += block
+    return cov * scale
+
+
+def sector_onehot(n, k):
+    """Contiguous sectors: with n = 8, k = 3 the first three instruments (the equity-like block) are sector 0."""
+    return torch.nn.functional.one_hot(torch.arange(n) * k // n, k).float()
+
+
+def feasible(n, k, **overrides):
+    """The limits `feasible_limits` would build for n instruments in k sectors (defaults otherwise)."""
+    limits = {"max_sector": max(0.4, 1.0 / k), "max_correlation": 1.0 if n == 1 else 0.7} | overrides
+    return RiskLimits(**limits)
+
+
+def check_risk(proposed, cov, onehot, limits):
+    """Run both implementations on the same inputs, compare, and return the reference's output."""
+    expected = risk_step_reference(proposed, cov, onehot, limits)
+    actual = risk_step_triton(proposed.clone(), cov.clone(), onehot.clone(), limits)
+    assert_outputs_match(actual, expected)
+    return expected
+
+
+def proposal_stats(proposed, cov, onehot, limits):
+    """Correlation exposure and largest sector share of the position-capped proposal (which limits bind)."""
+    w = proposed.clamp(-limits.max_position, limits.max_position)
+    corr = correlation_from_covariance(cov)
+    return correlation_exposure(w, corr), sector_allocation(w, onehot).amax(-1)
+
+
+def is_flat(out: RiskOut) -> torch.Tensor:
+    return (out.weights == 0).all(-1)
+
+
+@needs_triton
+@pytest.mark.parametrize("n", INSTRUMENTS)
+@pytest.mark.parametrize("b", BATCHES)
+def test_risk_step_triton_matches_reference(b, n):
+    g = torch.Generator().manual_seed(100 * b + n)
+    k = min(n, 3)
+    proposed = torch.randn(b, n, generator=g) * 0.1  # about a third above max_position
+    out = check_risk(proposed, covariance(b, n, g), sector_onehot(n, k), feasible(n, k))
+    assert (out.weights.abs() <= 0.1 + 1e-7).all()
+
+
+@needs_triton
+@pytest.mark.parametrize(("n", "k"), [(3, 1), (3, 2), (3, 3), (8, 1), (8, 2), (8, 3)])
+def test_risk_step_triton_sector_counts(n, k):
+    g = torch.Generator().manual_seed(10 * n + k)
+    proposed = torch.randn(13, n, generator=g) * 0.05
+    check_risk(proposed, covariance(13, n, g), sector_onehot(n, k), feasible(n, k))
+
+
+@needs_triton
+def test_risk_step_triton_flat_book():
+    g = torch.Generator().manual_seed(1)
+    out = check_risk(torch.zeros(7, 8), covariance(7, 8, g), sector_onehot(8, 3), feasible(8, 3))
+    assert is_flat(out).all() and (out.intervention == 0).all() and (out.sector_allocation == 0).all()
+
+
+@needs_triton
+def test_risk_step_triton_positions_above_max():
+    g = torch.Generator().manual_seed(2)
+    proposed = torch.randn(13, 8, generator=g) * 0.5
+    out = check_risk(proposed, covariance(13, 8, g), sector_onehot(8, 3), feasible(8, 3))
+    assert (proposed.abs() > 0.1).float().mean() > 0.5
+    assert (out.weights.abs() <= 0.1 + 1e-7).all() and (out.intervention > 0).all()
+
+
+@needs_triton
+@pytest.mark.parametrize("k", [2, 3])
+def test_risk_step_triton_concentrated_sector(k):
+    """One sector holds most of the book: water-filling caps it (m >= 1) at exactly max_sector."""
+    g = torch.Generator().manual_seed(3 + k)
+    n = 8
+    onehot = sector_onehot(n, k)
+    in_sector = onehot[:, 0].bool()
+    proposed = torch.randn(13, n, generator=g) * 0.005
+    size = 0.03 + 0.07 * torch.rand(13, int(in_sector.sum()), generator=g)
+    proposed[:, in_sector] = size * torch.sign(torch.randn(size.shape, generator=g))
+    cov = covariance(13, n, g)
+    limits = feasible(n, k, max_correlation=0.95)
+    out = check_risk(proposed, cov, onehot, limits)
+    _, share = proposal_stats(proposed, cov, onehot, limits)
+    assert (share > limits.max_sector).all()
+    capped = ~is_flat(out)
+    assert capped.any()
+    max_share = out.sector_allocation[capped].amax(-1)
+    torch.testing.assert_close(max_share, torch.full_like(max_share, limits.max_sector), rtol=1e-5, atol=0)
+
+
+@needs_triton
+@pytest.mark.parametrize("n", [3, 8])
+def test_risk_step_triton_correlated_long_book(n):
+    """Long on the three correlated instruments: the closed-form blend meets the limit (n = 8) or,
+    with nowhere to diversify (n = 3), the row falls back to flat."""
+    g = torch.Generator().manual_seed(4 + n)
+    proposed = torch.randn(13, n, generator=g) * 0.005
+    proposed[:, :3] = 0.03 + 0.07 * torch.rand(13, 3, generator=g)
+    cov = covariance(13, n, g, correlated=True)
+    onehot = sector_onehot(n, 3)
+    limits = feasible(n, 3, max_correlation=0.5, max_sector=1.0)
+    out = check_risk(proposed, cov, onehot, limits)
+    exposure, _ = proposal_stats(proposed, cov, onehot, limits)
+    assert (exposure > limits.max_correlation).all()
+    if n == 3:
+        assert is_flat(out).all()
+    else:
+        blended = ~is_flat(out)
+        assert blended.any()
+        assert (out.correlation_exposure <= limits.max_correlation * (1 + LIMIT_RTOL)).all()
+        assert (out.weights[blended] != proposed[blended].clamp(-0.1, 0.1)).any(-1).all()
+
+
+@needs_triton
+def test_risk_step_triton_degenerate_blend():
+    """Equal (capped) weights on correlated instruments, or a perfectly correlated pair: the blend
+    direction vanishes (q ~ 0, the linear branch), and the rows fall back to flat."""
+    g = torch.Generator().manual_seed(5)
+    proposed = torch.zeros(7, 8)
+    proposed[:, :3] = 0.3
+    check_risk(proposed, covariance(7, 8, g, correlated=True), sector_onehot(8, 3), feasible(8, 3))
+    vol = 0.01 + 0.01 * torch.rand(7, 2, generator=g)
+    pair = vol[:, :, None] * vol[:, None, :]
+    proposed = torch.stack([0.08 * torch.ones(7), 0.02 + 0.05 * torch.rand(7, generator=g)], -1)
+    out = check_risk(proposed, pair, sector_onehot(2, 2), feasible(2, 2))
+    assert is_flat(out).all()
+
+
+@needs_triton
+def test_risk_step_triton_var_too_high():
+    """A volatile universe: the book is scaled to exactly max_var."""
+    g = torch.Generator().manual_seed(6)
+    proposed = torch.randn(13, 8, generator=g) * 0.1
+    limits = feasible(8, 3)
+    out = check_risk(proposed, covariance(13, 8, g, scale=100.0), sector_onehot(8, 3), limits)
+    assert (out.var <= limits.max_var * (1 + 1e-6)).all()
+    assert torch.isclose(out.var, torch.tensor(limits.max_var), rtol=1e-6, atol=0).sum() >= 10
+
+
+@needs_triton
+def test_risk_step_triton_infeasible_sector_limit_and_cash():
+    """max_sector * K < 1: no water-filling level exists ("no valid m"), the cap is 0 and the book goes
+    flat. A zero-variance (cash-like) instrument exercises the sigma clamp of the correlation."""
+    g = torch.Generator().manual_seed(7)
+    proposed = torch.randn(7, 8, generator=g) * 0.05
+    cov = covariance(7, 8, g)
+    cov[:, -1, :] = 0.0
+    cov[:, :, -1] = 0.0
+    out = check_risk(proposed, cov, sector_onehot(8, 2), RiskLimits(max_sector=0.4))
+    assert is_flat(out).all() and torch.allclose(out.intervention, torch.ones(7))
+    check_risk(proposed, cov, sector_onehot(8, 3), feasible(8, 3))
+
+
+@needs_triton
+def test_risk_step_triton_disabled_limits_and_strided_inputs():
+    """Limits that never bind (only the position cap acts) and non-contiguous inputs."""
+    g = torch.Generator().manual_seed(8)
+    proposed = torch.randn(7, 3, generator=g) * 0.1
+    cov = covariance(7, 3, g)
+    limits = RiskLimits(max_var=10.0, max_correlation=1.0, max_sector=1.0)
+    onehot = sector_onehot(3, 2)
+    expected = risk_step_reference(proposed, cov, onehot, limits)
+    actual = risk_step_triton(proposed.t().contiguous().t(), cov.transpose(-1, -2), onehot, limits)
+    assert_outputs_match(actual, expected)
+    torch.testing.assert_close(actual.weights, proposed.clamp(-0.1, 0.1))
+
+
+# -- DISPATCHER --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def spies(monkeypatch):
+    """Replace the four implementations in the `kernels` namespace by spies that record their name."""
+    calls = []
+
+    def spy(name):
+        def fn(*args):
+            calls.append(name)
+            return name
+
+        return fn
+
+    for name in ("portfolio_step_reference", "portfolio_step_triton", "risk_step_reference", "risk_step_triton"):
+        monkeypatch.setattr(kernels, name, spy(name), raising=False)
+    return calls
+
+
+def call_both_dispatchers():
+    portfolio = kernels.portfolio_step(*portfolio_inputs(3, 2, "random"), PARAMS)
+    risk = kernels.risk_step(torch.zeros(3, 2), torch.zeros(3, 2, 2), sector_onehot(2, 1), RiskLimits())
+    return portfolio, risk
+
+
+@pytest.mark.parametrize("mode", [None, "auto", "torch"])
+def test_dispatcher_uses_reference_on_cpu(monkeypatch, spies, mode):
+    if mode is None:
+        monkeypatch.delenv("MTQ_KERNELS", raising=False)
+    else:
+        monkeypatch.setenv("MTQ_KERNELS", mode)
+    assert call_both_dispatchers() == ("portfolio_step_reference", "risk_step_reference")
+    assert spies == ["portfolio_step_reference", "risk_step_reference"]
+
+
+@needs_triton
+def test_dispatcher_uses_triton_when_forced(monkeypatch, spies):
+    monkeypatch.setenv("MTQ_KERNELS", "triton")
+    assert kernels.HAS_TRITON
+    assert call_both_dispatchers() == ("portfolio_step_triton", "risk_step_triton")
+
+
+@needs_triton
+def test_dispatcher_forced_triton_end_to_end(monkeypatch):
+    monkeypatch.setenv("MTQ_KERNELS", "triton")
+    inputs = portfolio_inputs(3, 3, "random")
+    assert_outputs_match(kernels.portfolio_step(*inputs, PARAMS), portfolio_step_reference(*inputs, PARAMS))
+    g = torch.Generator().manual_seed(9)
+    proposed, cov, onehot = torch.randn(3, 3, generator=g) * 0.1, covariance(3, 3, g), sector_onehot(3, 2)
+    out = kernels.risk_step(proposed, cov, onehot, feasible(3, 2))
+    assert isinstance(out, RiskOut)
+    assert_outputs_match(out, risk_step_reference(proposed, cov, onehot, feasible(3, 2)))
+    assert isinstance(kernels.portfolio_step(*inputs, PARAMS), PortfolioStepOut)
+
+
+def test_kernels_import_without_triton():
+    """Where triton is missing the Triton names raise ImportError and every mode runs the reference."""
+    script = """
+import sys
+sys.modules["triton"] = None  # makes `import triton` raise ImportError
+import torch
+import kernels
+assert not kernels.HAS_TRITON
+for statement in ("from kernels.portfolio_step import portfolio_step_triton",
+                  "from kernels.risk import risk_step_triton"):
+    try:
+        exec(statement)
+    except ImportError:
+        continue
+    raise AssertionError(statement + ": worked without triton")
+out = kernels.risk_step(torch.zeros(2, 3), torch.zeros(2, 3, 3), torch.eye(3), kernels.RiskLimits())
+assert (out.weights == 0).all()
+"""
+    env = {**os.environ, "MTQ_KERNELS": "triton", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@needs_triton
+def test_triton_empty_batch():
+    """A batch of zero rows launches nothing and returns empty outputs of the reference's shapes."""
+    inputs = portfolio_inputs(0, 3, "random")
+    assert_outputs_match(portfolio_step_triton(*inputs, PARAMS), portfolio_step_reference(*inputs, PARAMS))
+    args = torch.zeros(0, 3), torch.zeros(0, 3, 3), sector_onehot(3, 2), RiskLimits()
+    assert_outputs_match(risk_step_triton(*args), risk_step_reference(*args))
+
+
+def test_per_row_cost_rate_in_both_paths():
+    """Each row of the specialist environment trades its own instrument at its own cost (found by review:
+    the Triton path once charged every row row 0's rate)."""
+    from kernels.portfolio_step import RewardParams, portfolio_step_reference, portfolio_step_triton
+
+    b = 5
+    w = torch.full((b, 1), 0.1)
+    zeros = torch.zeros(b, 1)
+    rates = torch.tensor([[0.001], [0.002], [0.003], [0.004], [0.005]])
+    state = [
+        torch.ones(b),
+        torch.ones(b),
+        torch.zeros(b),
+        torch.full((b,), 1e-4),
+        torch.full((b,), 5e-5),
+        torch.zeros(b),
+    ]
+    ref = portfolio_step_reference(w, zeros, zeros, rates, *state, RewardParams())
+    tri = portfolio_step_triton(w, zeros, zeros, rates, *state, RewardParams())
+    torch.testing.assert_close(ref.cost, rates[:, 0] * 0.1)
+    torch.testing.assert_close(tri.cost, ref.cost)
