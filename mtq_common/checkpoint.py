@@ -68,9 +68,7 @@ def load_checkpoint(path: str | Path, kind: str | None = None, hint: str = "") -
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an MTQuant checkpoint (format tag missing). {hint}".strip())
     if kind is not None and payload.get("kind") != kind:
-        raise CheckpointError(
-            f"{path} holds a {payload.get('kind')!r} checkpoint, expected {kind!r}. {hint}".strip()
-        )
+        raise CheckpointError(f"{path} holds a {payload.get('kind')!r} checkpoint, expected {kind!r}. {hint}".strip())
     return payload
 
 
