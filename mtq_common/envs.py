@@ -44,6 +44,8 @@ from mtq_common.market import MarketData
 OBS_CLIP = 10.0
 """Observations are clipped to +-OBS_CLIP so they always lie inside the observation space."""
 TIME_IN_TRADE_SCALE = 100.0
+STATE_SIZE = 4
+"""Per-instrument state columns of an observation: position, unrealised PnL, drawdown, time in trade."""
 NORMAL_QUANTILES = {0.9: 1.2815515655446004, 0.95: 1.6448536269514722, 0.99: 2.3263478740408408}
 
 
@@ -73,6 +75,8 @@ class MarketTables:
     prices: torch.Tensor  # [T, N] closes
     returns: torch.Tensor  # [T, N] simple return of bar t-1 -> t
     features: torch.Tensor  # [T, N, F] causal features
+    instrument_static: torch.Tensor  # [T, N, F + N + STATE] features, one-hot, zeros for the state (one gather)
+    portfolio_static: torch.Tensor  # [T, 3N + N(N-1)/2] 1- and 20-bar scaled returns, vols, correlations
     cov: torch.Tensor  # [T, N, N] per-bar EWMA covariance through bar t
     variance: torch.Tensor  # [T, N] per-bar variance (the diagonal of cov)
     vol: torch.Tensor  # [T, N] annualised volatility from cov
@@ -107,14 +111,26 @@ def build_tables(market: MarketData, cfg: Config, device: torch.device | str = "
         # contiguous: a strided table would make every per-step gather copy the whole table
         return None if x is None else torch.as_tensor(x).to(device=device, dtype=dtype).contiguous()
 
+    # The observation parts that depend only on (bar, instrument) are laid out once, so a step
+    # gathers them in one go instead of concatenating small pieces along the last dimension.
+    n = market.num_instruments
+    features = torch.as_tensor(compute_features(market.prices), dtype=torch.float64)
+    onehot = torch.eye(n, dtype=torch.float64).expand(market.num_bars, n, n)
+    vol = sigma * math.sqrt(market.bars_per_year)
+    corr_ut = corr[:, iu[0], iu[1]]
+    portfolio_static = torch.cat(
+        [features[..., FEATURE_NAMES.index("ret_1")], features[..., FEATURE_NAMES.index("ret_20")], vol, corr_ut], -1
+    )
     return MarketTables(
         prices=put(market.prices),
         returns=put(market.returns),
-        features=put(compute_features(market.prices)),
+        features=put(features),
+        instrument_static=put(torch.cat([features, onehot, torch.zeros(market.num_bars, n, STATE_SIZE)], -1)),
+        portfolio_static=put(portfolio_static.clamp(-OBS_CLIP, OBS_CLIP)),
         cov=put(cov),
         variance=put(sigma**2),
-        vol=put(sigma * math.sqrt(market.bars_per_year)),
-        corr_ut=put(corr[:, iu[0], iu[1]]),
+        vol=put(vol),
+        corr_ut=put(corr_ut),
         regime=None if market.regime is None else torch.as_tensor(market.regime, device=device),
         drift=put(market.drift),
         first_bar=first_bar,
@@ -141,7 +157,10 @@ class _TradingEngine:
         self.index = instrument_index.to(self.device)  # [B, n]
         self.num_rows, self.n = self.index.shape
         self.num_instruments = tables.prices.shape[1]
-        self.onehot = torch.nn.functional.one_hot(self.index, self.num_instruments).float()  # [B, n, N], constant
+        # Every row holding every instrument in market order (the portfolio env): gather whole bars.
+        self.holds_all = self.n == self.num_instruments and bool(
+            (self.index == torch.arange(self.n, device=self.device)).all()
+        )
         self.episode_length = env.episode_length
         self.max_position = env.max_position_size
         self.stop_loss = env.stop_loss_pct
@@ -159,8 +178,11 @@ class _TradingEngine:
     def gather(self, table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """`table[t[b], index[b, j]]` for every row b and held slot j: [T, N, ...] -> [B, n, ...].
 
-        One `index_select` on the flattened table: much faster on the CPU than advanced indexing.
+        One `index_select` on the flattened table: much faster on the CPU than advanced indexing; when
+        every row holds every instrument, one `index_select` of whole bars (longer rows copy faster).
         """
+        if self.holds_all:
+            return table.index_select(0, t)
         flat = table.reshape(-1, *table.shape[2:])
         rows = (t.unsqueeze(-1) * self.num_instruments + self.index).reshape(-1)
         return flat.index_select(0, rows).reshape(self.num_rows, self.n, *table.shape[2:])
@@ -277,14 +299,20 @@ class _TradingEngine:
             t_next = (self.t + 1).clamp_max(tb.num_bars - 1)
             daily = self.gather(tb.variance, self.t).sqrt().clamp_min(1e-8)
             state.append(self.gather(tb.returns, t_next) / daily)
+        # One gather yields a fresh [B, n, F + N + STATE] block (features, one-hot, zero state columns);
+        # writing the few state columns into it is far cheaper than concatenating along the last axis.
         # Features are already clipped and the one-hot is bounded: only the state needs the clip.
+        out = self.gather(tb.instrument_static, self.t)
         state = torch.stack(state, -1).clamp(-OBS_CLIP, OBS_CLIP)
-        return torch.cat([self.gather(tb.features, self.t), self.onehot, state], -1)
+        if diagnostic:
+            return torch.cat([out[..., :-STATE_SIZE], state], -1)  # a test aid: speed does not matter
+        out[..., -STATE_SIZE:] = state
+        return out
 
 
 def instrument_obs_size(num_instruments: int, diagnostic: bool = False) -> int:
     """Length of one instrument's observation (the layout of `_TradingEngine.instrument_obs`)."""
-    return len(FEATURE_NAMES) + num_instruments + 4 + int(diagnostic)
+    return len(FEATURE_NAMES) + num_instruments + STATE_SIZE + int(diagnostic)
 
 
 def _check_actions(actions, shape: tuple[int, ...], device) -> torch.Tensor:
@@ -490,23 +518,22 @@ class PortfolioEnv(_BatchedTradingEnv):
 
     def _observe(self) -> dict[str, torch.Tensor]:
         eng, tb = self.engine, self.engine.tables
-        t = eng.t
-        feats = tb.features.index_select(0, t)  # [B, N, F]
         lim = self.limits
-        portfolio = torch.cat(
+        static = tb.portfolio_static.index_select(0, eng.t)  # returns, vols, correlations: prepared per bar
+        dynamic = torch.cat(
             [
-                feats[..., FEATURE_NAMES.index("ret_1")],
-                feats[..., FEATURE_NAMES.index("ret_20")],
-                tb.vol.index_select(0, t),
-                tb.corr_ut.index_select(0, t),
                 (eng.drawdown / eng.cfg.reward.max_drawdown_target).unsqueeze(-1),
                 eng.weights / eng.max_position,
-                (self.risk["var"] / lim.max_var).unsqueeze(-1),
-                (self.risk["corr"] / lim.max_correlation).unsqueeze(-1),
-                (self.risk["sector"] / lim.max_sector).unsqueeze(-1),
+                torch.stack(
+                    [self.risk["var"] / lim.max_var, self.risk["corr"] / lim.max_correlation,
+                     self.risk["sector"] / lim.max_sector], -1,
+                ),  # fmt: skip
             ],
             -1,
         ).clamp(-OBS_CLIP, OBS_CLIP)
+        portfolio = torch.empty(self.num_envs, self.portfolio_obs_size, device=eng.device)
+        portfolio[:, : static.shape[-1]] = static
+        portfolio[:, static.shape[-1] :] = dynamic
         return {"instruments": eng.instrument_obs(self.diagnostic), "portfolio": portfolio}
 
     def _extra_state(self) -> dict:

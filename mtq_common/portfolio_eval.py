@@ -591,21 +591,29 @@ def run_episodes(
     seed: int = 0,
     device: str | torch.device = "cpu",
     tables: MarketTables | None = None,
+    consecutive: bool = False,
 ) -> list[dict]:
-    """Metrics of `episodes` independent episodes of `length` bars (default `episode_length`, at most
-    what the split allows) at random start bars of `market`, all run at once as rows of one env.
+    """Metrics of `episodes` episodes of `length` bars (default `episode_length`, at most what the
+    split allows), all run at once as rows of one env, each starting flat.
 
-    Each episode starts flat at a start bar drawn with `seed`; on a synthetic market pass fresh paths
-    (another split seed) for independent markets, on CSV data the episodes are windows of the split.
+    Start bars are drawn with `seed` (windows may overlap), or with `consecutive=True` laid end to end
+    from the first tradable bar (non-overlapping: `market` must be long enough). On a synthetic
+    market pass a fresh path (a seed no split uses); on CSV data the episodes are windows of the split.
     """
     tables = tables or build_tables(market, cfg, device)
     available = tables.num_bars - 1 - tables.first_bar
     length = max(2, min(length or cfg.environment.episode_length, available))
     env_cfg = dataclasses.replace(cfg, environment=dataclasses.replace(cfg.environment, episode_length=length))
     env = PortfolioEnv(market, env_cfg, episodes, device=device, seed=seed, torch_mode=True, tables=tables)
-    generator = torch.Generator().manual_seed(seed)
     high = tables.num_bars - 1 - length  # the last start that leaves `length` bars
-    starts = torch.randint(tables.first_bar, max(high, tables.first_bar) + 1, (episodes,), generator=generator)
+    if consecutive:
+        starts = tables.first_bar + length * torch.arange(episodes)
+        if int(starts[-1]) > high:
+            raise ValueError(f"{episodes} consecutive episodes of {length} bars need {int(starts[-1]) + length + 1} "
+                             f"bars; the market has {tables.num_bars}")  # fmt: skip
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        starts = torch.randint(tables.first_bar, max(high, tables.first_bar) + 1, (episodes,), generator=generator)
     env.reset(seed=seed)
     env.engine.reset_rows(torch.ones(episodes, dtype=torch.bool, device=env.engine.device), starts.to(device))
     policy = make_policy(episodes)
