@@ -1,0 +1,544 @@
+"""The evaluation report on disk: `report.json`, `report.md`, `equity.png` and `allocation.png`.
+
+`write_report(report, backtests, out_dir)` takes what `portfolio_eval.evaluate_portfolio` returns and
+writes four files (DESIGN section 9, "evaluation"):
+
+* `report.json`: the report dict as it is (plus the repeated-episode summary under "episodes"),
+  sorted keys, strict JSON (a NaN or inf is an error, never written);
+* `report.md`: the same numbers as a page a person reads (`markdown_report`);
+* `equity.png`: equity curves of the system, the equal allocation and every baseline, with the
+  system's drawdown beneath (`equity_figure`);
+* `allocation.png`: the system's share of gross exposure per specialist over time, and the
+  meta-controller's allocation when it has one (`allocation_figure`).
+
+Every file is rendered in memory first and then written atomically (temporary file in the same
+folder, fsync, rename), so a run killed while writing leaves each file either old or new, never
+half-written; a report that cannot be serialised fails before any file is touched.
+
+Figures are `matplotlib.figure.Figure` objects drawn on an explicit Agg canvas, not pyplot figures:
+the report works on a machine without a display and never switches the global backend of a
+process that also plots interactively (a notebook), and nothing stays registered in pyplot.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import PercentFormatter
+
+from mtq_common import metrics
+from mtq_common.baselines import MOMENTUM_LOOKBACK
+from mtq_common.checkpoint import atomic_write_bytes
+from mtq_common.market import REGIME_NAMES
+from mtq_common.portfolio_eval import Backtest
+
+FILES = {"json": "report.json", "markdown": "report.md", "equity": "equity.png", "allocation": "allocation.png"}
+"""What `write_report` writes, by the key of the path it returns."""
+DPI = 110
+EQUITY_SIZE = (11.0, 7.0)
+"""Inches (width, height) of `equity.png`: 1210 x 770 pixels at `DPI`."""
+ALLOCATION_SIZE = (11.0, 6.5)
+"""Inches (width, height) of `allocation.png` (with or without the meta-controller's panel)."""
+_PALETTE = matplotlib.colormaps["tab10"].colors
+
+POLICY_NOTES = {
+    "system": "the hierarchy: frozen specialists, the meta-controller's allocation, the risk manager",
+    "equal_allocation": "the same specialists with an equal allocation (no meta-controller)",
+    "equal_weight": "long every instrument at the position limit, rebalanced every bar",
+    "buy_and_hold": "long every instrument at the position limit at each segment's first bar, never rebalanced",
+    "risk_parity": "long every instrument, inverse to its EWMA volatility",
+    "momentum": f"sign of the {MOMENTUM_LOOKBACK}-bar price change, at the position limit",
+    "oracle": "sign of the latent drift (synthetic data only): the upper reference of what the market allows",
+}
+"""One line per policy under the comparison table. Every policy trades through the same env and limits."""
+
+# How each metric reads: ratios signed to two decimals, fractions as percentages.
+_FORMATS = {
+    "sharpe": "{:+.2f}",
+    "sortino": "{:+.2f}",
+    "calmar": "{:+.2f}",
+    "max_drawdown": "{:.1%}",
+    "win_rate": "{:.1%}",
+    "total_return": "{:+.1%}",
+    "annual_return": "{:+.1%}",
+    "annual_volatility": "{:.1%}",
+    "var_compliance": "{:.1%}",
+    "var_breach_rate": "{:.1%}",
+    "turnover": "{:.4f}",
+}
+_LABELS = {
+    "sharpe": "Sharpe",
+    "sortino": "Sortino",
+    "calmar": "Calmar",
+    "max_drawdown": "max drawdown",
+    "win_rate": "win rate",
+    "total_return": "total return",
+    "annual_return": "annual return",
+    "annual_volatility": "annual volatility",
+    "var_compliance": "VaR compliance",
+    "var_breach_rate": "VaR breach rate",
+    "turnover": "turnover",
+}
+COMPARISON_KEYS = (
+    "sharpe", "sortino", "calmar", "max_drawdown", "win_rate", "total_return", "annual_volatility",
+    "var_compliance", "var_breach_rate", "turnover",
+)  # fmt: skip
+"""Columns of the system-vs-baselines table (DESIGN section 9's portfolio keys)."""
+REGIME_COLUMNS = ("sharpe", "max_drawdown", "win_rate", "total_return", "annual_volatility")
+LIMIT_LABELS = {
+    "max_position": "position per instrument (fraction of equity)",
+    "max_var": "one-day VaR of the book (fraction of equity)",
+    "max_correlation": "correlation exposure of the book",
+    "max_sector": "sector share of gross exposure",
+    "var_scale": "VaR scale, z(confidence) x sqrt(bars per day)",
+}
+
+
+def _fmt(metric: str, value) -> str:
+    """A metric's value as the tables show it (`{:.4g}` for a metric without a format of its own)."""
+    return _FORMATS.get(metric, "{:.4g}").format(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-specialist sleeves of the system backtest
+# ---------------------------------------------------------------------------------------------
+
+
+def specialist_names(report: dict, bt: Backtest) -> list[str]:
+    """Specialists in the report's order (`specialist_utilization`), then any sector it does not name."""
+    names = [k for k in report.get("specialist_utilization", {}) if k != "entropy"]
+    return names + [s for s in dict.fromkeys(bt.instrument_sectors) if s not in names]
+
+
+def _exposure_by_specialist(bt: Backtest, names: list[str]) -> np.ndarray:
+    """[T, K] gross exposure `sum_{i of k} |w_i|` of each specialist's instruments."""
+    onehot = np.array([[float(sector == name) for name in names] for sector in bt.instrument_sectors])  # [N, K]
+    return np.abs(bt.weights) @ onehot
+
+
+def exposure_shares(bt: Backtest, names: list[str]) -> np.ndarray:
+    """[T, K] each specialist's share of the bar's gross exposure; 0 for every specialist on a flat bar."""
+    exposure = _exposure_by_specialist(bt, names)
+    gross = exposure.sum(-1, keepdims=True)
+    return np.divide(exposure, gross, out=np.zeros_like(exposure), where=gross > 0)
+
+
+def sleeve_performance(bt: Backtest, names: list[str]) -> dict[str, dict]:
+    """Each specialist's sleeve of the system: its instruments' per-instrument pnl summed per bar.
+
+    Returns `{name: {instruments, sharpe, total_pnl, exposure_share}}`:
+    * `sharpe`: of the sleeve's per-bar pnl, annualised, with no risk-free rate subtracted (the pnl is
+      trading over cash already: the cash yield is the account's, not a sleeve's);
+    * `total_pnl`: the sum of the sleeve's per-bar pnl, a fraction of equity. Sums, not products, so the
+      sleeves add up: their totals plus the cash yield are the sum of the account's returns;
+    * `exposure_share`: the sleeve's share of all gross exposure over the split, `sum_t sum_{i of k}
+      |w| / sum_t sum_i |w|` (weighted by exposure, where utilisation averages each bar's share).
+    """
+    exposure = _exposure_by_specialist(bt, names).sum(0)  # [K]
+    total = exposure.sum()
+    out = {}
+    for k, name in enumerate(names):
+        columns = [i for i, sector in enumerate(bt.instrument_sectors) if sector == name]
+        pnl = bt.pnl[:, columns].sum(-1)
+        out[name] = {
+            "instruments": [bt.symbols[i] for i in columns],
+            "sharpe": float(metrics.sharpe(pnl, bt.bars_per_year, 0.0)),
+            "total_pnl": float(pnl.sum()),
+            "exposure_share": float(exposure[k] / total) if total > 0 else 0.0,
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# report.md
+# ---------------------------------------------------------------------------------------------
+
+
+def _markdown_table(header: list[str], rows: list[list[str]], align: str | None = None) -> str:
+    """A Markdown table; `align` has one character per column, "l" or "r" (default: first left, rest right)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    rule = ["---" if a == "l" else "---:" for a in align]
+    lines = [header, rule, *rows]
+    return "\n".join("| " + " | ".join(str(c) for c in line) + " |" for line in lines)
+
+
+def _segments(report: dict, backtests: dict[str, Backtest]) -> int:
+    """How many parallel segments the split ran as (the report's count, else the system backtest's)."""
+    if "segments" in report.get("data", {}):
+        return int(report["data"]["segments"])
+    bt = backtests.get("system")
+    return max(1, len(bt.net_return) // bt.segment_length) if bt is not None else 1
+
+
+def markdown_report(
+    report: dict, backtests: dict[str, Backtest], episodes: dict | None = None, title: str = "MTQuant evaluation"
+) -> str:
+    """`report.md`: the evaluation as a page a person reads.
+
+    In order: title and data line, system vs baselines, allocation efficiency, targets (PASS/FAIL),
+    per regime, per specialist (utilisation and each sleeve's performance from the system backtest),
+    the repeated episodes (mean ± std, when given), the limits in force, and links to the two figures.
+    """
+    data = report["data"]
+    instruments = list(data["instruments"])
+    segments = _segments(report, backtests)
+    out = [
+        f"# {title}",
+        "",
+        f"**Data:** {data['source']}, {data['split']} split, {data['start']} to {data['end']}, {data['bars']} bars, "
+        f"{len(instruments)} instruments ({', '.join(instruments)}).",
+        "",
+        f"The split runs as {segments} parallel segments of consecutive bars that each start flat; the metrics "
+        "and curves are of the segments stitched in time order. Returns are the account's (cash yield + "
+        "trading - costs); Sharpe and Sortino are over the risk-free rate.",
+        "",
+    ]
+
+    # SYSTEM VS BASELINES: every policy trades through the same env, risk manager and costs
+    policies = {"system": report["portfolio"]}
+    if "equal_allocation" in report:
+        policies["equal_allocation"] = report["equal_allocation"]
+    policies.update(report["baselines"])
+    rows = [
+        [f"**{name}**" if name == "system" else name] + [_fmt(k, m.get(k, 0.0)) for k in COMPARISON_KEYS]
+        for name, m in policies.items()
+    ]
+    out += [
+        "## System vs baselines",
+        "",
+        _markdown_table(["policy"] + [_LABELS[k] for k in COMPARISON_KEYS], rows),
+        "",
+        *[f"- `{name}`: {POLICY_NOTES[name]}" for name in policies if name in POLICY_NOTES],
+        "",
+        "Win rate: share of closed trades (runs of one position sign per instrument) with positive pnl. "
+        "VaR compliance: share of bars whose one-day VaR is within the limit. VaR breach rate: share of bars "
+        "whose loss exceeds the ex-ante VaR of one bar. Turnover: mean sum of |weight changes| per bar.",
+        "",
+    ]
+
+    # ALLOCATION EFFICIENCY
+    efficiency = report["allocation_efficiency"]
+    line = (
+        "Sharpe with the meta-controller minus Sharpe with an equal allocation over the same specialists: "
+        f"**{efficiency:+.3f}**"
+    )
+    if "equal_allocation" in report:
+        line += f" ({report['portfolio']['sharpe']:+.2f} vs {report['equal_allocation']['sharpe']:+.2f})"
+    out += ["## Allocation efficiency", "", line + ".", ""]
+
+    # TARGETS: evaluated and printed, never tuned
+    target_rows = []
+    for t in report["targets"]:
+        # the threshold in the metric's own units ("< 18.0%"), else the report's own string
+        has_threshold = "op" in t and "threshold" in t
+        target = f"{t['op']} {_fmt(t['metric'], t['threshold']).lstrip('+')}" if has_threshold else t["target"]
+        result = "**PASS**" if t["pass"] else "**FAIL**"
+        target_rows.append([_LABELS.get(t["metric"], t["metric"]), target, _fmt(t["metric"], t["value"]), result])
+    passed = sum(bool(t["pass"]) for t in report["targets"])
+    out += [
+        f"## Targets (phase {report.get('phase', '?')})",
+        "",
+        _markdown_table(["metric", "target", "value", "result"], target_rows, align="lrrl"),
+        "",
+        f"{passed} of {len(report['targets'])} targets met.",
+        "",
+    ]
+
+    # PER REGIME
+    regimes = report["per_regime"]
+    if set(regimes) <= set(REGIME_NAMES):
+        how = "Bars grouped by the synthetic market's regime at the bar each position was chosen."
+    else:
+        how = (
+            "The data has no regime labels: bars grouped by terciles of the realised volatility "
+            "(mean over instruments)."
+        )
+    regime_rows = [[name, str(m["bars"])] + [_fmt(k, m[k]) for k in REGIME_COLUMNS] for name, m in regimes.items()]
+    out += [
+        "## Per regime",
+        "",
+        how + " A subset's drawdown is that of its bars concatenated in time order.",
+        "",
+        _markdown_table(["regime", "bars"] + [_LABELS[k] for k in REGIME_COLUMNS], regime_rows),
+        "",
+    ]
+
+    # PER SPECIALIST: utilisation from the report, sleeves from the system backtest's per-instrument pnl
+    util = report["specialist_utilization"]
+    system = backtests["system"]
+    names = specialist_names(report, system)
+    sleeves = sleeve_performance(system, names)
+    specialist_rows = [
+        [
+            name,
+            ", ".join(sleeves[name]["instruments"]) or "-",
+            f"{util.get(name, 0.0):.1%}",
+            f"{sleeves[name]['exposure_share']:.1%}",
+            f"{sleeves[name]['sharpe']:+.2f}",
+            f"{sleeves[name]['total_pnl']:+.2%}",
+        ]
+        for name in names
+    ]
+    header = ["specialist", "instruments", "utilisation", "share of gross exposure", "sleeve Sharpe", "sleeve pnl"]
+    out += [
+        "## Per specialist",
+        "",
+        _markdown_table(header, specialist_rows, align="llrrrr"),
+        "",
+        f"Utilisation: mean over held bars of the specialist's share of that bar's gross exposure; normalised "
+        f"entropy of the shares {util.get('entropy', 0.0):.3f} (1 = even use). Share of gross exposure: the "
+        "same, weighted by exposure over the whole split. Sleeve: the specialist's instruments in the system's "
+        "book; Sharpe of its per-bar pnl (no risk-free rate), pnl summed over bars as a fraction of equity.",
+        "",
+    ]
+
+    # EPISODES: repeated evaluation episodes, mean and spread of each metric
+    if episodes:
+        episode_rows = [
+            [
+                _LABELS.get(k, k),
+                f"{_fmt(k, s['mean'])} ± {_fmt(k, s['std']).lstrip('+')}",
+                _fmt(k, s["min"]),
+                _fmt(k, s["max"]),
+            ]
+            for k, s in episodes.items()
+        ]
+        out += [
+            "## Evaluation episodes",
+            "",
+            "Repeated evaluation episodes, each starting flat (std over episodes, ddof = 1).",
+            "",
+            _markdown_table(["metric", "mean ± std", "min", "max"], episode_rows),
+            "",
+        ]
+
+    # LIMITS in force, after any relaxation for a small universe
+    limits = report["limits"]
+    out += ["## Limits", ""]
+    out += [f"- {LIMIT_LABELS.get(k, k)}: <= {v:g}" for k, v in limits.items() if k != "relaxed" and k != "var_scale"]
+    if "var_scale" in limits:
+        out.append(f"- {LIMIT_LABELS['var_scale']}: {limits['var_scale']:.4g}")
+    relaxed = limits.get("relaxed", [])
+    out += ["", *[f"Relaxed: {note}" for note in relaxed]] if relaxed else ["", "No limit was relaxed."]
+    out.append("")
+
+    out += [
+        "## Figures",
+        "",
+        f"- [Equity curves and drawdown]({FILES['equity']})",
+        f"- [Allocation over time]({FILES['allocation']})",
+        "",
+        f"![Equity curves of the system and the baselines]({FILES['equity']})",
+        "",
+        f"![The system's allocation over time]({FILES['allocation']})",
+        "",
+    ]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------------
+
+
+def time_axis(bt: Backtest) -> tuple[np.ndarray, str]:
+    """`(x, label)`: the backtest's timestamps when they are dates, else the bar index in the split."""
+    ts = np.asarray(bt.timestamps)
+    if np.issubdtype(ts.dtype, np.datetime64):
+        return ts, "date"
+    if ts.dtype == object and len(ts) and all(isinstance(t, (datetime.date, np.datetime64)) for t in ts):
+        return ts.astype("datetime64[ns]"), "date"  # datetimes or pandas Timestamps in an object array
+    return np.asarray(bt.bars), "bar (index in the split)"
+
+
+def drawdown(net_return: np.ndarray) -> np.ndarray:
+    """[T] drawdown after each bar, <= 0, with the starting capital as the first peak (as `metrics.max_drawdown`)."""
+    equity = metrics.equity_curve(net_return)
+    peak = np.maximum(np.maximum.accumulate(equity), 1.0)
+    return equity / peak - 1.0
+
+
+def _segment_starts(bt: Backtest, x: np.ndarray) -> np.ndarray:
+    """x of each segment's first bar after the first: where a fresh, flat segment takes over."""
+    return x[bt.segment_length :: bt.segment_length] if bt.segment_length > 0 else x[:0]
+
+
+def _new_figure(size: tuple[float, float]) -> Figure:
+    """A figure on its own Agg canvas (no pyplot, no global backend: see the module docstring)."""
+    fig = Figure(figsize=size, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def equity_figure(
+    report: dict, backtests: dict[str, Backtest], title: str = "MTQuant evaluation", log_scale: bool | None = None
+) -> Figure:
+    """Equity curves of every backtest (system first and boldest) and the system's drawdown beneath.
+
+    `log_scale=None` picks a log equity axis when the curves span more than a factor of 3 (an oracle
+    can dwarf the rest on a linear axis). Dotted verticals mark where a new flat segment begins.
+    """
+    system = backtests["system"]
+    x, xlabel = time_axis(system)
+    curves = {name: bt.equity for name, bt in backtests.items()}
+    if log_scale is None:
+        low = min(float(c.min()) for c in curves.values())
+        high = max(float(c.max()) for c in curves.values())
+        log_scale = low > 0 and high / low > 3.0
+
+    fig = _new_figure(EQUITY_SIZE)
+    ax, ax_dd = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    palette = iter(_PALETTE)
+    order = ["system", "equal_allocation"] + [n for n in backtests if n not in ("system", "equal_allocation")]
+    for name in (n for n in order if n in backtests):
+        equity = curves[name]
+        label = f"{name} ({equity[-1] - 1.0:+.1%})"
+        bx, _ = time_axis(backtests[name])
+        if name == "system":
+            ax.plot(bx, equity, color="black", lw=2.0, label=label, zorder=5)
+        elif name == "equal_allocation":
+            ax.plot(bx, equity, color="0.35", lw=1.4, ls="--", label=label, zorder=4)
+        else:
+            ax.plot(bx, equity, color=next(palette), lw=1.0, alpha=0.9, label=label)
+    ax.axhline(1.0, color="0.6", lw=0.8)
+    if log_scale:
+        ax.set_yscale("log")
+    ax.set_ylabel("equity (start = 1)" + (", log scale" if log_scale else ""))
+    ax.legend(loc="upper left", ncol=2, fontsize=9, framealpha=0.9, title="policy (total return)", title_fontsize=9)
+    ax.grid(alpha=0.3)
+
+    dd = drawdown(system.net_return)
+    ax_dd.fill_between(x, dd, 0.0, color="tab:red", alpha=0.35, lw=0)
+    ax_dd.plot(x, dd, color="tab:red", lw=0.8)
+    ax_dd.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=1))  # a 2% drawdown has 0.5% ticks
+    ax_dd.set_ylabel("system drawdown")
+    ax_dd.set_xlabel(xlabel)
+    ax_dd.grid(alpha=0.3)
+    for axis in (ax, ax_dd):
+        for start in _segment_starts(system, x):
+            axis.axvline(start, color="0.5", lw=0.6, ls=":", zorder=1)
+
+    data = report["data"]
+    fig.suptitle(f"{title}: equity, {data['source']} {data['split']} split", fontsize=13)
+    ax.set_title(
+        f"{_segments(report, backtests)} parallel segments that each start flat (dotted lines), stitched in time "
+        f"order; system max drawdown {_fmt('max_drawdown', report['portfolio']['max_drawdown'])}",
+        fontsize=9.5,
+        color="0.3",
+    )
+    return fig
+
+
+def allocation_figure(report: dict, backtests: dict[str, Backtest], title: str = "MTQuant evaluation") -> Figure:
+    """The system's allocation over time: each specialist's share of gross exposure (stacked; a flat bar
+    shows as a gap), and the meta-controller's allocation as lines when the backtest recorded one."""
+    system = backtests["system"]
+    x, xlabel = time_axis(system)
+    names = specialist_names(report, system)
+    shares = exposure_shares(system, names)
+    colors = [_PALETTE[k % len(_PALETTE)] for k in range(len(names))]
+    has_meta = system.allocation is not None
+
+    fig = _new_figure(ALLOCATION_SIZE)
+    axes = fig.subplots(2 if has_meta else 1, 1, sharex=True, squeeze=False)[:, 0]
+    ax = axes[0]
+    util = report.get("specialist_utilization", {})
+    labels = [f"{name} ({util.get(name, 0.0):.0%} avg)" for name in names]
+    ax.stackplot(x, shares.T, labels=labels, colors=colors, alpha=0.85, lw=0)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xlim(x[0], x[-1])
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    ax.set_ylabel("share of gross exposure\n(executed weights)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9, title="specialist", title_fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.set_title(
+        "white gaps: a flat book (no exposure to share); dotted lines: a new segment starts flat",
+        fontsize=9.5,
+        color="0.3",
+    )
+
+    if has_meta:
+        ax_meta = axes[1]
+        allocation = system.allocation
+        for k in range(allocation.shape[1]):
+            name = names[k] if allocation.shape[1] == len(names) else f"allocation {k}"
+            ax_meta.plot(x, allocation[:, k], color=colors[k % len(colors)], lw=0.9, label=name)
+        ax_meta.set_ylim(0.0, 1.0)
+        ax_meta.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+        ax_meta.set_ylabel("meta-controller\nallocation")
+        ax_meta.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9)
+        ax_meta.grid(alpha=0.3)
+    for axis in axes:
+        for start in _segment_starts(system, x):
+            axis.axvline(start, color="0.2", lw=0.7, ls=":", zorder=3)  # above the stacked areas
+    axes[-1].set_xlabel(xlabel)
+
+    data = report["data"]
+    fig.suptitle(f"{title}: the system's allocation, {data['source']} {data['split']} split", fontsize=13)
+    return fig
+
+
+def figure_png(fig: Figure) -> bytes:
+    """The figure as PNG bytes (rendered in memory, so the file can be written atomically)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    fig.clear()  # free the artists now: a long run writes a report per validation
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# write_report
+# ---------------------------------------------------------------------------------------------
+
+
+def write_report(
+    report: dict,
+    backtests: dict[str, Backtest],
+    out_dir: str | Path,
+    title: str = "MTQuant evaluation",
+    episodes: dict | None = None,
+) -> dict[str, Path]:
+    """Write `report.json`, `report.md`, `equity.png` and `allocation.png` into `out_dir` (created).
+
+    `report, backtests` are `evaluate_portfolio`'s result; `episodes` is an optional
+    `{metric: {mean, std, min, max}}` from repeated evaluation episodes (`summarize_episodes`),
+    stored under "episodes" in the JSON and tabled in the Markdown. Returns the written paths by
+    `FILES` key. Everything is rendered before the first write, and each write is atomic; existing
+    files are replaced. Raises ValueError (and writes nothing) when the report holds a NaN or inf.
+    """
+    out_dir = Path(out_dir)
+    payload = dict(report) if episodes is None else {**report, "episodes": episodes}
+    try:
+        text = json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    except ValueError as exc:
+        bad = ", ".join(_non_finite(payload)) or str(exc)
+        raise ValueError(f"the report for {out_dir / FILES['json']} holds non-finite numbers: {bad}") from None
+    rendered = {
+        "json": text.encode(),
+        "markdown": markdown_report(report, backtests, episodes, title).encode(),
+        "equity": figure_png(equity_figure(report, backtests, title)),
+        "allocation": figure_png(allocation_figure(report, backtests, title)),
+    }
+    paths = {key: out_dir / name for key, name in FILES.items()}
+    for key, data in rendered.items():
+        atomic_write_bytes(paths[key], data)
+    return paths
+
+
+def _non_finite(x, path: str = "") -> list[str]:
+    """Paths of the NaN / inf leaves of a nested dict or list (for the error message)."""
+    if isinstance(x, dict):
+        return [p for k, v in x.items() for p in _non_finite(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(x, (list, tuple)):
+        return [p for i, v in enumerate(x) for p in _non_finite(v, f"{path}[{i}]")]
+    if isinstance(x, float) and not math.isfinite(x):
+        return [path]
+    return []
