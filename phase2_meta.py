@@ -327,6 +327,9 @@ def main(args: Args) -> dict:
     wall = time.time() - start_time
 
     # FINAL EVALUATION: the best meta-controller (what Phase 3 loads) on the validation split
+    if report is None:  # resumed after the last iteration's checkpoint: validate the final iterate again
+        report, _ = evaluate_portfolio(specialists, meta, val, cfg, device, args.eval_segments, val_tables, 2,
+                                       references)  # fmt: skip
     best_meta = MetaController(d, k, args.hidden_size).to(device)
     best_meta.load_state_dict(best["model"])
     best_report, _ = evaluate_portfolio(specialists, best_meta, val, cfg, device, args.eval_segments, val_tables, 2,

@@ -1,7 +1,572 @@
-"""phase3_joint: not built yet (see the open issue); this stub exits 2 and writes nothing."""
+"""Phase 3: fine-tune the specialists and the meta-controller together (PPO, CleanRL style).
 
+    python phase3_joint.py --config config/agents.yaml --timesteps 1000000 \\
+        --output-dir models/checkpoints/phase3 --log-dir logs/phase3 --device cuda --eval-episodes 100
+
+Loads the Phase 1 specialists (`--phase1-dir/best.pt`) and the Phase 2 meta-controller
+(`--phase2-dir/best.pt`) and trains both in one rollout of `PortfolioEnv`: the specialists sample
+their positions, the meta-controller its allocation and risk appetite, and both log-probabilities
+enter one PPO update.
+
+Advantages. The meta-controller uses the portfolio advantage (GAE of the portfolio reward with its
+own critic). Each specialist uses `w * A_portfolio + (1 - w) * A_own` (`--specialist-portfolio-weight`
+w, default 0.5), both normalised: `A_own` is GAE, with the specialist's own critic, of its
+instrument-level objective, the vol-scaled return of its unit-size position net of costs,
+`(a_i r_i - cost_i |a_i - a_i,prev|) / sigma_i`. The portfolio term makes a specialist trade for the
+book, the own term keeps it a good trader of its instrument.
+
+Gradient coordination (DESIGN section 6; `--no-gradient-coordination` turns it all off, leaving plain
+joint PPO with one global clip and both levels updated every iteration):
+* parameter groups: the meta-controller and the specialists (two optimiser groups; the specialists are
+  stacked weights, so one rate serves all three of them);
+* update frequencies `meta_update_freq` (1) and `specialist_update_freq` (5), in iterations;
+* conflict projection: where a specialist's own-objective gradient points against its portfolio
+  gradient (negative cosine), it is projected onto the normal plane of the portfolio gradient (PCGrad);
+* per-component gradient-norm clipping (meta, and each specialist separately) at `max_norm` 1.0;
+* adaptive learning rates: both groups' rates fall when validation portfolio Sharpe falls and recover
+  (within bounds) when it recovers.
+
+Curriculum (DESIGN section 7; `--no-curriculum-learning` trains on the plain training split): the
+training market is regenerated at each difficulty level (`mtq_common.curriculum`); the level advances
+when the rolling validation Sharpe clears `--curriculum-threshold`. Validation is always on the plain
+validation split. The level is saved in checkpoints and restored on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import random
 import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from mtq_common import checkpoint as ckpt
+from mtq_common.config import ConfigError, config_from_args, parse_args
+from mtq_common.coordination import AdaptiveLR, UpdateSchedule, clip_component_, component_grads, project_conflict_
+from mtq_common.curriculum import Curriculum, generate_scenario
+from mtq_common.envs import PortfolioEnv, build_tables
+from mtq_common.hierarchy import (
+    HierarchyPolicy,
+    compose_weights,
+    load_specialists,
+    meta_observation,
+    meta_observation_size,
+    parameter_fingerprint,
+    update_performance,
+)
+from mtq_common.market import load_splits
+from mtq_common.nets import MetaController
+from mtq_common.portfolio_eval import evaluate_portfolio, format_report, run_episodes, summarize_episodes
+from mtq_common.runtime import configure_threads, resolve_device, setup_logging
+
+ALIASES = {"timesteps": "training.phase_3_timesteps"}
+
+
+@dataclass
+class Args:
+    config: str | None = None
+    """YAML config (defaults for every flag below that names a config key)."""
+    timesteps: int = 1_000_000
+    """Environment steps of the hierarchy (config: training.phase_3_timesteps)."""
+    output_dir: str = "models/checkpoints/phase3"
+    """Where checkpoints and metrics.json go."""
+    log_dir: str = "logs/phase3"
+    """Where training.log and the TensorBoard events go."""
+    phase1_dir: str = "models/checkpoints/phase1"
+    """Phase 1 output folder (its best.pt holds the specialists)."""
+    phase2_dir: str = "models/checkpoints/phase2"
+    """Phase 2 output folder (its best.pt holds the meta-controller)."""
+    device: str = "auto"
+    """auto (CUDA when present), cpu, cuda or cuda:N."""
+    seed: int = 1
+    """Seed of the action noise and the environments."""
+    data_dir: str | None = None
+    """Folder of <SYMBOL>.csv files; unset: the built-in synthetic market."""
+    instruments: list[str] = field(default_factory=list)
+    """Instruments traded (default: config data.instruments)."""
+    num_envs: int = 64
+    """Portfolio environment rows (config: training.n_envs)."""
+    num_steps: int = 128
+    """Rollout length per iteration."""
+    learning_rate: float = 3e-4
+    """Adam learning rate of both levels before adaptation and annealing."""
+    batch_size: int = 256
+    """PPO minibatch size."""
+    n_epochs: int = 10
+    """PPO epochs per iteration."""
+    gamma: float = 0.99
+    """Discount factor."""
+    gae_lambda: float = 0.95
+    """GAE lambda."""
+    clip_range: float = 0.2
+    """PPO clipping coefficient."""
+    ent_coef: float = 0.0
+    """Entropy bonus coefficient."""
+    vf_coef: float = 0.5
+    """Value loss coefficient."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clip: per component with coordination, global without."""
+    anneal_lr: bool = True
+    """Anneal the learning rates linearly to 0."""
+    meta_update_freq: int = 1
+    """Update the meta-controller every this many iterations (config: training.meta_update_freq)."""
+    specialist_update_freq: int = 5
+    """Update the specialists every this many iterations (config: training.specialist_update_freq)."""
+    specialist_portfolio_weight: float = 0.5
+    """Weight of the portfolio advantage in the specialists' advantage (the rest: their own objective)."""
+    gradient_coordination: bool = True
+    """Parameter groups, update frequencies, conflict projection, per-component clipping, adaptive rates."""
+    curriculum_learning: bool = True
+    """Train through the curriculum's difficulty levels (off: the plain training split)."""
+    curriculum_threshold: float = 1.0
+    """Rolling validation Sharpe that advances the curriculum one level."""
+    eval_interval: int = 10
+    """Validate (and update best.pt) every this many iterations, and at the end."""
+    eval_segments: int = 16
+    """Validation split pieces run in parallel, each starting flat (see mtq_common.evaluation)."""
+    eval_episodes: int = 100
+    """Final evaluation episodes (random windows of the validation split): mean and spread of each metric."""
+    keep_checkpoints: int = 3
+    """Rotating step_*.pt files kept."""
+    resume: bool = False
+    """Continue from latest.pt in --output-dir."""
+    force: bool = False
+    """Resume even if the config differs from the checkpoint's."""
+    stop_after: int | None = None
+    """Stop after this many iterations in this invocation (time-sliced jobs; continue with --resume)."""
+    progress: bool = True
+    """Show a progress bar (only on a terminal)."""
+    torch_threads: int = 1
+    """torch intra-op threads on the CPU (0: torch's default); small-batch PPO is fastest with 1."""
+
+
+def load_meta(phase2_dir, specialists, device) -> MetaController:
+    """The Phase 2 meta-controller, checked against the specialists it was trained over."""
+    path = Path(phase2_dir) / "best.pt"
+    hint = f"Run `python phase2_meta.py --output-dir {phase2_dir}` over these specialists first."
+    state = ckpt.load_checkpoint(path, "phase2", hint=hint)
+    if list(state["specialists"]) != list(specialists.names):
+        raise ckpt.CheckpointError(f"{path} allocates over {state['specialists']}, not {specialists.names}. {hint}")
+    if state["specialists_fingerprint"] != parameter_fingerprint(specialists):
+        raise ckpt.CheckpointError(f"{path} was trained over other Phase 1 specialists than the ones loaded. {hint}")
+    meta = MetaController(state["obs_size"], state["num_specialists"], state["hidden"])
+    meta.load_state_dict(state["model"])
+    return meta.to(device)
+
+
+def main(args: Args) -> dict:
+    cfg = config_from_args(args, ALIASES)
+    out_dir, log_dir = Path(args.output_dir), Path(args.log_dir)
+    log = setup_logging(log_dir / "training.log", "phase3")
+    device = resolve_device(args.device)
+    configure_threads(args.torch_threads)
+    steps_per_iteration = args.num_envs * args.num_steps
+    num_iterations = max(1, args.timesteps // steps_per_iteration)
+    if args.batch_size > steps_per_iteration:
+        raise ConfigError(f"--batch-size {args.batch_size} exceeds the rollout ({args.num_envs} x {args.num_steps})")
+    if not 0.0 <= args.specialist_portfolio_weight <= 1.0:
+        raise ConfigError(f"--specialist-portfolio-weight {args.specialist_portfolio_weight}: accepted 0 to 1")
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)  # noqa: NPY002 (the legacy global state is what third-party code draws from)
+    torch.manual_seed(args.seed)
+
+    # BOTH LEVELS, now trainable
+    splits = load_splits(cfg)
+    val = splits["val"]
+    specialists, owner = load_specialists(args.phase1_dir, val, device)
+    meta = load_meta(args.phase2_dir, specialists, device)
+    for p in specialists.parameters():
+        p.requires_grad_(True)
+    specialists.train()
+    k, n = len(specialists.names), val.num_instruments
+    coordinate = args.gradient_coordination
+    optimizer = torch.optim.Adam(
+        [
+            {"params": list(meta.parameters()), "name": "meta"},
+            {"params": list(specialists.parameters()), "name": "specialists"},
+        ],
+        lr=args.learning_rate,
+        eps=1e-5,
+    )
+    schedule = UpdateSchedule(
+        args.meta_update_freq if coordinate else 1, args.specialist_update_freq if coordinate else 1
+    )
+    adaptive = AdaptiveLR({"meta": args.learning_rate, "specialists": args.learning_rate})
+    curriculum = Curriculum(threshold=args.curriculum_threshold, enabled=args.curriculum_learning)
+
+    def make_env(level: int) -> PortfolioEnv:
+        market = generate_scenario(level, cfg, args.seed) if args.curriculum_learning else splits["train"]
+        return PortfolioEnv(market, cfg, args.num_envs, device=device, seed=args.seed, torch_mode=True,
+                            check_actions=False)  # fmt: skip
+
+    level = curriculum.get_difficulty_level(0)
+    envs = make_env(level)
+    val_tables = build_tables(val, cfg, device)
+    references: dict = {}  # the baselines' validation backtests, computed once
+    b, d, f = args.num_envs, meta_observation_size(envs.portfolio_obs_size, k), specialists.obs_size
+    max_position = cfg.environment.max_position_size
+
+    # ALGO LOGIC: storage setup
+    s = args.num_steps
+    meta_obs, final_meta_obs = torch.zeros((s, b, d), device=device), torch.zeros((s, b, d), device=device)
+    inst_obs, final_inst_obs = torch.zeros((s, b, n, f), device=device), torch.zeros((s, b, n, f), device=device)
+    meta_actions = torch.zeros((s, b, k + 1), device=device)
+    spec_actions, spec_logprobs, spec_values, own_rewards = (torch.zeros((s, b, n), device=device) for _ in range(4))
+    meta_logprobs, meta_values, rewards, truncs = (torch.zeros((s, b), device=device) for _ in range(4))
+
+    start_iteration, global_step = 1, 0
+    best = {"sharpe": -float("inf"), "iteration": 0, "specialists": None, "meta": None}
+    next_obs, _ = envs.reset(seed=args.seed)
+    performance = torch.zeros(b, k, device=device)
+    prev_positions = torch.zeros(b, n, device=device)
+    if args.resume:
+        path = out_dir / "latest.pt"
+        state = ckpt.load_checkpoint(path, "phase3", hint="Run without --resume to start fresh.")
+        ckpt.check_config_hash(state, cfg.hash(), path, args.force)
+        specialists.load_state_dict(state["specialists"])
+        meta.load_state_dict(state["meta"])
+        optimizer.load_state_dict(state["optimizer"])
+        curriculum.load_state_dict(state["curriculum"])
+        adaptive.load_state_dict(state["adaptive_lr"])
+        level = curriculum.get_difficulty_level(state["global_step"])
+        envs = make_env(level)
+        envs.load_state_dict(state["env"])
+        ckpt.restore_rng_state(state["rng"])
+        performance, prev_positions = state["performance"].to(device), state["prev_positions"].to(device)
+        start_iteration, global_step, best = state["iteration"] + 1, state["global_step"], state["best"]
+        next_obs = envs.observe()
+        log.info("resumed from %s at iteration %d (step %d), curriculum level %d", path, start_iteration - 1,
+                 global_step, level)  # fmt: skip
+    writer = SummaryWriter(str(log_dir), purge_step=global_step if args.resume else None)
+    if not args.resume:
+        table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    log.info("phase 3: %s + meta-controller, %d rows x %d steps, %d iterations, coordination %s, curriculum %s",
+             specialists.names, b, s, num_iterations, coordinate, args.curriculum_learning)  # fmt: skip
+
+    bar = tqdm(total=num_iterations * steps_per_iteration, initial=global_step, unit="step",
+               disable=not (args.progress and sys.stderr.isatty()), desc="phase3")  # fmt: skip
+    start_time, start_step = time.time(), global_step
+    report = None
+    for iteration in range(start_iteration, num_iterations + 1):
+        anneal = 1.0 - (iteration - 1.0) / num_iterations if args.anneal_lr else 1.0
+        rates = adaptive.rates() if coordinate else {"meta": args.learning_rate, "specialists": args.learning_rate}
+        for group in optimizer.param_groups:
+            group["lr"] = anneal * rates[group["name"]]
+
+        ep_return_sum, ep_count = torch.zeros((), device=device), torch.zeros((), device=device)
+        for step in range(s):
+            global_step += b
+            inst_obs[step] = next_obs["instruments"]
+            with torch.no_grad():
+                mean, log_std, spec_value = specialists.forward_per_slot(next_obs["instruments"], owner)
+                dist = torch.distributions.Normal(mean, log_std.exp().expand_as(mean))
+                action = dist.sample()
+                positions = action.clamp(-1.0, 1.0)
+                meta_obs[step] = meta_observation(next_obs["portfolio"], positions, owner, performance)
+                u, meta_logprob, _, meta_value = meta.get_action_and_value(meta_obs[step])
+                allocation, appetite = meta.split_action(u)
+                proposal = compose_weights(allocation, appetite, positions, owner, max_position)
+                sigma = envs.engine.gather(envs.engine.tables.variance, envs.engine.t).sqrt().clamp_min(1e-8)
+            spec_actions[step], spec_logprobs[step], spec_values[step] = action, dist.log_prob(action), spec_value
+            meta_actions[step], meta_logprobs[step], meta_values[step] = u, meta_logprob, meta_value
+            next_obs, reward, _, truncated, info = envs.step(proposal)
+            rewards[step], truncs[step] = reward, truncated.float()
+            # each specialist's own objective: its unit-size position's vol-scaled net return
+            unit_cost = envs.cost_rate * (positions - prev_positions).abs()
+            own_rewards[step] = (positions * info["bar_returns"] - unit_cost) / sigma
+            prev_positions = torch.where(truncated.unsqueeze(-1), 0.0, positions)
+            performance = update_performance(performance, positions, info["bar_returns"], owner,
+                                             torch.zeros_like(truncated))  # fmt: skip
+            final_inst_obs[step] = info["final_obs"]["instruments"]
+            with torch.no_grad():
+                final_positions = specialists.positions(info["final_obs"]["instruments"], owner)
+                final_meta_obs[step] = meta_observation(info["final_obs"]["portfolio"], final_positions, owner,
+                                                        performance)  # fmt: skip
+            performance = torch.where(truncated.unsqueeze(-1), 0.0, performance)
+            ep_return_sum += (info["episode"]["r"] * info["_episode"]).sum()
+            ep_count += info["_episode"].sum()
+
+        # bootstrap value if not done: truncated rows continue from V(final obs), not from zero
+        with torch.no_grad():
+            final_meta_values = meta.get_value(final_meta_obs.reshape(-1, d)).view(s, b)
+            final_spec_values = specialists.forward_per_slot(final_inst_obs.reshape(-1, n, f), owner)[2].view(s, b, n)
+            next_positions = specialists.positions(next_obs["instruments"], owner)
+            next_meta_value = meta.get_value(
+                meta_observation(next_obs["portfolio"], next_positions, owner, performance)
+            )
+            next_spec_value = specialists.forward_per_slot(next_obs["instruments"], owner)[2]
+            meta_adv = gae(
+                rewards, meta_values, final_meta_values, next_meta_value, truncs, args.gamma, args.gae_lambda
+            )
+            own_adv = gae(own_rewards, spec_values, final_spec_values, next_spec_value, truncs.unsqueeze(-1),
+                          args.gamma, args.gae_lambda)  # fmt: skip
+            meta_returns, own_returns = meta_adv + meta_values, own_adv + spec_values
+
+        # flatten the batch
+        m = s * b
+        b_meta_obs, b_meta_actions = meta_obs.reshape(m, d), meta_actions.reshape(m, k + 1)
+        b_meta_logprobs, b_meta_adv, b_meta_returns = (
+            meta_logprobs.reshape(m),
+            meta_adv.reshape(m),
+            meta_returns.reshape(m),
+        )
+        b_inst_obs, b_spec_actions = inst_obs.reshape(m, n, f), spec_actions.reshape(m, n)
+        b_spec_logprobs, b_own_adv, b_own_returns = (x.reshape(m, n) for x in (spec_logprobs, own_adv, own_returns))
+
+        update_meta, update_specialists = schedule.meta(iteration), schedule.specialists(iteration)
+        stats = {"conflicts": [], "cosine": [], "norm_meta": [], "norm_specialists": []}
+        clipfracs = []
+        for _epoch in range(args.n_epochs):
+            perm = torch.randperm(m, device=device)
+            for start in range(0, m, args.batch_size):
+                mb = perm[start : start + args.batch_size]
+                # meta-controller: the portfolio advantage
+                _, new_meta_logprob, meta_entropy, new_meta_value = meta.get_action_and_value(
+                    b_meta_obs[mb], b_meta_actions[mb]
+                )
+                meta_adv_mb = normalise(b_meta_adv[mb])
+                meta_pg, ratio_meta = clipped_surrogate(new_meta_logprob, b_meta_logprobs[mb], meta_adv_mb,
+                                                        args.clip_range)  # fmt: skip
+                meta_v_loss = 0.5 * ((new_meta_value - b_meta_returns[mb]) ** 2).mean()
+                meta_loss = meta_pg - args.ent_coef * meta_entropy.mean() + args.vf_coef * meta_v_loss
+                # specialists: portfolio advantage (per row, shared by its slots) and their own advantage
+                mean, log_std, new_spec_value = specialists.forward_per_slot(b_inst_obs[mb], owner)
+                dist = torch.distributions.Normal(mean, log_std.exp().expand_as(mean))
+                new_spec_logprob = dist.log_prob(b_spec_actions[mb])
+                w = args.specialist_portfolio_weight
+                port_pg, ratio_spec = clipped_surrogate(
+                    new_spec_logprob, b_spec_logprobs[mb], meta_adv_mb.unsqueeze(-1).expand_as(mean), args.clip_range
+                )
+                own_pg, _ = clipped_surrogate(new_spec_logprob, b_spec_logprobs[mb], normalise(b_own_adv[mb]),
+                                              args.clip_range)  # fmt: skip
+                spec_rest = args.vf_coef * 0.5 * ((new_spec_value - b_own_returns[mb]) ** 2).mean()
+                spec_rest = spec_rest - args.ent_coef * dist.entropy().mean()
+                with torch.no_grad():
+                    clipfracs.append(((ratio_meta - 1.0).abs() > args.clip_range).float().mean())
+                    approx_kl = ((ratio_meta - 1) - ratio_meta.log()).mean()
+
+                optimizer.zero_grad()
+                meta_loss.backward()
+                params = list(specialists.parameters())
+                g_port = grads_of(w * port_pg, params, retain=True)
+                g_own = grads_of((1 - w) * own_pg, params, retain=True)
+                g_rest = grads_of(spec_rest, params, retain=False)
+                if coordinate:
+                    for i in range(k):  # three specialists: a short loop over components, not over rows
+                        cos, conflicted = project_conflict_([g[i] for g in g_own], [g[i] for g in g_port])
+                        stats["cosine"].append(cos)
+                        stats["conflicts"].append(conflicted.float())
+                for p, gp, go, gr in zip(params, g_port, g_own, g_rest, strict=True):
+                    p.grad = gp + go + gr
+                if coordinate:
+                    stats["norm_meta"].append(clip_component_(component_grads(meta), args.max_grad_norm))
+                    for i in range(k):
+                        stats["norm_specialists"].append(
+                            clip_component_(component_grads(specialists, i), args.max_grad_norm)
+                        )
+                else:
+                    torch.nn.utils.clip_grad_norm_([*meta.parameters(), *params], args.max_grad_norm)
+                if not update_meta:
+                    for p in meta.parameters():
+                        p.grad = None  # Adam skips parameters without a gradient
+                if not update_specialists:
+                    for p in params:
+                        p.grad = None
+                if update_meta or update_specialists:
+                    optimizer.step()
+
+        # TRY NOT TO MODIFY: record rewards for plotting purposes (one host sync per iteration)
+        sps = int((global_step - start_step) / max(time.time() - start_time, 1e-9))
+        scalars = {
+            "charts/learning_rate": optimizer.param_groups[0]["lr"],
+            "charts/SPS": sps,
+            "losses/value_loss": meta_v_loss.item(),
+            "losses/policy_loss": meta_pg.item(),
+            "losses/entropy": meta_entropy.mean().item(),
+            "losses/approx_kl": approx_kl.item(),
+            "losses/clipfrac": torch.stack(clipfracs).mean().item(),
+            "losses/explained_variance": explained_variance(meta_values.reshape(-1), b_meta_returns),
+            "losses/specialist_portfolio_pg": port_pg.item(),
+            "losses/specialist_own_pg": own_pg.item(),
+            "curriculum/level": level,
+            "coordination/lr_meta": optimizer.param_groups[0]["lr"],
+            "coordination/lr_specialists": optimizer.param_groups[1]["lr"],
+            "coordination/meta_updated": float(update_meta),
+            "coordination/specialists_updated": float(update_specialists),
+        }
+        if coordinate:
+            scalars["coordination/conflict_rate"] = torch.stack(stats["conflicts"]).mean().item()
+            scalars["coordination/cosine"] = torch.stack(stats["cosine"]).mean().item()
+            scalars["coordination/grad_norm_meta"] = torch.stack(stats["norm_meta"]).mean().item()
+            scalars["coordination/grad_norm_specialists"] = torch.stack(stats["norm_specialists"]).mean().item()
+        if ep_count.item() > 0:
+            scalars["charts/episodic_return"] = (ep_return_sum / ep_count).item()
+        for key, value in scalars.items():
+            writer.add_scalar(key, value, global_step)
+        bar.update(steps_per_iteration)
+
+        # VALIDATION on the plain validation split; curriculum and adaptive rates react to it
+        if iteration % args.eval_interval == 0 or iteration == num_iterations:
+            report, _ = evaluate_portfolio(specialists, meta, val, cfg, device, args.eval_segments, val_tables, 3,
+                                           references)  # fmt: skip
+            sharpe = report["portfolio"]["sharpe"]
+            for key in ("sharpe", "sortino", "max_drawdown", "win_rate", "total_return", "turnover"):
+                writer.add_scalar(f"trading/{key}", report["portfolio"][key], global_step)
+            writer.add_scalar("trading/allocation_efficiency", report["allocation_efficiency"], global_step)
+            writer.add_scalar("risk/val_var_compliance", report["portfolio"]["var_compliance"], global_step)
+            if coordinate:
+                adaptive.step(sharpe)
+            new_level = curriculum.update_curriculum({"val_sharpe": sharpe})
+            if new_level != level:
+                log.info("curriculum: level %d -> %d at step %d (rolling validation Sharpe)", level, new_level,
+                         global_step)  # fmt: skip
+                level = new_level
+                envs = make_env(level)
+                next_obs, _ = envs.reset(seed=args.seed + iteration)
+                performance.zero_()
+                prev_positions.zero_()
+            if sharpe > best["sharpe"]:
+                best = {"sharpe": sharpe, "iteration": iteration, "specialists": clone_state(specialists),
+                        "meta": clone_state(meta)}  # fmt: skip
+                ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best, specialists, meta, cfg))
+            log.info("iteration %d/%d step %d SPS %d val sharpe %.3f level %d", iteration, num_iterations,
+                     global_step, sps, sharpe, level)  # fmt: skip
+        ckpt.save_rotating(
+            out_dir,
+            {
+                **model_payload(
+                    {"specialists": clone_state(specialists), "meta": clone_state(meta)}, specialists, meta, cfg
+                ),  # fmt: skip
+                "optimizer": optimizer.state_dict(),
+                "env": envs.state_dict(),
+                "performance": performance.clone(),
+                "prev_positions": prev_positions.clone(),
+                "curriculum": curriculum.state_dict(),
+                "adaptive_lr": adaptive.state_dict(),
+                "rng": ckpt.rng_state(),
+                "iteration": iteration,
+                "global_step": global_step,
+                "best": best,
+            },
+            global_step,
+            args.keep_checkpoints,
+        )
+        done_here = iteration - start_iteration + 1
+        if args.stop_after is not None and done_here >= args.stop_after and iteration < num_iterations:
+            log.info("stopping after %d iterations as asked (--stop-after); continue with --resume", args.stop_after)
+            bar.close()
+            writer.close()
+            return {"stopped_at_iteration": iteration, "global_step": global_step}
+    bar.close()
+    wall = time.time() - start_time
+
+    # FINAL EVALUATION: the best hierarchy on the validation split, plus --eval-episodes episodes
+    if report is None:  # resumed after the last iteration's checkpoint: validate the final iterate again
+        report, _ = evaluate_portfolio(specialists, meta, val, cfg, device, args.eval_segments, val_tables, 3,
+                                       references)  # fmt: skip
+    specialists.load_state_dict(best["specialists"])
+    meta.load_state_dict(best["meta"])
+    specialists.eval()
+    best_report, _ = evaluate_portfolio(specialists, meta, val, cfg, device, args.eval_segments, val_tables, 3,
+                                        references)  # fmt: skip
+
+    def hierarchy(rows):
+        return HierarchyPolicy(specialists, meta, owner, max_position, rows, device)
+
+    episodes = run_episodes(val, cfg, hierarchy, args.eval_episodes, seed=args.seed, device=device, tables=val_tables)
+    phase2_metrics = Path(args.phase2_dir) / "metrics.json"
+    result = {
+        **best_report,
+        "phase": 3,
+        "episodes": summarize_episodes(episodes),
+        "eval_episodes": args.eval_episodes,
+        "best_iteration": best["iteration"],
+        "final_iterate": {"portfolio": report["portfolio"]},
+        "phase2_sharpe": json.loads(phase2_metrics.read_text())["portfolio"]["sharpe"]
+        if phase2_metrics.is_file()
+        else None,  # fmt: skip
+        "gradient_coordination": coordinate,
+        "curriculum_learning": args.curriculum_learning,
+        "curriculum_level": level,
+        "global_step": global_step,
+        "config_hash": cfg.hash(),
+        "seed": args.seed,
+        "timing": {"seconds": wall, "steps_per_second": (global_step - start_step) / max(wall, 1e-9)},
+    }
+    ckpt.atomic_write_json(out_dir / "metrics.json", result)
+    text = format_report(best_report)
+    spread = "\n".join(f"  {key:<18} {v['mean']:+.3f} +- {v['std']:.3f}" for key, v in result["episodes"].items())
+    log.info("validation (best.pt):\n%s\nepisodes (%d):\n%s", text, args.eval_episodes, spread)
+    print(f"Phase 3 validation, best hierarchy ({val.split} split, {val.num_bars} bars):\n{text}")
+    print(f"{args.eval_episodes} validation episodes (mean +- std):\n{spread}")
+    writer.close()
+    return result
+
+
+def gae(rewards, values, final_values, next_value, truncs, gamma: float, lam: float) -> torch.Tensor:
+    """GAE over a rollout [S, B, ...]; at a truncation the chain stops and bootstraps from V(final obs)."""
+    advantages = torch.zeros_like(rewards)
+    lastgaelam = torch.zeros_like(next_value)
+    for t in reversed(range(rewards.shape[0])):
+        nextvalues = next_value if t == rewards.shape[0] - 1 else values[t + 1]
+        nextvalues = torch.where(truncs[t].bool(), final_values[t], nextvalues)
+        delta = rewards[t] + gamma * nextvalues - values[t]
+        lastgaelam = delta + gamma * lam * (1.0 - truncs[t]) * lastgaelam
+        advantages[t] = lastgaelam
+    return advantages
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    return (x - x.mean()) / (x.std() + 1e-8)
+
+
+def clipped_surrogate(new_logprob, old_logprob, advantages, clip: float):
+    """PPO's clipped policy loss (mean) and the ratio."""
+    ratio = (new_logprob - old_logprob).exp()
+    loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip)).mean()
+    return loss, ratio
+
+
+def grads_of(loss: torch.Tensor, params: list, retain: bool) -> list[torch.Tensor]:
+    """Gradients of `loss` for `params` without touching `.grad` (zeros where unused)."""
+    grads = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+
+
+def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
+    return (1 - (target - pred).var() / target.var().clamp_min(1e-8)).item()
+
+
+def clone_state(module: torch.nn.Module) -> dict:
+    return {key: value.detach().clone() for key, value in module.state_dict().items()}
+
+
+def model_payload(states: dict, specialists, meta, cfg) -> dict:
+    """Both levels of the hierarchy, with what a loader must check."""
+    return {
+        "kind": "phase3",
+        "specialists": states["specialists"],
+        "meta": states["meta"],
+        "specialist_spec": specialists.describe(),
+        "meta_spec": meta.describe(),
+        "config_hash": cfg.hash(),
+        "config": cfg.to_dict(),
+    }
+
 
 if __name__ == "__main__":
-    print("phase3_joint.py: not built yet", file=sys.stderr)
-    sys.exit(2)
+    try:
+        cli_args, _ = parse_args(Args, ALIASES)
+        main(cli_args)
+    except (ConfigError, ckpt.CheckpointError, ValueError) as err:
+        print(f"phase3_joint.py: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,7 +1,253 @@
-"""pipeline: not built yet (see the open issue); this stub exits 2 and writes nothing."""
+"""The whole system: train Phase 1, 2 and 3, resume a broken run, and evaluate on the test split.
 
+    python pipeline.py --mode train                      # the three phases, then the test evaluation
+    python pipeline.py --mode resume                     # continue after an interruption (even SIGKILL)
+    python pipeline.py --mode eval --eval-episodes 200   # evaluate the trained hierarchy again
+
+The pipeline calls each phase script's `main(args)`: one code path per phase, no second copy of any
+training loop. Outputs under `--output-dir` (OUT): `OUT/phase1..3` (each phase's checkpoints and
+metrics.json), the manifest `OUT/pipeline.json` (phases completed with their step counts and timings,
+the config and its hash, the seed, package versions; written atomically after each phase) and
+`OUT/eval/` (report.json, report.md, equity.png, allocation.png). Logs and TensorBoard events go to
+`--log-dir`/phase1..3 (`tensorboard --logdir logs/` shows all three).
+
+The evaluation uses the **test** split, which no phase has seen: the whole test period as one
+backtest (every instrument, the executed weights) next to every baseline and the targets, plus
+`--eval-episodes` episodes for the mean and spread of each metric (synthetic data: a fresh market
+path from another seed; CSV data: windows of the test period).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
 import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import phase1_ppo
+import phase2_meta
+import phase3_joint
+from mtq_common import checkpoint as ckpt
+from mtq_common.config import ConfigError, config_from_args, parse_args
+from mtq_common.envs import build_tables
+from mtq_common.hierarchy import HierarchyPolicy, instrument_specialist_index
+from mtq_common.market import load_splits
+from mtq_common.nets import MetaController, SpecialistAgents
+from mtq_common.portfolio_eval import evaluate_portfolio, format_report, run_episodes, summarize_episodes
+from mtq_common.report import write_report
+from mtq_common.runtime import configure_threads, resolve_device, setup_logging
+from mtq_common.synthetic import generate_market
+
+ALIASES = {
+    "phase1_timesteps": "training.phase_1_timesteps",
+    "phase2_timesteps": "training.phase_2_timesteps",
+    "phase3_timesteps": "training.phase_3_timesteps",
+}
+PHASES = ("phase1", "phase2", "phase3")
+FRESH_PATH_SEED = 10_007
+"""Offset of the market seed for the evaluation episodes' fresh synthetic path (never used in training)."""
+
+
+@dataclass
+class Args:
+    mode: Literal["train", "resume", "eval"] = "train"
+    """train: all phases then the evaluation; resume: continue a broken run; eval: evaluate again."""
+    config: str | None = None
+    """YAML config (defaults for every flag below that names a config key)."""
+    output_dir: str = "models/checkpoints"
+    """OUT: phase1..3, pipeline.json and eval/ go here."""
+    log_dir: str = "logs"
+    """LOG: phase1..3 logs and TensorBoard events go here."""
+    device: str = "auto"
+    """auto (CUDA when present), cpu, cuda or cuda:N."""
+    seed: int = 1
+    """Seed of every phase (weights, action noise, environments)."""
+    data_dir: str | None = None
+    """Folder of <SYMBOL>.csv files; unset: the built-in synthetic market."""
+    instruments: list[str] = field(default_factory=list)
+    """Instruments traded (default: config data.instruments)."""
+    phase1_timesteps: int = 500_000
+    """Phase 1 environment steps per specialist (config: training.phase_1_timesteps)."""
+    phase2_timesteps: int = 300_000
+    """Phase 2 environment steps (config: training.phase_2_timesteps)."""
+    phase3_timesteps: int = 1_000_000
+    """Phase 3 environment steps (config: training.phase_3_timesteps)."""
+    num_envs: int = 64
+    """Environment rows of every phase (config: training.n_envs)."""
+    eval_episodes: int = 100
+    """Test evaluation episodes (mean and spread of each metric)."""
+    force: bool = False
+    """Resume even if the config differs from the run's (the manifest's hash)."""
+    progress: bool = True
+    """Show progress bars (only on a terminal)."""
+    torch_threads: int = 1
+    """torch intra-op threads on the CPU (0: torch's default); small-batch PPO is fastest with 1."""
+
+
+def phase_args(args: Args, name: str, resume: bool):
+    """The phase script's own Args for this pipeline run (the same flags a user would type)."""
+    out, logs = Path(args.output_dir), Path(args.log_dir)
+    common = dict(config=args.config, output_dir=str(out / name), log_dir=str(logs / name), device=args.device,
+                  seed=args.seed, data_dir=args.data_dir, instruments=list(args.instruments),
+                  num_envs=args.num_envs, resume=resume, force=args.force, progress=args.progress,
+                  torch_threads=args.torch_threads)  # fmt: skip
+    if name == "phase1":
+        return phase1_ppo.Args(timesteps=args.phase1_timesteps, **common)
+    if name == "phase2":
+        return phase2_meta.Args(timesteps=args.phase2_timesteps, specialists_dir=str(out / "phase1"), **common)
+    return phase3_joint.Args(timesteps=args.phase3_timesteps, phase1_dir=str(out / "phase1"),
+                             phase2_dir=str(out / "phase2"), eval_episodes=args.eval_episodes, **common)  # fmt: skip
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for package in ("torch", "numpy", "gymnasium", "tyro", "pandas", "tensorboard", "triton"):
+        try:
+            out[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            out[package] = "not installed"
+    return out
+
+
+def read_manifest(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ckpt.CheckpointError(f"{path} is not a readable manifest ({exc}); move it away to start over") from None
+
+
+def train(args: Args, cfg, log, resume: bool) -> dict:
+    """Run (or continue) the three phases; the manifest is rewritten atomically after each one."""
+    out = Path(args.output_dir)
+    path = out / "pipeline.json"
+    manifest = read_manifest(path) if resume else None
+    if resume and manifest is None:
+        raise ckpt.CheckpointError(f"nothing to resume: {path} does not exist. Run `python pipeline.py --mode train`.")
+    if manifest is not None and manifest["config_hash"] != cfg.hash() and not args.force:
+        raise ckpt.CheckpointError(
+            f"{path} belongs to a run with config hash {manifest['config_hash']}, but the current config hashes to "
+            f"{cfg.hash()}: resuming would mix two experiments. Use the original config, or pass --force."
+        )
+    if manifest is None:
+        manifest = {"config": cfg.to_dict(), "config_hash": cfg.hash(), "seed": args.seed, "phases": {}}
+    manifest["versions"] = versions()
+    ckpt.atomic_write_json(path, manifest)
+    modules = {"phase1": phase1_ppo, "phase2": phase2_meta, "phase3": phase3_joint}
+    for name in PHASES:
+        if manifest["phases"].get(name, {}).get("completed"):
+            log.info("%s already completed (%d steps): skipped", name, manifest["phases"][name]["global_step"])
+            continue
+        # inside a phase: continue from its latest checkpoint when an earlier attempt left one
+        continue_phase = resume and (out / name / "latest.pt").is_file()
+        log.info("%s: %s", name, "resuming from latest.pt" if continue_phase else "starting")
+        start = time.time()
+        result = modules[name].main(phase_args(args, name, continue_phase))
+        manifest["phases"][name] = {
+            "completed": True,
+            "global_step": result["global_step"],
+            "seconds": time.time() - start,
+            "validation_sharpe": validation_sharpe(result),
+        }
+        ckpt.atomic_write_json(path, manifest)
+    return manifest
+
+
+def validation_sharpe(result: dict) -> float:
+    if "portfolio" in result:
+        return result["portfolio"]["sharpe"]
+    rows = [r for t in result["specialists"].values() for k, r in t.items() if k != "mean_sharpe"]
+    return sum(r["sharpe"] for r in rows) / len(rows)
+
+
+def load_hierarchy(out: Path, device) -> tuple[SpecialistAgents, MetaController]:
+    """The fine-tuned hierarchy from OUT/phase3/best.pt."""
+    path = out / "phase3" / "best.pt"
+    hint = "Nothing trained yet: run `python pipeline.py --mode train` (or --mode resume) first."
+    state = ckpt.load_checkpoint(path, "phase3", hint=hint)
+    spec, meta_spec = state["specialist_spec"], state["meta_spec"]
+    specialists = SpecialistAgents(spec["names"], spec["obs_size"], spec["hidden"])
+    specialists.load_state_dict(state["specialists"])
+    meta = MetaController(meta_spec["obs_size"], meta_spec["num_specialists"], meta_spec["hidden"])
+    meta.load_state_dict(state["meta"])
+    return specialists.to(device).eval(), meta.to(device).eval()
+
+
+def evaluate(args: Args, cfg, log) -> dict:
+    """The test-split evaluation: one full backtest, the episodes, the report files."""
+    out = Path(args.output_dir)
+    device = resolve_device(args.device)
+    specialists, meta = load_hierarchy(out, device)
+    test = load_splits(cfg)["test"]
+    if list(specialists.names) != [s for s in specialists.names if s in test.sectors]:
+        raise ckpt.CheckpointError(f"{out / 'phase3' / 'best.pt'} holds specialists for other instruments")
+    tables = build_tables(test, cfg, device)
+    start = time.time()
+    report, backtests = evaluate_portfolio(specialists, meta, test, cfg, device, segments=16, tables=tables,
+                                           phase="final")  # fmt: skip
+    owner = instrument_specialist_index(test.sectors, specialists.names).to(device)
+
+    def hierarchy(rows):
+        return HierarchyPolicy(specialists, meta, owner, cfg.environment.max_position_size, rows, device)
+
+    if test.source == "synthetic":
+        # fresh market paths: a seed no split uses, long enough for every episode without overlap
+        length = cfg.environment.episode_length
+        fresh = generate_market(test.symbols, test.sectors, [cfg.instruments[s].annual_vol for s in test.symbols],
+                                tables.first_bar + 2 + args.eval_episodes * length,
+                                seed=cfg.data.synthetic.seed + FRESH_PATH_SEED, split="test",
+                                drift_half_life=cfg.data.synthetic.drift_half_life,
+                                drift_scale=cfg.data.synthetic.drift_scale,
+                                signal=[cfg.instruments[s].signal for s in test.symbols])  # fmt: skip
+        episodes = run_episodes(fresh, cfg, hierarchy, args.eval_episodes, length, seed=args.seed, device=device,
+                                consecutive=True)  # fmt: skip
+        where = f"a fresh synthetic path (seed {cfg.data.synthetic.seed + FRESH_PATH_SEED}), consecutive windows"
+    else:
+        episodes = run_episodes(test, cfg, hierarchy, args.eval_episodes, seed=args.seed, device=device,
+                                tables=tables)  # fmt: skip
+        where = "random windows of the test split"
+    summary = summarize_episodes(episodes)
+    report["episodes_source"] = where
+    paths = write_report(report, backtests, out / "eval", title="MTQuant test evaluation", episodes=summary)
+    seconds = time.time() - start
+    text = format_report(report)
+    spread = "\n".join(f"  {key:<18} {v['mean']:+.3f} +- {v['std']:.3f}" for key, v in summary.items())
+    print(f"Test evaluation ({test.split} split, {report['data']['bars']} bars, never seen in training):\n{text}")
+    print(f"{args.eval_episodes} evaluation episodes on {where} (mean +- std):\n{spread}")
+    print("report: " + ", ".join(str(p) for p in paths.values()))
+    log.info("evaluation written to %s in %.1f s", out / "eval", seconds)
+    return {"report": report, "episodes": summary, "seconds": seconds}
+
+
+def main(args: Args) -> dict:
+    cfg = config_from_args(args, ALIASES)
+    configure_threads(args.torch_threads)
+    resolve_device(args.device)  # a clear error before any work
+    log = setup_logging(Path(args.log_dir) / "pipeline.log", "pipeline")
+    out = Path(args.output_dir)
+    start = time.time()
+    manifest = None
+    if args.mode in ("train", "resume"):
+        manifest = train(args, cfg, log, resume=args.mode == "resume")
+    evaluation = evaluate(args, cfg, log)
+    manifest = manifest or read_manifest(out / "pipeline.json") or {}
+    manifest["eval"] = {"seconds": evaluation["seconds"], "episodes": args.eval_episodes, "path": str(out / "eval")}
+    manifest["wall_seconds_last_invocation"] = time.time() - start
+    ckpt.atomic_write_json(out / "pipeline.json", manifest)
+    print(f"pipeline {args.mode}: {time.time() - start:.1f} s")
+    return {"manifest": manifest, **evaluation}
+
 
 if __name__ == "__main__":
-    print("pipeline.py: not built yet", file=sys.stderr)
-    sys.exit(2)
+    try:
+        cli_args, _ = parse_args(Args, ALIASES)
+        main(cli_args)
+    except (ConfigError, ckpt.CheckpointError, ValueError) as err:
+        print(f"pipeline.py: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -525,8 +525,12 @@ class PortfolioEnv(_BatchedTradingEnv):
                 (eng.drawdown / eng.cfg.reward.max_drawdown_target).unsqueeze(-1),
                 eng.weights / eng.max_position,
                 torch.stack(
-                    [self.risk["var"] / lim.max_var, self.risk["corr"] / lim.max_correlation,
-                     self.risk["sector"] / lim.max_sector], -1,
+                    [
+                        self.risk["var"] / lim.max_var,
+                        self.risk["corr"] / lim.max_correlation,
+                        self.risk["sector"] / lim.max_sector,
+                    ],
+                    -1,
                 ),  # fmt: skip
             ],
             -1,

@@ -1,0 +1,212 @@
+"""Gradient coordination between the meta-controller and the specialists (DESIGN section 6, Phase 3).
+
+A *component* is one independently coordinated piece of the hierarchy, given as a list of gradient
+tensors: the meta-controller is ``[p.grad for p in meta.parameters()]``; specialist ``k`` is
+``[p.grad[k] for p in agents.parameters()]`` (`SpecialistAgents` stacks the K specialists along every
+parameter's leading dimension, so these are *views* into the stacked ``.grad`` and every in-place
+operation below lands in ``.grad``). `component_grads` builds either list.
+
+The pieces, each a few lines:
+
+* `clip_component_`: per-component gradient-norm clipping (DESIGN ``max_norm`` 1.0), the same rule as
+  `torch.nn.utils.clip_grad_norm_` applied to one component at a time;
+* `project_conflict_`: PCGrad. Where two gradients point against each other (negative cosine), the first
+  is projected onto the normal plane of the second; an agreeing pair is left untouched;
+* `UpdateSchedule`: which components step at an iteration (``meta_update_freq`` 1,
+  ``specialist_update_freq`` 5);
+* `AdaptiveLR`: per-component learning rates that fall when validation portfolio Sharpe falls and
+  recover, within bounds, when it recovers.
+
+Everything stays on the gradients' device and returns tensors (no ``.item()``), so a training loop can
+stack the statistics and read them once per iteration.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+_EPS = 1e-12  # below this a norm counts as zero: no direction, no conflict
+
+
+def component_grads(module: nn.Module, index: int | None = None) -> list[torch.Tensor]:
+    """The gradients of `module`'s parameters as one component (a list of views into ``.grad``).
+
+    With `index`, each gradient's slice ``[index]`` along the leading (stacked) dimension: specialist
+    ``index`` of a `SpecialistAgents`. Parameters without a gradient are skipped.
+    """
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return grads if index is None else [g[index] for g in grads]
+
+
+def flat(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The component's gradients concatenated into one 1-D tensor (a copy; empty for no gradients)."""
+    if not grads:
+        return torch.zeros(0)
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    """Inner product of two components with the same shapes, piece by piece, accumulated in float64."""
+    if len(a) != len(b):
+        raise ValueError(f"components differ in length: {len(a)} and {len(b)} tensors")
+    if not a:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.stack([(x.double() * y.double()).sum() for x, y in zip(a, b, strict=True)]).sum()
+
+
+def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of a whole component (a 0-d tensor; 0 for no gradients)."""
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
+@torch.no_grad()
+def clip_component_(grads: list[torch.Tensor], max_norm: float = 1.0) -> torch.Tensor:
+    """Scale the component in place so that its norm is at most `max_norm`; return the norm before.
+
+    Same rule as `torch.nn.utils.clip_grad_norm_` (factor ``max_norm / (norm + 1e-6)``, capped at 1), so
+    a component already within the bound is multiplied by exactly 1 and left bit-identical.
+    """
+    norm = grad_norm(grads)
+    factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(factor.to(g.dtype))
+    return norm
+
+
+@torch.no_grad()
+def project_conflict_(own: list[torch.Tensor], other: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """PCGrad: where `own` points against `other`, project `own` in place onto `other`'s normal plane.
+
+    With ``d = own . other`` (over the whole component), a conflict is ``d < 0`` (negative cosine); then
+    ``own -= d / |other|^2 * other``, applied to each tensor of `own` (views: the change lands in
+    ``.grad``), after which ``own . other = 0``. An agreeing or orthogonal pair is left bit-identical, and
+    a zero gradient on either side has cosine 0 and is never a conflict. `other` is not modified.
+
+    The arithmetic runs in float64 and is rounded once into the gradients' dtype, so after a projection
+    the remaining cosine is at rounding level of the *projected* gradient (float32 arithmetic would leave
+    errors of the size of the original one, which can be much larger).
+
+    Returns ``(cosine before the projection, conflicted)`` as 0-d tensors (the gradients' dtype, bool).
+    """
+    d = _dot(own, other)
+    own_sq, other_sq = _dot(own, own), _dot(other, other)
+    cosine = d / (own_sq.sqrt() * other_sq.sqrt()).clamp_min(_EPS)
+    conflicted = (d < 0) & (own_sq > _EPS**2) & (other_sq > _EPS**2)
+    # Branch-free: the coefficient is exactly 0 where there is no conflict, and x - 0 * y == x (the
+    # float64 round trip of a float32 or bfloat16 value is exact), so an agreeing pair stays bit-identical.
+    coef = torch.where(conflicted, d / other_sq.clamp_min(_EPS**2), torch.zeros_like(d))
+    for g, h in zip(own, other, strict=True):
+        g.copy_(g.double() - coef * h.double())
+    return cosine.to(own[0].dtype if own else torch.float32), conflicted
+
+
+class UpdateSchedule:
+    """Which components step at an iteration: each every `freq` iterations, counted from 1.
+
+    A component updates at iteration ``i`` when ``i % freq == 0``: with the DESIGN defaults the
+    meta-controller steps every iteration and the specialists at iterations 5, 10, 15, ...
+    """
+
+    def __init__(self, meta_update_freq: int = 1, specialist_update_freq: int = 5):
+        for name, freq in (("meta_update_freq", meta_update_freq), ("specialist_update_freq", specialist_update_freq)):
+            if int(freq) != freq or freq < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {freq!r}")
+        self.meta_update_freq = int(meta_update_freq)
+        self.specialist_update_freq = int(specialist_update_freq)
+
+    def meta(self, iteration: int) -> bool:
+        """Whether the meta-controller steps at `iteration` (1-based)."""
+        return iteration % self.meta_update_freq == 0
+
+    def specialists(self, iteration: int) -> bool:
+        """Whether the specialists step at `iteration` (1-based)."""
+        return iteration % self.specialist_update_freq == 0
+
+
+class AdaptiveLR:
+    """Per-component learning rates driven by validation portfolio Sharpe.
+
+    Each component ``name`` has a base rate ``base[name]`` and a scale, starting at `max_scale`; its rate
+    is ``base * scale``. After each validation, `step(val_sharpe)`:
+
+    * a *fall* (Sharpe below the best seen so far by more than `tolerance`, or a non-finite Sharpe)
+      multiplies every scale by `decrease`, never below `min_scale`;
+    * otherwise (a recovery or a new best, ``>= best - tolerance``) every scale is multiplied by
+      `increase`, never above `max_scale`.
+
+    The signal is the portfolio's, shared by all components, so the scales move together; they are kept
+    per component so that each rate is logged (and can be set) by name. The first evaluation sets the
+    best and counts as a recovery.
+    """
+
+    def __init__(
+        self,
+        base: dict[str, float],
+        decrease: float = 0.5,
+        increase: float = 1.5,
+        min_scale: float = 0.1,
+        max_scale: float = 1.0,
+        tolerance: float = 0.0,
+    ):
+        if not 0.0 < decrease <= 1.0 or increase < 1.0:
+            raise ValueError(f"need 0 < decrease <= 1 <= increase, got decrease={decrease}, increase={increase}")
+        if not 0.0 < min_scale <= max_scale:
+            raise ValueError(f"need 0 < min_scale <= max_scale, got {min_scale} and {max_scale}")
+        if tolerance < 0.0:
+            raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+        self.base = {name: float(rate) for name, rate in base.items()}
+        self.decrease, self.increase = float(decrease), float(increase)
+        self.min_scale, self.max_scale, self.tolerance = float(min_scale), float(max_scale), float(tolerance)
+        self.scales = {name: self.max_scale for name in self.base}
+        self.best: float | None = None
+
+    def step(self, val_sharpe: float) -> dict[str, float]:
+        """Adapt the scales to one validation Sharpe; return the new rates."""
+        val_sharpe = float(val_sharpe)
+        fell = not math.isfinite(val_sharpe) or (self.best is not None and val_sharpe < self.best - self.tolerance)
+        for name, scale in self.scales.items():
+            if fell:
+                self.scales[name] = max(self.min_scale, scale * self.decrease)
+            else:
+                self.scales[name] = min(self.max_scale, scale * self.increase)
+        if math.isfinite(val_sharpe) and (self.best is None or val_sharpe > self.best):
+            self.best = val_sharpe
+        return self.rates()
+
+    def rates(self) -> dict[str, float]:
+        """The current learning rate of each component (``base * scale``)."""
+        return {name: self.base[name] * self.scales[name] for name in self.base}
+
+    def apply(self, optimizer: torch.optim.Optimizer, group_names: Iterable[str] | None = None, factor: float = 1.0):
+        """Write ``factor * rate`` into each optimizer param group whose ``"name"`` is a component.
+
+        `group_names` restricts the write to those components (default: all); `factor` carries a
+        schedule such as linear annealing. Groups without a matching ``"name"`` are left alone.
+        """
+        names = set(self.base) if group_names is None else set(group_names)
+        unknown = names - set(self.base)
+        if unknown:
+            raise KeyError(f"no adaptive rate for {sorted(unknown)}; components are {sorted(self.base)}")
+        rates = self.rates()
+        for group in optimizer.param_groups:
+            if group.get("name") in names:
+                group["lr"] = factor * rates[group["name"]]
+
+    def state_dict(self) -> dict:
+        """Plain Python values (for checkpoints): the scales and the best Sharpe (None before any)."""
+        return {"scales": dict(self.scales), "best": self.best}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`; its components must match this instance's."""
+        if set(state["scales"]) != set(self.base):
+            raise KeyError(
+                f"adaptive-rate state has components {sorted(state['scales'])}, expected {sorted(self.base)}"
+            )
+        self.scales = {name: float(scale) for name, scale in state["scales"].items()}
+        self.best = None if state["best"] is None else float(state["best"])

@@ -1,0 +1,111 @@
+"""phase3_joint.py: outputs, switches, exact resume, fine-tuning keeps Phase 2's level, errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import phase1_ppo
+import phase2_meta
+import phase3_joint
+from tests.helpers import tensorboard_tags, write_config
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL = {"num_envs": 8, "num_steps": 32, "batch_size": 64, "n_epochs": 2, "eval_segments": 4}
+
+
+def prepare(tmp: Path, config: Path | None, p1: dict | None = None, p2: dict | None = None) -> tuple[Path, Path]:
+    """Phase 1 and Phase 2 outputs for `config` (tiny budgets unless given)."""
+    common = dict(config=None if config is None else str(config), device="cpu", progress=False)
+    phase1_ppo.main(phase1_ppo.Args(output_dir=str(tmp / "p1"), log_dir=str(tmp / "l1"),
+                                    **common, **{**SMALL, "timesteps": 512, **(p1 or {})}))  # fmt: skip
+    phase2_meta.main(phase2_meta.Args(output_dir=str(tmp / "p2"), log_dir=str(tmp / "l2"),
+                                      specialists_dir=str(tmp / "p1"), **common,
+                                      **{**SMALL, "timesteps": 512, **(p2 or {})}))  # fmt: skip
+    return tmp / "p1", tmp / "p2"
+
+
+def phase3(tmp: Path, config: Path | None, dirs: tuple[Path, Path], name: str = "p3", **kwargs) -> dict:
+    args = phase3_joint.Args(config=None if config is None else str(config), output_dir=str(tmp / name),
+                             log_dir=str(tmp / f"l_{name}"), phase1_dir=str(dirs[0]), phase2_dir=str(dirs[1]),
+                             device="cpu", progress=False,
+                             **{**SMALL, "timesteps": 1024, "eval_episodes": 4, **kwargs})  # fmt: skip
+    return phase3_joint.main(args)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("p3")
+    config = write_config(tmp / "c.yaml")
+    return tmp, config, prepare(tmp, config)
+
+
+def test_smoke_subprocess_writes_every_output(tiny, tmp_path):
+    _, config, (p1, p2) = tiny
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    cmd = [sys.executable, "phase3_joint.py", "--config", str(config), "--timesteps", "1280", "--phase1-dir", str(p1),
+           "--phase2-dir", str(p2), "--output-dir", str(out), "--log-dir", str(logs), "--device", "cpu",
+           "--num-envs", "8", "--num-steps", "32", "--batch-size", "64", "--n-epochs", "1", "--eval-interval", "2",
+           "--eval-episodes", "5", "--specialist-update-freq", "2"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Phase 3 validation" in done.stdout and "5 validation episodes" in done.stdout
+    for name in ("latest.pt", "best.pt", "metrics.json"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("portfolio", "baselines", "allocation_efficiency", "specialist_utilization", "per_regime", "targets",
+                "data", "episodes"):  # fmt: skip
+        assert key in metrics, key
+    assert set(metrics["episodes"]["sharpe"]) == {"mean", "std", "min", "max"}
+    tags = tensorboard_tags(logs)
+    for tag in ("charts/SPS", "losses/approx_kl", "trading/sharpe", "curriculum/level", "coordination/conflict_rate",
+                "coordination/cosine", "coordination/grad_norm_meta", "coordination/lr_meta",
+                "coordination/lr_specialists"):  # fmt: skip
+        assert tag in tags, tag
+
+
+@pytest.mark.parametrize("switches", [{"gradient_coordination": False}, {"curriculum_learning": False}])
+def test_switches_run(tiny, switches):
+    tmp, config, dirs = tiny
+    metrics = phase3(tmp, config, dirs, name="switch_" + "_".join(switches), **switches)
+    for key, value in switches.items():
+        assert metrics[key] is value
+
+
+def test_interrupted_run_resumes_to_the_same_result(tiny):
+    tmp, config, dirs = tiny
+    unbroken = phase3(tmp, config, dirs, name="unbroken", timesteps=1536, eval_interval=2)
+    assert (
+        phase3(tmp, config, dirs, name="broken", timesteps=1536, eval_interval=2, stop_after=3)["stopped_at_iteration"]
+        == 3
+    )
+    resumed = phase3(tmp, config, dirs, name="broken", timesteps=1536, eval_interval=2, resume=True)
+    drop = ("timing",)
+    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in unbroken.items() if k not in drop}
+
+
+def test_fine_tuning_keeps_phase2_level(tmp_path):
+    """Default synthetic market, short budgets. Tolerance: Phase 3's best validation Sharpe (picked during
+    fine-tuning, not including the starting point) stays within 0.3 of Phase 2's."""
+    budget = dict(num_envs=32, num_steps=64, batch_size=256, n_epochs=4, eval_interval=5, eval_segments=16)
+    dirs = prepare(tmp_path, None, p1={**budget, "timesteps": 40960}, p2={**budget, "timesteps": 20480})
+    phase2_sharpe = json.loads((dirs[1] / "metrics.json").read_text())["portfolio"]["sharpe"]
+    metrics = phase3(tmp_path, None, dirs, **{**budget, "timesteps": 20480, "eval_episodes": 8})
+    assert metrics["phase2_sharpe"] == phase2_sharpe
+    assert metrics["portfolio"]["sharpe"] >= phase2_sharpe - 0.3, (metrics["portfolio"]["sharpe"], phase2_sharpe)
+
+
+@pytest.mark.parametrize("missing", ["phase1", "phase2"])
+def test_missing_outputs_are_clear_errors(tiny, tmp_path, missing):
+    _, config, (p1, p2) = tiny
+    p1 = tmp_path / "none" if missing == "phase1" else p1
+    p2 = tmp_path / "none" if missing == "phase2" else p2
+    cmd = [sys.executable, "phase3_joint.py", "--config", str(config), "--phase1-dir", str(p1),
+           "--phase2-dir", str(p2), "--output-dir", str(tmp_path / "o"), "--log-dir", str(tmp_path / "l"),
+           "--device", "cpu"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    script = "phase1_ppo.py" if missing == "phase1" else "phase2_meta.py"
+    assert "checkpoint not found" in done.stderr and script in done.stderr and "Traceback" not in done.stderr

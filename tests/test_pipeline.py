@@ -1,0 +1,153 @@
+"""pipeline.py end to end: every output, kill -9 and resume, CSV data, clear errors that touch nothing."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.helpers import write_config
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_BUDGET = ["--phase1-timesteps", "1024", "--phase2-timesteps", "1024", "--phase3-timesteps", "1024",
+               "--num-envs", "8", "--eval-episodes", "3", "--device", "cpu"]  # fmt: skip
+REPORT_KEYS = ("portfolio", "baselines", "allocation_efficiency", "specialist_utilization", "per_regime", "targets",
+               "data")  # fmt: skip
+PORTFOLIO_KEYS = ("sharpe", "sortino", "calmar", "max_drawdown", "win_rate", "total_return", "annual_volatility",
+                  "var_compliance", "var_breach_rate", "turnover")  # fmt: skip
+
+
+def pipeline(tmp: Path, *extra: str, config: Path | None = None, wait: bool = True, timeout: int = 600):
+    cmd = [sys.executable, "pipeline.py", "--output-dir", str(tmp / "out"), "--log-dir", str(tmp / "logs"),
+           *TINY_BUDGET, *(["--config", str(config)] if config else []), *extra]  # fmt: skip
+    if not wait:
+        return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipe")
+    config = write_config(tmp / "c.yaml")
+    done = pipeline(tmp, "--mode", "train", config=config)
+    assert done.returncode == 0, done.stderr
+    return tmp, config, done
+
+
+def test_train_writes_every_output(trained):
+    tmp, _, done = trained
+    out, logs = tmp / "out", tmp / "logs"
+    assert "Test evaluation" in done.stdout and ("PASS" in done.stdout or "FAIL" in done.stdout)
+    for phase in ("phase1", "phase2", "phase3"):
+        for name in ("latest.pt", "best.pt", "metrics.json"):
+            assert (out / phase / name).is_file(), (phase, name)
+        assert (logs / phase / "training.log").is_file() and list((logs / phase).glob("events.out.tfevents.*"))
+    manifest = json.loads((out / "pipeline.json").read_text())
+    assert all(manifest["phases"][p]["completed"] for p in ("phase1", "phase2", "phase3"))
+    assert manifest["phases"]["phase1"]["global_step"] == 1024 and manifest["config_hash"]
+    assert "torch" in manifest["versions"] and manifest["seed"] == 1
+    report = json.loads((out / "eval" / "report.json").read_text())
+    for key in REPORT_KEYS:
+        assert key in report, key
+    for key in PORTFOLIO_KEYS:
+        assert key in report["portfolio"], key
+        for name in ("equal_weight", "buy_and_hold", "risk_parity", "momentum", "oracle"):
+            assert key in report["baselines"][name], (name, key)
+    assert report["data"]["split"] == "test" and report["data"]["source"] == "synthetic"
+    assert {t["metric"] for t in report["targets"]} >= {"sharpe", "max_drawdown", "win_rate", "var_compliance"}
+    assert report["portfolio"]["var_compliance"] == 1.0
+    for png in ("equity.png", "allocation.png"):
+        data = (out / "eval" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    assert "## " in (out / "eval" / "report.md").read_text()
+
+
+def test_eval_again_reproduces_the_report(trained):
+    tmp, config, _ = trained
+    before = json.loads((tmp / "out" / "eval" / "report.json").read_text())
+    done = pipeline(tmp, "--mode", "eval", config=config)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp / "out" / "eval" / "report.json").read_text()) == before
+
+
+def test_killed_run_resumes_to_the_same_result(trained, tmp_path):
+    ref_tmp, config, _ = trained
+    reference = json.loads((ref_tmp / "out" / "eval" / "report.json").read_text())
+    process = pipeline(tmp_path, "--mode", "train", config=config, wait=False)
+    target = tmp_path / "out" / "phase2" / "latest.pt"  # kill during Phase 2
+    deadline = time.time() + 300
+    while not target.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    manifest = json.loads((tmp_path / "out" / "pipeline.json").read_text())
+    assert not manifest["phases"].get("phase3", {}).get("completed")
+    done = pipeline(tmp_path, "--mode", "resume", config=config)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "out" / "eval" / "report.json").read_text()) == reference
+
+
+def write_csv_market(folder: Path, symbols: list[str], bars: int = 1500) -> None:
+    rng = np.random.default_rng(0)
+    dates = pd.bdate_range("2001-01-01", periods=bars)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, symbol in enumerate(symbols):
+        close = 100 * np.exp(np.cumsum(rng.normal(0.0002 * (i - 1), 0.01, bars)))
+        pd.DataFrame({"Date": dates, "Open": close, "Close": close}).to_csv(folder / f"{symbol}.csv", index=False)
+
+
+def test_csv_end_to_end_with_two_asset_classes(tmp_path):
+    data = tmp_path / "data"
+    write_csv_market(data, ["SPX500", "NAS100", "XAUUSD"])
+    config = write_config(tmp_path / "c.yaml")
+    done = pipeline(tmp_path, "--mode", "train", "--data-dir", str(data), "--instruments", "SPX500", "NAS100",
+                    "XAUUSD", config=config)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "out" / "eval" / "report.json").read_text())
+    assert report["data"]["source"] == "csv" and report["data"]["split"] == "test"
+    assert report["data"]["instruments"] == ["SPX500", "NAS100", "XAUUSD"]
+    assert "oracle" not in report["baselines"]
+    assert set(report["specialist_utilization"]) >= {"commodities", "equity"}
+    assert "forex" not in report["specialist_utilization"]
+    assert report["limits"]["max_sector"] == 0.5  # two sectors: the 40% limit is infeasible and relaxed
+    assert "skipped" in (tmp_path / "logs" / "phase1" / "training.log").read_text()
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "case, extra, message",
+    [
+        ("eval-untrained", ["--mode", "eval"], "run `python pipeline.py --mode train`"),
+        ("resume-nothing", ["--mode", "resume"], "nothing to resume"),
+        ("missing-config", ["--mode", "train", "--config", "nope.yaml"], "config file not found"),
+        ("bad-csv", ["--mode", "train", "--data-dir", "DATA"], "close"),
+    ],
+)
+def test_bad_input_is_one_paragraph_and_exit_2(tmp_path, case, extra, message):
+    if case == "bad-csv":
+        data = tmp_path / "data"
+        write_csv_market(data, ["SPX500"], 300)
+        (data / "SPX500.csv").write_text("Date,Open\n2001-01-01,1\n")
+        extra = [x.replace("DATA", str(data)) for x in extra] + ["--instruments", "SPX500"]
+    done = pipeline(tmp_path, *extra)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) <= 3
+
+
+def test_resume_with_another_config_is_refused_and_touches_nothing(trained, tmp_path):
+    tmp, config, _ = trained
+    other = write_config(tmp_path / "other.yaml", {"reward": {"risk_penalty_weight": 2.0}})
+    before = snapshot(tmp / "out")
+    done = pipeline(tmp, "--mode", "resume", config=other)
+    assert done.returncode == 2 and "config hash" in done.stderr and "--force" in done.stderr
+    assert snapshot(tmp / "out") == before
