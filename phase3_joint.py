@@ -323,9 +323,9 @@ def main(args: Args) -> dict:
         b_spec_logprobs, b_own_adv, b_own_returns = (x.reshape(m, n) for x in (spec_logprobs, own_adv, own_returns))
 
         update_meta, update_specialists = schedule.meta(iteration), schedule.specialists(iteration)
-        stats = {"conflicts": [], "cosine": [], "norm_meta": [], "norm_specialists": []}
+        stats = {"conflicts": [], "cosine": [], "norm_meta": [], "norm_specialists": [], "pg": []}
         clipfracs = []
-        for _epoch in range(args.n_epochs):
+        for _epoch in range(args.n_epochs if update_meta or update_specialists else 0):
             perm = torch.randperm(m, device=device)
             for start in range(0, m, args.batch_size):
                 mb = perm[start : start + args.batch_size]
@@ -338,51 +338,21 @@ def main(args: Args) -> dict:
                                                         args.clip_range)  # fmt: skip
                 meta_v_loss = 0.5 * ((new_meta_value - b_meta_returns[mb]) ** 2).mean()
                 meta_loss = meta_pg - args.ent_coef * meta_entropy.mean() + args.vf_coef * meta_v_loss
-                # specialists: portfolio advantage (per row, shared by its slots) and their own advantage
-                mean, log_std, new_spec_value = specialists.forward_per_slot(b_inst_obs[mb], owner)
-                dist = torch.distributions.Normal(mean, log_std.exp().expand_as(mean))
-                new_spec_logprob = dist.log_prob(b_spec_actions[mb])
-                w = args.specialist_portfolio_weight
-                port_pg, ratio_spec = clipped_surrogate(
-                    new_spec_logprob, b_spec_logprobs[mb], meta_adv_mb.unsqueeze(-1).expand_as(mean), args.clip_range
-                )
-                own_pg, _ = clipped_surrogate(new_spec_logprob, b_spec_logprobs[mb], normalise(b_own_adv[mb]),
-                                              args.clip_range)  # fmt: skip
-                spec_rest = args.vf_coef * 0.5 * ((new_spec_value - b_own_returns[mb]) ** 2).mean()
-                spec_rest = spec_rest - args.ent_coef * dist.entropy().mean()
                 with torch.no_grad():
                     clipfracs.append(((ratio_meta - 1.0).abs() > args.clip_range).float().mean())
                     approx_kl = ((ratio_meta - 1) - ratio_meta.log()).mean()
-
                 optimizer.zero_grad()
-                meta_loss.backward()
-                params = list(specialists.parameters())
-                g_port = grads_of(w * port_pg, params, retain=True)
-                g_own = grads_of((1 - w) * own_pg, params, retain=True)
-                g_rest = grads_of(spec_rest, params, retain=False)
-                if coordinate:
-                    for i in range(k):  # three specialists: a short loop over components, not over rows
-                        cos, conflicted = project_conflict_([g[i] for g in g_own], [g[i] for g in g_port])
-                        stats["cosine"].append(cos)
-                        stats["conflicts"].append(conflicted.float())
-                for p, gp, go, gr in zip(params, g_port, g_own, g_rest, strict=True):
-                    p.grad = gp + go + gr
-                if coordinate:
-                    stats["norm_meta"].append(clip_component_(component_grads(meta), args.max_grad_norm))
-                    for i in range(k):
-                        stats["norm_specialists"].append(
-                            clip_component_(component_grads(specialists, i), args.max_grad_norm)
-                        )
-                else:
-                    torch.nn.utils.clip_grad_norm_([*meta.parameters(), *params], args.max_grad_norm)
-                if not update_meta:
-                    for p in meta.parameters():
-                        p.grad = None  # Adam skips parameters without a gradient
-                if not update_specialists:
-                    for p in params:
-                        p.grad = None
-                if update_meta or update_specialists:
-                    optimizer.step()
+                if update_meta:
+                    meta_loss.backward()
+                    if coordinate:
+                        stats["norm_meta"].append(clip_component_(component_grads(meta), args.max_grad_norm))
+                if update_specialists:  # (4 iterations in 5 skip this work entirely with coordination on)
+                    specialist_gradients(specialists, owner, b_inst_obs[mb], b_spec_actions[mb], b_spec_logprobs[mb],
+                                         meta_adv_mb, b_own_adv[mb], b_own_returns[mb], args, coordinate,
+                                         stats)  # fmt: skip
+                if not coordinate:
+                    torch.nn.utils.clip_grad_norm_([*meta.parameters(), *specialists.parameters()], args.max_grad_norm)
+                optimizer.step()  # Adam skips the parameters of a level that got no gradient
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes (one host sync per iteration)
         sps = int((global_step - start_step) / max(time.time() - start_time, 1e-9))
@@ -395,19 +365,19 @@ def main(args: Args) -> dict:
             "losses/approx_kl": approx_kl.item(),
             "losses/clipfrac": torch.stack(clipfracs).mean().item(),
             "losses/explained_variance": explained_variance(meta_values.reshape(-1), b_meta_returns),
-            "losses/specialist_portfolio_pg": port_pg.item(),
-            "losses/specialist_own_pg": own_pg.item(),
             "curriculum/level": level,
             "coordination/lr_meta": optimizer.param_groups[0]["lr"],
             "coordination/lr_specialists": optimizer.param_groups[1]["lr"],
             "coordination/meta_updated": float(update_meta),
             "coordination/specialists_updated": float(update_specialists),
         }
-        if coordinate:
-            scalars["coordination/conflict_rate"] = torch.stack(stats["conflicts"]).mean().item()
-            scalars["coordination/cosine"] = torch.stack(stats["cosine"]).mean().item()
-            scalars["coordination/grad_norm_meta"] = torch.stack(stats["norm_meta"]).mean().item()
-            scalars["coordination/grad_norm_specialists"] = torch.stack(stats["norm_specialists"]).mean().item()
+        if stats["pg"]:
+            portfolio_pg, own_pg = torch.stack(stats["pg"]).mean(0).tolist()
+            scalars["losses/specialist_portfolio_pg"], scalars["losses/specialist_own_pg"] = portfolio_pg, own_pg
+        for key, name in (("conflicts", "conflict_rate"), ("cosine", "cosine"), ("norm_meta", "grad_norm_meta"),
+                          ("norm_specialists", "grad_norm_specialists")):  # fmt: skip
+            if stats[key]:  # logged on the iterations that updated that component
+                scalars[f"coordination/{name}"] = torch.stack(stats[key]).mean().item()
         if ep_count.item() > 0:
             scalars["charts/episodic_return"] = (ep_return_sum / ep_count).item()
         for key, value in scalars.items():
@@ -510,6 +480,35 @@ def main(args: Args) -> dict:
     print(f"{args.eval_episodes} validation episodes (mean +- std):\n{spread}")
     writer.close()
     return result
+
+
+def specialist_gradients(specialists, owner, obs, actions, old_logprobs, portfolio_adv, own_adv, own_returns, args,
+                         coordinate: bool, stats: dict) -> None:  # fmt: skip
+    """Set the specialists' `.grad`: portfolio and own policy gradients (PCGrad-projected where they
+    conflict, with coordination), the value loss and the entropy bonus; clip per specialist."""
+    mean, log_std, value = specialists.forward_per_slot(obs, owner)
+    dist = torch.distributions.Normal(mean, log_std.exp().expand_as(mean))
+    logprob = dist.log_prob(actions)
+    w = args.specialist_portfolio_weight
+    # the portfolio advantage is per row: every slot (instrument) of the row shares it
+    port_pg, _ = clipped_surrogate(logprob, old_logprobs, portfolio_adv.unsqueeze(-1).expand_as(mean), args.clip_range)
+    own_pg, _ = clipped_surrogate(logprob, old_logprobs, normalise(own_adv), args.clip_range)
+    rest = args.vf_coef * 0.5 * ((value - own_returns) ** 2).mean() - args.ent_coef * dist.entropy().mean()
+    params = list(specialists.parameters())
+    g_port = grads_of(w * port_pg, params, retain=True)
+    g_own = grads_of((1 - w) * own_pg, params, retain=True)
+    g_rest = grads_of(rest, params, retain=False)
+    stats["pg"].append(torch.stack([port_pg.detach(), own_pg.detach()]))
+    if coordinate:
+        for i in range(len(specialists.names)):  # three specialists: a short loop over components, not rows
+            cos, conflicted = project_conflict_([g[i] for g in g_own], [g[i] for g in g_port])
+            stats["cosine"].append(cos)
+            stats["conflicts"].append(conflicted.float())
+    for p, gp, go, gr in zip(params, g_port, g_own, g_rest, strict=True):
+        p.grad = gp + go + gr
+    if coordinate:
+        for i in range(len(specialists.names)):
+            stats["norm_specialists"].append(clip_component_(component_grads(specialists, i), args.max_grad_norm))
 
 
 def gae(rewards, values, final_values, next_value, truncs, gamma: float, lam: float) -> torch.Tensor:
