@@ -338,6 +338,8 @@ def _check_actions(actions, shape: tuple[int, ...], device) -> torch.Tensor:
 
 
 def _to_numpy(x):
+    """NumPy mode only (Gymnasium's convention at the API boundary); torch mode, which the training
+    scripts use, never copies to the host."""
     if isinstance(x, dict):
         return {k: _to_numpy(v) for k, v in x.items()}
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
