@@ -30,6 +30,19 @@ def write_config(path: Path, overrides: dict | None = None) -> Path:
     return path
 
 
+def tight_config():
+    """Small synthetic splits (600 bars) and limits tight enough that the risk manager has work to do."""
+    from mtq_common.config import Config
+
+    cfg = Config()
+    for key in ("train_bars", "val_bars", "test_bars"):
+        setattr(cfg.data.synthetic, key, 600)
+    cfg.environment.max_portfolio_var = 0.004
+    cfg.environment.max_sector_allocation = 0.35
+    cfg.environment.max_correlation_exposure = 0.5
+    return cfg
+
+
 def tensorboard_tags(log_dir: Path) -> set[str]:
     """Scalar tags in the event files of `log_dir`, read back with TensorBoard's own reader."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -28,30 +28,15 @@ from mtq_common.portfolio_eval import (
     specialist_utilization,
     target_checks,
 )
+from tests.helpers import tight_config
 
 SEGMENTS = 8
 Z95 = 1.6448536269514722
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Bars of tiny tensors: two intra-op threads on a busy two-core machine are many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def cfg() -> Config:
-    """Small splits and limits tight enough that the risk manager has work to do."""
-    cfg = Config()
-    for key in ("train_bars", "val_bars", "test_bars"):
-        setattr(cfg.data.synthetic, key, 600)
-    cfg.environment.max_portfolio_var = 0.004
-    cfg.environment.max_sector_allocation = 0.35
-    cfg.environment.max_correlation_exposure = 0.5
-    return cfg
+    return tight_config()
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ from mtq_common.report import (
     sleeve_performance,
     write_report,
 )
+from tests.helpers import tight_config
 
 SEGMENTS = 4
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -47,25 +48,9 @@ EPISODES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Bars of tiny tensors: two intra-op threads on a busy two-core machine are many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-# The recipe of tests/test_portfolio_eval.py: small splits, tight limits, random specialists that trade.
 @pytest.fixture(scope="module")
 def cfg() -> Config:
-    cfg = Config()
-    for key in ("train_bars", "val_bars", "test_bars"):
-        setattr(cfg.data.synthetic, key, 600)
-    cfg.environment.max_portfolio_var = 0.004
-    cfg.environment.max_sector_allocation = 0.35
-    cfg.environment.max_correlation_exposure = 0.5
-    return cfg
+    return tight_config()
 
 
 @pytest.fixture(scope="module")
