@@ -75,13 +75,14 @@ def evaluate_specialists(
     bars = slice(starts[0], starts[0] + s * length + 1)
     baselines = _baseline_returns(market, cfg, bars, [market.symbols[i] for i in instruments])
     rf = cfg.reward.risk_free_rate
+    cash = rf / market.bars_per_year  # the account's cash yield: part of its return, not of any trade's PnL
 
     result: dict = {}
     for j, i in enumerate(instruments):
         row = {
             key: value
             for key, value in metrics.summarize(
-                net[:, j], market.bars_per_year, rf, positions=held[:, j], pnl=net[:, j]
+                net[:, j], market.bars_per_year, rf, positions=held[:, j], pnl=net[:, j] - cash
             ).items()
             if key in METRIC_KEYS
         }

@@ -119,3 +119,27 @@ def test_clear_errors(tmp_path, extra, message):
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_trade_pnl_excludes_the_cash_yield(tmp_path):
+    """A trade's PnL is its trading return net of costs: the account's cash yield must not turn a
+    losing trade into a win (found by review: tiny runs reported win rates near 1 with negative Sharpe)."""
+    import numpy as np
+
+    from mtq_common.config import Config
+    from mtq_common.evaluation import evaluate_specialists
+    from mtq_common.market import load_splits
+    from mtq_common.nets import SpecialistAgents
+
+    cfg = Config()
+    cfg.data.synthetic.val_bars = 600
+    cfg.reward.risk_free_rate = 0.4  # a huge cash yield: it would dominate every trade's PnL
+    val = load_splits(cfg)["val"]
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    agents = SpecialistAgents(cfg.specialists, 22, hidden=4)
+    with torch.no_grad():
+        agents.actor[-1].bias.fill_(0.05)  # tiny long positions, costs on every entry
+    result = evaluate_specialists(agents, val, cfg, segments=4)
+    rows = [r for t in result.values() for k, r in t.items() if k != "mean_sharpe"]
+    assert np.mean([r["win_rate"] for r in rows]) < 0.9

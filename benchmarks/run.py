@@ -1,0 +1,270 @@
+"""Seed sweep: run a training command over configs x seeds and tabulate the metrics across seeds.
+
+    python -m benchmarks.run --command "python phase1_ppo.py --timesteps 4096" --seeds 1 2 3 \\
+        [--configs a.yaml b.yaml] [--workers 2] [--output-dir runs/bench] [--run] [--json results.json]
+
+CleanRL's benchmark utility, adapted. Each run is the command plus `--seed S`, `--config C` (only when
+configs are given), `--output-dir OUT/<config stem or default>/seed_S`, `--log-dir .../seed_S/logs` and
+`--no-progress`. Without `--run` the expanded commands are printed and nothing runs. With `--run` they
+run in a pool of `--workers` processes from the repository root with `OMP_NUM_THREADS=1`; a leading
+`python` runs as this interpreter. Every run's `metrics.json` is flattened ("/"-joined keys, lists,
+strings and anything under "timing" left out) and summarised per config: mean, std (ddof=1), min, max
+and n. The rows matching `--metrics` (glob patterns) are printed, shallowest keys first; the full table,
+the commands and each run's status go to `--json` (default OUT/results.json). The exit code is non-zero
+when any run failed or wrote no metrics.json.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tyro
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_GROUP = "default"
+
+
+@dataclass
+class Args:
+    command: str
+    """Training command, e.g. "python phase1_ppo.py --timesteps 4096" (seed, config and dirs are appended)."""
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    """Seeds to run each config with."""
+    configs: list[str] = field(default_factory=list)
+    """YAML configs to sweep (each passed as --config); empty: the command's own default."""
+    output_dir: str = "runs/bench"
+    """Root of the runs' output dirs (relative paths are from the repository root)."""
+    workers: int = 1
+    """Runs executed at the same time."""
+    run: bool = False
+    """Execute the runs; without it the expanded commands are only printed."""
+    json: str | None = None
+    """Where the full table goes as JSON (default: <output-dir>/results.json)."""
+    metrics: list[str] = field(default_factory=lambda: ["*sharpe", "*max_drawdown", "*win_rate", "*total_return"])
+    """Print the rows whose key matches one of these glob patterns (e.g. "specialists/*sharpe")."""
+    max_rows: int = 40
+    """Printed rows per config at most (the JSON holds them all)."""
+    timeout: float | None = None
+    """Seconds a run may take before it is killed and counted as failed (unset: no limit)."""
+    stderr_lines: int = 20
+    """Lines of a run's stderr kept for the report."""
+
+
+@dataclass
+class Run:
+    command: list[str]
+    """Full argv of the run."""
+    seed: int
+    """Its --seed."""
+    config: str | None
+    """Its --config (None: the command's default)."""
+    output_dir: str
+    """Its --output-dir, where metrics.json is read from."""
+
+    @property
+    def group(self) -> str:
+        """Name of the config group the run is aggregated under."""
+        return Path(self.config).stem if self.config else DEFAULT_GROUP
+
+
+@dataclass
+class Outcome:
+    run: Run
+    returncode: int | None = None
+    """Exit status (None: killed by --timeout)."""
+    status: str = "not run"
+    """ok, failed, timeout or no metrics."""
+    stderr_tail: str = ""
+    seconds: float = 0.0
+    metrics: dict[str, float] | None = None
+    """Flattened metrics.json of a successful run."""
+
+
+def expand(command: str, seeds: list[int], configs: list[str], output_dir: str) -> list[Run]:
+    """One Run per (config, seed): the command split like a shell would, plus the per-run flags."""
+    base = shlex.split(command)
+    if not base:
+        raise ValueError("--command is empty")
+    stems = [Path(c).stem for c in configs]
+    if len(set(stems)) != len(stems):
+        raise ValueError(f"configs must have distinct file stems (they name the output dirs): {configs}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct: {seeds}")
+    runs = []
+    for config in configs or [None]:
+        group = Path(config).stem if config else DEFAULT_GROUP
+        for seed in seeds:
+            out = str(Path(output_dir) / group / f"seed_{seed}")
+            argv = [*base, "--seed", str(seed)]
+            if config:
+                argv += ["--config", config]
+            argv += ["--output-dir", out, "--log-dir", str(Path(out) / "logs"), "--no-progress"]
+            runs.append(Run(command=argv, seed=seed, config=config, output_dir=out))
+    return runs
+
+
+def flatten(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a nested dict under "/"-joined keys; lists, strings, bools and "timing" are left out."""
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        if key == "timing":
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[name] = float(value)
+    return flat
+
+
+def aggregate(runs: list[dict[str, float]]) -> dict[str, dict]:
+    """Per key (in first-seen order): mean, std (ddof=1, 0 for one value), min, max and n over the runs with it."""
+    keys = list(dict.fromkeys(key for flat in runs for key in flat))  # first-seen order: metrics.json's own
+    table = {}
+    for key in keys:
+        values = np.array([flat[key] for flat in runs if key in flat], dtype=np.float64)
+        table[key] = {
+            "mean": float(values.mean()),
+            "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+            "min": float(values.min()),
+            "max": float(values.max()),
+            "n": len(values),
+        }
+    return table
+
+
+def execute(run: Run, timeout: float | None, stderr_lines: int) -> Outcome:
+    """Run one command from the repository root with OMP_NUM_THREADS=1 and read its metrics.json."""
+    argv = list(run.command)
+    # "python" on PATH may not be this venv's interpreter; the runs should use the one running us.
+    if argv[0] in ("python", "python3"):
+        argv[0] = sys.executable
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    start = time.perf_counter()
+    outcome = Outcome(run)
+    try:
+        done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        outcome.status, outcome.stderr_tail = "timeout", tail(stderr, stderr_lines)
+    except OSError as e:  # the program itself could not be started
+        outcome.status, outcome.stderr_tail = "failed", str(e)
+    else:
+        outcome.returncode, outcome.stderr_tail = done.returncode, tail(done.stderr, stderr_lines)
+        metrics_path = REPO / run.output_dir / "metrics.json"
+        if done.returncode != 0:
+            outcome.status = "failed"
+        elif not metrics_path.is_file():
+            outcome.status = "no metrics"
+        else:
+            outcome.status, outcome.metrics = "ok", flatten(json.loads(metrics_path.read_text()))
+    outcome.seconds = time.perf_counter() - start
+    return outcome
+
+
+def tail(text: str, lines: int) -> str:
+    """The last `lines` lines of `text`."""
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def selected_rows(table: dict[str, dict], patterns: list[str]) -> list[str]:
+    """Keys of `table` matching one of the glob `patterns`, shallow keys (summaries) first."""
+    keys = [key for key in table if any(fnmatch.fnmatchcase(key, p) for p in patterns)]
+    return sorted(keys, key=lambda key: key.count("/"))  # stable: same depth keeps the table's order
+
+
+def format_table(group: str, table: dict[str, dict], rows: list[str]) -> str:
+    """A fixed-width text table of the chosen rows of one config group."""
+    width = max([len(key) for key in rows] + [len(group)])
+    lines = [f"{group:<{width}}{'mean':>10}{'std':>10}{'min':>10}{'max':>10}{'n':>4}"]
+    for key in rows:
+        s = table[key]
+        lines.append(f"{key:<{width}}{s['mean']:>10.3f}{s['std']:>10.3f}{s['min']:>10.3f}{s['max']:>10.3f}{s['n']:>4}")
+    return "\n".join(lines)
+
+
+def finite_or_none(value):
+    """JSON has no NaN or infinity: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def main(args: Args) -> int:
+    runs = expand(args.command, args.seeds, args.configs, args.output_dir)
+    if not args.run:
+        for run in runs:
+            print(shlex.join(run.command))
+        return 0
+
+    # RUN: a thread per worker, each waiting on one subprocess at a time
+    print(f"running {len(runs)} runs with {args.workers} workers", flush=True)
+    outcomes: dict[int, Outcome] = {}
+    with ThreadPoolExecutor(max_workers=max(1, args.workers)) as pool:
+        futures = {pool.submit(execute, run, args.timeout, args.stderr_lines): i for i, run in enumerate(runs)}
+        for future in as_completed(futures):
+            outcome = outcomes[futures[future]] = future.result()
+            print(f"[{len(outcomes)}/{len(runs)}] {outcome.status:<10} {outcome.run.group} seed={outcome.run.seed} "
+                  f"({outcome.seconds:.1f} s)", flush=True)  # fmt: skip
+    ordered = [outcomes[i] for i in range(len(runs))]
+
+    # REPORT: failures first, then one table per config group
+    failures = [o for o in ordered if o.status != "ok"]
+    for o in failures:
+        print(f"\nFAILED ({o.status}, return code {o.returncode}): {shlex.join(o.run.command)}", file=sys.stderr)
+        if o.stderr_tail:
+            print(o.stderr_tail, file=sys.stderr)
+    groups: dict[str, list[dict[str, float]]] = {}
+    for o in ordered:
+        groups.setdefault(o.run.group, [])
+        if o.metrics is not None:
+            groups[o.run.group].append(o.metrics)
+    tables = {group: aggregate(flats) for group, flats in groups.items()}
+    for group, table in tables.items():
+        rows = selected_rows(table, args.metrics)
+        print(f"\n{format_table(group, table, rows[: args.max_rows])}")
+        if len(rows) > args.max_rows:
+            print(f"({len(rows) - args.max_rows} more matching rows in the JSON; see --metrics and --max-rows)")
+
+    result = {
+        "commands": [shlex.join(run.command) for run in runs],
+        "runs": [
+            {
+                "command": shlex.join(o.run.command),
+                "seed": o.run.seed,
+                "config": o.run.config,
+                "group": o.run.group,
+                "output_dir": o.run.output_dir,
+                "status": o.status,
+                "returncode": o.returncode,
+                "seconds": o.seconds,
+                "stderr_tail": o.stderr_tail if o.status != "ok" else "",
+            }
+            for o in ordered
+        ],
+        "table": tables,
+    }
+    json_path = REPO / (args.json or Path(args.output_dir) / "results.json")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(finite_or_none(result), indent=2))
+    print(f"\n{len(ordered) - len(failures)}/{len(ordered)} runs ok; table written to {json_path}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(tyro.cli(Args)))

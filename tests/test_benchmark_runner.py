@@ -1,0 +1,118 @@
+"""The seed-sweep runner: expansion, print-only default, aggregation, a real 2-seed run, failure reporting."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+
+import pytest
+
+from benchmarks.run import Args, aggregate, expand, flatten, main, selected_rows
+from tests.helpers import write_config
+
+PY = shlex.quote(sys.executable)
+TINY_PPO = "--timesteps 512 --num-envs 8 --num-steps 32 --batch-size 64 --n-epochs 1 --device cpu"
+
+
+def flag(argv: list[str], name: str) -> str:
+    """The value after `name` in an argv."""
+    return argv[argv.index(name) + 1]
+
+
+def test_expand_seeds_times_configs(tmp_path):
+    runs = expand("python phase1_ppo.py --timesteps 64", [1, 2, 3], ["cfg/a.yaml", "cfg/b.yaml"], str(tmp_path))
+    assert len(runs) == 6
+    assert [(r.config, r.seed) for r in runs] == [(c, s) for c in ("cfg/a.yaml", "cfg/b.yaml") for s in (1, 2, 3)]
+    for run in runs:
+        assert run.command[:4] == ["python", "phase1_ppo.py", "--timesteps", "64"]
+        assert flag(run.command, "--seed") == str(run.seed)
+        assert flag(run.command, "--config") == run.config
+        assert flag(run.command, "--output-dir") == run.output_dir
+        assert flag(run.command, "--log-dir").startswith(run.output_dir)
+        assert "--no-progress" in run.command
+    assert len({r.output_dir for r in runs}) == 6
+    assert runs[0].output_dir.endswith("a/seed_1") and runs[-1].output_dir.endswith("b/seed_3")
+
+
+def test_expand_without_configs_uses_default_group(tmp_path):
+    runs = expand("python x.py", [7], [], str(tmp_path))
+    assert len(runs) == 1 and "--config" not in runs[0].command
+    assert runs[0].output_dir.endswith("default/seed_7")
+    with pytest.raises(ValueError):
+        expand("python x.py", [1], ["a/c.yaml", "b/c.yaml"], str(tmp_path))
+
+
+def test_print_only_by_default(tmp_path, capsys):
+    out = tmp_path / "bench"
+    code = main(Args(command=f"{PY} -c 'raise SystemExit(1)'", seeds=[1, 2], output_dir=str(out)))
+    assert code == 0
+    assert not out.exists()
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    assert "--seed 1" in lines[0] and "--seed 2" in lines[1]
+
+
+def test_flatten_and_aggregate():
+    runs = [
+        {"a": {"sharpe": 1.0, "n": 3, "name": "x", "curve": [1, 2]}, "timing": {"seconds": 5.0}, "ok": True},
+        {"a": {"sharpe": 2.0, "n": 3, "name": "y", "curve": [3]}, "timing": {"seconds": 9.0}, "ok": False},
+        {"a": {"sharpe": 6.0, "n": 3}},
+    ]
+    flat = [flatten(r) for r in runs]
+    assert flat[0] == {"a/sharpe": 1.0, "a/n": 3.0}
+    table = aggregate(flat)
+    assert list(table) == ["a/sharpe", "a/n"]
+    s = table["a/sharpe"]
+    assert s["mean"] == pytest.approx(3.0) and s["std"] == pytest.approx(2.6457513, rel=1e-6)
+    assert (s["min"], s["max"], s["n"]) == (1.0, 6.0, 3)
+    assert table["a/n"]["std"] == 0.0
+    one = aggregate([{"k": 4.0}])["k"]
+    assert (one["mean"], one["std"], one["n"]) == (4.0, 0.0, 1)
+
+
+def test_failing_run_is_reported(tmp_path, capsys):
+    out = tmp_path / "bench"
+    args = Args(command=f"{PY} -c 'import sys; sys.exit(3)'", seeds=[1, 2], output_dir=str(out), workers=2, run=True)
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert "return code 3" in err
+    result = json.loads((out / "results.json").read_text())
+    assert [r["returncode"] for r in result["runs"]] == [3, 3]
+    assert {r["status"] for r in result["runs"]} == {"failed"}
+
+
+@pytest.mark.slow
+def test_two_seed_phase1_sweep(tmp_path, capsys):
+    config = write_config(tmp_path / "tiny.yaml")
+    out = tmp_path / "bench"
+    args = Args(
+        command=f"{PY} phase1_ppo.py {TINY_PPO}",
+        seeds=[1, 2],
+        configs=[str(config)],
+        output_dir=str(out),
+        workers=2,
+        run=True,
+        json=str(tmp_path / "results.json"),
+    )
+    assert main(args) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    for seed in (1, 2):
+        assert (out / "tiny" / f"seed_{seed}" / "metrics.json").is_file()
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert [r["status"] for r in result["runs"]] == ["ok", "ok"]
+    assert len(result["commands"]) == 2
+    table = result["table"]["tiny"]
+    sharpe_keys = [k for k in table if k.endswith("sharpe")]
+    assert sharpe_keys
+    row = table[sharpe_keys[0]]
+    assert row["n"] == 2 and "mean" in row and "std" in row
+    assert not any(k.startswith("timing") for k in table)
+    assert sharpe_keys[0] in printed
+    print(printed)
+
+
+def test_selected_rows_match_globs_summaries_first():
+    table = aggregate([{"a/x/sharpe": 1.0, "a/mean_sharpe": 1.0, "a/x/win_rate": 0.5, "a/x/turnover": 2.0}])
+    assert selected_rows(table, ["*sharpe", "*win_rate"]) == ["a/mean_sharpe", "a/x/sharpe", "a/x/win_rate"]
+    assert selected_rows(table, ["a/x/*"]) == ["a/x/sharpe", "a/x/win_rate", "a/x/turnover"]
