@@ -11,6 +11,10 @@ Episodes end by truncation only (data end or `episode_length`): GAE bootstraps f
 final observation. Outputs: `latest.pt`, `best.pt` (each specialist's slice from its best validation
 Sharpe), rotating `step_*.pt` and `metrics.json` in `--output-dir`; `training.log` and TensorBoard
 events in `--log-dir`.
+
+Data-parallel on N processes or GPUs (`mtq_common.distributed`): `torchrun --nproc_per_node N
+phase1_ppo.py ...`. Each rank steps `--num-envs` rows per specialist with its own seed, gradients are
+averaged over ranks, rank 0 validates and writes; `--timesteps` is the total over ranks.
 """
 
 from __future__ import annotations
@@ -27,12 +31,21 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from mtq_common import checkpoint as ckpt
+from mtq_common import distributed
 from mtq_common.config import ConfigError, config_from_args, parse_args
 from mtq_common.envs import SpecialistEnv, build_tables, specialist_rows
 from mtq_common.evaluation import evaluate_specialists, format_specialist_table
+from mtq_common.hierarchy import parameter_fingerprint
 from mtq_common.market import load_splits
 from mtq_common.nets import SpecialistAgents
-from mtq_common.runtime import clip_grad_norm_per_group, configure_threads, resolve_device, setup_logging
+from mtq_common.runtime import (
+    autocast,
+    check_amp,
+    clip_grad_norm_per_group,
+    compile_methods,
+    configure_threads,
+    setup_logging,
+)
 
 ALIASES = {"timesteps": "training.phase_1_timesteps"}
 
@@ -42,7 +55,7 @@ class Args:
     config: str | None = None
     """YAML config (defaults for every flag below that names a config key)."""
     timesteps: int = 500_000
-    """Environment steps per specialist (config: training.phase_1_timesteps)."""
+    """Environment steps per specialist, all ranks together (config: training.phase_1_timesteps)."""
     output_dir: str = "models/checkpoints/phase1"
     """Where checkpoints and metrics.json go."""
     log_dir: str = "logs/phase1"
@@ -50,13 +63,13 @@ class Args:
     device: str = "auto"
     """auto (CUDA when present), cpu, cuda or cuda:N."""
     seed: int = 1
-    """Seed of the weights, the action noise and the environments."""
+    """Seed of the weights, the action noise and the environments (rank r: seed + 7919 r, weights from rank 0)."""
     data_dir: str | None = None
     """Folder of <SYMBOL>.csv files; unset: the built-in synthetic market."""
     instruments: list[str] = field(default_factory=list)
     """Instruments traded (default: config data.instruments)."""
     num_envs: int = 64
-    """Environment rows per specialist (config: training.n_envs)."""
+    """Environment rows per specialist, on each rank (config: training.n_envs)."""
     specialists: list[str] = field(default_factory=list)
     """Train only these specialists (default: every specialist that owns a traded instrument)."""
     num_steps: int = 128
@@ -105,14 +118,19 @@ class Args:
     """Show a progress bar (only on a terminal)."""
     torch_threads: int = 1
     """torch intra-op threads on the CPU (0: torch's default); small-batch PPO is fastest with 1."""
+    compile: bool = False
+    """torch.compile the policy networks (slower first iterations while compiling; effect in the README)."""
+    amp: bool = False
+    """bf16 autocast in the PPO update (CUDA only; refused on the CPU)."""
 
 
 def main(args: Args) -> dict:
     cfg = config_from_args(args, ALIASES)
     out_dir, log_dir = Path(args.output_dir), Path(args.log_dir)
-    log = setup_logging(log_dir / "training.log", "phase1")
-    device = resolve_device(args.device)
+    world, device = distributed.setup(args.device)
+    log = setup_logging(log_dir / "training.log", "phase1", to_file=world.is_main)
     configure_threads(args.torch_threads)
+    check_amp(args.amp, device)
     specialists = args.specialists or cfg.active_specialists()
     for name in cfg.specialists:
         if name not in cfg.active_specialists():
@@ -120,22 +138,23 @@ def main(args: Args) -> dict:
     unknown = [s for s in specialists if s not in cfg.active_specialists()]
     if unknown:
         raise ConfigError(f"--specialists {unknown}: not among the active specialists {cfg.active_specialists()}")
-    rows_per_iteration = args.num_envs * args.num_steps
-    num_iterations = max(1, args.timesteps // rows_per_iteration)
+    rows_per_iteration = args.num_envs * args.num_steps  # per specialist, on this rank
+    num_iterations = distributed.iterations(args.timesteps, rows_per_iteration, world)
     if args.batch_size > rows_per_iteration:
         raise ConfigError(f"--batch-size {args.batch_size} exceeds the rollout ({args.num_envs} x {args.num_steps})")
 
-    # TRY NOT TO MODIFY: seeding
-    random.seed(args.seed)
-    np.random.seed(args.seed)  # noqa: NPY002 (the legacy global state is what third-party code draws from)
-    torch.manual_seed(args.seed)
+    # TRY NOT TO MODIFY: seeding (each rank its own environments and noise; rank 0's initial weights)
+    seed = world.seed(args.seed)
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 (the legacy global state is what third-party code draws from)
+    torch.manual_seed(seed)
 
     # ENV SETUP: one batched environment, rows grouped by specialist
     splits = load_splits(cfg)
     train, val = splits["train"], splits["val"]
     row_instrument, _ = specialist_rows(train, specialists, args.num_envs)
     envs = SpecialistEnv(
-        train, cfg, row_instrument, device=device, seed=args.seed, torch_mode=True,
+        train, cfg, row_instrument, device=device, seed=seed, torch_mode=True,
         next_return_diagnostic=args.next_return_diagnostic, check_actions=False,
     )  # fmt: skip
     val_tables = build_tables(val, cfg, device)
@@ -143,6 +162,9 @@ def main(args: Args) -> dict:
     k, r, f = len(specialists), args.num_envs, envs.obs_size
 
     agent = SpecialistAgents(specialists, f, args.hidden_size).to(device)
+    distributed.broadcast_module(agent, world)
+    if args.compile:
+        compile_methods(agent, "forward_grouped")
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
 
     # ALGO LOGIC: storage setup, (num_steps, specialists, rows per specialist, ...)
@@ -153,28 +175,39 @@ def main(args: Args) -> dict:
 
     start_iteration, global_step = 1, 0
     best = {"sharpe": {name: -float("inf") for name in specialists}, "iteration": {}, "model": None}
-    next_obs, _ = envs.reset(seed=args.seed)
+    next_obs, _ = envs.reset(seed=seed)
     if args.resume:
-        state = ckpt.load_checkpoint(out_dir / "latest.pt", "phase1", hint="Run without --resume to start fresh.")
-        ckpt.check_config_hash(state, cfg.hash(), out_dir / "latest.pt", args.force)
-        if state["specialists"] != specialists or state["obs_size"] != f:
-            raise ckpt.CheckpointError(f"{out_dir / 'latest.pt'} trained {state['specialists']} on another layout")
+        path = out_dir / "latest.pt"
+
+        def load() -> dict:
+            state = ckpt.load_checkpoint(path, "phase1", hint="Run without --resume to start fresh.")
+            ckpt.check_config_hash(state, cfg.hash(), path, args.force)
+            if state["specialists"] != specialists or state["obs_size"] != f:
+                raise ckpt.CheckpointError(f"{path} trained {state['specialists']} on another layout")
+            return state
+
+        state = distributed.load_on_main(load, world)
+        mine = distributed.local_state(state, world, path)
         agent.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        envs.load_state_dict(state["env"])
-        ckpt.restore_rng_state(state["rng"])
+        envs.load_state_dict(mine["env"])
+        ckpt.restore_rng_state(mine["rng"])
         start_iteration, global_step, best = state["iteration"] + 1, state["global_step"], state["best"]
         next_obs = envs.observe()
         log.info("resumed from %s at iteration %d (step %d)", out_dir / "latest.pt", start_iteration - 1, global_step)
-    writer = SummaryWriter(str(log_dir), purge_step=global_step if args.resume else None)
+    writer = (
+        SummaryWriter(str(log_dir), purge_step=global_step if args.resume else None)
+        if world.is_main
+        else distributed.NullWriter()
+    )
     if not args.resume:
         table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
         writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-    log.info("phase 1: %s on %s rows x %d steps, %d iterations, device %s", specialists, r, args.num_steps,
-             num_iterations, device)  # fmt: skip
+    log.info("phase 1: %s on %d rank(s) x %d rows x %d steps, %d iterations, device %s", specialists, world.size,
+             r, args.num_steps, num_iterations, device)  # fmt: skip
 
-    bar = tqdm(total=num_iterations * rows_per_iteration, initial=global_step, unit="step",
-               disable=not (args.progress and sys.stderr.isatty()), desc="phase1")  # fmt: skip
+    bar = tqdm(total=num_iterations * rows_per_iteration * world.size, initial=global_step, unit="step",
+               disable=not (args.progress and sys.stderr.isatty() and world.is_main), desc="phase1")  # fmt: skip
     start_time, start_step = time.time(), global_step
     evaluation = None
     for iteration in range(start_iteration, num_iterations + 1):
@@ -185,7 +218,7 @@ def main(args: Args) -> dict:
         ep_return_sum = torch.zeros((), device=device)
         ep_count = torch.zeros((), device=device)
         for step in range(args.num_steps):
-            global_step += r
+            global_step += r * world.size
             obs[step] = next_obs.view(k, r, f)
             with torch.no_grad():
                 action, logprob, _, value = agent.get_action_and_value(obs[step])
@@ -226,33 +259,35 @@ def main(args: Args) -> dict:
             perm = torch.randperm(rows_per_iteration, device=device)
             for start in range(0, rows_per_iteration, args.batch_size):
                 mb = perm[start : start + args.batch_size]
-                _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[:, mb], b_actions[:, mb])
-                logratio = newlogprob - b_logprobs[:, mb]
-                ratio = logratio.exp()
-                with torch.no_grad():
-                    approx_kl = ((ratio - 1) - logratio).mean(1)  # per specialist
-                    clipfracs.append(((ratio - 1.0).abs() > args.clip_range).float().mean())
-                mb_advantages = b_advantages[:, mb]
-                if args.norm_adv:
-                    mb_advantages = (mb_advantages - mb_advantages.mean(1, keepdim=True)) / (
-                        mb_advantages.std(1, keepdim=True) + 1e-8
-                    )
-                # Policy loss (each specialist's mean; summed, so the specialists' gradients stay separate)
-                pg_loss1 = -mb_advantages * ratio
-                pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_range, 1 + args.clip_range)
-                pg_loss = torch.max(pg_loss1, pg_loss2).mean(1)
-                v_loss = 0.5 * ((newvalue - b_returns[:, mb]) ** 2).mean(1)
-                entropy_loss = entropy.mean(1)
-                loss = (pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef).sum()
+                with autocast(args.amp, device):
+                    _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[:, mb], b_actions[:, mb])
+                    logratio = newlogprob - b_logprobs[:, mb]
+                    ratio = logratio.exp()
+                    with torch.no_grad():
+                        approx_kl = ((ratio - 1) - logratio).mean(1)  # per specialist
+                        clipfracs.append(((ratio - 1.0).abs() > args.clip_range).float().mean())
+                    mb_advantages = b_advantages[:, mb]
+                    if args.norm_adv:
+                        mb_advantages = (mb_advantages - mb_advantages.mean(1, keepdim=True)) / (
+                            mb_advantages.std(1, keepdim=True) + 1e-8
+                        )
+                    # Policy loss (each specialist's mean; summed, so the specialists' gradients stay separate)
+                    pg_loss1 = -mb_advantages * ratio
+                    pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_range, 1 + args.clip_range)
+                    pg_loss = torch.max(pg_loss1, pg_loss2).mean(1)
+                    v_loss = 0.5 * ((newvalue - b_returns[:, mb]) ** 2).mean(1)
+                    entropy_loss = entropy.mean(1)
+                    loss = (pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef).sum()
                 optimizer.zero_grad()
                 loss.backward()
+                distributed.average_gradients(agent.parameters(), world)
                 clip_grad_norm_per_group(agent.parameters(), args.max_grad_norm)
                 optimizer.step()
-            if args.target_kl is not None and bool(approx_kl.max() > args.target_kl):
-                break
+            if args.target_kl is not None and bool(distributed.mean(approx_kl, world).max() > args.target_kl):
+                break  # (on every rank at once: the decision uses the KL averaged over ranks)
 
         # Observation statistics move only between iterations, so a rollout and its update agree.
-        agent.norm.update(b_obs)
+        distributed.update_running_norm(agent.norm, b_obs, world)
         y_pred, y_true = b_values, b_returns
         explained_var = 1 - (y_true - y_pred).var(1) / y_true.var(1).clamp_min(1e-8)
 
@@ -275,30 +310,31 @@ def main(args: Args) -> dict:
             scalars[f"specialists/{name}/action_std"] = agent.log_std[i].exp().item()
         for key, value in scalars.items():
             writer.add_scalar(key, value, global_step)
-        bar.update(rows_per_iteration)
+        bar.update(rows_per_iteration * world.size)
 
         # VALIDATION: per-instrument backtests; each specialist's best slice goes into best.pt
-        if iteration % args.eval_interval == 0 or iteration == num_iterations:
+        if world.is_main and (iteration % args.eval_interval == 0 or iteration == num_iterations):
             evaluation = evaluate_specialists(agent, val, cfg, device, args.eval_segments, val_tables, diagnostic)
             best = update_best(best, agent, evaluation, iteration)
             log_validation(writer, evaluation, global_step)
             log.info("iteration %d/%d step %d SPS %d val sharpe %s", iteration, num_iterations, global_step, sps,
                      {n: round(v["mean_sharpe"], 3) for n, v in evaluation.items()})  # fmt: skip
             ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best["model"], agent, cfg, specialists, val))
-        ckpt.save_rotating(
-            out_dir,
-            {
-                **model_payload(agent.state_dict(), agent, cfg, specialists, val),
-                "optimizer": optimizer.state_dict(),
-                "env": envs.state_dict(),
-                "rng": ckpt.rng_state(),
-                "iteration": iteration,
-                "global_step": global_step,
-                "best": best,
-            },
-            global_step,
-            args.keep_checkpoints,
-        )
+        rank_states = distributed.rank_states({"env": envs.state_dict(), "rng": ckpt.rng_state()}, world)
+        if world.is_main:
+            ckpt.save_rotating(
+                out_dir,
+                {
+                    **model_payload(agent.state_dict(), agent, cfg, specialists, val),
+                    **rank_states,  # each rank's environments and RNG
+                    "optimizer": optimizer.state_dict(),
+                    "iteration": iteration,
+                    "global_step": global_step,
+                    "best": best,
+                },
+                global_step,
+                args.keep_checkpoints,
+            )
         done_here = iteration - start_iteration + 1
         if args.stop_after is not None and done_here >= args.stop_after and iteration < num_iterations:
             log.info("stopping after %d iterations as asked (--stop-after); continue with --resume", args.stop_after)
@@ -307,6 +343,10 @@ def main(args: Args) -> dict:
             return {"stopped_at_iteration": iteration, "global_step": global_step}
     bar.close()
     wall = time.time() - start_time
+    ranks = distributed.weight_agreement(parameter_fingerprint(agent), world)
+    if not world.is_main:
+        writer.close()
+        return {"rank": world.rank, "global_step": global_step}
 
     # FINAL EVALUATION: the best specialists (what Phase 2 loads) on the validation split
     final_iterate = evaluation or evaluate_specialists(
@@ -326,6 +366,7 @@ def main(args: Args) -> dict:
         "seed": args.seed,
         "data": data_summary(val),
         "timing": {"seconds": wall, "steps_per_second": (global_step - start_step) / max(wall, 1e-9)},
+        "ranks": ranks,
     }
     ckpt.atomic_write_json(out_dir / "metrics.json", result)
     table = format_specialist_table(best_eval)
@@ -390,6 +431,8 @@ if __name__ == "__main__":
     try:
         cli_args, _ = parse_args(Args, ALIASES)
         main(cli_args)
+        distributed.shutdown(wait=True)
     except (ConfigError, ckpt.CheckpointError, ValueError) as err:
         print(f"phase1_ppo.py: error: {err}", file=sys.stderr)
+        distributed.shutdown()
         sys.exit(2)

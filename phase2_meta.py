@@ -11,6 +11,7 @@ specialists' positions into proposed weights, and `PortfolioEnv`'s risk manager 
 within every hard limit before costs, returns and the portfolio reward. `--timesteps` counts
 environment steps of the meta-controller. Outputs as in Phase 1: `latest.pt`, `best.pt` (by
 validation portfolio Sharpe), `step_*.pt`, `metrics.json`; `training.log` and TensorBoard events.
+Runs data-parallel under `torchrun --nproc_per_node N` as Phase 1 does (`mtq_common.distributed`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from mtq_common import checkpoint as ckpt
+from mtq_common import distributed
 from mtq_common.config import ConfigError, config_from_args, parse_args
 from mtq_common.envs import PortfolioEnv, build_tables
 from mtq_common.hierarchy import (
@@ -40,7 +42,7 @@ from mtq_common.hierarchy import (
 from mtq_common.market import load_splits
 from mtq_common.nets import MetaController
 from mtq_common.portfolio_eval import evaluate_portfolio, format_report
-from mtq_common.runtime import configure_threads, resolve_device, setup_logging
+from mtq_common.runtime import autocast, check_amp, compile_methods, configure_threads, setup_logging
 
 ALIASES = {"timesteps": "training.phase_2_timesteps"}
 
@@ -50,7 +52,7 @@ class Args:
     config: str | None = None
     """YAML config (defaults for every flag below that names a config key)."""
     timesteps: int = 300_000
-    """Environment steps of the meta-controller (config: training.phase_2_timesteps)."""
+    """Environment steps of the meta-controller, all ranks together (config: training.phase_2_timesteps)."""
     output_dir: str = "models/checkpoints/phase2"
     """Where checkpoints and metrics.json go."""
     log_dir: str = "logs/phase2"
@@ -60,13 +62,13 @@ class Args:
     device: str = "auto"
     """auto (CUDA when present), cpu, cuda or cuda:N."""
     seed: int = 1
-    """Seed of the weights, the action noise and the environments."""
+    """Seed of the weights, the action noise and the environments (rank r: seed + 7919 r, weights from rank 0)."""
     data_dir: str | None = None
     """Folder of <SYMBOL>.csv files; unset: the built-in synthetic market."""
     instruments: list[str] = field(default_factory=list)
     """Instruments traded (default: config data.instruments)."""
     num_envs: int = 64
-    """Portfolio environment rows (config: training.n_envs)."""
+    """Portfolio environment rows, on each rank (config: training.n_envs)."""
     num_steps: int = 128
     """Rollout length per iteration."""
     learning_rate: float = 3e-4
@@ -111,23 +113,29 @@ class Args:
     """Show a progress bar (only on a terminal)."""
     torch_threads: int = 1
     """torch intra-op threads on the CPU (0: torch's default); small-batch PPO is fastest with 1."""
+    compile: bool = False
+    """torch.compile the policy networks (slower first iterations while compiling; effect in the README)."""
+    amp: bool = False
+    """bf16 autocast in the PPO update (CUDA only; refused on the CPU)."""
 
 
 def main(args: Args) -> dict:
     cfg = config_from_args(args, ALIASES)
     out_dir, log_dir = Path(args.output_dir), Path(args.log_dir)
-    log = setup_logging(log_dir / "training.log", "phase2")
-    device = resolve_device(args.device)
+    world, device = distributed.setup(args.device)
+    log = setup_logging(log_dir / "training.log", "phase2", to_file=world.is_main)
     configure_threads(args.torch_threads)
-    steps_per_iteration = args.num_envs * args.num_steps
-    num_iterations = max(1, args.timesteps // steps_per_iteration)
+    check_amp(args.amp, device)
+    steps_per_iteration = args.num_envs * args.num_steps  # on this rank
+    num_iterations = distributed.iterations(args.timesteps, steps_per_iteration, world)
     if args.batch_size > steps_per_iteration:
         raise ConfigError(f"--batch-size {args.batch_size} exceeds the rollout ({args.num_envs} x {args.num_steps})")
 
-    # TRY NOT TO MODIFY: seeding
-    random.seed(args.seed)
-    np.random.seed(args.seed)  # noqa: NPY002 (the legacy global state is what third-party code draws from)
-    torch.manual_seed(args.seed)
+    # TRY NOT TO MODIFY: seeding (each rank its own environments and noise; rank 0's initial weights)
+    seed = world.seed(args.seed)
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 (the legacy global state is what third-party code draws from)
+    torch.manual_seed(seed)
 
     # THE FROZEN SPECIALISTS and the environment
     splits = load_splits(cfg)
@@ -135,13 +143,17 @@ def main(args: Args) -> dict:
     specialists, owner = load_specialists(args.specialists_dir, train, device)
     fingerprint_at_load = parameter_fingerprint(specialists)
     k = len(specialists.names)
-    envs = PortfolioEnv(train, cfg, args.num_envs, device=device, seed=args.seed, torch_mode=True, check_actions=False)
+    envs = PortfolioEnv(train, cfg, args.num_envs, device=device, seed=seed, torch_mode=True, check_actions=False)
     for note in envs.relaxed:
         log.warning("risk limit relaxed: %s", note)
     val_tables = build_tables(val, cfg, device)
     references: dict = {}  # the baselines' validation backtests, computed once
     b, d = args.num_envs, meta_observation_size(envs.portfolio_obs_size, k)
     meta = MetaController(d, k, args.hidden_size).to(device)
+    distributed.broadcast_module(meta, world)
+    if args.compile:
+        compile_methods(specialists, "forward_per_slot")
+        compile_methods(meta, "heads", "get_value")
     optimizer = torch.optim.Adam(meta.parameters(), lr=args.learning_rate, eps=1e-5)
     max_position = cfg.environment.max_position_size
 
@@ -153,29 +165,39 @@ def main(args: Args) -> dict:
 
     start_iteration, global_step = 1, 0
     best = {"sharpe": -float("inf"), "iteration": 0, "model": None}
-    next_env_obs, _ = envs.reset(seed=args.seed)
+    next_env_obs, _ = envs.reset(seed=seed)
     performance = torch.zeros(b, k, device=device)  # each specialist's recent sleeve return (meta input)
     if args.resume:
         path = out_dir / "latest.pt"
-        state = ckpt.load_checkpoint(path, "phase2", hint="Run without --resume to start fresh.")
-        ckpt.check_config_hash(state, cfg.hash(), path, args.force)
+
+        def load() -> dict:
+            state = ckpt.load_checkpoint(path, "phase2", hint="Run without --resume to start fresh.")
+            ckpt.check_config_hash(state, cfg.hash(), path, args.force)
+            return state
+
+        state = distributed.load_on_main(load, world)
+        mine = distributed.local_state(state, world, path)
         meta.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        envs.load_state_dict(state["env"])
-        ckpt.restore_rng_state(state["rng"])
-        performance = state["performance"].to(device)
+        envs.load_state_dict(mine["env"])
+        ckpt.restore_rng_state(mine["rng"])
+        performance = mine["performance"].to(device)
         start_iteration, global_step, best = state["iteration"] + 1, state["global_step"], state["best"]
         next_env_obs = envs.observe()
         log.info("resumed from %s at iteration %d (step %d)", path, start_iteration - 1, global_step)
-    writer = SummaryWriter(str(log_dir), purge_step=global_step if args.resume else None)
+    writer = (
+        SummaryWriter(str(log_dir), purge_step=global_step if args.resume else None)
+        if world.is_main
+        else distributed.NullWriter()
+    )
     if not args.resume:
         table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
         writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-    log.info("phase 2: meta-controller over %s, %d rows x %d steps, %d iterations, device %s",
-             specialists.names, b, args.num_steps, num_iterations, device)  # fmt: skip
+    log.info("phase 2: meta-controller over %s, %d rank(s) x %d rows x %d steps, %d iterations, device %s",
+             specialists.names, world.size, b, args.num_steps, num_iterations, device)  # fmt: skip
 
-    bar = tqdm(total=num_iterations * steps_per_iteration, initial=global_step, unit="step",
-               disable=not (args.progress and sys.stderr.isatty()), desc="phase2")  # fmt: skip
+    bar = tqdm(total=num_iterations * steps_per_iteration * world.size, initial=global_step, unit="step",
+               disable=not (args.progress and sys.stderr.isatty() and world.is_main), desc="phase2")  # fmt: skip
     start_time, start_step = time.time(), global_step
     report = None
     for iteration in range(start_iteration, num_iterations + 1):
@@ -186,7 +208,7 @@ def main(args: Args) -> dict:
                                                                   "sector", "intervention")}  # fmt: skip
         allocation_sum = torch.zeros(k, device=device)
         for step in range(args.num_steps):
-            global_step += b
+            global_step += b * world.size
             with torch.no_grad():
                 positions = specialists.positions(next_env_obs["instruments"], owner)
                 obs[step] = meta_observation(next_env_obs["portfolio"], positions, owner, performance)
@@ -240,29 +262,32 @@ def main(args: Args) -> dict:
             perm = torch.randperm(steps_per_iteration, device=device)
             for start in range(0, steps_per_iteration, args.batch_size):
                 mb = perm[start : start + args.batch_size]
-                _, newlogprob, entropy, newvalue = meta.get_action_and_value(b_obs[mb], b_actions[mb])
-                logratio = newlogprob - b_logprobs[mb]
-                ratio = logratio.exp()
-                with torch.no_grad():
-                    approx_kl = ((ratio - 1) - logratio).mean()
-                    clipfracs.append(((ratio - 1.0).abs() > args.clip_range).float().mean())
-                mb_advantages = b_advantages[mb]
-                if args.norm_adv:
-                    mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
-                pg_loss1 = -mb_advantages * ratio
-                pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_range, 1 + args.clip_range)
-                pg_loss = torch.max(pg_loss1, pg_loss2).mean()
-                v_loss = 0.5 * ((newvalue - b_returns[mb]) ** 2).mean()
-                entropy_loss = entropy.mean()
-                loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+                with autocast(args.amp, device):
+                    _, newlogprob, entropy, newvalue = meta.get_action_and_value(b_obs[mb], b_actions[mb])
+                    logratio = newlogprob - b_logprobs[mb]
+                    ratio = logratio.exp()
+                    with torch.no_grad():
+                        approx_kl = ((ratio - 1) - logratio).mean()
+                        clipfracs.append(((ratio - 1.0).abs() > args.clip_range).float().mean())
+                    mb_advantages = b_advantages[mb]
+                    if args.norm_adv:
+                        mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+                    pg_loss1 = -mb_advantages * ratio
+                    pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_range, 1 + args.clip_range)
+                    pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+                    v_loss = 0.5 * ((newvalue - b_returns[mb]) ** 2).mean()
+                    entropy_loss = entropy.mean()
+                    loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
                 optimizer.zero_grad()
                 loss.backward()
+                distributed.average_gradients(meta.parameters(), world)
                 torch.nn.utils.clip_grad_norm_(meta.parameters(), args.max_grad_norm)
                 optimizer.step()
-            if args.target_kl is not None and bool(approx_kl > args.target_kl):
-                break
+            if args.target_kl is not None and bool(distributed.mean(approx_kl, world) > args.target_kl):
+                break  # (on every rank at once: the decision uses the KL averaged over ranks)
 
-        meta.norm.update(b_obs.unsqueeze(0))  # statistics move only between iterations
+        # statistics move only between iterations (pooled over ranks)
+        distributed.update_running_norm(meta.norm, b_obs.unsqueeze(0), world)
         explained_var = 1 - (b_returns - b_values).var() / b_returns.var().clamp_min(1e-8)
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes (one host sync per iteration)
@@ -289,10 +314,10 @@ def main(args: Args) -> dict:
             scalars[f"allocation/{name}"] = share
         for key, value in scalars.items():
             writer.add_scalar(key, value, global_step)
-        bar.update(steps_per_iteration)
+        bar.update(steps_per_iteration * world.size)
 
-        # VALIDATION: the whole hierarchy on the validation split, next to the baselines
-        if iteration % args.eval_interval == 0 or iteration == num_iterations:
+        # VALIDATION: the whole hierarchy on the validation split, next to the baselines (rank 0)
+        if world.is_main and (iteration % args.eval_interval == 0 or iteration == num_iterations):
             report, _ = evaluate_portfolio(specialists, meta, val, cfg, device, args.eval_segments, val_tables, 2,
                                            references)  # fmt: skip
             log_report(writer, report, global_step)
@@ -302,21 +327,23 @@ def main(args: Args) -> dict:
                 ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best["model"], meta, specialists, cfg, args))
             log.info("iteration %d/%d step %d SPS %d val sharpe %.3f (equal allocation %+.3f)", iteration,
                      num_iterations, global_step, sps, sharpe, -report["allocation_efficiency"] + sharpe)  # fmt: skip
-        ckpt.save_rotating(
-            out_dir,
-            {
-                **model_payload(clone_state(meta), meta, specialists, cfg, args),
-                "optimizer": optimizer.state_dict(),
-                "env": envs.state_dict(),
-                "performance": performance.clone(),
-                "rng": ckpt.rng_state(),
-                "iteration": iteration,
-                "global_step": global_step,
-                "best": best,
-            },
-            global_step,
-            args.keep_checkpoints,
+        rank_states = distributed.rank_states(
+            {"env": envs.state_dict(), "performance": performance.clone(), "rng": ckpt.rng_state()}, world
         )
+        if world.is_main:
+            ckpt.save_rotating(
+                out_dir,
+                {
+                    **model_payload(clone_state(meta), meta, specialists, cfg, args),
+                    **rank_states,  # each rank's environments, performance signal and RNG
+                    "optimizer": optimizer.state_dict(),
+                    "iteration": iteration,
+                    "global_step": global_step,
+                    "best": best,
+                },
+                global_step,
+                args.keep_checkpoints,
+            )
         done_here = iteration - start_iteration + 1
         if args.stop_after is not None and done_here >= args.stop_after and iteration < num_iterations:
             log.info("stopping after %d iterations as asked (--stop-after); continue with --resume", args.stop_after)
@@ -325,6 +352,10 @@ def main(args: Args) -> dict:
             return {"stopped_at_iteration": iteration, "global_step": global_step}
     bar.close()
     wall = time.time() - start_time
+    ranks = distributed.weight_agreement(parameter_fingerprint(meta), world)
+    if not world.is_main:
+        writer.close()
+        return {"rank": world.rank, "global_step": global_step}
 
     # FINAL EVALUATION: the best meta-controller (what Phase 3 loads) on the validation split
     if report is None:  # resumed after the last iteration's checkpoint: validate the final iterate again
@@ -344,6 +375,7 @@ def main(args: Args) -> dict:
         "seed": args.seed,
         "specialists_fingerprint": {"at_load": fingerprint_at_load, "at_end": parameter_fingerprint(specialists)},
         "timing": {"seconds": wall, "steps_per_second": (global_step - start_step) / max(wall, 1e-9)},
+        "ranks": ranks,
     }
     ckpt.atomic_write_json(out_dir / "metrics.json", result)
     text = format_report(best_report)
@@ -386,6 +418,8 @@ if __name__ == "__main__":
     try:
         cli_args, _ = parse_args(Args, ALIASES)
         main(cli_args)
+        distributed.shutdown(wait=True)
     except (ConfigError, ckpt.CheckpointError, ValueError) as err:
         print(f"phase2_meta.py: error: {err}", file=sys.stderr)
+        distributed.shutdown()
         sys.exit(2)

@@ -30,6 +30,11 @@ Curriculum (DESIGN section 7; `--no-curriculum-learning` trains on the plain tra
 training market is regenerated at each difficulty level (`mtq_common.curriculum`); the level advances
 when the rolling validation Sharpe clears `--curriculum-threshold`. Validation is always on the plain
 validation split. The level is saved in checkpoints and restored on resume.
+
+Data-parallel under `torchrun --nproc_per_node N` as Phase 1 (`mtq_common.distributed`): the
+gradients of both levels (and, before the conflict projection, each specialist's portfolio and own
+gradients) are averaged over ranks; rank 0 validates and sends its Sharpe to every rank, so the
+adaptive rates and the curriculum level move together.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from mtq_common import checkpoint as ckpt
+from mtq_common import distributed
 from mtq_common.config import ConfigError, config_from_args, parse_args
 from mtq_common.coordination import AdaptiveLR, UpdateSchedule, clip_component_, component_grads, project_conflict_
 from mtq_common.curriculum import Curriculum, generate_scenario
@@ -63,7 +69,7 @@ from mtq_common.hierarchy import (
 from mtq_common.market import load_splits
 from mtq_common.nets import MetaController
 from mtq_common.portfolio_eval import evaluate_portfolio, format_report, run_episodes, summarize_episodes
-from mtq_common.runtime import configure_threads, resolve_device, setup_logging
+from mtq_common.runtime import autocast, check_amp, compile_methods, configure_threads, setup_logging
 
 ALIASES = {"timesteps": "training.phase_3_timesteps"}
 
@@ -73,7 +79,7 @@ class Args:
     config: str | None = None
     """YAML config (defaults for every flag below that names a config key)."""
     timesteps: int = 1_000_000
-    """Environment steps of the hierarchy (config: training.phase_3_timesteps)."""
+    """Environment steps of the hierarchy, all ranks together (config: training.phase_3_timesteps)."""
     output_dir: str = "models/checkpoints/phase3"
     """Where checkpoints and metrics.json go."""
     log_dir: str = "logs/phase3"
@@ -85,13 +91,13 @@ class Args:
     device: str = "auto"
     """auto (CUDA when present), cpu, cuda or cuda:N."""
     seed: int = 1
-    """Seed of the action noise and the environments."""
+    """Seed of the action noise and the environments (rank r: seed + 7919 r)."""
     data_dir: str | None = None
     """Folder of <SYMBOL>.csv files; unset: the built-in synthetic market."""
     instruments: list[str] = field(default_factory=list)
     """Instruments traded (default: config data.instruments)."""
     num_envs: int = 64
-    """Portfolio environment rows (config: training.n_envs)."""
+    """Portfolio environment rows, on each rank (config: training.n_envs)."""
     num_steps: int = 128
     """Rollout length per iteration."""
     learning_rate: float = 3e-4
@@ -144,6 +150,10 @@ class Args:
     """Show a progress bar (only on a terminal)."""
     torch_threads: int = 1
     """torch intra-op threads on the CPU (0: torch's default); small-batch PPO is fastest with 1."""
+    compile: bool = False
+    """torch.compile the policy networks (slower first iterations while compiling; effect in the README)."""
+    amp: bool = False
+    """bf16 autocast in the PPO update (CUDA only; refused on the CPU)."""
 
 
 def load_meta(phase2_dir, specialists, device) -> MetaController:
@@ -163,26 +173,33 @@ def load_meta(phase2_dir, specialists, device) -> MetaController:
 def main(args: Args) -> dict:
     cfg = config_from_args(args, ALIASES)
     out_dir, log_dir = Path(args.output_dir), Path(args.log_dir)
-    log = setup_logging(log_dir / "training.log", "phase3")
-    device = resolve_device(args.device)
+    world, device = distributed.setup(args.device)
+    log = setup_logging(log_dir / "training.log", "phase3", to_file=world.is_main)
     configure_threads(args.torch_threads)
-    steps_per_iteration = args.num_envs * args.num_steps
-    num_iterations = max(1, args.timesteps // steps_per_iteration)
+    check_amp(args.amp, device)
+    steps_per_iteration = args.num_envs * args.num_steps  # on this rank
+    num_iterations = distributed.iterations(args.timesteps, steps_per_iteration, world)
     if args.batch_size > steps_per_iteration:
         raise ConfigError(f"--batch-size {args.batch_size} exceeds the rollout ({args.num_envs} x {args.num_steps})")
     if not 0.0 <= args.specialist_portfolio_weight <= 1.0:
         raise ConfigError(f"--specialist-portfolio-weight {args.specialist_portfolio_weight}: accepted 0 to 1")
 
-    # TRY NOT TO MODIFY: seeding
-    random.seed(args.seed)
-    np.random.seed(args.seed)  # noqa: NPY002 (the legacy global state is what third-party code draws from)
-    torch.manual_seed(args.seed)
+    # TRY NOT TO MODIFY: seeding (each rank its own environments and noise)
+    seed = world.seed(args.seed)
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 (the legacy global state is what third-party code draws from)
+    torch.manual_seed(seed)
 
     # BOTH LEVELS, now trainable
     splits = load_splits(cfg)
     val = splits["val"]
     specialists, owner = load_specialists(args.phase1_dir, val, device)
     meta = load_meta(args.phase2_dir, specialists, device)
+    distributed.broadcast_module(specialists, world)  # (the same files: a no-op safeguard)
+    distributed.broadcast_module(meta, world)
+    if args.compile:
+        compile_methods(specialists, "forward_per_slot")
+        compile_methods(meta, "heads", "get_value")
     for p in specialists.parameters():
         p.requires_grad_(True)
     specialists.train()
@@ -204,7 +221,7 @@ def main(args: Args) -> dict:
 
     def make_env(level: int) -> PortfolioEnv:
         market = generate_scenario(level, cfg, args.seed) if args.curriculum_learning else splits["train"]
-        return PortfolioEnv(market, cfg, args.num_envs, device=device, seed=args.seed, torch_mode=True,
+        return PortfolioEnv(market, cfg, args.num_envs, device=device, seed=seed, torch_mode=True,
                             check_actions=False)  # fmt: skip
 
     level = curriculum.get_difficulty_level(0)
@@ -224,13 +241,19 @@ def main(args: Args) -> dict:
 
     start_iteration, global_step = 1, 0
     best = {"sharpe": -float("inf"), "iteration": 0, "specialists": None, "meta": None}
-    next_obs, _ = envs.reset(seed=args.seed)
+    next_obs, _ = envs.reset(seed=seed)
     performance = torch.zeros(b, k, device=device)
     prev_positions = torch.zeros(b, n, device=device)
     if args.resume:
         path = out_dir / "latest.pt"
-        state = ckpt.load_checkpoint(path, "phase3", hint="Run without --resume to start fresh.")
-        ckpt.check_config_hash(state, cfg.hash(), path, args.force)
+
+        def load() -> dict:
+            state = ckpt.load_checkpoint(path, "phase3", hint="Run without --resume to start fresh.")
+            ckpt.check_config_hash(state, cfg.hash(), path, args.force)
+            return state
+
+        state = distributed.load_on_main(load, world)
+        mine = distributed.local_state(state, world, path)
         specialists.load_state_dict(state["specialists"])
         meta.load_state_dict(state["meta"])
         optimizer.load_state_dict(state["optimizer"])
@@ -238,22 +261,27 @@ def main(args: Args) -> dict:
         adaptive.load_state_dict(state["adaptive_lr"])
         level = curriculum.get_difficulty_level(state["global_step"])
         envs = make_env(level)
-        envs.load_state_dict(state["env"])
-        ckpt.restore_rng_state(state["rng"])
-        performance, prev_positions = state["performance"].to(device), state["prev_positions"].to(device)
+        envs.load_state_dict(mine["env"])
+        ckpt.restore_rng_state(mine["rng"])
+        performance, prev_positions = mine["performance"].to(device), mine["prev_positions"].to(device)
         start_iteration, global_step, best = state["iteration"] + 1, state["global_step"], state["best"]
         next_obs = envs.observe()
         log.info("resumed from %s at iteration %d (step %d), curriculum level %d", path, start_iteration - 1,
                  global_step, level)  # fmt: skip
-    writer = SummaryWriter(str(log_dir), purge_step=global_step if args.resume else None)
+    writer = (
+        SummaryWriter(str(log_dir), purge_step=global_step if args.resume else None)
+        if world.is_main
+        else distributed.NullWriter()
+    )
     if not args.resume:
         table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
         writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-    log.info("phase 3: %s + meta-controller, %d rows x %d steps, %d iterations, coordination %s, curriculum %s",
-             specialists.names, b, s, num_iterations, coordinate, args.curriculum_learning)  # fmt: skip
+    log.info("phase 3: %s + meta-controller, %d rank(s) x %d rows x %d steps, %d iterations, coordination %s, "
+             "curriculum %s", specialists.names, world.size, b, s, num_iterations, coordinate,
+             args.curriculum_learning)  # fmt: skip
 
-    bar = tqdm(total=num_iterations * steps_per_iteration, initial=global_step, unit="step",
-               disable=not (args.progress and sys.stderr.isatty()), desc="phase3")  # fmt: skip
+    bar = tqdm(total=num_iterations * steps_per_iteration * world.size, initial=global_step, unit="step",
+               disable=not (args.progress and sys.stderr.isatty() and world.is_main), desc="phase3")  # fmt: skip
     start_time, start_step = time.time(), global_step
     report = None
     for iteration in range(start_iteration, num_iterations + 1):
@@ -264,7 +292,7 @@ def main(args: Args) -> dict:
 
         ep_return_sum, ep_count = torch.zeros((), device=device), torch.zeros((), device=device)
         for step in range(s):
-            global_step += b
+            global_step += b * world.size
             inst_obs[step] = next_obs["instruments"]
             with torch.no_grad():
                 mean, log_std, spec_value = specialists.forward_per_slot(next_obs["instruments"], owner)
@@ -330,26 +358,28 @@ def main(args: Args) -> dict:
             for start in range(0, m, args.batch_size):
                 mb = perm[start : start + args.batch_size]
                 # meta-controller: the portfolio advantage
-                _, new_meta_logprob, meta_entropy, new_meta_value = meta.get_action_and_value(
-                    b_meta_obs[mb], b_meta_actions[mb]
-                )
-                meta_adv_mb = normalise(b_meta_adv[mb])
-                meta_pg, ratio_meta = clipped_surrogate(new_meta_logprob, b_meta_logprobs[mb], meta_adv_mb,
-                                                        args.clip_range)  # fmt: skip
-                meta_v_loss = 0.5 * ((new_meta_value - b_meta_returns[mb]) ** 2).mean()
-                meta_loss = meta_pg - args.ent_coef * meta_entropy.mean() + args.vf_coef * meta_v_loss
+                with autocast(args.amp, device):
+                    _, new_meta_logprob, meta_entropy, new_meta_value = meta.get_action_and_value(
+                        b_meta_obs[mb], b_meta_actions[mb]
+                    )
+                    meta_adv_mb = normalise(b_meta_adv[mb])
+                    meta_pg, ratio_meta = clipped_surrogate(new_meta_logprob, b_meta_logprobs[mb], meta_adv_mb,
+                                                            args.clip_range)  # fmt: skip
+                    meta_v_loss = 0.5 * ((new_meta_value - b_meta_returns[mb]) ** 2).mean()
+                    meta_loss = meta_pg - args.ent_coef * meta_entropy.mean() + args.vf_coef * meta_v_loss
                 with torch.no_grad():
                     clipfracs.append(((ratio_meta - 1.0).abs() > args.clip_range).float().mean())
                     approx_kl = ((ratio_meta - 1) - ratio_meta.log()).mean()
                 optimizer.zero_grad()
                 if update_meta:
                     meta_loss.backward()
+                    distributed.average_gradients(meta.parameters(), world)
                     if coordinate:
                         stats["norm_meta"].append(clip_component_(component_grads(meta), args.max_grad_norm))
                 if update_specialists:  # (4 iterations in 5 skip this work entirely with coordination on)
                     specialist_gradients(specialists, owner, b_inst_obs[mb], b_spec_actions[mb], b_spec_logprobs[mb],
                                          meta_adv_mb, b_own_adv[mb], b_own_returns[mb], args, coordinate,
-                                         stats)  # fmt: skip
+                                         stats, world)  # fmt: skip
                 if not coordinate:
                     torch.nn.utils.clip_grad_norm_([*meta.parameters(), *specialists.parameters()], args.max_grad_norm)
                 optimizer.step()  # Adam skips the parameters of a level that got no gradient
@@ -382,17 +412,21 @@ def main(args: Args) -> dict:
             scalars["charts/episodic_return"] = (ep_return_sum / ep_count).item()
         for key, value in scalars.items():
             writer.add_scalar(key, value, global_step)
-        bar.update(steps_per_iteration)
+        bar.update(steps_per_iteration * world.size)
 
-        # VALIDATION on the plain validation split; curriculum and adaptive rates react to it
+        # VALIDATION on the plain validation split (rank 0, which sends its Sharpe to every rank);
+        # the curriculum and the adaptive rates react to it
         if iteration % args.eval_interval == 0 or iteration == num_iterations:
-            report, _ = evaluate_portfolio(specialists, meta, val, cfg, device, args.eval_segments, val_tables, 3,
-                                           references)  # fmt: skip
-            sharpe = report["portfolio"]["sharpe"]
-            for key in ("sharpe", "sortino", "max_drawdown", "win_rate", "total_return", "turnover"):
-                writer.add_scalar(f"trading/{key}", report["portfolio"][key], global_step)
-            writer.add_scalar("trading/allocation_efficiency", report["allocation_efficiency"], global_step)
-            writer.add_scalar("risk/val_var_compliance", report["portfolio"]["var_compliance"], global_step)
+            sharpe = float("nan")
+            if world.is_main:
+                report, _ = evaluate_portfolio(specialists, meta, val, cfg, device, args.eval_segments, val_tables,
+                                               3, references)  # fmt: skip
+                sharpe = report["portfolio"]["sharpe"]
+                for key in ("sharpe", "sortino", "max_drawdown", "win_rate", "total_return", "turnover"):
+                    writer.add_scalar(f"trading/{key}", report["portfolio"][key], global_step)
+                writer.add_scalar("trading/allocation_efficiency", report["allocation_efficiency"], global_step)
+                writer.add_scalar("risk/val_var_compliance", report["portfolio"]["var_compliance"], global_step)
+            sharpe = distributed.broadcast_value(sharpe, world, device)
             if coordinate:
                 adaptive.step(sharpe)
             new_level = curriculum.update_curriculum({"val_sharpe": sharpe})
@@ -401,35 +435,37 @@ def main(args: Args) -> dict:
                          global_step)  # fmt: skip
                 level = new_level
                 envs = make_env(level)
-                next_obs, _ = envs.reset(seed=args.seed + iteration)
+                next_obs, _ = envs.reset(seed=seed + iteration)
                 performance.zero_()
                 prev_positions.zero_()
-            if sharpe > best["sharpe"]:
+            if world.is_main and sharpe > best["sharpe"]:
                 best = {"sharpe": sharpe, "iteration": iteration, "specialists": clone_state(specialists),
                         "meta": clone_state(meta)}  # fmt: skip
                 ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best, specialists, meta, cfg))
             log.info("iteration %d/%d step %d SPS %d val sharpe %.3f level %d", iteration, num_iterations,
                      global_step, sps, sharpe, level)  # fmt: skip
-        ckpt.save_rotating(
-            out_dir,
-            {
-                **model_payload(
-                    {"specialists": clone_state(specialists), "meta": clone_state(meta)}, specialists, meta, cfg
-                ),  # fmt: skip
-                "optimizer": optimizer.state_dict(),
-                "env": envs.state_dict(),
-                "performance": performance.clone(),
-                "prev_positions": prev_positions.clone(),
-                "curriculum": curriculum.state_dict(),
-                "adaptive_lr": adaptive.state_dict(),
-                "rng": ckpt.rng_state(),
-                "iteration": iteration,
-                "global_step": global_step,
-                "best": best,
-            },
-            global_step,
-            args.keep_checkpoints,
-        )
+        rank_states = distributed.rank_states(
+            {"env": envs.state_dict(), "performance": performance.clone(), "prev_positions": prev_positions.clone(),
+             "rng": ckpt.rng_state()}, world,
+        )  # fmt: skip
+        if world.is_main:
+            ckpt.save_rotating(
+                out_dir,
+                {
+                    **model_payload(
+                        {"specialists": clone_state(specialists), "meta": clone_state(meta)}, specialists, meta, cfg
+                    ),  # fmt: skip
+                    **rank_states,  # each rank's environments, signals and RNG
+                    "optimizer": optimizer.state_dict(),
+                    "curriculum": curriculum.state_dict(),
+                    "adaptive_lr": adaptive.state_dict(),
+                    "iteration": iteration,
+                    "global_step": global_step,
+                    "best": best,
+                },
+                global_step,
+                args.keep_checkpoints,
+            )
         done_here = iteration - start_iteration + 1
         if args.stop_after is not None and done_here >= args.stop_after and iteration < num_iterations:
             log.info("stopping after %d iterations as asked (--stop-after); continue with --resume", args.stop_after)
@@ -438,6 +474,10 @@ def main(args: Args) -> dict:
             return {"stopped_at_iteration": iteration, "global_step": global_step}
     bar.close()
     wall = time.time() - start_time
+    ranks = distributed.weight_agreement(parameter_fingerprint(specialists) + parameter_fingerprint(meta), world)
+    if not world.is_main:
+        writer.close()
+        return {"rank": world.rank, "global_step": global_step}
 
     # FINAL EVALUATION: the best hierarchy on the validation split, plus --eval-episodes episodes
     if report is None:  # resumed after the last iteration's checkpoint: validate the final iterate again
@@ -471,6 +511,7 @@ def main(args: Args) -> dict:
         "config_hash": cfg.hash(),
         "seed": args.seed,
         "timing": {"seconds": wall, "steps_per_second": (global_step - start_step) / max(wall, 1e-9)},
+        "ranks": ranks,
     }
     ckpt.atomic_write_json(out_dir / "metrics.json", result)
     text = format_report(best_report)
@@ -483,21 +524,25 @@ def main(args: Args) -> dict:
 
 
 def specialist_gradients(specialists, owner, obs, actions, old_logprobs, portfolio_adv, own_adv, own_returns, args,
-                         coordinate: bool, stats: dict) -> None:  # fmt: skip
-    """Set the specialists' `.grad`: portfolio and own policy gradients (PCGrad-projected where they
-    conflict, with coordination), the value loss and the entropy bonus; clip per specialist."""
-    mean, log_std, value = specialists.forward_per_slot(obs, owner)
-    dist = torch.distributions.Normal(mean, log_std.exp().expand_as(mean))
-    logprob = dist.log_prob(actions)
-    w = args.specialist_portfolio_weight
-    # the portfolio advantage is per row: every slot (instrument) of the row shares it
-    port_pg, _ = clipped_surrogate(logprob, old_logprobs, portfolio_adv.unsqueeze(-1).expand_as(mean), args.clip_range)
-    own_pg, _ = clipped_surrogate(logprob, old_logprobs, normalise(own_adv), args.clip_range)
-    rest = args.vf_coef * 0.5 * ((value - own_returns) ** 2).mean() - args.ent_coef * dist.entropy().mean()
+                         coordinate: bool, stats: dict, world: distributed.World) -> None:  # fmt: skip
+    """Set the specialists' `.grad`: portfolio and own policy gradients (averaged over ranks, then
+    PCGrad-projected where they conflict, with coordination), the value loss and the entropy bonus;
+    clip per specialist."""
+    with autocast(args.amp, obs.device):
+        mean, log_std, value = specialists.forward_per_slot(obs, owner)
+        dist = torch.distributions.Normal(mean, log_std.exp().expand_as(mean))
+        logprob = dist.log_prob(actions)
+        w = args.specialist_portfolio_weight
+        # the portfolio advantage is per row: every slot (instrument) of the row shares it
+        portfolio_adv = portfolio_adv.unsqueeze(-1).expand_as(mean)
+        port_pg, _ = clipped_surrogate(logprob, old_logprobs, portfolio_adv, args.clip_range)
+        own_pg, _ = clipped_surrogate(logprob, old_logprobs, normalise(own_adv), args.clip_range)
+        rest = args.vf_coef * 0.5 * ((value - own_returns) ** 2).mean() - args.ent_coef * dist.entropy().mean()
     params = list(specialists.parameters())
     g_port = grads_of(w * port_pg, params, retain=True)
     g_own = grads_of((1 - w) * own_pg, params, retain=True)
     g_rest = grads_of(rest, params, retain=False)
+    distributed.average_([*g_port, *g_own, *g_rest], world)  # one all-reduce; the projection needs the pooled ones
     stats["pg"].append(torch.stack([port_pg.detach(), own_pg.detach()]))
     if coordinate:
         for i in range(len(specialists.names)):  # three specialists: a short loop over components, not rows
@@ -566,6 +611,8 @@ if __name__ == "__main__":
     try:
         cli_args, _ = parse_args(Args, ALIASES)
         main(cli_args)
+        distributed.shutdown(wait=True)
     except (ConfigError, ckpt.CheckpointError, ValueError) as err:
         print(f"phase3_joint.py: error: {err}", file=sys.stderr)
+        distributed.shutdown()
         sys.exit(2)

@@ -1,7 +1,9 @@
-"""Throughput of the batched environments and of the portfolio kernels (DESIGN section 13).
+"""Throughput of the environments, the kernels, the training scripts and the pipeline (DESIGN section 13).
 
-    python -m benchmarks.throughput [--batch-sizes 64 256 1024 4096 16384] [--steps 200] [--json PATH]
-                                    [--devices cpu cuda] [--threads N]
+    python -m benchmarks.throughput [--sections env training] [--batch-sizes 64 256 1024 4096 16384]
+                                    [--steps 200] [--devices cpu cuda] [--threads N] [--json PATH]
+    python -m benchmarks.throughput --sections training --ranks 1 2     # Phase 1-3 steps/s, 1 and 2 ranks
+    python -m benchmarks.throughput --sections pipeline                 # the default pipeline's wall time
 
 What is measured, on every requested device (`cuda` only when `torch.cuda.is_available()`):
 
@@ -18,6 +20,15 @@ What is measured, on every requested device (`cuda` only when `torch.cuda.is_ava
 Every measurement runs `--warmup` untimed steps (Triton compiles, caches and the allocator settle),
 then times `--steps` steps with `time.perf_counter`, with `torch.cuda.synchronize()` around the timed
 loop on CUDA. These are benchmarks, not tests: other processes on the machine move the numbers.
+
+The `training` section runs each phase script as a subprocess, chained (Phase 2 over the Phase 1 it
+just trained, Phase 3 over both), with `--training-timesteps` per phase, once per `--ranks` count
+(`torchrun --standalone --nproc_per_node R` above one rank), and reports the **training steps/s** the
+script measured over its training loop (`metrics.json` timing: environment steps of all ranks over
+the loop's wall time, in-loop validation included) and the subprocess's wall time (start-up and final
+evaluation included). The `pipeline` section runs `python pipeline.py --mode train` with
+`--pipeline-timesteps` (default: the seed's 500k / 300k / 1M) and reports its wall time and each
+phase's. Both print the device name and take `--train-device` and `--compile`.
 """
 
 from __future__ import annotations
@@ -25,9 +36,15 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
 
 import torch
 import tyro
@@ -39,6 +56,7 @@ from mtq_common.config import load_config
 from mtq_common.envs import build_tables
 from mtq_common.gym_env import make_portfolio_vec, make_specialist_vec
 from mtq_common.market import load_splits
+from mtq_common.runtime import resolve_device
 
 ACTION_POOL = 16
 """Distinct pre-generated action batches cycled through the timed steps (memory stays small at any size)."""
@@ -46,10 +64,18 @@ COPY_BYTES = 1 << 30
 """Buffer size of the device copy-bandwidth measurement."""
 DESIGN_TARGET = ("portfolio", 4096, 2_000_000)
 """DESIGN section 13: the portfolio environment at 4096 rows, in environment steps/s (on the 2-core CPU)."""
+PIPELINE_TARGET_SECONDS = 300
+"""DESIGN section 13: the default pipeline, evaluation included, within 5 minutes."""
+REPO = Path(__file__).resolve().parents[1]
+PHASES = ("phase1", "phase2", "phase3")
+SCRIPTS = {"phase1": "phase1_ppo.py", "phase2": "phase2_meta.py", "phase3": "phase3_joint.py"}
+Section = Literal["env", "training", "pipeline"]
 
 
 @dataclass
 class Args:
+    sections: tuple[Section, ...] = ("env",)
+    """What to measure: env (environments and kernels), training (each phase script), pipeline (the default run)."""
     batch_sizes: tuple[int, ...] = (64, 256, 1024, 4096, 16384)
     """Rows (environments, or kernel rows) per batch; one measurement per size."""
     steps: int = 200
@@ -59,13 +85,27 @@ class Args:
     devices: tuple[str, ...] = ("cpu", "cuda")
     """Devices to measure; a CUDA device is skipped when torch sees no GPU."""
     config: str | None = None
-    """YAML config (None: the built-in defaults)."""
+    """YAML config of every section (None: the built-in defaults)."""
     bars: int | None = None
     """Bars of the synthetic training market the environments step through (None: the config's)."""
     threads: int | None = None
     """torch CPU threads (None: torch's default)."""
     json: str | None = None
     """Also write the results as JSON to this path."""
+    training_timesteps: tuple[int, int, int] = (131_072, 65_536, 131_072)
+    """training: --timesteps of Phase 1, 2 and 3."""
+    ranks: tuple[int, ...] = (1,)
+    """training: run each phase with each of these numbers of ranks (torchrun above 1)."""
+    pipeline_timesteps: tuple[int, int, int] = (500_000, 300_000, 1_000_000)
+    """pipeline: --phase1/2/3-timesteps (default: the seed's sizes, about 7 minutes on the 2-core CPU)."""
+    train_device: str = "cpu"
+    """training and pipeline: the scripts' --device."""
+    compile: bool = False
+    """training: pass --compile to the phase scripts."""
+    seed: int = 1
+    """training and pipeline: the scripts' --seed."""
+    script_flags: str = ""
+    """training: more flags for every phase script, written with "=": --script-flags="--num-envs 128"."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,22 +287,101 @@ def print_row(r: dict) -> None:
     )
 
 
-def main(args: Args) -> dict:
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+# ---------------------------------------------------------------------------------------------
+# Training scripts and the pipeline (subprocesses)
+# ---------------------------------------------------------------------------------------------
+
+
+def run_timed(cmd: list[str]) -> float:
+    """Run `cmd` from the repository root (one torch thread per process); its wall seconds."""
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def launcher(ranks: int) -> list[str]:
+    if ranks == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
+
+
+def bench_training(args: Args, work: Path) -> list[dict]:
+    """Each phase script, chained, with each rank count: training steps/s and wall time."""
+    results = []
+    for phase, timesteps in zip(PHASES, args.training_timesteps, strict=True):
+        for ranks in args.ranks:
+            out = work / f"{phase}_r{ranks}"
+            cmd = [*launcher(ranks), SCRIPTS[phase], "--timesteps", str(timesteps), "--output-dir", str(out),
+                   "--log-dir", str(out / "logs"), "--device", args.train_device, "--seed", str(args.seed),
+                   "--no-progress"]  # fmt: skip
+            # later phases train over the first rank count's outputs of the earlier ones
+            if phase == "phase2":
+                cmd += ["--specialists-dir", str(work / f"phase1_r{args.ranks[0]}")]
+            if phase == "phase3":
+                cmd += ["--phase1-dir", str(work / f"phase1_r{args.ranks[0]}"), "--phase2-dir",
+                        str(work / f"phase2_r{args.ranks[0]}"), "--eval-episodes", "10"]  # fmt: skip
+            if args.config:
+                cmd += ["--config", args.config]
+            if args.compile:
+                cmd.append("--compile")
+            cmd += shlex.split(args.script_flags)
+            wall = run_timed(cmd)
+            metrics = json.loads((out / "metrics.json").read_text())
+            result = {
+                "benchmark": "training",
+                "name": phase,
+                "ranks": ranks,
+                "timesteps": metrics["global_step"],
+                "steps_per_second": metrics["timing"]["steps_per_second"],
+                "loop_seconds": metrics["timing"]["seconds"],
+                "wall_seconds": wall,
+                "compile": args.compile,
+                "device": args.train_device,
+            }
+            print(f"{phase:<8}{ranks:>6}{result['timesteps']:>12,}{result['steps_per_second']:>14,.0f}"
+                  f"{result['loop_seconds']:>10.1f}{wall:>10.1f}")  # fmt: skip
+            results.append(result)
+    return results
+
+
+def bench_pipeline(args: Args, work: Path) -> dict:
+    """`python pipeline.py --mode train` at `--pipeline-timesteps`: wall time, each phase's and the evaluation's."""
+    out = work / "pipeline"
+    t1, t2, t3 = (str(t) for t in args.pipeline_timesteps)
+    cmd = [sys.executable, "pipeline.py", "--mode", "train", "--output-dir", str(out), "--log-dir", str(out / "logs"),
+           "--device", args.train_device, "--seed", str(args.seed), "--phase1-timesteps", t1, "--phase2-timesteps",
+           t2, "--phase3-timesteps", t3, "--no-progress"]  # fmt: skip
+    if args.config:
+        cmd += ["--config", args.config]
+    wall = run_timed(cmd)
+    manifest = json.loads((out / "pipeline.json").read_text())
+    result = {
+        "benchmark": "pipeline",
+        "timesteps": list(args.pipeline_timesteps),
+        "wall_seconds": wall,
+        "phase_seconds": {name: phase["seconds"] for name, phase in manifest["phases"].items()},
+        "eval_seconds": manifest["eval"]["seconds"],
+        "device": args.train_device,
+        "meets_target": wall <= PIPELINE_TARGET_SECONDS,
+    }
+    phases = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result["phase_seconds"].items())
+    verdict = "meets" if result["meets_target"] else "misses"
+    print(f"pipeline {t1}/{t2}/{t3} steps: {wall:.1f} s wall ({phases}, evaluation "
+          f"{result['eval_seconds']:.1f} s); {verdict} the DESIGN target of {PIPELINE_TARGET_SECONDS} s")  # fmt: skip
+    return result
+
+
+def bench_environments(args: Args) -> tuple[dict, list[str], list[dict]]:
+    """The `env` section on every requested device: (device info, skipped devices, result rows)."""
     cfg = load_config(args.config)
     if args.bars is not None:
         cfg.data.synthetic.train_bars = args.bars
     market = load_splits(cfg)["train"]
-    dispatch_mode = os.environ.get("MTQ_KERNELS", "auto")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, MTQ_KERNELS={dispatch_mode}")
+    print(f"MTQ_KERNELS={os.environ.get('MTQ_KERNELS', 'auto')}")
     print(f"market: {market.num_bars} bars x {market.num_instruments} instruments ({market.source}, {market.split})")
     print(f"{args.steps} timed steps after {args.warmup} warm-up steps; env rows/s = environment steps/s")
-    # Other processes on the CPU slow every number (and stall multi-threaded small ops): say how busy it was.
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    if load is not None:
-        print(f"load average before the run: {load[0]:.2f} on {os.cpu_count()} CPUs")
-
     devices, skipped, results = {}, [], []
     for name in args.devices:
         device = torch.device(name)
@@ -283,12 +402,35 @@ def main(args: Args) -> dict:
 
     kind, target_rows, target = DESIGN_TARGET
     for r in results:
-        if r["benchmark"] == "env" and r["name"] == kind and r["rows"] == target_rows:
+        if r["name"] == kind and r["rows"] == target_rows:
             verdict = "meets" if r["rows_per_second"] >= target else "below"
             print(
                 f"{r['device']}: {kind} env at {target_rows} rows {r['rows_per_second']:,.0f} steps/s "
                 f"({verdict} the DESIGN target of {target:,} on the 2-core CPU)"
             )
+    return devices, skipped, results
+
+
+def main(args: Args) -> dict:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads in this process")
+    # Other processes on the CPU slow every number (and stall multi-threaded small ops): say how busy it was.
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    if load is not None:
+        print(f"load average before the run: {load[0]:.2f} on {os.cpu_count()} CPUs")
+
+    devices, skipped, results = bench_environments(args) if "env" in args.sections else ({}, [], [])
+    if "training" in args.sections or "pipeline" in args.sections:
+        train_device = resolve_device(args.train_device)
+        devices["train"] = {"name": device_name(train_device), "device": str(train_device)}
+        print(f"\ntraining scripts on {train_device}: {devices['train']['name']}")
+    with tempfile.TemporaryDirectory(prefix="mtq_bench_") as tmp:
+        if "training" in args.sections:
+            print(f"{'phase':<8}{'ranks':>6}{'steps':>12}{'steps/s':>14}{'loop s':>10}{'wall s':>10}")
+            results += bench_training(args, Path(tmp))
+        if "pipeline" in args.sections:
+            results.append(bench_pipeline(args, Path(tmp)))
 
     out = {
         "args": asdict(args),

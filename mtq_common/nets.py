@@ -38,9 +38,11 @@ class RunningNorm(nn.Module):
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
         """Merge a batch `x [K, M, F]` (M samples per group) into the running statistics."""
-        batch_mean = x.mean(1)
-        batch_var = x.var(1, unbiased=False)
-        m = x.shape[1]
+        self.merge(x.mean(1), x.var(1, unbiased=False), x.shape[1])
+
+    @torch.no_grad()
+    def merge(self, batch_mean: torch.Tensor, batch_var: torch.Tensor, m: int) -> None:
+        """Merge the moments `[K, F]` of m samples per group (Chan et al.'s parallel update)."""
         total = self.count + m
         delta = batch_mean - self.mean
         self.mean += delta * (m / total).float()
@@ -181,22 +183,26 @@ class MetaController(nn.Module):
     def normalise(self, obs: torch.Tensor) -> torch.Tensor:
         return self.norm(obs, self.norm.mean[0], self.norm.var[0])
 
+    def heads(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """obs [B, D] -> (mean of u [B, K+1], value [B]): the network's pure tensor part."""
+        x = self.normalise(obs)
+        return self.actor_mean(x), self.critic(x).squeeze(-1)
+
     def get_value(self, obs: torch.Tensor) -> torch.Tensor:
         return self.critic(self.normalise(obs)).squeeze(-1)
 
     def get_action_and_value(self, obs: torch.Tensor, action: torch.Tensor | None = None):
         """CleanRL's interface: (u, log_prob, entropy, value) for obs [B, D]."""
-        x = self.normalise(obs)
-        mean = self.actor_mean(x)
+        mean, value = self.heads(obs)
         dist = torch.distributions.Normal(mean, self.actor_log_std.expand_as(mean).exp())
         if action is None:
             action = dist.sample()
-        return action, dist.log_prob(action).sum(-1), dist.entropy().sum(-1), self.critic(x).squeeze(-1)
+        return action, dist.log_prob(action).sum(-1), dist.entropy().sum(-1), value
 
     @torch.no_grad()
     def deterministic(self, obs: torch.Tensor) -> torch.Tensor:
         """The mean action u (evaluation)."""
-        return self.actor_mean(self.normalise(obs))
+        return self.heads(obs)[0]
 
     @staticmethod
     def split_action(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,9 @@
-"""Run-time plumbing the phase scripts share: device choice, logging to a file, per-group gradient clipping."""
+"""Run-time plumbing the phase scripts share: device choice, logging to a file, per-group gradient clipping,
+the speed options (`--compile`, `--amp`)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from collections.abc import Iterable
@@ -20,10 +22,12 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def setup_logging(path: str | Path, name: str) -> logging.Logger:
-    """A logger writing to `path` (appending: a resumed run continues its log) and to stderr."""
+def setup_logging(path: str | Path, name: str, to_file: bool = True) -> logging.Logger:
+    """A logger writing to `path` (appending: a resumed run continues its log) and to stderr.
+
+    `to_file=False` (ranks other than 0 under torchrun) keeps only the stderr warnings.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     logger = logging.getLogger(f"mtq.{name}")
     logger.setLevel(logging.INFO)
     logger.propagate = False
@@ -31,13 +35,16 @@ def setup_logging(path: str | Path, name: str) -> logging.Logger:
         logger.removeHandler(handler)
         handler.close()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    file_handler = logging.FileHandler(path)
-    file_handler.setFormatter(fmt)
-    logger.addHandler(file_handler)
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(fmt)
     stream.setLevel(logging.WARNING)
     logger.addHandler(stream)
+    if not to_file:
+        return logger
+    path.parent.mkdir(parents=True, exist_ok=True)
+    file_handler = logging.FileHandler(path)
+    file_handler.setFormatter(fmt)
+    logger.addHandler(file_handler)
     # Warnings of the data loaders (logger "mtq") land in the same file.
     data_logger = logging.getLogger("mtq")
     data_logger.setLevel(logging.INFO)
@@ -77,3 +84,25 @@ def configure_threads(threads: int) -> None:
     """
     if threads > 0:
         torch.set_num_threads(threads)
+
+
+def compile_methods(module: torch.nn.Module, *names: str) -> None:
+    """`--compile`: replace the named methods of `module` by `torch.compile`d versions, in place.
+
+    Only the networks' pure tensor code is compiled (normalise, MLPs, heads); sampling and the
+    losses stay eager. The module itself is not wrapped, so its `state_dict` keys (and checkpoints)
+    are unchanged. The first calls of each new batch shape are slow while Inductor compiles.
+    """
+    for name in names:
+        setattr(module, name, torch.compile(getattr(module, name)))
+
+
+def check_amp(amp: bool, device: torch.device) -> None:
+    """`--amp` is bf16 autocast on CUDA; elsewhere it is refused rather than silently ignored."""
+    if amp and device.type != "cuda":
+        raise ValueError(f"--amp: bf16 autocast of the update is for CUDA devices; this run is on {device}")
+
+
+def autocast(amp: bool, device: torch.device) -> contextlib.AbstractContextManager:
+    """The update's loss computation under bf16 autocast when `--amp` is on (a no-op otherwise)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
