@@ -7,7 +7,8 @@ CleanRL's benchmark utility, adapted. Each run is the command plus `--seed S`, `
 configs are given), `--output-dir OUT/<config stem or default>/seed_S`, `--log-dir .../seed_S/logs` and
 `--no-progress`. Without `--run` the expanded commands are printed and nothing runs. With `--run` they
 run in a pool of `--workers` processes from the repository root with `OMP_NUM_THREADS=1`; a leading
-`python` runs as this interpreter. Every run's `metrics.json` is flattened ("/"-joined keys, lists,
+`python` runs as this interpreter. Every run's `metrics.json` (or, for `pipeline.py`, its test report
+`eval/report.json`) is flattened ("/"-joined keys, lists,
 strings and anything under "timing" left out) and summarised per config: mean, std (ddof=1), min, max
 and n. The rows matching `--metrics` (glob patterns) are printed, shallowest keys first; the full table,
 the commands and each run's status go to `--json` (default OUT/results.json). The exit code is non-zero
@@ -33,6 +34,8 @@ import tyro
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_GROUP = "default"
+METRICS_FILES = ("metrics.json", "eval/report.json")
+"""Where a run's metrics are read from, first found: a phase script's, or the pipeline's test report."""
 
 
 @dataclass
@@ -162,13 +165,13 @@ def execute(run: Run, timeout: float | None, stderr_lines: int) -> Outcome:
         outcome.status, outcome.stderr_tail = "failed", str(e)
     else:
         outcome.returncode, outcome.stderr_tail = done.returncode, tail(done.stderr, stderr_lines)
-        metrics_path = REPO / run.output_dir / "metrics.json"
+        found = [REPO / run.output_dir / name for name in METRICS_FILES if (REPO / run.output_dir / name).is_file()]
         if done.returncode != 0:
             outcome.status = "failed"
-        elif not metrics_path.is_file():
+        elif not found:
             outcome.status = "no metrics"
         else:
-            outcome.status, outcome.metrics = "ok", flatten(json.loads(metrics_path.read_text()))
+            outcome.status, outcome.metrics = "ok", flatten(json.loads(found[0].read_text()))
     outcome.seconds = time.perf_counter() - start
     return outcome
 

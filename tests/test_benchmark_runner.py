@@ -116,3 +116,20 @@ def test_selected_rows_match_globs_summaries_first():
     table = aggregate([{"a/x/sharpe": 1.0, "a/mean_sharpe": 1.0, "a/x/win_rate": 0.5, "a/x/turnover": 2.0}])
     assert selected_rows(table, ["*sharpe", "*win_rate"]) == ["a/mean_sharpe", "a/x/sharpe", "a/x/win_rate"]
     assert selected_rows(table, ["a/x/*"]) == ["a/x/sharpe", "a/x/win_rate", "a/x/turnover"]
+
+
+def test_a_pipeline_run_is_read_from_its_test_report(tmp_path):
+    # a stand-in for pipeline.py: writes OUT/eval/report.json and no metrics.json
+    script = tmp_path / "fake_pipeline.py"
+    script.write_text(
+        "import json, pathlib, sys\n"
+        "out = pathlib.Path(sys.argv[sys.argv.index('--output-dir') + 1]) / 'eval'\n"
+        "out.mkdir(parents=True)\n"
+        "seed = int(sys.argv[sys.argv.index('--seed') + 1])\n"
+        "(out / 'report.json').write_text(json.dumps({'portfolio': {'sharpe': seed / 10}}))\n"
+    )
+    code = main(Args(command=f"{PY} {shlex.quote(str(script))}", seeds=[1, 3], output_dir=str(tmp_path / "runs"),
+                     run=True))  # fmt: skip
+    assert code == 0
+    table = json.loads((tmp_path / "runs" / "results.json").read_text())["table"]["default"]
+    assert table["portfolio/sharpe"]["mean"] == pytest.approx(0.2) and table["portfolio/sharpe"]["n"] == 2
