@@ -20,6 +20,7 @@ path from another seed; CSV data: windows of the test period).
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import sys
 import time
@@ -226,6 +227,11 @@ def evaluate(args: Args, cfg, log) -> dict:
 
 
 def main(args: Args) -> dict:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            "pipeline.py runs in one process; to train on several processes or GPUs, run the phase scripts "
+            "under torchrun (torchrun --nproc_per_node N phase1_ppo.py ...), then `pipeline.py --mode eval`"
+        )
     cfg = config_from_args(args, ALIASES)
     configure_threads(args.torch_threads)
     resolve_device(args.device)  # a clear error before any work

@@ -94,6 +94,8 @@ class Args:
     """Also write the results as JSON to this path."""
     training_timesteps: tuple[int, int, int] = (131_072, 65_536, 131_072)
     """training: --timesteps of Phase 1, 2 and 3."""
+    phases: tuple[Literal["phase1", "phase2", "phase3"], ...] = PHASES
+    """training: the phases to run (each needs the ones before it: phase1, or phase1 phase2, or all three)."""
     ranks: tuple[int, ...] = (1,)
     """training: run each phase with each of these numbers of ranks (torchrun above 1)."""
     pipeline_timesteps: tuple[int, int, int] = (500_000, 300_000, 1_000_000)
@@ -309,8 +311,11 @@ def launcher(ranks: int) -> list[str]:
 
 def bench_training(args: Args, work: Path) -> list[dict]:
     """Each phase script, chained, with each rank count: training steps/s and wall time."""
+    if tuple(args.phases) != PHASES[: len(args.phases)]:
+        raise ValueError(f"--phases {' '.join(args.phases)}: each phase trains over the ones before it; "
+                         f"accepted: phase1 / phase1 phase2 / phase1 phase2 phase3")  # fmt: skip
     results = []
-    for phase, timesteps in zip(PHASES, args.training_timesteps, strict=True):
+    for phase, timesteps in zip(args.phases, args.training_timesteps, strict=False):
         for ranks in args.ranks:
             out = work / f"{phase}_r{ranks}"
             cmd = [*launcher(ranks), SCRIPTS[phase], "--timesteps", str(timesteps), "--output-dir", str(out),

@@ -106,7 +106,15 @@ def average_(tensors: Iterable[torch.Tensor], world: World) -> None:
         return
     tensors = list(tensors)
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
+    if flat.device.type == "cpu":
+        # gloo: an all-gather and a local sum in rank order (the same result on every rank). For
+        # Phase 1's 31k gradients on the 2-core CPU it measured 0.6 ms against the all-reduce's 1.8 ms
+        # and made 2-rank training 10-15% faster; NCCL's all-reduce is the right tool on GPUs.
+        gathered = [torch.empty_like(flat) for _ in range(world.size)]
+        dist.all_gather(gathered, flat)
+        flat = torch.stack(gathered).sum(0)
+    else:
+        dist.all_reduce(flat)
     flat /= world.size
     offset = 0
     for t in tensors:
