@@ -93,6 +93,11 @@ def compile_methods(module: torch.nn.Module, *names: str) -> None:
     losses stay eager. The module itself is not wrapped, so its `state_dict` keys (and checkpoints)
     are unchanged. The first calls of each new batch shape are slow while Inductor compiles.
     """
+    # Phase 3 takes three gradients from one forward pass (retain_graph=True): a compiled backward
+    # must then keep its saved buffers instead of donating them (torch's own advice in that error).
+    import torch._functorch.config
+
+    torch._functorch.config.donated_buffer = False
     for name in names:
         setattr(module, name, torch.compile(getattr(module, name)))
 
