@@ -108,8 +108,9 @@ def average_(tensors: Iterable[torch.Tensor], world: World) -> None:
     flat = torch.cat([t.reshape(-1) for t in tensors])
     if flat.device.type == "cpu":
         # gloo: an all-gather and a local sum in rank order (the same result on every rank). For
-        # Phase 1's 31k gradients on the 2-core CPU it measured 0.6 ms against the all-reduce's 1.8 ms
-        # and made 2-rank training 10-15% faster; NCCL's all-reduce is the right tool on GPUs.
+        # Phase 1's 34k gradients on the 2-core CPU it took 0.7-0.8 ms a call against the all-reduce's
+        # 0.9-1.0 ms (benchmarks/collectives.py) and 2-rank training ran about 10% faster; on GPUs
+        # NCCL's all-reduce is the right tool.
         gathered = [torch.empty_like(flat) for _ in range(world.size)]
         dist.all_gather(gathered, flat)
         flat = torch.stack(gathered).sum(0)
