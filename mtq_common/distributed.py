@@ -4,8 +4,8 @@
 
 Every rank runs the whole script: it steps its own environments (seeded `seed + RANK_SEED_STRIDE *
 rank`), starts from rank 0's initial weights, and averages gradients with the other ranks (one
-flattened all-reduce per minibatch) before clipping, so every rank takes the same optimiser step and
-holds the same weights after every update. Rank 0 alone validates, logs and writes checkpoints; a
+exchange of one flat buffer per minibatch) before clipping, so every rank takes the same optimiser
+step and holds the same weights after every update. Rank 0 alone validates, logs and writes checkpoints; a
 checkpoint carries every rank's environment and RNG state so that a resumed run continues exactly.
 `--timesteps` stays the total across ranks. gloo on the CPU, NCCL on CUDA (one GPU per local rank).
 
