@@ -319,7 +319,7 @@ def main(args: Args) -> dict:
         # VALIDATION: the whole hierarchy on the validation split, next to the baselines (rank 0)
         if world.is_main and (iteration % args.eval_interval == 0 or iteration == num_iterations):
             report, _ = evaluate_portfolio(specialists, meta, val, cfg, device, args.eval_segments, val_tables, 2,
-                                           references)  # fmt: skip
+                                           references, specialists_frozen=True)  # fmt: skip
             log_report(writer, report, global_step)
             sharpe = report["portfolio"]["sharpe"]
             if sharpe > best["sharpe"]:
@@ -360,11 +360,11 @@ def main(args: Args) -> dict:
     # FINAL EVALUATION: the best meta-controller (what Phase 3 loads) on the validation split
     if report is None:  # resumed after the last iteration's checkpoint: validate the final iterate again
         report, _ = evaluate_portfolio(specialists, meta, val, cfg, device, args.eval_segments, val_tables, 2,
-                                       references)  # fmt: skip
+                                       references, specialists_frozen=True)  # fmt: skip
     best_meta = MetaController(d, k, args.hidden_size).to(device)
     best_meta.load_state_dict(best["model"])
     best_report, _ = evaluate_portfolio(specialists, best_meta, val, cfg, device, args.eval_segments, val_tables, 2,
-                                        references)  # fmt: skip
+                                        references, specialists_frozen=True)  # fmt: skip
     result = {
         **best_report,
         "phase": 2,

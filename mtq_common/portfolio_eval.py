@@ -434,6 +434,7 @@ def evaluate_portfolio(
     tables: MarketTables | None = None,
     phase: int | str = 2,
     reference_cache: dict | None = None,
+    specialists_frozen: bool = False,
 ) -> tuple[dict, dict[str, Backtest]]:
     """The report of DESIGN section 9 for the hierarchy (`specialists` + `meta`) on `market`.
 
@@ -445,7 +446,8 @@ def evaluate_portfolio(
 
     The baselines depend on neither level of the hierarchy: pass the same dict as `reference_cache`
     to repeated evaluations on the same market (a training run's validations) and they are computed
-    once.
+    once. The equal allocation depends on the specialists only: with `specialists_frozen=True`
+    (Phase 2) it is cached there too.
     """
     tables = tables or build_tables(market, cfg, device)
     rf = cfg.reward.risk_free_rate
@@ -463,11 +465,16 @@ def evaluate_portfolio(
     if not references:
         for name in baseline_policies(market, cfg, 1, tables.prices.device):
             references[name] = run_backtest(make_policy=baseline(name), **run)
+    # unless frozen, the specialists may have changed since the last call (Phase 3): not cached
+    equal_allocation = references.get("equal_allocation") if specialists_frozen else None
+    if equal_allocation is None:
+        equal_allocation = run_backtest(make_policy=hierarchy(None), **run)
+        if specialists_frozen:
+            references["equal_allocation"] = equal_allocation
     backtests = {
         "system": run_backtest(make_policy=hierarchy(meta), **run),
-        # the specialists may have changed since the last call (Phase 3): never cached
-        "equal_allocation": run_backtest(make_policy=hierarchy(None), **run),
-        **references,
+        "equal_allocation": equal_allocation,
+        **references,  # (a cached equal allocation keeps its place)
     }
 
     system = backtests["system"]

@@ -325,6 +325,18 @@ def test_allocation_efficiency_is_the_sharpe_difference(evaluated):
     assert report["allocation_efficiency"] != 0.0  # the meta-controller's appetite below 1 moves the book
 
 
+def test_cached_references_give_the_same_report(evaluated, agents, market, cfg, tables):
+    """Phase 2 caches the baselines and, its specialists being frozen, the equal allocation."""
+    cache: dict = {}
+    for _ in range(2):
+        report, backtests = evaluate_portfolio(*agents, market, cfg, segments=SEGMENTS, tables=tables, phase=2,
+                                               reference_cache=cache, specialists_frozen=True)  # fmt: skip
+        assert report == evaluated[0]
+        assert list(backtests) == list(evaluated[1])  # same order: system, equal allocation, baselines
+    assert backtests["equal_allocation"] is cache["equal_allocation"]
+    assert set(cache) == set(evaluated[1]) - {"system"}
+
+
 def test_specialist_utilization_shares_and_entropy(evaluated):
     report, backtests = evaluated
     util = report["specialist_utilization"]
