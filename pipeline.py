@@ -137,6 +137,7 @@ def train(args: Args, cfg, log, resume: bool) -> dict:
             f"{cfg.hash()}: resuming would mix two experiments. Use the original config, or pass --force."
         )
     if manifest is None:
+        load_splits(cfg)  # unreadable data is refused before the manifest (or anything else) is written
         manifest = {"config": cfg.to_dict(), "config_hash": cfg.hash(), "seed": args.seed, "phases": {}}
     manifest["versions"] = versions()
     ckpt.atomic_write_json(path, manifest)
