@@ -1,10 +1,19 @@
-"""Small shared pieces of the test suite: a tiny config file and a TensorBoard reader."""
+"""Shared pieces of the test suite: a tiny config, tiny Phase 1 and 2 outputs, a TensorBoard reader, in-process CLI."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import runpy
+import sys
 from pathlib import Path
 
 import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+# the smallest PPO shapes the phase scripts accept (test budgets)
+SMALL = {"num_envs": 8, "num_steps": 32, "batch_size": 64, "n_epochs": 2, "eval_segments": 16}
 
 TINY = {
     "environment": {"episode_length": 200},
@@ -30,6 +39,20 @@ def write_config(path: Path, overrides: dict | None = None) -> Path:
     return path
 
 
+def prepare(tmp: Path, config: Path | None, p1: dict | None = None, p2: dict | None = None) -> tuple[Path, Path]:
+    """Phase 1 and Phase 2 outputs for `config` (tiny budgets unless given)."""
+    import phase1_ppo
+    import phase2_meta
+
+    common = dict(config=None if config is None else str(config), device="cpu", progress=False)
+    phase1_ppo.main(phase1_ppo.Args(output_dir=str(tmp / "p1"), log_dir=str(tmp / "l1"),
+                                    **common, **{**SMALL, "timesteps": 512, **(p1 or {})}))  # fmt: skip
+    phase2_meta.main(phase2_meta.Args(output_dir=str(tmp / "p2"), log_dir=str(tmp / "l2"),
+                                      specialists_dir=str(tmp / "p1"), **common,
+                                      **{**SMALL, "timesteps": 512, **(p2 or {})}))  # fmt: skip
+    return tmp / "p1", tmp / "p2"
+
+
 def tight_config():
     """Small synthetic splits (600 bars) and limits tight enough that the risk manager has work to do."""
     from mtq_common.config import Config
@@ -53,3 +76,23 @@ def tensorboard_tags(log_dir: Path) -> set[str]:
         acc.Reload()
         tags |= set(acc.Tags()["scalars"])
     return tags
+
+
+def run_cli(script: str, *args: str) -> tuple[int, str]:
+    """`python script args` run in this process: the exit code and stderr of the script's `__main__` block.
+
+    For the error paths: no interpreter and torch start-up per case (seconds each on the 2-core CI
+    machine). The smoke tests still run every script as a real process.
+    """
+    argv, cwd, err = sys.argv, os.getcwd(), io.StringIO()
+    sys.argv, code = [script, *args], 0
+    os.chdir(REPO)
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            runpy.run_path(str(REPO / script), run_name="__main__")
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    finally:
+        sys.argv = argv
+        os.chdir(cwd)
+    return code, err.getvalue()

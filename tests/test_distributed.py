@@ -13,12 +13,10 @@ import torch.multiprocessing as mp
 from mtq_common import distributed
 from mtq_common.checkpoint import CheckpointError, load_checkpoint
 from mtq_common.nets import RunningNorm
-from tests.helpers import write_config
-from tests.test_phase3 import prepare
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--device", "cpu", "--num-envs", "8", "--num-steps", "32", "--batch-size", "64", "--n-epochs", "2",
-        "--eval-segments", "4", "--no-progress"]  # fmt: skip
+        "--eval-segments", "16", "--no-progress"]  # fmt: skip
 
 
 def torchrun(script: str, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
@@ -125,10 +123,8 @@ def test_the_helpers_on_two_gloo_processes(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def phase_inputs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ddp")
-    config = write_config(tmp / "c.yaml")
-    return tmp, config, prepare(tmp, config)
+def phase_inputs(tiny_phases):
+    return tiny_phases
 
 
 @pytest.fixture(scope="module")

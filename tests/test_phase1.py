@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import phase1_ppo
-from tests.helpers import tensorboard_tags, write_config
+from tests.helpers import SMALL, run_cli, tensorboard_tags, write_config
 
 REPO = Path(__file__).resolve().parent.parent
 CLEANRL_TAGS = {
@@ -25,7 +25,7 @@ def run(tmp_path: Path, name: str, config: Path, **kwargs) -> dict:
         log_dir=str(tmp_path / name / "logs"),
         device="cpu",
         progress=False,
-        **{"num_envs": 8, "num_steps": 32, "batch_size": 64, "n_epochs": 2, "eval_segments": 4, **kwargs},
+        **{**SMALL, **kwargs},
     )
     return phase1_ppo.main(args)
 
@@ -114,11 +114,10 @@ def test_subset_of_specialists(tmp_path):
     ],
 )
 def test_clear_errors(tmp_path, extra, message):
-    cmd = [sys.executable, "phase1_ppo.py", "--output-dir", str(tmp_path / "empty"), "--log-dir", str(tmp_path / "l"),
-           "--device", "cpu", *extra]  # fmt: skip
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2
-    assert message in done.stderr and "Traceback" not in done.stderr
+    code, stderr = run_cli("phase1_ppo.py", "--output-dir", str(tmp_path / "empty"), "--log-dir",
+                           str(tmp_path / "l"), "--device", "cpu", *extra)  # fmt: skip
+    assert code == 2
+    assert message in stderr and "Traceback" not in stderr
 
 
 def test_trade_pnl_excludes_the_cash_yield(tmp_path):

@@ -13,10 +13,9 @@ import phase1_ppo
 import phase2_meta
 from mtq_common.hierarchy import parameter_fingerprint
 from mtq_common.nets import SpecialistAgents
-from tests.helpers import tensorboard_tags, write_config
+from tests.helpers import SMALL, run_cli, tensorboard_tags, write_config
 
 REPO = Path(__file__).resolve().parent.parent
-SMALL = {"num_envs": 8, "num_steps": 32, "batch_size": 64, "n_epochs": 2, "eval_segments": 4}
 
 
 def phase1(tmp: Path, config: Path, **kwargs) -> Path:
@@ -107,10 +106,10 @@ def test_meta_controller_routes_capital_to_the_skilled_specialist(tmp_path, seed
     so that routing is possible at all."""
     everywhere = market_config(tmp_path / "all.yaml", ())
     only_equity = market_config(tmp_path / "equity.yaml", ("forex", "commodities"))
-    phase1_dir = phase1(tmp_path, everywhere, timesteps=40960, num_envs=32, num_steps=64, batch_size=256,
-                        n_epochs=4, eval_interval=5, seed=seed)  # fmt: skip
-    metrics = phase2(tmp_path, only_equity, phase1_dir, timesteps=40960, num_envs=32, num_steps=64,
-                     batch_size=256, n_epochs=4, eval_interval=5, learning_rate=0.002, seed=seed)  # fmt: skip
+    # 64 validation segments of ~31 bars: short backtests (validation is most of this test's time)
+    budget = dict(num_envs=32, num_steps=64, batch_size=256, n_epochs=4, eval_interval=5, eval_segments=64, seed=seed)
+    phase1_dir = phase1(tmp_path, everywhere, timesteps=40960, **budget)
+    metrics = phase2(tmp_path, only_equity, phase1_dir, timesteps=40960, learning_rate=0.002, **budget)
     utilization = metrics["specialist_utilization"]
     # an even split of gross exposure over three specialists would be 1/3 each
     assert utilization["equity"] > 0.42, utilization
@@ -136,8 +135,7 @@ def test_bad_phase1_output_is_a_clear_error(tiny, tmp_path, case):
         source, message = phase1(tmp_path, config, next_return_diagnostic=True), "observations of size"
     else:
         source, message = phase1(tmp_path, config, specialists=["equity"]), "is partial"
-    cmd = [sys.executable, "phase2_meta.py", "--config", str(config), "--specialists-dir", str(source),
-           "--output-dir", str(tmp_path / "o"), "--log-dir", str(tmp_path / "l"), "--device", "cpu"]  # fmt: skip
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2, done.stderr
-    assert message in done.stderr and "phase1_ppo.py" in done.stderr and "Traceback" not in done.stderr
+    code, stderr = run_cli("phase2_meta.py", "--config", str(config), "--specialists-dir", str(source), "--output-dir",
+                           str(tmp_path / "o"), "--log-dir", str(tmp_path / "l"), "--device", "cpu")  # fmt: skip
+    assert code == 2, stderr
+    assert message in stderr and "phase1_ppo.py" in stderr and "Traceback" not in stderr

@@ -7,24 +7,10 @@ from pathlib import Path
 
 import pytest
 
-import phase1_ppo
-import phase2_meta
 import phase3_joint
-from tests.helpers import tensorboard_tags, write_config
+from tests.helpers import SMALL, prepare, run_cli, tensorboard_tags
 
 REPO = Path(__file__).resolve().parent.parent
-SMALL = {"num_envs": 8, "num_steps": 32, "batch_size": 64, "n_epochs": 2, "eval_segments": 4}
-
-
-def prepare(tmp: Path, config: Path | None, p1: dict | None = None, p2: dict | None = None) -> tuple[Path, Path]:
-    """Phase 1 and Phase 2 outputs for `config` (tiny budgets unless given)."""
-    common = dict(config=None if config is None else str(config), device="cpu", progress=False)
-    phase1_ppo.main(phase1_ppo.Args(output_dir=str(tmp / "p1"), log_dir=str(tmp / "l1"),
-                                    **common, **{**SMALL, "timesteps": 512, **(p1 or {})}))  # fmt: skip
-    phase2_meta.main(phase2_meta.Args(output_dir=str(tmp / "p2"), log_dir=str(tmp / "l2"),
-                                      specialists_dir=str(tmp / "p1"), **common,
-                                      **{**SMALL, "timesteps": 512, **(p2 or {})}))  # fmt: skip
-    return tmp / "p1", tmp / "p2"
 
 
 def phase3(tmp: Path, config: Path | None, dirs: tuple[Path, Path], name: str = "p3", **kwargs) -> dict:
@@ -36,10 +22,8 @@ def phase3(tmp: Path, config: Path | None, dirs: tuple[Path, Path], name: str = 
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("p3")
-    config = write_config(tmp / "c.yaml")
-    return tmp, config, prepare(tmp, config)
+def tiny(tiny_phases):
+    return tiny_phases
 
 
 def test_smoke_subprocess_writes_every_output(tiny, tmp_path):
@@ -89,7 +73,8 @@ def test_interrupted_run_resumes_to_the_same_result(tiny):
 def test_fine_tuning_keeps_phase2_level(tmp_path):
     """Default synthetic market, short budgets. Tolerance: Phase 3's best validation Sharpe (picked during
     fine-tuning, not including the starting point) stays within 0.3 of Phase 2's."""
-    budget = dict(num_envs=32, num_steps=64, batch_size=256, n_epochs=4, eval_interval=5, eval_segments=16)
+    # 64 validation segments: short backtests (validation is most of this test's time)
+    budget = dict(num_envs=32, num_steps=64, batch_size=256, n_epochs=4, eval_interval=5, eval_segments=64)
     dirs = prepare(tmp_path, None, p1={**budget, "timesteps": 40960}, p2={**budget, "timesteps": 20480})
     phase2_sharpe = json.loads((dirs[1] / "metrics.json").read_text())["portfolio"]["sharpe"]
     metrics = phase3(tmp_path, None, dirs, **{**budget, "timesteps": 20480, "eval_episodes": 8})
@@ -102,10 +87,9 @@ def test_missing_outputs_are_clear_errors(tiny, tmp_path, missing):
     _, config, (p1, p2) = tiny
     p1 = tmp_path / "none" if missing == "phase1" else p1
     p2 = tmp_path / "none" if missing == "phase2" else p2
-    cmd = [sys.executable, "phase3_joint.py", "--config", str(config), "--phase1-dir", str(p1),
-           "--phase2-dir", str(p2), "--output-dir", str(tmp_path / "o"), "--log-dir", str(tmp_path / "l"),
-           "--device", "cpu"]  # fmt: skip
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2, done.stderr
+    code, stderr = run_cli("phase3_joint.py", "--config", str(config), "--phase1-dir", str(p1), "--phase2-dir",
+                           str(p2), "--output-dir", str(tmp_path / "o"), "--log-dir", str(tmp_path / "l"),
+                           "--device", "cpu")  # fmt: skip
+    assert code == 2, stderr
     script = "phase1_ppo.py" if missing == "phase1" else "phase2_meta.py"
-    assert "checkpoint not found" in done.stderr and script in done.stderr and "Traceback" not in done.stderr
+    assert "checkpoint not found" in stderr and script in stderr and "Traceback" not in stderr

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.helpers import write_config
+from tests.helpers import run_cli, write_config
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_BUDGET = ["--phase1-timesteps", "1024", "--phase2-timesteps", "1024", "--phase3-timesteps", "1024",
@@ -23,9 +23,13 @@ PORTFOLIO_KEYS = ("sharpe", "sortino", "calmar", "max_drawdown", "win_rate", "to
                   "var_compliance", "var_breach_rate", "turnover")  # fmt: skip
 
 
+def pipeline_args(tmp: Path, *extra: str, config: Path | None = None) -> list[str]:
+    return ["--output-dir", str(tmp / "out"), "--log-dir", str(tmp / "logs"), *TINY_BUDGET,
+            *(["--config", str(config)] if config else []), *extra]  # fmt: skip
+
+
 def pipeline(tmp: Path, *extra: str, config: Path | None = None, wait: bool = True, timeout: int = 600):
-    cmd = [sys.executable, "pipeline.py", "--output-dir", str(tmp / "out"), "--log-dir", str(tmp / "logs"),
-           *TINY_BUDGET, *(["--config", str(config)] if config else []), *extra]  # fmt: skip
+    cmd = [sys.executable, "pipeline.py", *pipeline_args(tmp, *extra, config=config)]
     if not wait:
         return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
@@ -138,10 +142,11 @@ def test_bad_input_is_one_paragraph_and_exit_2(tmp_path, case, extra, message):
         write_csv_market(data, ["SPX500"], 300)
         (data / "SPX500.csv").write_text("Date,Open\n2001-01-01,1\n")
         extra = [x.replace("DATA", str(data)) for x in extra] + ["--instruments", "SPX500"]
-    done = pipeline(tmp_path, *extra)
-    assert done.returncode == 2, done.stderr
-    assert message in done.stderr and "Traceback" not in done.stderr
-    assert len(done.stderr.strip().splitlines()) <= 3
+    code, stderr = run_cli("pipeline.py", *pipeline_args(tmp_path, *extra))
+    assert code == 2, stderr
+    assert message in stderr and "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) <= 3
+    assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
 def test_resume_with_another_config_is_refused_and_touches_nothing(trained, tmp_path):

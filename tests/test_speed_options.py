@@ -11,11 +11,9 @@ import phase1_ppo
 import phase2_meta
 import phase3_joint
 from mtq_common.runtime import autocast, check_amp
-from tests.helpers import write_config
-from tests.test_phase3 import prepare
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = {"timesteps": 2048, "num_envs": 8, "num_steps": 32, "batch_size": 64, "n_epochs": 2, "eval_segments": 4}
+TINY = {"timesteps": 2048, "num_envs": 8, "num_steps": 32, "batch_size": 64, "n_epochs": 2, "eval_segments": 16}
 
 
 @pytest.mark.parametrize("module", [phase1_ppo, phase2_meta, phase3_joint])
@@ -65,18 +63,17 @@ def test_amp_on_cuda_runs_the_update_in_bf16(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["phase2_meta.py", "phase3_joint.py"])
-def test_compile_runs_phases_2_and_3(tmp_path_factory, script):
+def test_compile_runs_phases_2_and_3(tiny_phases, tmp_path, script):
     # Phase 3 takes three gradients from one compiled forward pass (retain_graph): this once failed
-    tmp = tmp_path_factory.mktemp("compile")
-    config = write_config(tmp / "c.yaml")
-    p1, p2 = prepare(tmp, config)
+    _, config, (p1, p2) = tiny_phases
+    tmp = tmp_path
     inputs = (
         ["--specialists-dir", str(p1)]
         if script == "phase2_meta.py"
         else ["--phase1-dir", str(p1), "--phase2-dir", str(p2), "--eval-episodes", "2", "--specialist-update-freq", "1"]
     )
     cmd = [sys.executable, script, "--compile", "--config", str(config), "--timesteps", "512", "--num-envs", "8",
-           "--num-steps", "32", "--batch-size", "64", "--n-epochs", "1", "--eval-segments", "4", "--device", "cpu",
+           "--num-steps", "32", "--batch-size", "64", "--n-epochs", "1", "--eval-segments", "16", "--device", "cpu",
            "--no-progress", "--output-dir", str(tmp / "out"), "--log-dir", str(tmp / "logs"), *inputs]  # fmt: skip
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
