@@ -66,7 +66,6 @@ def test_amp_on_cuda_runs_the_update_in_bf16(tmp_path):
 def test_compile_runs_phases_2_and_3(tiny_phases, tmp_path, script):
     # Phase 3 takes three gradients from one compiled forward pass (retain_graph): this once failed
     _, config, (p1, p2) = tiny_phases
-    tmp = tmp_path
     inputs = (
         ["--specialists-dir", str(p1)]
         if script == "phase2_meta.py"
@@ -74,7 +73,8 @@ def test_compile_runs_phases_2_and_3(tiny_phases, tmp_path, script):
     )
     cmd = [sys.executable, script, "--compile", "--config", str(config), "--timesteps", "512", "--num-envs", "8",
            "--num-steps", "32", "--batch-size", "64", "--n-epochs", "1", "--eval-segments", "16", "--device", "cpu",
-           "--no-progress", "--output-dir", str(tmp / "out"), "--log-dir", str(tmp / "logs"), *inputs]  # fmt: skip
+           "--no-progress", "--output-dir", str(tmp_path / "out"), "--log-dir", str(tmp_path / "logs"),
+           *inputs]  # fmt: skip
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (tmp / "out" / "metrics.json").is_file()
+    assert (tmp_path / "out" / "metrics.json").is_file()
