@@ -178,23 +178,16 @@ def main(args: Args) -> dict:
     next_obs, _ = envs.reset(seed=seed)
     if args.resume:
         path = out_dir / "latest.pt"
-
-        def load() -> dict:
-            state = ckpt.load_checkpoint(path, "phase1", hint="Run without --resume to start fresh.")
-            ckpt.check_config_hash(state, cfg.hash(), path, args.force)
-            if state["specialists"] != specialists or state["obs_size"] != f:
-                raise ckpt.CheckpointError(f"{path} trained {state['specialists']} on another layout")
-            return state
-
-        state = distributed.load_on_main(load, world)
-        mine = distributed.local_state(state, world, path)
+        state, mine = distributed.load_latest(path, "phase1", cfg.hash(), args.force, world)
+        if state["specialists"] != specialists or state["obs_size"] != f:
+            raise ckpt.CheckpointError(f"{path} trained {state['specialists']} on another layout")
         agent.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         envs.load_state_dict(mine["env"])
         ckpt.restore_rng_state(mine["rng"])
         start_iteration, global_step, best = state["iteration"] + 1, state["global_step"], state["best"]
         next_obs = envs.observe()
-        log.info("resumed from %s at iteration %d (step %d)", out_dir / "latest.pt", start_iteration - 1, global_step)
+        log.info("resumed from %s at iteration %d (step %d)", path, start_iteration - 1, global_step)
     writer = (
         SummaryWriter(str(log_dir), purge_step=global_step if args.resume else None)
         if world.is_main
@@ -320,21 +313,20 @@ def main(args: Args) -> dict:
             log.info("iteration %d/%d step %d SPS %d val sharpe %s", iteration, num_iterations, global_step, sps,
                      {n: round(v["mean_sharpe"], 3) for n, v in evaluation.items()})  # fmt: skip
             ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best["model"], agent, cfg, specialists, val))
-        rank_states = distributed.rank_states({"env": envs.state_dict(), "rng": ckpt.rng_state()}, world)
-        if world.is_main:
-            ckpt.save_rotating(
-                out_dir,
-                {
-                    **model_payload(agent.state_dict(), agent, cfg, specialists, val),
-                    **rank_states,  # each rank's environments and RNG
-                    "optimizer": optimizer.state_dict(),
-                    "iteration": iteration,
-                    "global_step": global_step,
-                    "best": best,
-                },
-                global_step,
-                args.keep_checkpoints,
-            )
+        distributed.save_latest(
+            out_dir,
+            {
+                **model_payload(agent.state_dict(), agent, cfg, specialists, val),
+                "optimizer": optimizer.state_dict(),
+                "iteration": iteration,
+                "global_step": global_step,
+                "best": best,
+            },
+            {"env": envs.state_dict(), "rng": ckpt.rng_state()},  # each rank's own
+            world,
+            global_step,
+            args.keep_checkpoints,
+        )
         done_here = iteration - start_iteration + 1
         if args.stop_after is not None and done_here >= args.stop_after and iteration < num_iterations:
             log.info("stopping after %d iterations as asked (--stop-after); continue with --resume", args.stop_after)

@@ -169,14 +169,7 @@ def main(args: Args) -> dict:
     performance = torch.zeros(b, k, device=device)  # each specialist's recent sleeve return (meta input)
     if args.resume:
         path = out_dir / "latest.pt"
-
-        def load() -> dict:
-            state = ckpt.load_checkpoint(path, "phase2", hint="Run without --resume to start fresh.")
-            ckpt.check_config_hash(state, cfg.hash(), path, args.force)
-            return state
-
-        state = distributed.load_on_main(load, world)
-        mine = distributed.local_state(state, world, path)
+        state, mine = distributed.load_latest(path, "phase2", cfg.hash(), args.force, world)
         meta.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         envs.load_state_dict(mine["env"])
@@ -327,23 +320,20 @@ def main(args: Args) -> dict:
                 ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best["model"], meta, specialists, cfg, args))
             log.info("iteration %d/%d step %d SPS %d val sharpe %.3f (equal allocation %+.3f)", iteration,
                      num_iterations, global_step, sps, sharpe, -report["allocation_efficiency"] + sharpe)  # fmt: skip
-        rank_states = distributed.rank_states(
-            {"env": envs.state_dict(), "performance": performance.clone(), "rng": ckpt.rng_state()}, world
+        distributed.save_latest(
+            out_dir,
+            {
+                **model_payload(clone_state(meta), meta, specialists, cfg, args),
+                "optimizer": optimizer.state_dict(),
+                "iteration": iteration,
+                "global_step": global_step,
+                "best": best,
+            },
+            {"env": envs.state_dict(), "performance": performance.clone(), "rng": ckpt.rng_state()},  # each rank's
+            world,
+            global_step,
+            args.keep_checkpoints,
         )
-        if world.is_main:
-            ckpt.save_rotating(
-                out_dir,
-                {
-                    **model_payload(clone_state(meta), meta, specialists, cfg, args),
-                    **rank_states,  # each rank's environments, performance signal and RNG
-                    "optimizer": optimizer.state_dict(),
-                    "iteration": iteration,
-                    "global_step": global_step,
-                    "best": best,
-                },
-                global_step,
-                args.keep_checkpoints,
-            )
         done_here = iteration - start_iteration + 1
         if args.stop_after is not None and done_here >= args.stop_after and iteration < num_iterations:
             log.info("stopping after %d iterations as asked (--stop-after); continue with --resume", args.stop_after)

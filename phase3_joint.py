@@ -246,14 +246,7 @@ def main(args: Args) -> dict:
     prev_positions = torch.zeros(b, n, device=device)
     if args.resume:
         path = out_dir / "latest.pt"
-
-        def load() -> dict:
-            state = ckpt.load_checkpoint(path, "phase3", hint="Run without --resume to start fresh.")
-            ckpt.check_config_hash(state, cfg.hash(), path, args.force)
-            return state
-
-        state = distributed.load_on_main(load, world)
-        mine = distributed.local_state(state, world, path)
+        state, mine = distributed.load_latest(path, "phase3", cfg.hash(), args.force, world)
         specialists.load_state_dict(state["specialists"])
         meta.load_state_dict(state["meta"])
         optimizer.load_state_dict(state["optimizer"])
@@ -444,28 +437,29 @@ def main(args: Args) -> dict:
                 ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best, specialists, meta, cfg))
             log.info("iteration %d/%d step %d SPS %d val sharpe %.3f level %d", iteration, num_iterations,
                      global_step, sps, sharpe, level)  # fmt: skip
-        rank_states = distributed.rank_states(
-            {"env": envs.state_dict(), "performance": performance.clone(), "prev_positions": prev_positions.clone(),
-             "rng": ckpt.rng_state()}, world,
-        )  # fmt: skip
-        if world.is_main:
-            ckpt.save_rotating(
-                out_dir,
-                {
-                    **model_payload(
-                        {"specialists": clone_state(specialists), "meta": clone_state(meta)}, specialists, meta, cfg
-                    ),  # fmt: skip
-                    **rank_states,  # each rank's environments, signals and RNG
-                    "optimizer": optimizer.state_dict(),
-                    "curriculum": curriculum.state_dict(),
-                    "adaptive_lr": adaptive.state_dict(),
-                    "iteration": iteration,
-                    "global_step": global_step,
-                    "best": best,
-                },
-                global_step,
-                args.keep_checkpoints,
-            )
+        distributed.save_latest(
+            out_dir,
+            {
+                **model_payload(
+                    {"specialists": clone_state(specialists), "meta": clone_state(meta)}, specialists, meta, cfg
+                ),  # fmt: skip
+                "optimizer": optimizer.state_dict(),
+                "curriculum": curriculum.state_dict(),
+                "adaptive_lr": adaptive.state_dict(),
+                "iteration": iteration,
+                "global_step": global_step,
+                "best": best,
+            },
+            {
+                "env": envs.state_dict(),
+                "performance": performance.clone(),
+                "prev_positions": prev_positions.clone(),
+                "rng": ckpt.rng_state(),
+            },  # each rank's own  # fmt: skip
+            world,
+            global_step,
+            args.keep_checkpoints,
+        )
         done_here = iteration - start_iteration + 1
         if args.stop_after is not None and done_here >= args.stop_after and iteration < num_iterations:
             log.info("stopping after %d iterations as asked (--stop-after); continue with --resume", args.stop_after)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from mtq_common import checkpoint as ckpt
 from mtq_common.runtime import resolve_device
 
 RANK_SEED_STRIDE = 7919
@@ -101,7 +102,7 @@ def broadcast_module(module: torch.nn.Module, world: World) -> None:
 
 @torch.no_grad()
 def average_(tensors: Iterable[torch.Tensor], world: World) -> None:
-    """Replace each tensor by its mean over ranks, in place, with one all-reduce of one flat buffer."""
+    """Replace each tensor by its mean over ranks, in place, with one exchange of one flat buffer."""
     if not world.enabled:
         return
     tensors = list(tensors)
@@ -209,16 +210,36 @@ def load_on_main(load: Callable[[], dict], world: World) -> dict:
 
 def local_state(state: dict, world: World, path) -> dict:
     """This rank's part of a checkpoint written by `rank_states`; refuses another number of ranks."""
-    from mtq_common.checkpoint import CheckpointError
-
     saved = state.get("world_size", 1)
     if saved != world.size:
-        raise CheckpointError(
+        raise ckpt.CheckpointError(
             f"{path} was written by a run on {saved} rank(s) and this run has {world.size}: each rank's "
             f"environments are in the checkpoint, so resume with the same number "
             f"({'python' if saved == 1 else f'torchrun --nproc_per_node {saved}'} ... --resume)"
         )
     return state if world.is_main else state["other_ranks"][world.rank - 1]
+
+
+def load_latest(path, phase: str, config_hash: str, force: bool, world: World) -> tuple[dict, dict]:
+    """`--resume`: rank 0 reads the `phase` checkpoint at `path` and checks its config hash; every rank
+    gets `(state, this rank's part of it)` (see `local_state`). Errors are raised on every rank."""
+
+    def load() -> dict:
+        state = ckpt.load_checkpoint(path, phase, hint="Run without --resume to start fresh.")
+        ckpt.check_config_hash(state, config_hash, path, force)
+        return state
+
+    state = load_on_main(load, world)
+    return state, local_state(state, world, path)
+
+
+def save_latest(out_dir, payload: dict, local: dict, world: World, step: int, keep: int) -> None:
+    """The rotating `latest.pt` / `step_<N>.pt`, written by rank 0: `payload` (what every rank holds
+    alike: weights, optimizer, counters) plus every rank's `local` state (environments, RNG, signals),
+    gathered by `rank_states`. Collective: every rank must call it."""
+    states = rank_states(local, world)
+    if world.is_main:
+        ckpt.save_rotating(out_dir, {**payload, **states}, step, keep)
 
 
 def weight_agreement(fingerprint: str, world: World) -> dict:
