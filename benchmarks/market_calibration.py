@@ -9,7 +9,6 @@ README quotes: the oracle (it knows the latent drift) is an upper reference, mom
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ import numpy as np
 import tyro
 
 from mtq_common.baselines import backtest, buy_and_hold_positions, momentum_positions, oracle_positions
+from mtq_common.checkpoint import atomic_write_json
 from mtq_common.config import load_config
 from mtq_common.metrics import sharpe
 from mtq_common.synthetic import generate_market
@@ -69,8 +69,7 @@ def main(args: Args) -> dict:
         print(f"{name:<14}" + "".join(f"{v:>10.2f}" for v in row.values()))
     result = {"bars": args.bars, "seed": args.seed, "generate_seconds": seconds, "sharpe": table}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        atomic_write_json(args.json, result, sort_keys=False)
     return result
 
 

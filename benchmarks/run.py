@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import tyro
 
+from mtq_common.checkpoint import atomic_write_json
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_GROUP = "default"
 METRICS_FILES = ("metrics.json", "eval/report.json")
@@ -263,8 +265,7 @@ def main(args: Args) -> int:
         "table": tables,
     }
     json_path = REPO / (args.json or Path(args.output_dir) / "results.json")
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(finite_or_none(result), indent=2))
+    atomic_write_json(json_path, finite_or_none(result), sort_keys=False)
     print(f"\n{len(ordered) - len(failures)}/{len(ordered)} runs ok; table written to {json_path}")
     return 1 if failures else 0
 

@@ -52,6 +52,7 @@ import tyro
 import kernels
 from kernels.portfolio_step import RewardParams, portfolio_step_reference
 from kernels.risk import risk_step_reference
+from mtq_common.checkpoint import atomic_write_json
 from mtq_common.config import load_config
 from mtq_common.envs import build_tables
 from mtq_common.gym_env import make_portfolio_vec, make_specialist_vec
@@ -446,8 +447,7 @@ def main(args: Args) -> dict:
         "results": results,
     }
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        atomic_write_json(args.json, out, sort_keys=False)
     return out
 
 

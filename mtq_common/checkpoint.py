@@ -39,9 +39,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
-def atomic_write_json(path: str | Path, payload: Any) -> None:
-    """JSON with sorted keys, written atomically."""
-    atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
+def atomic_write_json(path: str | Path, payload: Any, sort_keys: bool = True) -> None:
+    """JSON (keys sorted unless `sort_keys=False`: a table keeps its row order), written atomically."""
+    atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=sort_keys) + "\n").encode())
 
 
 def save_checkpoint(path: str | Path, payload: dict) -> None:
