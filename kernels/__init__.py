@@ -13,7 +13,7 @@ import os
 import torch
 
 from kernels.portfolio_step import PortfolioStepOut, RewardParams, portfolio_step_reference
-from kernels.risk import RiskLimits, RiskOut, ewma_covariance, risk_step_reference
+from kernels.risk import LIMIT_NAMES, NOT_APPLIED, RiskLimits, RiskOut, ewma_covariance, risk_step_reference
 
 try:
     from kernels.portfolio_step import portfolio_step_triton
@@ -25,6 +25,8 @@ except ImportError:  # no triton on this platform (macOS, Windows): the referenc
 
 __all__ = [
     "HAS_TRITON",
+    "LIMIT_NAMES",
+    "NOT_APPLIED",
     "PortfolioStepOut",
     "RewardParams",
     "RiskLimits",
@@ -52,7 +54,16 @@ def portfolio_step(weights, prev_weights, returns, cost_rate, equity, peak, ema_
     return fn(weights, prev_weights, returns, cost_rate, equity, peak, ema_a, ema_b, ema_down, var_usage, params)
 
 
-def risk_step(proposed, cov, sector_onehot, limits):
-    """Fused risk manager (see `kernels.risk`); Triton on CUDA, the reference elsewhere."""
+def risk_step(proposed, cov, sector_onehot, limits, check_finite: bool = True):
+    """Fused risk manager (see `kernels.risk`); Triton on CUDA, the reference elsewhere.
+
+    A non-finite proposal is refused with a `ValueError` naming the row (one host sync; the
+    environments pass `check_finite=False` when they have checked or guard the proposals themselves).
+    """
+    if check_finite:
+        finite = torch.isfinite(proposed).all(-1)
+        if not bool(finite.all()):
+            row = int((~finite).nonzero()[0, 0])
+            raise ValueError(f"risk_step: the proposal of row {row} is not finite: {proposed[row].tolist()}")
     fn = risk_step_triton if use_triton(proposed) else risk_step_reference
     return fn(proposed, cov, sector_onehot, limits)

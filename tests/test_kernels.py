@@ -17,7 +17,8 @@ import torch
 import kernels
 from kernels.portfolio_step import PortfolioStepOut, RewardParams, portfolio_step_reference
 from kernels.risk import (
-    LIMIT_RTOL,
+    LIMIT_NAMES,
+    NOT_APPLIED,
     RiskLimits,
     RiskOut,
     correlation_exposure,
@@ -43,6 +44,9 @@ def assert_outputs_match(actual, expected, rtol=1e-5, atol=1e-6):
     """Compare every field of two output tuples; a failure names the field, how many elements differ and where."""
     assert type(actual) is type(expected)
     for name, a, e in zip(expected._fields, actual, expected, strict=True):
+        if e.dtype == torch.bool:  # which limits bound: exactly the same
+            assert a.dtype == torch.bool and torch.equal(a, e), f"{name}: {a} != {e}"
+            continue
         assert a.dtype == e.dtype == torch.float32, name
         torch.testing.assert_close(a, e, rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
 
@@ -153,7 +157,10 @@ def sector_onehot(n, k):
 
 def feasible(n, k, **overrides):
     """The limits `feasible_limits` would build for n instruments in k sectors (defaults otherwise)."""
-    limits = {"max_sector": max(0.4, 1.0 / k), "max_correlation": 1.0 if n == 1 else 0.7} | overrides
+    limits = {
+        "max_sector": NOT_APPLIED if k == 1 else 0.4,
+        "max_correlation": NOT_APPLIED if n == 1 else 0.7,
+    } | overrides
     return RiskLimits(**limits)
 
 
@@ -165,15 +172,22 @@ def check_risk(proposed, cov, onehot, limits):
     return expected
 
 
-def proposal_stats(proposed, cov, onehot, limits):
+def capped_stats(proposed, cov, onehot, limits):
     """Correlation exposure and largest sector share of the position-capped proposal (which limits bind)."""
     w = proposed.clamp(-limits.max_position, limits.max_position)
+    b_max = proposed.shape[-1] * limits.max_position
     corr = correlation_from_covariance(cov)
-    return correlation_exposure(w, corr), sector_allocation(w, onehot).amax(-1)
+    return correlation_exposure(w, corr, b_max), sector_allocation(w, onehot, b_max).amax(-1)
 
 
 def is_flat(out: RiskOut) -> torch.Tensor:
     return (out.weights == 0).all(-1)
+
+
+def assert_never_flattened(proposed, out: RiskOut):
+    """Scaling keeps every sign and never turns a non-flat proposal into a flat book."""
+    assert not (is_flat(out) & (proposed != 0).any(-1)).any()
+    assert (torch.sign(out.weights) == torch.sign(proposed)).all()
 
 
 @needs_triton
@@ -185,14 +199,16 @@ def test_risk_step_triton_matches_reference(b, n):
     proposed = torch.randn(b, n, generator=g) * 0.1  # about a third above max_position
     out = check_risk(proposed, covariance(b, n, g), sector_onehot(n, k), feasible(n, k))
     assert (out.weights.abs() <= 0.1 + 1e-7).all()
+    assert_never_flattened(proposed, out)
 
 
 @needs_triton
-@pytest.mark.parametrize(("n", "k"), [(3, 1), (3, 2), (3, 3), (8, 1), (8, 2), (8, 3)])
+@pytest.mark.parametrize(("n", "k"), [(2, 1), (2, 2), (3, 1), (3, 2), (3, 3), (8, 1), (8, 2), (8, 3)])
 def test_risk_step_triton_sector_counts(n, k):
     g = torch.Generator().manual_seed(10 * n + k)
-    proposed = torch.randn(13, n, generator=g) * 0.05
-    check_risk(proposed, covariance(13, n, g), sector_onehot(n, k), feasible(n, k))
+    proposed = torch.randn(13, n, generator=g) * 0.1
+    out = check_risk(proposed, covariance(13, n, g), sector_onehot(n, k), feasible(n, k))
+    assert_never_flattened(proposed, out)
 
 
 @needs_triton
@@ -200,6 +216,7 @@ def test_risk_step_triton_flat_book():
     g = torch.Generator().manual_seed(1)
     out = check_risk(torch.zeros(7, 8), covariance(7, 8, g), sector_onehot(8, 3), feasible(8, 3))
     assert is_flat(out).all() and (out.intervention == 0).all() and (out.sector_allocation == 0).all()
+    assert (out.gross_kept == 1).all() and not out.binding.any()
 
 
 @needs_triton
@@ -209,66 +226,62 @@ def test_risk_step_triton_positions_above_max():
     out = check_risk(proposed, covariance(13, 8, g), sector_onehot(8, 3), feasible(8, 3))
     assert (proposed.abs() > 0.1).float().mean() > 0.5
     assert (out.weights.abs() <= 0.1 + 1e-7).all() and (out.intervention > 0).all()
+    assert out.binding[:, LIMIT_NAMES.index("position")].all()
 
 
 @needs_triton
 @pytest.mark.parametrize("k", [2, 3])
 def test_risk_step_triton_concentrated_sector(k):
-    """One sector holds most of the book: water-filling caps it (m >= 1) at exactly max_sector."""
+    """One sector holds most of the largest book: it is scaled to exactly max_sector, the rest untouched."""
     g = torch.Generator().manual_seed(3 + k)
     n = 8
     onehot = sector_onehot(n, k)
     in_sector = onehot[:, 0].bool()
     proposed = torch.randn(13, n, generator=g) * 0.005
-    size = 0.03 + 0.07 * torch.rand(13, int(in_sector.sum()), generator=g)
-    proposed[:, in_sector] = size * torch.sign(torch.randn(size.shape, generator=g))
+    proposed[:, in_sector] = 0.1 * torch.sign(torch.randn(13, int(in_sector.sum()), generator=g))
     cov = covariance(13, n, g)
-    limits = feasible(n, k, max_correlation=0.95)
+    limits = feasible(n, k, max_sector=0.2, max_correlation=NOT_APPLIED, max_var=1.0)
     out = check_risk(proposed, cov, onehot, limits)
-    _, share = proposal_stats(proposed, cov, onehot, limits)
+    _, share = capped_stats(proposed, cov, onehot, limits)
     assert (share > limits.max_sector).all()
-    capped = ~is_flat(out)
-    assert capped.any()
-    max_share = out.sector_allocation[capped].amax(-1)
-    torch.testing.assert_close(max_share, torch.full_like(max_share, limits.max_sector), rtol=1e-5, atol=0)
+    assert_never_flattened(proposed, out)
+    torch.testing.assert_close(out.sector_allocation[:, 0], torch.full((13,), limits.max_sector), rtol=1e-5, atol=0)
+    torch.testing.assert_close(out.weights[:, ~in_sector], proposed[:, ~in_sector])
+    assert out.binding[:, LIMIT_NAMES.index("sector")].all()
+
+
+@needs_triton
+def test_risk_step_triton_one_tiny_sector_does_not_shrink_the_book():
+    """Forex and equity at the cap, commodities almost flat: no sector limit binds (each share is of the
+    largest book, not of the proposal), so the book is kept whole."""
+    g = torch.Generator().manual_seed(11)
+    onehot = sector_onehot(8, 3)  # sectors of 3, 2 and 3 instruments
+    proposed = torch.full((7, 8), 0.1)
+    proposed[:, 3:5] = 0.001
+    out = check_risk(proposed, covariance(7, 8, g), onehot, feasible(8, 3, max_var=1.0))
+    torch.testing.assert_close(out.weights, proposed)
+    assert not out.binding.any() and (out.gross_kept == 1).all()
 
 
 @needs_triton
 @pytest.mark.parametrize("n", [3, 8])
 def test_risk_step_triton_correlated_long_book(n):
-    """Long on the three correlated instruments: the closed-form blend meets the limit (n = 8) or,
-    with nowhere to diversify (n = 3), the row falls back to flat."""
+    """Long at the cap on three instruments correlated 0.85-0.95: the whole book is scaled to exactly
+    the correlation limit (with nowhere to diversify, n = 3, it is not flattened either)."""
     g = torch.Generator().manual_seed(4 + n)
-    proposed = torch.randn(13, n, generator=g) * 0.005
-    proposed[:, :3] = 0.03 + 0.07 * torch.rand(13, 3, generator=g)
+    proposed = torch.zeros(13, n)
+    proposed[:, :3] = 0.1
     cov = covariance(13, n, g, correlated=True)
-    onehot = sector_onehot(n, 3)
-    limits = feasible(n, 3, max_correlation=0.5, max_sector=1.0)
+    onehot = sector_onehot(n, 1)
+    limits = feasible(n, 1, max_correlation=0.25 if n == 8 else 0.7, max_var=1.0)
     out = check_risk(proposed, cov, onehot, limits)
-    exposure, _ = proposal_stats(proposed, cov, onehot, limits)
+    exposure, _ = capped_stats(proposed, cov, onehot, limits)
     assert (exposure > limits.max_correlation).all()
-    if n == 3:
-        assert is_flat(out).all()
-    else:
-        blended = ~is_flat(out)
-        assert blended.any()
-        assert (out.correlation_exposure <= limits.max_correlation * (1 + LIMIT_RTOL)).all()
-        assert (out.weights[blended] != proposed[blended].clamp(-0.1, 0.1)).any(-1).all()
-
-
-@needs_triton
-def test_risk_step_triton_degenerate_blend():
-    """Equal (capped) weights on correlated instruments, or a perfectly correlated pair: the blend
-    direction vanishes (q ~ 0, the linear branch), and the rows fall back to flat."""
-    g = torch.Generator().manual_seed(5)
-    proposed = torch.zeros(7, 8)
-    proposed[:, :3] = 0.3
-    check_risk(proposed, covariance(7, 8, g, correlated=True), sector_onehot(8, 3), feasible(8, 3))
-    vol = 0.01 + 0.01 * torch.rand(7, 2, generator=g)
-    pair = vol[:, :, None] * vol[:, None, :]
-    proposed = torch.stack([0.08 * torch.ones(7), 0.02 + 0.05 * torch.rand(7, generator=g)], -1)
-    out = check_risk(proposed, pair, sector_onehot(2, 2), feasible(2, 2))
-    assert is_flat(out).all()
+    assert_never_flattened(proposed, out)
+    torch.testing.assert_close(out.correlation_exposure, torch.full((13,), limits.max_correlation), rtol=1e-5, atol=0)
+    kept = limits.max_correlation / exposure  # one factor on the whole book
+    torch.testing.assert_close(out.gross_kept, kept, rtol=1e-5, atol=0)
+    assert out.binding[:, LIMIT_NAMES.index("correlation")].all()
 
 
 @needs_triton
@@ -280,29 +293,28 @@ def test_risk_step_triton_var_too_high():
     out = check_risk(proposed, covariance(13, 8, g, scale=100.0), sector_onehot(8, 3), limits)
     assert (out.var <= limits.max_var * (1 + 1e-6)).all()
     assert torch.isclose(out.var, torch.tensor(limits.max_var), rtol=1e-6, atol=0).sum() >= 10
+    assert_never_flattened(proposed, out)
 
 
 @needs_triton
-def test_risk_step_triton_infeasible_sector_limit_and_cash():
-    """max_sector * K < 1: no water-filling level exists ("no valid m"), the cap is 0 and the book goes
-    flat. A zero-variance (cash-like) instrument exercises the sigma clamp of the correlation."""
+def test_risk_step_triton_zero_variance_instrument():
+    """A zero-variance (cash-like) instrument exercises the sigma clamp of the correlation."""
     g = torch.Generator().manual_seed(7)
     proposed = torch.randn(7, 8, generator=g) * 0.05
     cov = covariance(7, 8, g)
     cov[:, -1, :] = 0.0
     cov[:, :, -1] = 0.0
-    out = check_risk(proposed, cov, sector_onehot(8, 2), RiskLimits(max_sector=0.4))
-    assert is_flat(out).all() and torch.allclose(out.intervention, torch.ones(7))
+    check_risk(proposed, cov, sector_onehot(8, 2), feasible(8, 2))
     check_risk(proposed, cov, sector_onehot(8, 3), feasible(8, 3))
 
 
 @needs_triton
 def test_risk_step_triton_disabled_limits_and_strided_inputs():
-    """Limits that never bind (only the position cap acts) and non-contiguous inputs."""
+    """Limits that are not applied (only the position cap acts) and non-contiguous inputs."""
     g = torch.Generator().manual_seed(8)
     proposed = torch.randn(7, 3, generator=g) * 0.1
     cov = covariance(7, 3, g)
-    limits = RiskLimits(max_var=10.0, max_correlation=1.0, max_sector=1.0)
+    limits = RiskLimits(max_var=10.0, max_correlation=NOT_APPLIED, max_sector=NOT_APPLIED)
     onehot = sector_onehot(3, 2)
     expected = risk_step_reference(proposed, cov, onehot, limits)
     actual = risk_step_triton(proposed.t().contiguous().t(), cov.transpose(-1, -2), onehot, limits)
