@@ -9,6 +9,7 @@ killed at any moment leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -39,9 +40,23 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def json_safe(x: Any) -> Any:
+    """`x` with every non-finite float replaced by None: JSON has no NaN or inf, and an undefined value
+    (a diverged run's Sharpe) must read as missing (`null`), never as a number."""
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
 def atomic_write_json(path: str | Path, payload: Any, sort_keys: bool = True) -> None:
-    """JSON (keys sorted unless `sort_keys=False`: a table keeps its row order), written atomically."""
-    atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=sort_keys) + "\n").encode())
+    """JSON (keys sorted unless `sort_keys=False`: a table keeps its row order), written atomically;
+    NaN and inf are written as `null` (`json_safe`)."""
+    text = json.dumps(json_safe(payload), indent=2, sort_keys=sort_keys, allow_nan=False)
+    atomic_write_bytes(path, (text + "\n").encode())
 
 
 def save_checkpoint(path: str | Path, payload: dict) -> None:

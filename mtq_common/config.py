@@ -104,8 +104,10 @@ class InstrumentSpec:
     sector: str
     annual_vol: float = 0.15
     """Annualised volatility of the synthetic path (ignored for CSV data)."""
+    cost: float | None = None
+    """Cost per unit of turnover of this instrument (default: `environment.transaction_cost` x `cost_multiplier`)."""
     cost_multiplier: float = 1.0
-    """Scales `transaction_cost` for this instrument."""
+    """Scales `transaction_cost` for this instrument (ignored when `cost` is set)."""
     signal: float = 1.0
     """Multiplies the synthetic latent drift of this instrument (0: a pure-noise instrument)."""
 
@@ -138,6 +140,10 @@ class DataConfig:
     """Instruments traded, in column order."""
     splits: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
     """Train / validation / test fractions for CSV data (split by time)."""
+    folds: int = 0
+    """Walk-forward folds (`pipeline.py --mode walkforward` sets it; 0: the plain splits above)."""
+    fold: int = 0
+    """Which walk-forward fold this run trains and tests (0 to folds - 1; see `mtq_common.walkforward`)."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -219,6 +225,8 @@ def _coerce(value: Any, annotation: str, where: str, key: str) -> Any:
                 return int(value)
             raise ConfigError(f"{where}: {key} must be a whole number, got {value!r}")
         return value
+    if kind == "float|None":
+        return None if value is None else _coerce(value, "float", where, key)
     if kind == "str":
         if not isinstance(value, str):
             raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
@@ -359,6 +367,9 @@ def validate(cfg: Config) -> Config:
     for symbol, spec in cfg.instruments.items():
         _check(spec.annual_vol > 0, w, f"instruments.{symbol}.annual_vol", spec.annual_vol, "a positive number")
         _check(spec.cost_multiplier >= 0, w, f"instruments.{symbol}.cost_multiplier", spec.cost_multiplier, ">= 0")
+        if spec.cost is not None:
+            ok = math.isfinite(spec.cost) and 0 <= spec.cost < 1
+            _check(ok, w, f"instruments.{symbol}.cost", spec.cost, "a cost per unit of turnover, 0 <= value < 1")
         _check(spec.signal >= 0, w, f"instruments.{symbol}.signal", spec.signal, ">= 0")
     _check(d.source in ("synthetic", "csv"), w, "data.source", d.source, "synthetic or csv")
     _check(d.source != "csv" or bool(d.data_dir), w, "data.data_dir", d.data_dir, "a folder when data.source is csv")
@@ -377,6 +388,8 @@ def validate(cfg: Config) -> Config:
         d.splits,
         "three positive fractions summing to 1, e.g. [0.7, 0.15, 0.15]",
     )
+    _check(d.folds == 0 or d.folds >= 2, w, "data.folds", d.folds, "0 (no walk-forward) or at least 2 folds")
+    _check(d.folds == 0 or 0 <= d.fold < d.folds, w, "data.fold", d.fold, f"0 to {d.folds - 1}")
     s = d.synthetic
     _check(s.seed >= 0, w, "data.synthetic.seed", s.seed, "a whole number >= 0")
     for key in ("train_bars", "val_bars", "test_bars"):

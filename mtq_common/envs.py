@@ -37,6 +37,7 @@ import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
 
 import kernels
+from kernels.risk import NOT_APPLIED
 from mtq_common.config import Config
 from mtq_common.features import FEATURE_NAMES, FEATURE_WINDOW, compute_features
 from mtq_common.market import MarketData
@@ -139,6 +140,14 @@ def build_tables(market: MarketData, cfg: Config, device: torch.device | str = "
     )
 
 
+def drift(weights: torch.Tensor, returns: torch.Tensor, net_return: torch.Tensor) -> torch.Tensor:
+    """Weights after a bar: each holding grows with its instrument, equity with the account's net return.
+
+    `w_i (1 + r_i) / (1 + net)` is what the book holds at the next bar's close before any trade, so the
+    next step's cost is charged on the trade actually needed (DESIGN section 4)."""
+    return weights * (1.0 + returns) / (1.0 + net_return)
+
+
 # ---------------------------------------------------------------------------------------------
 # The shared engine: episode bookkeeping, stop-loss, portfolio step
 # ---------------------------------------------------------------------------------------------
@@ -149,6 +158,17 @@ class _TradingEngine:
 
     `instrument_index` [B, n] says which market column each held slot is (the specialist env has
     n = 1 and a different instrument per row; the portfolio env holds all N columns in every row).
+
+    Two books per row:
+    * the **executed book** `weights` [B, n]: what the account holds, as fractions of equity after the
+      last bar's returns (positions drift with their instruments between bars, so the cost of the next
+      step is charged on `|w_new - weights|`, the trade actually needed); it earns the reward;
+    * the **own book** `own` [B, n] in [-1, 1]: each slot's own position as its policy asked for it
+      (after the stop-loss), in units of `max_position`. A specialist observes this one, and the
+      stop-loss, entry price and time in trade follow it, so that a specialist's observation is the
+      same whether it trades alone (`SpecialistEnv`) or under a meta-controller and the risk manager
+      (`PortfolioEnv`), which only scale its trade. `own_equity`/`own_peak` account for the own position
+      held at full size (the specialist's own account; its drawdown is an observation).
     """
 
     def __init__(self, tables: MarketTables, cfg: Config, instrument_index: torch.Tensor, seed: int, device):
@@ -171,7 +191,9 @@ class _TradingEngine:
         zeros_n = torch.zeros(self.num_rows, self.n, device=self.device)
         self.t = torch.zeros(self.num_rows, dtype=torch.long, device=self.device)
         self.steps = torch.zeros_like(self.t)
-        self.weights, self.entry, self.locked, self.time_in_trade = (zeros_n.clone() for _ in range(4))
+        self.weights, self.own, self.own_held = zeros_n.clone(), zeros_n.clone(), zeros_n.clone()
+        self.entry, self.locked, self.time_in_trade = zeros_n.clone(), zeros_n.clone(), zeros_n.clone()
+        self.own_equity, self.own_peak = zeros_n.clone(), zeros_n.clone()
         self.equity, self.peak, self.ema_a, self.ema_b, self.ema_down, self.drawdown = (zeros.clone() for _ in range(6))
         self.episode_return = zeros.clone()
 
@@ -188,7 +210,7 @@ class _TradingEngine:
         return flat.index_select(0, rows).reshape(self.num_rows, self.n, *table.shape[2:])
 
     STATE = (
-        "t", "steps", "weights", "entry", "locked", "time_in_trade",
+        "t", "steps", "weights", "own", "own_held", "entry", "locked", "time_in_trade", "own_equity", "own_peak",
         "equity", "peak", "ema_a", "ema_b", "ema_down", "drawdown", "episode_return",
     )  # fmt: skip
 
@@ -200,6 +222,8 @@ class _TradingEngine:
 
     def load_state_dict(self, state: dict) -> None:
         for name in self.STATE:
+            if name not in state:
+                raise ValueError(f"environment state has no {name!r}: it was saved by an older version")
             if state[name].shape != getattr(self, name).shape:
                 raise ValueError(
                     f"environment state {name!r} has shape {tuple(state[name].shape)}, "
@@ -218,16 +242,17 @@ class _TradingEngine:
         return torch.randint(low, high, (self.num_rows,), generator=self.generator, device=self.device)
 
     def reset_rows(self, mask: torch.Tensor, starts: torch.Tensor) -> None:
-        """Reset the rows where `mask` is True to fresh episodes starting at `starts` (branch-free)."""
+        """Reset the rows where `mask` is True to fresh episodes starting flat at `starts` (branch-free)."""
         m, m_n = mask, mask.unsqueeze(-1)
         self.t = torch.where(m, starts, self.t)
         self.steps = torch.where(m, 0, self.steps)
         zero = torch.zeros((), device=self.device)
-        self.weights = torch.where(m_n, zero, self.weights)
-        self.locked = torch.where(m_n, zero, self.locked)
-        self.time_in_trade = torch.where(m_n, zero, self.time_in_trade)
-        self.entry = torch.where(m_n, self.gather(self.tables.prices, starts), self.entry)
         one = torch.ones((), device=self.device)
+        for name in ("weights", "own", "own_held", "locked", "time_in_trade"):
+            setattr(self, name, torch.where(m_n, zero, getattr(self, name)))
+        self.own_equity = torch.where(m_n, one, self.own_equity)
+        self.own_peak = torch.where(m_n, one, self.own_peak)
+        self.entry = torch.where(m_n, self.gather(self.tables.prices, starts), self.entry)
         self.equity = torch.where(m, one, self.equity)
         self.peak = torch.where(m, one, self.peak)
         self.drawdown = torch.where(m, zero, self.drawdown)
@@ -241,14 +266,16 @@ class _TradingEngine:
         self.episode_return = torch.where(m, zero, self.episode_return)
 
     # -- step ---------------------------------------------------------------------------------
-    def apply_stop_lock(self, target: torch.Tensor) -> torch.Tensor:
-        """Hold stopped instruments flat while the policy keeps asking for the stopped trade's sign."""
-        same = (torch.sign(target) == self.locked) & (self.locked != 0)
-        self.locked = torch.where(same, self.locked, torch.zeros_like(self.locked))
-        return torch.where(same, torch.zeros_like(target), target)
+    def stop_lock(self, own: torch.Tensor) -> torch.Tensor:
+        """Slots held flat [B, n]: stopped out, and the policy still asks for the stopped trade's sign.
 
-    def advance(self, weights: torch.Tensor, var_usage: torch.Tensor, cost_rate: torch.Tensor):
-        """Hold `weights` [B, n] over bar t -> t+1: book-keeping, stop-loss, reward, truncation."""
+        A lock ends once the policy asks for another sign (flat counts)."""
+        same = (torch.sign(own) == self.locked) & (self.locked != 0)
+        self.locked = torch.where(same, self.locked, torch.zeros_like(self.locked))
+        return same
+
+    def advance(self, weights: torch.Tensor, own: torch.Tensor, var_usage: torch.Tensor, cost_rate: torch.Tensor):
+        """Hold `weights` [B, n] (own book `own`) over bar t -> t+1: accounts, stop-loss, reward, truncation."""
         tb = self.tables
         t_next = self.t + 1
         ret = self.gather(tb.returns, t_next)
@@ -265,18 +292,28 @@ class _TradingEngine:
             var_usage,
             self.reward_params,
         )
-        # A new trade (sign change into a position) enters at bar t's close.
+        # The own account: each slot's own position at full size, accounted like a one-instrument book.
+        own_weights = own * self.max_position
+        own_net = (
+            self.reward_params.risk_free_per_bar + own_weights * ret - cost_rate * (own_weights - self.own_held).abs()
+        )
+        self.own_equity = self.own_equity * (1.0 + own_net)
+        self.own_peak = torch.maximum(self.own_peak, self.own_equity)
+        self.own_held = drift(own_weights, ret, own_net)
+
+        # A new trade (sign change into a position) enters at bar t's close; the stop follows the own book.
         price_now = self.gather(tb.prices, self.t)
         price_next = self.gather(tb.prices, t_next)
-        side = torch.sign(weights)
-        new_trade = (side != torch.sign(self.weights)) & (side != 0)
+        side = torch.sign(own)
+        new_trade = (side != torch.sign(self.own)) & (side != 0)
         self.entry = torch.where(new_trade, price_now, self.entry)
         self.time_in_trade = torch.where(side == 0, 0.0, torch.where(new_trade, 1.0, self.time_in_trade + 1.0))
         adverse = -side * (price_next / self.entry - 1.0)
         stopped = (side != 0) & (adverse > self.stop_loss)
         self.locked = torch.where(stopped, side, self.locked)
 
-        self.weights = weights
+        self.own = own
+        self.weights = drift(weights, ret, out.net_return.unsqueeze(-1))
         self.equity, self.peak, self.drawdown = out.equity, out.peak, out.drawdown
         self.ema_a, self.ema_b, self.ema_down = out.ema_a, out.ema_b, out.ema_down
         self.t, self.steps = t_next, self.steps + 1
@@ -285,14 +322,16 @@ class _TradingEngine:
         return out, stopped, truncated
 
     def instrument_obs(self, diagnostic: bool) -> torch.Tensor:
-        """Per held slot: features, instrument one-hot, position, unrealised PnL, drawdown, time in trade."""
+        """Per held slot: features, instrument one-hot, and the own book's position, unrealised PnL (in
+        stop distances), own-account drawdown (over the drawdown target) and time in trade."""
         tb = self.tables
         prices = self.gather(tb.prices, self.t)
-        unrealised = torch.sign(self.weights) * (prices / self.entry - 1.0) / self.stop_loss  # in stop distances
+        unrealised = torch.sign(self.own) * (prices / self.entry - 1.0) / self.stop_loss  # in stop distances
+        own_drawdown = 1.0 - self.own_equity / self.own_peak
         state = [
-            self.weights / self.max_position,
+            self.own,
             unrealised,
-            (self.drawdown / self.cfg.reward.max_drawdown_target).unsqueeze(-1).expand(-1, self.n),
+            own_drawdown / self.cfg.reward.max_drawdown_target,
             self.time_in_trade / TIME_IN_TRADE_SCALE,
         ]
         if diagnostic:
@@ -310,13 +349,23 @@ class _TradingEngine:
         return out
 
 
+def position_column(num_instruments: int) -> int:
+    """Index of the own position in an instrument observation (after the features and the one-hot)."""
+    return len(FEATURE_NAMES) + num_instruments
+
+
 def instrument_obs_size(num_instruments: int, diagnostic: bool = False) -> int:
     """Length of one instrument's observation (the layout of `_TradingEngine.instrument_obs`)."""
     return len(FEATURE_NAMES) + num_instruments + STATE_SIZE + int(diagnostic)
 
 
-def _check_actions(actions, shape: tuple[int, ...], device) -> torch.Tensor:
-    """Actions as a float32 tensor of `shape`; a clear error for NaN/inf, wrong shape or dtype."""
+def _as_actions(actions, shape: tuple[int, ...], device, check: bool) -> torch.Tensor:
+    """Actions as a float32 tensor of `shape`, clipped to [-1, 1] (always: what trades is the clipped
+    action, in every phase). With `check`, a clear error for NaN/inf (naming the row), a wrong shape or
+    dtype; without it (the training scripts' fast path, which guard the proposals themselves) only the
+    clip is applied."""
+    if not check:
+        return actions.clamp(-1.0, 1.0)
     if isinstance(actions, np.ndarray):
         if not np.issubdtype(actions.dtype, np.floating):
             raise ValueError(f"actions must be floating point, got dtype {actions.dtype}")
@@ -331,9 +380,13 @@ def _check_actions(actions, shape: tuple[int, ...], device) -> torch.Tensor:
         else:
             raise ValueError(f"actions must have shape {shape}, got {tuple(actions.shape)}")
     actions = actions.to(device=device, dtype=torch.float32)
-    if not bool(torch.isfinite(actions).all()):
-        bad = (~torch.isfinite(actions)).nonzero()[0].tolist()
-        raise ValueError(f"actions contain NaN or inf (first at index {bad}); the state was not changed")
+    finite = torch.isfinite(actions.reshape(shape[0], -1)).all(-1)
+    if not bool(finite.all()):
+        row = int((~finite).nonzero()[0, 0])
+        raise ValueError(
+            f"actions of row {row} are not finite ({actions[row].tolist()}); the state was not changed. "
+            "A diverged policy proposes NaN: lower the learning rate or check the inputs."
+        )
     return actions.clamp(-1.0, 1.0)
 
 
@@ -388,6 +441,39 @@ class _BatchedTradingEnv(VectorEnv):
     def observe(self):
         """The current observation (after `load_state_dict`, say), as `step` would return it."""
         return self._out(self._observe())
+
+    def start_at(self, bars):
+        """Start every row's episode, flat, at the given bars ([num_envs] ints); returns the observation.
+
+        Evaluation uses it to lay rows on chosen stretches of the data (a backtest from its first bar)."""
+        eng = self.engine
+        starts = torch.as_tensor(bars, dtype=torch.long, device=eng.device).expand(self.num_envs)
+        eng.reset_rows(torch.ones(self.num_envs, dtype=torch.bool, device=eng.device), starts)
+        self._reset_extra(torch.ones(self.num_envs, dtype=torch.bool, device=eng.device))
+        return self.observe()
+
+    @property
+    def bar(self) -> torch.Tensor:
+        """The current bar of each row [num_envs] (the decision bar: prices up to it are known)."""
+        return self.engine.t
+
+    MARKET_NOW = ("prices", "returns", "variance", "vol", "drift")
+
+    def now(self, name: str) -> torch.Tensor:
+        """The market table `name` at each row's current bar, [num_envs, held instruments]: "prices"
+        (closes), "returns" (of the bar just completed), "variance" (per-bar EWMA), "vol" (annualised),
+        or "drift" (the synthetic latent drift: evaluation only, the oracle's input)."""
+        if name not in self.MARKET_NOW:
+            raise ValueError(f"unknown market table {name!r}; accepted: {self.MARKET_NOW}")
+        table = getattr(self.engine.tables, name)
+        if table is None:
+            raise ValueError(f"this market has no {name!r} (only synthetic markets carry the latent drift)")
+        return self.engine.gather(table, self.engine.t)
+
+    @property
+    def holdings(self) -> torch.Tensor:
+        """The executed book each row holds now [num_envs, held instruments], drifted by the last bar."""
+        return self.engine.weights
 
     def _extra_state(self) -> dict:
         return {}
@@ -447,10 +533,12 @@ class SpecialistEnv(_BatchedTradingEnv):
 
     def step(self, actions):
         eng = self.engine
-        if self.check_actions:
-            actions = _check_actions(actions, (self.num_envs, 1), eng.device)
-        target = eng.apply_stop_lock(actions.reshape(self.num_envs, 1) * eng.max_position)
-        out, stopped, truncated = eng.advance(target, torch.zeros_like(eng.equity), self.cost_rate)
+        actions = _as_actions(actions, (self.num_envs, 1), eng.device, self.check_actions)
+        own = actions.reshape(self.num_envs, 1)
+        own = torch.where(eng.stop_lock(own), 0.0, own)
+        target = own * eng.max_position
+        sigma = self.engine.gather(eng.tables.variance, eng.t).sqrt()
+        out, stopped, truncated = eng.advance(target, own, torch.zeros_like(eng.equity), self.cost_rate)
         info = {
             "net_return": out.net_return,
             "cost": out.cost,
@@ -458,6 +546,7 @@ class SpecialistEnv(_BatchedTradingEnv):
             "equity": out.equity,
             "drawdown": out.drawdown,
             "stop_loss": stopped.squeeze(1),
+            "instrument_vol": sigma.squeeze(1),
         }
         return self._finish(self._observe(), out.reward, truncated, info)
 
@@ -501,7 +590,7 @@ class PortfolioEnv(_BatchedTradingEnv):
         onehot = torch.zeros(n, len(self.sectors))
         onehot[torch.arange(n), torch.tensor([self.sectors.index(s) for s in market.sectors])] = 1.0
         self.sector_onehot = onehot.to(self.engine.device)
-        self.limits, self.relaxed = feasible_limits(cfg, n, len(self.sectors), tables.bars_per_day)
+        self.limits, self.limit_notes = feasible_limits(cfg, n, len(self.sectors), tables.bars_per_day)
         self.cost_rate = cost_rates(market, cfg, self.engine.device)  # [N]
         self.risk = {k: torch.zeros(num_envs, device=self.engine.device) for k in ("var", "corr", "sector")}
 
@@ -552,16 +641,26 @@ class PortfolioEnv(_BatchedTradingEnv):
         # A new episode starts flat: no risk in use.
         self.risk = {k: torch.where(mask, 0.0, v) for k, v in self.risk.items()}
 
-    def step(self, proposed_weights):
+    def step(self, proposed_weights, own_positions=None):
+        """Trade the proposal for one bar. `own_positions` [B, N] in [-1, 1] (optional) are the positions
+        the instruments' own policies asked for, in units of `max_position` (the specialists' signals
+        under a meta-controller): the stop-loss and the instruments' observations follow them. Without
+        them each instrument's own position is its proposed weight over `max_position`, clipped."""
         eng = self.engine
-        if self.check_actions:
-            proposed_weights = _check_actions(proposed_weights, (self.num_envs, self.n), eng.device)
-        proposal = eng.apply_stop_lock(proposed_weights)
+        shape = (self.num_envs, self.n)
+        proposal = _as_actions(proposed_weights, shape, eng.device, self.check_actions)
+        if own_positions is None:
+            own = (proposal / eng.max_position).clamp(-1.0, 1.0)
+        else:
+            own = _as_actions(own_positions, shape, eng.device, self.check_actions)
+        held_flat = eng.stop_lock(own)
+        own = torch.where(held_flat, 0.0, own)
+        proposal = torch.where(held_flat, 0.0, proposal)
         cov = eng.tables.cov.index_select(0, eng.t)
-        risk = kernels.risk_step(proposal, cov, self.sector_onehot, self.limits)
+        risk = kernels.risk_step(proposal, cov, self.sector_onehot, self.limits, check_finite=False)
         var_usage = risk.var / self.limits.max_var
         t_now = eng.t
-        out, stopped, truncated = eng.advance(risk.weights, var_usage, self.cost_rate)
+        out, stopped, truncated = eng.advance(risk.weights, own, var_usage, self.cost_rate)
         bar_returns = eng.gather(eng.tables.returns, t_now + 1)  # the bar just completed (known now)
         self.risk = {"var": risk.var, "corr": risk.correlation_exposure, "sector": risk.sector_allocation.amax(-1)}
         info = {
@@ -569,13 +668,17 @@ class PortfolioEnv(_BatchedTradingEnv):
             "cost": out.cost,
             "equity": out.equity,
             "drawdown": out.drawdown,
+            "proposed_weights": proposal,
             "executed_weights": risk.weights,
             "var": risk.var,
             "correlation_exposure": risk.correlation_exposure,
             "sector_allocation": risk.sector_allocation,
             "intervention": risk.intervention,
+            "gross_kept": risk.gross_kept,
+            "binding": risk.binding,
             "stop_loss": stopped,
             "bar_returns": bar_returns,
+            "instrument_vol": eng.tables.variance.index_select(0, t_now).sqrt(),
         }
         if self.has_truth:
             info["regime"] = eng.tables.regime.index_select(0, t_now)
@@ -584,24 +687,23 @@ class PortfolioEnv(_BatchedTradingEnv):
 
 
 def feasible_limits(cfg: Config, n_instruments: int, n_sectors: int, bars_per_day: float):
-    """The configured limits relaxed to what a small universe allows; returns `(RiskLimits, notes)`.
+    """The configured limits for a universe of `n_instruments` in `n_sectors`; returns `(RiskLimits, notes)`.
 
-    Fewer sectors than `1 / max_sector_allocation` make the sector limit impossible: it becomes
-    `1 / n_sectors`. With one instrument the correlation exposure is 1 by definition: not applied.
+    Every limit is reachable by scaling (DESIGN section 5), so none is ever relaxed; two are undefined
+    in the smallest universes and not applied there (`kernels.risk.NOT_APPLIED`), each with a note:
+    the sector limit with one sector (the whole book is that sector), the correlation exposure with
+    one instrument (it is then the position's size relative to the cap, which the position cap bounds).
     """
     env = cfg.environment
     notes = []
     max_sector = env.max_sector_allocation
-    if n_sectors * max_sector < 1.0:
-        max_sector = 1.0 / n_sectors
-        notes.append(
-            f"max_sector_allocation {env.max_sector_allocation} is infeasible with {n_sectors} sector(s): "
-            f"relaxed to {max_sector:.4g}"
-        )
+    if n_sectors == 1:
+        max_sector = NOT_APPLIED
+        notes.append("max_sector_allocation is not applied: the universe has one sector")
     max_corr = env.max_correlation_exposure
     if n_instruments == 1:
-        max_corr = 1.0
-        notes.append("max_correlation_exposure is not applied to a single instrument")
+        max_corr = NOT_APPLIED
+        notes.append("max_correlation_exposure is not applied: the universe has one instrument")
     z = normal_quantile(cfg.risk.var_confidence)
     limits = kernels.RiskLimits(
         max_position=env.max_position_size,
@@ -614,10 +716,13 @@ def feasible_limits(cfg: Config, n_instruments: int, n_sectors: int, bars_per_da
 
 
 def cost_rates(market: MarketData, cfg: Config, device) -> torch.Tensor:
-    """Cost per unit of turnover of each instrument: config cost x instrument and market multipliers."""
-    scale = [cfg.instruments[s].cost_multiplier for s in market.symbols]
-    rate = cfg.environment.transaction_cost * market.cost_multiplier
-    return torch.tensor(scale, dtype=torch.float32, device=device) * rate
+    """Cost per unit of turnover of each instrument [N]: its `cost` from the config (default
+    `transaction_cost` x its `cost_multiplier`), times the market's multiplier (the curriculum's)."""
+    rates = []
+    for symbol in market.symbols:
+        spec = cfg.instruments[symbol]
+        rates.append(spec.cost if spec.cost is not None else cfg.environment.transaction_cost * spec.cost_multiplier)
+    return torch.tensor(rates, dtype=torch.float32, device=device) * market.cost_multiplier
 
 
 def specialist_rows(market: MarketData, specialists: list[str], rows_per_specialist: int):

@@ -13,6 +13,7 @@ A `MarketData` is produced by the synthetic generator (`mtq_common.synthetic`) o
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,6 +72,17 @@ class MarketData:
         out[1:] = self.prices[1:] / self.prices[:-1] - 1.0
         return out
 
+    def window(self, start: int, stop: int, split: str) -> MarketData:
+        """Bars `start` to `stop - 1` as a split of its own (the same instruments and frequency)."""
+        return dataclasses.replace(
+            self,
+            prices=self.prices[start:stop].copy(),
+            timestamps=self.timestamps[start:stop].copy(),
+            split=split,
+            regime=None if self.regime is None else self.regime[start:stop].copy(),
+            drift=None if self.drift is None else self.drift[start:stop].copy(),
+        )
+
     def select(self, symbols: list[str]) -> MarketData:
         """The same split restricted to ``symbols`` (in that order)."""
         idx = [self.symbols.index(s) for s in symbols]
@@ -89,6 +101,12 @@ class MarketData:
         )
 
 
+def iso_time(timestamp, bars_per_day: float) -> str:
+    """A bar's time for people: an ISO date for daily (or slower) bars, ISO date and time for intraday ones."""
+    ts = np.datetime64(timestamp)
+    return str(np.datetime_as_string(ts, unit="D" if bars_per_day <= 1.0 else "m"))
+
+
 def load_splits(cfg) -> dict[str, MarketData]:
     """Train, validation and test `MarketData` for a `Config`: synthetic, or CSV when `data.data_dir` is set.
 
@@ -97,6 +115,10 @@ def load_splits(cfg) -> dict[str, MarketData]:
     """
     from mtq_common.features import FEATURE_WINDOW
 
+    if cfg.data.folds:
+        from mtq_common.walkforward import fold_splits
+
+        return fold_splits(cfg)
     if cfg.data.source == "csv":
         from mtq_common.csv_data import load_csv_market
 

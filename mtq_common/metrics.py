@@ -8,9 +8,10 @@ Conventions
 * ``returns[t]`` is the simple return of bar ``t`` (0.01 = +1%). Starting capital is 1.
 * Annualisation uses ``bars_per_year`` (252 for daily bars). The risk-free rate is annual and converted to
   a per-bar rate as ``risk_free_rate / bars_per_year``.
-* No function returns inf or NaN, so results can always be written as JSON. Undefined cases are reported
-  as 0.0 (documented per function); as a last resort, a NaN produced by non-finite input becomes 0.0 and an
-  overflow is capped at the largest finite float.
+* Undefined cases of finite input (a flat series has no Sharpe ratio) are reported as 0.0 (documented per
+  function) and an overflow is capped at the largest finite float, so no function returns inf. Non-finite
+  input (a diverged policy's NaN returns) gives NaN, never a number that looks like a result: the report
+  writers print it as `nan` and JSON stores it as `null`.
 
 Definitions
 -----------
@@ -53,12 +54,12 @@ def _as_returns(returns) -> np.ndarray:
 
 
 def _finite(x):
-    """Return a 0-d result as a Python float, anything else as a float64 array, never NaN or inf.
+    """Return a 0-d result as a Python float, anything else as a float64 array, never inf.
 
-    Why: results go to JSON, which has no NaN or inf. NaN (only reachable from non-finite input) becomes
-    0.0 and an overflow is capped at the largest finite float.
+    An overflow is capped at the largest finite float. NaN, only reachable from non-finite input, stays
+    NaN: a diverged run must not report a plausible 0.0.
     """
-    x = np.nan_to_num(np.asarray(x, dtype=np.float64), nan=0.0, posinf=_FLOAT_MAX, neginf=-_FLOAT_MAX)
+    x = np.nan_to_num(np.asarray(x, dtype=np.float64), nan=np.nan, posinf=_FLOAT_MAX, neginf=-_FLOAT_MAX)
     return float(x) if x.ndim == 0 else x
 
 
@@ -68,10 +69,11 @@ def _zeros_like_batch(r: np.ndarray):
 
 
 def _safe_ratio(numerator, denominator):
-    """``numerator / denominator`` where ``|denominator| > _TOL``, else 0.0 (the undefined case)."""
+    """``numerator / denominator`` where ``|denominator| > _TOL``, else 0.0 (the undefined case); NaN stays NaN."""
     defined = np.abs(denominator) > _TOL
     # Divide by 1.0 where undefined so numpy never evaluates x / 0 (no warning, no inf).
-    return np.where(defined, numerator / np.where(defined, denominator, 1.0), 0.0)
+    ratio = np.where(defined, numerator / np.where(defined, denominator, 1.0), 0.0)
+    return np.where(np.isnan(numerator) | np.isnan(denominator), np.nan, ratio)
 
 
 def sharpe(returns, bars_per_year, risk_free_rate=0.0):
@@ -153,7 +155,7 @@ def annual_return(returns, bars_per_year):
     # Raise 1.0 where wiped out so the power never sees a non-positive base; those entries become -1.0.
     with np.errstate(over="ignore"):  # the overflow is capped by _finite
         annual = np.power(np.where(alive, growth, 1.0), bars_per_year / n_bars) - 1.0
-    return _finite(np.where(alive, annual, -1.0))
+    return _finite(np.where(np.isnan(growth), np.nan, np.where(alive, annual, -1.0)))
 
 
 def annual_volatility(returns, bars_per_year):

@@ -123,6 +123,11 @@ def test_user_can_add_a_symbol(tmp_path):
         ("data:\n  splits: [0.5, 0.5]\n", ["data.splits"]),
         ("data:\n  synthetic:\n    sed: 3\n", ["data.synthetic.sed"]),
         ("training: [1, 2]\n", ["training", "mapping"]),
+        (
+            "instruments:\n  EURUSD: {sector: forex, cost: -0.001}\n",
+            ["instruments.EURUSD.cost", "-0.001", "0 <= value"],
+        ),
+        ("instruments:\n  EURUSD: {sector: forex, cost: fast}\n", ["instruments.EURUSD.cost", "number"]),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, text, words):
@@ -153,3 +158,23 @@ def test_hash_changes_with_values_not_with_device():
     assert a.hash() == b.hash()
     b.reward.risk_penalty_weight = 2.0
     assert a.hash() != b.hash()
+
+
+def test_per_instrument_costs_reach_every_env(tmp_path):
+    """`instruments.SYMBOL.cost` is the cost per unit of turnover of that instrument; the others keep
+    `transaction_cost` x `cost_multiplier`; the curriculum's market multiplier scales all of them."""
+    import dataclasses
+
+    from mtq_common.envs import cost_rates
+    from mtq_common.market import load_splits
+
+    path = tmp_path / "costs.yaml"
+    path.write_text("environment:\n  transaction_cost: 0.0004\ninstruments:\n  EURUSD: {sector: forex, cost: 0.0001}\n"
+                    "  WTIUSD: {sector: commodities, cost_multiplier: 2.0}\n")  # fmt: skip
+    cfg = load_config(path)
+    market = load_splits(cfg)["val"]
+    rates = dict(zip(market.symbols, cost_rates(market, cfg, "cpu").tolist(), strict=True))
+    assert rates["EURUSD"] == pytest.approx(0.0001) and rates["WTIUSD"] == pytest.approx(0.0008)
+    assert rates["SPX500"] == pytest.approx(0.0004)
+    harder = cost_rates(dataclasses.replace(market, cost_multiplier=1.5), cfg, "cpu")
+    assert harder[0].item() == pytest.approx(0.00015)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import RewardParams, RiskLimits
+from kernels import LIMIT_NAMES, RewardParams, RiskLimits
 from kernels.portfolio_step import portfolio_step_reference
 from kernels.risk import correlation_from_covariance, risk_step_reference
 from mtq_common.config import Config
@@ -53,8 +53,7 @@ def hand_market(prices: np.ndarray, sectors=None) -> MarketData:
 
 def start_at(env, bar: int = START) -> None:
     env.reset(seed=0)
-    rows = torch.ones(env.num_envs, dtype=torch.bool)
-    env.engine.reset_rows(rows, torch.full((env.num_envs,), bar, dtype=torch.long))
+    env.start_at(bar)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,13 +71,18 @@ def test_cost_on_turnover_equity_and_drawdown():
     assert info["net_return"].item() == pytest.approx(0.1 * 0.01 - 0.0003, abs=1e-7)
     equity1 = 1 + 0.1 * 0.01 - 0.0003
     assert info["equity"].item() == pytest.approx(equity1, rel=1e-6)
-    _, _, _, _, info = env.step(torch.tensor([[1.0]]))  # hold: no cost, price -2%
-    assert info["cost"].item() == pytest.approx(0.0, abs=1e-9)
-    equity2 = equity1 * (1 + 0.1 * (98.98 / 101 - 1))
+    # the holding drifted to 0.1 * 1.01 / (1 + net): keeping 0.1 costs the trade back to it
+    drifted1 = 0.1 * 1.01 / equity1
+    _, _, _, _, info = env.step(torch.tensor([[1.0]]))  # keep 0.1, price -2%
+    cost2 = 0.003 * (drifted1 - 0.1)
+    assert info["cost"].item() == pytest.approx(cost2, rel=1e-3)
+    net2 = 0.1 * (98.98 / 101 - 1) - cost2
+    equity2 = equity1 * (1 + net2)
     assert info["equity"].item() == pytest.approx(equity2, rel=1e-6)
     assert info["drawdown"].item() == pytest.approx(1 - equity2 / equity1, rel=1e-4)
-    _, _, _, _, info = env.step(torch.tensor([[-0.5]]))  # flip to -0.05: turnover 0.15
-    assert info["cost"].item() == pytest.approx(0.003 * 0.15, rel=1e-5)
+    drifted2 = 0.1 * (98.98 / 101) / (1 + net2)
+    _, _, _, _, info = env.step(torch.tensor([[-0.5]]))  # flip to -0.05: the trade needed is 0.05 + drifted2
+    assert info["cost"].item() == pytest.approx(0.003 * (0.05 + drifted2), rel=1e-5)
 
 
 def test_the_account_earns_the_cash_rate_on_top_of_its_trading():
@@ -101,7 +105,7 @@ def test_stop_loss_closes_the_trade_and_holds_flat_until_a_new_trade():
     assert info["stop_loss"].item()
     _, _, _, _, info = env.step(torch.tensor([[1.0]]))  # same sign asked: held flat, closing cost paid
     assert info["position"].item() == 0.0
-    assert info["cost"].item() == pytest.approx(0.003 * 0.1)
+    assert info["cost"].item() == pytest.approx(0.003 * 0.1 * 0.975 / 0.99, rel=2e-3)  # the drifted holding
     _, _, _, _, info = env.step(torch.tensor([[0.7]]))  # still the stopped sign: flat
     assert info["position"].item() == 0.0
     _, _, _, _, info = env.step(torch.tensor([[-1.0]]))  # a new (short) trade opens
@@ -227,9 +231,10 @@ def realistic_cov(batch: int = 1) -> torch.Tensor:
 
 
 def limits_hold(w, cov, limits: RiskLimits, onehot=ONEHOT):
-    """Check every limit with an independent float64 numpy computation."""
+    """Check every limit (DESIGN section 5) with an independent float64 numpy computation."""
     w, cov = w.double().numpy(), cov.double().numpy()
     onehot = onehot.double().numpy()
+    b_max = w.shape[-1] * limits.max_position
     for b in range(len(w)):
         x = w[b]
         assert np.all(np.abs(x) <= limits.max_position * (1 + 1e-5))
@@ -239,43 +244,58 @@ def limits_hold(w, cov, limits: RiskLimits, onehot=ONEHOT):
         if gross > 0:
             sigma = np.sqrt(np.diag(cov[b]))
             corr = cov[b] / np.outer(sigma, sigma)
-            xn = x / gross
-            assert xn @ corr @ xn <= limits.max_correlation * (1 + 1e-4)
-            assert (np.abs(x) @ onehot / gross).max() <= limits.max_sector * (1 + 1e-4)
+            assert x @ corr @ x / (gross * b_max) <= limits.max_correlation * (1 + 1e-4)
+            assert (np.abs(x) @ onehot / b_max).max() <= limits.max_sector * (1 + 1e-4)
 
 
 def test_book_within_limits_is_unchanged():
     cov = realistic_cov()
-    book = torch.tensor([[0.015, -0.01, 0.015, 0.02, -0.01, 0.01, -0.01, 0.015]])  # sector shares 0.38/0.29/0.33
+    book = torch.tensor([[0.015, -0.01, 0.015, 0.02, -0.01, 0.01, -0.01, 0.015]])
     out = risk_step_reference(book, cov, ONEHOT, RiskLimits())
     torch.testing.assert_close(out.weights, book)
-    assert out.intervention.item() == 0.0
+    assert out.intervention.item() == 0.0 and out.gross_kept.item() == 1.0 and not out.binding.any()
+
+
+def _exposure(w: torch.Tensor, cov: torch.Tensor) -> float:
+    """c = w' R w / (sum|w| B_max) of one book, in float64."""
+    w64 = w.double()[0]
+    corr = correlation_from_covariance(cov.double())[0]
+    return float(w64 @ corr @ w64 / (w64.abs().sum() * len(w64) * 0.1))
 
 
 @pytest.mark.parametrize(
     "name, book, limits",
     [
         ("position", [[0.5, -0.3, 0.05, 0.05, -0.05, 0.05, 0.05, -0.05]], RiskLimits()),
-        ("sector", [[0.01, 0.01, -0.01, 0.01, 0.01, 0.1, 0.1, 0.1]], RiskLimits()),
+        # the three indices at the cap: equity holds 0.3 / 0.8 = 37.5% of the largest book; a 30% limit binds
+        ("sector", [[0.01, 0.01, -0.01, 0.01, 0.01, 0.1, 0.1, 0.1]], RiskLimits(max_sector=0.3)),
         ("var", [[0.1, 0.1, -0.1, 0.1, 0.1, 0.1, -0.1, 0.1]], RiskLimits(max_var=0.002)),
-        # a book crowded into the three indices (pairwise 0.85-0.95) with small other positions
-        ("correlation", [[0.005, 0.0, 0.0, 0.005, 0.0, 0.1, 0.1, 0.1]], RiskLimits(max_sector=1.0)),
+        # every instrument long at the cap, a correlation limit below the book's exposure
+        ("correlation", [[0.1] * 8], RiskLimits(max_correlation=0.15, max_sector=math.inf)),
     ],
 )
-def test_a_violating_book_comes_back_within_every_limit(name, book, limits):
+def test_a_book_over_a_limit_is_scaled_to_that_limit_not_below(name, book, limits):
+    """Each limit binds where it should, and scaling stops exactly at it (a rounding error below)."""
     cov = realistic_cov()
     proposed = torch.tensor(book)
     out = risk_step_reference(proposed, cov, ONEHOT, limits)
     limits_hold(out.weights, cov, limits)
-    assert out.intervention.item() > 0
-    assert out.weights.abs().sum() > 0, "the limit was met by more than going flat"
+    assert out.binding[0, LIMIT_NAMES.index(name)], out.binding
+    assert out.intervention.item() > 0 and 0 < out.gross_kept.item() < 1
+    assert (torch.sign(out.weights) == torch.sign(proposed)).all(), "scaling keeps every sign"
+    if name == "position":
+        torch.testing.assert_close(out.weights, proposed.clamp(-0.1, 0.1))
+    if name == "sector":
+        assert out.sector_allocation[0, 2].item() == pytest.approx(limits.max_sector, rel=1e-6)
+        torch.testing.assert_close(out.weights[0, :5], proposed[0, :5])  # the other sectors are untouched
     if name == "var":
         assert out.var.item() == pytest.approx(limits.max_var, rel=1e-5)
     if name == "correlation":
-        assert out.correlation_exposure.item() == pytest.approx(limits.max_correlation, rel=1e-3)
+        assert _exposure(out.weights, cov) == pytest.approx(limits.max_correlation, rel=1e-5)
+        assert out.correlation_exposure.item() == pytest.approx(limits.max_correlation, rel=1e-5)
 
 
-def test_random_books_always_satisfy_every_limit():
+def test_random_books_always_satisfy_every_limit_and_are_never_flattened():
     gen = torch.Generator().manual_seed(0)
     cov = realistic_cov(256)
     for scale in (0.01, 0.1, 1.0):
@@ -285,26 +305,39 @@ def test_random_books_always_satisfy_every_limit():
         out = risk_step_reference(book, cov, ONEHOT, RiskLimits())
         limits_hold(out.weights, cov, RiskLimits())
         assert torch.isfinite(out.weights).all()
+        proposed_flat = (book == 0).all(-1)
+        assert ((out.weights != 0).any(-1) | proposed_flat).all(), "a non-flat proposal came back flat"
+        assert (out.gross_kept[proposed_flat] == 1).all()
 
 
-def test_var_matches_a_direct_numpy_computation():
+def test_var_and_exposures_match_a_direct_numpy_computation():
     cov = realistic_cov()
     book = torch.tensor([[0.02, -0.02, 0.01, 0.02, 0.01, 0.02, -0.01, 0.02]])  # within every limit
     out = risk_step_reference(book, cov, ONEHOT, RiskLimits(var_scale=1.6448536269514722))
     torch.testing.assert_close(out.weights, book)
     w, c = book.double().numpy()[0], cov.double().numpy()[0]
     assert out.var.item() == pytest.approx(1.6448536269514722 * math.sqrt(w @ c @ w), rel=1e-5)
-    corr = correlation_from_covariance(cov.double())[0].numpy()
-    x = w / np.abs(w).sum()
-    assert out.correlation_exposure.item() == pytest.approx(x @ corr @ x, rel=1e-5)
+    assert out.correlation_exposure.item() == pytest.approx(_exposure(book, cov), rel=1e-5)
+    np.testing.assert_allclose(out.sector_allocation[0].numpy(), np.abs(w) @ ONEHOT.double().numpy() / 0.8, rtol=1e-5)
 
 
-def test_small_universes_relax_infeasible_limits():
+def test_a_non_finite_proposal_is_refused_naming_the_row():
+    import kernels
+
+    book = torch.full((3, 8), 0.05)
+    book[2, 4] = float("nan")
+    with pytest.raises(ValueError, match="row 2"):
+        kernels.risk_step(book, realistic_cov(3), ONEHOT, RiskLimits())
+
+
+def test_limits_undefined_in_the_smallest_universes_are_not_applied():
     cfg = Config()
-    limits, notes = feasible_limits(cfg, 3, 2, 1.0)
-    assert limits.max_sector == 0.5 and any("relaxed" in n for n in notes)
+    limits, notes = feasible_limits(cfg, 3, 2, 1.0)  # two sectors: the 40% limit applies as it is
+    assert limits.max_sector == 0.4 and limits.max_correlation == 0.7 and notes == []
+    limits, notes = feasible_limits(cfg, 3, 1, 1.0)
+    assert limits.max_sector == math.inf and limits.max_correlation == 0.7 and len(notes) == 1
     limits, notes = feasible_limits(cfg, 1, 1, 1.0)
-    assert limits.max_correlation >= 1.0 and limits.max_sector == 1.0
+    assert limits.max_correlation == math.inf and limits.max_sector == math.inf and len(notes) == 2
     limits, notes = feasible_limits(cfg, 8, 3, 1.0)
     assert limits.max_sector == 0.4 and notes == []
 
@@ -324,7 +357,7 @@ def test_every_executed_book_in_the_portfolio_env_satisfies_every_limit():
     env.reset(seed=1)
     gen = torch.Generator().manual_seed(1)
     for _ in range(30):
-        cov = env.engine.tables.cov.index_select(0, env.engine.t)
+        cov = env.engine.tables.cov.index_select(0, env.bar)
         _, _, _, _, info = env.step(torch.randn(64, 8, generator=gen) * 0.2)
         limits_hold(info["executed_weights"], cov, env.limits)
 
@@ -373,8 +406,8 @@ def test_same_seed_same_trajectory():
 @pytest.mark.parametrize(
     "bad, match",
     [
-        (np.full((2, 1), np.nan, np.float32), "NaN or inf"),
-        (np.full((2, 1), np.inf, np.float32), "NaN or inf"),
+        (np.full((2, 1), np.nan, np.float32), "not finite"),
+        (np.full((2, 1), np.inf, np.float32), "not finite"),
         (np.zeros((3, 1), np.float32), "shape"),
         (np.zeros((2, 1), np.int64), "floating point"),
         ([[0.0], [0.0]], "numpy array or a torch tensor"),
@@ -396,6 +429,53 @@ def test_out_of_range_actions_are_clipped():
     start_at(env)
     _, _, _, _, info = env.step(torch.tensor([[7.0]]))
     assert info["position"].item() == pytest.approx(0.1)
+
+
+def test_phase1_trades_the_clipped_position_without_checks():
+    """The training fast path (check_actions=False) clips too: an action of 3.0 trades, costs and earns
+    exactly what 1.0 does (DESIGN section 4), step after step."""
+    market = generate_market(["SPX500"], ["equity"], [0.17], 400, seed=8)
+    env = SpecialistEnv(market, Config(), [0, 0], torch_mode=True, check_actions=False)
+    start_at(env)
+    for raw in (3.0, 3.0, -7.5, 0.4, 1e6):
+        clipped = max(-1.0, min(1.0, raw))
+        obs, reward, _, _, info = env.step(torch.tensor([[raw], [clipped]]))
+        assert info["position"].tolist() == pytest.approx([0.1 * clipped] * 2)
+        assert info["cost"][0] == info["cost"][1] and info["net_return"][0] == info["net_return"][1]
+        assert reward[0] == reward[1]
+        torch.testing.assert_close(obs[0], obs[1], rtol=0, atol=0)
+
+
+def test_a_specialists_observation_is_the_same_standalone_and_under_a_meta_controller():
+    """DESIGN section 4: the specialist observes its own position (after the stop-loss), never the book that
+    the meta-controller and the risk manager scaled. The same own positions in slot i of a PortfolioEnv,
+    traded at an appetite of 0.5 (and cut further by the risk manager), give slot i exactly the observation
+    of a SpecialistEnv on instrument i, stop-losses included."""
+    cfg = Config()
+    cfg.environment.stop_loss_pct = 0.005  # tight: several stops in the stretch
+    market = generate_market(cfg.data.instruments, SECTORS, VOLS, 400, 9)
+    size = cfg.environment.max_position_size
+    i = 5  # SPX500
+    alone = SpecialistEnv(market, cfg, [i], torch_mode=True)
+    book = PortfolioEnv(market, cfg, 1, torch_mode=True)
+    obs_alone, obs_book = alone.start_at(START), book.start_at(START)
+    rng = np.random.default_rng(3)
+    own = np.zeros((1, 8), np.float32)
+    stops = scaled = 0
+    for step in range(120):
+        torch.testing.assert_close(obs_book["instruments"][0, i], obs_alone[0], rtol=0, atol=1e-6, msg=f"step {step}")
+        if step % 8 == 0:  # trades of a few bars, sizes and signs changing
+            own = rng.uniform(-1.0, 1.0, (1, 8)).astype(np.float32)
+        positions = torch.from_numpy(own)
+        obs_alone, _, _, _, info_alone = alone.step(positions[:, i : i + 1])
+        obs_book, _, _, _, info_book = book.step(0.5 * positions * size, own_positions=positions)
+        assert bool(info_book["stop_loss"][0, i]) == bool(info_alone["stop_loss"][0])
+        stops += int(info_alone["stop_loss"][0])
+        executed, asked = abs(info_book["executed_weights"][0, i].item()), abs(info_alone["position"][0].item())
+        assert executed <= 0.5 * asked + 1e-7
+        scaled += executed < asked
+    torch.testing.assert_close(obs_book["instruments"][0, i], obs_alone[0], rtol=0, atol=1e-6)
+    assert stops >= 2 and scaled > 40  # the slot held a (scaled) position on many bars
 
 
 # ---------------------------------------------------------------------------------------------

@@ -148,6 +148,27 @@ def test_never_nan_or_inf_from_scalar_metrics():
             assert math.isfinite(fn(returns))
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy warns on inf - inf; the result is what counts
+def test_non_finite_returns_give_nan_never_a_plausible_number():
+    """A diverged policy's NaN returns must not report a Sharpe of 0.0 (which reads as a flat, harmless
+    run); a flat finite series still has the documented 0.0."""
+    returns = np.array([0.01, -0.02, np.nan, 0.005, 0.01])
+    for fn in (m.sharpe, m.sortino, m.calmar, m.annual_return, m.annual_volatility):
+        assert math.isnan(fn(returns, 252)), fn.__name__
+    for fn in (m.max_drawdown, m.total_return):
+        assert math.isnan(fn(returns)), fn.__name__
+    assert all(math.isnan(m.summarize(returns, 252)[key]) for key in ("sharpe", "sortino", "calmar"))
+    # an infinite return has no standard deviation: the Sharpe ratio is NaN too
+    for bad in (np.inf, -np.inf):
+        assert math.isnan(m.sharpe(np.array([0.01, -0.02, bad, 0.005]), 252))
+    assert math.isnan(m.sharpe(np.full(5, np.nan), 252))
+    # per column: only the poisoned column is NaN
+    batch = np.stack([returns, np.linspace(-0.01, 0.02, 5)], axis=1)
+    out = m.sharpe(batch, 252)
+    assert math.isnan(out[0]) and math.isfinite(out[1]) and out[1] != 0.0
+    assert m.sharpe(np.zeros(5), 252) == 0.0 and m.sharpe([0.01] * 5, 252) == 0.0
+
+
 # --- trades and win rate ----------------------------------------------------------------------------------
 
 
