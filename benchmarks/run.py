@@ -94,6 +94,8 @@ class Outcome:
     seconds: float = 0.0
     metrics: dict[str, float] | None = None
     """Flattened metrics.json of a successful run."""
+    report: dict | None = None
+    """The same, as written (the test report of a pipeline run)."""
 
 
 def expand(command: str, seeds: list[int], configs: list[str], output_dir: str) -> list[Run]:
@@ -173,7 +175,8 @@ def execute(run: Run, timeout: float | None, stderr_lines: int) -> Outcome:
         elif not found:
             outcome.status = "no metrics"
         else:
-            outcome.status, outcome.metrics = "ok", flatten(json.loads(found[0].read_text()))
+            raw = json.loads(found[0].read_text())
+            outcome.status, outcome.metrics, outcome.report = "ok", flatten(raw), raw
     outcome.seconds = time.perf_counter() - start
     return outcome
 
@@ -197,6 +200,48 @@ def format_table(group: str, table: dict[str, dict], rows: list[str]) -> str:
         s = table[key]
         lines.append(f"{key:<{width}}{s['mean']:>10.3f}{s['std']:>10.3f}{s['min']:>10.3f}{s['max']:>10.3f}{s['n']:>4}")
     return "\n".join(lines)
+
+
+def trading_quality(outcomes: list) -> tuple[str, dict] | None:
+    """For pipeline runs (test reports): DESIGN 14's targets per seed, mean and spread of the Sharpe ratios,
+    and the deflated Sharpe ratio of the best run given how many runs were compared (`statistics`).
+
+    A claim holds only if it holds for every seed: the table shows each seed's pass/fail, never a mean alone.
+    Returns the printed text and a JSON-ready summary, or None when no run wrote a test report."""
+    from mtq_common.statistics import deflated_sharpe_from_summary
+
+    reports = [(o.run.seed, o.report) for o in outcomes if o.report and "relative_targets" in o.report]
+    if not reports:
+        return None
+    names = ["system", "equal_allocation", "momentum", "trend_filter"]
+    lines = [f"{'seed':<6}" + "".join(f"{n:>18}" for n in names) + f"{'turn/vol':>10}{'mom turn/vol':>14}  DESIGN 14"]
+    rows = []
+    for seed, rep in reports:
+        sharpe = {"system": rep["portfolio"]["sharpe"], "equal_allocation": rep["equal_allocation"]["sharpe"],
+                  **{n: rep["baselines"][n]["sharpe"] for n in ("momentum", "trend_filter")}}  # fmt: skip
+        passed = all(t["pass"] for t in rep["relative_targets"])
+        failed = [t["target"] for t in rep["relative_targets"] if not t["pass"]]
+        turnover = rep["portfolio"]["turnover_per_vol"], rep["baselines"]["momentum"]["turnover_per_vol"]
+        verdict = "  PASS" if passed else "  FAIL (" + ", ".join(failed) + ")"
+        lines.append(f"{seed:<6}" + "".join(f"{sharpe[n]:>18.3f}" for n in names)
+                     + f"{turnover[0]:>10.2f}{turnover[1]:>14.2f}{verdict}")  # fmt: skip
+        data = rep["data"]
+        rows.append({"seed": seed, "sharpe": sharpe, "pass": passed, "failed": failed, "bars": data["bars"],
+                     "bars_per_year": data.get("bars_per_year", 252.0)})  # fmt: skip
+    summary: dict = {"seeds": rows, "all_pass": all(r["pass"] for r in rows)}
+    for n in names:
+        values = np.array([r["sharpe"][n] for r in rows])
+        summary[n] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
+        lines.append(f"{n + ' mean +- std':<34}{summary[n]['mean']:>8.3f} +- {summary[n]['std']:.3f}")
+    systems = [r["sharpe"]["system"] for r in rows]
+    best = int(np.argmax(systems))
+    summary["deflated_sharpe_of_best"] = deflated_sharpe_from_summary(
+        systems[best], rows[best]["bars"], systems, rows[best]["bars_per_year"]
+    )
+    lines.append(f"deflated Sharpe ratio of the best run ({len(systems)} runs compared, normal returns assumed): "
+                 f"{summary['deflated_sharpe_of_best']:.3f}")  # fmt: skip
+    lines.append("every seed passes DESIGN 14" if summary["all_pass"] else "DESIGN 14 NOT met for every seed")
+    return "\n".join(lines), summary
 
 
 def finite_or_none(value):
@@ -246,7 +291,12 @@ def main(args: Args) -> int:
         if len(rows) > args.max_rows:
             print(f"({len(rows) - args.max_rows} more matching rows in the JSON; see --metrics and --max-rows)")
 
+    quality = trading_quality(ordered)
+    if quality is not None:
+        print(f"\nTrading quality on the test split (DESIGN 14), per seed:\n{quality[0]}")
+
     result = {
+        "trading_quality": None if quality is None else quality[1],
         "commands": [shlex.join(run.command) for run in runs],
         "runs": [
             {

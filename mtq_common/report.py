@@ -34,6 +34,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
+from kernels import LIMIT_NAMES
 from mtq_common import metrics
 from mtq_common.baselines import MOMENTUM_LOOKBACK
 from mtq_common.checkpoint import atomic_write_bytes
@@ -53,9 +54,12 @@ POLICY_NOTES = {
     "system": "the hierarchy: frozen specialists, the meta-controller's allocation, the risk manager",
     "equal_allocation": "the same specialists with an equal allocation (no meta-controller)",
     "equal_weight": "long every instrument at the position limit, rebalanced every bar",
-    "buy_and_hold": "long every instrument at the position limit at each segment's first bar, never rebalanced",
+    "buy_and_hold": "long every instrument at the position limit when flat, then holding what the prices make of it "
+    "(cut back to the position limit where it drifts above)",
     "risk_parity": "long every instrument, inverse to its EWMA volatility",
     "momentum": f"sign of the {MOMENTUM_LOOKBACK}-bar price change, at the position limit",
+    "trend_filter": "sign of the EWMA drift estimate over its standard error with a no-trade band, at the position "
+    "limit (half-life and band picked on the training split)",
     "oracle": "sign of the latent drift (synthetic data only): the upper reference of what the market allows",
 }
 """One line per policy under the comparison table. Every policy trades through the same env and limits."""
@@ -73,6 +77,8 @@ _FORMATS = {
     "var_compliance": "{:.1%}",
     "var_breach_rate": "{:.1%}",
     "turnover": "{:.4f}",
+    "sharpe_before_costs": "{:+.2f}",
+    "turnover_per_vol": "{:.2f}",
 }
 _LABELS = {
     "sharpe": "Sharpe",
@@ -86,18 +92,20 @@ _LABELS = {
     "var_compliance": "VaR compliance",
     "var_breach_rate": "VaR breach rate",
     "turnover": "turnover",
+    "sharpe_before_costs": "Sharpe before costs",
+    "turnover_per_vol": "turnover / volatility",
 }
 COMPARISON_KEYS = (
-    "sharpe", "sortino", "calmar", "max_drawdown", "win_rate", "total_return", "annual_volatility",
-    "var_compliance", "var_breach_rate", "turnover",
+    "sharpe", "sharpe_before_costs", "sortino", "calmar", "max_drawdown", "win_rate", "total_return",
+    "annual_volatility", "var_compliance", "var_breach_rate", "turnover", "turnover_per_vol",
 )  # fmt: skip
 """Columns of the system-vs-baselines table (DESIGN section 9's portfolio keys)."""
 REGIME_COLUMNS = ("sharpe", "max_drawdown", "win_rate", "total_return", "annual_volatility")
 LIMIT_LABELS = {
     "max_position": "position per instrument (fraction of equity)",
     "max_var": "one-day VaR of the book (fraction of equity)",
-    "max_correlation": "correlation exposure of the book",
-    "max_sector": "sector share of gross exposure",
+    "max_correlation": "correlation exposure of the book (w'Rw / (gross x largest book))",
+    "max_sector": "sector share of the largest book (N x position limit)",
     "var_scale": "VaR scale, z(confidence) x sqrt(bars per day)",
 }
 
@@ -196,9 +204,16 @@ def markdown_report(
         f"**Data:** {data['source']}, {data['split']} split, {data['start']} to {data['end']}, {data['bars']} bars, "
         f"{len(instruments)} instruments ({', '.join(instruments)}).",
         "",
-        f"The split runs as {segments} parallel segments of consecutive bars that each start flat; the metrics "
-        "and curves are of the segments stitched in time order. Returns are the account's (cash yield + "
-        "trading - costs); Sharpe and Sortino are over the risk-free rate.",
+        (
+            f"The backtests are {data['layout']}. "
+            if "layout" in data
+            else "One continuous backtest of the whole split, starting flat, for the system and every baseline. "
+            if segments == 1
+            else f"The split runs as {segments} parallel segments of consecutive bars that each start flat; the "
+            "metrics and curves are of the segments stitched in time order. "
+        )
+        + "Returns are the account's (cash yield + trading - costs); Sharpe and Sortino are over the risk-free "
+        "rate.",
         "",
     ]
 
@@ -223,6 +238,45 @@ def markdown_report(
         "whose loss exceeds the ex-ante VaR of one bar. Turnover: mean sum of |weight changes| per bar.",
         "",
     ]
+
+    # WALK-FORWARD FOLDS: each fold's own test block
+    if report.get("folds"):
+        names = list(report["folds"][0]["sharpe"])
+        rows = [
+            [str(f["fold"]), " to ".join(f["train"]), " to ".join(f["test"]), str(f["bars"]),
+             *(f"{f['sharpe'][n]:+.2f}" for n in names),
+             f"{f['trend_filter']['half_life']} / {f['trend_filter']['band']:g}"]
+            for f in report["folds"]
+        ]  # fmt: skip
+        header = ["fold", "trained on", "tested on", "bars", *(f"{n} Sharpe" for n in names), "trend_filter h / band"]
+        out += ["## Folds", "", "Each fold's test block alone (the table above is of all of them stitched).", "",
+                _markdown_table(header, rows, align="llll" + "r" * (len(names) + 1)), ""]  # fmt: skip
+
+    # CONFIDENCE: how much of each Sharpe ratio could be luck
+    if "confidence" in report:
+        conf = report["confidence"]
+        level = f"{conf['confidence']:.0%}"
+        rows = []
+        for name, s in conf["sharpe"].items():
+            paired = conf["vs_system"].get(name)
+            versus = ["", "", ""]
+            if paired is not None:
+                interval = f"[{paired['low']:+.2f}, {paired['high']:+.2f}]"
+                versus = [f"{paired['difference']:+.2f}", interval, f"{paired['win_share']:.0%}"]
+            rows.append([name, f"{s['sharpe']:+.2f}", f"[{s['low']:+.2f}, {s['high']:+.2f}]", *versus])
+        header = ["policy", "Sharpe", f"{level} interval", "system - policy", f"{level} interval", "system wins"]
+        out += [
+            "## Confidence",
+            "",
+            f"Stationary block bootstrap of each policy's return series ({conf['samples']} samples, mean block "
+            f"{conf['block']} bars, seeded): a {level} interval for every Sharpe ratio, and the paired difference "
+            "of the system's Sharpe ratio and each other policy's on the same resampled bars, with the share of "
+            "samples in which the system wins. Probabilistic Sharpe ratio of the system against 0 "
+            f"(Bailey and Lopez de Prado): **{conf['psr']:.3f}**.",
+            "",
+            _markdown_table(header, rows),
+            "",
+        ]
 
     # ALLOCATION EFFICIENCY
     efficiency = report["allocation_efficiency"]
@@ -251,6 +305,19 @@ def markdown_report(
         f"{passed} of {len(report['targets'])} targets met.",
         "",
     ]
+
+    if report.get("relative_targets"):
+        rows = [
+            [_LABELS.get(t["metric"], t["metric"]), t["target"], _fmt(t["metric"], t["threshold"]).lstrip("+"),
+             _fmt(t["metric"], t["value"]), "**PASS**" if t["pass"] else "**FAIL**"]
+            for t in report["relative_targets"]
+        ]  # fmt: skip
+        out += [
+            "Against the rules on the same bars (DESIGN section 14: what the learning must be worth):",
+            "",
+            _markdown_table(["metric", "target", "threshold", "value", "result"], rows, align="llrrl"),
+            "",
+        ]
 
     # PER REGIME
     regimes = report["per_regime"]
@@ -320,14 +387,39 @@ def markdown_report(
             "",
         ]
 
-    # LIMITS in force, after any relaxation for a small universe
+    # RISK LAYER: what the risk manager did to each policy's proposals
+    if "risk_layer" in report:
+        risk_rows = [
+            [name, *(f"{r['binding'][k]:.1%}" for k in LIMIT_NAMES), f"{r['gross_kept']:.1%}", f"{r['flat_books']:.1%}"]
+            for name, r in report["risk_layer"].items()
+        ]
+        header = ["policy", *(f"{k} binds" for k in LIMIT_NAMES), "gross kept", "flat books"]
+        out += [
+            "## Risk layer",
+            "",
+            "Over the bars with a non-flat proposal: how often each limit scaled the book, the mean share of the "
+            "proposed gross exposure kept, and the share of books executed flat (every limit is reached by "
+            "scaling, so never).",
+            "",
+            _markdown_table(header, risk_rows),
+            "",
+        ]
+
+    # LIMITS in force
     limits = report["limits"]
     out += ["## Limits", ""]
-    out += [f"- {LIMIT_LABELS.get(k, k)}: <= {v:g}" for k, v in limits.items() if k != "relaxed" and k != "var_scale"]
+    for key, value in limits.items():
+        if key in ("notes", "var_scale"):
+            continue
+        out.append(f"- {LIMIT_LABELS.get(key, key)}: {'not applied' if value is None else f'<= {value:g}'}")
     if "var_scale" in limits:
         out.append(f"- {LIMIT_LABELS['var_scale']}: {limits['var_scale']:.4g}")
-    relaxed = limits.get("relaxed", [])
-    out += ["", *[f"Relaxed: {note}" for note in relaxed]] if relaxed else ["", "No limit was relaxed."]
+    notes = limits.get("notes", [])
+    out += ["", *notes] if notes else ["", "Every limit applies."]
+    if "trend_filter" in report:
+        tf = report["trend_filter"]
+        out += ["", f"trend_filter: half-life {tf['half_life']} bars, band {tf['band']:g}, picked on the "
+                f"{tf['fitted_on']} split."]  # fmt: skip
     out.append("")
 
     out += [

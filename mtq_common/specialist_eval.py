@@ -1,9 +1,11 @@
-"""Evaluation on held-out data: backtests of trained policies next to rule-based baselines.
+"""Evaluation of the specialists on held-out data, instrument by instrument, next to the rules.
 
-Specialists are evaluated per instrument over a whole split: each instrument is traded by its
-owning specialist with deterministic positions (the clipped mean) through `SpecialistEnv`, so costs,
-stop-losses and timing are exactly those of training. To use the batch, the split is cut into
-`segments` consecutive pieces that run in parallel rows; each piece starts flat, so the stitched
+Each instrument is traded by its owning specialist with deterministic positions (the clipped mean)
+through `SpecialistEnv`, and so is every rule (momentum, trend filter, buy-and-hold and, on synthetic
+data, the oracle): the same stop-loss, costs and timing as in training, for the specialist and the
+rules alike. After a stop-loss a rule asks for a flat position for one bar and then re-opens its trade
+(as in `portfolio_eval`). To use the batch, the split is cut into `segments` consecutive pieces that run
+in parallel rows (policies x pieces x instruments in one env); each piece starts flat, so the stitched
 series pays one extra entry per piece (a conservative approximation of one unbroken run).
 """
 
@@ -15,7 +17,13 @@ import numpy as np
 import torch
 
 from mtq_common import metrics
-from mtq_common.baselines import backtest, buy_and_hold_positions, momentum_positions, oracle_positions
+from mtq_common.baselines import (
+    TrendFilter,
+    buy_and_hold_positions,
+    momentum_positions,
+    oracle_positions,
+    trend_filter_positions,
+)
 from mtq_common.config import Config
 from mtq_common.envs import MarketTables, SpecialistEnv, build_tables
 from mtq_common.market import MarketData
@@ -32,90 +40,87 @@ def segment_starts(tables: MarketTables, segments: int) -> tuple[list[int], int]
     return [first + j * length for j in range(segments)], length
 
 
+def rule_positions(market: MarketData, trend: TrendFilter) -> dict[str, np.ndarray]:
+    """The rules' position tables [T, N] (units of max_position) that the specialists are compared with."""
+    rules = {
+        "momentum": momentum_positions(market.prices),
+        "trend_filter": trend_filter_positions(market.prices, trend),
+        "buy_and_hold": buy_and_hold_positions(market.prices),
+    }
+    if market.drift is not None:
+        rules["oracle"] = oracle_positions(market.drift)
+    return rules
+
+
 @torch.no_grad()
 def evaluate_specialists(
     agents: SpecialistAgents,
     market: MarketData,
     cfg: Config,
+    trend: TrendFilter,
     device: str | torch.device = "cpu",
     segments: int = 8,
     tables: MarketTables | None = None,
     next_return_diagnostic: bool = False,
 ) -> dict:
-    """Per-instrument metrics of the specialists on `market`, with momentum, buy-and-hold and oracle.
+    """Per-instrument metrics of the specialists on `market`, with the rules traded through the same env.
 
     Returns `{specialist: {symbol: {sharpe, sortino, calmar, max_drawdown, win_rate, total_return,
-    momentum_sharpe, buy_and_hold_sharpe, oracle_sharpe (synthetic only)}, "mean_sharpe": float}}`
-    for the specialists in `agents.names` that own an instrument of `market`.
+    momentum_sharpe, trend_filter_sharpe, buy_and_hold_sharpe, oracle_sharpe (synthetic only)},
+    "mean_sharpe": float}}` for the specialists in `agents.names` that own an instrument of `market`.
     """
     tables = tables or build_tables(market, cfg, device)
     instruments = [i for i, s in enumerate(market.sectors) if s in agents.names]
     owner = torch.tensor([agents.names.index(market.sectors[i]) for i in instruments], device=device)
+    rules = {name: table[:, instruments] for name, table in rule_positions(market, trend).items()}
+    names = ["specialist", *rules]
     starts, length = segment_starts(tables, segments)
-    n, s = len(instruments), len(starts)
+    p, s, n = len(names), len(starts), len(instruments)
     eval_cfg = dataclasses.replace(cfg, environment=dataclasses.replace(cfg.environment, episode_length=length))
     env = SpecialistEnv(
-        market, eval_cfg, instruments * s, device=device, torch_mode=True, tables=tables,
+        market, eval_cfg, instruments * (p * s), device=device, torch_mode=True, tables=tables,
         next_return_diagnostic=next_return_diagnostic,
     )  # fmt: skip
     env.reset(seed=0)
-    start_rows = torch.tensor(starts, device=device).repeat_interleave(n)
-    env.engine.reset_rows(torch.ones(n * s, dtype=torch.bool, device=device), start_rows)
-    obs = env.observe()
-    net = torch.zeros(length, s, n, device=device)
-    held = torch.zeros(length, s, n, device=device)
+    # rows: policy-major, then piece, then instrument
+    obs = env.start_at(torch.tensor(starts, device=device).repeat_interleave(n).repeat(p))
+    rule_table = torch.as_tensor(np.stack(list(rules.values())), dtype=torch.float32, device=device)  # [R, T, n]
+    net = torch.zeros(length, p, s, n, device=device)
+    held = torch.zeros(length, p, s, n, device=device)
+    stopped = torch.zeros(p - 1, s, n, dtype=torch.bool, device=device)
     for t in range(length):
-        positions = agents.positions(obs.reshape(s, n, -1), owner)  # [S, N]
-        obs, _, _, _, info = env.step(positions.reshape(-1, 1))
-        net[t] = info["net_return"].reshape(s, n)
-        held[t] = info["position"].reshape(s, n)
-    # Stitch the pieces in time order: [S * length, N], bar k earns k -> k+1 from starts[0].
-    net = net.permute(1, 0, 2).reshape(s * length, n).cpu().double().numpy()
-    held = held.permute(1, 0, 2).reshape(s * length, n).cpu().double().numpy()
-    bars = slice(starts[0], starts[0] + s * length + 1)
-    baselines = _baseline_returns(market, cfg, bars, [market.symbols[i] for i in instruments])
+        bars = env.bar.view(p, s, n)[0, :, 0]  # the pieces' current bars (the same for every policy)
+        positions = agents.positions(obs.view(p, s, n, -1)[0], owner)  # [S, n]
+        targets = rule_table.index_select(1, bars)  # [R, S, n]
+        targets = torch.where(stopped, 0.0, targets)  # flat for one bar after a stop, then re-open
+        actions = torch.cat([positions.unsqueeze(0), targets], 0)
+        obs, _, _, _, info = env.step(actions.reshape(-1, 1))
+        net[t] = info["net_return"].view(p, s, n)
+        held[t] = info["position"].view(p, s, n)
+        stopped = info["stop_loss"].view(p, s, n)[1:]
+    # Stitch the pieces in time order: [P, S * length, n], bar k earns k -> k+1 from starts[0].
+    net = net.permute(1, 2, 0, 3).reshape(p, s * length, n).cpu().double().numpy()
+    held = held.permute(1, 2, 0, 3).reshape(p, s * length, n).cpu().double().numpy()
     rf = cfg.reward.risk_free_rate
     cash = rf / market.bars_per_year  # the account's cash yield: part of its return, not of any trade's PnL
 
     result: dict = {}
     for j, i in enumerate(instruments):
-        row = {
-            key: value
-            for key, value in metrics.summarize(
-                net[:, j], market.bars_per_year, rf, positions=held[:, j], pnl=net[:, j] - cash
-            ).items()
-            if key in METRIC_KEYS
-        }
-        for name, series in baselines.items():
-            row[f"{name}_sharpe"] = metrics.sharpe(series[:, j], market.bars_per_year, rf)
+        summary = metrics.summarize(net[0, :, j], market.bars_per_year, rf, positions=held[0, :, j],
+                                    pnl=net[0, :, j] - cash)  # fmt: skip
+        row = {key: value for key, value in summary.items() if key in METRIC_KEYS}
+        for r, name in enumerate(names[1:], start=1):
+            row[f"{name}_sharpe"] = metrics.sharpe(net[r, :, j], market.bars_per_year, rf)
         result.setdefault(market.sectors[i], {})[market.symbols[i]] = row
     for table in result.values():
         table["mean_sharpe"] = float(np.mean([v["sharpe"] for v in table.values()]))
     return result
 
 
-def _baseline_returns(market: MarketData, cfg: Config, bars: slice, symbols: list[str]) -> dict[str, np.ndarray]:
-    """Account returns of the rules at `max_position_size` on the same bars, with the cash yield the
-    environments pay (see `kernels.portfolio_step`)."""
-    cols = [market.symbols.index(s) for s in symbols]
-    prices = market.prices[:, cols]
-    size = cfg.environment.max_position_size
-    cost = np.array([cfg.instruments[s].cost_multiplier for s in symbols]) * cfg.environment.transaction_cost
-    cost = cost * market.cost_multiplier
-    returns = market.returns[bars][:, cols]
-    rules = {
-        "momentum": momentum_positions(prices)[bars],
-        "buy_and_hold": buy_and_hold_positions(prices)[bars],
-    }
-    if market.drift is not None:
-        rules["oracle"] = oracle_positions(market.drift[:, cols])[bars]
-    cash = cfg.reward.risk_free_rate / market.bars_per_year
-    return {name: cash + backtest(pos * size, returns, cost) for name, pos in rules.items()}
-
-
 def format_specialist_table(result: dict) -> str:
     """A plain-text table of `evaluate_specialists`' result, one row per instrument."""
-    header = ["specialist", "instrument", "sharpe", "sortino", "max_dd", "win_rate", "return", "momentum", "b&h"]
+    header = ["specialist", "instrument", "sharpe", "sortino", "max_dd", "win_rate", "return", "momentum",
+              "trend_flt", "b&h"]  # fmt: skip
     has_oracle = any("oracle_sharpe" in row for t in result.values() for k, row in t.items() if k != "mean_sharpe")
     if has_oracle:
         header.append("oracle")
@@ -125,7 +130,12 @@ def format_specialist_table(result: dict) -> str:
             if symbol == "mean_sharpe":
                 continue
             cells = [name, symbol, row["sharpe"], row["sortino"], row["max_drawdown"], row["win_rate"]]
-            cells += [row["total_return"], row["momentum_sharpe"], row["buy_and_hold_sharpe"]]
+            cells += [
+                row["total_return"],
+                row["momentum_sharpe"],
+                row["trend_filter_sharpe"],
+                row["buy_and_hold_sharpe"],
+            ]
             if has_oracle:
                 cells.append(row.get("oracle_sharpe", float("nan")))
             lines.append("  ".join(f"{c:>10.3f}" if isinstance(c, float) else f"{c:>10}" for c in cells))

@@ -62,8 +62,13 @@ def test_it_learns_when_the_next_return_is_observable(tmp_path):
     config = write_config(tmp_path / "c.yaml")
     metrics = run(tmp_path, "diag", config, timesteps=12288, num_envs=32, num_steps=64, batch_size=256,
                   n_epochs=4, eval_interval=3, next_return_diagnostic=True)  # fmt: skip
+    # Seeds 1-5 (costs on the drifted holdings, DESIGN section 4; Phase 1's default position_rate): forex 3.0-3.3,
+    # commodities 4.6-5.3, equity 4.9-5.9, each well above the oracle's Sharpe on the same bars (forex 1.65,
+    # commodities 2.4, equity 2.8). A fixed 3.0 sat inside the forex spread (2.6 on seed 1 without the rate).
     for name, table in metrics["specialists"].items():
-        assert table["mean_sharpe"] > 3.0, (name, table["mean_sharpe"])
+        rows = [row for key, row in table.items() if key != "mean_sharpe"]
+        oracle = sum(row["oracle_sharpe"] for row in rows) / len(rows)
+        assert table["mean_sharpe"] > max(2.0, oracle + 0.5), (name, table["mean_sharpe"], oracle)
 
 
 def test_it_beats_buy_and_hold_on_the_default_market(tmp_path):
@@ -125,10 +130,12 @@ def test_trade_pnl_excludes_the_cash_yield(tmp_path):
     losing trade into a win (found by review: tiny runs reported win rates near 1 with negative Sharpe)."""
     import numpy as np
 
+    from mtq_common.baselines import TrendFilter
     from mtq_common.config import Config
-    from mtq_common.evaluation import evaluate_specialists
+    from mtq_common.envs import instrument_obs_size
     from mtq_common.market import load_splits
     from mtq_common.nets import SpecialistAgents
+    from mtq_common.specialist_eval import evaluate_specialists
 
     cfg = Config()
     cfg.data.synthetic.val_bars = 600
@@ -136,9 +143,52 @@ def test_trade_pnl_excludes_the_cash_yield(tmp_path):
     val = load_splits(cfg)["val"]
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
-    agents = SpecialistAgents(cfg.specialists, 22, hidden=4)
+    agents = SpecialistAgents(cfg.specialists, instrument_obs_size(val.num_instruments), hidden=4)
     with torch.no_grad():
         agents.actor[-1].bias.fill_(0.05)  # tiny long positions, costs on every entry
-    result = evaluate_specialists(agents, val, cfg, segments=4)
+    result = evaluate_specialists(agents, val, cfg, TrendFilter(), segments=4)
     rows = [r for t in result.values() for k, r in t.items() if k != "mean_sharpe"]
     assert np.mean([r["win_rate"] for r in rows]) < 0.9
+
+
+def test_the_rules_trade_through_the_stop_loss():
+    """Phase 1's rules run through the same SpecialistEnv as the specialists, stop-loss included: a very
+    tight stop changes their Sharpe (the old vectorised backtest had no stop-loss at all), and a stop
+    that never triggers (100%) gives the plain rule."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from mtq_common.baselines import TrendFilter, backtest, momentum_positions
+    from mtq_common.config import Config
+    from mtq_common.envs import cost_rates, instrument_obs_size
+    from mtq_common.market import load_splits
+    from mtq_common.metrics import sharpe
+    from mtq_common.nets import SpecialistAgents
+    from mtq_common.specialist_eval import evaluate_specialists, segment_starts
+
+    cfg = Config()
+    cfg.data.synthetic.val_bars = 600
+    val = load_splits(cfg)["val"]
+    torch.manual_seed(0)
+    agents = SpecialistAgents(cfg.specialists, instrument_obs_size(val.num_instruments), hidden=4)
+
+    def momentum_sharpes(stop_loss_pct: float) -> np.ndarray:
+        c = dataclasses.replace(cfg, environment=dataclasses.replace(cfg.environment, stop_loss_pct=stop_loss_pct))
+        result = evaluate_specialists(agents, val, c, TrendFilter(), segments=1)
+        return np.array(
+            [result[s][symbol]["momentum_sharpe"] for symbol, s in zip(val.symbols, val.sectors, strict=True)]
+        )
+
+    tight, off = momentum_sharpes(0.002), momentum_sharpes(1.0)
+    assert (np.abs(tight - off) > 1e-3).sum() >= 6 and np.abs(tight - off).max() > 0.3, (tight, off)
+    # with the stop off, the rule is the plain position table held over the same bars (one continuous run)
+    from mtq_common.envs import build_tables
+
+    first, length = segment_starts(build_tables(val, cfg), 1)
+    bars = slice(first[0], first[0] + length + 1)
+    net = backtest(momentum_positions(val.prices)[bars] * cfg.environment.max_position_size, val.returns[bars],
+                   cost_rates(val, cfg, "cpu").double().numpy())  # fmt: skip
+    plain = np.array([sharpe(net[:, i], val.bars_per_year) for i in range(val.num_instruments)])
+    assert np.corrcoef(plain, off)[0, 1] > 0.9, (plain, off)

@@ -20,7 +20,8 @@ TINY_BUDGET = ["--phase1-timesteps", "1024", "--phase2-timesteps", "1024", "--ph
 REPORT_KEYS = ("portfolio", "baselines", "allocation_efficiency", "specialist_utilization", "per_regime", "targets",
                "data")  # fmt: skip
 PORTFOLIO_KEYS = ("sharpe", "sortino", "calmar", "max_drawdown", "win_rate", "total_return", "annual_volatility",
-                  "var_compliance", "var_breach_rate", "turnover")  # fmt: skip
+                  "var_compliance", "var_breach_rate", "turnover", "sharpe_before_costs",
+                  "turnover_per_vol")  # fmt: skip
 
 
 def pipeline_args(tmp: Path, *extra: str, config: Path | None = None) -> list[str]:
@@ -61,7 +62,7 @@ def test_train_writes_every_output(trained):
         assert key in report, key
     for key in PORTFOLIO_KEYS:
         assert key in report["portfolio"], key
-        for name in ("equal_weight", "buy_and_hold", "risk_parity", "momentum", "oracle"):
+        for name in ("equal_weight", "buy_and_hold", "risk_parity", "momentum", "trend_filter", "oracle"):
             assert key in report["baselines"][name], (name, key)
     assert report["data"]["split"] == "test" and report["data"]["source"] == "synthetic"
     assert {t["metric"] for t in report["targets"]} >= {"sharpe", "max_drawdown", "win_rate", "var_compliance"}
@@ -70,6 +71,25 @@ def test_train_writes_every_output(trained):
         data = (out / "eval" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     assert "## " in (out / "eval" / "report.md").read_text()
+
+
+def test_the_test_evaluation_is_one_continuous_backtest_of_the_whole_split(trained):
+    """DESIGN section 9: one row per policy from the test split's first tradable bar to its second-to-last bar
+    (the last position earns the last bar's return), never parallel segments."""
+    from mtq_common.config import load_config
+    from mtq_common.envs import build_tables
+    from mtq_common.market import load_splits
+
+    tmp, config, _ = trained
+    report = json.loads((tmp / "out" / "eval" / "report.json").read_text())
+    cfg = load_config(config)
+    test = load_splits(cfg)["test"]
+    first = build_tables(test, cfg).first_bar
+    assert report["data"]["segments"] == 1
+    assert report["data"]["bars"] == test.num_bars - 1 - first  # bars first .. num_bars - 2
+    assert report["data"]["start"] == str(np.datetime64(test.timestamps[first], "D"))
+    assert report["data"]["end"] == str(np.datetime64(test.timestamps[-1], "D"))
+    assert "One continuous backtest of the whole split" in (tmp / "out" / "eval" / "report.md").read_text()
 
 
 def test_eval_again_reproduces_the_report(trained):
@@ -119,7 +139,10 @@ def test_csv_end_to_end_with_two_asset_classes(tmp_path):
     assert "oracle" not in report["baselines"]
     assert set(report["specialist_utilization"]) >= {"commodities", "equity"}
     assert "forex" not in report["specialist_utilization"]
-    assert report["limits"]["max_sector"] == 0.5  # two sectors: the 40% limit is infeasible and relaxed
+    # two sectors: the 40% limit applies as configured (reached by scaling, never relaxed)
+    assert report["limits"]["max_sector"] == 0.4 and report["limits"]["notes"] == []
+    assert report["risk_layer"]["system"]["flat_books"] == 0.0
+    assert report["data"]["start"] == str(np.datetime64(report["data"]["start"], "D"))  # an ISO date
     assert "skipped" in (tmp_path / "logs" / "phase1" / "training.log").read_text()
 
 

@@ -1,33 +1,47 @@
 """Portfolio evaluation: baselines as defined and causal, stitched backtests, limits, the report's contents."""
 
 import dataclasses
+import itertools
 import json
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
 
-from mtq_common.baselines import MOMENTUM_LOOKBACK
+from kernels import LIMIT_NAMES
+from mtq_common import metrics as metrics_lib
+from mtq_common.baselines import (
+    MOMENTUM_LOOKBACK,
+    TREND_FILTER_GRID,
+    TrendFilter,
+    backtest,
+    momentum_positions,
+    trend_filter_positions,
+)
 from mtq_common.config import Config
-from mtq_common.envs import PortfolioEnv, build_tables, instrument_obs_size
-from mtq_common.evaluation import segment_starts
-from mtq_common.hierarchy import meta_observation_size
+from mtq_common.envs import PortfolioEnv, build_tables, cost_rates, instrument_obs_size
+from mtq_common.hierarchy import meta_observation_size, split_action
 from mtq_common.market import REGIME_NAMES, load_splits
 from mtq_common.nets import MetaController, SpecialistAgents
 from mtq_common.portfolio_eval import (
     BASELINE_NAMES,
     PORTFOLIO_KEYS,
     BuyAndHoldPolicy,
-    MomentumPolicy,
+    RulePolicy,
     backtest_metrics,
     baseline_policies,
     evaluate_portfolio,
+    fit_trend_for,
     format_report,
+    policy_step,
     run_backtest,
+    run_backtests,
     specialist_utilization,
     target_checks,
 )
+from mtq_common.specialist_eval import segment_starts
 from tests.helpers import tight_config
 
 SEGMENTS = 8
@@ -50,20 +64,32 @@ def tables(market, cfg):
 
 
 @pytest.fixture(scope="module")
+def trend(cfg):
+    """The trend filter's parameters, picked on the training split (as the phases and the pipeline do)."""
+    return fit_trend_for(load_splits(cfg)["train"], cfg)
+
+
+@pytest.fixture(scope="module")
 def agents(market, cfg, tables):
-    """Randomly initialised specialists (the actor head scaled up so they trade real sizes) and meta."""
+    """Randomly initialised specialists (the actor head scaled up so they trade real sizes) and a meta-controller
+    moved off its starting point (which is exactly the equal allocation): a tilted, observation-dependent
+    allocation at an appetite below 1."""
     torch.manual_seed(0)
     specialists = SpecialistAgents(cfg.specialists, instrument_obs_size(market.num_instruments), hidden=8)
     with torch.no_grad():
         specialists.actor[-1].weight.mul_(100.0)
     env = PortfolioEnv(market, cfg, 1, tables=tables)
     meta = MetaController(meta_observation_size(env.portfolio_obs_size, len(cfg.specialists)), 3, hidden=8)
+    with torch.no_grad():
+        head = meta.actor_mean[-1]
+        head.weight.normal_(0.0, 0.5)
+        head.bias.copy_(torch.tensor([0.5, -0.5, 0.0, 0.6]))
     return specialists, meta
 
 
 @pytest.fixture(scope="module")
-def evaluated(agents, market, cfg, tables):
-    return evaluate_portfolio(*agents, market, cfg, segments=SEGMENTS, tables=tables, phase=2)
+def evaluated(agents, market, cfg, tables, trend):
+    return evaluate_portfolio(*agents, market, cfg, trend, segments=SEGMENTS, tables=tables, phase=2)
 
 
 def csv_like(market):
@@ -84,6 +110,8 @@ def walk(x, path=""):
 
 
 def check_report(report, regimes, baselines):
+    """Every key of DESIGN section 9; every value a finite number, a string or a bool (None only for a limit
+    that is not applied)."""
     assert set(report["portfolio"]) >= set(PORTFOLIO_KEYS)
     assert set(report["baselines"]) == set(baselines)
     for metrics in report["baselines"].values():
@@ -93,8 +121,18 @@ def check_report(report, regimes, baselines):
     assert isinstance(report["allocation_efficiency"], float)
     assert [t["metric"] for t in report["targets"]] == ["sharpe", "max_drawdown", "win_rate", "var_compliance"]
     assert set(report["data"]) >= {"source", "split", "start", "end", "bars", "instruments"}
-    assert {"max_position", "max_var", "max_correlation", "max_sector", "relaxed"} <= set(report["limits"])
+    assert {"max_position", "max_var", "max_correlation", "max_sector", "notes"} <= set(report["limits"])
+    assert "relaxed" not in report["limits"]
+    assert set(report["risk_layer"]) == {"system", "equal_allocation", *baselines}
+    for name, layer in report["risk_layer"].items():
+        assert set(layer["binding"]) == set(LIMIT_NAMES), name
+        assert layer["flat_books"] == 0.0, name  # limits are reached by scaling, never by flattening
+        assert 0.0 < layer["gross_kept"] <= 1.0 and layer["bars"] > 0, name
+    assert report["trend_filter"]["fitted_on"] == "train"
     for path, value in walk(report):
+        if value is None:
+            assert path.startswith(".limits."), f"{path} is None"
+            continue
         assert isinstance(value, (str, bool, int, float)), f"{path} is a {type(value).__name__}"
         if isinstance(value, float):
             assert math.isfinite(value), path
@@ -117,13 +155,34 @@ def test_report_has_every_key_finite_and_json(evaluated, market):
     assert report["data"]["source"] == "synthetic" and report["data"]["split"] == "test"
     assert report["data"]["bars"] == len(backtests["system"].net_return)
     assert report["data"]["instruments"] == market.symbols
+    # daily bars: ISO dates, the first traded bar and the bar the last position is held until
+    bars = backtests["system"].bars
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", report["data"]["start"]), report["data"]["start"]
+    assert report["data"]["start"] == str(np.datetime64(market.timestamps[bars[0]], "D"))
+    assert report["data"]["end"] == str(np.datetime64(market.timestamps[bars[-1] + 1], "D"))
+    assert report["data"]["segments"] == SEGMENTS
 
 
-def test_csv_report_has_no_oracle_and_uses_volatility_terciles(agents, market, cfg):
+def test_turnover_and_the_pre_cost_sharpe_are_of_what_was_traded(evaluated, cfg):
+    report, backtests = evaluated
+    rf = cfg.reward.risk_free_rate
+    for name, bt in backtests.items():
+        row = report["portfolio"] if name == "system" else report.get("baselines", {}).get(name)
+        row = report["equal_allocation"] if name == "equal_allocation" else row
+        assert row["turnover"] == pytest.approx(bt.traded.mean()), name
+        assert row["turnover_per_vol"] == pytest.approx(row["turnover"] / row["annual_volatility"]), name
+        pre_cost = metrics_lib.sharpe(bt.net_return + bt.cost, bt.bars_per_year, rf)
+        assert row["sharpe_before_costs"] == pytest.approx(pre_cost), name
+        assert row["sharpe_before_costs"] > row["sharpe"], name  # every policy pays costs
+        np.testing.assert_allclose(report["risk_layer"][name]["gross_kept"],
+                                   bt.gross_kept[np.abs(bt.proposed).sum(1) > 0].mean())  # fmt: skip
+
+
+def test_csv_report_has_no_oracle_and_uses_volatility_terciles(agents, market, cfg, trend):
     csv = csv_like(market)
-    assert "oracle" not in baseline_policies(csv, cfg, 2)
-    assert "oracle" in baseline_policies(market, cfg, 2)
-    report, backtests = evaluate_portfolio(*agents, csv, cfg, segments=4)
+    assert "oracle" not in baseline_policies(csv, cfg, trend)
+    assert "oracle" in baseline_policies(market, cfg, trend)
+    report, backtests = evaluate_portfolio(*agents, csv, cfg, trend, segments=4)
     check_report(report, ("low_vol", "mid_vol", "high_vol"), [n for n in BASELINE_NAMES if n != "oracle"])
     assert report["data"]["source"] == "csv" and backtests["system"].regime is None
     bars = [m["bars"] for m in report["per_regime"].values()]
@@ -151,14 +210,18 @@ def test_var_compliance_is_total_and_every_executed_book_is_within_every_limit(e
         np.testing.assert_allclose(bt.var, var, rtol=1e-4, atol=1e-9)
         gross = np.abs(w).sum(1)
         held = gross > 0
+        b_max = market.num_instruments * env.max_position_size  # the largest book (DESIGN section 5)
         sigma = np.sqrt(np.einsum("tii->ti", cov))
         corr = cov / sigma[:, :, None] / sigma[:, None, :]
-        x = w[held] / gross[held, None]
-        assert np.all(np.einsum("ti,tij,tj->t", x, corr[held], x) <= env.max_correlation_exposure * (1 + 1e-4)), name
-        assert np.all((np.abs(w[held]) @ onehot) / gross[held, None] <= env.max_sector_allocation * (1 + 1e-4)), name
+        exposure = np.einsum("ti,tij,tj->t", w[held], corr[held], w[held]) / (gross[held] * b_max)
+        assert np.all(exposure <= env.max_correlation_exposure * (1 + 1e-4)), name
+        assert np.all((np.abs(w) @ onehot) / b_max <= env.max_sector_allocation * (1 + 1e-4)), name
+        # scaling, never flattening: a non-flat proposal is never executed as a flat book
+        assert np.all(held[np.abs(bt.proposed).sum(1) > 0]), name
     # the limits bound: the risk manager moved books and VaR sat at its limit on some bars
     assert backtests["system"].intervention.max() > 0.1
     assert np.isclose(backtests["equal_weight"].var, env.max_portfolio_var, rtol=1e-4).any()
+    assert backtests["equal_weight"].binding[:, LIMIT_NAMES.index("var")].any()
 
 
 def test_var_backtest_compares_the_loss_with_one_bar_of_var(evaluated, cfg):
@@ -202,7 +265,7 @@ def test_rules_pause_one_bar_after_a_stop_then_reopen(evaluated):
     assert (bt.weights != 0).mean() > 0.5, "the long-only book stays mostly invested"
 
 
-def test_baselines_propose_what_they_are_defined_to(evaluated, market, tables, cfg):
+def test_baselines_propose_what_they_are_defined_to(evaluated, market, tables, cfg, trend):
     _, backtests = evaluated
     m = float(np.float32(cfg.environment.max_position_size))  # the env's float32 tensors
     bars = backtests["equal_weight"].bars
@@ -225,38 +288,75 @@ def test_baselines_propose_what_they_are_defined_to(evaluated, market, tables, c
     keep = ~after_stops(oracle)
     np.testing.assert_array_equal(oracle.proposed[keep], (m * np.sign(market.drift[bars]))[keep])
 
-    # buy-and-hold: bought at m at each segment's first bar, then drifting with prices
+    tf = backtests["trend_filter"]
+    keep = ~after_stops(tf)
+    expected = m * trend_filter_positions(market.prices, trend)[bars]
+    np.testing.assert_array_equal(tf.proposed[keep], expected[keep])
+    assert (tf.proposed != 0).mean() > 0.5, "the trend filter holds positions most of the time"
+
+    # buy-and-hold: bought at m when flat (each segment's first bar, after a stop), then the drifted holdings
     bh = backtests["buy_and_hold"]
-    starts = np.repeat(bars[:: bh.segment_length], bh.segment_length)
-    growth = market.prices[bars] / market.prices[starts]
-    expected = m * growth / (1.0 + m * (growth - 1.0).sum(1, keepdims=True))
+    start = np.zeros(len(bars), dtype=bool)
+    start[:: bh.segment_length] = True
+    np.testing.assert_allclose(bh.proposed[start], m)
+    held = np.zeros_like(bh.weights)
+    held[1:] = bh.weights[:-1] * (1 + bh.bar_returns[:-1]) / (1 + bh.net_return[:-1, None])
+    held[start] = 0.0
+    expected = np.where(held != 0, held, m)
     keep = ~after_stops(bh)
-    np.testing.assert_allclose(bh.proposed[keep], expected[keep], rtol=1e-5)
-    np.testing.assert_allclose(bh.proposed[:: bh.segment_length], m)
+    np.testing.assert_allclose(bh.proposed[keep], expected[keep], rtol=1e-5, atol=1e-8)
     assert np.abs(np.diff(bh.proposed, axis=0)).max() > 1e-3, "the weights drift with prices"
+    # no turnover after the purchase: it trades only where a limit cut the book, or to re-enter after a stop
+    reentry = np.zeros_like(start)
+    reentry[1:] = after_stops(bh)[:-1].any(1)
+    quiet = ~start & ~bh.binding.any(1) & ~after_stops(bh).any(1) & ~reentry
+    assert quiet.sum() > len(bars) // 4
+    np.testing.assert_allclose(bh.traded[quiet], 0.0, atol=1e-6)
+    assert (backtests["equal_weight"].traded[quiet] > 1e-5).all(), "equal weight trades the drift back every bar"
 
 
-def test_momentum_is_flat_without_enough_history_and_buy_and_hold_restarts_after_done(market, tables, cfg):
+def test_momentum_is_flat_without_enough_history(market, tables, cfg):
     env = PortfolioEnv(market, cfg, 2, torch_mode=True, tables=tables)
     env.reset(seed=0)
-    env.engine.reset_rows(torch.ones(2, dtype=torch.bool), torch.tensor([MOMENTUM_LOOKBACK - 1, MOMENTUM_LOOKBACK]))
-    proposal = MomentumPolicy(0.1, 2, "cpu").propose(env.observe(), env)
+    obs = env.start_at(torch.tensor([MOMENTUM_LOOKBACK - 1, MOMENTUM_LOOKBACK]))
+    momentum = RulePolicy(torch.as_tensor(momentum_positions(market.prices), dtype=torch.float32), 0.1)
+    proposal = momentum.propose(obs, env)
     assert (proposal[0] == 0).all() and (proposal[1].abs() == 0.1).all()
 
-    policy = BuyAndHoldPolicy(0.1, 2, "cpu")
-    env.engine.reset_rows(torch.ones(2, dtype=torch.bool), torch.tensor([200, 300]))
-    first = policy.propose(env.observe(), env)
-    for _ in range(20):
-        _, _, _, _, info = env.step(policy.propose(env.observe(), env))
-    policy.observe(info, torch.tensor([True, False]))  # row 0's episode ended: it buys again
-    again = policy.propose(env.observe(), env)
+
+def test_buy_and_hold_buys_when_flat_then_holds_without_trading(market, tables, cfg):
+    """It buys at the position limit, then proposes the drifted holdings: no cost while no limit binds;
+    a new episode starts flat, and it buys again."""
+    loose = dataclasses.replace(cfg.environment, episode_length=25, max_portfolio_var=1.0,
+                                max_correlation_exposure=1.0, max_sector_allocation=1.0)  # fmt: skip
+    env = PortfolioEnv(market, dataclasses.replace(cfg, environment=loose), 2, torch_mode=True, tables=tables)
+    env.reset(seed=0)
+    obs = env.start_at(torch.tensor([200, 300]))
+    policy = BuyAndHoldPolicy(None, 0.1)
+    first = policy.propose(obs, env)
     torch.testing.assert_close(first, torch.full((2, market.num_instruments), 0.1))
-    torch.testing.assert_close(again[0], torch.full((market.num_instruments,), 0.1))
-    assert not torch.allclose(again[1], first[1])
+    quiet = 0
+    for step in range(25):
+        held = env.holdings.clone()
+        pause = torch.zeros_like(held, dtype=torch.bool) if policy.stopped is None else policy.stopped
+        proposal = policy.propose(obs, env)
+        # flat for a bar after a stop; else the holdings, bought anew where flat
+        torch.testing.assert_close(proposal, torch.where(pause, 0.0, torch.where(held != 0, held, 0.1)))
+        obs, _, _, truncated, info = policy_step(policy, env, obs)
+        assert not info["binding"][:, 1:].any()  # loose limits: only the position cap acts
+        executed = info["executed_weights"]
+        torch.testing.assert_close(executed, proposal.clamp(max=0.1))
+        kept = (held > 0) & (held <= 0.1) & ~pause
+        assert torch.equal(executed[kept], held[kept]), step  # within the cap: the holding as it is, no trade
+        torch.testing.assert_close(info["cost"], (env.cost_rate * (executed - held).abs()).sum(-1))
+        quiet += int(kept.sum())
+    assert quiet > 25 * 2 * market.num_instruments // 4
+    assert truncated.all()  # a new episode: flat, so it buys again
+    torch.testing.assert_close(policy.propose(obs, env), torch.full((2, market.num_instruments), 0.1))
 
 
-@pytest.mark.parametrize("name", ["equal_weight", "buy_and_hold", "risk_parity", "momentum"])
-def test_baselines_do_not_look_ahead(name, market, cfg, tables):
+@pytest.mark.parametrize("name", ["equal_weight", "buy_and_hold", "risk_parity", "momentum", "trend_filter"])
+def test_baselines_do_not_look_ahead(name, market, cfg, tables, trend):
     starts, length = segment_starts(tables, 4)
     cut = starts[1] + length // 2  # the middle of a segment
     rng = np.random.default_rng(1)
@@ -265,7 +365,7 @@ def test_baselines_do_not_look_ahead(name, market, cfg, tables):
     changed = dataclasses.replace(market, prices=prices)
 
     def proposals(mkt):
-        bt = run_backtest(mkt, cfg, lambda rows: baseline_policies(mkt, cfg, rows)[name], segments=4)
+        bt = run_backtest(mkt, cfg, lambda rows: baseline_policies(mkt, cfg, trend)[name], segments=4)
         return bt.bars, bt.proposed
 
     bars, before = proposals(market)
@@ -310,9 +410,9 @@ def test_pnl_attribution_adds_up_to_the_account_return(evaluated, market, cfg):
         np.testing.assert_allclose(bt.pnl[first], w * bt.bar_returns[first] - cost * np.abs(w), atol=1e-8)
 
 
-def test_allocation_efficiency_is_zero_with_the_even_allocation(agents, market, cfg, tables):
+def test_allocation_efficiency_is_zero_with_the_even_allocation(agents, market, cfg, tables, trend):
     specialists, _ = agents
-    report, backtests = evaluate_portfolio(specialists, None, market, cfg, segments=SEGMENTS, tables=tables)
+    report, backtests = evaluate_portfolio(specialists, None, market, cfg, trend, segments=SEGMENTS, tables=tables)
     assert report["allocation_efficiency"] == 0.0
     assert report["portfolio"] == report["equal_allocation"]
     np.testing.assert_array_equal(backtests["system"].weights, backtests["equal_allocation"].weights)
@@ -325,11 +425,11 @@ def test_allocation_efficiency_is_the_sharpe_difference(evaluated):
     assert report["allocation_efficiency"] != 0.0  # the meta-controller's appetite below 1 moves the book
 
 
-def test_cached_references_give_the_same_report(evaluated, agents, market, cfg, tables):
+def test_cached_references_give_the_same_report(evaluated, agents, market, cfg, tables, trend):
     """Phase 2 caches the baselines and, its specialists being frozen, the equal allocation."""
     cache: dict = {}
     for _ in range(2):
-        report, backtests = evaluate_portfolio(*agents, market, cfg, segments=SEGMENTS, tables=tables, phase=2,
+        report, backtests = evaluate_portfolio(*agents, market, cfg, trend, segments=SEGMENTS, tables=tables, phase=2,
                                                reference_cache=cache, specialists_frozen=True)  # fmt: skip
         assert report == evaluated[0]
         assert list(backtests) == list(evaluated[1])  # same order: system, equal allocation, baselines
@@ -382,3 +482,89 @@ def test_targets_are_the_design_table_and_pass_is_a_real_comparison(evaluated, p
     assert report["targets"] == target_checks(portfolio, 2)
     with pytest.raises(ValueError, match="phase"):
         target_checks(portfolio, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The meta-controller's starting point, one continuous test backtest, the trend filter
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_a_fresh_meta_controller_is_exactly_the_equal_allocation_at_full_appetite(k):
+    """DESIGN section 14: at initialisation the deterministic output is the equal allocation at full
+    risk appetite, whatever the observation (the old head, std 0.01 and a sigmoid, was neither)."""
+    torch.manual_seed(k)
+    meta = MetaController(obs_size=17, num_specialists=k, hidden=8)
+    obs = torch.randn(64, 17) * torch.logspace(-2, 2, 17)
+    allocation, appetite = split_action(meta.deterministic(obs))
+    assert torch.equal(allocation, torch.full((64, k), 1.0 / k))
+    assert torch.equal(appetite, torch.ones(64))
+    assert meta.describe()["allocation_rate"] == 1.0
+
+
+def test_a_fresh_meta_controller_trades_exactly_the_equal_allocation(agents, market, cfg, tables, trend):
+    specialists, tilted = agents
+    fresh = MetaController(tilted.obs_size, tilted.num_specialists, tilted.hidden)
+    report, backtests = evaluate_portfolio(specialists, fresh, market, cfg, trend, segments=SEGMENTS, tables=tables)
+    np.testing.assert_array_equal(backtests["system"].weights, backtests["equal_allocation"].weights)
+    assert report["allocation_efficiency"] == 0.0
+
+
+def test_segments_1_is_one_continuous_backtest_of_the_whole_split(agents, market, cfg, tables, trend):
+    """The test evaluation (`pipeline.py --mode eval`): one row per policy from the split's first tradable
+    bar to its second-to-last bar (the last position earns the last bar's return)."""
+    report, backtests = evaluate_portfolio(*agents, market, cfg, trend, segments=1, tables=tables, phase="final")
+    assert report["data"]["segments"] == 1
+    whole = np.arange(tables.first_bar, market.num_bars - 1)
+    assert report["data"]["bars"] == len(whole)
+    for name, bt in backtests.items():
+        np.testing.assert_array_equal(bt.bars, whole, err_msg=name)
+        assert bt.segment_length == len(whole), name
+    assert report["data"]["end"] == str(np.datetime64(market.timestamps[-1], "D"))
+
+
+def test_run_backtests_runs_each_policy_as_it_would_run_alone(market, cfg, tables, trend):
+    """Several policies in one env (policy-major rows) give each the backtest it gets on its own."""
+    makers = {name: (lambda n: lambda rows: baseline_policies(market, cfg, trend)[n])(name)
+              for name in ("momentum", "buy_and_hold", "risk_parity")}  # fmt: skip
+    together = run_backtests(market, cfg, makers, segments=4, tables=tables)
+    for name, make in makers.items():
+        alone = run_backtest(market, cfg, make, segments=4, tables=tables)
+        np.testing.assert_array_equal(together[name].weights, alone.weights, err_msg=name)
+        np.testing.assert_array_equal(together[name].net_return, alone.net_return, err_msg=name)
+
+
+def test_the_trend_filter_is_fitted_on_the_training_split_only(cfg):
+    splits = load_splits(cfg)
+    trend = fit_trend_for(splits["train"], cfg)
+    assert trend.half_life in TREND_FILTER_GRID["half_life"] and trend.band in TREND_FILTER_GRID["band"]
+    assert trend.fitted_on == "train" and math.isfinite(trend.train_sharpe)
+    # the pick is the best candidate of the grid on the training split (the first one on a tie)
+    train = splits["train"]
+    cost = cost_rates(train, cfg, "cpu").double().numpy()
+    scores = {
+        (h, b): metrics_lib.sharpe(
+            backtest(trend_filter_positions(train.prices, TrendFilter(h, b)), train.returns, cost).sum(-1),
+            train.bars_per_year,
+        )
+        for h, b in itertools.product(TREND_FILTER_GRID["half_life"], TREND_FILTER_GRID["band"])
+    }
+    assert scores[(trend.half_life, trend.band)] == max(scores.values()) == pytest.approx(trend.train_sharpe)
+    for split in ("val", "test"):
+        with pytest.raises(ValueError, match="train"):
+            fit_trend_for(splits[split], cfg)
+
+
+def test_the_trend_filter_trades_less_than_momentum_on_the_default_market():
+    """DESIGN section 14: the band cuts the turnover that costs eat (default synthetic market, test split)."""
+    cfg = Config()
+    splits = load_splits(cfg)
+    trend = fit_trend_for(splits["train"], cfg)
+    test = splits["test"]
+    makers = {name: (lambda n: lambda rows: baseline_policies(test, cfg, trend)[n])(name)
+              for name in ("momentum", "trend_filter")}  # fmt: skip
+    ran = run_backtests(test, cfg, makers, segments=16)
+    rf = cfg.reward.risk_free_rate
+    momentum, trend_filter = (backtest_metrics(ran[name], rf) for name in ("momentum", "trend_filter"))
+    assert trend_filter["turnover"] < momentum["turnover"], (trend_filter["turnover"], momentum["turnover"])
+    assert trend_filter["turnover_per_vol"] < momentum["turnover_per_vol"]

@@ -16,7 +16,7 @@ from mtq_common.envs import PortfolioEnv, build_tables, instrument_obs_size
 from mtq_common.hierarchy import meta_observation_size
 from mtq_common.market import REGIME_NAMES, load_splits
 from mtq_common.nets import MetaController, SpecialistAgents
-from mtq_common.portfolio_eval import evaluate_portfolio
+from mtq_common.portfolio_eval import evaluate_portfolio, fit_trend_for
 from mtq_common.report import (
     ALLOCATION_SIZE,
     DPI,
@@ -59,6 +59,12 @@ def market(cfg):
 
 
 @pytest.fixture(scope="module")
+def trend(cfg):
+    """The trend filter picked on the training split (a finite train Sharpe: the report stays writable)."""
+    return fit_trend_for(load_splits(cfg)["train"], cfg)
+
+
+@pytest.fixture(scope="module")
 def agents(market, cfg):
     torch.manual_seed(0)
     specialists = SpecialistAgents(cfg.specialists, instrument_obs_size(market.num_instruments), hidden=8)
@@ -70,15 +76,15 @@ def agents(market, cfg):
 
 
 @pytest.fixture(scope="module")
-def evaluated(agents, market, cfg):
-    return evaluate_portfolio(*agents, market, cfg, segments=SEGMENTS, phase=2)
+def evaluated(agents, market, cfg, trend):
+    return evaluate_portfolio(*agents, market, cfg, trend, segments=SEGMENTS, phase=2)
 
 
 @pytest.fixture(scope="module")
-def csv_evaluated(agents, market, cfg):
+def csv_evaluated(agents, market, cfg, trend):
     """The same bars without the generator's truth (as a CSV market), and the equal allocation as the system."""
     csv = dataclasses.replace(market, source="csv", regime=None, drift=None)
-    return evaluate_portfolio(agents[0], None, csv, cfg, segments=SEGMENTS, phase="final")
+    return evaluate_portfolio(agents[0], None, csv, cfg, trend, segments=SEGMENTS, phase="final")
 
 
 def check_png(path, size):
@@ -131,7 +137,10 @@ def test_markdown_has_every_section_a_verdict_per_target_and_every_policy(evalua
     lines = text.splitlines()
     data = report["data"]
     assert any(str(data["bars"]) in line and data["start"] in line and data["split"] in line for line in lines[:4])
-    table_rows = {line.split("|")[1].strip().strip("*"): line for line in lines if line.startswith("| ")}
+    table_rows = {}  # the first table naming a policy is the comparison table (the risk layer's comes later)
+    for line in lines:
+        if line.startswith("| "):
+            table_rows.setdefault(line.split("|")[1].strip().strip("*"), line)
     for name in ["system", "equal_allocation", *report["baselines"]]:
         assert name in table_rows, name
     assert f"{report['portfolio']['sharpe']:+.2f}" in table_rows["system"]
@@ -147,10 +156,14 @@ def test_markdown_has_every_section_a_verdict_per_target_and_every_policy(evalua
         assert f"| {name} |" in text
     assert "+0.80 ± 0.30" in text and "5.0% ± 1.0%" in text
     assert "(equity.png)" in text and "(allocation.png)" in text
-    assert f"<= {report['limits']['max_var']:g}" in text and "No limit was relaxed." in text
-    note = "max_sector_allocation 0.35 is infeasible with 2 sector(s): relaxed to 0.5"
-    relaxed = {**report, "limits": {**report["limits"], "relaxed": [note]}}
-    assert f"Relaxed: {note}" in markdown_report(relaxed, backtests)
+    assert f"<= {report['limits']['max_var']:g}" in text and "Every limit applies." in text
+    assert "## Risk layer" in text and "trend_filter: half-life" in text
+    # a limit that is not applied (None in the report) is said so, with its note
+    note = "max_sector_allocation is not applied: the universe has one sector"
+    not_applied = {**report, "limits": {**report["limits"], "max_sector": None, "notes": [note]}}
+    text = markdown_report(not_applied, backtests)
+    assert note in text and "Every limit applies." not in text
+    assert f"- {report_writer.LIMIT_LABELS['max_sector']}: not applied" in text
 
 
 def test_writing_twice_replaces_the_files_and_leaves_no_temporaries(evaluated, tmp_path):
