@@ -19,6 +19,7 @@ averaged over ranks, rank 0 validates and writes; `--timesteps` is the total ove
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import sys
 import time
@@ -33,11 +34,12 @@ from tqdm import tqdm
 from mtq_common import checkpoint as ckpt
 from mtq_common import distributed
 from mtq_common.config import ConfigError, config_from_args, parse_args
-from mtq_common.envs import SpecialistEnv, build_tables, specialist_rows
-from mtq_common.evaluation import evaluate_specialists, format_specialist_table
+from mtq_common.divergence import DivergenceGuard
+from mtq_common.envs import SpecialistEnv, build_tables, position_column, specialist_rows
 from mtq_common.hierarchy import parameter_fingerprint
-from mtq_common.market import load_splits
+from mtq_common.market import iso_time, load_splits
 from mtq_common.nets import SpecialistAgents
+from mtq_common.portfolio_eval import fit_trend_for
 from mtq_common.runtime import (
     autocast,
     check_amp,
@@ -46,6 +48,7 @@ from mtq_common.runtime import (
     configure_threads,
     setup_logging,
 )
+from mtq_common.specialist_eval import evaluate_specialists, format_specialist_table
 
 ALIASES = {"timesteps": "training.phase_1_timesteps"}
 
@@ -100,10 +103,12 @@ class Args:
     """Stop an iteration's epochs early above this approximate KL (unset: never)."""
     hidden_size: int = 64
     """Width of the two hidden layers."""
+    position_rate: float = 0.3
+    """Partial adjustment: each bar the position moves this share of the way to the policy's target (1: all)."""
     eval_interval: int = 10
     """Validate (and update `best.pt`) every this many iterations, and at the end."""
     eval_segments: int = 16
-    """Validation split pieces run in parallel (see mtq_common.evaluation)."""
+    """Validation split pieces run in parallel (see mtq_common.specialist_eval)."""
     keep_checkpoints: int = 3
     """Rotating step_*.pt files kept."""
     resume: bool = False
@@ -142,6 +147,8 @@ def main(args: Args) -> dict:
     num_iterations = distributed.iterations(args.timesteps, rows_per_iteration, world)
     if args.batch_size > rows_per_iteration:
         raise ConfigError(f"--batch-size {args.batch_size} exceeds the rollout ({args.num_envs} x {args.num_steps})")
+    if not 0.0 < args.position_rate <= 1.0:
+        raise ConfigError(f"--position-rate {args.position_rate}: accepted 0 < rate <= 1")
 
     # TRY NOT TO MODIFY: seeding (each rank its own environments and noise; rank 0's initial weights)
     seed = world.seed(args.seed)
@@ -158,10 +165,13 @@ def main(args: Args) -> dict:
         next_return_diagnostic=args.next_return_diagnostic, check_actions=False,
     )  # fmt: skip
     val_tables = build_tables(val, cfg, device)
+    trend = fit_trend_for(train, cfg)  # the trend_filter rule's parameters, from the training split
     diagnostic = args.next_return_diagnostic
     k, r, f = len(specialists), args.num_envs, envs.obs_size
 
-    agent = SpecialistAgents(specialists, f, args.hidden_size).to(device)
+    position_index = position_column(train.num_instruments)
+    agent = SpecialistAgents(specialists, f, args.hidden_size, position_rate=args.position_rate,
+                             position_index=position_index).to(device)  # fmt: skip
     distributed.broadcast_module(agent, world)
     if args.compile:
         compile_methods(agent, "forward_grouped")
@@ -203,6 +213,7 @@ def main(args: Args) -> dict:
                disable=not (args.progress and sys.stderr.isatty() and world.is_main), desc="phase1")  # fmt: skip
     start_time, start_step = time.time(), global_step
     evaluation = None
+    guard = DivergenceGuard("phase 1", device)
     for iteration in range(start_iteration, num_iterations + 1):
         # Annealing the rate if instructed to do so.
         if args.anneal_lr:
@@ -215,13 +226,16 @@ def main(args: Args) -> dict:
             obs[step] = next_obs.view(k, r, f)
             with torch.no_grad():
                 action, logprob, _, value = agent.get_action_and_value(obs[step])
+            position = agent.to_position(action, obs[step])  # the clipped target, partially adjusted
+            guard.watch(position.reshape(-1, 1), global_step)
             values[step], actions[step], logprobs[step] = value, action, logprob
-            next_obs, reward, _, truncated, info = envs.step(action.reshape(-1, 1))
+            next_obs, reward, _, truncated, info = envs.step(position.reshape(-1, 1))
             rewards[step] = reward.view(k, r)
             truncs[step] = truncated.view(k, r).float()
             final_obs[step] = info["final_obs"].view(k, r, f)
             ep_return_sum += (info["episode"]["r"] * info["_episode"]).sum()
             ep_count += info["_episode"].sum()
+        guard.raise_if_diverged()
 
         # bootstrap value if not done: a truncated row continues from V(final obs), not from zero
         with torch.no_grad():
@@ -307,7 +321,9 @@ def main(args: Args) -> dict:
 
         # VALIDATION: per-instrument backtests; each specialist's best slice goes into best.pt
         if world.is_main and (iteration % args.eval_interval == 0 or iteration == num_iterations):
-            evaluation = evaluate_specialists(agent, val, cfg, device, args.eval_segments, val_tables, diagnostic)
+            evaluation = evaluate_specialists(
+                agent, val, cfg, trend, device, args.eval_segments, val_tables, diagnostic
+            )
             best = update_best(best, agent, evaluation, iteration)
             log_validation(writer, evaluation, global_step)
             log.info("iteration %d/%d step %d SPS %d val sharpe %s", iteration, num_iterations, global_step, sps,
@@ -342,11 +358,12 @@ def main(args: Args) -> dict:
 
     # FINAL EVALUATION: the best specialists (what Phase 2 loads) on the validation split
     final_iterate = evaluation or evaluate_specialists(
-        agent, val, cfg, device, args.eval_segments, val_tables, diagnostic
+        agent, val, cfg, trend, device, args.eval_segments, val_tables, diagnostic
     )
-    best_agent = SpecialistAgents(specialists, f, args.hidden_size).to(device)
+    best_agent = SpecialistAgents(specialists, f, args.hidden_size, position_rate=args.position_rate,
+                                  position_index=position_index).to(device)  # fmt: skip
     best_agent.load_state_dict(best["model"])
-    best_eval = evaluate_specialists(best_agent, val, cfg, device, args.eval_segments, val_tables, diagnostic)
+    best_eval = evaluate_specialists(best_agent, val, cfg, trend, device, args.eval_segments, val_tables, diagnostic)
     result = {
         "phase": 1,
         "split": "val",
@@ -357,6 +374,7 @@ def main(args: Args) -> dict:
         "config_hash": cfg.hash(),
         "seed": args.seed,
         "data": data_summary(val),
+        "trend_filter": dataclasses.asdict(trend),
         "timing": {"seconds": wall, "steps_per_second": (global_step - start_step) / max(wall, 1e-9)},
         "ranks": ranks,
     }
@@ -390,8 +408,7 @@ def model_payload(model_state: dict, agent: SpecialistAgents, cfg, specialists: 
         "kind": "phase1",
         "model": model_state,
         "specialists": specialists,
-        "obs_size": agent.obs_size,
-        "hidden": agent.hidden,
+        **agent.describe(),
         "symbols": market.symbols,
         "sectors": market.sectors,
         "config_hash": cfg.hash(),
@@ -403,8 +420,8 @@ def data_summary(market) -> dict:
     return {
         "source": market.source,
         "split": market.split,
-        "start": str(market.timestamps[0]),
-        "end": str(market.timestamps[-1]),
+        "start": iso_time(market.timestamps[0], market.bars_per_day),
+        "end": iso_time(market.timestamps[-1], market.bars_per_day),
         "bars": market.num_bars,
         "instruments": market.symbols,
     }

@@ -27,21 +27,22 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from kernels import LIMIT_NAMES
 from mtq_common import checkpoint as ckpt
 from mtq_common import distributed
 from mtq_common.config import ConfigError, config_from_args, parse_args
+from mtq_common.divergence import DivergenceGuard
 from mtq_common.envs import PortfolioEnv, build_tables
 from mtq_common.hierarchy import (
+    MetaTracker,
     compose_weights,
     load_specialists,
-    meta_observation,
     meta_observation_size,
     parameter_fingerprint,
-    update_performance,
 )
 from mtq_common.market import load_splits
 from mtq_common.nets import MetaController
-from mtq_common.portfolio_eval import evaluate_portfolio, format_report
+from mtq_common.portfolio_eval import evaluate_portfolio, fit_trend_for, format_report
 from mtq_common.runtime import autocast, check_amp, compile_methods, configure_threads, setup_logging
 
 ALIASES = {"timesteps": "training.phase_2_timesteps"}
@@ -97,10 +98,14 @@ class Args:
     """Stop an iteration's epochs early above this approximate KL (unset: never)."""
     hidden_size: int = 64
     """Width of the two hidden layers."""
+    allocation_rate: float = 0.1
+    """Partial adjustment of the held allocation towards the meta-controller's action each bar (1: jump)."""
+    paired_baseline: bool = True
+    """Score each bar against the equal allocation on the same path (a twin env): less noise, same optimum."""
     eval_interval: int = 10
     """Validate (and update best.pt) every this many iterations, and at the end."""
     eval_segments: int = 16
-    """Validation split pieces run in parallel, each starting flat (see mtq_common.evaluation)."""
+    """Validation split pieces run in parallel, each starting flat (see mtq_common.specialist_eval)."""
     keep_checkpoints: int = 3
     """Rotating step_*.pt files kept."""
     resume: bool = False
@@ -130,6 +135,8 @@ def main(args: Args) -> dict:
     num_iterations = distributed.iterations(args.timesteps, steps_per_iteration, world)
     if args.batch_size > steps_per_iteration:
         raise ConfigError(f"--batch-size {args.batch_size} exceeds the rollout ({args.num_envs} x {args.num_steps})")
+    if not 0.0 < args.allocation_rate <= 1.0:
+        raise ConfigError(f"--allocation-rate {args.allocation_rate}: accepted 0 < rate <= 1")
 
     # TRY NOT TO MODIFY: seeding (each rank its own environments and noise; rank 0's initial weights)
     seed = world.seed(args.seed)
@@ -144,12 +151,18 @@ def main(args: Args) -> dict:
     fingerprint_at_load = parameter_fingerprint(specialists)
     k = len(specialists.names)
     envs = PortfolioEnv(train, cfg, args.num_envs, device=device, seed=seed, torch_mode=True, check_actions=False)
-    for note in envs.relaxed:
-        log.warning("risk limit relaxed: %s", note)
+    # The twin: the same rows (same seed, so the same start bars and episode ends) trading the equal allocation.
+    # Its reward does not depend on the meta-controller's actions (the market path and the specialists' own
+    # books are the same), so subtracting it leaves the optimal policy unchanged and cancels the market noise
+    # both books share: a control variate that makes a small tilt of the allocation measurable.
+    twin = PortfolioEnv(train, cfg, args.num_envs, device=device, seed=seed, torch_mode=True, check_actions=False)
+    for note in envs.limit_notes:
+        log.warning("risk limit: %s", note)
     val_tables = build_tables(val, cfg, device)
+    trend = fit_trend_for(train, cfg)  # the trend_filter baseline's parameters, from the training split
     references: dict = {}  # the baselines' validation backtests, computed once
     b, d = args.num_envs, meta_observation_size(envs.portfolio_obs_size, k)
-    meta = MetaController(d, k, args.hidden_size).to(device)
+    meta = MetaController(d, k, args.hidden_size, allocation_rate=args.allocation_rate).to(device)
     distributed.broadcast_module(meta, world)
     if args.compile:
         compile_methods(specialists, "forward_per_slot")
@@ -166,15 +179,18 @@ def main(args: Args) -> dict:
     start_iteration, global_step = 1, 0
     best = {"sharpe": -float("inf"), "iteration": 0, "model": None}
     next_env_obs, _ = envs.reset(seed=seed)
-    performance = torch.zeros(b, k, device=device)  # each specialist's recent sleeve return (meta input)
+    twin.reset(seed=seed)
+    equal = (torch.full((args.num_envs, k), 1.0 / k, device=device), torch.ones(args.num_envs, device=device))
+    tracker = MetaTracker(owner, k, b, device, args.allocation_rate)  # the meta-controller's observation and holdings
     if args.resume:
         path = out_dir / "latest.pt"
         state, mine = distributed.load_latest(path, "phase2", cfg.hash(), args.force, world)
         meta.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         envs.load_state_dict(mine["env"])
+        twin.load_state_dict(mine["twin"])
         ckpt.restore_rng_state(mine["rng"])
-        performance = mine["performance"].to(device)
+        tracker.load_state_dict(mine["tracker"])
         start_iteration, global_step, best = state["iteration"] + 1, state["global_step"], state["best"]
         next_env_obs = envs.observe()
         log.info("resumed from %s at iteration %d (step %d)", path, start_iteration - 1, global_step)
@@ -193,31 +209,39 @@ def main(args: Args) -> dict:
                disable=not (args.progress and sys.stderr.isatty() and world.is_main), desc="phase2")  # fmt: skip
     start_time, start_step = time.time(), global_step
     report = None
+    if not args.resume and world.is_main:  # the starting point (the equal allocation) is a candidate for best.pt
+        report = validate(specialists, meta, val, cfg, trend, device, args, val_tables, references)
+        best = {"sharpe": report["portfolio"]["sharpe"], "iteration": 0, "model": clone_state(meta)}
+        ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best["model"], meta, specialists, cfg, args))
+    guard = DivergenceGuard("phase 2", device)
     for iteration in range(start_iteration, num_iterations + 1):
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
 
-        sums = {key: torch.zeros((), device=device) for key in ("ep_return", "episodes", "var", "comply", "corr",
-                                                                  "sector", "intervention")}  # fmt: skip
+        keys = ("ep_return", "episodes", "var", "comply", "corr", "sector", "intervention", "gross_kept", "twin_reward")
+        sums = {key: torch.zeros((), device=device) for key in keys}
+        sums["binding"] = torch.zeros(len(LIMIT_NAMES), device=device)
         allocation_sum = torch.zeros(k, device=device)
         for step in range(args.num_steps):
             global_step += b * world.size
             with torch.no_grad():
                 positions = specialists.positions(next_env_obs["instruments"], owner)
-                obs[step] = meta_observation(next_env_obs["portfolio"], positions, owner, performance)
+                obs[step] = tracker.observe(next_env_obs["portfolio"], positions)
                 action, logprob, _, value = meta.get_action_and_value(obs[step])
-                allocation, appetite = meta.split_action(action)
+                allocation, appetite = tracker.act(action)
                 proposal = compose_weights(allocation, appetite, positions, owner, max_position)
+            guard.watch(proposal, global_step)
             values[step], actions[step], logprobs[step] = value, action, logprob
-            next_env_obs, reward, _, truncated, info = envs.step(proposal)
+            next_env_obs, reward, _, truncated, info = envs.step(proposal, positions)
+            if args.paired_baseline:
+                twin_reward = twin.step(compose_weights(*equal, positions, owner, max_position), positions)[1]
+                sums["twin_reward"] += twin_reward.mean()
+                reward = reward - twin_reward
             rewards[step], truncs[step] = reward, truncated.float()
-            # the performance signal after this bar; a finished row's next episode starts from zero
-            performance = update_performance(performance, positions, info["bar_returns"], owner,
-                                             torch.zeros_like(truncated))  # fmt: skip
-            with torch.no_grad():
+            with torch.no_grad():  # the final observation bootstraps a truncated row's value
                 final_positions = specialists.positions(info["final_obs"]["instruments"], owner)
-                final_obs[step] = meta_observation(info["final_obs"]["portfolio"], final_positions, owner, performance)
-            performance = torch.where(truncated.unsqueeze(-1), 0.0, performance)
+            final_obs[step] = tracker.after_step(positions, info["bar_returns"], truncated,
+                                                 info["final_obs"]["portfolio"], final_positions)  # fmt: skip
             sums["ep_return"] += (info["episode"]["r"] * info["_episode"]).sum()
             sums["episodes"] += info["_episode"].sum()
             sums["var"] += info["var"].mean()
@@ -225,14 +249,16 @@ def main(args: Args) -> dict:
             sums["corr"] += info["correlation_exposure"].mean()
             sums["sector"] += info["sector_allocation"].amax(-1).mean()
             sums["intervention"] += info["intervention"].mean()
+            sums["gross_kept"] += info["gross_kept"].mean()
+            sums["binding"] += info["binding"].float().mean(0)
             allocation_sum += allocation.mean(0)
+        guard.raise_if_diverged()
 
         # bootstrap value if not done: a truncated row continues from V(final obs), not from zero
         with torch.no_grad():
             final_values = meta.get_value(final_obs.reshape(-1, d)).view(args.num_steps, b)
-            next_value = meta.get_value(meta_observation(next_env_obs["portfolio"],
-                                                         specialists.positions(next_env_obs["instruments"], owner),
-                                                         owner, performance))  # fmt: skip
+            next_positions = specialists.positions(next_env_obs["instruments"], owner)
+            next_value = meta.get_value(tracker.observe(next_env_obs["portfolio"], next_positions))
             advantages = torch.zeros_like(rewards)
             lastgaelam = torch.zeros_like(next_value)
             for t in reversed(range(args.num_steps)):
@@ -300,7 +326,11 @@ def main(args: Args) -> dict:
             "risk/correlation_exposure": (sums["corr"] / n).item(),
             "risk/sector_max": (sums["sector"] / n).item(),
             "risk/intervention": (sums["intervention"] / n).item(),
+            "risk/gross_kept": (sums["gross_kept"] / n).item(),
+            "charts/twin_reward": (sums["twin_reward"] / n).item(),
         }
+        for name, share in zip(LIMIT_NAMES, (sums["binding"] / n).tolist(), strict=True):
+            scalars[f"risk/binding_{name}"] = share
         if sums["episodes"].item() > 0:
             scalars["charts/episodic_return"] = (sums["ep_return"] / sums["episodes"]).item()
         for name, share in zip(specialists.names, (allocation_sum / n).tolist(), strict=True):
@@ -311,8 +341,7 @@ def main(args: Args) -> dict:
 
         # VALIDATION: the whole hierarchy on the validation split, next to the baselines (rank 0)
         if world.is_main and (iteration % args.eval_interval == 0 or iteration == num_iterations):
-            report, _ = evaluate_portfolio(specialists, meta, val, cfg, device, args.eval_segments, val_tables, 2,
-                                           references, specialists_frozen=True)  # fmt: skip
+            report = validate(specialists, meta, val, cfg, trend, device, args, val_tables, references)
             log_report(writer, report, global_step)
             sharpe = report["portfolio"]["sharpe"]
             if sharpe > best["sharpe"]:
@@ -329,7 +358,12 @@ def main(args: Args) -> dict:
                 "global_step": global_step,
                 "best": best,
             },
-            {"env": envs.state_dict(), "performance": performance.clone(), "rng": ckpt.rng_state()},  # each rank's
+            {
+                "env": envs.state_dict(),
+                "twin": twin.state_dict(),
+                "tracker": tracker.state_dict(),
+                "rng": ckpt.rng_state(),
+            },  # each rank's own
             world,
             global_step,
             args.keep_checkpoints,
@@ -349,12 +383,10 @@ def main(args: Args) -> dict:
 
     # FINAL EVALUATION: the best meta-controller (what Phase 3 loads) on the validation split
     if report is None:  # resumed after the last iteration's checkpoint: validate the final iterate again
-        report, _ = evaluate_portfolio(specialists, meta, val, cfg, device, args.eval_segments, val_tables, 2,
-                                       references, specialists_frozen=True)  # fmt: skip
-    best_meta = MetaController(d, k, args.hidden_size).to(device)
+        report = validate(specialists, meta, val, cfg, trend, device, args, val_tables, references)
+    best_meta = MetaController(d, k, args.hidden_size, allocation_rate=args.allocation_rate).to(device)
     best_meta.load_state_dict(best["model"])
-    best_report, _ = evaluate_portfolio(specialists, best_meta, val, cfg, device, args.eval_segments, val_tables, 2,
-                                        references, specialists_frozen=True)  # fmt: skip
+    best_report = validate(specialists, best_meta, val, cfg, trend, device, args, val_tables, references)
     result = {
         **best_report,
         "phase": 2,
@@ -373,6 +405,13 @@ def main(args: Args) -> dict:
     print(f"Phase 2 validation, best meta-controller ({val.split} split, {val.num_bars} bars):\n{text}")
     writer.close()
     return result
+
+
+def validate(specialists, meta, val, cfg, trend, device, args: Args, val_tables, references: dict) -> dict:
+    """The hierarchy and every baseline on the validation split (`eval_segments` pieces in parallel)."""
+    report, _ = evaluate_portfolio(specialists, meta, val, cfg, trend, device, args.eval_segments, val_tables, 2,
+                                   references, specialists_frozen=True)  # fmt: skip
+    return report
 
 
 def clone_state(module: torch.nn.Module) -> dict:

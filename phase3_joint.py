@@ -13,7 +13,13 @@ own critic). Each specialist uses `w * A_portfolio + (1 - w) * A_own` (`--specia
 w, default 0.5), both normalised: `A_own` is GAE, with the specialist's own critic, of its
 instrument-level objective, the vol-scaled return of its unit-size position net of costs,
 `(a_i r_i - cost_i |a_i - a_i,prev|) / sigma_i`. The portfolio term makes a specialist trade for the
-book, the own term keeps it a good trader of its instrument.
+book, the own term keeps it a good trader of its instrument. With `--paired-baseline` (default) the
+portfolio reward is scored against a twin env trading the equal allocation of the same positions on the
+same path (as in Phase 2): for the meta-controller the twin does not depend on its actions, so its
+optimum is unchanged and the market noise both books share cancels; for the specialists the portfolio
+term then credits what their trades add to the book beyond an equal allocation of them (coordination),
+and their own term keeps rewarding good trading. The specialists sample (explore) only on the
+iterations that update them; elsewhere they trade their mean action.
 
 Gradient coordination (DESIGN section 6; `--no-gradient-coordination` turns it all off, leaving plain
 joint PPO with one global clip and both levels updated every iteration):
@@ -56,19 +62,25 @@ from mtq_common import distributed
 from mtq_common.config import ConfigError, config_from_args, parse_args
 from mtq_common.coordination import AdaptiveLR, UpdateSchedule, clip_component_, component_grads, project_conflict_
 from mtq_common.curriculum import Curriculum, generate_scenario
+from mtq_common.divergence import DivergenceGuard
 from mtq_common.envs import PortfolioEnv, build_tables
 from mtq_common.hierarchy import (
     HierarchyPolicy,
+    MetaTracker,
     compose_weights,
     load_specialists,
-    meta_observation,
     meta_observation_size,
     parameter_fingerprint,
-    update_performance,
 )
 from mtq_common.market import load_splits
 from mtq_common.nets import MetaController
-from mtq_common.portfolio_eval import evaluate_portfolio, format_report, run_episodes, summarize_episodes
+from mtq_common.portfolio_eval import (
+    evaluate_portfolio,
+    fit_trend_for,
+    format_report,
+    run_episodes,
+    summarize_episodes,
+)
 from mtq_common.runtime import autocast, check_amp, compile_methods, configure_threads, setup_logging
 
 ALIASES = {"timesteps": "training.phase_3_timesteps"}
@@ -126,6 +138,8 @@ class Args:
     """Update the specialists every this many iterations (config: training.specialist_update_freq)."""
     specialist_portfolio_weight: float = 0.5
     """Weight of the portfolio advantage in the specialists' advantage (the rest: their own objective)."""
+    paired_baseline: bool = True
+    """Score the portfolio reward against the equal allocation of the same positions on the same path."""
     gradient_coordination: bool = True
     """Parameter groups, update frequencies, conflict projection, per-component clipping, adaptive rates."""
     curriculum_learning: bool = True
@@ -135,7 +149,7 @@ class Args:
     eval_interval: int = 10
     """Validate (and update best.pt) every this many iterations, and at the end."""
     eval_segments: int = 16
-    """Validation split pieces run in parallel, each starting flat (see mtq_common.evaluation)."""
+    """Validation split pieces run in parallel, each starting flat (see mtq_common.specialist_eval)."""
     eval_episodes: int = 100
     """Final evaluation episodes (random windows of the validation split): mean and spread of each metric."""
     keep_checkpoints: int = 3
@@ -165,7 +179,7 @@ def load_meta(phase2_dir, specialists, device) -> MetaController:
         raise ckpt.CheckpointError(f"{path} allocates over {state['specialists']}, not {specialists.names}. {hint}")
     if state["specialists_fingerprint"] != parameter_fingerprint(specialists):
         raise ckpt.CheckpointError(f"{path} was trained over other Phase 1 specialists than the ones loaded. {hint}")
-    meta = MetaController(state["obs_size"], state["num_specialists"], state["hidden"])
+    meta = MetaController.from_spec(state)
     meta.load_state_dict(state["model"])
     return meta.to(device)
 
@@ -225,8 +239,9 @@ def main(args: Args) -> dict:
                             check_actions=False)  # fmt: skip
 
     level = curriculum.get_difficulty_level(0)
-    envs = make_env(level)
+    envs, twin = make_env(level), make_env(level)  # twin: the equal allocation on the same paths (Phase 2)
     val_tables = build_tables(val, cfg, device)
+    trend = fit_trend_for(splits["train"], cfg)  # the trend_filter baseline's parameters, from the training split
     references: dict = {}  # the baselines' validation backtests, computed once
     b, d, f = args.num_envs, meta_observation_size(envs.portfolio_obs_size, k), specialists.obs_size
     max_position = cfg.environment.max_position_size
@@ -242,7 +257,9 @@ def main(args: Args) -> dict:
     start_iteration, global_step = 1, 0
     best = {"sharpe": -float("inf"), "iteration": 0, "specialists": None, "meta": None}
     next_obs, _ = envs.reset(seed=seed)
-    performance = torch.zeros(b, k, device=device)
+    twin.reset(seed=seed)
+    equal = (torch.full((b, k), 1.0 / k, device=device), torch.ones(b, device=device))
+    tracker = MetaTracker(owner, k, b, device, meta.allocation_rate)  # the meta-controller's observation and holdings
     prev_positions = torch.zeros(b, n, device=device)
     if args.resume:
         path = out_dir / "latest.pt"
@@ -253,10 +270,12 @@ def main(args: Args) -> dict:
         curriculum.load_state_dict(state["curriculum"])
         adaptive.load_state_dict(state["adaptive_lr"])
         level = curriculum.get_difficulty_level(state["global_step"])
-        envs = make_env(level)
+        envs, twin = make_env(level), make_env(level)
         envs.load_state_dict(mine["env"])
+        twin.load_state_dict(mine["twin"])
         ckpt.restore_rng_state(mine["rng"])
-        performance, prev_positions = mine["performance"].to(device), mine["prev_positions"].to(device)
+        tracker.load_state_dict(mine["tracker"])
+        prev_positions = mine["prev_positions"].to(device)
         start_iteration, global_step, best = state["iteration"] + 1, state["global_step"], state["best"]
         next_obs = envs.observe()
         log.info("resumed from %s at iteration %d (step %d), curriculum level %d", path, start_iteration - 1,
@@ -277,6 +296,13 @@ def main(args: Args) -> dict:
                disable=not (args.progress and sys.stderr.isatty() and world.is_main), desc="phase3")  # fmt: skip
     start_time, start_step = time.time(), global_step
     report = None
+    if not args.resume and world.is_main:  # the starting point (Phases 1 and 2) is a candidate for best.pt
+        report, _ = evaluate_portfolio(specialists, meta, val, cfg, trend, device, args.eval_segments, val_tables, 3,
+                                       references)  # fmt: skip
+        best = {"sharpe": report["portfolio"]["sharpe"], "iteration": 0, "specialists": clone_state(specialists),
+                "meta": clone_state(meta)}  # fmt: skip
+        ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best, specialists, meta, cfg))
+    guard = DivergenceGuard("phase 3", device)
     for iteration in range(start_iteration, num_iterations + 1):
         anneal = 1.0 - (iteration - 1.0) / num_iterations if args.anneal_lr else 1.0
         rates = adaptive.rates() if coordinate else {"meta": args.learning_rate, "specialists": args.learning_rate}
@@ -284,46 +310,48 @@ def main(args: Args) -> dict:
             group["lr"] = anneal * rates[group["name"]]
 
         ep_return_sum, ep_count = torch.zeros((), device=device), torch.zeros((), device=device)
+        # The specialists explore only on the iterations that update them: elsewhere their noise would only
+        # add costs and variance to the meta-controller's rollout.
+        explore = schedule.specialists(iteration)
         for step in range(s):
             global_step += b * world.size
             inst_obs[step] = next_obs["instruments"]
             with torch.no_grad():
                 mean, log_std, spec_value = specialists.forward_per_slot(next_obs["instruments"], owner)
-                dist = torch.distributions.Normal(mean, log_std.exp().expand_as(mean))
-                action = dist.sample()
-                positions = action.clamp(-1.0, 1.0)
-                meta_obs[step] = meta_observation(next_obs["portfolio"], positions, owner, performance)
+                dist = torch.distributions.Normal(mean, log_std.exp().expand_as(mean), validate_args=False)
+                action = dist.sample() if explore else mean
+                positions = specialists.to_position(action, next_obs["instruments"])  # clipped, partially adjusted
+                meta_obs[step] = tracker.observe(next_obs["portfolio"], positions)
                 u, meta_logprob, _, meta_value = meta.get_action_and_value(meta_obs[step])
-                allocation, appetite = meta.split_action(u)
+                allocation, appetite = tracker.act(u)
                 proposal = compose_weights(allocation, appetite, positions, owner, max_position)
-                sigma = envs.engine.gather(envs.engine.tables.variance, envs.engine.t).sqrt().clamp_min(1e-8)
+            guard.watch(proposal, global_step)
             spec_actions[step], spec_logprobs[step], spec_values[step] = action, dist.log_prob(action), spec_value
             meta_actions[step], meta_logprobs[step], meta_values[step] = u, meta_logprob, meta_value
-            next_obs, reward, _, truncated, info = envs.step(proposal)
+            next_obs, reward, _, truncated, info = envs.step(proposal, positions)
+            if args.paired_baseline:  # the same positions at the equal allocation, on the same path
+                reward = reward - twin.step(compose_weights(*equal, positions, owner, max_position), positions)[1]
             rewards[step], truncs[step] = reward, truncated.float()
             # each specialist's own objective: its unit-size position's vol-scaled net return
             unit_cost = envs.cost_rate * (positions - prev_positions).abs()
+            sigma = info["instrument_vol"].clamp_min(1e-8)
             own_rewards[step] = (positions * info["bar_returns"] - unit_cost) / sigma
             prev_positions = torch.where(truncated.unsqueeze(-1), 0.0, positions)
-            performance = update_performance(performance, positions, info["bar_returns"], owner,
-                                             torch.zeros_like(truncated))  # fmt: skip
             final_inst_obs[step] = info["final_obs"]["instruments"]
-            with torch.no_grad():
+            with torch.no_grad():  # the final observation bootstraps a truncated row's value
                 final_positions = specialists.positions(info["final_obs"]["instruments"], owner)
-                final_meta_obs[step] = meta_observation(info["final_obs"]["portfolio"], final_positions, owner,
-                                                        performance)  # fmt: skip
-            performance = torch.where(truncated.unsqueeze(-1), 0.0, performance)
+            final_meta_obs[step] = tracker.after_step(positions, info["bar_returns"], truncated,
+                                                      info["final_obs"]["portfolio"], final_positions)  # fmt: skip
             ep_return_sum += (info["episode"]["r"] * info["_episode"]).sum()
             ep_count += info["_episode"].sum()
+        guard.raise_if_diverged()
 
         # bootstrap value if not done: truncated rows continue from V(final obs), not from zero
         with torch.no_grad():
             final_meta_values = meta.get_value(final_meta_obs.reshape(-1, d)).view(s, b)
             final_spec_values = specialists.forward_per_slot(final_inst_obs.reshape(-1, n, f), owner)[2].view(s, b, n)
             next_positions = specialists.positions(next_obs["instruments"], owner)
-            next_meta_value = meta.get_value(
-                meta_observation(next_obs["portfolio"], next_positions, owner, performance)
-            )
+            next_meta_value = meta.get_value(tracker.observe(next_obs["portfolio"], next_positions))
             next_spec_value = specialists.forward_per_slot(next_obs["instruments"], owner)[2]
             meta_adv = gae(
                 rewards, meta_values, final_meta_values, next_meta_value, truncs, args.gamma, args.gae_lambda
@@ -412,8 +440,8 @@ def main(args: Args) -> dict:
         if iteration % args.eval_interval == 0 or iteration == num_iterations:
             sharpe = float("nan")
             if world.is_main:
-                report, _ = evaluate_portfolio(specialists, meta, val, cfg, device, args.eval_segments, val_tables,
-                                               3, references)  # fmt: skip
+                report, _ = evaluate_portfolio(specialists, meta, val, cfg, trend, device, args.eval_segments,
+                                               val_tables, 3, references)  # fmt: skip
                 sharpe = report["portfolio"]["sharpe"]
                 for key in ("sharpe", "sortino", "max_drawdown", "win_rate", "total_return", "turnover"):
                     writer.add_scalar(f"trading/{key}", report["portfolio"][key], global_step)
@@ -427,9 +455,10 @@ def main(args: Args) -> dict:
                 log.info("curriculum: level %d -> %d at step %d (rolling validation Sharpe)", level, new_level,
                          global_step)  # fmt: skip
                 level = new_level
-                envs = make_env(level)
+                envs, twin = make_env(level), make_env(level)
                 next_obs, _ = envs.reset(seed=seed + iteration)
-                performance.zero_()
+                twin.reset(seed=seed + iteration)
+                tracker = MetaTracker(owner, k, b, device, meta.allocation_rate)
                 prev_positions.zero_()
             if world.is_main and sharpe > best["sharpe"]:
                 best = {"sharpe": sharpe, "iteration": iteration, "specialists": clone_state(specialists),
@@ -452,7 +481,8 @@ def main(args: Args) -> dict:
             },
             {
                 "env": envs.state_dict(),
-                "performance": performance.clone(),
+                "twin": twin.state_dict(),
+                "tracker": tracker.state_dict(),
                 "prev_positions": prev_positions.clone(),
                 "rng": ckpt.rng_state(),
             },  # each rank's own  # fmt: skip
@@ -475,13 +505,13 @@ def main(args: Args) -> dict:
 
     # FINAL EVALUATION: the best hierarchy on the validation split, plus --eval-episodes episodes
     if report is None:  # resumed after the last iteration's checkpoint: validate the final iterate again
-        report, _ = evaluate_portfolio(specialists, meta, val, cfg, device, args.eval_segments, val_tables, 3,
+        report, _ = evaluate_portfolio(specialists, meta, val, cfg, trend, device, args.eval_segments, val_tables, 3,
                                        references)  # fmt: skip
     specialists.load_state_dict(best["specialists"])
     meta.load_state_dict(best["meta"])
     specialists.eval()
-    best_report, _ = evaluate_portfolio(specialists, meta, val, cfg, device, args.eval_segments, val_tables, 3,
-                                        references)  # fmt: skip
+    best_report, _ = evaluate_portfolio(specialists, meta, val, cfg, trend, device, args.eval_segments, val_tables,
+                                        3, references)  # fmt: skip
 
     def hierarchy(rows):
         return HierarchyPolicy(specialists, meta, owner, max_position, rows, device)
@@ -524,7 +554,7 @@ def specialist_gradients(specialists, owner, obs, actions, old_logprobs, portfol
     clip per specialist."""
     with autocast(args.amp, obs.device):
         mean, log_std, value = specialists.forward_per_slot(obs, owner)
-        dist = torch.distributions.Normal(mean, log_std.exp().expand_as(mean))
+        dist = torch.distributions.Normal(mean, log_std.exp().expand_as(mean), validate_args=False)
         logprob = dist.log_prob(actions)
         w = args.specialist_portfolio_weight
         # the portfolio advantage is per row: every slot (instrument) of the row shares it

@@ -19,6 +19,7 @@ path from another seed; CSV data: windows of the test period).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import os
 import platform
@@ -28,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import yaml
+
 import phase1_ppo
 import phase2_meta
 import phase3_joint
@@ -35,12 +38,22 @@ from mtq_common import checkpoint as ckpt
 from mtq_common.config import ConfigError, config_from_args, parse_args
 from mtq_common.envs import build_tables
 from mtq_common.hierarchy import HierarchyPolicy, instrument_specialist_index
-from mtq_common.market import load_splits
+from mtq_common.market import iso_time, load_splits
 from mtq_common.nets import MetaController, SpecialistAgents
-from mtq_common.portfolio_eval import evaluate_portfolio, format_report, run_episodes, summarize_episodes
+from mtq_common.portfolio_eval import (
+    _json_ready,
+    evaluate_portfolio,
+    fit_trend_for,
+    format_report,
+    report_from_backtests,
+    run_episodes,
+    stitch_backtests,
+    summarize_episodes,
+)
 from mtq_common.report import write_report
 from mtq_common.runtime import configure_threads, resolve_device, setup_logging
 from mtq_common.synthetic import generate_market
+from mtq_common.walkforward import fold_bounds, full_market, warmup_bars
 
 ALIASES = {
     "phase1_timesteps": "training.phase_1_timesteps",
@@ -54,8 +67,9 @@ FRESH_PATH_SEED = 10_007
 
 @dataclass
 class Args:
-    mode: Literal["train", "resume", "eval"] = "train"
-    """train: all phases then the evaluation; resume: continue a broken run; eval: evaluate again."""
+    mode: Literal["train", "resume", "eval", "walkforward"] = "train"
+    """train: all phases then the evaluation; resume: continue a broken run; eval: evaluate again;
+    walkforward: train and test --folds folds on expanding windows, one stitched out-of-sample report."""
     config: str | None = None
     """YAML config (defaults for every flag below that names a config key)."""
     output_dir: str = "models/checkpoints"
@@ -80,6 +94,8 @@ class Args:
     """Environment rows of every phase (config: training.n_envs)."""
     eval_episodes: int = 100
     """Test evaluation episodes (mean and spread of each metric)."""
+    folds: int = 4
+    """Walk-forward folds (--mode walkforward only; see mtq_common.walkforward)."""
     force: bool = False
     """Resume even if the config differs from the run's (the manifest's hash)."""
     progress: bool = True
@@ -174,25 +190,35 @@ def load_hierarchy(out: Path, device) -> tuple[SpecialistAgents, MetaController]
     hint = "Nothing trained yet: run `python pipeline.py --mode train` (or --mode resume) first."
     state = ckpt.load_checkpoint(path, "phase3", hint=hint)
     spec, meta_spec = state["specialist_spec"], state["meta_spec"]
-    specialists = SpecialistAgents(spec["names"], spec["obs_size"], spec["hidden"])
+    specialists = SpecialistAgents.from_spec(spec)
     specialists.load_state_dict(state["specialists"])
-    meta = MetaController(meta_spec["obs_size"], meta_spec["num_specialists"], meta_spec["hidden"])
+    meta = MetaController.from_spec(meta_spec)
     meta.load_state_dict(state["meta"])
     return specialists.to(device).eval(), meta.to(device).eval()
+
+
+def test_backtests(args: Args, cfg, device):
+    """The trained hierarchy and every baseline on the test split: one continuous backtest of the whole
+    split (DESIGN section 9). Returns `(report, backtests, (specialists, meta), test market, its tables)`."""
+    out = Path(args.output_dir)
+    specialists, meta = load_hierarchy(out, device)
+    splits = load_splits(cfg)
+    test = splits["test"]
+    if list(specialists.names) != [s for s in specialists.names if s in test.sectors]:
+        raise ckpt.CheckpointError(f"{out / 'phase3' / 'best.pt'} holds specialists for other instruments")
+    tables = build_tables(test, cfg, device)
+    trend = fit_trend_for(splits["train"], cfg)
+    report, backtests = evaluate_portfolio(specialists, meta, test, cfg, trend, device, segments=1, tables=tables,
+                                           phase="final", confidence=True)  # fmt: skip
+    return report, backtests, (specialists, meta), test, tables
 
 
 def evaluate(args: Args, cfg, log) -> dict:
     """The test-split evaluation: one full backtest, the episodes, the report files."""
     out = Path(args.output_dir)
     device = resolve_device(args.device)
-    specialists, meta = load_hierarchy(out, device)
-    test = load_splits(cfg)["test"]
-    if list(specialists.names) != [s for s in specialists.names if s in test.sectors]:
-        raise ckpt.CheckpointError(f"{out / 'phase3' / 'best.pt'} holds specialists for other instruments")
-    tables = build_tables(test, cfg, device)
     start = time.time()
-    report, backtests = evaluate_portfolio(specialists, meta, test, cfg, device, segments=16, tables=tables,
-                                           phase="final")  # fmt: skip
+    report, backtests, (specialists, meta), test, tables = test_backtests(args, cfg, device)
     owner = instrument_specialist_index(test.sectors, specialists.names).to(device)
 
     def hierarchy(rows):
@@ -227,6 +253,68 @@ def evaluate(args: Args, cfg, log) -> dict:
     return {"report": report, "episodes": summary, "seconds": seconds}
 
 
+def walk_forward(args: Args, cfg, log) -> dict:
+    """--mode walkforward: each fold trains all three phases on its expanding window (resuming a fold that an
+    earlier invocation started), is tested on its own test block, and the K test blocks are stitched into
+    one out-of-sample report in OUT/walkforward, with one row per fold. Each fold's config (`data.folds`,
+    `data.fold` set) is written to OUT/fold_k/config.yaml, so its phases can be rerun by hand."""
+    if args.folds < 2:
+        raise ConfigError(f"--folds {args.folds}: a walk-forward needs at least 2 folds (one is a plain split)")
+    fold_bounds(full_market(cfg).num_bars, args.folds, cfg.data.splits[0], warmup_bars(cfg))  # refuse early
+    out, logs, device = Path(args.output_dir), Path(args.log_dir), resolve_device(args.device)
+    parts: dict[str, list] = {}
+    rows = []
+    for k in range(args.folds):
+        fold_dir = out / f"fold_{k}"
+        fold_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, folds=args.folds, fold=k))
+        config_path = fold_dir / "config.yaml"
+        ckpt.atomic_write_bytes(config_path, yaml.safe_dump(fold_cfg.to_dict(), sort_keys=False).encode())
+        fold_args = dataclasses.replace(args, config=str(config_path), output_dir=str(fold_dir),
+                                        log_dir=str(logs / f"fold_{k}"))  # fmt: skip
+        fold_cfg = config_from_args(fold_args, ALIASES)
+        resume = (fold_dir / "pipeline.json").is_file()
+        log.info("walk-forward fold %d/%d: %s", k + 1, args.folds, "resuming" if resume else "training")
+        train(fold_args, fold_cfg, log, resume=resume)
+        report, backtests, _, test, _ = test_backtests(fold_args, fold_cfg, device)
+        train_split = load_splits(fold_cfg)["train"]
+        sharpe = {"system": report["portfolio"]["sharpe"], "equal_allocation": report["equal_allocation"]["sharpe"]}
+        sharpe.update({name: m["sharpe"] for name, m in report["baselines"].items()})
+        rows.append({
+            "fold": k,
+            "train": [iso_time(train_split.timestamps[t], test.bars_per_day) for t in (0, -1)],
+            "test": [report["data"]["start"], report["data"]["end"]],
+            "bars": report["data"]["bars"],
+            "sharpe": sharpe,
+            "trend_filter": report["trend_filter"],
+        })  # fmt: skip
+        for name, bt in backtests.items():
+            parts.setdefault(name, []).append(bt)
+    stitched = {name: stitch_backtests(bts) for name, bts in parts.items()}
+    layout = (f"the {args.folds} folds' test blocks, each one continuous backtest from flat, stitched in time order "
+              "(each fold trained on all bars before its validation block)")  # fmt: skip
+    data = {"source": test.source, "split": f"walk-forward ({args.folds} folds)", "end": rows[-1]["test"][1],
+            "layout": layout}  # fmt: skip
+    names = [n for n in load_hierarchy(out / "fold_0", device)[0].names]
+    report = _json_ready(report_from_backtests(stitched, names, cfg.reward.risk_free_rate, "final", data, True))
+    report["folds"] = rows
+    paths = write_report(report, stitched, out / "walkforward", title="MTQuant walk-forward evaluation")
+    print(f"Walk-forward evaluation ({args.folds} folds, {report['data']['bars']} out-of-sample bars):")
+    print(format_report(report))
+    print(format_folds(rows))
+    print("report: " + ", ".join(str(p) for p in paths.values()))
+    return {"report": report}
+
+
+def format_folds(rows: list[dict]) -> str:
+    """One line per walk-forward fold: its windows and each policy's Sharpe ratio on its test block."""
+    names = list(rows[0]["sharpe"])
+    lines = [f"{'fold':<5}{'trained on':<25}{'tested on':<25}" + "".join(f"{n[:14]:>15}" for n in names)]
+    for r in rows:
+        lines.append(f"{r['fold']:<5}{' .. '.join(r['train']):<25}{' .. '.join(r['test']):<25}"
+                     + "".join(f"{r['sharpe'][n]:>+15.2f}" for n in names))  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(args: Args) -> dict:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError(
@@ -239,6 +327,10 @@ def main(args: Args) -> dict:
     log = setup_logging(Path(args.log_dir) / "pipeline.log", "pipeline")
     out = Path(args.output_dir)
     start = time.time()
+    if args.mode == "walkforward":
+        result = walk_forward(args, cfg, log)
+        print(f"pipeline walkforward: {time.time() - start:.1f} s")
+        return result
     manifest = None
     if args.mode in ("train", "resume"):
         manifest = train(args, cfg, log, resume=args.mode == "resume")

@@ -133,50 +133,68 @@ class AdaptiveLR:
     """Per-component learning rates driven by validation portfolio Sharpe.
 
     Each component ``name`` has a base rate ``base[name]`` and a scale, starting at `max_scale`; its rate
-    is ``base * scale``. After each validation, `step(val_sharpe)`:
+    is ``base * scale``. After each validation, `step(val_sharpe)` compares the mean of the last `window`
+    validations with the mean of the `window` before them (fewer while fewer exist):
 
-    * a *fall* (Sharpe below the best seen so far by more than `tolerance`, or a non-finite Sharpe)
+    * a *fall* (the recent mean below the earlier one by more than `tolerance`, or a non-finite Sharpe)
       multiplies every scale by `decrease`, never below `min_scale`;
-    * otherwise (a recovery or a new best, ``>= best - tolerance``) every scale is multiplied by
-      `increase`, never above `max_scale`.
+    * otherwise every scale is multiplied by `increase`, never above `max_scale`.
+
+    Why a recent window and not the best Sharpe ever seen: against a running maximum, noise alone reads
+    as a fall most of the time (a series drawn from N(2, 0.1) sits below its running maximum almost
+    always), and the rates ratchet to their floor within a dozen validations. Comparing recent means
+    with a tolerance of the order of the validation noise makes a flat noisy series neutral on average,
+    while a real drop still cuts the rates. `increase = 1 / decrease` by default, so a rise and a fall
+    undo each other. The first validation has nothing to compare with and counts as a recovery.
 
     The signal is the portfolio's, shared by all components, so the scales move together; they are kept
-    per component so that each rate is logged (and can be set) by name. The first evaluation sets the
-    best and counts as a recovery.
+    per component so that each rate is logged (and can be set) by name.
     """
 
     def __init__(
         self,
         base: dict[str, float],
         decrease: float = 0.5,
-        increase: float = 1.5,
+        increase: float = 2.0,
         min_scale: float = 0.1,
         max_scale: float = 1.0,
-        tolerance: float = 0.0,
+        tolerance: float = 0.1,
+        window: int = 3,
     ):
         if not 0.0 < decrease <= 1.0 or increase < 1.0:
             raise ValueError(f"need 0 < decrease <= 1 <= increase, got decrease={decrease}, increase={increase}")
         if not 0.0 < min_scale <= max_scale:
             raise ValueError(f"need 0 < min_scale <= max_scale, got {min_scale} and {max_scale}")
-        if tolerance < 0.0:
-            raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+        if tolerance < 0.0 or window < 1:
+            raise ValueError(f"need tolerance >= 0 and window >= 1, got {tolerance} and {window}")
         self.base = {name: float(rate) for name, rate in base.items()}
         self.decrease, self.increase = float(decrease), float(increase)
         self.min_scale, self.max_scale, self.tolerance = float(min_scale), float(max_scale), float(tolerance)
+        self.window = int(window)
         self.scales = {name: self.max_scale for name in self.base}
-        self.best: float | None = None
+        self.history: list[float] = []
+
+    def fell(self) -> bool:
+        """Whether the last `window` validations are, on average, below the `window` before them."""
+        recent = self.history[-self.window :]
+        earlier = self.history[-2 * self.window : -self.window] or self.history[:-1][-self.window :]
+        if not math.isfinite(recent[-1]):
+            return True
+        if not earlier:
+            return False
+        return sum(recent) / len(recent) < sum(earlier) / len(earlier) - self.tolerance
 
     def step(self, val_sharpe: float) -> dict[str, float]:
         """Adapt the scales to one validation Sharpe; return the new rates."""
-        val_sharpe = float(val_sharpe)
-        fell = not math.isfinite(val_sharpe) or (self.best is not None and val_sharpe < self.best - self.tolerance)
+        self.history.append(float(val_sharpe))
+        fell = self.fell()
+        if not math.isfinite(self.history[-1]):
+            self.history.pop()  # a non-finite value cuts the rates but never enters a mean
         for name, scale in self.scales.items():
             if fell:
                 self.scales[name] = max(self.min_scale, scale * self.decrease)
             else:
                 self.scales[name] = min(self.max_scale, scale * self.increase)
-        if math.isfinite(val_sharpe) and (self.best is None or val_sharpe > self.best):
-            self.best = val_sharpe
         return self.rates()
 
     def rates(self) -> dict[str, float]:
@@ -199,8 +217,8 @@ class AdaptiveLR:
                 group["lr"] = factor * rates[group["name"]]
 
     def state_dict(self) -> dict:
-        """Plain Python values (for checkpoints): the scales and the best Sharpe (None before any)."""
-        return {"scales": dict(self.scales), "best": self.best}
+        """Plain Python values (for checkpoints): the scales and the validation history."""
+        return {"scales": dict(self.scales), "history": list(self.history)}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict()`; its components must match this instance's."""
@@ -209,4 +227,4 @@ class AdaptiveLR:
                 f"adaptive-rate state has components {sorted(state['scales'])}, expected {sorted(self.base)}"
             )
         self.scales = {name: float(scale) for name, scale in state["scales"].items()}
-        self.best = None if state["best"] is None else float(state["best"])
+        self.history = [float(v) for v in state["history"]]

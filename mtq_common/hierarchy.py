@@ -48,8 +48,8 @@ PERFORMANCE_RATE = 0.05
 
 
 def meta_observation_size(portfolio_obs_size: int, num_specialists: int) -> int:
-    """Length of `meta_observation`'s output."""
-    return portfolio_obs_size + 3 * num_specialists
+    """Length of `MetaTracker.observe`'s output."""
+    return portfolio_obs_size + 4 * num_specialists + 1
 
 
 def specialist_signals(positions: torch.Tensor, owner: torch.Tensor, num_specialists: int) -> torch.Tensor:
@@ -59,32 +59,82 @@ def specialist_signals(positions: torch.Tensor, owner: torch.Tensor, num_special
     return torch.cat([positions @ onehot / count, positions.abs() @ onehot / count], -1)
 
 
-def meta_observation(portfolio_obs: torch.Tensor, positions: torch.Tensor, owner: torch.Tensor,
-                     performance: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """What the meta-controller sees: the portfolio observation, the specialists' current signals and
-    their recent performance (`performance` [B, K], an EMA of each specialist's unit-size sleeve return
-    in units of 1e-3 per bar)."""
-    signals = specialist_signals(positions, owner, performance.shape[-1])
-    return torch.cat([portfolio_obs, signals, performance.clamp(-10.0, 10.0)], -1)
+def split_action(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The meta-controller's action u [B, K+1] -> (allocation [B, K] on the simplex, risk appetite [B]).
+
+    `allocation = softmax(u[:K])`, `risk_appetite = clamp(u[K], 0, 1)`: u = (0, ..., 0, 1) is exactly the
+    equal allocation at full appetite, where the meta-controller starts (`nets.MetaController`)."""
+    return torch.softmax(u[..., :-1], -1), u[..., -1].clamp(0.0, 1.0)
 
 
-def update_performance(performance: torch.Tensor, positions: torch.Tensor, bar_returns: torch.Tensor,
-                       owner: torch.Tensor, done: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """EMA of each specialist's sleeve return `sum_{i in k} position_i * return_i` (unit size, before
-    allocation), reset to 0 where an episode ended. Uses the bar just completed: no look-ahead."""
-    onehot = torch.nn.functional.one_hot(owner, performance.shape[-1]).to(positions.dtype)
-    sleeve = (positions * bar_returns) @ onehot * 1e3
-    updated = performance + PERFORMANCE_RATE * (sleeve - performance)
-    return torch.where(done.unsqueeze(-1), torch.zeros_like(updated), updated)
+class MetaTracker:
+    """The meta-controller's side of the hierarchy, one place for Phase 2, Phase 3 and the evaluation.
+
+    Per row it keeps each specialist's recent performance (an EMA of its unit-size sleeve return, in
+    units of 1e-3 per bar) and the allocation and appetite the hierarchy holds. The meta-controller's
+    output is a *target*: the held allocation moves towards it by `rate` each bar (partial adjustment;
+    1 = jump to the target), so per-bar jitter of the meta-controller turns into a fraction of the
+    trading. What it held is part of its next observation, so the state stays Markov.
+
+    Per bar: `observe(portfolio_obs, positions)` -> meta observation; `act(u)` -> (allocation, appetite)
+    to trade now; after the env step, `after_step(positions, bar_returns, truncated, final...)` updates
+    the performance and returns the finished rows' final observation (for the PPO bootstrap) before
+    those rows restart at the equal allocation.
+    """
+
+    STATE = ("performance", "allocation", "appetite")
+
+    def __init__(self, owner: torch.Tensor, num_specialists: int, num_rows: int, device, rate: float = 1.0):
+        if not 0.0 < rate <= 1.0:
+            raise ValueError(f"the allocation's adjustment rate must be in (0, 1], got {rate}")
+        self.owner, self.k, self.rate = owner.to(device), num_specialists, rate
+        self.performance = torch.zeros(num_rows, num_specialists, device=device)
+        self.allocation = torch.full((num_rows, num_specialists), 1.0 / num_specialists, device=device)
+        self.appetite = torch.ones(num_rows, device=device)
+
+    def observe(self, portfolio_obs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The meta observation [B, D]: the portfolio, the specialists' signals and recent performance,
+        and the allocation and appetite held now."""
+        signals = specialist_signals(positions, self.owner, self.k)
+        held = torch.cat([self.allocation, self.appetite.unsqueeze(-1)], -1)
+        return torch.cat([portfolio_obs, signals, self.performance.clamp(-10.0, 10.0), held], -1)
+
+    def act(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Move the held allocation and appetite towards the meta-controller's action `u`; return them."""
+        allocation, appetite = split_action(u)
+        self.allocation = self.allocation + self.rate * (allocation - self.allocation)
+        self.appetite = self.appetite + self.rate * (appetite - self.appetite)
+        return self.allocation, self.appetite
+
+    def after_step(self, positions, bar_returns, truncated, final_portfolio_obs=None, final_positions=None):
+        """Book the bar just completed; return the final meta observation of every row (None unless the
+        final observation is given) and restart the rows whose episode ended."""
+        onehot = torch.nn.functional.one_hot(self.owner, self.k).to(positions.dtype)
+        sleeve = (positions * bar_returns) @ onehot * 1e3  # unit-size, before allocation: no look-ahead
+        self.performance = self.performance + PERFORMANCE_RATE * (sleeve - self.performance)
+        final = None if final_portfolio_obs is None else self.observe(final_portfolio_obs, final_positions)
+        done = truncated.unsqueeze(-1)
+        self.performance = torch.where(done, 0.0, self.performance)
+        self.allocation = torch.where(done, 1.0 / self.k, self.allocation)
+        self.appetite = torch.where(truncated, 1.0, self.appetite)
+        return final
+
+    def state_dict(self) -> dict:
+        return {name: getattr(self, name).clone() for name in self.STATE}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in self.STATE:
+            setattr(self, name, state[name].to(getattr(self, name).device))
 
 
 class HierarchyPolicy:
     """Frozen specialists + meta-controller as one policy over `PortfolioEnv` (evaluation and Phase 2/3).
 
-    `propose(obs, env)` returns the proposed weights for the env; `observe(info, done)` must follow
-    every step to keep the specialists' performance signal current. (Every evaluated policy, the
-    rule-based baselines included, has these two methods.) With `meta=None` the allocation is even
-    and the appetite full (the "equal allocation" reference of allocation efficiency).
+    `propose(obs, env)` returns the proposed weights and sets `own_positions` (the specialists' positions,
+    which the env's stop-loss and the specialists' observations follow); `observe(info, done)` must follow
+    every step (`portfolio_eval.policy_step` does all three). Every evaluated policy, the rule-based
+    baselines included, has `propose` and `observe`. With `meta=None` the allocation is even and the
+    appetite full (the "equal allocation" reference of allocation efficiency).
     """
 
     def __init__(self, specialists, meta, owner: torch.Tensor, max_position: float, num_rows: int, device):
@@ -92,25 +142,24 @@ class HierarchyPolicy:
         self.owner = owner.to(device)
         self.max_position = max_position
         self.k = len(specialists.names)
-        self.performance = torch.zeros(num_rows, self.k, device=device)
-        self.positions = torch.zeros(num_rows, len(owner), device=device)
-        self.last_allocation = torch.full((num_rows, self.k), 1.0 / self.k, device=device)
+        rate = 1.0 if meta is None else meta.allocation_rate
+        self.tracker = MetaTracker(self.owner, self.k, num_rows, device, rate)
+        self.own_positions = torch.zeros(num_rows, len(owner), device=device)
+        self.last_allocation = self.tracker.allocation
 
     @torch.no_grad()
     def propose(self, obs: dict, env=None) -> torch.Tensor:
-        self.positions = self.specialists.positions(obs["instruments"], self.owner)
+        self.own_positions = self.specialists.positions(obs["instruments"], self.owner)
         if self.meta is None:
-            allocation = torch.full_like(self.performance, 1.0 / self.k)
-            appetite = torch.ones(len(allocation), device=allocation.device)
+            allocation, appetite = self.tracker.allocation, self.tracker.appetite
         else:
-            meta_obs = meta_observation(obs["portfolio"], self.positions, self.owner, self.performance)
-            allocation, appetite = self.meta.split_action(self.meta.deterministic(meta_obs))
+            meta_obs = self.tracker.observe(obs["portfolio"], self.own_positions)
+            allocation, appetite = self.tracker.act(self.meta.deterministic(meta_obs))
         self.last_allocation = allocation
-        return compose_weights(allocation, appetite, self.positions, self.owner, self.max_position)
+        return compose_weights(allocation, appetite, self.own_positions, self.owner, self.max_position)
 
     def observe(self, info: dict, done: torch.Tensor) -> None:
-        self.performance = update_performance(self.performance, self.positions, info["bar_returns"], self.owner,
-                                              done)  # fmt: skip
+        self.tracker.after_step(self.own_positions, info["bar_returns"], done)
 
 
 def load_specialists(phase1_dir, market, device) -> tuple:
@@ -143,7 +192,7 @@ def load_specialists(phase1_dir, market, device) -> tuple:
     missing = sorted({s for s in market.sectors if s not in names})
     if missing:
         raise CheckpointError(f"{path} is partial: it has no specialist for {missing} (it holds {names}). {rerun}")
-    agents = SpecialistAgents(names, state["obs_size"], state["hidden"])
+    agents = SpecialistAgents.from_spec({**state, "names": names})
     try:
         agents.load_state_dict(state["model"])
     except (RuntimeError, KeyError) as exc:

@@ -79,13 +79,28 @@ class StackedLinear(nn.Module):
 
 
 class SpecialistAgents(nn.Module):
-    """K specialist actor-critics (two tanh hidden layers each, CleanRL's layout) in stacked weights."""
+    """K specialist actor-critics (two tanh hidden layers each, CleanRL's layout) in stacked weights.
 
-    def __init__(self, names: list[str], obs_size: int, hidden: int = 64, init_log_std: float = -0.5):
+    The action is a *target* in [-1, 1] (the Gaussian sample, clipped): the position moves towards it by
+    `position_rate` each bar, `p_t = p_(t-1) + rate * (clip(a_t) - p_(t-1))`, with `p_(t-1)` the own
+    position the observation carries at `position_index` (partial adjustment; rate 1 trades the target
+    itself). Why: per-bar jitter of the policy (exploration noise in training, the mean's response to
+    noisy inputs in evaluation) then moves the book by only a fraction, which cuts the turnover that
+    costs eat, while a lasting change of the target still arrives within a few bars. The same map serves
+    Phase 1, Phases 2-3 and the evaluation (`to_position`), and the rate is stored with the weights.
+    """
+
+    def __init__(self, names: list[str], obs_size: int, hidden: int = 64, init_log_std: float = -1.0,
+                 position_rate: float = 1.0, position_index: int | None = None):  # fmt: skip
         super().__init__()
+        if not 0.0 < position_rate <= 1.0:
+            raise ValueError(f"position_rate must be in (0, 1], got {position_rate}")
+        if position_rate < 1.0 and position_index is None:
+            raise ValueError("a position_rate below 1 needs the observation's position_index")
         self.names = list(names)
         k = len(names)
         self.obs_size, self.hidden = obs_size, hidden
+        self.position_rate, self.position_index = position_rate, position_index
         self.norm = RunningNorm((k, obs_size))
         self.critic = nn.ModuleList(
             [StackedLinear(k, obs_size, hidden), StackedLinear(k, hidden, hidden), StackedLinear(k, hidden, 1, 1.0)]
@@ -118,7 +133,7 @@ class SpecialistAgents(nn.Module):
     def get_action_and_value(self, obs: torch.Tensor, action: torch.Tensor | None = None):
         """CleanRL's interface on grouped rows: (action, log_prob, entropy, value), each [K, R]."""
         mean, log_std, value = self.forward_grouped(obs)
-        dist = torch.distributions.Normal(mean, log_std.exp().expand_as(mean))
+        dist = torch.distributions.Normal(mean, log_std.exp().expand_as(mean), validate_args=False)
         if action is None:
             action = dist.sample()
         return action, dist.log_prob(action), dist.entropy(), value
@@ -135,15 +150,30 @@ class SpecialistAgents(nn.Module):
         value = self._mlp(self.critic, x, apply).squeeze(-1)
         return mean, self.log_std[owner, 0, 0], value
 
+    def to_position(self, action: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
+        """The position to trade for `action` [...] given the raw observation `obs` [..., F] (class docstring)."""
+        target = action.clamp(-1.0, 1.0)
+        if self.position_rate == 1.0:
+            return target
+        previous = obs[..., self.position_index]
+        return previous + self.position_rate * (target - previous)
+
     @torch.no_grad()
     def positions(self, obs: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
-        """Deterministic positions in [-1, 1] (the clipped mean) for obs [B, N, F]."""
+        """Deterministic positions in [-1, 1] (the mean action, through `to_position`) for obs [B, N, F]."""
         mean, _, _ = self.forward_per_slot(obs, owner)
-        return mean.clamp(-1.0, 1.0)
+        return self.to_position(mean, obs)
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> SpecialistAgents:
+        """A network of the shape `describe()` recorded (checkpoints store it beside the weights)."""
+        return cls(spec["names"], spec["obs_size"], spec["hidden"], position_rate=spec.get("position_rate", 1.0),
+                   position_index=spec.get("position_index"))  # fmt: skip
 
     def describe(self) -> dict:
-        """What a loader must match: names, observation size, hidden size."""
-        return {"names": self.names, "obs_size": self.obs_size, "hidden": self.hidden}
+        """What a loader must match and rebuild: names, sizes, the action-to-position map."""
+        return {"names": self.names, "obs_size": self.obs_size, "hidden": self.hidden,
+                "position_rate": self.position_rate, "position_index": self.position_index}  # fmt: skip
 
 
 def layer_init(layer: nn.Linear, std: float = math.sqrt(2), bias: float = 0.0) -> nn.Linear:
@@ -156,23 +186,32 @@ def layer_init(layer: nn.Linear, std: float = math.sqrt(2), bias: float = 0.0) -
 class MetaController(nn.Module):
     """The meta-controller's actor-critic: observation -> Gaussian over `u` in R^(K+1).
 
-    `allocation = softmax(u[:K])` (a point of the simplex over the specialists) and
-    `risk_appetite = sigmoid(u[K])`. PPO's ratio uses the density of `u` itself: the deterministic
-    maps after it have the same Jacobian under the old and new policy, so it cancels in the ratio.
+    `hierarchy.split_action` maps u to the allocation (`softmax(u[:K])`, a point of the simplex over the
+    specialists) and the risk appetite (`clamp(u[K], 0, 1)`). PPO's ratio uses the density of `u` itself:
+    the deterministic maps after it are the same under the old and new policy.
+
+    It starts at the equal allocation at full appetite: the actor's last layer has zero weights and the
+    bias (0, ..., 0, 1), so its mean action is exactly u = (0, ..., 0, 1) whatever it observes; Phase 2
+    can only learn a tilt away from that where it pays. `allocation_rate` is the partial adjustment of
+    the held allocation towards the action (`hierarchy.MetaTracker`), stored with the weights.
     """
 
-    def __init__(self, obs_size: int, num_specialists: int, hidden: int = 64, init_log_std: float = -0.5):
+    def __init__(self, obs_size: int, num_specialists: int, hidden: int = 64, init_log_std: float = -0.5,
+                 allocation_rate: float = 1.0):  # fmt: skip
         super().__init__()
         self.obs_size, self.num_specialists, self.hidden = obs_size, num_specialists, hidden
+        self.allocation_rate = allocation_rate
         self.norm = RunningNorm((1, obs_size))
         self.critic = nn.Sequential(
             layer_init(nn.Linear(obs_size, hidden)), nn.Tanh(),
             layer_init(nn.Linear(hidden, hidden)), nn.Tanh(),
             layer_init(nn.Linear(hidden, 1), std=1.0),
         )  # fmt: skip
-        head = layer_init(nn.Linear(hidden, num_specialists + 1), std=0.01)
-        with torch.no_grad():
-            head.bias[-1] = 1.0  # start at risk appetite sigmoid(1) = 0.73 and an even allocation
+        head = nn.Linear(hidden, num_specialists + 1)
+        with torch.no_grad():  # mean action (0, ..., 0, 1): the equal allocation at full appetite
+            head.weight.zero_()
+            head.bias.zero_()
+            head.bias[-1] = 1.0
         self.actor_mean = nn.Sequential(
             layer_init(nn.Linear(obs_size, hidden)), nn.Tanh(),
             layer_init(nn.Linear(hidden, hidden)), nn.Tanh(),
@@ -194,7 +233,7 @@ class MetaController(nn.Module):
     def get_action_and_value(self, obs: torch.Tensor, action: torch.Tensor | None = None):
         """CleanRL's interface: (u, log_prob, entropy, value) for obs [B, D]."""
         mean, value = self.heads(obs)
-        dist = torch.distributions.Normal(mean, self.actor_log_std.expand_as(mean).exp())
+        dist = torch.distributions.Normal(mean, self.actor_log_std.expand_as(mean).exp(), validate_args=False)
         if action is None:
             action = dist.sample()
         return action, dist.log_prob(action).sum(-1), dist.entropy().sum(-1), value
@@ -204,10 +243,11 @@ class MetaController(nn.Module):
         """The mean action u (evaluation)."""
         return self.heads(obs)[0]
 
-    @staticmethod
-    def split_action(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """u [B, K+1] -> (allocation [B, K] on the simplex, risk appetite [B] in (0, 1))."""
-        return torch.softmax(u[..., :-1], -1), torch.sigmoid(u[..., -1])
+    @classmethod
+    def from_spec(cls, spec: dict) -> MetaController:
+        """A network of the shape `describe()` recorded (checkpoints store it beside the weights)."""
+        return cls(spec["obs_size"], spec["num_specialists"], spec["hidden"], allocation_rate=spec["allocation_rate"])
 
     def describe(self) -> dict:
-        return {"obs_size": self.obs_size, "num_specialists": self.num_specialists, "hidden": self.hidden}
+        return {"obs_size": self.obs_size, "num_specialists": self.num_specialists, "hidden": self.hidden,
+                "allocation_rate": self.allocation_rate}  # fmt: skip

@@ -71,15 +71,18 @@ def test_interrupted_run_resumes_to_the_same_result(tiny):
 
 
 def test_fine_tuning_keeps_phase2_level(tmp_path):
-    """Default synthetic market, short budgets. Tolerance: Phase 3's best validation Sharpe (picked during
-    fine-tuning, not including the starting point) stays within 0.3 of Phase 2's."""
+    """Default synthetic market, short budgets. Phase 3 validates its starting point (Phases 1 and 2 as they
+    are, iteration 0) before fine-tuning, so its best validation Sharpe is never below Phase 2's on the same
+    validation bars; a fine-tuned iterate replaces the starting point only where it validates better."""
     # 64 validation segments: short backtests (validation is most of this test's time)
     budget = dict(num_envs=32, num_steps=64, batch_size=256, n_epochs=4, eval_interval=5, eval_segments=64)
     dirs = prepare(tmp_path, None, p1={**budget, "timesteps": 40960}, p2={**budget, "timesteps": 20480})
     phase2_sharpe = json.loads((dirs[1] / "metrics.json").read_text())["portfolio"]["sharpe"]
     metrics = phase3(tmp_path, None, dirs, **{**budget, "timesteps": 20480, "eval_episodes": 8})
     assert metrics["phase2_sharpe"] == phase2_sharpe
-    assert metrics["portfolio"]["sharpe"] >= phase2_sharpe - 0.3, (metrics["portfolio"]["sharpe"], phase2_sharpe)
+    assert metrics["portfolio"]["sharpe"] >= phase2_sharpe - 1e-9, (metrics["portfolio"]["sharpe"], phase2_sharpe)
+    if metrics["best_iteration"] == 0:  # the starting point is Phase 2's best, evaluated on the same bars
+        assert metrics["portfolio"]["sharpe"] == pytest.approx(phase2_sharpe, abs=1e-9)
 
 
 @pytest.mark.parametrize("missing", ["phase1", "phase2"])
