@@ -172,7 +172,10 @@ def main(args: Args) -> dict:
 
     # ALGO LOGIC: storage setup
     obs = torch.zeros((args.num_steps, b, d), device=device)
-    final_obs = torch.zeros_like(obs)
+    final_portfolio = torch.zeros((args.num_steps, b, envs.portfolio_obs_size), device=device)
+    final_instruments = torch.zeros((args.num_steps, b, *envs.single_observation_space["instruments"].shape),
+                                    device=device)  # fmt: skip
+    final_held = torch.zeros((args.num_steps, b, 2 * k + 1), device=device)
     actions = torch.zeros((args.num_steps, b, k + 1), device=device)
     logprobs, rewards, values, truncs = (torch.zeros((args.num_steps, b), device=device) for _ in range(4))
 
@@ -238,10 +241,10 @@ def main(args: Args) -> dict:
                 sums["twin_reward"] += twin_reward.mean()
                 reward = reward - twin_reward
             rewards[step], truncs[step] = reward, truncated.float()
-            with torch.no_grad():  # the final observation bootstraps a truncated row's value
-                final_positions = specialists.positions(info["final_obs"]["instruments"], owner)
-            final_obs[step] = tracker.after_step(positions, info["bar_returns"], truncated,
-                                                 info["final_obs"]["portfolio"], final_positions)  # fmt: skip
+            # the final observation bootstraps a truncated row's value: its parts now, assembled after the rollout
+            final_held[step] = tracker.after_step(positions, info["bar_returns"], truncated)
+            final_portfolio[step] = info["final_obs"]["portfolio"]
+            final_instruments[step] = info["final_obs"]["instruments"]
             sums["ep_return"] += (info["episode"]["r"] * info["_episode"]).sum()
             sums["episodes"] += info["_episode"].sum()
             sums["var"] += info["var"].mean()
@@ -256,7 +259,9 @@ def main(args: Args) -> dict:
 
         # bootstrap value if not done: a truncated row continues from V(final obs), not from zero
         with torch.no_grad():
-            final_values = meta.get_value(final_obs.reshape(-1, d)).view(args.num_steps, b)
+            final_positions = specialists.positions(final_instruments.flatten(0, 1), owner)  # one batch
+            final_obs = tracker.assemble(final_portfolio.flatten(0, 1), final_positions, final_held.flatten(0, 1))
+            final_values = meta.get_value(final_obs).view(args.num_steps, b)
             next_positions = specialists.positions(next_env_obs["instruments"], owner)
             next_value = meta.get_value(tracker.observe(next_env_obs["portfolio"], next_positions))
             advantages = torch.zeros_like(rewards)

@@ -248,7 +248,9 @@ def main(args: Args) -> dict:
 
     # ALGO LOGIC: storage setup
     s = args.num_steps
-    meta_obs, final_meta_obs = torch.zeros((s, b, d), device=device), torch.zeros((s, b, d), device=device)
+    meta_obs = torch.zeros((s, b, d), device=device)
+    final_portfolio = torch.zeros((s, b, envs.portfolio_obs_size), device=device)
+    final_held = torch.zeros((s, b, 2 * k + 1), device=device)  # the tracker's part of the final meta obs
     inst_obs, final_inst_obs = torch.zeros((s, b, n, f), device=device), torch.zeros((s, b, n, f), device=device)
     meta_actions = torch.zeros((s, b, k + 1), device=device)
     spec_actions, spec_logprobs, spec_values, own_rewards = (torch.zeros((s, b, n), device=device) for _ in range(4))
@@ -337,18 +339,19 @@ def main(args: Args) -> dict:
             sigma = info["instrument_vol"].clamp_min(1e-8)
             own_rewards[step] = (positions * info["bar_returns"] - unit_cost) / sigma
             prev_positions = torch.where(truncated.unsqueeze(-1), 0.0, positions)
+            # the final observation bootstraps a truncated row's value: its parts now, assembled after the rollout
             final_inst_obs[step] = info["final_obs"]["instruments"]
-            with torch.no_grad():  # the final observation bootstraps a truncated row's value
-                final_positions = specialists.positions(info["final_obs"]["instruments"], owner)
-            final_meta_obs[step] = tracker.after_step(positions, info["bar_returns"], truncated,
-                                                      info["final_obs"]["portfolio"], final_positions)  # fmt: skip
+            final_portfolio[step] = info["final_obs"]["portfolio"]
+            final_held[step] = tracker.after_step(positions, info["bar_returns"], truncated)
             ep_return_sum += (info["episode"]["r"] * info["_episode"]).sum()
             ep_count += info["_episode"].sum()
         guard.raise_if_diverged()
 
         # bootstrap value if not done: truncated rows continue from V(final obs), not from zero
         with torch.no_grad():
-            final_meta_values = meta.get_value(final_meta_obs.reshape(-1, d)).view(s, b)
+            final_positions = specialists.positions(final_inst_obs.flatten(0, 1), owner)  # one batch
+            final_meta_obs = tracker.assemble(final_portfolio.flatten(0, 1), final_positions, final_held.flatten(0, 1))
+            final_meta_values = meta.get_value(final_meta_obs).view(s, b)
             final_spec_values = specialists.forward_per_slot(final_inst_obs.reshape(-1, n, f), owner)[2].view(s, b, n)
             next_positions = specialists.positions(next_obs["instruments"], owner)
             next_meta_value = meta.get_value(tracker.observe(next_obs["portfolio"], next_positions))

@@ -266,12 +266,13 @@ class _TradingEngine:
         self.episode_return = torch.where(m, zero, self.episode_return)
 
     # -- step ---------------------------------------------------------------------------------
-    def stop_lock(self, own: torch.Tensor) -> torch.Tensor:
+    def stop_lock(self, own: torch.Tensor, update: bool = True) -> torch.Tensor:
         """Slots held flat [B, n]: stopped out, and the policy still asks for the stopped trade's sign.
 
-        A lock ends once the policy asks for another sign (flat counts)."""
+        A lock ends once the policy asks for another sign (flat counts); `update=False` only looks."""
         same = (torch.sign(own) == self.locked) & (self.locked != 0)
-        self.locked = torch.where(same, self.locked, torch.zeros_like(self.locked))
+        if update:
+            self.locked = torch.where(same, self.locked, torch.zeros_like(self.locked))
         return same
 
     def advance(self, weights: torch.Tensor, own: torch.Tensor, var_usage: torch.Tensor, cost_rate: torch.Tensor):
@@ -348,6 +349,15 @@ class _TradingEngine:
         out[..., -STATE_SIZE:] = state
         return out
 
+    def fresh_instrument_obs(self, rows: torch.Tensor) -> torch.Tensor:
+        """`instrument_obs` of `rows` when flat at their current bar: the static columns, zero state."""
+        static = self.tables.instrument_static
+        if self.holds_all:
+            return static.index_select(0, self.t[rows])
+        flat = static.reshape(-1, static.shape[-1])
+        index = (self.t[rows].unsqueeze(-1) * self.num_instruments + self.index[rows]).reshape(-1)
+        return flat.index_select(0, index).reshape(len(rows), self.n, -1)
+
 
 def position_column(num_instruments: int) -> int:
     """Index of the own position in an instrument observation (after the features and the one-hot)."""
@@ -406,6 +416,8 @@ class _BatchedTradingEnv(VectorEnv):
     def __init__(self, torch_mode: bool, check_actions: bool):
         self.torch_mode = torch_mode
         self.check_actions = check_actions
+        self.autoreset = True
+        """False: a finished row stays at its last bar (its final state can be read; it must not step again)."""
 
     def _out(self, x):
         return x if self.torch_mode else _to_numpy(x)
@@ -419,13 +431,43 @@ class _BatchedTradingEnv(VectorEnv):
         info.update({f"_{key}": every_row for key in list(info)})
         info["episode"] = {"r": eng.episode_return.clone(), "l": eng.steps.clone()}
         info["_episode"] = done
-        eng.reset_rows(done, eng.random_starts())
-        self._reset_extra(done)
-        obs = self._observe()
+        if not self.autoreset:
+            obs = obs_stepped
+        elif self.diagnostic or self.dense_restart or eng.device.type != "cpu":
+            eng.reset_rows(done, eng.random_starts())
+            self._reset_extra(done)
+            obs = self._observe()  # every row again: no host sync (what a GPU wants)
+        else:
+            eng.reset_rows(done, eng.random_starts())
+            self._reset_extra(done)
+            obs = self._restart(obs_stepped, done)
         info["final_obs"] = obs_stepped
         info["_final_obs"] = done
         terminated = torch.zeros_like(done)
         return self._out(obs), self._out(reward), self._out(terminated), self._out(truncated), self._out(info)
+
+    dense_restart = False
+    """Build the next observation of every row after an autoreset (the GPU path; tests compare the two)."""
+
+    def _restart(self, obs_stepped, done: torch.Tensor):
+        """The next observation on the CPU: the stepped one, with only the restarted rows rebuilt.
+
+        A row that has just restarted is flat at its start bar, so its observation is the static part of
+        the tables at that bar with zero state (each environment's `_fresh_obs(rows)`). Few rows restart
+        on a step (one in `episode_length`), so this replaces a second full observation by a gather of
+        those rows; finding them is a host sync, free on the CPU and avoided on other devices.
+        """
+        rows = done.nonzero().squeeze(-1)
+        if rows.numel() == 0:
+            return obs_stepped
+        if isinstance(obs_stepped, dict):
+            obs = {key: value.clone() for key, value in obs_stepped.items()}
+            for key, value in self._fresh_obs(rows).items():
+                obs[key][rows] = value
+            return obs
+        obs = obs_stepped.clone()
+        obs[rows] = self._fresh_obs(rows)
+        return obs
 
     def _reset_extra(self, mask: torch.Tensor) -> None:
         """Reset state a subclass keeps beyond the engine's (nothing by default)."""
@@ -531,6 +573,9 @@ class SpecialistEnv(_BatchedTradingEnv):
     def _observe(self) -> torch.Tensor:
         return self.engine.instrument_obs(self.diagnostic).squeeze(1)
 
+    def _fresh_obs(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.engine.fresh_instrument_obs(rows).squeeze(1)
+
     def step(self, actions):
         eng = self.engine
         actions = _as_actions(actions, (self.num_envs, 1), eng.device, self.check_actions)
@@ -631,6 +676,34 @@ class PortfolioEnv(_BatchedTradingEnv):
         portfolio[:, static.shape[-1] :] = dynamic
         return {"instruments": eng.instrument_obs(self.diagnostic), "portfolio": portfolio}
 
+    def _execute(self, proposed_weights, own_positions, update: bool):
+        """The stop-loss lock and the risk manager at the current bar: `(proposal, own, RiskOut)`."""
+        eng = self.engine
+        shape = (self.num_envs, self.n)
+        proposal = _as_actions(proposed_weights, shape, eng.device, self.check_actions)
+        if own_positions is None:
+            own = (proposal / eng.max_position).clamp(-1.0, 1.0)
+        else:
+            own = _as_actions(own_positions, shape, eng.device, self.check_actions)
+        held_flat = eng.stop_lock(own, update)
+        own = torch.where(held_flat, 0.0, own)
+        proposal = torch.where(held_flat, 0.0, proposal)
+        cov = eng.tables.cov.index_select(0, eng.t)
+        return proposal, own, kernels.risk_step(proposal, cov, self.sector_onehot, self.limits, check_finite=False)
+
+    def preview(self, proposed_weights, own_positions=None):
+        """What `step` would execute at the current bar, without changing any state: `(proposal after the
+        stop-loss lock, own positions, kernels.RiskOut)`. The target book of a bar whose return is not known
+        yet (`mtq_common.act`)."""
+        return self._execute(proposed_weights, own_positions, update=False)
+
+    def _fresh_obs(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        eng = self.engine
+        static = eng.tables.portfolio_static.index_select(0, eng.t[rows])
+        portfolio = torch.zeros(len(rows), self.portfolio_obs_size, device=eng.device)  # flat: no risk in use
+        portfolio[:, : static.shape[-1]] = static
+        return {"instruments": eng.fresh_instrument_obs(rows), "portfolio": portfolio}
+
     def _extra_state(self) -> dict:
         return {"risk": {k: v.clone() for k, v in self.risk.items()}}
 
@@ -647,17 +720,7 @@ class PortfolioEnv(_BatchedTradingEnv):
         under a meta-controller): the stop-loss and the instruments' observations follow them. Without
         them each instrument's own position is its proposed weight over `max_position`, clipped."""
         eng = self.engine
-        shape = (self.num_envs, self.n)
-        proposal = _as_actions(proposed_weights, shape, eng.device, self.check_actions)
-        if own_positions is None:
-            own = (proposal / eng.max_position).clamp(-1.0, 1.0)
-        else:
-            own = _as_actions(own_positions, shape, eng.device, self.check_actions)
-        held_flat = eng.stop_lock(own)
-        own = torch.where(held_flat, 0.0, own)
-        proposal = torch.where(held_flat, 0.0, proposal)
-        cov = eng.tables.cov.index_select(0, eng.t)
-        risk = kernels.risk_step(proposal, cov, self.sector_onehot, self.limits, check_finite=False)
+        proposal, own, risk = self._execute(proposed_weights, own_positions, update=True)
         var_usage = risk.var / self.limits.max_var
         t_now = eng.t
         out, stopped, truncated = eng.advance(risk.weights, own, var_usage, self.cost_rate)

@@ -77,9 +77,9 @@ class MetaTracker:
     trading. What it held is part of its next observation, so the state stays Markov.
 
     Per bar: `observe(portfolio_obs, positions)` -> meta observation; `act(u)` -> (allocation, appetite)
-    to trade now; after the env step, `after_step(positions, bar_returns, truncated, final...)` updates
-    the performance and returns the finished rows' final observation (for the PPO bootstrap) before
-    those rows restart at the equal allocation.
+    to trade now; after the env step, `after_step(positions, bar_returns, truncated)` updates the
+    performance, restarts the finished rows at the equal allocation and returns what the final
+    observations need (`assemble`).
     """
 
     STATE = ("performance", "allocation", "appetite")
@@ -95,9 +95,15 @@ class MetaTracker:
     def observe(self, portfolio_obs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The meta observation [B, D]: the portfolio, the specialists' signals and recent performance,
         and the allocation and appetite held now."""
-        signals = specialist_signals(positions, self.owner, self.k)
-        held = torch.cat([self.allocation, self.appetite.unsqueeze(-1)], -1)
-        return torch.cat([portfolio_obs, signals, self.performance.clamp(-10.0, 10.0), held], -1)
+        return self.assemble(portfolio_obs, positions, self.held())
+
+    def held(self) -> torch.Tensor:
+        """The tracker's part of the observation [B, 2K + 1]: performance, allocation and appetite held."""
+        return torch.cat([self.performance.clamp(-10.0, 10.0), self.allocation, self.appetite.unsqueeze(-1)], -1)
+
+    def assemble(self, portfolio_obs: torch.Tensor, positions: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
+        """A meta observation from its parts (`held()` now, or as `after_step` returned it)."""
+        return torch.cat([portfolio_obs, specialist_signals(positions, self.owner, self.k), held], -1)
 
     def act(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Move the held allocation and appetite towards the meta-controller's action `u`; return them."""
@@ -106,13 +112,14 @@ class MetaTracker:
         self.appetite = self.appetite + self.rate * (appetite - self.appetite)
         return self.allocation, self.appetite
 
-    def after_step(self, positions, bar_returns, truncated, final_portfolio_obs=None, final_positions=None):
-        """Book the bar just completed; return the final meta observation of every row (None unless the
-        final observation is given) and restart the rows whose episode ended."""
+    def after_step(self, positions: torch.Tensor, bar_returns: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
+        """Book the bar just completed, restart the rows whose episode ended, and return every row's `held()`
+        before that restart: with the final observation's portfolio part and the specialists' positions on
+        it, `assemble` rebuilds the final meta observation (the PPO bootstrap), in one batch after a rollout."""
         onehot = torch.nn.functional.one_hot(self.owner, self.k).to(positions.dtype)
         sleeve = (positions * bar_returns) @ onehot * 1e3  # unit-size, before allocation: no look-ahead
         self.performance = self.performance + PERFORMANCE_RATE * (sleeve - self.performance)
-        final = None if final_portfolio_obs is None else self.observe(final_portfolio_obs, final_positions)
+        final = self.held()
         done = truncated.unsqueeze(-1)
         self.performance = torch.where(done, 0.0, self.performance)
         self.allocation = torch.where(done, 1.0 / self.k, self.allocation)

@@ -501,3 +501,36 @@ def test_specialist_rows_group_by_specialist():
     inst, owner = specialist_rows(market, ["forex", "commodities", "equity"], 4)
     assert owner.tolist() == [0] * 4 + [1] * 4 + [2] * 4
     assert inst.tolist() == [0, 1, 2, 0, 3, 4, 3, 4, 5, 6, 7, 5]
+
+
+@pytest.mark.parametrize("kind", ["specialist", "portfolio"])
+def test_the_cpu_restart_path_gives_the_same_observations_as_rebuilding_every_row(kind):
+    """After an autoreset the CPU rebuilds only the restarted rows' observations; the result must equal
+    rebuilding every row (the dense path other devices take), bit for bit, including the final obs."""
+    cfg = Config()
+    cfg.environment.episode_length = 7  # many restarts
+    market = generate_market(cfg.data.instruments, SECTORS, VOLS, 400, 9)
+
+    def make():
+        if kind == "specialist":
+            return SpecialistEnv(market, cfg, list(range(8)) * 4, torch_mode=True, seed=3)
+        return PortfolioEnv(market, cfg, 16, torch_mode=True, seed=3)
+
+    sparse, dense = make(), make()
+    dense.dense_restart = True
+    gen = torch.Generator().manual_seed(0)
+    for env in (sparse, dense):
+        env.reset(seed=3)
+    restarts = 0
+    for _ in range(40):
+        shape = (32, 1) if kind == "specialist" else (16, 8)
+        action = torch.rand(shape, generator=gen) * 2 - 1
+        a, b = sparse.step(action), dense.step(action)
+        restarts += int(a[3].sum())
+        for x, y in ((a[0], b[0]), (a[4]["final_obs"], b[4]["final_obs"])):
+            if isinstance(x, dict):
+                for key in x:
+                    assert torch.equal(x[key], y[key]), key
+            else:
+                assert torch.equal(x, y)
+    assert restarts > 20
