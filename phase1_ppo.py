@@ -411,6 +411,7 @@ def model_payload(model_state: dict, agent: SpecialistAgents, cfg, specialists: 
         **agent.describe(),
         "symbols": market.symbols,
         "sectors": market.sectors,
+        "bars_per_year": market.bars_per_year,
         "config_hash": cfg.hash(),
         "config": cfg.to_dict(),
     }

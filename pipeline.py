@@ -20,7 +20,9 @@ path from another seed; CSV data: windows of the test period).
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import importlib.metadata
+import math
 import os
 import platform
 import sys
@@ -29,13 +31,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import yaml
 
 import phase1_ppo
 import phase2_meta
 import phase3_joint
 from mtq_common import checkpoint as ckpt
+from mtq_common.act import format_book, stale_days, target_book
 from mtq_common.config import ConfigError, config_from_args, parse_args
+from mtq_common.csv_data import load_csv_series
 from mtq_common.envs import build_tables
 from mtq_common.hierarchy import HierarchyPolicy, instrument_specialist_index
 from mtq_common.market import iso_time, load_splits
@@ -67,9 +72,10 @@ FRESH_PATH_SEED = 10_007
 
 @dataclass
 class Args:
-    mode: Literal["train", "resume", "eval", "walkforward"] = "train"
+    mode: Literal["train", "resume", "eval", "walkforward", "act"] = "train"
     """train: all phases then the evaluation; resume: continue a broken run; eval: evaluate again;
-    walkforward: train and test --folds folds on expanding windows, one stitched out-of-sample report."""
+    walkforward: train and test --folds folds on expanding windows, one stitched out-of-sample report;
+    act: the trained hierarchy's target book for the bar after the data's last one (mtq_common.act)."""
     config: str | None = None
     """YAML config (defaults for every flag below that names a config key)."""
     output_dir: str = "models/checkpoints"
@@ -96,6 +102,12 @@ class Args:
     """Test evaluation episodes (mean and spread of each metric)."""
     folds: int = 4
     """Walk-forward folds (--mode walkforward only; see mtq_common.walkforward)."""
+    capital: float | None = None
+    """--mode act: the account's capital, for notionals and units (unset: weights only)."""
+    as_of: str | None = None
+    """--mode act: the date the data must be current at (YYYY-MM-DD; default today, UTC)."""
+    max_staleness_days: float | None = 7.0
+    """--mode act: refuse CSV data whose last bar is older than this many days before --as-of (None: no check)."""
     force: bool = False
     """Resume even if the config differs from the run's (the manifest's hash)."""
     progress: bool = True
@@ -315,6 +327,52 @@ def format_folds(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def act(args: Args, cfg, log) -> dict:
+    """--mode act: refuse data that does not match the trained run (or is stale, or too short), then write
+    and print the target book of the bar after the data's last one (`mtq_common.act`)."""
+    out, device = Path(args.output_dir), resolve_device(args.device)
+    specialists, meta = load_hierarchy(out, device)
+    phase1 = ckpt.load_checkpoint(out / "phase1" / "best.pt", "phase1", hint="Run `python pipeline.py --mode train`.")
+    if cfg.data.source == "csv":
+        market = load_csv_series(cfg.data.data_dir, list(cfg.data.instruments),
+                                 {s: cfg.sector_of(s) for s in cfg.data.instruments}, strict_order=True)  # fmt: skip
+    else:
+        market = load_splits(cfg)["test"]  # the built-in market: act at the test split's last bar
+    trained = {"instruments": list(phase1["symbols"]), "sectors": list(phase1["sectors"]),
+               "bars per year": phase1.get("bars_per_year")}  # fmt: skip
+    given = {"instruments": market.symbols, "sectors": market.sectors, "bars per year": market.bars_per_year}
+    if trained["bars per year"] is None:  # a checkpoint written before the frequency was recorded
+        log.warning("%s does not record the bar frequency it was trained on: not checked", out / "phase1" / "best.pt")
+        trained.pop("bars per year")
+    differ = [f"{key}: trained on {trained[key]}, given {given[key]}" for key in trained if trained[key] != given[key]]
+    if differ:
+        raise ConfigError(
+            f"the data does not match the run trained in {out}: " + "; ".join(differ) + ". Act on data of the same "
+            "instruments, sectors and bar frequency (the config's data.instruments and the files in --data-dir), "
+            "or train a run on this data first."
+        )
+    if market.source == "csv" and args.max_staleness_days is not None:
+        as_of = np.datetime64(args.as_of or datetime.datetime.now(datetime.timezone.utc).date().isoformat(), "s")
+        age = stale_days(market, as_of)
+        if age > args.max_staleness_days:
+            raise ConfigError(
+                f"the data is stale: its last bar is {iso_time(market.timestamps[-1], market.bars_per_day)}, "
+                f"{age:.1f} days before {str(as_of)[:10]} (--as-of), more than --max-staleness-days "
+                f"{args.max_staleness_days:g}. Update the files in {cfg.data.data_dir}, or pass --as-of DATE or "
+                "--max-staleness-days None to act on them anyway."
+            )
+    if args.capital is not None and not (math.isfinite(args.capital) and args.capital > 0):
+        raise ConfigError(f"--capital {args.capital}: accepted a positive amount")
+    book = target_book(specialists, meta, market, cfg, args.capital, device)
+    path = out / "act" / f"book-{book['last_bar'].replace(':', '')}.json"
+    ckpt.atomic_write_json(path, book, sort_keys=False)
+    print(f"Target book for the bar after {book['last_bar']} ({market.num_bars} bars of {market.source} data):")
+    print(format_book(book))
+    print(f"written to {path}")
+    log.info("target book written to %s", path)
+    return {"book": book, "path": str(path)}
+
+
 def main(args: Args) -> dict:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError(
@@ -327,6 +385,8 @@ def main(args: Args) -> dict:
     log = setup_logging(Path(args.log_dir) / "pipeline.log", "pipeline")
     out = Path(args.output_dir)
     start = time.time()
+    if args.mode == "act":
+        return act(args, cfg, log)
     if args.mode == "walkforward":
         result = walk_forward(args, cfg, log)
         print(f"pipeline walkforward: {time.time() - start:.1f} s")

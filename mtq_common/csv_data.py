@@ -237,7 +237,30 @@ def _find_files(data_dir: Path, symbols: list[str]) -> list[Path]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _read_price_series(path: Path, max_ffill: int) -> pd.Series:
+def load_csv_series(data_dir, symbols: list[str], sectors: dict[str, str], max_ffill: int = 3,
+                    strict_order: bool = False) -> MarketData:  # fmt: skip
+    """The whole aligned series of ``data_dir/<SYMBOL>.csv`` as one `MarketData` (``split="all"``), read by
+    the same rules as `load_csv_market`. With ``strict_order`` unsorted or duplicated timestamps are an error
+    instead of being repaired (acting on live data must not guess which bar is the latest)."""
+    symbols = list(symbols)
+    _check_arguments(symbols, sectors, (0.7, 0.15, 0.15), 1, max_ffill)
+    paths = _find_files(Path(data_dir), symbols)
+    series = [_read_price_series(path, max_ffill, strict_order) for path in paths]
+    timestamps, prices = _align(paths, series)
+    bars_per_year, bars_per_day = infer_bar_frequency(timestamps)
+    return MarketData(
+        symbols=symbols,
+        sectors=[sectors[s] for s in symbols],
+        prices=prices,
+        timestamps=timestamps,
+        bars_per_year=bars_per_year,
+        bars_per_day=bars_per_day,
+        source="csv",
+        split="all",
+    )
+
+
+def _read_price_series(path: Path, max_ffill: int, strict_order: bool = False) -> pd.Series:
     """One file's prices as a float64 Series indexed by sorted, unique, tz-naive timestamps."""
     try:
         # Everything as text: bad values are then reported exactly as written.
@@ -257,6 +280,8 @@ def _read_price_series(path: Path, max_ffill: int) -> pd.Series:
 
     # The index holds each row's position in the file, so later messages can name file rows.
     table = pd.DataFrame({"time": timestamps, "price": prices})
+    if strict_order:
+        _check_order(path, table)
     table = _sort_and_deduplicate(path, table)
     table["price"] = _fill_gaps(path, price_col, table, max_ffill)
     return pd.Series(table["price"].to_numpy(), index=pd.DatetimeIndex(table["time"]), name=path.stem)
@@ -342,6 +367,19 @@ def _parse_prices(path: Path, column: str, raw: pd.Series) -> pd.Series:
             f"({ROWS_NOTE}; {int(non_positive.sum())} such value(s) in all); expected {ACCEPTED_PRICE}."
         )
     return values
+
+
+def _check_order(path: Path, table: pd.DataFrame) -> None:
+    """Refuse timestamps that are not strictly increasing, naming the first offending row."""
+    step = table["time"].diff()
+    bad = np.flatnonzero((step <= pd.Timedelta(0)).to_numpy())
+    if len(bad):
+        i = int(bad[0])
+        what = "repeats" if step.iloc[i] == pd.Timedelta(0) else "is earlier than"
+        raise DataError(
+            f"{path}: {_row(int(table.index[i]))} time {table['time'].iloc[i]} {what} the row before it "
+            f"({table['time'].iloc[i - 1]}): the rows must be in strictly increasing time order, one per bar."
+        )
 
 
 def _sort_and_deduplicate(path: Path, table: pd.DataFrame) -> pd.DataFrame:

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from mtq_common.market import MarketData
 
 MIN_BLOCK = 50
@@ -70,25 +68,10 @@ def fold_bounds(num_bars: int, folds: int, first_train_fraction: float, warmup: 
 def full_market(cfg) -> MarketData:
     """The whole series the folds are cut from (module docstring)."""
     if cfg.data.source == "csv":
-        from mtq_common.csv_data import load_csv_market
+        from mtq_common.csv_data import load_csv_series
 
-        parts = load_csv_market(
-            cfg.data.data_dir,
-            list(cfg.data.instruments),
-            {s: cfg.sector_of(s) for s in cfg.data.instruments},
-            splits=tuple(cfg.data.splits),
-        )
-        train, val, test = parts["train"], parts["val"], parts["test"]
-        return MarketData(
-            symbols=train.symbols,
-            sectors=train.sectors,
-            prices=np.concatenate([train.prices, val.prices, test.prices]),
-            timestamps=np.concatenate([train.timestamps, val.timestamps, test.timestamps]),
-            bars_per_year=train.bars_per_year,
-            bars_per_day=train.bars_per_day,
-            source="csv",
-            split="all",
-        )
+        return load_csv_series(cfg.data.data_dir, list(cfg.data.instruments),
+                               {s: cfg.sector_of(s) for s in cfg.data.instruments})  # fmt: skip
     from mtq_common.synthetic import generate_market
 
     s = cfg.data.synthetic
