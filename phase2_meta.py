@@ -27,7 +27,6 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from kernels import LIMIT_NAMES
 from mtq_common import checkpoint as ckpt
 from mtq_common import distributed
 from mtq_common.config import ConfigError, config_from_args, parse_args
@@ -43,6 +42,7 @@ from mtq_common.hierarchy import (
 from mtq_common.market import load_splits
 from mtq_common.nets import MetaController
 from mtq_common.portfolio_eval import evaluate_portfolio, fit_trend_for, format_report
+from mtq_common.rollout_stats import PortfolioRolloutStats, log_validation
 from mtq_common.runtime import autocast, check_amp, compile_methods, configure_threads, setup_logging
 
 ALIASES = {"timesteps": "training.phase_2_timesteps"}
@@ -217,14 +217,12 @@ def main(args: Args) -> dict:
         best = {"sharpe": report["portfolio"]["sharpe"], "iteration": 0, "model": clone_state(meta)}
         ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best["model"], meta, specialists, cfg, args))
     guard = DivergenceGuard("phase 2", device)
+    rollout = PortfolioRolloutStats(specialists.names, envs.limits.max_var, device)
     for iteration in range(start_iteration, num_iterations + 1):
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
 
-        keys = ("ep_return", "episodes", "var", "comply", "corr", "sector", "intervention", "gross_kept", "twin_reward")
-        sums = {key: torch.zeros((), device=device) for key in keys}
-        sums["binding"] = torch.zeros(len(LIMIT_NAMES), device=device)
-        allocation_sum = torch.zeros(k, device=device)
+        rollout.reset()
         for step in range(args.num_steps):
             global_step += b * world.size
             with torch.no_grad():
@@ -236,25 +234,16 @@ def main(args: Args) -> dict:
             guard.watch(proposal, global_step)
             values[step], actions[step], logprobs[step] = value, action, logprob
             next_env_obs, reward, _, truncated, info = envs.step(proposal, positions)
+            twin_reward = None
             if args.paired_baseline:
                 twin_reward = twin.step(compose_weights(*equal, positions, owner, max_position), positions)[1]
-                sums["twin_reward"] += twin_reward.mean()
                 reward = reward - twin_reward
             rewards[step], truncs[step] = reward, truncated.float()
             # the final observation bootstraps a truncated row's value: its parts now, assembled after the rollout
             final_held[step] = tracker.after_step(positions, info["bar_returns"], truncated)
             final_portfolio[step] = info["final_obs"]["portfolio"]
             final_instruments[step] = info["final_obs"]["instruments"]
-            sums["ep_return"] += (info["episode"]["r"] * info["_episode"]).sum()
-            sums["episodes"] += info["_episode"].sum()
-            sums["var"] += info["var"].mean()
-            sums["comply"] += (info["var"] <= envs.limits.max_var * (1 + 1e-6)).float().mean()
-            sums["corr"] += info["correlation_exposure"].mean()
-            sums["sector"] += info["sector_allocation"].amax(-1).mean()
-            sums["intervention"] += info["intervention"].mean()
-            sums["gross_kept"] += info["gross_kept"].mean()
-            sums["binding"] += info["binding"].float().mean(0)
-            allocation_sum += allocation.mean(0)
+            rollout.add(info, allocation, twin_reward)
         guard.raise_if_diverged()
 
         # bootstrap value if not done: a truncated row continues from V(final obs), not from zero
@@ -316,7 +305,6 @@ def main(args: Args) -> dict:
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes (one host sync per iteration)
         sps = int((global_step - start_step) / max(time.time() - start_time, 1e-9))
-        n = args.num_steps
         scalars = {
             "charts/learning_rate": optimizer.param_groups[0]["lr"],
             "charts/SPS": sps,
@@ -326,20 +314,8 @@ def main(args: Args) -> dict:
             "losses/approx_kl": approx_kl.item(),
             "losses/clipfrac": torch.stack(clipfracs).mean().item(),
             "losses/explained_variance": explained_var.item(),
-            "risk/var": (sums["var"] / n).item(),
-            "risk/var_compliance": (sums["comply"] / n).item(),
-            "risk/correlation_exposure": (sums["corr"] / n).item(),
-            "risk/sector_max": (sums["sector"] / n).item(),
-            "risk/intervention": (sums["intervention"] / n).item(),
-            "risk/gross_kept": (sums["gross_kept"] / n).item(),
-            "charts/twin_reward": (sums["twin_reward"] / n).item(),
+            **rollout.scalars(),  # episodes, the risk layer, the allocation
         }
-        for name, share in zip(LIMIT_NAMES, (sums["binding"] / n).tolist(), strict=True):
-            scalars[f"risk/binding_{name}"] = share
-        if sums["episodes"].item() > 0:
-            scalars["charts/episodic_return"] = (sums["ep_return"] / sums["episodes"]).item()
-        for name, share in zip(specialists.names, (allocation_sum / n).tolist(), strict=True):
-            scalars[f"allocation/{name}"] = share
         for key, value in scalars.items():
             writer.add_scalar(key, value, global_step)
         bar.update(steps_per_iteration * world.size)
@@ -347,7 +323,7 @@ def main(args: Args) -> dict:
         # VALIDATION: the whole hierarchy on the validation split, next to the baselines (rank 0)
         if world.is_main and (iteration % args.eval_interval == 0 or iteration == num_iterations):
             report = validate(specialists, meta, val, cfg, trend, device, args, val_tables, references)
-            log_report(writer, report, global_step)
+            log_validation(writer, report, global_step)
             sharpe = report["portfolio"]["sharpe"]
             if sharpe > best["sharpe"]:
                 best = {"sharpe": sharpe, "iteration": iteration, "model": clone_state(meta)}
@@ -435,17 +411,6 @@ def model_payload(model_state: dict, meta: MetaController, specialists, cfg, arg
         "config_hash": cfg.hash(),
         "config": cfg.to_dict(),
     }
-
-
-def log_report(writer: SummaryWriter, report: dict, global_step: int) -> None:
-    """`trading/*` and the validation's risk and allocation figures."""
-    for key in ("sharpe", "sortino", "max_drawdown", "win_rate", "total_return", "turnover"):
-        writer.add_scalar(f"trading/{key}", report["portfolio"][key], global_step)
-    writer.add_scalar("trading/allocation_efficiency", report["allocation_efficiency"], global_step)
-    writer.add_scalar("risk/val_var_compliance", report["portfolio"]["var_compliance"], global_step)
-    writer.add_scalar("risk/val_var_breach_rate", report["portfolio"]["var_breach_rate"], global_step)
-    for name, share in report["specialist_utilization"].items():
-        writer.add_scalar(f"utilization/{name}", share, global_step)
 
 
 if __name__ == "__main__":

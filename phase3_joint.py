@@ -81,6 +81,7 @@ from mtq_common.portfolio_eval import (
     run_episodes,
     summarize_episodes,
 )
+from mtq_common.rollout_stats import PortfolioRolloutStats, log_validation
 from mtq_common.runtime import autocast, check_amp, compile_methods, configure_threads, setup_logging
 
 ALIASES = {"timesteps": "training.phase_3_timesteps"}
@@ -305,13 +306,14 @@ def main(args: Args) -> dict:
                 "meta": clone_state(meta)}  # fmt: skip
         ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best, specialists, meta, cfg))
     guard = DivergenceGuard("phase 3", device)
+    rollout = PortfolioRolloutStats(specialists.names, envs.limits.max_var, device)
     for iteration in range(start_iteration, num_iterations + 1):
         anneal = 1.0 - (iteration - 1.0) / num_iterations if args.anneal_lr else 1.0
         rates = adaptive.rates() if coordinate else {"meta": args.learning_rate, "specialists": args.learning_rate}
         for group in optimizer.param_groups:
             group["lr"] = anneal * rates[group["name"]]
 
-        ep_return_sum, ep_count = torch.zeros((), device=device), torch.zeros((), device=device)
+        rollout.reset()
         # The specialists explore only on the iterations that update them: elsewhere their noise would only
         # add costs and variance to the meta-controller's rollout.
         explore = schedule.specialists(iteration)
@@ -331,8 +333,10 @@ def main(args: Args) -> dict:
             spec_actions[step], spec_logprobs[step], spec_values[step] = action, dist.log_prob(action), spec_value
             meta_actions[step], meta_logprobs[step], meta_values[step] = u, meta_logprob, meta_value
             next_obs, reward, _, truncated, info = envs.step(proposal, positions)
+            twin_reward = None
             if args.paired_baseline:  # the same positions at the equal allocation, on the same path
-                reward = reward - twin.step(compose_weights(*equal, positions, owner, max_position), positions)[1]
+                twin_reward = twin.step(compose_weights(*equal, positions, owner, max_position), positions)[1]
+                reward = reward - twin_reward
             rewards[step], truncs[step] = reward, truncated.float()
             # each specialist's own objective: its unit-size position's vol-scaled net return
             unit_cost = envs.cost_rate * (positions - prev_positions).abs()
@@ -343,8 +347,7 @@ def main(args: Args) -> dict:
             final_inst_obs[step] = info["final_obs"]["instruments"]
             final_portfolio[step] = info["final_obs"]["portfolio"]
             final_held[step] = tracker.after_step(positions, info["bar_returns"], truncated)
-            ep_return_sum += (info["episode"]["r"] * info["_episode"]).sum()
-            ep_count += info["_episode"].sum()
+            rollout.add(info, allocation, twin_reward)
         guard.raise_if_diverged()
 
         # bootstrap value if not done: truncated rows continue from V(final obs), not from zero
@@ -432,8 +435,7 @@ def main(args: Args) -> dict:
                           ("norm_specialists", "grad_norm_specialists")):  # fmt: skip
             if stats[key]:  # logged on the iterations that updated that component
                 scalars[f"coordination/{name}"] = torch.stack(stats[key]).mean().item()
-        if ep_count.item() > 0:
-            scalars["charts/episodic_return"] = (ep_return_sum / ep_count).item()
+        scalars.update(rollout.scalars())  # episodes, the risk layer, the allocation (Phase 2's tags)
         for key, value in scalars.items():
             writer.add_scalar(key, value, global_step)
         bar.update(steps_per_iteration * world.size)
@@ -446,10 +448,7 @@ def main(args: Args) -> dict:
                 report, _ = evaluate_portfolio(specialists, meta, val, cfg, trend, device, args.eval_segments,
                                                val_tables, 3, references)  # fmt: skip
                 sharpe = report["portfolio"]["sharpe"]
-                for key in ("sharpe", "sortino", "max_drawdown", "win_rate", "total_return", "turnover"):
-                    writer.add_scalar(f"trading/{key}", report["portfolio"][key], global_step)
-                writer.add_scalar("trading/allocation_efficiency", report["allocation_efficiency"], global_step)
-                writer.add_scalar("risk/val_var_compliance", report["portfolio"]["var_compliance"], global_step)
+                log_validation(writer, report, global_step)
             sharpe = distributed.broadcast_value(sharpe, world, device)
             if coordinate:
                 adaptive.step(sharpe)
