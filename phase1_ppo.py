@@ -40,6 +40,7 @@ from mtq_common.hierarchy import parameter_fingerprint
 from mtq_common.market import iso_time, load_splits
 from mtq_common.nets import SpecialistAgents
 from mtq_common.portfolio_eval import fit_trend_for
+from mtq_common.ppo import gae
 from mtq_common.runtime import (
     autocast,
     check_amp,
@@ -242,16 +243,7 @@ def main(args: Args) -> dict:
             final_values = agent.forward_grouped(final_obs.transpose(0, 1).reshape(k, -1, f))[2]
             final_values = final_values.view(k, args.num_steps, r).transpose(0, 1)
             next_value = agent.forward_grouped(next_obs.view(k, r, f))[2]
-            advantages = torch.zeros_like(rewards)
-            lastgaelam = torch.zeros_like(next_value)
-            for t in reversed(range(args.num_steps)):
-                nextvalues = next_value if t == args.num_steps - 1 else values[t + 1]
-                # At a truncation the next state of this episode is the final obs, not the reset obs.
-                nextvalues = torch.where(truncs[t].bool(), final_values[t], nextvalues)
-                nextnonterminal = 1.0 - truncs[t]  # the GAE chain stops at the episode boundary
-                delta = rewards[t] + args.gamma * nextvalues - values[t]
-                lastgaelam = delta + args.gamma * args.gae_lambda * nextnonterminal * lastgaelam
-                advantages[t] = lastgaelam
+            advantages = gae(rewards, values, final_values, next_value, truncs, args.gamma, args.gae_lambda)
             returns = advantages + values
 
         # flatten the batch per specialist: [K, num_steps * rows, ...]

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from mtq_common import checkpoint as ckpt
 from mtq_common import distributed
+from mtq_common.checkpoint import clone_state
 from mtq_common.config import ConfigError, config_from_args, parse_args
 from mtq_common.divergence import DivergenceGuard
 from mtq_common.envs import PortfolioEnv, build_tables
@@ -42,6 +43,7 @@ from mtq_common.hierarchy import (
 from mtq_common.market import load_splits
 from mtq_common.nets import MetaController
 from mtq_common.portfolio_eval import evaluate_portfolio, fit_trend_for, format_report
+from mtq_common.ppo import gae
 from mtq_common.rollout_stats import PortfolioRolloutStats, log_validation
 from mtq_common.runtime import autocast, check_amp, compile_methods, configure_threads, setup_logging
 
@@ -253,15 +255,7 @@ def main(args: Args) -> dict:
             final_values = meta.get_value(final_obs).view(args.num_steps, b)
             next_positions = specialists.positions(next_env_obs["instruments"], owner)
             next_value = meta.get_value(tracker.observe(next_env_obs["portfolio"], next_positions))
-            advantages = torch.zeros_like(rewards)
-            lastgaelam = torch.zeros_like(next_value)
-            for t in reversed(range(args.num_steps)):
-                nextvalues = next_value if t == args.num_steps - 1 else values[t + 1]
-                nextvalues = torch.where(truncs[t].bool(), final_values[t], nextvalues)
-                nextnonterminal = 1.0 - truncs[t]
-                delta = rewards[t] + args.gamma * nextvalues - values[t]
-                lastgaelam = delta + args.gamma * args.gae_lambda * nextnonterminal * lastgaelam
-                advantages[t] = lastgaelam
+            advantages = gae(rewards, values, final_values, next_value, truncs, args.gamma, args.gae_lambda)
             returns = advantages + values
 
         # flatten the batch
@@ -393,10 +387,6 @@ def validate(specialists, meta, val, cfg, trend, device, args: Args, val_tables,
     report, _ = evaluate_portfolio(specialists, meta, val, cfg, trend, device, args.eval_segments, val_tables, 2,
                                    references, specialists_frozen=True)  # fmt: skip
     return report
-
-
-def clone_state(module: torch.nn.Module) -> dict:
-    return {key: value.detach().clone() for key, value in module.state_dict().items()}
 
 
 def model_payload(model_state: dict, meta: MetaController, specialists, cfg, args: Args) -> dict:

@@ -59,6 +59,7 @@ from tqdm import tqdm
 
 from mtq_common import checkpoint as ckpt
 from mtq_common import distributed
+from mtq_common.checkpoint import clone_state
 from mtq_common.config import ConfigError, config_from_args, parse_args
 from mtq_common.coordination import AdaptiveLR, UpdateSchedule, clip_component_, component_grads, project_conflict_
 from mtq_common.curriculum import Curriculum, generate_scenario
@@ -81,6 +82,7 @@ from mtq_common.portfolio_eval import (
     run_episodes,
     summarize_episodes,
 )
+from mtq_common.ppo import clipped_surrogate, explained_variance, gae, normalise
 from mtq_common.rollout_stats import PortfolioRolloutStats, log_validation
 from mtq_common.runtime import autocast, check_amp, compile_methods, configure_threads, setup_logging
 
@@ -582,42 +584,10 @@ def specialist_gradients(specialists, owner, obs, actions, old_logprobs, portfol
             stats["norm_specialists"].append(clip_component_(component_grads(specialists, i), args.max_grad_norm))
 
 
-def gae(rewards, values, final_values, next_value, truncs, gamma: float, lam: float) -> torch.Tensor:
-    """GAE over a rollout [S, B, ...]; at a truncation the chain stops and bootstraps from V(final obs)."""
-    advantages = torch.zeros_like(rewards)
-    lastgaelam = torch.zeros_like(next_value)
-    for t in reversed(range(rewards.shape[0])):
-        nextvalues = next_value if t == rewards.shape[0] - 1 else values[t + 1]
-        nextvalues = torch.where(truncs[t].bool(), final_values[t], nextvalues)
-        delta = rewards[t] + gamma * nextvalues - values[t]
-        lastgaelam = delta + gamma * lam * (1.0 - truncs[t]) * lastgaelam
-        advantages[t] = lastgaelam
-    return advantages
-
-
-def normalise(x: torch.Tensor) -> torch.Tensor:
-    return (x - x.mean()) / (x.std() + 1e-8)
-
-
-def clipped_surrogate(new_logprob, old_logprob, advantages, clip: float):
-    """PPO's clipped policy loss (mean) and the ratio."""
-    ratio = (new_logprob - old_logprob).exp()
-    loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip)).mean()
-    return loss, ratio
-
-
 def grads_of(loss: torch.Tensor, params: list, retain: bool) -> list[torch.Tensor]:
     """Gradients of `loss` for `params` without touching `.grad` (zeros where unused)."""
     grads = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
-
-
-def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
-    return (1 - (target - pred).var() / target.var().clamp_min(1e-8)).item()
-
-
-def clone_state(module: torch.nn.Module) -> dict:
-    return {key: value.detach().clone() for key, value in module.state_dict().items()}
 
 
 def model_payload(states: dict, specialists, meta, cfg) -> dict:

@@ -119,3 +119,8 @@ def restore_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def clone_state(module: torch.nn.Module) -> dict:
+    """A detached copy of a module's state dict (a best-so-far model kept in memory and saved later)."""
+    return {key: value.detach().clone() for key, value in module.state_dict().items()}
