@@ -34,6 +34,7 @@ from tqdm import tqdm
 from mtq_common import checkpoint as ckpt
 from mtq_common import distributed
 from mtq_common.config import ConfigError, config_from_args, parse_args
+from mtq_common.coordination import clip_grad_norm_per_group
 from mtq_common.divergence import DivergenceGuard
 from mtq_common.envs import SpecialistEnv, build_tables, position_column, specialist_rows
 from mtq_common.hierarchy import parameter_fingerprint
@@ -44,7 +45,6 @@ from mtq_common.ppo import gae
 from mtq_common.runtime import (
     autocast,
     check_amp,
-    clip_grad_norm_per_group,
     compile_methods,
     configure_threads,
     setup_logging,

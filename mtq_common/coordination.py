@@ -9,7 +9,8 @@ operation below lands in ``.grad``). `component_grads` builds either list.
 The pieces, each a few lines:
 
 * `clip_component_`: per-component gradient-norm clipping (DESIGN ``max_norm`` 1.0), the same rule as
-  `torch.nn.utils.clip_grad_norm_` applied to one component at a time;
+  `torch.nn.utils.clip_grad_norm_` applied to one component at a time; `clip_grad_norm_per_group` does it for
+  every specialist of a stacked network at once (Phase 1);
 * `project_conflict_`: PCGrad. Where two gradients point against each other (negative cosine), the first
   is projected onto the normal plane of the second; an agreeing pair is left untouched;
 * `UpdateSchedule`: which components step at an iteration (``meta_update_freq`` 1,
@@ -77,6 +78,25 @@ def clip_component_(grads: list[torch.Tensor], max_norm: float = 1.0) -> torch.T
     for g in grads:
         g.mul_(factor.to(g.dtype))
     return norm
+
+
+@torch.no_grad()
+def clip_grad_norm_per_group(parameters: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip the gradient norm of each group (the leading dimension of every parameter) separately.
+
+    Stacked specialists share tensors but not gradients: clipping the global norm would let one
+    specialist's large gradient shrink the others' steps. Returns the per-group norms before clipping.
+    """
+    params = [p for p in parameters if p.grad is not None]
+    groups = params[0].shape[0]
+    squares = torch.zeros(groups, device=params[0].device)
+    for p in params:
+        squares += p.grad.reshape(groups, -1).pow(2).sum(1)
+    norms = squares.sqrt()
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for p in params:
+        p.grad.mul_(scale.view(groups, *([1] * (p.grad.dim() - 1))))
+    return norms
 
 
 @torch.no_grad()

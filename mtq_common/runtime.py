@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -57,24 +56,6 @@ def setup_logging(path: str | Path, name: str, to_file: bool = True) -> logging.
 
 
 @torch.no_grad()
-def clip_grad_norm_per_group(parameters: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Clip the gradient norm of each group (the leading dimension of every parameter) separately.
-
-    Stacked specialists share tensors but not gradients: clipping the global norm would let one
-    specialist's large gradient shrink the others' steps. Returns the per-group norms before clipping.
-    """
-    params = [p for p in parameters if p.grad is not None]
-    groups = params[0].shape[0]
-    squares = torch.zeros(groups, device=params[0].device)
-    for p in params:
-        squares += p.grad.reshape(groups, -1).pow(2).sum(1)
-    norms = squares.sqrt()
-    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    for p in params:
-        p.grad.mul_(scale.view(groups, *([1] * (p.grad.dim() - 1))))
-    return norms
-
-
 def configure_threads(threads: int) -> None:
     """Set torch's intra-op threads (0 keeps torch's default).
 
