@@ -743,14 +743,14 @@ def format_report(report: dict) -> str:
     if "confidence" in report:
         conf = report["confidence"]
         level = f"{conf['confidence']:.0%}"
-        rows = []
-        for name, s in conf["sharpe"].items():
-            paired = conf["vs_system"].get(name)
-            versus = ""
-            if paired is not None:
-                interval = f"[{paired['low']:+.2f}, {paired['high']:+.2f}]"
-                versus = f"{paired['difference']:+.2f} {interval}  {paired['win_share']:.0%}"
-            rows.append([name, f"{s['sharpe']:+.2f} [{s['low']:+.2f}, {s['high']:+.2f}]", versus])
+        rows = [
+            [
+                r["policy"],
+                f"{r['sharpe']} {r['interval']}",
+                f"{r['difference']} {r['difference_interval']}  {r['wins']}",
+            ]
+            for r in confidence_rows(conf)
+        ]
         header = ["policy", f"sharpe [{level} interval]", f"system - policy [{level}]  system wins"]
         title = (
             f"Bootstrap ({conf['samples']} stationary-bootstrap samples, mean block {conf['block']} bars); "
@@ -785,6 +785,21 @@ def format_report(report: dict) -> str:
         out.append(f"trend_filter: half-life {tf['half_life']} bars, band {tf['band']:g} (picked on the "
                    f"{tf['fitted_on']} split)")  # fmt: skip
     return "\n".join(out)
+
+
+def confidence_rows(conf: dict) -> list[dict[str, str]]:
+    """The report's `confidence` as printable cells, one row per policy (the system's own row has no
+    difference): what the plain-text and the Markdown reports both show."""
+    rows = []
+    for name, s in conf["sharpe"].items():
+        paired = conf["vs_system"].get(name)
+        row = {"policy": name, "sharpe": f"{s['sharpe']:+.2f}", "interval": f"[{s['low']:+.2f}, {s['high']:+.2f}]",
+               "difference": "", "difference_interval": "", "wins": ""}  # fmt: skip
+        if paired is not None:
+            row.update(difference=f"{paired['difference']:+.2f}", wins=f"{paired['win_share']:.0%}",
+                       difference_interval=f"[{paired['low']:+.2f}, {paired['high']:+.2f}]")  # fmt: skip
+        rows.append(row)
+    return rows
 
 
 def limit_text(value) -> str:

@@ -39,7 +39,7 @@ from mtq_common import metrics
 from mtq_common.baselines import MOMENTUM_LOOKBACK
 from mtq_common.checkpoint import atomic_write_bytes
 from mtq_common.market import REGIME_NAMES
-from mtq_common.portfolio_eval import Backtest
+from mtq_common.portfolio_eval import Backtest, confidence_rows
 
 FILES = {"json": "report.json", "markdown": "report.md", "equity": "equity.png", "allocation": "allocation.png"}
 """What `write_report` writes, by the key of the path it returns."""
@@ -256,14 +256,8 @@ def markdown_report(
     if "confidence" in report:
         conf = report["confidence"]
         level = f"{conf['confidence']:.0%}"
-        rows = []
-        for name, s in conf["sharpe"].items():
-            paired = conf["vs_system"].get(name)
-            versus = ["", "", ""]
-            if paired is not None:
-                interval = f"[{paired['low']:+.2f}, {paired['high']:+.2f}]"
-                versus = [f"{paired['difference']:+.2f}", interval, f"{paired['win_share']:.0%}"]
-            rows.append([name, f"{s['sharpe']:+.2f}", f"[{s['low']:+.2f}, {s['high']:+.2f}]", *versus])
+        keys = ("policy", "sharpe", "interval", "difference", "difference_interval", "wins")
+        rows = [[row[key] for key in keys] for row in confidence_rows(conf)]
         header = ["policy", "Sharpe", f"{level} interval", "system - policy", f"{level} interval", "system wins"]
         out += [
             "## Confidence",
