@@ -6,7 +6,9 @@
 Each specialist is one Gaussian actor-critic that trades one instrument at a time; all specialists'
 rows step in one batched `SpecialistEnv` (rows grouped by specialist) and their networks are stacked
 weights (`mtq_common.nets.SpecialistAgents`), so the rollout and the update are single batched passes
-over all specialists. `--timesteps` counts environment steps per specialist (CleanRL's global_step).
+over all specialists. The action is a target in [-1, 1] (the clipped sample) that the position moves
+towards by `--position-rate` each bar (partial adjustment, in every phase and the evaluation alike).
+`--timesteps` counts environment steps per specialist (CleanRL's global_step).
 Episodes end by truncation only (data end or `episode_length`): GAE bootstraps from the value of the
 final observation. Outputs: `latest.pt`, `best.pt` (each specialist's slice from its best validation
 Sharpe), rotating `step_*.pt` and `metrics.json` in `--output-dir`; `training.log` and TensorBoard

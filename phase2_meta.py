@@ -6,10 +6,14 @@
 The specialists are loaded from `--specialists-dir/best.pt` (with their observation normalisers),
 frozen and run without gradients. Each bar the meta-controller sees the portfolio, the specialists'
 signals and their recent performance, and outputs an allocation over the specialists (softmax of
-Gaussian logits) and a risk appetite (sigmoid of a Gaussian); `compose_weights` turns that and the
+Gaussian logits) and a risk appetite (a Gaussian clamped to [0, 1]); `compose_weights` turns that and the
 specialists' positions into proposed weights, and `PortfolioEnv`'s risk manager maps them to weights
-within every hard limit before costs, returns and the portfolio reward. `--timesteps` counts
-environment steps of the meta-controller. Outputs as in Phase 1: `latest.pt`, `best.pt` (by
+within every hard limit before costs, returns and the portfolio reward. The meta-controller starts at
+the equal allocation at full appetite (validated as iteration 0), its held allocation moves a share
+`--allocation-rate` of the way to its action each bar, and its reward is scored against a twin env that
+trades the equal allocation of the same positions on the same path (`--paired-baseline`: a control
+variate that leaves the optimal policy unchanged). `--timesteps` counts environment steps of the
+meta-controller. Outputs as in Phase 1: `latest.pt`, `best.pt` (by
 validation portfolio Sharpe), `step_*.pt`, `metrics.json`; `training.log` and TensorBoard events.
 Runs data-parallel under `torchrun --nproc_per_node N` as Phase 1 does (`mtq_common.distributed`).
 """
