@@ -4,6 +4,7 @@
                                     [--steps 200] [--devices cpu cuda] [--threads N] [--json PATH]
     python -m benchmarks.throughput --sections training --ranks 1 2     # Phase 1-3 steps/s, 1 and 2 ranks
     python -m benchmarks.throughput --sections pipeline                 # the default pipeline's wall time
+    python -m benchmarks.throughput --sections sb3                      # Phase 1 against Stable-Baselines3 PPO
 
 What is measured, on every requested device (`cuda` only when `torch.cuda.is_available()`):
 
@@ -70,13 +71,14 @@ PIPELINE_TARGET_SECONDS = 300
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("phase1", "phase2", "phase3")
 SCRIPTS = {"phase1": "phase1_ppo.py", "phase2": "phase2_meta.py", "phase3": "phase3_joint.py"}
-Section = Literal["env", "training", "pipeline"]
+Section = Literal["env", "training", "pipeline", "sb3"]
 
 
 @dataclass
 class Args:
     sections: tuple[Section, ...] = ("env",)
-    """What to measure: env (environments and kernels), training (each phase script), pipeline (the default run)."""
+    """What to measure: env (environments and kernels), training (each phase script), pipeline (the default run),
+    sb3 (Phase 1 against Stable-Baselines3 PPO, whole processes; needs stable-baselines3 installed)."""
     batch_sizes: tuple[int, ...] = (64, 256, 1024, 4096, 16384)
     """Rows (environments, or kernel rows) per batch; one measurement per size."""
     steps: int = 200
@@ -100,7 +102,9 @@ class Args:
     ranks: tuple[int, ...] = (1,)
     """training: run each phase with each of these numbers of ranks (torchrun above 1)."""
     pipeline_timesteps: tuple[int, int, int] = (500_000, 300_000, 1_000_000)
-    """pipeline: --phase1/2/3-timesteps (default: the seed's sizes, about 7 minutes on the 2-core CPU)."""
+    """pipeline: --phase1/2/3-timesteps (default: the seed's sizes, about 10 minutes on the 2-core CPU)."""
+    sb3_timesteps: int = 65_536
+    """sb3: environment steps of each side (Stable-Baselines3, and each Phase 1 specialist)."""
     train_device: str = "cpu"
     """training and pipeline: the scripts' --device."""
     compile: bool = False
@@ -379,6 +383,45 @@ def bench_pipeline(args: Args, work: Path) -> dict:
     return result
 
 
+SB3_TARGET = 20.0
+"""DESIGN 13: Phase 1 at least this many times faster than Stable-Baselines3 PPO, whole process."""
+
+
+def bench_sb3(args: Args, work: Path) -> dict | None:
+    """Phase 1 against Stable-Baselines3 PPO with the seed's settings on `MTQ/Specialist-v0`, side by side in
+    one run, whole processes: environment steps per second of each (Phase 1 trains every specialist, so
+    its steps are `--timesteps` x specialists). None (with a line) when SB3 is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("stable_baselines3") is None:
+        print('sb3: stable-baselines3 is not installed (pip install "stable-baselines3>=2.3,<3"): skipped')
+        return None
+    steps = args.sb3_timesteps
+    sb3_wall = run_timed([sys.executable, "-m", "benchmarks.sb3_ppo", "--timesteps", str(steps), "--seed",
+                          str(args.seed)])  # fmt: skip
+    out = work / "phase1_vs_sb3"
+    phase1_wall = run_timed([sys.executable, "phase1_ppo.py", "--timesteps", str(steps), "--output-dir", str(out),
+                             "--log-dir", str(out / "logs"), "--device", "cpu", "--seed", str(args.seed),
+                             "--no-progress"])  # fmt: skip
+    specialists = len(json.loads((out / "metrics.json").read_text())["specialists"])
+    sb3_rate, phase1_rate = steps / sb3_wall, specialists * steps / phase1_wall
+    result = {
+        "benchmark": "sb3",
+        "timesteps": steps,
+        "sb3_wall_seconds": sb3_wall,
+        "sb3_steps_per_second": sb3_rate,
+        "phase1_wall_seconds": phase1_wall,
+        "phase1_specialists": specialists,
+        "phase1_steps_per_second": phase1_rate,
+        "speedup": phase1_rate / sb3_rate,
+        "meets_target": phase1_rate / sb3_rate >= SB3_TARGET,
+    }
+    print(f"sb3: {steps:,} steps in {sb3_wall:.1f} s ({sb3_rate:,.0f} steps/s, whole process); phase1: {steps:,} steps "
+          f"x {specialists} specialists in {phase1_wall:.1f} s ({phase1_rate:,.0f} steps/s); {result['speedup']:.1f}x "
+          f"({'meets' if result['meets_target'] else 'misses'} the DESIGN target of {SB3_TARGET:g}x)")  # fmt: skip
+    return result
+
+
 def bench_environments(args: Args) -> tuple[dict, list[str], list[dict]]:
     """The `env` section on every requested device: (device info, skipped devices, result rows)."""
     cfg = load_config(args.config)
@@ -437,6 +480,9 @@ def main(args: Args) -> dict:
             results += bench_training(args, Path(tmp))
         if "pipeline" in args.sections:
             results.append(bench_pipeline(args, Path(tmp)))
+        if "sb3" in args.sections:
+            sb3 = bench_sb3(args, Path(tmp))
+            results += [sb3] if sb3 is not None else []
 
     out = {
         "args": asdict(args),
