@@ -45,6 +45,7 @@ from mtq_common.nets import SpecialistAgents
 from mtq_common.portfolio_eval import fit_trend_for
 from mtq_common.ppo import gae
 from mtq_common.runtime import (
+    Stopwatch,
     autocast,
     check_amp,
     compile_methods,
@@ -215,6 +216,7 @@ def main(args: Args) -> dict:
     bar = tqdm(total=num_iterations * rows_per_iteration * world.size, initial=global_step, unit="step",
                disable=not (args.progress and sys.stderr.isatty() and world.is_main), desc="phase1")  # fmt: skip
     start_time, start_step = time.time(), global_step
+    watch = Stopwatch(device)  # seconds per loop section and per minibatch (metrics.json timing)
     evaluation = None
     guard = DivergenceGuard("phase 1", device)
     for iteration in range(start_iteration, num_iterations + 1):
@@ -239,6 +241,7 @@ def main(args: Args) -> dict:
             ep_return_sum += (info["episode"]["r"] * info["_episode"]).sum()
             ep_count += info["_episode"].sum()
         guard.raise_if_diverged()
+        watch.lap("rollout")
 
         # bootstrap value if not done: a truncated row continues from V(final obs), not from zero
         with torch.no_grad():
@@ -260,6 +263,7 @@ def main(args: Args) -> dict:
             perm = torch.randperm(rows_per_iteration, device=device)
             for start in range(0, rows_per_iteration, args.batch_size):
                 mb = perm[start : start + args.batch_size]
+                watch.minibatches += 1
                 with autocast(args.amp, device):
                     _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[:, mb], b_actions[:, mb])
                     logratio = newlogprob - b_logprobs[:, mb]
@@ -292,6 +296,8 @@ def main(args: Args) -> dict:
         y_pred, y_true = b_values, b_returns
         explained_var = 1 - (y_true - y_pred).var(1) / y_true.var(1).clamp_min(1e-8)
 
+        watch.lap("update")  # GAE, the PPO epochs and the statistics
+
         # TRY NOT TO MODIFY: record rewards for plotting purposes (one host sync per iteration)
         sps = int((global_step - start_step) / max(time.time() - start_time, 1e-9))
         scalars = {
@@ -312,6 +318,7 @@ def main(args: Args) -> dict:
         for key, value in scalars.items():
             writer.add_scalar(key, value, global_step)
         bar.update(rows_per_iteration * world.size)
+        watch.lap("logging")
 
         # VALIDATION: per-instrument backtests; each specialist's best slice goes into best.pt
         if world.is_main and (iteration % args.eval_interval == 0 or iteration == num_iterations):
@@ -337,6 +344,7 @@ def main(args: Args) -> dict:
             global_step,
             args.keep_checkpoints,
         )
+        watch.lap("validation")  # and checkpoints
         done_here = iteration - start_iteration + 1
         if args.stop_after is not None and done_here >= args.stop_after and iteration < num_iterations:
             log.info("stopping after %d iterations as asked (--stop-after); continue with --resume", args.stop_after)
@@ -369,7 +377,11 @@ def main(args: Args) -> dict:
         "seed": args.seed,
         "data": data_summary(val),
         "trend_filter": dataclasses.asdict(trend),
-        "timing": {"seconds": wall, "steps_per_second": (global_step - start_step) / max(wall, 1e-9)},
+        "timing": {
+            "seconds": wall,
+            "steps_per_second": (global_step - start_step) / max(wall, 1e-9),
+            **watch.summary(),
+        },
         "ranks": ranks,
     }
     ckpt.atomic_write_json(out_dir / "metrics.json", result)

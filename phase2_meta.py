@@ -49,7 +49,7 @@ from mtq_common.nets import MetaController
 from mtq_common.portfolio_eval import evaluate_portfolio, fit_trend_for, format_report
 from mtq_common.ppo import gae
 from mtq_common.rollout_stats import PortfolioRolloutStats, log_validation
-from mtq_common.runtime import autocast, check_amp, compile_methods, configure_threads, setup_logging
+from mtq_common.runtime import Stopwatch, autocast, check_amp, compile_methods, configure_threads, setup_logging
 
 ALIASES = {"timesteps": "training.phase_2_timesteps"}
 
@@ -217,11 +217,13 @@ def main(args: Args) -> dict:
     bar = tqdm(total=num_iterations * steps_per_iteration * world.size, initial=global_step, unit="step",
                disable=not (args.progress and sys.stderr.isatty() and world.is_main), desc="phase2")  # fmt: skip
     start_time, start_step = time.time(), global_step
+    watch = Stopwatch(device)  # seconds per loop section and per minibatch (metrics.json timing)
     report = None
     if not args.resume and world.is_main:  # the starting point (the equal allocation) is a candidate for best.pt
         report = validate(specialists, meta, val, cfg, trend, device, args, val_tables, references)
         best = {"sharpe": report["portfolio"]["sharpe"], "iteration": 0, "model": clone_state(meta)}
         ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best["model"], meta, specialists, cfg, args))
+    watch.lap("validation")  # the starting point's
     guard = DivergenceGuard("phase 2", device)
     rollout = PortfolioRolloutStats(specialists.names, envs.limits.max_var, device)
     for iteration in range(start_iteration, num_iterations + 1):
@@ -251,6 +253,7 @@ def main(args: Args) -> dict:
             final_instruments[step] = info["final_obs"]["instruments"]
             rollout.add(info, allocation, twin_reward)
         guard.raise_if_diverged()
+        watch.lap("rollout")
 
         # bootstrap value if not done: a truncated row continues from V(final obs), not from zero
         with torch.no_grad():
@@ -273,6 +276,7 @@ def main(args: Args) -> dict:
             perm = torch.randperm(steps_per_iteration, device=device)
             for start in range(0, steps_per_iteration, args.batch_size):
                 mb = perm[start : start + args.batch_size]
+                watch.minibatches += 1
                 with autocast(args.amp, device):
                     _, newlogprob, entropy, newvalue = meta.get_action_and_value(b_obs[mb], b_actions[mb])
                     logratio = newlogprob - b_logprobs[mb]
@@ -301,6 +305,8 @@ def main(args: Args) -> dict:
         distributed.update_running_norm(meta.norm, b_obs.unsqueeze(0), world)
         explained_var = 1 - (b_returns - b_values).var() / b_returns.var().clamp_min(1e-8)
 
+        watch.lap("update")  # GAE, the PPO epochs and the statistics
+
         # TRY NOT TO MODIFY: record rewards for plotting purposes (one host sync per iteration)
         sps = int((global_step - start_step) / max(time.time() - start_time, 1e-9))
         scalars = {
@@ -317,6 +323,7 @@ def main(args: Args) -> dict:
         for key, value in scalars.items():
             writer.add_scalar(key, value, global_step)
         bar.update(steps_per_iteration * world.size)
+        watch.lap("logging")
 
         # VALIDATION: the whole hierarchy on the validation split, next to the baselines (rank 0)
         if world.is_main and (iteration % args.eval_interval == 0 or iteration == num_iterations):
@@ -347,6 +354,7 @@ def main(args: Args) -> dict:
             global_step,
             args.keep_checkpoints,
         )
+        watch.lap("validation")  # and checkpoints
         done_here = iteration - start_iteration + 1
         if args.stop_after is not None and done_here >= args.stop_after and iteration < num_iterations:
             log.info("stopping after %d iterations as asked (--stop-after); continue with --resume", args.stop_after)
@@ -375,7 +383,11 @@ def main(args: Args) -> dict:
         "config_hash": cfg.hash(),
         "seed": args.seed,
         "specialists_fingerprint": {"at_load": fingerprint_at_load, "at_end": parameter_fingerprint(specialists)},
-        "timing": {"seconds": wall, "steps_per_second": (global_step - start_step) / max(wall, 1e-9)},
+        "timing": {
+            "seconds": wall,
+            "steps_per_second": (global_step - start_step) / max(wall, 1e-9),
+            **watch.summary(),
+        },
         "ranks": ranks,
     }
     ckpt.atomic_write_json(out_dir / "metrics.json", result)

@@ -84,7 +84,7 @@ from mtq_common.portfolio_eval import (
 )
 from mtq_common.ppo import clipped_surrogate, explained_variance, gae, normalise
 from mtq_common.rollout_stats import PortfolioRolloutStats, log_validation
-from mtq_common.runtime import autocast, check_amp, compile_methods, configure_threads, setup_logging
+from mtq_common.runtime import Stopwatch, autocast, check_amp, compile_methods, configure_threads, setup_logging
 
 ALIASES = {"timesteps": "training.phase_3_timesteps"}
 
@@ -300,6 +300,7 @@ def main(args: Args) -> dict:
     bar = tqdm(total=num_iterations * steps_per_iteration * world.size, initial=global_step, unit="step",
                disable=not (args.progress and sys.stderr.isatty() and world.is_main), desc="phase3")  # fmt: skip
     start_time, start_step = time.time(), global_step
+    watch = Stopwatch(device)  # seconds per loop section and per minibatch (metrics.json timing)
     report = None
     if not args.resume and world.is_main:  # the starting point (Phases 1 and 2) is a candidate for best.pt
         report, _ = evaluate_portfolio(specialists, meta, val, cfg, trend, device, args.eval_segments, val_tables, 3,
@@ -307,6 +308,7 @@ def main(args: Args) -> dict:
         best = {"sharpe": report["portfolio"]["sharpe"], "iteration": 0, "specialists": clone_state(specialists),
                 "meta": clone_state(meta)}  # fmt: skip
         ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best, specialists, meta, cfg))
+    watch.lap("validation")  # the starting point's
     guard = DivergenceGuard("phase 3", device)
     rollout = PortfolioRolloutStats(specialists.names, envs.limits.max_var, device)
     for iteration in range(start_iteration, num_iterations + 1):
@@ -351,6 +353,7 @@ def main(args: Args) -> dict:
             final_held[step] = tracker.after_step(positions, info["bar_returns"], truncated)
             rollout.add(info, allocation, twin_reward)
         guard.raise_if_diverged()
+        watch.lap("rollout")
 
         # bootstrap value if not done: truncated rows continue from V(final obs), not from zero
         with torch.no_grad():
@@ -386,6 +389,7 @@ def main(args: Args) -> dict:
             perm = torch.randperm(m, device=device)
             for start in range(0, m, args.batch_size):
                 mb = perm[start : start + args.batch_size]
+                watch.minibatches += 1
                 # meta-controller: the portfolio advantage
                 with autocast(args.amp, device):
                     _, new_meta_logprob, meta_entropy, new_meta_value = meta.get_action_and_value(
@@ -412,6 +416,8 @@ def main(args: Args) -> dict:
                 if not coordinate:
                     torch.nn.utils.clip_grad_norm_([*meta.parameters(), *specialists.parameters()], args.max_grad_norm)
                 optimizer.step()  # Adam skips the parameters of a level that got no gradient
+
+        watch.lap("update")  # GAE, the PPO epochs and the statistics
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes (one host sync per iteration)
         sps = int((global_step - start_step) / max(time.time() - start_time, 1e-9))
@@ -441,6 +447,7 @@ def main(args: Args) -> dict:
         for key, value in scalars.items():
             writer.add_scalar(key, value, global_step)
         bar.update(steps_per_iteration * world.size)
+        watch.lap("logging")
 
         # VALIDATION on the plain validation split (rank 0, which sends its Sharpe to every rank);
         # the curriculum and the adaptive rates react to it
@@ -494,6 +501,7 @@ def main(args: Args) -> dict:
             global_step,
             args.keep_checkpoints,
         )
+        watch.lap("validation")  # and checkpoints
         done_here = iteration - start_iteration + 1
         if args.stop_after is not None and done_here >= args.stop_after and iteration < num_iterations:
             log.info("stopping after %d iterations as asked (--stop-after); continue with --resume", args.stop_after)
@@ -538,7 +546,11 @@ def main(args: Args) -> dict:
         "global_step": global_step,
         "config_hash": cfg.hash(),
         "seed": args.seed,
-        "timing": {"seconds": wall, "steps_per_second": (global_step - start_step) / max(wall, 1e-9)},
+        "timing": {
+            "seconds": wall,
+            "steps_per_second": (global_step - start_step) / max(wall, 1e-9),
+            **watch.summary(),
+        },
         "ranks": ranks,
     }
     ckpt.atomic_write_json(out_dir / "metrics.json", result)

@@ -24,4 +24,8 @@ def test_env_and_training_sections_report_what_ran(tmp_path):
     # the scripts' own step counts: 2 iterations of 8 rows x 32 steps (Phase 1), 1 iteration after
     assert [r["timesteps"] for r in training] == [512, 256, 256]
     assert all(r["steps_per_second"] > 0 and r["wall_seconds"] >= r["loop_seconds"] for r in training)
+    # minibatches counted by the scripts: iterations x epochs x (rows per iteration / batch size)
+    assert [r["minibatches"] for r in training] == [8, 4, 4]
+    assert all(r["ms_per_minibatch"] > 0 and r["rollout_seconds"] + r["update_seconds"] <= r["loop_seconds"]
+               for r in training)  # fmt: skip
     assert out["devices"]["train"]["name"] and (tmp_path / "t.json").is_file()
