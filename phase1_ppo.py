@@ -24,14 +24,12 @@ from __future__ import annotations
 import dataclasses
 import random
 import sys
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
 from mtq_common import checkpoint as ckpt
 from mtq_common import distributed
@@ -44,8 +42,8 @@ from mtq_common.market import iso_time, load_splits
 from mtq_common.nets import SpecialistAgents
 from mtq_common.portfolio_eval import fit_trend_for
 from mtq_common.ppo import gae
+from mtq_common.run import Run
 from mtq_common.runtime import (
-    Stopwatch,
     autocast,
     check_amp,
     compile_methods,
@@ -202,21 +200,10 @@ def main(args: Args) -> dict:
         start_iteration, global_step, best = state["iteration"] + 1, state["global_step"], state["best"]
         next_obs = envs.observe()
         log.info("resumed from %s at iteration %d (step %d)", path, start_iteration - 1, global_step)
-    writer = (
-        SummaryWriter(str(log_dir), purge_step=global_step if args.resume else None)
-        if world.is_main
-        else distributed.NullWriter()
-    )
-    if not args.resume:
-        table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
-        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
     log.info("phase 1: %s on %d rank(s) x %d rows x %d steps, %d iterations, device %s", specialists, world.size,
              r, args.num_steps, num_iterations, device)  # fmt: skip
 
-    bar = tqdm(total=num_iterations * rows_per_iteration * world.size, initial=global_step, unit="step",
-               disable=not (args.progress and sys.stderr.isatty() and world.is_main), desc="phase1")  # fmt: skip
-    start_time, start_step = time.time(), global_step
-    watch = Stopwatch(device)  # seconds per loop section and per minibatch (metrics.json timing)
+    run = Run(args, "phase1", world, device, log, num_iterations, rows_per_iteration, start_iteration, global_step)
     evaluation = None
     guard = DivergenceGuard("phase 1", device)
     for iteration in range(start_iteration, num_iterations + 1):
@@ -241,7 +228,7 @@ def main(args: Args) -> dict:
             ep_return_sum += (info["episode"]["r"] * info["_episode"]).sum()
             ep_count += info["_episode"].sum()
         guard.raise_if_diverged()
-        watch.lap("rollout")
+        run.watch.lap("rollout")
 
         # bootstrap value if not done: a truncated row continues from V(final obs), not from zero
         with torch.no_grad():
@@ -263,7 +250,7 @@ def main(args: Args) -> dict:
             perm = torch.randperm(rows_per_iteration, device=device)
             for start in range(0, rows_per_iteration, args.batch_size):
                 mb = perm[start : start + args.batch_size]
-                watch.minibatches += 1
+                run.watch.minibatches += 1
                 with autocast(args.amp, device):
                     _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[:, mb], b_actions[:, mb])
                     logratio = newlogprob - b_logprobs[:, mb]
@@ -296,10 +283,10 @@ def main(args: Args) -> dict:
         y_pred, y_true = b_values, b_returns
         explained_var = 1 - (y_true - y_pred).var(1) / y_true.var(1).clamp_min(1e-8)
 
-        watch.lap("update")  # GAE, the PPO epochs and the statistics
+        run.watch.lap("update")  # GAE, the PPO epochs and the statistics
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes (one host sync per iteration)
-        sps = int((global_step - start_step) / max(time.time() - start_time, 1e-9))
+        sps = run.sps(global_step)
         scalars = {
             "charts/learning_rate": optimizer.param_groups[0]["lr"],
             "charts/SPS": sps,
@@ -315,10 +302,7 @@ def main(args: Args) -> dict:
         for name, i in zip(specialists, range(k), strict=True):
             scalars[f"specialists/{name}/explained_variance"] = explained_var[i].item()
             scalars[f"specialists/{name}/action_std"] = agent.log_std[i].exp().item()
-        for key, value in scalars.items():
-            writer.add_scalar(key, value, global_step)
-        bar.update(rows_per_iteration * world.size)
-        watch.lap("logging")
+        run.log_scalars(scalars, global_step)
 
         # VALIDATION: per-instrument backtests; each specialist's best slice goes into best.pt
         if world.is_main and (iteration % args.eval_interval == 0 or iteration == num_iterations):
@@ -326,12 +310,11 @@ def main(args: Args) -> dict:
                 agent, val, cfg, trend, device, args.eval_segments, val_tables, diagnostic
             )
             best = update_best(best, agent, evaluation, iteration)
-            log_validation(writer, evaluation, global_step)
+            log_validation(run.writer, evaluation, global_step)
             log.info("iteration %d/%d step %d SPS %d val sharpe %s", iteration, num_iterations, global_step, sps,
                      {n: round(v["mean_sharpe"], 3) for n, v in evaluation.items()})  # fmt: skip
             ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best["model"], agent, cfg, specialists, val))
-        distributed.save_latest(
-            out_dir,
+        run.save_latest(
             {
                 **model_payload(agent.state_dict(), agent, cfg, specialists, val),
                 "optimizer": optimizer.state_dict(),
@@ -340,22 +323,14 @@ def main(args: Args) -> dict:
                 "best": best,
             },
             {"env": envs.state_dict(), "rng": ckpt.rng_state()},  # each rank's own
-            world,
             global_step,
-            args.keep_checkpoints,
         )
-        watch.lap("validation")  # and checkpoints
-        done_here = iteration - start_iteration + 1
-        if args.stop_after is not None and done_here >= args.stop_after and iteration < num_iterations:
-            log.info("stopping after %d iterations as asked (--stop-after); continue with --resume", args.stop_after)
-            bar.close()
-            writer.close()
+        if run.stop_here(iteration):
             return {"stopped_at_iteration": iteration, "global_step": global_step}
-    bar.close()
-    wall = time.time() - start_time
+    timing = run.finish(global_step)
     ranks = distributed.weight_agreement(parameter_fingerprint(agent), world)
     if not world.is_main:
-        writer.close()
+        run.writer.close()
         return {"rank": world.rank, "global_step": global_step}
 
     # FINAL EVALUATION: the best specialists (what Phase 2 loads) on the validation split
@@ -377,18 +352,14 @@ def main(args: Args) -> dict:
         "seed": args.seed,
         "data": data_summary(val),
         "trend_filter": dataclasses.asdict(trend),
-        "timing": {
-            "seconds": wall,
-            "steps_per_second": (global_step - start_step) / max(wall, 1e-9),
-            **watch.summary(),
-        },
+        "timing": timing,
         "ranks": ranks,
     }
     ckpt.atomic_write_json(out_dir / "metrics.json", result)
     table = format_specialist_table(best_eval)
     log.info("validation (best.pt, %s bars):\n%s", val.num_bars, table)
     print(f"Phase 1 validation, best specialists ({val.split} split, {val.num_bars} bars):\n{table}")
-    writer.close()
+    run.writer.close()
     return result
 
 

@@ -22,14 +22,11 @@ from __future__ import annotations
 
 import random
 import sys
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
 from mtq_common import checkpoint as ckpt
 from mtq_common import distributed
@@ -49,7 +46,8 @@ from mtq_common.nets import MetaController
 from mtq_common.portfolio_eval import evaluate_portfolio, fit_trend_for, format_report
 from mtq_common.ppo import gae
 from mtq_common.rollout_stats import PortfolioRolloutStats, log_validation
-from mtq_common.runtime import Stopwatch, autocast, check_amp, compile_methods, configure_threads, setup_logging
+from mtq_common.run import Run
+from mtq_common.runtime import autocast, check_amp, compile_methods, configure_threads, setup_logging
 
 ALIASES = {"timesteps": "training.phase_2_timesteps"}
 
@@ -203,27 +201,16 @@ def main(args: Args) -> dict:
         start_iteration, global_step, best = state["iteration"] + 1, state["global_step"], state["best"]
         next_env_obs = envs.observe()
         log.info("resumed from %s at iteration %d (step %d)", path, start_iteration - 1, global_step)
-    writer = (
-        SummaryWriter(str(log_dir), purge_step=global_step if args.resume else None)
-        if world.is_main
-        else distributed.NullWriter()
-    )
-    if not args.resume:
-        table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
-        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
     log.info("phase 2: meta-controller over %s, %d rank(s) x %d rows x %d steps, %d iterations, device %s",
              specialists.names, world.size, b, args.num_steps, num_iterations, device)  # fmt: skip
 
-    bar = tqdm(total=num_iterations * steps_per_iteration * world.size, initial=global_step, unit="step",
-               disable=not (args.progress and sys.stderr.isatty() and world.is_main), desc="phase2")  # fmt: skip
-    start_time, start_step = time.time(), global_step
-    watch = Stopwatch(device)  # seconds per loop section and per minibatch (metrics.json timing)
+    run = Run(args, "phase2", world, device, log, num_iterations, steps_per_iteration, start_iteration, global_step)
     report = None
     if not args.resume and world.is_main:  # the starting point (the equal allocation) is a candidate for best.pt
         report = validate(specialists, meta, val, cfg, trend, device, args, val_tables, references)
         best = {"sharpe": report["portfolio"]["sharpe"], "iteration": 0, "model": clone_state(meta)}
         ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best["model"], meta, specialists, cfg, args))
-    watch.lap("validation")  # the starting point's
+    run.watch.lap("validation")  # the starting point's
     guard = DivergenceGuard("phase 2", device)
     rollout = PortfolioRolloutStats(specialists.names, envs.limits.max_var, device)
     for iteration in range(start_iteration, num_iterations + 1):
@@ -253,7 +240,7 @@ def main(args: Args) -> dict:
             final_instruments[step] = info["final_obs"]["instruments"]
             rollout.add(info, allocation, twin_reward)
         guard.raise_if_diverged()
-        watch.lap("rollout")
+        run.watch.lap("rollout")
 
         # bootstrap value if not done: a truncated row continues from V(final obs), not from zero
         with torch.no_grad():
@@ -276,7 +263,7 @@ def main(args: Args) -> dict:
             perm = torch.randperm(steps_per_iteration, device=device)
             for start in range(0, steps_per_iteration, args.batch_size):
                 mb = perm[start : start + args.batch_size]
-                watch.minibatches += 1
+                run.watch.minibatches += 1
                 with autocast(args.amp, device):
                     _, newlogprob, entropy, newvalue = meta.get_action_and_value(b_obs[mb], b_actions[mb])
                     logratio = newlogprob - b_logprobs[mb]
@@ -305,10 +292,10 @@ def main(args: Args) -> dict:
         distributed.update_running_norm(meta.norm, b_obs.unsqueeze(0), world)
         explained_var = 1 - (b_returns - b_values).var() / b_returns.var().clamp_min(1e-8)
 
-        watch.lap("update")  # GAE, the PPO epochs and the statistics
+        run.watch.lap("update")  # GAE, the PPO epochs and the statistics
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes (one host sync per iteration)
-        sps = int((global_step - start_step) / max(time.time() - start_time, 1e-9))
+        sps = run.sps(global_step)
         scalars = {
             "charts/learning_rate": optimizer.param_groups[0]["lr"],
             "charts/SPS": sps,
@@ -320,23 +307,19 @@ def main(args: Args) -> dict:
             "losses/explained_variance": explained_var.item(),
             **rollout.scalars(),  # episodes, the risk layer, the allocation
         }
-        for key, value in scalars.items():
-            writer.add_scalar(key, value, global_step)
-        bar.update(steps_per_iteration * world.size)
-        watch.lap("logging")
+        run.log_scalars(scalars, global_step)
 
         # VALIDATION: the whole hierarchy on the validation split, next to the baselines (rank 0)
         if world.is_main and (iteration % args.eval_interval == 0 or iteration == num_iterations):
             report = validate(specialists, meta, val, cfg, trend, device, args, val_tables, references)
-            log_validation(writer, report, global_step)
+            log_validation(run.writer, report, global_step)
             sharpe = report["portfolio"]["sharpe"]
             if sharpe > best["sharpe"]:
                 best = {"sharpe": sharpe, "iteration": iteration, "model": clone_state(meta)}
                 ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best["model"], meta, specialists, cfg, args))
             log.info("iteration %d/%d step %d SPS %d val sharpe %.3f (equal allocation %+.3f)", iteration,
                      num_iterations, global_step, sps, sharpe, -report["allocation_efficiency"] + sharpe)  # fmt: skip
-        distributed.save_latest(
-            out_dir,
+        run.save_latest(
             {
                 **model_payload(clone_state(meta), meta, specialists, cfg, args),
                 "optimizer": optimizer.state_dict(),
@@ -350,22 +333,14 @@ def main(args: Args) -> dict:
                 "tracker": tracker.state_dict(),
                 "rng": ckpt.rng_state(),
             },  # each rank's own
-            world,
             global_step,
-            args.keep_checkpoints,
         )
-        watch.lap("validation")  # and checkpoints
-        done_here = iteration - start_iteration + 1
-        if args.stop_after is not None and done_here >= args.stop_after and iteration < num_iterations:
-            log.info("stopping after %d iterations as asked (--stop-after); continue with --resume", args.stop_after)
-            bar.close()
-            writer.close()
+        if run.stop_here(iteration):
             return {"stopped_at_iteration": iteration, "global_step": global_step}
-    bar.close()
-    wall = time.time() - start_time
+    timing = run.finish(global_step)
     ranks = distributed.weight_agreement(parameter_fingerprint(meta), world)
     if not world.is_main:
-        writer.close()
+        run.writer.close()
         return {"rank": world.rank, "global_step": global_step}
 
     # FINAL EVALUATION: the best meta-controller (what Phase 3 loads) on the validation split
@@ -383,18 +358,14 @@ def main(args: Args) -> dict:
         "config_hash": cfg.hash(),
         "seed": args.seed,
         "specialists_fingerprint": {"at_load": fingerprint_at_load, "at_end": parameter_fingerprint(specialists)},
-        "timing": {
-            "seconds": wall,
-            "steps_per_second": (global_step - start_step) / max(wall, 1e-9),
-            **watch.summary(),
-        },
+        "timing": timing,
         "ranks": ranks,
     }
     ckpt.atomic_write_json(out_dir / "metrics.json", result)
     text = format_report(best_report)
     log.info("validation (best.pt):\n%s", text)
     print(f"Phase 2 validation, best meta-controller ({val.split} split, {val.num_bars} bars):\n{text}")
-    writer.close()
+    run.writer.close()
     return result
 
 

@@ -48,14 +48,11 @@ from __future__ import annotations
 import json
 import random
 import sys
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
 from mtq_common import checkpoint as ckpt
 from mtq_common import distributed
@@ -84,7 +81,8 @@ from mtq_common.portfolio_eval import (
 )
 from mtq_common.ppo import clipped_surrogate, explained_variance, gae, normalise
 from mtq_common.rollout_stats import PortfolioRolloutStats, log_validation
-from mtq_common.runtime import Stopwatch, autocast, check_amp, compile_methods, configure_threads, setup_logging
+from mtq_common.run import Run
+from mtq_common.runtime import autocast, check_amp, compile_methods, configure_threads, setup_logging
 
 ALIASES = {"timesteps": "training.phase_3_timesteps"}
 
@@ -285,22 +283,11 @@ def main(args: Args) -> dict:
         next_obs = envs.observe()
         log.info("resumed from %s at iteration %d (step %d), curriculum level %d", path, start_iteration - 1,
                  global_step, level)  # fmt: skip
-    writer = (
-        SummaryWriter(str(log_dir), purge_step=global_step if args.resume else None)
-        if world.is_main
-        else distributed.NullWriter()
-    )
-    if not args.resume:
-        table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
-        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
     log.info("phase 3: %s + meta-controller, %d rank(s) x %d rows x %d steps, %d iterations, coordination %s, "
              "curriculum %s", specialists.names, world.size, b, s, num_iterations, coordinate,
              args.curriculum_learning)  # fmt: skip
 
-    bar = tqdm(total=num_iterations * steps_per_iteration * world.size, initial=global_step, unit="step",
-               disable=not (args.progress and sys.stderr.isatty() and world.is_main), desc="phase3")  # fmt: skip
-    start_time, start_step = time.time(), global_step
-    watch = Stopwatch(device)  # seconds per loop section and per minibatch (metrics.json timing)
+    run = Run(args, "phase3", world, device, log, num_iterations, steps_per_iteration, start_iteration, global_step)
     report = None
     if not args.resume and world.is_main:  # the starting point (Phases 1 and 2) is a candidate for best.pt
         report, _ = evaluate_portfolio(specialists, meta, val, cfg, trend, device, args.eval_segments, val_tables, 3,
@@ -308,7 +295,7 @@ def main(args: Args) -> dict:
         best = {"sharpe": report["portfolio"]["sharpe"], "iteration": 0, "specialists": clone_state(specialists),
                 "meta": clone_state(meta)}  # fmt: skip
         ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best, specialists, meta, cfg))
-    watch.lap("validation")  # the starting point's
+    run.watch.lap("validation")  # the starting point's
     guard = DivergenceGuard("phase 3", device)
     rollout = PortfolioRolloutStats(specialists.names, envs.limits.max_var, device)
     for iteration in range(start_iteration, num_iterations + 1):
@@ -353,7 +340,7 @@ def main(args: Args) -> dict:
             final_held[step] = tracker.after_step(positions, info["bar_returns"], truncated)
             rollout.add(info, allocation, twin_reward)
         guard.raise_if_diverged()
-        watch.lap("rollout")
+        run.watch.lap("rollout")
 
         # bootstrap value if not done: truncated rows continue from V(final obs), not from zero
         with torch.no_grad():
@@ -389,7 +376,7 @@ def main(args: Args) -> dict:
             perm = torch.randperm(m, device=device)
             for start in range(0, m, args.batch_size):
                 mb = perm[start : start + args.batch_size]
-                watch.minibatches += 1
+                run.watch.minibatches += 1
                 # meta-controller: the portfolio advantage
                 with autocast(args.amp, device):
                     _, new_meta_logprob, meta_entropy, new_meta_value = meta.get_action_and_value(
@@ -417,10 +404,10 @@ def main(args: Args) -> dict:
                     torch.nn.utils.clip_grad_norm_([*meta.parameters(), *specialists.parameters()], args.max_grad_norm)
                 optimizer.step()  # Adam skips the parameters of a level that got no gradient
 
-        watch.lap("update")  # GAE, the PPO epochs and the statistics
+        run.watch.lap("update")  # GAE, the PPO epochs and the statistics
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes (one host sync per iteration)
-        sps = int((global_step - start_step) / max(time.time() - start_time, 1e-9))
+        sps = run.sps(global_step)
         scalars = {
             "charts/learning_rate": optimizer.param_groups[0]["lr"],
             "charts/SPS": sps,
@@ -444,10 +431,7 @@ def main(args: Args) -> dict:
             if stats[key]:  # logged on the iterations that updated that component
                 scalars[f"coordination/{name}"] = torch.stack(stats[key]).mean().item()
         scalars.update(rollout.scalars())  # episodes, the risk layer, the allocation (Phase 2's tags)
-        for key, value in scalars.items():
-            writer.add_scalar(key, value, global_step)
-        bar.update(steps_per_iteration * world.size)
-        watch.lap("logging")
+        run.log_scalars(scalars, global_step)
 
         # VALIDATION on the plain validation split (rank 0, which sends its Sharpe to every rank);
         # the curriculum and the adaptive rates react to it
@@ -457,7 +441,7 @@ def main(args: Args) -> dict:
                 report, _ = evaluate_portfolio(specialists, meta, val, cfg, trend, device, args.eval_segments,
                                                val_tables, 3, references)  # fmt: skip
                 sharpe = report["portfolio"]["sharpe"]
-                log_validation(writer, report, global_step)
+                log_validation(run.writer, report, global_step)
             sharpe = distributed.broadcast_value(sharpe, world, device)
             if coordinate:
                 adaptive.step(sharpe)
@@ -477,8 +461,7 @@ def main(args: Args) -> dict:
                 ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best, specialists, meta, cfg))
             log.info("iteration %d/%d step %d SPS %d val sharpe %.3f level %d", iteration, num_iterations,
                      global_step, sps, sharpe, level)  # fmt: skip
-        distributed.save_latest(
-            out_dir,
+        run.save_latest(
             {
                 **model_payload(
                     {"specialists": clone_state(specialists), "meta": clone_state(meta)}, specialists, meta, cfg
@@ -497,22 +480,14 @@ def main(args: Args) -> dict:
                 "prev_positions": prev_positions.clone(),
                 "rng": ckpt.rng_state(),
             },  # each rank's own  # fmt: skip
-            world,
             global_step,
-            args.keep_checkpoints,
         )
-        watch.lap("validation")  # and checkpoints
-        done_here = iteration - start_iteration + 1
-        if args.stop_after is not None and done_here >= args.stop_after and iteration < num_iterations:
-            log.info("stopping after %d iterations as asked (--stop-after); continue with --resume", args.stop_after)
-            bar.close()
-            writer.close()
+        if run.stop_here(iteration):
             return {"stopped_at_iteration": iteration, "global_step": global_step}
-    bar.close()
-    wall = time.time() - start_time
+    timing = run.finish(global_step)
     ranks = distributed.weight_agreement(parameter_fingerprint(specialists) + parameter_fingerprint(meta), world)
     if not world.is_main:
-        writer.close()
+        run.writer.close()
         return {"rank": world.rank, "global_step": global_step}
 
     # FINAL EVALUATION: the best hierarchy on the validation split, plus --eval-episodes episodes
@@ -546,11 +521,7 @@ def main(args: Args) -> dict:
         "global_step": global_step,
         "config_hash": cfg.hash(),
         "seed": args.seed,
-        "timing": {
-            "seconds": wall,
-            "steps_per_second": (global_step - start_step) / max(wall, 1e-9),
-            **watch.summary(),
-        },
+        "timing": timing,
         "ranks": ranks,
     }
     ckpt.atomic_write_json(out_dir / "metrics.json", result)
@@ -559,7 +530,7 @@ def main(args: Args) -> dict:
     log.info("validation (best.pt):\n%s\nepisodes (%d):\n%s", text, args.eval_episodes, spread)
     print(f"Phase 3 validation, best hierarchy ({val.split} split, {val.num_bars} bars):\n{text}")
     print(f"{args.eval_episodes} validation episodes (mean +- std):\n{spread}")
-    writer.close()
+    run.writer.close()
     return result
 
 

@@ -255,16 +255,3 @@ def weight_agreement(fingerprint: str, world: World) -> dict:
     if not identical:
         logging.getLogger("mtq").error("the ranks' weights differ at the end of training: %s", gathered)
     return {"world_size": world.size, "fingerprints": gathered, "weights_identical": identical}
-
-
-class NullWriter:
-    """Stands in for the TensorBoard writer on ranks other than 0 (they log nothing)."""
-
-    def add_scalar(self, *args, **kwargs) -> None:
-        pass
-
-    def add_text(self, *args, **kwargs) -> None:
-        pass
-
-    def close(self) -> None:
-        pass

@@ -1,12 +1,11 @@
 """Run-time plumbing the phase scripts share: device choice, logging to a file, per-group gradient clipping,
-the speed options (`--compile`, `--amp`), and a stopwatch for where a training loop spends its time."""
+the speed options (`--compile`, `--amp`)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -93,38 +92,3 @@ def check_amp(amp: bool, device: torch.device) -> None:
 def autocast(amp: bool, device: torch.device) -> contextlib.AbstractContextManager:
     """The update's loss computation under bf16 autocast when `--amp` is on (a no-op otherwise)."""
     return torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
-
-
-class Stopwatch:
-    """Where a training loop spends its wall time: `lap("rollout")` charges the seconds since the last lap
-    (or `start()`) to that part, and `minibatches` counts PPO minibatches, so `summary()` can give the time
-    per minibatch that `benchmarks.throughput` reports. On a GPU each lap synchronises the device once (a lap
-    is taken between loop sections, never inside the rollout), so the parts add up to the wall time."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.seconds: dict[str, float] = {}
-        self.minibatches = 0
-        self._last = time.perf_counter()
-
-    def start(self) -> None:
-        self._sync()
-        self._last = time.perf_counter()
-
-    def lap(self, part: str) -> None:
-        self._sync()
-        now = time.perf_counter()
-        self.seconds[part] = self.seconds.get(part, 0.0) + now - self._last
-        self._last = now
-
-    def summary(self) -> dict:
-        """`<part>_seconds` for each part, the minibatch count and the update's seconds per minibatch."""
-        out = {f"{part}_seconds": seconds for part, seconds in self.seconds.items()}
-        out["minibatches"] = self.minibatches
-        if self.minibatches:
-            out["seconds_per_minibatch"] = self.seconds.get("update", 0.0) / self.minibatches
-        return out
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)

@@ -1,0 +1,126 @@
+"""The run plumbing the three phase scripts share, kept out of the algorithm's way: the TensorBoard
+writer and its hyperparameter table, the progress bar, where the loop's time goes, the rotating
+`latest.pt`, `--stop-after` and the run's timing. CleanRL writes these inline in its one script; here
+three scripts would repeat them word for word, so each is one named call in `main()`."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from mtq_common import distributed
+
+
+class Run:
+    """One invocation of a phase script's training loop, from `start_iteration` (1, or the one after a
+    resumed checkpoint) to the end or to `--stop-after`.
+
+    `args` is the script's tyro `Args` (it reads `output_dir`, `log_dir`, `resume`, `progress`,
+    `keep_checkpoints`, `stop_after`); rank 0 writes TensorBoard and checkpoints, other ranks nothing."""
+
+    def __init__(self, args, name: str, world: distributed.World, device: torch.device, log,
+                 num_iterations: int, rows_per_iteration: int, start_iteration: int, global_step: int):  # fmt: skip
+        self.args, self.world, self.log = args, world, log
+        self.num_iterations, self.start_iteration = num_iterations, start_iteration
+        self.rows_per_iteration = rows_per_iteration * world.size  # environment steps of all ranks
+        self.writer = (
+            SummaryWriter(str(args.log_dir), purge_step=global_step if args.resume else None)
+            if world.is_main
+            else NullWriter()
+        )
+        if not args.resume:
+            table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
+            self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+        self.bar = tqdm(total=num_iterations * self.rows_per_iteration, initial=global_step, unit="step",
+                        disable=not (args.progress and sys.stderr.isatty() and world.is_main), desc=name)  # fmt: skip
+        self.start_time, self.start_step = time.time(), global_step
+        self.watch = Stopwatch(device)  # seconds per loop section and per minibatch (metrics.json timing)
+
+    def sps(self, global_step: int) -> int:
+        """Environment steps per second since this invocation started."""
+        return int((global_step - self.start_step) / max(time.time() - self.start_time, 1e-9))
+
+    def log_scalars(self, scalars: dict, global_step: int) -> None:
+        """An iteration's scalars to TensorBoard; the progress bar moves on by one iteration."""
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, global_step)
+        self.bar.update(self.rows_per_iteration)
+        self.watch.lap("logging")
+
+    def save_latest(self, payload: dict, local: dict, global_step: int) -> None:
+        """The rotating `latest.pt` (collective: see `distributed.save_latest`)."""
+        distributed.save_latest(Path(self.args.output_dir), payload, local, self.world, global_step,
+                                self.args.keep_checkpoints)  # fmt: skip
+        self.watch.lap("validation")  # validation and checkpoints, since the last lap
+
+    def stop_here(self, iteration: int) -> bool:
+        """Whether `--stop-after` ends this invocation after `iteration` (then the writer is closed)."""
+        done_here = iteration - self.start_iteration + 1
+        if self.args.stop_after is None or done_here < self.args.stop_after or iteration >= self.num_iterations:
+            return False
+        self.log.info("stopping after %d iterations as asked (--stop-after); continue with --resume",
+                      self.args.stop_after)  # fmt: skip
+        self.bar.close()
+        self.writer.close()
+        return True
+
+    def finish(self, global_step: int) -> dict:
+        """Close the bar; metrics.json's `timing`: wall seconds, steps/s and where the time went."""
+        self.bar.close()
+        wall = time.time() - self.start_time
+        return {"seconds": wall, "steps_per_second": (global_step - self.start_step) / max(wall, 1e-9),
+                **self.watch.summary()}  # fmt: skip
+
+
+class Stopwatch:
+    """Where a training loop spends its wall time: `lap("rollout")` charges the seconds since the last lap
+    (or `start()`) to that part, and `minibatches` counts PPO minibatches, so `summary()` can give the time
+    per minibatch that `benchmarks.throughput` reports. On a GPU each lap synchronises the device once (a lap
+    is taken between loop sections, never inside the rollout), so the parts add up to the wall time."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = {}
+        self.minibatches = 0
+        self._last = time.perf_counter()
+
+    def start(self) -> None:
+        self._sync()
+        self._last = time.perf_counter()
+
+    def lap(self, part: str) -> None:
+        self._sync()
+        now = time.perf_counter()
+        self.seconds[part] = self.seconds.get(part, 0.0) + now - self._last
+        self._last = now
+
+    def summary(self) -> dict:
+        """`<part>_seconds` for each part, the minibatch count and the update's seconds per minibatch."""
+        out = {f"{part}_seconds": seconds for part, seconds in self.seconds.items()}
+        out["minibatches"] = self.minibatches
+        if self.minibatches:
+            out["seconds_per_minibatch"] = self.seconds.get("update", 0.0) / self.minibatches
+        return out
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+class NullWriter:
+    """Stands in for the TensorBoard writer on ranks other than 0 (they log nothing)."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    def add_text(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
