@@ -33,7 +33,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from mtq_common import checkpoint as ckpt
 from mtq_common import distributed
-from mtq_common.config import ConfigError, config_from_args, parse_args
+from mtq_common.config import ConfigError, parse_args
 from mtq_common.coordination import clip_grad_norm_per_group
 from mtq_common.divergence import DivergenceGuard
 from mtq_common.envs import SpecialistEnv, build_tables, position_column, specialist_rows
@@ -42,13 +42,10 @@ from mtq_common.market import iso_time, load_splits
 from mtq_common.nets import SpecialistAgents
 from mtq_common.portfolio_eval import fit_trend_for
 from mtq_common.ppo import gae
-from mtq_common.run import Run
+from mtq_common.run import Run, start_run
 from mtq_common.runtime import (
     autocast,
-    check_amp,
     compile_methods,
-    configure_threads,
-    setup_logging,
 )
 from mtq_common.specialist_eval import evaluate_specialists, format_specialist_table
 
@@ -132,12 +129,8 @@ class Args:
 
 
 def main(args: Args) -> dict:
-    cfg = config_from_args(args, ALIASES)
-    out_dir, log_dir = Path(args.output_dir), Path(args.log_dir)
-    world, device = distributed.setup(args.device)
-    log = setup_logging(log_dir / "training.log", "phase1", to_file=world.is_main)
-    configure_threads(args.torch_threads)
-    check_amp(args.amp, device)
+    cfg, world, device, log = start_run(args, ALIASES, "phase1")  # config, ranks, log file, threads
+    out_dir = Path(args.output_dir)
     specialists = args.specialists or cfg.active_specialists()
     for name in cfg.specialists:
         if name not in cfg.active_specialists():
@@ -168,7 +161,12 @@ def main(args: Args) -> dict:
     )  # fmt: skip
     val_tables = build_tables(val, cfg, device)
     trend = fit_trend_for(train, cfg)  # the trend_filter rule's parameters, from the training split
-    diagnostic = args.next_return_diagnostic
+
+    def validate(agent) -> dict:
+        """Each specialist's backtests on the validation split (`eval_segments` pieces per instrument)."""
+        return evaluate_specialists(agent, val, cfg, trend, device, args.eval_segments, val_tables,
+                                    args.next_return_diagnostic)  # fmt: skip
+
     k, r, f = len(specialists), args.num_envs, envs.obs_size
 
     position_index = position_column(train.num_instruments)
@@ -306,9 +304,7 @@ def main(args: Args) -> dict:
 
         # VALIDATION: per-instrument backtests; each specialist's best slice goes into best.pt
         if world.is_main and (iteration % args.eval_interval == 0 or iteration == num_iterations):
-            evaluation = evaluate_specialists(
-                agent, val, cfg, trend, device, args.eval_segments, val_tables, diagnostic
-            )
+            evaluation = validate(agent)
             best = update_best(best, agent, evaluation, iteration)
             log_validation(run.writer, evaluation, global_step)
             log.info("iteration %d/%d step %d SPS %d val sharpe %s", iteration, num_iterations, global_step, sps,
@@ -334,32 +330,32 @@ def main(args: Args) -> dict:
         return {"rank": world.rank, "global_step": global_step}
 
     # FINAL EVALUATION: the best specialists (what Phase 2 loads) on the validation split
-    final_iterate = evaluation or evaluate_specialists(
-        agent, val, cfg, trend, device, args.eval_segments, val_tables, diagnostic
-    )
-    best_agent = SpecialistAgents(specialists, f, args.hidden_size, position_rate=args.position_rate,
-                                  position_index=position_index).to(device)  # fmt: skip
-    best_agent.load_state_dict(best["model"])
-    best_eval = evaluate_specialists(best_agent, val, cfg, trend, device, args.eval_segments, val_tables, diagnostic)
+    facts = {"global_step": global_step, "config_hash": cfg.hash(), "seed": args.seed, "data": data_summary(val),
+             "trend_filter": dataclasses.asdict(trend), "timing": timing, "ranks": ranks}  # fmt: skip
+    result = final_evaluation(args, agent, best, evaluation, validate, val, facts, log)
+    run.writer.close()
+    return result
+
+
+def final_evaluation(args: Args, agent: SpecialistAgents, best: dict, evaluation: dict | None, validate, val,
+                     facts: dict, log) -> dict:  # fmt: skip
+    """The best specialists (what `best.pt` holds) on the validation split, next to the last iterate;
+    writes `metrics.json` (with the run's `facts`) and prints the table."""
+    final_iterate = evaluation or validate(agent)
+    agent.load_state_dict(best["model"])
+    best_eval = validate(agent)
     result = {
         "phase": 1,
         "split": "val",
         "specialists": best_eval,
         "final_iterate": final_iterate,
         "best_iteration": best["iteration"],
-        "global_step": global_step,
-        "config_hash": cfg.hash(),
-        "seed": args.seed,
-        "data": data_summary(val),
-        "trend_filter": dataclasses.asdict(trend),
-        "timing": timing,
-        "ranks": ranks,
+        **facts,
     }
-    ckpt.atomic_write_json(out_dir / "metrics.json", result)
+    ckpt.atomic_write_json(Path(args.output_dir) / "metrics.json", result)
     table = format_specialist_table(best_eval)
     log.info("validation (best.pt, %s bars):\n%s", val.num_bars, table)
     print(f"Phase 1 validation, best specialists ({val.split} split, {val.num_bars} bars):\n{table}")
-    run.writer.close()
     return result
 
 

@@ -31,7 +31,7 @@ import torch
 from mtq_common import checkpoint as ckpt
 from mtq_common import distributed
 from mtq_common.checkpoint import clone_state
-from mtq_common.config import ConfigError, config_from_args, parse_args
+from mtq_common.config import ConfigError, parse_args
 from mtq_common.divergence import DivergenceGuard
 from mtq_common.envs import PortfolioEnv, build_tables
 from mtq_common.hierarchy import (
@@ -46,8 +46,8 @@ from mtq_common.nets import MetaController
 from mtq_common.portfolio_eval import evaluate_portfolio, fit_trend_for, format_report
 from mtq_common.ppo import gae
 from mtq_common.rollout_stats import PortfolioRolloutStats, log_validation
-from mtq_common.run import Run
-from mtq_common.runtime import autocast, check_amp, compile_methods, configure_threads, setup_logging
+from mtq_common.run import Run, start_run
+from mtq_common.runtime import autocast, compile_methods
 
 ALIASES = {"timesteps": "training.phase_2_timesteps"}
 
@@ -129,12 +129,8 @@ class Args:
 
 
 def main(args: Args) -> dict:
-    cfg = config_from_args(args, ALIASES)
-    out_dir, log_dir = Path(args.output_dir), Path(args.log_dir)
-    world, device = distributed.setup(args.device)
-    log = setup_logging(log_dir / "training.log", "phase2", to_file=world.is_main)
-    configure_threads(args.torch_threads)
-    check_amp(args.amp, device)
+    cfg, world, device, log = start_run(args, ALIASES, "phase2")  # config, ranks, log file, threads
+    out_dir = Path(args.output_dir)
     steps_per_iteration = args.num_envs * args.num_steps  # on this rank
     num_iterations = distributed.iterations(args.timesteps, steps_per_iteration, world)
     if args.batch_size > steps_per_iteration:
@@ -165,6 +161,12 @@ def main(args: Args) -> dict:
     val_tables = build_tables(val, cfg, device)
     trend = fit_trend_for(train, cfg)  # the trend_filter baseline's parameters, from the training split
     references: dict = {}  # the baselines' validation backtests, computed once
+
+    def validate(meta) -> dict:
+        """The hierarchy and every baseline on the validation split (`eval_segments` pieces in parallel)."""
+        return evaluate_portfolio(specialists, meta, val, cfg, trend, device, args.eval_segments, val_tables, 2,
+                                  references, specialists_frozen=True)[0]  # fmt: skip
+
     b, d = args.num_envs, meta_observation_size(envs.portfolio_obs_size, k)
     meta = MetaController(d, k, args.hidden_size, allocation_rate=args.allocation_rate).to(device)
     distributed.broadcast_module(meta, world)
@@ -207,7 +209,7 @@ def main(args: Args) -> dict:
     run = Run(args, "phase2", world, device, log, num_iterations, steps_per_iteration, start_iteration, global_step)
     report = None
     if not args.resume and world.is_main:  # the starting point (the equal allocation) is a candidate for best.pt
-        report = validate(specialists, meta, val, cfg, trend, device, args, val_tables, references)
+        report = validate(meta)
         best = {"sharpe": report["portfolio"]["sharpe"], "iteration": 0, "model": clone_state(meta)}
         ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best["model"], meta, specialists, cfg, args))
     run.watch.lap("validation")  # the starting point's
@@ -311,7 +313,7 @@ def main(args: Args) -> dict:
 
         # VALIDATION: the whole hierarchy on the validation split, next to the baselines (rank 0)
         if world.is_main and (iteration % args.eval_interval == 0 or iteration == num_iterations):
-            report = validate(specialists, meta, val, cfg, trend, device, args, val_tables, references)
+            report = validate(meta)
             log_validation(run.writer, report, global_step)
             sharpe = report["portfolio"]["sharpe"]
             if sharpe > best["sharpe"]:
@@ -344,36 +346,34 @@ def main(args: Args) -> dict:
         return {"rank": world.rank, "global_step": global_step}
 
     # FINAL EVALUATION: the best meta-controller (what Phase 3 loads) on the validation split
+    fingerprints = {"at_load": fingerprint_at_load, "at_end": parameter_fingerprint(specialists)}
+    facts = {"global_step": global_step, "config_hash": cfg.hash(), "seed": args.seed, "timing": timing,
+             "ranks": ranks, "specialists_fingerprint": fingerprints}  # fmt: skip
+    result = final_evaluation(args, meta, best, report, validate, val, facts, log)
+    run.writer.close()
+    return result
+
+
+def final_evaluation(args: Args, meta: MetaController, best: dict, report: dict | None, validate, val, facts: dict,
+                     log) -> dict:  # fmt: skip
+    """The best meta-controller (what `best.pt` holds) on the validation split; writes `metrics.json`
+    (with the run's `facts`) and prints the report."""
     if report is None:  # resumed after the last iteration's checkpoint: validate the final iterate again
-        report = validate(specialists, meta, val, cfg, trend, device, args, val_tables, references)
-    best_meta = MetaController(d, k, args.hidden_size, allocation_rate=args.allocation_rate).to(device)
-    best_meta.load_state_dict(best["model"])
-    best_report = validate(specialists, best_meta, val, cfg, trend, device, args, val_tables, references)
+        report = validate(meta)
+    meta.load_state_dict(best["model"])
+    best_report = validate(meta)
     result = {
         **best_report,
         "phase": 2,
         "best_iteration": best["iteration"],
         "final_iterate": {"portfolio": report["portfolio"], "allocation_efficiency": report["allocation_efficiency"]},
-        "global_step": global_step,
-        "config_hash": cfg.hash(),
-        "seed": args.seed,
-        "specialists_fingerprint": {"at_load": fingerprint_at_load, "at_end": parameter_fingerprint(specialists)},
-        "timing": timing,
-        "ranks": ranks,
+        **facts,
     }
-    ckpt.atomic_write_json(out_dir / "metrics.json", result)
+    ckpt.atomic_write_json(Path(args.output_dir) / "metrics.json", result)
     text = format_report(best_report)
     log.info("validation (best.pt):\n%s", text)
     print(f"Phase 2 validation, best meta-controller ({val.split} split, {val.num_bars} bars):\n{text}")
-    run.writer.close()
     return result
-
-
-def validate(specialists, meta, val, cfg, trend, device, args: Args, val_tables, references: dict) -> dict:
-    """The hierarchy and every baseline on the validation split (`eval_segments` pieces in parallel)."""
-    report, _ = evaluate_portfolio(specialists, meta, val, cfg, trend, device, args.eval_segments, val_tables, 2,
-                                   references, specialists_frozen=True)  # fmt: skip
-    return report
 
 
 def model_payload(model_state: dict, meta: MetaController, specialists, cfg, args: Args) -> dict:

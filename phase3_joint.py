@@ -57,7 +57,7 @@ import torch
 from mtq_common import checkpoint as ckpt
 from mtq_common import distributed
 from mtq_common.checkpoint import clone_state
-from mtq_common.config import ConfigError, config_from_args, parse_args
+from mtq_common.config import ConfigError, parse_args
 from mtq_common.coordination import AdaptiveLR, UpdateSchedule, clip_component_, component_grads, project_conflict_
 from mtq_common.curriculum import Curriculum, generate_scenario
 from mtq_common.divergence import DivergenceGuard
@@ -81,8 +81,8 @@ from mtq_common.portfolio_eval import (
 )
 from mtq_common.ppo import clipped_surrogate, explained_variance, gae, normalise
 from mtq_common.rollout_stats import PortfolioRolloutStats, log_validation
-from mtq_common.run import Run
-from mtq_common.runtime import autocast, check_amp, compile_methods, configure_threads, setup_logging
+from mtq_common.run import Run, start_run
+from mtq_common.runtime import autocast, compile_methods
 
 ALIASES = {"timesteps": "training.phase_3_timesteps"}
 
@@ -186,12 +186,8 @@ def load_meta(phase2_dir, specialists, device) -> MetaController:
 
 
 def main(args: Args) -> dict:
-    cfg = config_from_args(args, ALIASES)
-    out_dir, log_dir = Path(args.output_dir), Path(args.log_dir)
-    world, device = distributed.setup(args.device)
-    log = setup_logging(log_dir / "training.log", "phase3", to_file=world.is_main)
-    configure_threads(args.torch_threads)
-    check_amp(args.amp, device)
+    cfg, world, device, log = start_run(args, ALIASES, "phase3")  # config, ranks, log file, threads
+    out_dir = Path(args.output_dir)
     steps_per_iteration = args.num_envs * args.num_steps  # on this rank
     num_iterations = distributed.iterations(args.timesteps, steps_per_iteration, world)
     if args.batch_size > steps_per_iteration:
@@ -215,22 +211,14 @@ def main(args: Args) -> dict:
     if args.compile:
         compile_methods(specialists, "forward_per_slot")
         compile_methods(meta, "heads", "get_value")
-    for p in specialists.parameters():
-        p.requires_grad_(True)
-    specialists.train()
+    specialists.requires_grad_(True).train()
     k, n = len(specialists.names), val.num_instruments
     coordinate = args.gradient_coordination
-    optimizer = torch.optim.Adam(
-        [
-            {"params": list(meta.parameters()), "name": "meta"},
-            {"params": list(specialists.parameters()), "name": "specialists"},
-        ],
-        lr=args.learning_rate,
-        eps=1e-5,
-    )
-    schedule = UpdateSchedule(
-        args.meta_update_freq if coordinate else 1, args.specialist_update_freq if coordinate else 1
-    )
+    groups = [{"params": list(meta.parameters()), "name": "meta"},
+              {"params": list(specialists.parameters()), "name": "specialists"}]  # fmt: skip
+    optimizer = torch.optim.Adam(groups, lr=args.learning_rate, eps=1e-5)
+    schedule = UpdateSchedule(args.meta_update_freq if coordinate else 1,
+                              args.specialist_update_freq if coordinate else 1)  # fmt: skip
     adaptive = AdaptiveLR({"meta": args.learning_rate, "specialists": args.learning_rate})
     curriculum = Curriculum(threshold=args.curriculum_threshold, enabled=args.curriculum_learning)
 
@@ -244,6 +232,12 @@ def main(args: Args) -> dict:
     val_tables = build_tables(val, cfg, device)
     trend = fit_trend_for(splits["train"], cfg)  # the trend_filter baseline's parameters, from the training split
     references: dict = {}  # the baselines' validation backtests, computed once
+
+    def validate(specialists, meta) -> dict:
+        """The hierarchy and every baseline on the validation split (`eval_segments` pieces in parallel)."""
+        return evaluate_portfolio(specialists, meta, val, cfg, trend, device, args.eval_segments, val_tables, 3,
+                                  references)[0]  # fmt: skip
+
     b, d, f = args.num_envs, meta_observation_size(envs.portfolio_obs_size, k), specialists.obs_size
     max_position = cfg.environment.max_position_size
 
@@ -290,8 +284,7 @@ def main(args: Args) -> dict:
     run = Run(args, "phase3", world, device, log, num_iterations, steps_per_iteration, start_iteration, global_step)
     report = None
     if not args.resume and world.is_main:  # the starting point (Phases 1 and 2) is a candidate for best.pt
-        report, _ = evaluate_portfolio(specialists, meta, val, cfg, trend, device, args.eval_segments, val_tables, 3,
-                                       references)  # fmt: skip
+        report = validate(specialists, meta)
         best = {"sharpe": report["portfolio"]["sharpe"], "iteration": 0, "specialists": clone_state(specialists),
                 "meta": clone_state(meta)}  # fmt: skip
         ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best, specialists, meta, cfg))
@@ -351,9 +344,8 @@ def main(args: Args) -> dict:
             next_positions = specialists.positions(next_obs["instruments"], owner)
             next_meta_value = meta.get_value(tracker.observe(next_obs["portfolio"], next_positions))
             next_spec_value = specialists.forward_per_slot(next_obs["instruments"], owner)[2]
-            meta_adv = gae(
-                rewards, meta_values, final_meta_values, next_meta_value, truncs, args.gamma, args.gae_lambda
-            )
+            meta_adv = gae(rewards, meta_values, final_meta_values, next_meta_value, truncs, args.gamma,
+                           args.gae_lambda)  # fmt: skip
             own_adv = gae(own_rewards, spec_values, final_spec_values, next_spec_value, truncs.unsqueeze(-1),
                           args.gamma, args.gae_lambda)  # fmt: skip
             meta_returns, own_returns = meta_adv + meta_values, own_adv + spec_values
@@ -361,11 +353,7 @@ def main(args: Args) -> dict:
         # flatten the batch
         m = s * b
         b_meta_obs, b_meta_actions = meta_obs.reshape(m, d), meta_actions.reshape(m, k + 1)
-        b_meta_logprobs, b_meta_adv, b_meta_returns = (
-            meta_logprobs.reshape(m),
-            meta_adv.reshape(m),
-            meta_returns.reshape(m),
-        )
+        b_meta_logprobs, b_meta_adv, b_meta_returns = (x.reshape(m) for x in (meta_logprobs, meta_adv, meta_returns))
         b_inst_obs, b_spec_actions = inst_obs.reshape(m, n, f), spec_actions.reshape(m, n)
         b_spec_logprobs, b_own_adv, b_own_returns = (x.reshape(m, n) for x in (spec_logprobs, own_adv, own_returns))
 
@@ -378,11 +366,10 @@ def main(args: Args) -> dict:
                 mb = perm[start : start + args.batch_size]
                 run.watch.minibatches += 1
                 # meta-controller: the portfolio advantage
+                meta_adv_mb = normalise(b_meta_adv[mb])
                 with autocast(args.amp, device):
                     _, new_meta_logprob, meta_entropy, new_meta_value = meta.get_action_and_value(
-                        b_meta_obs[mb], b_meta_actions[mb]
-                    )
-                    meta_adv_mb = normalise(b_meta_adv[mb])
+                        b_meta_obs[mb], b_meta_actions[mb])  # fmt: skip
                     meta_pg, ratio_meta = clipped_surrogate(new_meta_logprob, b_meta_logprobs[mb], meta_adv_mb,
                                                             args.clip_range)  # fmt: skip
                     meta_v_loss = 0.5 * ((new_meta_value - b_meta_returns[mb]) ** 2).mean()
@@ -423,13 +410,7 @@ def main(args: Args) -> dict:
             "coordination/meta_updated": float(update_meta),
             "coordination/specialists_updated": float(update_specialists),
         }
-        if stats["pg"]:
-            portfolio_pg, own_pg = torch.stack(stats["pg"]).mean(0).tolist()
-            scalars["losses/specialist_portfolio_pg"], scalars["losses/specialist_own_pg"] = portfolio_pg, own_pg
-        for key, name in (("conflicts", "conflict_rate"), ("cosine", "cosine"), ("norm_meta", "grad_norm_meta"),
-                          ("norm_specialists", "grad_norm_specialists")):  # fmt: skip
-            if stats[key]:  # logged on the iterations that updated that component
-                scalars[f"coordination/{name}"] = torch.stack(stats[key]).mean().item()
+        scalars.update(coordination_scalars(stats))  # the specialists' two objectives, conflicts, norms
         scalars.update(rollout.scalars())  # episodes, the risk layer, the allocation (Phase 2's tags)
         run.log_scalars(scalars, global_step)
 
@@ -438,8 +419,7 @@ def main(args: Args) -> dict:
         if iteration % args.eval_interval == 0 or iteration == num_iterations:
             sharpe = float("nan")
             if world.is_main:
-                report, _ = evaluate_portfolio(specialists, meta, val, cfg, trend, device, args.eval_segments,
-                                               val_tables, 3, references)  # fmt: skip
+                report = validate(specialists, meta)
                 sharpe = report["portfolio"]["sharpe"]
                 log_validation(run.writer, report, global_step)
             sharpe = distributed.broadcast_value(sharpe, world, device)
@@ -461,11 +441,10 @@ def main(args: Args) -> dict:
                 ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best, specialists, meta, cfg))
             log.info("iteration %d/%d step %d SPS %d val sharpe %.3f level %d", iteration, num_iterations,
                      global_step, sps, sharpe, level)  # fmt: skip
+        current = {"specialists": clone_state(specialists), "meta": clone_state(meta)}
         run.save_latest(
             {
-                **model_payload(
-                    {"specialists": clone_state(specialists), "meta": clone_state(meta)}, specialists, meta, cfg
-                ),  # fmt: skip
+                **model_payload(current, specialists, meta, cfg),
                 "optimizer": optimizer.state_dict(),
                 "curriculum": curriculum.state_dict(),
                 "adaptive_lr": adaptive.state_dict(),
@@ -491,19 +470,30 @@ def main(args: Args) -> dict:
         return {"rank": world.rank, "global_step": global_step}
 
     # FINAL EVALUATION: the best hierarchy on the validation split, plus --eval-episodes episodes
+    facts = {"gradient_coordination": coordinate, "curriculum_learning": args.curriculum_learning,
+             "curriculum_level": level, "global_step": global_step, "config_hash": cfg.hash(), "seed": args.seed,
+             "timing": timing, "ranks": ranks}  # fmt: skip
+    result = final_evaluation(args, specialists, meta, owner, best, report, validate, val, cfg, device, val_tables,
+                              facts, log)  # fmt: skip
+    run.writer.close()
+    return result
+
+
+def final_evaluation(args: Args, specialists, meta, owner, best: dict, report: dict | None, validate, val, cfg,
+                     device, tables, facts: dict, log) -> dict:  # fmt: skip
+    """The best hierarchy (what `best.pt` holds) on the validation split and in `--eval-episodes` episodes
+    on fresh paths; writes `metrics.json` (with the run's `facts`) and prints the report."""
     if report is None:  # resumed after the last iteration's checkpoint: validate the final iterate again
-        report, _ = evaluate_portfolio(specialists, meta, val, cfg, trend, device, args.eval_segments, val_tables, 3,
-                                       references)  # fmt: skip
+        report = validate(specialists, meta)
     specialists.load_state_dict(best["specialists"])
     meta.load_state_dict(best["meta"])
     specialists.eval()
-    best_report, _ = evaluate_portfolio(specialists, meta, val, cfg, trend, device, args.eval_segments, val_tables,
-                                        3, references)  # fmt: skip
+    best_report = validate(specialists, meta)
 
     def hierarchy(rows):
-        return HierarchyPolicy(specialists, meta, owner, max_position, rows, device)
+        return HierarchyPolicy(specialists, meta, owner, cfg.environment.max_position_size, rows, device)
 
-    episodes = run_episodes(val, cfg, hierarchy, args.eval_episodes, seed=args.seed, device=device, tables=val_tables)
+    episodes = run_episodes(val, cfg, hierarchy, args.eval_episodes, seed=args.seed, device=device, tables=tables)
     phase2_metrics = Path(args.phase2_dir) / "metrics.json"
     result = {
         **best_report,
@@ -515,22 +505,14 @@ def main(args: Args) -> dict:
         "phase2_sharpe": json.loads(phase2_metrics.read_text())["portfolio"]["sharpe"]
         if phase2_metrics.is_file()
         else None,  # fmt: skip
-        "gradient_coordination": coordinate,
-        "curriculum_learning": args.curriculum_learning,
-        "curriculum_level": level,
-        "global_step": global_step,
-        "config_hash": cfg.hash(),
-        "seed": args.seed,
-        "timing": timing,
-        "ranks": ranks,
+        **facts,
     }
-    ckpt.atomic_write_json(out_dir / "metrics.json", result)
+    ckpt.atomic_write_json(Path(args.output_dir) / "metrics.json", result)
     text = format_report(best_report)
     spread = "\n".join(f"  {key:<18} {v['mean']:+.3f} +- {v['std']:.3f}" for key, v in result["episodes"].items())
     log.info("validation (best.pt):\n%s\nepisodes (%d):\n%s", text, args.eval_episodes, spread)
     print(f"Phase 3 validation, best hierarchy ({val.split} split, {val.num_bars} bars):\n{text}")
     print(f"{args.eval_episodes} validation episodes (mean +- std):\n{spread}")
-    run.writer.close()
     return result
 
 
@@ -565,6 +547,20 @@ def specialist_gradients(specialists, owner, obs, actions, old_logprobs, portfol
     if coordinate:
         for i in range(len(specialists.names)):
             stats["norm_specialists"].append(clip_component_(component_grads(specialists, i), args.max_grad_norm))
+
+
+def coordination_scalars(stats: dict) -> dict:
+    """The update's coordination statistics, averaged over its minibatches, for TensorBoard (each only
+    on the iterations that updated its component)."""
+    scalars = {}
+    if stats["pg"]:
+        portfolio_pg, own_pg = torch.stack(stats["pg"]).mean(0).tolist()
+        scalars["losses/specialist_portfolio_pg"], scalars["losses/specialist_own_pg"] = portfolio_pg, own_pg
+    for key, name in (("conflicts", "conflict_rate"), ("cosine", "cosine"), ("norm_meta", "grad_norm_meta"),
+                      ("norm_specialists", "grad_norm_specialists")):  # fmt: skip
+        if stats[key]:
+            scalars[f"coordination/{name}"] = torch.stack(stats[key]).mean().item()
+    return scalars
 
 
 def grads_of(loss: torch.Tensor, params: list, retain: bool) -> list[torch.Tensor]:

@@ -15,6 +15,20 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from mtq_common import distributed
+from mtq_common.config import config_from_args
+from mtq_common.runtime import check_amp, configure_threads, setup_logging
+
+
+def start_run(args, aliases: dict, name: str):
+    """A phase script's first lines: its config (YAML file, then flags; see `config_from_args`), the
+    torch.distributed world and device, the log file (rank 0), torch's threads and the `--amp` check.
+    Returns `(cfg, world, device, log)`."""
+    cfg = config_from_args(args, aliases)
+    world, device = distributed.setup(args.device)
+    log = setup_logging(Path(args.log_dir) / "training.log", name, to_file=world.is_main)
+    configure_threads(args.torch_threads)
+    check_amp(args.amp, device)
+    return cfg, world, device, log
 
 
 class Run:
