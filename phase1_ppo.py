@@ -33,6 +33,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from mtq_common import checkpoint as ckpt
 from mtq_common import distributed
+from mtq_common.baselines import fit_trend_for
 from mtq_common.config import ConfigError, parse_args
 from mtq_common.coordination import clip_grad_norm_per_group
 from mtq_common.divergence import DivergenceGuard
@@ -40,7 +41,6 @@ from mtq_common.envs import SpecialistEnv, build_tables, position_column, specia
 from mtq_common.hierarchy import parameter_fingerprint
 from mtq_common.market import iso_time, load_splits
 from mtq_common.nets import SpecialistAgents
-from mtq_common.portfolio_eval import fit_trend_for
 from mtq_common.ppo import gae
 from mtq_common.run import Run, start_run
 from mtq_common.runtime import (

@@ -30,6 +30,7 @@ import torch
 
 from mtq_common import checkpoint as ckpt
 from mtq_common import distributed
+from mtq_common.baselines import fit_trend_for
 from mtq_common.checkpoint import clone_state
 from mtq_common.config import ConfigError, parse_args
 from mtq_common.divergence import DivergenceGuard
@@ -43,7 +44,7 @@ from mtq_common.hierarchy import (
 )
 from mtq_common.market import load_splits
 from mtq_common.nets import MetaController
-from mtq_common.portfolio_eval import evaluate_portfolio, fit_trend_for, format_report
+from mtq_common.portfolio_eval import evaluate_portfolio, format_report
 from mtq_common.ppo import gae
 from mtq_common.rollout_stats import PortfolioRolloutStats, log_validation
 from mtq_common.run import Run, start_run

@@ -21,6 +21,7 @@ import tyro
 from mtq_common.baselines import (
     backtest,
     buy_and_hold_positions,
+    fit_trend_for,
     momentum_positions,
     oracle_positions,
     trend_filter_positions,
@@ -30,7 +31,6 @@ from mtq_common.config import load_config
 from mtq_common.envs import cost_rates
 from mtq_common.market import load_splits
 from mtq_common.metrics import sharpe
-from mtq_common.portfolio_eval import fit_trend_for
 from mtq_common.synthetic import generate_market
 
 

@@ -1,7 +1,7 @@
 """What to hold now: the trained hierarchy's target book for the bar after the data's last one.
 
 `target_book` runs the system causally over the data, one continuous backtest from its first tradable bar,
-exactly as the test evaluation trades (`portfolio_eval.run_backtests` with one segment): the features,
+exactly as the test evaluation trades (`backtest.run_backtests` with one segment): the features,
 the specialists' own books and stop-loss state, the meta-controller's observation and holdings, the
 drifting account and the risk manager's covariance all evolve bar by bar. At the last bar, whose next
 return is not known yet, the hierarchy proposes and the environment's `preview` applies the stop-loss

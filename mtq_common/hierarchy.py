@@ -139,7 +139,7 @@ class HierarchyPolicy:
 
     `propose(obs, env)` returns the proposed weights and sets `own_positions` (the specialists' positions,
     which the env's stop-loss and the specialists' observations follow); `observe(info, done)` must follow
-    every step (`portfolio_eval.policy_step` does all three). Every evaluated policy, the rule-based
+    every step (`backtest.policy_step` does all three). Every evaluated policy, the rule-based
     baselines included, has `propose` and `observe`. With `meta=None` the allocation is even and the
     appetite full (the "equal allocation" reference of allocation efficiency).
     """

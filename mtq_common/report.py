@@ -36,10 +36,11 @@ from matplotlib.ticker import PercentFormatter
 
 from kernels import LIMIT_NAMES
 from mtq_common import metrics
+from mtq_common.backtest import Backtest
 from mtq_common.baselines import MOMENTUM_LOOKBACK
 from mtq_common.checkpoint import atomic_write_bytes
 from mtq_common.market import REGIME_NAMES
-from mtq_common.portfolio_eval import Backtest, confidence_rows
+from mtq_common.portfolio_eval import confidence_rows
 
 FILES = {"json": "report.json", "markdown": "report.md", "equity": "equity.png", "allocation": "allocation.png"}
 """What `write_report` writes, by the key of the path it returns."""

@@ -10,11 +10,11 @@ import phase3_joint
 import pipeline
 from mtq_common import checkpoint as ckpt
 from mtq_common.act import target_book
+from mtq_common.backtest import run_backtests
 from mtq_common.config import ConfigError, load_config
 from mtq_common.hierarchy import HierarchyPolicy, instrument_specialist_index, load_specialists
 from mtq_common.market import load_splits
 from mtq_common.nets import MetaController
-from mtq_common.portfolio_eval import run_backtests
 
 
 @pytest.fixture(scope="module")

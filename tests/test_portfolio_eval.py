@@ -12,11 +12,24 @@ import torch
 
 from kernels import LIMIT_NAMES
 from mtq_common import metrics as metrics_lib
+from mtq_common.backtest import (
+    PORTFOLIO_KEYS,
+    backtest_metrics,
+    policy_step,
+    run_backtest,
+    run_backtests,
+    specialist_utilization,
+)
 from mtq_common.baselines import (
+    BASELINE_NAMES,
     MOMENTUM_LOOKBACK,
     TREND_FILTER_GRID,
+    BuyAndHoldPolicy,
+    RulePolicy,
     TrendFilter,
     backtest,
+    baseline_policies,
+    fit_trend_for,
     momentum_positions,
     trend_filter_positions,
 )
@@ -25,22 +38,7 @@ from mtq_common.envs import PortfolioEnv, build_tables, cost_rates, instrument_o
 from mtq_common.hierarchy import meta_observation_size, split_action
 from mtq_common.market import REGIME_NAMES, load_splits
 from mtq_common.nets import MetaController, SpecialistAgents
-from mtq_common.portfolio_eval import (
-    BASELINE_NAMES,
-    PORTFOLIO_KEYS,
-    BuyAndHoldPolicy,
-    RulePolicy,
-    backtest_metrics,
-    baseline_policies,
-    evaluate_portfolio,
-    fit_trend_for,
-    format_report,
-    policy_step,
-    run_backtest,
-    run_backtests,
-    specialist_utilization,
-    target_checks,
-)
+from mtq_common.portfolio_eval import evaluate_portfolio, format_report, target_checks
 from mtq_common.specialist_eval import segment_starts
 from tests.helpers import tight_config
 
