@@ -37,9 +37,10 @@ from mtq_common.baselines import fit_trend_for
 from mtq_common.config import ConfigError, parse_args
 from mtq_common.coordination import clip_grad_norm_per_group
 from mtq_common.divergence import DivergenceGuard
-from mtq_common.envs import SpecialistEnv, build_tables, position_column, specialist_rows
+from mtq_common.envs import SpecialistEnv, position_column, specialist_rows
 from mtq_common.hierarchy import parameter_fingerprint
 from mtq_common.market import iso_time, load_splits
+from mtq_common.market_tables import build_tables
 from mtq_common.nets import SpecialistAgents
 from mtq_common.ppo import gae
 from mtq_common.run import Run, start_run

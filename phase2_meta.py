@@ -34,7 +34,7 @@ from mtq_common.baselines import fit_trend_for
 from mtq_common.checkpoint import clone_state
 from mtq_common.config import ConfigError, parse_args
 from mtq_common.divergence import DivergenceGuard
-from mtq_common.envs import PortfolioEnv, build_tables
+from mtq_common.envs import PortfolioEnv
 from mtq_common.hierarchy import (
     MetaTracker,
     compose_weights,
@@ -43,6 +43,7 @@ from mtq_common.hierarchy import (
     parameter_fingerprint,
 )
 from mtq_common.market import load_splits
+from mtq_common.market_tables import build_tables
 from mtq_common.nets import MetaController
 from mtq_common.portfolio_eval import evaluate_portfolio, format_report
 from mtq_common.ppo import gae

@@ -63,7 +63,7 @@ from mtq_common.config import ConfigError, parse_args
 from mtq_common.coordination import AdaptiveLR, UpdateSchedule, clip_component_, component_grads, project_conflict_
 from mtq_common.curriculum import Curriculum, generate_scenario
 from mtq_common.divergence import DivergenceGuard
-from mtq_common.envs import PortfolioEnv, build_tables
+from mtq_common.envs import PortfolioEnv
 from mtq_common.hierarchy import (
     HierarchyPolicy,
     MetaTracker,
@@ -73,6 +73,7 @@ from mtq_common.hierarchy import (
     parameter_fingerprint,
 )
 from mtq_common.market import load_splits
+from mtq_common.market_tables import build_tables
 from mtq_common.nets import MetaController
 from mtq_common.portfolio_eval import evaluate_portfolio, format_report
 from mtq_common.ppo import clipped_surrogate, explained_variance, gae, normalise

@@ -43,9 +43,9 @@ from mtq_common.backtest import run_episodes, stitch_backtests, summarize_episod
 from mtq_common.baselines import fit_trend_for
 from mtq_common.config import ConfigError, config_from_args, parse_args
 from mtq_common.csv_data import load_csv_series
-from mtq_common.envs import build_tables
 from mtq_common.hierarchy import HierarchyPolicy, instrument_specialist_index
 from mtq_common.market import iso_time, load_splits
+from mtq_common.market_tables import build_tables
 from mtq_common.nets import MetaController, SpecialistAgents
 from mtq_common.portfolio_eval import _json_ready, evaluate_portfolio, format_report, report_from_backtests
 from mtq_common.report import write_report

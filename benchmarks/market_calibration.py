@@ -28,8 +28,8 @@ from mtq_common.baselines import (
 )
 from mtq_common.checkpoint import atomic_write_json
 from mtq_common.config import load_config
-from mtq_common.envs import cost_rates
 from mtq_common.market import load_splits
+from mtq_common.market_tables import cost_rates
 from mtq_common.metrics import sharpe
 from mtq_common.synthetic import generate_market
 

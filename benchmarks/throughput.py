@@ -55,9 +55,9 @@ from kernels.portfolio_step import RewardParams, portfolio_step_reference
 from kernels.risk import risk_step_reference
 from mtq_common.checkpoint import atomic_write_json
 from mtq_common.config import load_config
-from mtq_common.envs import build_tables
 from mtq_common.gym_env import make_portfolio_vec, make_specialist_vec
 from mtq_common.market import load_splits
+from mtq_common.market_tables import build_tables
 from mtq_common.runtime import resolve_device
 
 ACTION_POOL = 16

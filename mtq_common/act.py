@@ -21,9 +21,10 @@ import torch
 
 from kernels import LIMIT_NAMES, NOT_APPLIED
 from mtq_common.config import Config
-from mtq_common.envs import PortfolioEnv, build_tables
+from mtq_common.envs import PortfolioEnv
 from mtq_common.hierarchy import HierarchyPolicy, instrument_specialist_index
 from mtq_common.market import MarketData, iso_time
+from mtq_common.market_tables import build_tables
 
 
 def warmup_needed(cfg: Config) -> int:

@@ -46,8 +46,9 @@ import torch
 from kernels import LIMIT_NAMES
 from mtq_common import metrics
 from mtq_common.config import Config
-from mtq_common.envs import MarketTables, PortfolioEnv, build_tables
+from mtq_common.envs import PortfolioEnv
 from mtq_common.market import REGIME_NAMES, MarketData
+from mtq_common.market_tables import MarketTables, build_tables
 from mtq_common.specialist_eval import segment_starts
 
 PORTFOLIO_KEYS = (

@@ -34,9 +34,10 @@ import numpy as np
 import torch
 
 from mtq_common.config import Config
-from mtq_common.envs import PortfolioEnv, cost_rates
+from mtq_common.envs import PortfolioEnv
 from mtq_common.features import hysteresis, trend_zscore
 from mtq_common.market import MarketData
+from mtq_common.market_tables import cost_rates
 
 MOMENTUM_LOOKBACK = 60
 """Bars of the time-series momentum rule (about a quarter of daily bars)."""

@@ -31,9 +31,9 @@ from mtq_common.baselines import (
     baseline_policies,
 )
 from mtq_common.config import Config
-from mtq_common.envs import MarketTables, build_tables
 from mtq_common.hierarchy import HierarchyPolicy, instrument_specialist_index
 from mtq_common.market import MarketData, iso_time
+from mtq_common.market_tables import MarketTables, build_tables
 
 TARGETS = {
     1: (("sharpe", ">", 1.5), ("max_drawdown", "<", 0.20), ("win_rate", ">", 0.55)),

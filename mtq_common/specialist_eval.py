@@ -25,8 +25,9 @@ from mtq_common.baselines import (
     trend_filter_positions,
 )
 from mtq_common.config import Config
-from mtq_common.envs import MarketTables, SpecialistEnv, build_tables
+from mtq_common.envs import SpecialistEnv
 from mtq_common.market import MarketData
+from mtq_common.market_tables import MarketTables, build_tables
 from mtq_common.nets import SpecialistAgents
 
 METRIC_KEYS = ("sharpe", "sortino", "calmar", "max_drawdown", "win_rate", "total_return")

@@ -11,7 +11,7 @@ bars of first training window and the `T - E` bars after it in `K + 1` equal blo
 so the K test blocks are consecutive and, stitched, form one out-of-sample series of `K L` bars. A
 validation or test split also carries the `W` bars before its block (`W` = the environments' warm-up,
 the longest feature window): features are causal, so these past bars only let the features be defined
-from the block's first bar, where trading starts (`envs.build_tables`' first tradable bar is `W`). No
+from the block's first bar, where trading starts (`market_tables.build_tables`' first tradable bar is `W`). No
 bar is traded by two splits of one fold, and no fold trains on a bar it validates or tests on (tested).
 
 The pipeline (`--mode walkforward`) sets `data.folds` and `data.fold` in a per-fold config, so every

@@ -12,10 +12,11 @@ from kernels import LIMIT_NAMES, RewardParams, RiskLimits
 from kernels.portfolio_step import portfolio_step_reference
 from kernels.risk import correlation_from_covariance, risk_step_reference
 from mtq_common.config import Config
-from mtq_common.envs import PortfolioEnv, SpecialistEnv, build_tables, feasible_limits, specialist_rows
+from mtq_common.envs import PortfolioEnv, SpecialistEnv, specialist_rows
 from mtq_common.features import FEATURE_WINDOW
 from mtq_common.hierarchy import compose_weights, instrument_specialist_index
 from mtq_common.market import MarketData
+from mtq_common.market_tables import build_tables, feasible_limits
 from mtq_common.synthetic import generate_market
 
 START = FEATURE_WINDOW + 5  # a bar every episode may start at

@@ -12,10 +12,11 @@ from gymnasium.vector import AutoresetMode
 
 import mtq_common
 from mtq_common.config import Config
-from mtq_common.envs import PortfolioEnv, SpecialistEnv, build_tables
+from mtq_common.envs import PortfolioEnv, SpecialistEnv
 from mtq_common.features import FEATURE_NAMES, compute_features
 from mtq_common.gym_env import PortfolioSingleEnv, SpecialistSingleEnv, make_portfolio_vec, make_specialist_vec
 from mtq_common.market import load_splits
+from mtq_common.market_tables import build_tables
 from mtq_common.synthetic import generate_market
 
 F = len(FEATURE_NAMES)

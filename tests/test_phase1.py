@@ -162,8 +162,9 @@ def test_the_rules_trade_through_the_stop_loss():
 
     from mtq_common.baselines import TrendFilter, backtest, momentum_positions
     from mtq_common.config import Config
-    from mtq_common.envs import cost_rates, instrument_obs_size
+    from mtq_common.envs import instrument_obs_size
     from mtq_common.market import load_splits
+    from mtq_common.market_tables import cost_rates
     from mtq_common.metrics import sharpe
     from mtq_common.nets import SpecialistAgents
     from mtq_common.specialist_eval import evaluate_specialists, segment_starts
@@ -184,7 +185,7 @@ def test_the_rules_trade_through_the_stop_loss():
     tight, off = momentum_sharpes(0.002), momentum_sharpes(1.0)
     assert (np.abs(tight - off) > 1e-3).sum() >= 6 and np.abs(tight - off).max() > 0.3, (tight, off)
     # with the stop off, the rule is the plain position table held over the same bars (one continuous run)
-    from mtq_common.envs import build_tables
+    from mtq_common.market_tables import build_tables
 
     first, length = segment_starts(build_tables(val, cfg), 1)
     bars = slice(first[0], first[0] + length + 1)

@@ -77,8 +77,8 @@ def test_the_test_evaluation_is_one_continuous_backtest_of_the_whole_split(train
     """DESIGN section 9: one row per policy from the test split's first tradable bar to its second-to-last bar
     (the last position earns the last bar's return), never parallel segments."""
     from mtq_common.config import load_config
-    from mtq_common.envs import build_tables
     from mtq_common.market import load_splits
+    from mtq_common.market_tables import build_tables
 
     tmp, config, _ = trained
     report = json.loads((tmp / "out" / "eval" / "report.json").read_text())

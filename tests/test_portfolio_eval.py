@@ -34,9 +34,10 @@ from mtq_common.baselines import (
     trend_filter_positions,
 )
 from mtq_common.config import Config
-from mtq_common.envs import PortfolioEnv, build_tables, cost_rates, instrument_obs_size
+from mtq_common.envs import PortfolioEnv, instrument_obs_size
 from mtq_common.hierarchy import meta_observation_size, split_action
 from mtq_common.market import REGIME_NAMES, load_splits
+from mtq_common.market_tables import build_tables, cost_rates
 from mtq_common.nets import MetaController, SpecialistAgents
 from mtq_common.portfolio_eval import evaluate_portfolio, format_report, target_checks
 from mtq_common.specialist_eval import segment_starts

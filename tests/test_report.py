@@ -13,9 +13,10 @@ import torch
 from mtq_common import report as report_writer
 from mtq_common.baselines import fit_trend_for
 from mtq_common.config import Config
-from mtq_common.envs import PortfolioEnv, build_tables, instrument_obs_size
+from mtq_common.envs import PortfolioEnv, instrument_obs_size
 from mtq_common.hierarchy import meta_observation_size
 from mtq_common.market import REGIME_NAMES, load_splits
+from mtq_common.market_tables import build_tables
 from mtq_common.nets import MetaController, SpecialistAgents
 from mtq_common.portfolio_eval import evaluate_portfolio
 from mtq_common.report import (

@@ -10,7 +10,7 @@ import pytest
 
 import pipeline
 from mtq_common.config import Config, ConfigError
-from mtq_common.envs import build_tables
+from mtq_common.market_tables import build_tables
 from mtq_common.walkforward import MIN_BLOCK, fold_bounds, fold_splits, warmup_bars
 
 REPO = Path(__file__).resolve().parents[1]
