@@ -22,8 +22,6 @@ averaged over ranks, rank 0 validates and writes; `--timesteps` is the total ove
 from __future__ import annotations
 
 import dataclasses
-import random
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +32,7 @@ from torch.utils.tensorboard import SummaryWriter
 from mtq_common import checkpoint as ckpt
 from mtq_common import distributed
 from mtq_common.baselines import fit_trend_for
-from mtq_common.config import ConfigError, parse_args
+from mtq_common.config import ConfigError
 from mtq_common.coordination import clip_grad_norm_per_group
 from mtq_common.divergence import DivergenceGuard
 from mtq_common.envs import SpecialistEnv, position_column, specialist_rows
@@ -42,8 +40,8 @@ from mtq_common.hierarchy import parameter_fingerprint
 from mtq_common.market import iso_time, load_splits
 from mtq_common.market_tables import build_tables
 from mtq_common.nets import SpecialistAgents
-from mtq_common.ppo import gae
-from mtq_common.run import Run, start_run
+from mtq_common.ppo import gae, update_scalars
+from mtq_common.run import Run, cli, iterations, seed_everything, start_run
 from mtq_common.runtime import (
     autocast,
     compile_methods,
@@ -140,17 +138,12 @@ def main(args: Args) -> dict:
     if unknown:
         raise ConfigError(f"--specialists {unknown}: not among the active specialists {cfg.active_specialists()}")
     rows_per_iteration = args.num_envs * args.num_steps  # per specialist, on this rank
-    num_iterations = distributed.iterations(args.timesteps, rows_per_iteration, world)
-    if args.batch_size > rows_per_iteration:
-        raise ConfigError(f"--batch-size {args.batch_size} exceeds the rollout ({args.num_envs} x {args.num_steps})")
+    num_iterations = iterations(args, rows_per_iteration, world)  # (a minibatch never exceeds the rollout)
     if not 0.0 < args.position_rate <= 1.0:
         raise ConfigError(f"--position-rate {args.position_rate}: accepted 0 < rate <= 1")
 
     # TRY NOT TO MODIFY: seeding (each rank its own environments and noise; rank 0's initial weights)
-    seed = world.seed(args.seed)
-    random.seed(seed)
-    np.random.seed(seed)  # noqa: NPY002 (the legacy global state is what third-party code draws from)
-    torch.manual_seed(seed)
+    seed = seed_everything(world.seed(args.seed))
 
     # ENV SETUP: one batched environment, rows grouped by specialist
     splits = load_splits(cfg)
@@ -286,16 +279,8 @@ def main(args: Args) -> dict:
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes (one host sync per iteration)
         sps = run.sps(global_step)
-        scalars = {
-            "charts/learning_rate": optimizer.param_groups[0]["lr"],
-            "charts/SPS": sps,
-            "losses/value_loss": v_loss.mean().item(),
-            "losses/policy_loss": pg_loss.mean().item(),
-            "losses/entropy": entropy_loss.mean().item(),
-            "losses/approx_kl": approx_kl.mean().item(),
-            "losses/clipfrac": torch.stack(clipfracs).mean().item(),
-            "losses/explained_variance": explained_var.mean().item(),
-        }
+        scalars = update_scalars(optimizer.param_groups[0]["lr"], sps, v_loss, pg_loss, entropy_loss, approx_kl,
+                                 clipfracs, explained_var)  # fmt: skip
         if ep_count.item() > 0:
             scalars["charts/episodic_return"] = (ep_return_sum / ep_count).item()
         for name, i in zip(specialists, range(k), strict=True):
@@ -412,11 +397,4 @@ def log_validation(writer: SummaryWriter, evaluation: dict, global_step: int) ->
 
 
 if __name__ == "__main__":
-    try:
-        cli_args, _ = parse_args(Args, ALIASES)
-        main(cli_args)
-        distributed.shutdown(wait=True)
-    except (ConfigError, ckpt.CheckpointError, ValueError) as err:
-        print(f"phase1_ppo.py: error: {err}", file=sys.stderr)
-        distributed.shutdown()
-        sys.exit(2)
+    cli(main, Args, ALIASES, "phase1_ppo.py")

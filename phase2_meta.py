@@ -20,19 +20,16 @@ Runs data-parallel under `torchrun --nproc_per_node N` as Phase 1 does (`mtq_com
 
 from __future__ import annotations
 
-import random
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from mtq_common import checkpoint as ckpt
 from mtq_common import distributed
 from mtq_common.baselines import fit_trend_for
 from mtq_common.checkpoint import clone_state
-from mtq_common.config import ConfigError, parse_args
+from mtq_common.config import ConfigError
 from mtq_common.divergence import DivergenceGuard
 from mtq_common.envs import PortfolioEnv
 from mtq_common.hierarchy import (
@@ -46,9 +43,9 @@ from mtq_common.market import load_splits
 from mtq_common.market_tables import build_tables
 from mtq_common.nets import MetaController
 from mtq_common.portfolio_eval import evaluate_portfolio, format_report
-from mtq_common.ppo import gae
+from mtq_common.ppo import gae, update_scalars
 from mtq_common.rollout_stats import PortfolioRolloutStats, log_validation
-from mtq_common.run import Run, start_run
+from mtq_common.run import Run, cli, iterations, seed_everything, start_run
 from mtq_common.runtime import autocast, compile_methods
 
 ALIASES = {"timesteps": "training.phase_2_timesteps"}
@@ -134,17 +131,12 @@ def main(args: Args) -> dict:
     cfg, world, device, log = start_run(args, ALIASES, "phase2")  # config, ranks, log file, threads
     out_dir = Path(args.output_dir)
     steps_per_iteration = args.num_envs * args.num_steps  # on this rank
-    num_iterations = distributed.iterations(args.timesteps, steps_per_iteration, world)
-    if args.batch_size > steps_per_iteration:
-        raise ConfigError(f"--batch-size {args.batch_size} exceeds the rollout ({args.num_envs} x {args.num_steps})")
+    num_iterations = iterations(args, steps_per_iteration, world)  # (a minibatch never exceeds the rollout)
     if not 0.0 < args.allocation_rate <= 1.0:
         raise ConfigError(f"--allocation-rate {args.allocation_rate}: accepted 0 < rate <= 1")
 
     # TRY NOT TO MODIFY: seeding (each rank its own environments and noise; rank 0's initial weights)
-    seed = world.seed(args.seed)
-    random.seed(seed)
-    np.random.seed(seed)  # noqa: NPY002 (the legacy global state is what third-party code draws from)
-    torch.manual_seed(seed)
+    seed = seed_everything(world.seed(args.seed))
 
     # THE FROZEN SPECIALISTS and the environment
     splits = load_splits(cfg)
@@ -300,17 +292,9 @@ def main(args: Args) -> dict:
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes (one host sync per iteration)
         sps = run.sps(global_step)
-        scalars = {
-            "charts/learning_rate": optimizer.param_groups[0]["lr"],
-            "charts/SPS": sps,
-            "losses/value_loss": v_loss.item(),
-            "losses/policy_loss": pg_loss.item(),
-            "losses/entropy": entropy_loss.item(),
-            "losses/approx_kl": approx_kl.item(),
-            "losses/clipfrac": torch.stack(clipfracs).mean().item(),
-            "losses/explained_variance": explained_var.item(),
-            **rollout.scalars(),  # episodes, the risk layer, the allocation
-        }
+        scalars = update_scalars(optimizer.param_groups[0]["lr"], sps, v_loss, pg_loss, entropy_loss, approx_kl,
+                                 clipfracs, explained_var)  # fmt: skip
+        scalars.update(rollout.scalars())  # episodes, the risk layer, the allocation
         run.log_scalars(scalars, global_step)
 
         # VALIDATION: the whole hierarchy on the validation split, next to the baselines (rank 0)
@@ -393,11 +377,4 @@ def model_payload(model_state: dict, meta: MetaController, specialists, cfg, arg
 
 
 if __name__ == "__main__":
-    try:
-        cli_args, _ = parse_args(Args, ALIASES)
-        main(cli_args)
-        distributed.shutdown(wait=True)
-    except (ConfigError, ckpt.CheckpointError, ValueError) as err:
-        print(f"phase2_meta.py: error: {err}", file=sys.stderr)
-        distributed.shutdown()
-        sys.exit(2)
+    cli(main, Args, ALIASES, "phase2_meta.py")

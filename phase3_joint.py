@@ -46,12 +46,9 @@ adaptive rates and the curriculum level move together.
 from __future__ import annotations
 
 import json
-import random
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from mtq_common import checkpoint as ckpt
@@ -59,7 +56,7 @@ from mtq_common import distributed
 from mtq_common.backtest import run_episodes, summarize_episodes
 from mtq_common.baselines import fit_trend_for
 from mtq_common.checkpoint import clone_state
-from mtq_common.config import ConfigError, parse_args
+from mtq_common.config import ConfigError
 from mtq_common.coordination import AdaptiveLR, UpdateSchedule, clip_component_, component_grads, project_conflict_
 from mtq_common.curriculum import Curriculum, generate_scenario
 from mtq_common.divergence import DivergenceGuard
@@ -76,9 +73,9 @@ from mtq_common.market import load_splits
 from mtq_common.market_tables import build_tables
 from mtq_common.nets import MetaController
 from mtq_common.portfolio_eval import evaluate_portfolio, format_report
-from mtq_common.ppo import clipped_surrogate, explained_variance, gae, normalise
+from mtq_common.ppo import clipped_surrogate, explained_variance, gae, normalise, update_scalars
 from mtq_common.rollout_stats import PortfolioRolloutStats, log_validation
-from mtq_common.run import Run, start_run
+from mtq_common.run import Run, cli, iterations, seed_everything, start_run
 from mtq_common.runtime import autocast, compile_methods
 
 ALIASES = {"timesteps": "training.phase_3_timesteps"}
@@ -186,17 +183,12 @@ def main(args: Args) -> dict:
     cfg, world, device, log = start_run(args, ALIASES, "phase3")  # config, ranks, log file, threads
     out_dir = Path(args.output_dir)
     steps_per_iteration = args.num_envs * args.num_steps  # on this rank
-    num_iterations = distributed.iterations(args.timesteps, steps_per_iteration, world)
-    if args.batch_size > steps_per_iteration:
-        raise ConfigError(f"--batch-size {args.batch_size} exceeds the rollout ({args.num_envs} x {args.num_steps})")
+    num_iterations = iterations(args, steps_per_iteration, world)  # (a minibatch never exceeds the rollout)
     if not 0.0 <= args.specialist_portfolio_weight <= 1.0:
         raise ConfigError(f"--specialist-portfolio-weight {args.specialist_portfolio_weight}: accepted 0 to 1")
 
     # TRY NOT TO MODIFY: seeding (each rank its own environments and noise)
-    seed = world.seed(args.seed)
-    random.seed(seed)
-    np.random.seed(seed)  # noqa: NPY002 (the legacy global state is what third-party code draws from)
-    torch.manual_seed(seed)
+    seed = seed_everything(world.seed(args.seed))
 
     # BOTH LEVELS, now trainable
     splits = load_splits(cfg)
@@ -392,15 +384,9 @@ def main(args: Args) -> dict:
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes (one host sync per iteration)
         sps = run.sps(global_step)
-        scalars = {
-            "charts/learning_rate": optimizer.param_groups[0]["lr"],
-            "charts/SPS": sps,
-            "losses/value_loss": meta_v_loss.item(),
-            "losses/policy_loss": meta_pg.item(),
-            "losses/entropy": meta_entropy.mean().item(),
-            "losses/approx_kl": approx_kl.item(),
-            "losses/clipfrac": torch.stack(clipfracs).mean().item(),
-            "losses/explained_variance": explained_variance(meta_values.reshape(-1), b_meta_returns),
+        scalars = update_scalars(optimizer.param_groups[0]["lr"], sps, meta_v_loss, meta_pg, meta_entropy, approx_kl,
+                                 clipfracs, explained_variance(meta_values.reshape(-1), b_meta_returns))  # fmt: skip
+        scalars |= {
             "curriculum/level": level,
             "coordination/lr_meta": optimizer.param_groups[0]["lr"],
             "coordination/lr_specialists": optimizer.param_groups[1]["lr"],
@@ -580,11 +566,4 @@ def model_payload(states: dict, specialists, meta, cfg) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        cli_args, _ = parse_args(Args, ALIASES)
-        main(cli_args)
-        distributed.shutdown(wait=True)
-    except (ConfigError, ckpt.CheckpointError, ValueError) as err:
-        print(f"phase3_joint.py: error: {err}", file=sys.stderr)
-        distributed.shutdown()
-        sys.exit(2)
+    cli(main, Args, ALIASES, "phase3_joint.py")

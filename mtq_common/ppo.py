@@ -1,4 +1,5 @@
-"""The PPO pieces every phase script shares: GAE with truncation bootstrapping, the clipped surrogate.
+"""The PPO pieces every phase script shares: GAE with truncation bootstrapping, the clipped surrogate, the
+update's TensorBoard tags.
 
 The scripts keep the algorithm in view (rollout, update, logging in CleanRL's order) and call these for the
 formulas that must be the same in all three phases.
@@ -44,3 +45,20 @@ def clipped_surrogate(new_logprob, old_logprob, advantages, clip: float):
 def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
     """1 - Var(target - pred) / Var(target): how much of the returns the critic explains."""
     return (1 - (target - pred).var() / target.var().clamp_min(1e-8)).item()
+
+
+def update_scalars(learning_rate: float, sps: int, value_loss, policy_loss, entropy, approx_kl, clipfracs: list,
+                   explained_var) -> dict:  # fmt: skip
+    """CleanRL's `charts/` and `losses/` tags of one PPO update, named alike in every phase so that runs
+    compare tag for tag. Tensors (per specialist in Phase 1) are averaged and read here: the one host
+    sync of the iteration's logging."""
+    return {
+        "charts/learning_rate": learning_rate,
+        "charts/SPS": sps,
+        "losses/value_loss": value_loss.mean().item(),
+        "losses/policy_loss": policy_loss.mean().item(),
+        "losses/entropy": entropy.mean().item(),
+        "losses/approx_kl": approx_kl.mean().item(),
+        "losses/clipfrac": torch.stack(clipfracs).mean().item(),
+        "losses/explained_variance": float(torch.as_tensor(explained_var).mean()),
+    }

@@ -5,17 +5,20 @@ three scripts would repeat them word for word, so each is one named call in `mai
 
 from __future__ import annotations
 
+import random
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from mtq_common import checkpoint as ckpt
 from mtq_common import distributed
-from mtq_common.config import config_from_args
+from mtq_common.config import ConfigError, config_from_args, parse_args
 from mtq_common.runtime import check_amp, configure_threads, setup_logging
 
 
@@ -29,6 +32,35 @@ def start_run(args, aliases: dict, name: str):
     configure_threads(args.torch_threads)
     check_amp(args.amp, device)
     return cfg, world, device, log
+
+
+def iterations(args, rows_per_iteration: int, world: distributed.World) -> int:
+    """PPO iterations for `--timesteps` at `rows_per_iteration` environment steps per iteration on each
+    rank; a minibatch larger than the rollout is refused."""
+    if args.batch_size > rows_per_iteration:
+        raise ConfigError(f"--batch-size {args.batch_size} exceeds the rollout ({args.num_envs} x {args.num_steps})")
+    return distributed.iterations(args.timesteps, rows_per_iteration, world)
+
+
+def seed_everything(seed: int) -> int:
+    """Python's, NumPy's legacy global and torch's generators from `seed` (returned)."""
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 (the legacy global state is what third-party code draws from)
+    torch.manual_seed(seed)
+    return seed
+
+
+def cli(main, args_type, aliases: dict, script: str) -> None:
+    """A phase script's command line: parse the flags (and `--config`), run `main`, and on bad input
+    print one paragraph naming `script` and exit with code 2 (every rank leaves the process group)."""
+    try:
+        args, _ = parse_args(args_type, aliases)
+        main(args)
+        distributed.shutdown(wait=True)
+    except (ConfigError, ckpt.CheckpointError, ValueError) as err:
+        print(f"{script}: error: {err}", file=sys.stderr)
+        distributed.shutdown()
+        sys.exit(2)
 
 
 class Run:
