@@ -1,5 +1,7 @@
-"""The run plumbing the three phase scripts share, kept out of the algorithm's way: the TensorBoard
-writer and its hyperparameter table, the progress bar, where the loop's time goes, the rotating
+"""The run plumbing the three phase scripts share, kept out of the algorithm's way: the first lines of a
+run (`start_run`: config, ranks, log file, threads), the iteration count, seeding, the command line
+(`cli`: exit code 2 with one paragraph on bad input) and, in `Run`, the TensorBoard writer and its
+hyperparameter table, the progress bar, where the loop's time goes (`Stopwatch`), the rotating
 `latest.pt`, `--stop-after` and the run's timing. CleanRL writes these inline in its one script; here
 three scripts would repeat them word for word, so each is one named call in `main()`."""
 

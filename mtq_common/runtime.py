@@ -1,5 +1,5 @@
-"""Run-time plumbing the phase scripts share: device choice, logging to a file, per-group gradient clipping,
-the speed options (`--compile`, `--amp`)."""
+"""Run-time settings the scripts share: device choice, logging to a file, torch's threads, the speed options
+(`--compile`, `--amp`). The training loop's plumbing is in `run.py`, gradient clipping in `coordination.py`."""
 
 from __future__ import annotations
 
