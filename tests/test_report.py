@@ -19,17 +19,15 @@ from mtq_common.market import REGIME_NAMES, load_splits
 from mtq_common.market_tables import build_tables
 from mtq_common.nets import MetaController, SpecialistAgents
 from mtq_common.portfolio_eval import evaluate_portfolio
-from mtq_common.report import (
+from mtq_common.report import FILES, markdown_report, write_report
+from mtq_common.report_plots import (
     ALLOCATION_SIZE,
     DPI,
     EQUITY_SIZE,
-    FILES,
     allocation_figure,
     drawdown,
     equity_figure,
-    markdown_report,
     sleeve_performance,
-    write_report,
 )
 from tests.helpers import tight_config
 
