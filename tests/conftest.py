@@ -1,4 +1,6 @@
-"""Test-wide settings: Triton kernels run on the CPU through its interpreter; torch uses one thread."""
+"""Test-wide settings (Triton kernels run on the CPU through its interpreter; torch uses one thread) and the
+fixtures several test modules share. A module that needs another config defines its own `cfg` / `market`,
+which overrides these."""
 
 import os
 
@@ -8,7 +10,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tests.helpers import prepare, write_config  # noqa: E402
+from mtq_common.baselines import fit_trend_for  # noqa: E402
+from mtq_common.market import load_splits  # noqa: E402
+from tests.helpers import prepare, tight_config, write_config  # noqa: E402
 
 # Small tensors: one intra-op thread is faster and cannot collapse when the two cores are shared.
 torch.set_num_threads(1)
@@ -22,3 +26,21 @@ def tiny_phases(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny_phases")
     config = write_config(tmp / "c.yaml")
     return tmp, config, prepare(tmp, config)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    """The small synthetic config of the evaluation tests (`helpers.tight_config`), one per module."""
+    return tight_config()
+
+
+@pytest.fixture(scope="module")
+def market(cfg):
+    """The test split of `cfg`'s market."""
+    return load_splits(cfg)["test"]
+
+
+@pytest.fixture(scope="module")
+def trend(cfg):
+    """The trend filter's parameters, picked on the training split (as the phases and the pipeline do)."""
+    return fit_trend_for(load_splits(cfg)["train"], cfg)

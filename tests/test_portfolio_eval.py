@@ -41,31 +41,14 @@ from mtq_common.market_tables import build_tables, cost_rates
 from mtq_common.nets import MetaController, SpecialistAgents
 from mtq_common.portfolio_eval import evaluate_portfolio, format_report, target_checks
 from mtq_common.specialist_eval import segment_starts
-from tests.helpers import tight_config
 
 SEGMENTS = 8
 Z95 = 1.6448536269514722
 
 
 @pytest.fixture(scope="module")
-def cfg() -> Config:
-    return tight_config()
-
-
-@pytest.fixture(scope="module")
-def market(cfg):
-    return load_splits(cfg)["test"]
-
-
-@pytest.fixture(scope="module")
 def tables(market, cfg):
     return build_tables(market, cfg)
-
-
-@pytest.fixture(scope="module")
-def trend(cfg):
-    """The trend filter's parameters, picked on the training split (as the phases and the pipeline do)."""
-    return fit_trend_for(load_splits(cfg)["train"], cfg)
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,9 @@ import pytest
 import torch
 
 from mtq_common import report as report_writer
-from mtq_common.baselines import fit_trend_for
-from mtq_common.config import Config
 from mtq_common.envs import PortfolioEnv, instrument_obs_size
 from mtq_common.hierarchy import meta_observation_size
-from mtq_common.market import REGIME_NAMES, load_splits
+from mtq_common.market import REGIME_NAMES
 from mtq_common.market_tables import build_tables
 from mtq_common.nets import MetaController, SpecialistAgents
 from mtq_common.portfolio_eval import evaluate_portfolio
@@ -29,7 +27,6 @@ from mtq_common.report_plots import (
     equity_figure,
     sleeve_performance,
 )
-from tests.helpers import tight_config
 
 SEGMENTS = 4
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -46,22 +43,6 @@ EPISODES = {
     "sharpe": {"mean": 0.8, "std": 0.3, "min": 0.4, "max": 1.2},
     "max_drawdown": {"mean": 0.05, "std": 0.01, "min": 0.03, "max": 0.07},
 }
-
-
-@pytest.fixture(scope="module")
-def cfg() -> Config:
-    return tight_config()
-
-
-@pytest.fixture(scope="module")
-def market(cfg):
-    return load_splits(cfg)["test"]
-
-
-@pytest.fixture(scope="module")
-def trend(cfg):
-    """The trend filter picked on the training split (a finite train Sharpe: the report stays writable)."""
-    return fit_trend_for(load_splits(cfg)["train"], cfg)
 
 
 @pytest.fixture(scope="module")
