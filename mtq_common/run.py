@@ -128,7 +128,7 @@ class Run:
 
 class Stopwatch:
     """Where a training loop spends its wall time: `lap("rollout")` charges the seconds since the last lap
-    (or `start()`) to that part, and `minibatches` counts PPO minibatches, so `summary()` can give the time
+    (or since it was made) to that part, and `minibatches` counts PPO minibatches, so `summary()` can give the time
     per minibatch that `benchmarks.throughput` reports. On a GPU each lap synchronises the device once (a lap
     is taken between loop sections, never inside the rollout), so the parts add up to the wall time."""
 
@@ -136,10 +136,6 @@ class Stopwatch:
         self.device = device
         self.seconds: dict[str, float] = {}
         self.minibatches = 0
-        self._last = time.perf_counter()
-
-    def start(self) -> None:
-        self._sync()
         self._last = time.perf_counter()
 
     def lap(self, part: str) -> None:
