@@ -104,12 +104,6 @@ def buy_and_hold_positions(prices: np.ndarray) -> np.ndarray:
     return np.ones_like(prices)
 
 
-def risk_parity_positions(variance: np.ndarray) -> np.ndarray:
-    """Long every instrument inverse to its causal EWMA volatility, the largest position at 1 ([T, N])."""
-    inverse_vol = 1.0 / np.sqrt(np.maximum(variance, 1e-20))
-    return inverse_vol / inverse_vol.max(-1, keepdims=True)
-
-
 def backtest(positions: np.ndarray, returns: np.ndarray, cost: float | np.ndarray) -> np.ndarray:
     """Net return per bar and instrument of holding `positions` ([T, N]) over `returns` ([T, N]).
 
