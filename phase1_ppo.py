@@ -32,20 +32,17 @@ from torch.utils.tensorboard import SummaryWriter
 from mtq_common import checkpoint as ckpt
 from mtq_common import distributed
 from mtq_common.baselines import fit_trend_for
+from mtq_common.checkpoint import parameter_fingerprint
 from mtq_common.config import ConfigError
 from mtq_common.coordination import clip_grad_norm_per_group
 from mtq_common.divergence import DivergenceGuard
 from mtq_common.envs import SpecialistEnv, position_column, specialist_rows
-from mtq_common.hierarchy import parameter_fingerprint
 from mtq_common.market import iso_time, load_splits
 from mtq_common.market_tables import build_tables
 from mtq_common.nets import SpecialistAgents
 from mtq_common.ppo import gae, update_scalars
-from mtq_common.run import Run, cli, iterations, seed_everything, start_run
-from mtq_common.runtime import (
-    autocast,
-    compile_methods,
-)
+from mtq_common.run import Run, cli, iterations, restore, resume, seed_everything, start_run
+from mtq_common.runtime import autocast, compile_methods
 from mtq_common.specialist_eval import evaluate_specialists, format_specialist_table
 
 ALIASES = {"timesteps": "training.phase_1_timesteps"}
@@ -181,17 +178,12 @@ def main(args: Args) -> dict:
     best = {"sharpe": {name: -float("inf") for name in specialists}, "iteration": {}, "model": None}
     next_obs, _ = envs.reset(seed=seed)
     if args.resume:
-        path = out_dir / "latest.pt"
-        state, mine = distributed.load_latest(path, "phase1", cfg.hash(), args.force, world)
+        state, mine = resume(args, "phase1", cfg, world)
         if state["specialists"] != specialists or state["obs_size"] != f:
-            raise ckpt.CheckpointError(f"{path} trained {state['specialists']} on another layout")
-        agent.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        envs.load_state_dict(mine["env"])
-        ckpt.restore_rng_state(mine["rng"])
-        start_iteration, global_step, best = state["iteration"] + 1, state["global_step"], state["best"]
+            raise ckpt.CheckpointError(f"{args.output_dir}/latest.pt trained {state['specialists']} on another layout")
+        start_iteration, global_step, best = restore(state, mine, log, {"model": agent, "optimizer": optimizer},
+                                                     {"env": envs})  # fmt: skip
         next_obs = envs.observe()
-        log.info("resumed from %s at iteration %d (step %d)", path, start_iteration - 1, global_step)
     log.info("phase 1: %s on %d rank(s) x %d rows x %d steps, %d iterations, device %s", specialists, world.size,
              r, args.num_steps, num_iterations, device)  # fmt: skip
 
@@ -296,17 +288,8 @@ def main(args: Args) -> dict:
             log.info("iteration %d/%d step %d SPS %d val sharpe %s", iteration, num_iterations, global_step, sps,
                      {n: round(v["mean_sharpe"], 3) for n, v in evaluation.items()})  # fmt: skip
             ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best["model"], agent, cfg, specialists, val))
-        run.save_latest(
-            {
-                **model_payload(agent.state_dict(), agent, cfg, specialists, val),
-                "optimizer": optimizer.state_dict(),
-                "iteration": iteration,
-                "global_step": global_step,
-                "best": best,
-            },
-            {"env": envs.state_dict(), "rng": ckpt.rng_state()},  # each rank's own
-            global_step,
-        )
+        run.save_latest(iteration, global_step, best, model_payload(agent.state_dict(), agent, cfg, specialists, val),
+                        {"optimizer": optimizer}, {"env": envs})  # fmt: skip
         if run.stop_here(iteration):
             return {"stopped_at_iteration": iteration, "global_step": global_step}
     timing = run.finish(global_step)

@@ -28,7 +28,7 @@ import torch
 from mtq_common import checkpoint as ckpt
 from mtq_common import distributed
 from mtq_common.baselines import fit_trend_for
-from mtq_common.checkpoint import clone_state
+from mtq_common.checkpoint import clone_state, parameter_fingerprint
 from mtq_common.config import ConfigError
 from mtq_common.divergence import DivergenceGuard
 from mtq_common.envs import PortfolioEnv
@@ -37,7 +37,6 @@ from mtq_common.hierarchy import (
     compose_weights,
     load_specialists,
     meta_observation_size,
-    parameter_fingerprint,
 )
 from mtq_common.market import load_splits
 from mtq_common.market_tables import build_tables
@@ -45,7 +44,7 @@ from mtq_common.nets import MetaController
 from mtq_common.portfolio_eval import evaluate_portfolio, format_report
 from mtq_common.ppo import gae, update_scalars
 from mtq_common.rollout_stats import PortfolioRolloutStats, log_validation
-from mtq_common.run import Run, cli, iterations, seed_everything, start_run
+from mtq_common.run import Run, cli, iterations, restore, resume, seed_everything, start_run
 from mtq_common.runtime import autocast, compile_methods
 
 ALIASES = {"timesteps": "training.phase_2_timesteps"}
@@ -186,17 +185,10 @@ def main(args: Args) -> dict:
     equal = (torch.full((args.num_envs, k), 1.0 / k, device=device), torch.ones(args.num_envs, device=device))
     tracker = MetaTracker(owner, k, b, device, args.allocation_rate)  # the meta-controller's observation and holdings
     if args.resume:
-        path = out_dir / "latest.pt"
-        state, mine = distributed.load_latest(path, "phase2", cfg.hash(), args.force, world)
-        meta.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        envs.load_state_dict(mine["env"])
-        twin.load_state_dict(mine["twin"])
-        ckpt.restore_rng_state(mine["rng"])
-        tracker.load_state_dict(mine["tracker"])
-        start_iteration, global_step, best = state["iteration"] + 1, state["global_step"], state["best"]
+        state, mine = resume(args, "phase2", cfg, world)
+        start_iteration, global_step, best = restore(state, mine, log, {"model": meta, "optimizer": optimizer},
+                                                     {"env": envs, "twin": twin, "tracker": tracker})  # fmt: skip
         next_env_obs = envs.observe()
-        log.info("resumed from %s at iteration %d (step %d)", path, start_iteration - 1, global_step)
     log.info("phase 2: meta-controller over %s, %d rank(s) x %d rows x %d steps, %d iterations, device %s",
              specialists.names, world.size, b, args.num_steps, num_iterations, device)  # fmt: skip
 
@@ -307,22 +299,8 @@ def main(args: Args) -> dict:
                 ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best["model"], meta, specialists, cfg, args))
             log.info("iteration %d/%d step %d SPS %d val sharpe %.3f (equal allocation %+.3f)", iteration,
                      num_iterations, global_step, sps, sharpe, -report["allocation_efficiency"] + sharpe)  # fmt: skip
-        run.save_latest(
-            {
-                **model_payload(clone_state(meta), meta, specialists, cfg, args),
-                "optimizer": optimizer.state_dict(),
-                "iteration": iteration,
-                "global_step": global_step,
-                "best": best,
-            },
-            {
-                "env": envs.state_dict(),
-                "twin": twin.state_dict(),
-                "tracker": tracker.state_dict(),
-                "rng": ckpt.rng_state(),
-            },  # each rank's own
-            global_step,
-        )
+        run.save_latest(iteration, global_step, best, model_payload(clone_state(meta), meta, specialists, cfg, args),
+                        {"optimizer": optimizer}, {"env": envs, "twin": twin, "tracker": tracker})  # fmt: skip
         if run.stop_here(iteration):
             return {"stopped_at_iteration": iteration, "global_step": global_step}
     timing = run.finish(global_step)

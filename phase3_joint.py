@@ -55,9 +55,17 @@ from mtq_common import checkpoint as ckpt
 from mtq_common import distributed
 from mtq_common.backtest import run_episodes, summarize_episodes
 from mtq_common.baselines import fit_trend_for
-from mtq_common.checkpoint import clone_state
+from mtq_common.checkpoint import clone_state, parameter_fingerprint
 from mtq_common.config import ConfigError
-from mtq_common.coordination import AdaptiveLR, UpdateSchedule, clip_component_, component_grads, project_conflict_
+from mtq_common.coordination import (
+    AdaptiveLR,
+    UpdateSchedule,
+    clip_component_,
+    component_grads,
+    coordination_scalars,
+    grads_of,
+    project_conflict_,
+)
 from mtq_common.curriculum import Curriculum, generate_scenario
 from mtq_common.divergence import DivergenceGuard
 from mtq_common.envs import PortfolioEnv
@@ -67,7 +75,6 @@ from mtq_common.hierarchy import (
     compose_weights,
     load_specialists,
     meta_observation_size,
-    parameter_fingerprint,
 )
 from mtq_common.market import load_splits
 from mtq_common.market_tables import build_tables
@@ -75,7 +82,7 @@ from mtq_common.nets import MetaController
 from mtq_common.portfolio_eval import evaluate_portfolio, format_report
 from mtq_common.ppo import clipped_surrogate, explained_variance, gae, normalise, update_scalars
 from mtq_common.rollout_stats import PortfolioRolloutStats, log_validation
-from mtq_common.run import Run, cli, iterations, seed_everything, start_run
+from mtq_common.run import Run, cli, iterations, restore, resume, seed_everything, start_run
 from mtq_common.runtime import autocast, compile_methods
 
 ALIASES = {"timesteps": "training.phase_3_timesteps"}
@@ -165,20 +172,6 @@ class Args:
     """bf16 autocast in the PPO update (CUDA only; refused on the CPU)."""
 
 
-def load_meta(phase2_dir, specialists, device) -> MetaController:
-    """The Phase 2 meta-controller, checked against the specialists it was trained over."""
-    path = Path(phase2_dir) / "best.pt"
-    hint = f"Run `python phase2_meta.py --output-dir {phase2_dir}` over these specialists first."
-    state = ckpt.load_checkpoint(path, "phase2", hint=hint)
-    if list(state["specialists"]) != list(specialists.names):
-        raise ckpt.CheckpointError(f"{path} allocates over {state['specialists']}, not {specialists.names}. {hint}")
-    if state["specialists_fingerprint"] != parameter_fingerprint(specialists):
-        raise ckpt.CheckpointError(f"{path} was trained over other Phase 1 specialists than the ones loaded. {hint}")
-    meta = MetaController.from_spec(state)
-    meta.load_state_dict(state["model"])
-    return meta.to(device)
-
-
 def main(args: Args) -> dict:
     cfg, world, device, log = start_run(args, ALIASES, "phase3")  # config, ranks, log file, threads
     out_dir = Path(args.output_dir)
@@ -194,7 +187,7 @@ def main(args: Args) -> dict:
     splits = load_splits(cfg)
     val = splits["val"]
     specialists, owner = load_specialists(args.phase1_dir, val, device)
-    meta = load_meta(args.phase2_dir, specialists, device)
+    meta = MetaController.from_checkpoint(args.phase2_dir, specialists, device)
     distributed.broadcast_module(specialists, world)  # (the same files: a no-op safeguard)
     distributed.broadcast_module(meta, world)
     if args.compile:
@@ -210,6 +203,7 @@ def main(args: Args) -> dict:
                               args.specialist_update_freq if coordinate else 1)  # fmt: skip
     adaptive = AdaptiveLR({"meta": args.learning_rate, "specialists": args.learning_rate})
     curriculum = Curriculum(threshold=args.curriculum_threshold, enabled=args.curriculum_learning)
+    schedules = {"optimizer": optimizer, "curriculum": curriculum, "adaptive_lr": adaptive}  # saved in latest.pt
 
     def make_env(level: int) -> PortfolioEnv:
         market = generate_scenario(level, cfg, args.seed) if args.curriculum_learning else splits["train"]
@@ -248,24 +242,15 @@ def main(args: Args) -> dict:
     tracker = MetaTracker(owner, k, b, device, meta.allocation_rate)  # the meta-controller's observation and holdings
     prev_positions = torch.zeros(b, n, device=device)
     if args.resume:
-        path = out_dir / "latest.pt"
-        state, mine = distributed.load_latest(path, "phase3", cfg.hash(), args.force, world)
-        specialists.load_state_dict(state["specialists"])
-        meta.load_state_dict(state["meta"])
-        optimizer.load_state_dict(state["optimizer"])
+        state, mine = resume(args, "phase3", cfg, world)
         curriculum.load_state_dict(state["curriculum"])
-        adaptive.load_state_dict(state["adaptive_lr"])
         level = curriculum.get_difficulty_level(state["global_step"])
-        envs, twin = make_env(level), make_env(level)
-        envs.load_state_dict(mine["env"])
-        twin.load_state_dict(mine["twin"])
-        ckpt.restore_rng_state(mine["rng"])
-        tracker.load_state_dict(mine["tracker"])
+        envs, twin = make_env(level), make_env(level)  # the resumed curriculum level's market
+        models = {"specialists": specialists, "meta": meta}
+        start_iteration, global_step, best = restore(state, mine, log, {**models, **schedules},
+                                                     {"env": envs, "twin": twin, "tracker": tracker})  # fmt: skip
         prev_positions = mine["prev_positions"].to(device)
-        start_iteration, global_step, best = state["iteration"] + 1, state["global_step"], state["best"]
         next_obs = envs.observe()
-        log.info("resumed from %s at iteration %d (step %d), curriculum level %d", path, start_iteration - 1,
-                 global_step, level)  # fmt: skip
     log.info("phase 3: %s + meta-controller, %d rank(s) x %d rows x %d steps, %d iterations, coordination %s, "
              "curriculum %s", specialists.names, world.size, b, s, num_iterations, coordinate,
              args.curriculum_learning)  # fmt: skip
@@ -425,25 +410,8 @@ def main(args: Args) -> dict:
             log.info("iteration %d/%d step %d SPS %d val sharpe %.3f level %d", iteration, num_iterations,
                      global_step, sps, sharpe, level)  # fmt: skip
         current = {"specialists": clone_state(specialists), "meta": clone_state(meta)}
-        run.save_latest(
-            {
-                **model_payload(current, specialists, meta, cfg),
-                "optimizer": optimizer.state_dict(),
-                "curriculum": curriculum.state_dict(),
-                "adaptive_lr": adaptive.state_dict(),
-                "iteration": iteration,
-                "global_step": global_step,
-                "best": best,
-            },
-            {
-                "env": envs.state_dict(),
-                "twin": twin.state_dict(),
-                "tracker": tracker.state_dict(),
-                "prev_positions": prev_positions.clone(),
-                "rng": ckpt.rng_state(),
-            },  # each rank's own  # fmt: skip
-            global_step,
-        )
+        run.save_latest(iteration, global_step, best, model_payload(current, specialists, meta, cfg), schedules,
+                        {"env": envs, "twin": twin, "tracker": tracker, "prev_positions": prev_positions})  # fmt: skip
         if run.stop_here(iteration):
             return {"stopped_at_iteration": iteration, "global_step": global_step}
     timing = run.finish(global_step)
@@ -530,26 +498,6 @@ def specialist_gradients(specialists, owner, obs, actions, old_logprobs, portfol
     if coordinate:
         for i in range(len(specialists.names)):
             stats["norm_specialists"].append(clip_component_(component_grads(specialists, i), args.max_grad_norm))
-
-
-def coordination_scalars(stats: dict) -> dict:
-    """The update's coordination statistics, averaged over its minibatches, for TensorBoard (each only
-    on the iterations that updated its component)."""
-    scalars = {}
-    if stats["pg"]:
-        portfolio_pg, own_pg = torch.stack(stats["pg"]).mean(0).tolist()
-        scalars["losses/specialist_portfolio_pg"], scalars["losses/specialist_own_pg"] = portfolio_pg, own_pg
-    for key, name in (("conflicts", "conflict_rate"), ("cosine", "cosine"), ("norm_meta", "grad_norm_meta"),
-                      ("norm_specialists", "grad_norm_specialists")):  # fmt: skip
-        if stats[key]:
-            scalars[f"coordination/{name}"] = torch.stack(stats[key]).mean().item()
-    return scalars
-
-
-def grads_of(loss: torch.Tensor, params: list, retain: bool) -> list[torch.Tensor]:
-    """Gradients of `loss` for `params` without touching `.grad` (zeros where unused)."""
-    grads = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
 
 
 def model_payload(states: dict, specialists, meta, cfg) -> dict:

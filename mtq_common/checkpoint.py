@@ -8,6 +8,7 @@ killed at any moment leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -124,3 +125,12 @@ def restore_rng_state(state: dict) -> None:
 def clone_state(module: torch.nn.Module) -> dict:
     """A detached copy of a module's state dict (a best-so-far model kept in memory and saved later)."""
     return {key: value.detach().clone() for key, value in module.state_dict().items()}
+
+
+def parameter_fingerprint(module: torch.nn.Module) -> str:
+    """A hash of every parameter and buffer: equal fingerprints mean bit-identical weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]

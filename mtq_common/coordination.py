@@ -13,6 +13,8 @@ The pieces, each a few lines:
   every specialist of a stacked network at once (Phase 1);
 * `project_conflict_`: PCGrad. Where two gradients point against each other (negative cosine), the first
   is projected onto the normal plane of the second; an agreeing pair is left untouched;
+* `grads_of`: a loss's gradients without touching ``.grad`` (Phase 3 keeps the specialists' two
+  objectives apart until the projection); `coordination_scalars`: an update's statistics for TensorBoard;
 * `UpdateSchedule`: which components step at an iteration (``meta_update_freq`` 1,
   ``specialist_update_freq`` 5);
 * `AdaptiveLR`: per-component learning rates that fall when validation portfolio Sharpe falls and
@@ -124,6 +126,26 @@ def project_conflict_(own: list[torch.Tensor], other: list[torch.Tensor]) -> tup
     for g, h in zip(own, other, strict=True):
         g.copy_(g.double() - coef * h.double())
     return cosine.to(own[0].dtype if own else torch.float32), conflicted
+
+
+def grads_of(loss: torch.Tensor, params: list, retain: bool) -> list[torch.Tensor]:
+    """Gradients of `loss` for `params` without touching `.grad` (zeros where unused)."""
+    grads = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+
+
+def coordination_scalars(stats: dict) -> dict:
+    """The update's coordination statistics, averaged over its minibatches, for TensorBoard (each only
+    on the iterations that updated its component)."""
+    scalars = {}
+    if stats["pg"]:
+        portfolio_pg, own_pg = torch.stack(stats["pg"]).mean(0).tolist()
+        scalars["losses/specialist_portfolio_pg"], scalars["losses/specialist_own_pg"] = portfolio_pg, own_pg
+    for key, name in (("conflicts", "conflict_rate"), ("cosine", "cosine"), ("norm_meta", "grad_norm_meta"),
+                      ("norm_specialists", "grad_norm_specialists")):  # fmt: skip
+        if stats[key]:
+            scalars[f"coordination/{name}"] = torch.stack(stats[key]).mean().item()
+    return scalars
 
 
 class UpdateSchedule:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from mtq_common.nets import SpecialistAgents
+
 
 def compose_weights(
     allocation: torch.Tensor,
@@ -170,53 +172,7 @@ class HierarchyPolicy:
 
 
 def load_specialists(phase1_dir, market, device) -> tuple:
-    """The trained, frozen specialists from `phase1_dir/best.pt`, checked against `market`.
-
-    Returns `(agents, owner)` with `owner [N]` the specialist index of each instrument of `market`.
-    Missing, partial or incompatible Phase 1 output (another instrument set, another observation
-    layout, a corrupted file) raises `CheckpointError` naming the file and what to run.
-    """
-    from pathlib import Path
-
-    from mtq_common.checkpoint import CheckpointError, load_checkpoint
-    from mtq_common.envs import instrument_obs_size
-    from mtq_common.nets import SpecialistAgents
-
-    path = Path(phase1_dir) / "best.pt"
-    rerun = f"Run `python phase1_ppo.py --output-dir {phase1_dir}` with this config and these instruments first."
-    state = load_checkpoint(path, "phase1", hint=rerun)
-    if list(state["symbols"]) != list(market.symbols):
-        raise CheckpointError(
-            f"{path} was trained on instruments {state['symbols']} but this run trades {market.symbols}. {rerun}"
-        )
-    expected = instrument_obs_size(market.num_instruments)
-    if state["obs_size"] != expected:
-        raise CheckpointError(
-            f"{path} expects observations of size {state['obs_size']} but this run's layout has {expected} "
-            f"(another feature set or a diagnostic run). {rerun}"
-        )
-    names = list(state["specialists"])
-    missing = sorted({s for s in market.sectors if s not in names})
-    if missing:
-        raise CheckpointError(f"{path} is partial: it has no specialist for {missing} (it holds {names}). {rerun}")
-    agents = SpecialistAgents.from_spec({**state, "names": names})
-    try:
-        agents.load_state_dict(state["model"])
-    except (RuntimeError, KeyError) as exc:
-        msg = f"{path}: the stored weights do not fit the specialists' network ({exc}). {rerun}"
-        raise CheckpointError(msg) from None
-    agents.to(device).eval()
-    for p in agents.parameters():
-        p.requires_grad_(False)  # frozen: Phase 2 trains the meta-controller only
-    return agents, instrument_specialist_index(market.sectors, names).to(device)
-
-
-def parameter_fingerprint(module: torch.nn.Module) -> str:
-    """A hash of every parameter and buffer: equal fingerprints mean bit-identical weights."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    """The frozen Phase 1 specialists (`SpecialistAgents.from_checkpoint`) and `owner [N]`, the specialist
+    index of each instrument of `market`."""
+    agents = SpecialistAgents.from_checkpoint(phase1_dir, market, device)
+    return agents, instrument_specialist_index(market.sectors, agents.names).to(device)

@@ -15,9 +15,12 @@ sample, as in CleanRL's continuous PPO); `deterministic` evaluation uses the cli
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
+
+from mtq_common.checkpoint import CheckpointError, load_checkpoint, parameter_fingerprint
 
 
 class RunningNorm(nn.Module):
@@ -176,6 +179,40 @@ class SpecialistAgents(nn.Module):
         return cls(spec["names"], spec["obs_size"], spec["hidden"], position_rate=spec.get("position_rate", 1.0),
                    position_index=spec.get("position_index"))  # fmt: skip
 
+    @classmethod
+    def from_checkpoint(cls, phase1_dir, market, device) -> SpecialistAgents:
+        """The trained specialists of `phase1_dir/best.pt`, frozen (Phase 2 trains the meta-controller only)
+        and checked against `market`: missing, partial or incompatible Phase 1 output (another instrument
+        set, another observation layout, a corrupted file) raises `CheckpointError` naming the file and
+        what to run."""
+        from mtq_common.envs import instrument_obs_size  # (envs is heavy; only loaders need it)
+
+        path = Path(phase1_dir) / "best.pt"
+        rerun = f"Run `python phase1_ppo.py --output-dir {phase1_dir}` with this config and these instruments first."
+        state = load_checkpoint(path, "phase1", hint=rerun)
+        if list(state["symbols"]) != list(market.symbols):
+            raise CheckpointError(
+                f"{path} was trained on instruments {state['symbols']} but this run trades {market.symbols}. {rerun}"
+            )
+        expected = instrument_obs_size(market.num_instruments)
+        if state["obs_size"] != expected:
+            raise CheckpointError(
+                f"{path} expects observations of size {state['obs_size']} but this run's layout has {expected} "
+                f"(another feature set or a diagnostic run). {rerun}"
+            )
+        names = list(state["specialists"])
+        missing = sorted({s for s in market.sectors if s not in names})
+        if missing:
+            raise CheckpointError(f"{path} is partial: it has no specialist for {missing} (it holds {names}). {rerun}")
+        agents = cls.from_spec({**state, "names": names})
+        try:
+            agents.load_state_dict(state["model"])
+        except (RuntimeError, KeyError) as exc:
+            msg = f"{path}: the stored weights do not fit the specialists' network ({exc}). {rerun}"
+            raise CheckpointError(msg) from None
+        agents.to(device).eval()
+        return agents.requires_grad_(False)
+
     def describe(self) -> dict:
         """What a loader must match and rebuild: names, sizes, the action-to-position map."""
         return {"names": self.names, "obs_size": self.obs_size, "hidden": self.hidden,
@@ -253,6 +290,21 @@ class MetaController(nn.Module):
     def from_spec(cls, spec: dict) -> MetaController:
         """A network of the shape `describe()` recorded (checkpoints store it beside the weights)."""
         return cls(spec["obs_size"], spec["num_specialists"], spec["hidden"], allocation_rate=spec["allocation_rate"])
+
+    @classmethod
+    def from_checkpoint(cls, phase2_dir, specialists: SpecialistAgents, device) -> MetaController:
+        """The Phase 2 meta-controller of `phase2_dir/best.pt`, checked against the specialists it was
+        trained over (their names and weights)."""
+        path = Path(phase2_dir) / "best.pt"
+        hint = f"Run `python phase2_meta.py --output-dir {phase2_dir}` over these specialists first."
+        state = load_checkpoint(path, "phase2", hint=hint)
+        if list(state["specialists"]) != list(specialists.names):
+            raise CheckpointError(f"{path} allocates over {state['specialists']}, not {specialists.names}. {hint}")
+        if state["specialists_fingerprint"] != parameter_fingerprint(specialists):
+            raise CheckpointError(f"{path} was trained over other Phase 1 specialists than the ones loaded. {hint}")
+        meta = cls.from_spec(state)
+        meta.load_state_dict(state["model"])
+        return meta.to(device)
 
     def describe(self) -> dict:
         return {"obs_size": self.obs_size, "num_specialists": self.num_specialists, "hidden": self.hidden,

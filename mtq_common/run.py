@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from mtq_common import checkpoint as ckpt
 from mtq_common import distributed
-from mtq_common.config import ConfigError, config_from_args, parse_args
+from mtq_common.config import ConfigError
+from mtq_common.flags import config_from_args, parse_args
 from mtq_common.runtime import check_amp, configure_threads, setup_logging
 
 
@@ -50,6 +51,26 @@ def seed_everything(seed: int) -> int:
     np.random.seed(seed)  # noqa: NPY002 (the legacy global state is what third-party code draws from)
     torch.manual_seed(seed)
     return seed
+
+
+def resume(args, phase: str, cfg, world: distributed.World) -> tuple[dict, dict]:
+    """`--resume`: `latest.pt` in `--output-dir`, checked against the run's config (`--force` accepts another);
+    returns `(state, this rank's part of it)` (see `distributed.load_latest`)."""
+    return distributed.load_latest(Path(args.output_dir) / "latest.pt", phase, cfg.hash(), args.force, world)
+
+
+def restore(state: dict, mine: dict, log, shared: dict, own: dict) -> tuple[int, int, dict]:
+    """Load a resumed checkpoint into the run: each of `shared` (models, optimiser, schedules: alike on
+    every rank) from `state`, each of `own` (this rank's environments and trackers) from `mine`, then this
+    rank's random generators, last, so that nothing drawn while rebuilding moves them. The inverse of
+    `Run.save_latest`. Returns `(first iteration to run, global step, best so far)`."""
+    for name, obj in shared.items():
+        obj.load_state_dict(state[name])
+    for name, obj in own.items():
+        obj.load_state_dict(mine[name])
+    ckpt.restore_rng_state(mine["rng"])
+    log.info("resumed at iteration %d (step %d)", state["iteration"], state["global_step"])
+    return state["iteration"] + 1, state["global_step"], state["best"]
 
 
 def cli(main, args_type, aliases: dict, script: str) -> None:
@@ -101,8 +122,17 @@ class Run:
         self.bar.update(self.rows_per_iteration)
         self.watch.lap("logging")
 
-    def save_latest(self, payload: dict, local: dict, global_step: int) -> None:
-        """The rotating `latest.pt` (collective: see `distributed.save_latest`)."""
+    def save_latest(self, iteration: int, global_step: int, best: dict, payload: dict, shared: dict,
+                    own: dict) -> None:  # fmt: skip
+        """The rotating `latest.pt`: `payload` (the models, with what a loader checks), the `state_dict()` of
+        each of `shared` and the loop's counters, plus every rank's `own` objects (a plain tensor as it is)
+        and its random generators. Collective (see `distributed.save_latest`); `restore` reads it back."""
+
+        def states(objects: dict) -> dict:
+            return {name: obj.state_dict() if hasattr(obj, "state_dict") else obj for name, obj in objects.items()}
+
+        payload = {**payload, **states(shared), "iteration": iteration, "global_step": global_step, "best": best}
+        local = {**states(own), "rng": ckpt.rng_state()}
         distributed.save_latest(Path(self.args.output_dir), payload, local, self.world, global_step,
                                 self.args.keep_checkpoints)  # fmt: skip
         self.watch.lap("validation")  # validation and checkpoints, since the last lap

@@ -11,7 +11,7 @@ import torch
 
 import phase1_ppo
 import phase2_meta
-from mtq_common.hierarchy import parameter_fingerprint
+from mtq_common.checkpoint import parameter_fingerprint
 from mtq_common.nets import SpecialistAgents
 from tests.helpers import SMALL, run_cli, tensorboard_tags, write_config
 
@@ -152,3 +152,16 @@ def test_bad_phase1_output_is_a_clear_error(tiny, tmp_path, case):
                            str(tmp_path / "o"), "--log-dir", str(tmp_path / "l"), "--device", "cpu")  # fmt: skip
     assert code == 2, stderr
     assert message in stderr and "phase1_ppo.py" in stderr and "Traceback" not in stderr
+
+
+def test_interrupted_run_resumes_to_the_same_result(tiny):
+    """Stopped after 3 iterations and resumed: the same metrics and weights as an unbroken run (the envs, the
+    twin, the meta tracker and the random generators all come back from latest.pt)."""
+    tmp, config, phase1_dir = tiny
+    unbroken = phase2(tmp, config, phase1_dir, name="unbroken", timesteps=1536, eval_interval=2)
+    partial = phase2(tmp, config, phase1_dir, name="broken", timesteps=1536, eval_interval=2, stop_after=3)
+    assert partial["stopped_at_iteration"] == 3
+    resumed = phase2(tmp, config, phase1_dir, name="broken", timesteps=1536, eval_interval=2, resume=True)
+    assert {k: v for k, v in resumed.items() if k != "timing"} == {k: v for k, v in unbroken.items() if k != "timing"}
+    weights = [torch.load(tmp / name / "best.pt", weights_only=True)["model"] for name in ("unbroken", "broken")]
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
