@@ -41,8 +41,9 @@ from mtq_common import checkpoint as ckpt
 from mtq_common.act import format_book, stale_days, target_book
 from mtq_common.backtest import run_episodes, stitch_backtests, summarize_episodes
 from mtq_common.baselines import fit_trend_for
-from mtq_common.config import ConfigError, config_from_args, parse_args
+from mtq_common.config import ConfigError
 from mtq_common.csv_data import load_csv_series
+from mtq_common.flags import config_from_args, parse_args
 from mtq_common.hierarchy import HierarchyPolicy, instrument_specialist_index
 from mtq_common.market import iso_time, load_splits
 from mtq_common.market_tables import build_tables

@@ -34,12 +34,8 @@ phase's. Both print the device name and take `--train-device` and `--compile`.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-import shlex
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -51,6 +47,7 @@ import torch
 import tyro
 
 import kernels
+from benchmarks.timed_runs import PHASES, bench_pipeline, bench_sb3, bench_training
 from kernels.portfolio_step import RewardParams, portfolio_step_reference
 from kernels.risk import risk_step_reference
 from mtq_common.checkpoint import atomic_write_json
@@ -66,11 +63,6 @@ COPY_BYTES = 1 << 30
 """Buffer size of the device copy-bandwidth measurement."""
 DESIGN_TARGET = ("portfolio", 4096, 2_000_000)
 """DESIGN section 13: the portfolio environment at 4096 rows, in environment steps/s (on the 2-core CPU)."""
-PIPELINE_TARGET_SECONDS = 240
-"""DESIGN section 13: the default pipeline, evaluation included, within 4 minutes."""
-REPO = Path(__file__).resolve().parents[1]
-PHASES = ("phase1", "phase2", "phase3")
-SCRIPTS = {"phase1": "phase1_ppo.py", "phase2": "phase2_meta.py", "phase3": "phase3_joint.py"}
 Section = Literal["env", "training", "pipeline", "sb3"]
 
 
@@ -292,140 +284,6 @@ def print_row(r: dict) -> None:
         f"{r['device']:<8}{r['benchmark']:<8}{r['name']:<16}{r['impl']:<11}{r['path']:<10}{r['rows']:>8}"
         f"{r['rows_per_second']:>14,.0f}{1e6 * r['seconds']:>12.1f}{gbps}"
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Training scripts and the pipeline (subprocesses)
-# ---------------------------------------------------------------------------------------------
-
-
-def run_timed(cmd: list[str]) -> float:
-    """Run `cmd` from the repository root (one torch thread per process); its wall seconds."""
-    start = time.perf_counter()
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return time.perf_counter() - start
-
-
-def launcher(ranks: int) -> list[str]:
-    if ranks == 1:
-        return [sys.executable]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
-
-
-def bench_training(args: Args, work: Path) -> list[dict]:
-    """Each phase script, chained, with each rank count: training steps/s and wall time."""
-    if tuple(args.phases) != PHASES[: len(args.phases)]:
-        raise ValueError(f"--phases {' '.join(args.phases)}: each phase trains over the ones before it; "
-                         f"accepted: phase1 / phase1 phase2 / phase1 phase2 phase3")  # fmt: skip
-    results = []
-    for phase, timesteps in zip(args.phases, args.training_timesteps, strict=False):
-        for ranks in args.ranks:
-            out = work / f"{phase}_r{ranks}"
-            cmd = [*launcher(ranks), SCRIPTS[phase], "--timesteps", str(timesteps), "--output-dir", str(out),
-                   "--log-dir", str(out / "logs"), "--device", args.train_device, "--seed", str(args.seed),
-                   "--no-progress"]  # fmt: skip
-            # later phases train over the first rank count's outputs of the earlier ones
-            if phase == "phase2":
-                cmd += ["--specialists-dir", str(work / f"phase1_r{args.ranks[0]}")]
-            if phase == "phase3":
-                cmd += ["--phase1-dir", str(work / f"phase1_r{args.ranks[0]}"), "--phase2-dir",
-                        str(work / f"phase2_r{args.ranks[0]}"), "--eval-episodes", "10"]  # fmt: skip
-            if args.config:
-                cmd += ["--config", args.config]
-            if args.compile:
-                cmd.append("--compile")
-            cmd += shlex.split(args.script_flags)
-            wall = run_timed(cmd)
-            metrics = json.loads((out / "metrics.json").read_text())
-            result = {
-                "benchmark": "training",
-                "name": phase,
-                "ranks": ranks,
-                "timesteps": metrics["global_step"],
-                "steps_per_second": metrics["timing"]["steps_per_second"],
-                "loop_seconds": metrics["timing"]["seconds"],
-                # where the loop's time went (mtq_common.runtime.Stopwatch): the update per PPO minibatch
-                "rollout_seconds": metrics["timing"]["rollout_seconds"],
-                "update_seconds": metrics["timing"]["update_seconds"],
-                "minibatches": metrics["timing"]["minibatches"],
-                "ms_per_minibatch": 1e3 * metrics["timing"]["seconds_per_minibatch"],
-                "wall_seconds": wall,
-                "compile": args.compile,
-                "device": args.train_device,
-            }
-            print(f"{phase:<8}{ranks:>6}{result['timesteps']:>12,}{result['steps_per_second']:>14,.0f}"
-                  f"{result['loop_seconds']:>10.1f}{result['rollout_seconds']:>10.1f}{result['update_seconds']:>10.1f}"
-                  f"{result['minibatches']:>8}{result['ms_per_minibatch']:>8.2f}{wall:>10.1f}")  # fmt: skip
-            results.append(result)
-    return results
-
-
-def bench_pipeline(args: Args, work: Path) -> dict:
-    """`python pipeline.py --mode train` at `--pipeline-timesteps`: wall time, each phase's and the evaluation's."""
-    out = work / "pipeline"
-    t1, t2, t3 = (str(t) for t in args.pipeline_timesteps)
-    cmd = [sys.executable, "pipeline.py", "--mode", "train", "--output-dir", str(out), "--log-dir", str(out / "logs"),
-           "--device", args.train_device, "--seed", str(args.seed), "--phase1-timesteps", t1, "--phase2-timesteps",
-           t2, "--phase3-timesteps", t3, "--no-progress"]  # fmt: skip
-    if args.config:
-        cmd += ["--config", args.config]
-    wall = run_timed(cmd)
-    manifest = json.loads((out / "pipeline.json").read_text())
-    result = {
-        "benchmark": "pipeline",
-        "timesteps": list(args.pipeline_timesteps),
-        "wall_seconds": wall,
-        "phase_seconds": {name: phase["seconds"] for name, phase in manifest["phases"].items()},
-        "eval_seconds": manifest["eval"]["seconds"],
-        "device": args.train_device,
-        "meets_target": wall <= PIPELINE_TARGET_SECONDS,
-    }
-    phases = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result["phase_seconds"].items())
-    verdict = "meets" if result["meets_target"] else "misses"
-    print(f"pipeline {t1}/{t2}/{t3} steps: {wall:.1f} s wall ({phases}, evaluation "
-          f"{result['eval_seconds']:.1f} s); {verdict} the DESIGN target of {PIPELINE_TARGET_SECONDS} s")  # fmt: skip
-    return result
-
-
-SB3_TARGET = 20.0
-"""DESIGN 13: Phase 1 at least this many times faster than Stable-Baselines3 PPO, whole process."""
-
-
-def bench_sb3(args: Args, work: Path) -> dict | None:
-    """Phase 1 against Stable-Baselines3 PPO with the seed's settings on `MTQ/Specialist-v0`, side by side in
-    one run, whole processes: environment steps per second of each (Phase 1 trains every specialist, so
-    its steps are `--timesteps` x specialists). None (with a line) when SB3 is not installed."""
-    import importlib.util
-
-    if importlib.util.find_spec("stable_baselines3") is None:
-        print('sb3: stable-baselines3 is not installed (pip install "stable-baselines3>=2.3,<3"): skipped')
-        return None
-    steps = args.sb3_timesteps
-    sb3_wall = run_timed([sys.executable, "-m", "benchmarks.sb3_ppo", "--timesteps", str(steps), "--seed",
-                          str(args.seed)])  # fmt: skip
-    out = work / "phase1_vs_sb3"
-    phase1_wall = run_timed([sys.executable, "phase1_ppo.py", "--timesteps", str(steps), "--output-dir", str(out),
-                             "--log-dir", str(out / "logs"), "--device", "cpu", "--seed", str(args.seed),
-                             "--no-progress"])  # fmt: skip
-    specialists = len(json.loads((out / "metrics.json").read_text())["specialists"])
-    sb3_rate, phase1_rate = steps / sb3_wall, specialists * steps / phase1_wall
-    result = {
-        "benchmark": "sb3",
-        "timesteps": steps,
-        "sb3_wall_seconds": sb3_wall,
-        "sb3_steps_per_second": sb3_rate,
-        "phase1_wall_seconds": phase1_wall,
-        "phase1_specialists": specialists,
-        "phase1_steps_per_second": phase1_rate,
-        "speedup": phase1_rate / sb3_rate,
-        "meets_target": phase1_rate / sb3_rate >= SB3_TARGET,
-    }
-    print(f"sb3: {steps:,} steps in {sb3_wall:.1f} s ({sb3_rate:,.0f} steps/s, whole process); phase1: {steps:,} steps "
-          f"x {specialists} specialists in {phase1_wall:.1f} s ({phase1_rate:,.0f} steps/s); {result['speedup']:.1f}x "
-          f"({'meets' if result['meets_target'] else 'misses'} the DESIGN target of {SB3_TARGET:g}x)")  # fmt: skip
-    return result
 
 
 def bench_environments(args: Args) -> tuple[dict, list[str], list[dict]]:

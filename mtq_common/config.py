@@ -5,10 +5,9 @@ The file has the seed's sections (`training`, `environment`, `reward`) plus `ris
 them and `validate` checks every value. Unknown keys, wrong types and out-of-range values raise
 `ConfigError` with a message that names the file and the key.
 
-Every script uses one helper, `parse_args(Args, ...)`: it reads `--config` from the command line,
-loads the file, uses its values as the defaults of the script's tyro `Args` (so `--help` shows
-them), lets explicit flags override them, and writes the result back into the `Config` the
-environments receive. One precedence rule everywhere: built-in default < YAML file < CLI flag.
+Every script reads its flags through `mtq_common.flags.parse_args`, which takes the file's values as
+the defaults of the script's tyro `Args` and writes the final values back into the `Config`. One
+precedence rule everywhere: built-in default < YAML file < CLI flag.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,7 +202,7 @@ class Config:
 # Loading and validation
 # ---------------------------------------------------------------------------------------------
 
-_SECTIONS = {
+SECTIONS = {
     "training": TrainingConfig,
     "environment": EnvironmentConfig,
     "reward": RewardConfig,
@@ -281,7 +279,7 @@ def config_from_dict(raw: dict[str, Any], where: str = "<dict>") -> Config:
         if key not in known:
             raise ConfigError(f"{where}: unknown section '{key}'; known sections: {', '.join(known)}")
     cfg = Config(source_path=where)
-    for name, cls in _SECTIONS.items():
+    for name, cls in SECTIONS.items():
         setattr(cfg, name, _fill(cls, raw.get(name), where, name))
     cfg.data = _fill(DataConfig, raw.get("data"), where, "data")
     instruments = raw.get("instruments") or {}
@@ -405,90 +403,3 @@ def validate(cfg: Config) -> Config:
                 f"specialists: {', '.join(cfg.specialists)} (add {sector!r} to 'specialists:')"
             )
     return cfg
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI helper shared by every script
-# ---------------------------------------------------------------------------------------------
-
-# Args fields whose name differs from their config key.
-_ALIASES = {"num_envs": "training.n_envs", "instruments": "data.instruments", "data_dir": "data.data_dir"}
-
-
-def _config_key(field_name: str, aliases: dict[str, str]) -> str | None:
-    """The `section.key` of the config that backs an Args field, or None."""
-    if field_name in aliases:
-        return aliases[field_name]
-    for section, cls in _SECTIONS.items():
-        if field_name in {f.name for f in dataclasses.fields(cls)}:
-            return f"{section}.{field_name}"
-    return None
-
-
-def _get(cfg: Config, dotted: str) -> Any:
-    obj: Any = cfg
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _set(cfg: Config, dotted: str, value: Any) -> None:
-    *head, last = dotted.split(".")
-    obj: Any = cfg
-    for part in head:
-        obj = getattr(obj, part)
-    setattr(obj, last, value)
-
-
-def _config_path_from_argv(argv: list[str]) -> str | None:
-    for i, token in enumerate(argv):
-        if token == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-        if token.startswith("--config="):
-            return token.split("=", 1)[1]
-    return None
-
-
-def parse_args(args_cls: type, aliases: dict[str, str] | None = None, argv: list[str] | None = None):
-    """Parse a script's tyro `Args` with the YAML file's values as defaults; return `(args, cfg)`.
-
-    `args_cls` must have a `config: str | None` field. Each other field named like a config key
-    (or listed in `aliases` as `field -> "section.key"`) takes the file's value as its default,
-    and its final value (file or explicit flag) is written back into `cfg` by `config_from_args`.
-    """
-    import tyro
-
-    aliases = {**_ALIASES, **(aliases or {})}
-    argv = list(sys.argv[1:] if argv is None else argv)
-    path = _config_path_from_argv(argv)
-    if path is None and DEFAULT_CONFIG_PATH.is_file():
-        path = str(DEFAULT_CONFIG_PATH)
-    cfg = load_config(path)
-    defaults = {}
-    for f in dataclasses.fields(args_cls):
-        key = _config_key(f.name, aliases)
-        if key is not None:
-            defaults[f.name] = _get(cfg, key)
-    defaults["config"] = path
-    args = tyro.cli(args_cls, args=argv, default=args_cls(**defaults))
-    return args, config_from_args(args, aliases)
-
-
-def config_from_args(args: Any, aliases: dict[str, str] | None = None) -> Config:
-    """The `Config` a script runs with: `args.config` (or the built-in defaults) overridden by `args`.
-
-    Every field of `args` that backs a config key (see `parse_args`) wins over the file, so calling
-    a script's `main(args)` from Python gives the same run as the command line.
-    """
-    aliases = {**_ALIASES, **(aliases or {})}
-    path = getattr(args, "config", None)
-    cfg = load_config(path)
-    for f in dataclasses.fields(args):
-        key = _config_key(f.name, aliases)
-        value = getattr(args, f.name)
-        if key is not None and value is not None and value != []:  # unset list flags keep the file's value
-            _set(cfg, key, list(value) if isinstance(value, tuple) else value)
-    if getattr(args, "data_dir", None):
-        cfg.data.source = "csv"
-    cfg.source_path = f"{path or '<defaults>'} + command line"
-    return validate(cfg)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mtq_common.config import Config, ConfigError, load_config, parse_args
+from mtq_common.config import Config, ConfigError, load_config
+from mtq_common.flags import parse_args
 
 REPO = Path(__file__).resolve().parent.parent
 SEED_VALUES = {
