@@ -136,8 +136,6 @@ def main(args: Args) -> dict:
         raise ConfigError(f"--specialists {unknown}: not among the active specialists {cfg.active_specialists()}")
     rows_per_iteration = args.num_envs * args.num_steps  # per specialist, on this rank
     num_iterations = iterations(args, rows_per_iteration, world)  # (a minibatch never exceeds the rollout)
-    if not 0.0 < args.position_rate <= 1.0:
-        raise ConfigError(f"--position-rate {args.position_rate}: accepted 0 < rate <= 1")
 
     # TRY NOT TO MODIFY: seeding (each rank its own environments and noise; rank 0's initial weights)
     seed = seed_everything(world.seed(args.seed))

@@ -29,7 +29,6 @@ from mtq_common import checkpoint as ckpt
 from mtq_common import distributed
 from mtq_common.baselines import fit_trend_for
 from mtq_common.checkpoint import clone_state, parameter_fingerprint
-from mtq_common.config import ConfigError
 from mtq_common.divergence import DivergenceGuard
 from mtq_common.envs import PortfolioEnv
 from mtq_common.hierarchy import (
@@ -131,8 +130,6 @@ def main(args: Args) -> dict:
     out_dir = Path(args.output_dir)
     steps_per_iteration = args.num_envs * args.num_steps  # on this rank
     num_iterations = iterations(args, steps_per_iteration, world)  # (a minibatch never exceeds the rollout)
-    if not 0.0 < args.allocation_rate <= 1.0:
-        raise ConfigError(f"--allocation-rate {args.allocation_rate}: accepted 0 < rate <= 1")
 
     # TRY NOT TO MODIFY: seeding (each rank its own environments and noise; rank 0's initial weights)
     seed = seed_everything(world.seed(args.seed))

@@ -103,7 +103,7 @@ class SpecialistAgents(nn.Module):
                  position_rate: float = 1.0, position_index: int | None = None):  # fmt: skip
         super().__init__()
         if not 0.0 < position_rate <= 1.0:
-            raise ValueError(f"position_rate must be in (0, 1], got {position_rate}")
+            raise ValueError(f"position_rate {position_rate} (--position-rate): accepted 0 < rate <= 1")
         if position_rate < 1.0 and position_index is None:
             raise ValueError("a position_rate below 1 needs the observation's position_index")
         self.names = list(names)
@@ -242,6 +242,8 @@ class MetaController(nn.Module):
     def __init__(self, obs_size: int, num_specialists: int, hidden: int = 64, init_log_std: float = -0.5,
                  allocation_rate: float = 1.0):  # fmt: skip
         super().__init__()
+        if not 0.0 < allocation_rate <= 1.0:
+            raise ValueError(f"allocation_rate {allocation_rate} (--allocation-rate): accepted 0 < rate <= 1")
         self.obs_size, self.num_specialists, self.hidden = obs_size, num_specialists, hidden
         self.allocation_rate = allocation_rate
         self.norm = RunningNorm((1, obs_size))

@@ -116,6 +116,7 @@ def test_subset_of_specialists(tmp_path):
         (["--instruments", "EURUSD", "FOO"], "unknown symbol 'FOO'"),
         (["--resume"], "checkpoint not found"),
         (["--timesteps", "-5"], "phase_1_timesteps"),
+        (["--position-rate", "1.5"], "position_rate 1.5 (--position-rate): accepted 0 < rate <= 1"),
     ],
 )
 def test_clear_errors(tmp_path, extra, message):

@@ -165,3 +165,13 @@ def test_interrupted_run_resumes_to_the_same_result(tiny):
     assert {k: v for k, v in resumed.items() if k != "timing"} == {k: v for k, v in unbroken.items() if k != "timing"}
     weights = [torch.load(tmp / name / "best.pt", weights_only=True)["model"] for name in ("unbroken", "broken")]
     assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+
+
+def test_a_bad_allocation_rate_is_a_clear_error(tiny, tmp_path):
+    _, config, phase1_dir = tiny
+    code, stderr = run_cli("phase2_meta.py", "--config", str(config), "--specialists-dir", str(phase1_dir),
+                           "--output-dir", str(tmp_path / "o"), "--log-dir", str(tmp_path / "l"), "--device", "cpu",
+                           "--allocation-rate", "0")  # fmt: skip
+    assert code == 2, stderr
+    assert "allocation_rate 0.0 (--allocation-rate): accepted 0 < rate <= 1" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "o" / "latest.pt").exists()
