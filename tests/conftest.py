@@ -12,6 +12,7 @@ import torch  # noqa: E402
 
 from mtq_common.baselines import fit_trend_for  # noqa: E402
 from mtq_common.market import load_splits  # noqa: E402
+from mtq_common.market_tables import build_tables  # noqa: E402
 from tests.helpers import prepare, tight_config, write_config  # noqa: E402
 
 # Small tensors: one intra-op thread is faster and cannot collapse when the two cores are shared.
@@ -44,3 +45,9 @@ def market(cfg):
 def trend(cfg):
     """The trend filter's parameters, picked on the training split (as the phases and the pipeline do)."""
     return fit_trend_for(load_splits(cfg)["train"], cfg)
+
+
+@pytest.fixture(scope="module")
+def tables(market, cfg):
+    """`market`'s tables (features, covariances, costs), built once per module."""
+    return build_tables(market, cfg)

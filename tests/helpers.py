@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
+import math
 import os
 import runpy
 import sys
 from pathlib import Path
 
+import numpy as np
+import torch
 import yaml
+
+from kernels import RiskLimits
+from mtq_common.config import Config
+from mtq_common.market_tables import build_tables
+from mtq_common.synthetic import generate_market
 
 REPO = Path(__file__).resolve().parent.parent
 # the smallest PPO shapes the phase scripts accept (test budgets)
@@ -96,3 +105,43 @@ def run_cli(script: str, *args: str) -> tuple[int, str]:
         sys.argv = argv
         os.chdir(cwd)
     return code, err.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# The eight built-in instruments and an independent check of every risk limit
+# ---------------------------------------------------------------------------------------------
+
+SECTORS = ["forex", "forex", "forex", "commodities", "commodities", "equity", "equity", "equity"]
+ONEHOT = torch.tensor([[s == k for k in ("forex", "commodities", "equity")] for s in SECTORS], dtype=torch.float32)
+
+
+VOLS = [Config().instruments[s].annual_vol for s in Config().data.instruments]
+
+
+@functools.lru_cache(maxsize=1)
+def _cov_table() -> torch.Tensor:
+    cfg = Config()
+    return build_tables(generate_market(cfg.data.instruments, SECTORS, VOLS, 3000, 3), cfg).cov
+
+
+def realistic_cov(batch: int = 1) -> torch.Tensor:
+    """Covariances of the last `batch` bars of a synthetic market with the eight instruments."""
+    return _cov_table()[-batch:]
+
+
+def limits_hold(w, cov, limits: RiskLimits, onehot=ONEHOT):
+    """Check every limit (DESIGN section 5) with an independent float64 numpy computation."""
+    w, cov = w.double().numpy(), cov.double().numpy()
+    onehot = onehot.double().numpy()
+    b_max = w.shape[-1] * limits.max_position
+    for b in range(len(w)):
+        x = w[b]
+        assert np.all(np.abs(x) <= limits.max_position * (1 + 1e-5))
+        var = limits.var_scale * math.sqrt(max(x @ cov[b] @ x, 0.0))
+        assert var <= limits.max_var * (1 + 1e-5)
+        gross = np.abs(x).sum()
+        if gross > 0:
+            sigma = np.sqrt(np.diag(cov[b]))
+            corr = cov[b] / np.outer(sigma, sigma)
+            assert x @ corr @ x / (gross * b_max) <= limits.max_correlation * (1 + 1e-4)
+            assert (np.abs(x) @ onehot / b_max).max() <= limits.max_sector * (1 + 1e-4)
