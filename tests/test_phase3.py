@@ -27,7 +27,7 @@ def tiny(tiny_phases):
 
 
 def test_smoke_subprocess_writes_every_output(tiny, tmp_path):
-    _, config, (p1, p2) = tiny
+    tmp, config, (p1, p2) = tiny
     out, logs = tmp_path / "out", tmp_path / "logs"
     cmd = [sys.executable, "phase3_joint.py", "--config", str(config), "--timesteps", "1280", "--phase1-dir", str(p1),
            "--phase2-dir", str(p2), "--output-dir", str(out), "--log-dir", str(logs), "--device", "cpu",
@@ -49,6 +49,9 @@ def test_smoke_subprocess_writes_every_output(tiny, tmp_path):
                 "coordination/lr_specialists", "risk/var", "risk/gross_kept", "risk/binding_correlation",
                 "allocation/equity", "utilization/equity", "charts/twin_reward"):  # fmt: skip
         assert tag in tags, tag
+    phase2_tags = tensorboard_tags(tmp / "l2")  # the Phase 2 run these phases start from
+    assert "risk/var" in phase2_tags
+    assert phase2_tags <= tags, f"Phase 3 does not log Phase 2's {sorted(phase2_tags - tags)}"
 
 
 @pytest.mark.parametrize("switches", [{"gradient_coordination": False}, {"curriculum_learning": False}])
