@@ -251,6 +251,7 @@ def main(args: Args) -> dict:
                                                      {"env": envs, "twin": twin, "tracker": tracker})  # fmt: skip
         prev_positions = mine["prev_positions"].to(device)
         next_obs = envs.observe()
+        log.info("resumed at curriculum level %d", level)
     log.info("phase 3: %s + meta-controller, %d rank(s) x %d rows x %d steps, %d iterations, coordination %s, "
              "curriculum %s", specialists.names, world.size, b, s, num_iterations, coordinate,
              args.curriculum_learning)  # fmt: skip
