@@ -40,7 +40,7 @@ from mtq_common.envs import SpecialistEnv, position_column, specialist_rows
 from mtq_common.market import iso_time, load_splits
 from mtq_common.market_tables import build_tables
 from mtq_common.nets import SpecialistAgents
-from mtq_common.ppo import gae, update_scalars
+from mtq_common.ppo import gae, minibatches, update_scalars
 from mtq_common.run import Run, cli, iterations, restore, resume, seed_everything, start_run
 from mtq_common.runtime import autocast, compile_methods
 from mtq_common.specialist_eval import evaluate_specialists, format_specialist_table
@@ -229,9 +229,7 @@ def main(args: Args) -> dict:
         # Optimizing the policy and value network
         clipfracs = []
         for _epoch in range(args.n_epochs):
-            perm = torch.randperm(rows_per_iteration, device=device)
-            for start in range(0, rows_per_iteration, args.batch_size):
-                mb = perm[start : start + args.batch_size]
+            for mb in minibatches(rows_per_iteration, args.batch_size, device):  # a fresh shuffle each epoch
                 run.watch.minibatches += 1
                 with autocast(args.amp, device):
                     _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[:, mb], b_actions[:, mb])
@@ -290,10 +288,8 @@ def main(args: Args) -> dict:
                         {"optimizer": optimizer}, {"env": envs})  # fmt: skip
         if run.stop_here(iteration):
             return {"stopped_at_iteration": iteration, "global_step": global_step}
-    timing = run.finish(global_step)
-    ranks = distributed.weight_agreement(parameter_fingerprint(agent), world)
+    timing, ranks = run.finish(global_step, parameter_fingerprint(agent))  # (every rank: the weights must agree)
     if not world.is_main:
-        run.writer.close()
         return {"rank": world.rank, "global_step": global_step}
 
     # FINAL EVALUATION: the best specialists (what Phase 2 loads) on the validation split

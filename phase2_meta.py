@@ -31,17 +31,12 @@ from mtq_common.baselines import fit_trend_for
 from mtq_common.checkpoint import clone_state, parameter_fingerprint
 from mtq_common.divergence import DivergenceGuard
 from mtq_common.envs import PortfolioEnv
-from mtq_common.hierarchy import (
-    MetaTracker,
-    compose_weights,
-    load_specialists,
-    meta_observation_size,
-)
+from mtq_common.hierarchy import MetaTracker, compose_weights, load_specialists, meta_observation_size
 from mtq_common.market import load_splits
 from mtq_common.market_tables import build_tables
 from mtq_common.nets import MetaController
 from mtq_common.portfolio_eval import evaluate_portfolio, format_report
-from mtq_common.ppo import gae, update_scalars
+from mtq_common.ppo import gae, minibatches, update_scalars
 from mtq_common.rollout_stats import PortfolioRolloutStats, log_validation
 from mtq_common.run import Run, cli, iterations, restore, resume, seed_everything, start_run
 from mtq_common.runtime import autocast, compile_methods
@@ -245,9 +240,7 @@ def main(args: Args) -> dict:
         # Optimizing the policy and value network
         clipfracs = []
         for _epoch in range(args.n_epochs):
-            perm = torch.randperm(steps_per_iteration, device=device)
-            for start in range(0, steps_per_iteration, args.batch_size):
-                mb = perm[start : start + args.batch_size]
+            for mb in minibatches(steps_per_iteration, args.batch_size, device):  # a fresh shuffle each epoch
                 run.watch.minibatches += 1
                 with autocast(args.amp, device):
                     _, newlogprob, entropy, newvalue = meta.get_action_and_value(b_obs[mb], b_actions[mb])
@@ -300,10 +293,8 @@ def main(args: Args) -> dict:
                         {"optimizer": optimizer}, {"env": envs, "twin": twin, "tracker": tracker})  # fmt: skip
         if run.stop_here(iteration):
             return {"stopped_at_iteration": iteration, "global_step": global_step}
-    timing = run.finish(global_step)
-    ranks = distributed.weight_agreement(parameter_fingerprint(meta), world)
+    timing, ranks = run.finish(global_step, parameter_fingerprint(meta))  # (every rank: the weights must agree)
     if not world.is_main:
-        run.writer.close()
         return {"rank": world.rank, "global_step": global_step}
 
     # FINAL EVALUATION: the best meta-controller (what Phase 3 loads) on the validation split

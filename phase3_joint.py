@@ -69,18 +69,12 @@ from mtq_common.coordination import (
 from mtq_common.curriculum import Curriculum, generate_scenario
 from mtq_common.divergence import DivergenceGuard
 from mtq_common.envs import PortfolioEnv
-from mtq_common.hierarchy import (
-    HierarchyPolicy,
-    MetaTracker,
-    compose_weights,
-    load_specialists,
-    meta_observation_size,
-)
+from mtq_common.hierarchy import HierarchyPolicy, MetaTracker, compose_weights, load_specialists, meta_observation_size
 from mtq_common.market import load_splits
 from mtq_common.market_tables import build_tables
 from mtq_common.nets import MetaController
 from mtq_common.portfolio_eval import evaluate_portfolio, format_report
-from mtq_common.ppo import clipped_surrogate, explained_variance, gae, normalise, update_scalars
+from mtq_common.ppo import clipped_surrogate, explained_variance, gae, minibatches, normalise, update_scalars
 from mtq_common.rollout_stats import PortfolioRolloutStats, log_validation
 from mtq_common.run import Run, cli, iterations, restore, resume, seed_everything, start_run
 from mtq_common.runtime import autocast, compile_methods
@@ -336,9 +330,7 @@ def main(args: Args) -> dict:
         stats = {"conflicts": [], "cosine": [], "norm_meta": [], "norm_specialists": [], "pg": []}
         clipfracs = []
         for _epoch in range(args.n_epochs if update_meta or update_specialists else 0):
-            perm = torch.randperm(m, device=device)
-            for start in range(0, m, args.batch_size):
-                mb = perm[start : start + args.batch_size]
+            for mb in minibatches(m, args.batch_size, device):  # a fresh shuffle each epoch
                 run.watch.minibatches += 1
                 # meta-controller: the portfolio advantage
                 meta_adv_mb = normalise(b_meta_adv[mb])
@@ -415,10 +407,9 @@ def main(args: Args) -> dict:
                         {"env": envs, "twin": twin, "tracker": tracker, "prev_positions": prev_positions})  # fmt: skip
         if run.stop_here(iteration):
             return {"stopped_at_iteration": iteration, "global_step": global_step}
-    timing = run.finish(global_step)
-    ranks = distributed.weight_agreement(parameter_fingerprint(specialists) + parameter_fingerprint(meta), world)
+    fingerprint = parameter_fingerprint(specialists) + parameter_fingerprint(meta)
+    timing, ranks = run.finish(global_step, fingerprint)  # (every rank: the weights must agree)
     if not world.is_main:
-        run.writer.close()
         return {"rank": world.rank, "global_step": global_step}
 
     # FINAL EVALUATION: the best hierarchy on the validation split, plus --eval-episodes episodes

@@ -1,5 +1,5 @@
-"""The PPO pieces every phase script shares: GAE with truncation bootstrapping, the clipped surrogate, the
-update's TensorBoard tags.
+"""The PPO pieces every phase script shares: GAE with truncation bootstrapping, an epoch's shuffled
+minibatches, the clipped surrogate, the update's TensorBoard tags.
 
 The scripts keep the algorithm in view (rollout, update, logging in CleanRL's order) and call these for the
 formulas that must be the same in all three phases.
@@ -8,6 +8,14 @@ formulas that must be the same in all three phases.
 from __future__ import annotations
 
 import torch
+
+
+def minibatches(rows: int, batch_size: int, device):
+    """One PPO epoch's minibatches, CleanRL's way: a fresh permutation of the `rows` rollout rows, cut into
+    index blocks of `batch_size` (the last one shorter when it does not divide)."""
+    perm = torch.randperm(rows, device=device)
+    for start in range(0, rows, batch_size):
+        yield perm[start : start + batch_size]
 
 
 def gae(rewards, values, final_values, next_value, truncs, gamma: float, lam: float) -> torch.Tensor:

@@ -148,12 +148,14 @@ class Run:
         self.writer.close()
         return True
 
-    def finish(self, global_step: int) -> dict:
-        """Close the bar; metrics.json's `timing`: wall seconds, steps/s and where the time went."""
+    def finish(self, global_step: int, fingerprint: str) -> tuple[dict, dict]:
+        """Close the bar; return metrics.json's `timing` (wall seconds, steps/s and where the time went) and
+        `ranks`, every rank's weight `fingerprint` gathered (collective: see `distributed.weight_agreement`)."""
         self.bar.close()
         wall = time.time() - self.start_time
-        return {"seconds": wall, "steps_per_second": (global_step - self.start_step) / max(wall, 1e-9),
-                **self.watch.summary()}  # fmt: skip
+        timing = {"seconds": wall, "steps_per_second": (global_step - self.start_step) / max(wall, 1e-9),
+                  **self.watch.summary()}  # fmt: skip
+        return timing, distributed.weight_agreement(fingerprint, self.world)
 
 
 class Stopwatch:
