@@ -61,10 +61,11 @@ from mtq_common.coordination import (
     AdaptiveLR,
     UpdateSchedule,
     clip_component_,
+    clip_components_,
     component_grads,
     coordination_scalars,
     grads_of,
-    project_conflict_,
+    project_conflicts_,
 )
 from mtq_common.curriculum import Curriculum, generate_scenario
 from mtq_common.divergence import DivergenceGuard
@@ -480,16 +481,14 @@ def specialist_gradients(specialists, owner, obs, actions, old_logprobs, portfol
     g_rest = grads_of(rest, params, retain=False)
     distributed.average_([*g_port, *g_own, *g_rest], world)  # one all-reduce; the projection needs the pooled ones
     stats["pg"].append(torch.stack([port_pg.detach(), own_pg.detach()]))
-    if coordinate:
-        for i in range(len(specialists.names)):  # three specialists: a short loop over components, not rows
-            cos, conflicted = project_conflict_([g[i] for g in g_own], [g[i] for g in g_port])
-            stats["cosine"].append(cos)
-            stats["conflicts"].append(conflicted.float())
+    if coordinate:  # every specialist at once: specialist k is slice [k] of each stacked gradient
+        cosine, conflicted = project_conflicts_(g_own, g_port)
+        stats["cosine"] += cosine.unbind()
+        stats["conflicts"] += conflicted.float().unbind()
     for p, gp, go, gr in zip(params, g_port, g_own, g_rest, strict=True):
         p.grad = gp + go + gr
     if coordinate:
-        for i in range(len(specialists.names)):
-            stats["norm_specialists"].append(clip_component_(component_grads(specialists, i), args.max_grad_norm))
+        stats["norm_specialists"] += clip_components_([p.grad for p in params], args.max_grad_norm).unbind()
 
 
 def model_payload(states: dict, specialists, meta, cfg) -> dict:

@@ -8,10 +8,10 @@ operation below lands in ``.grad``). `component_grads` builds either list.
 
 The pieces, each a few lines:
 
-* `clip_component_`: per-component gradient-norm clipping (DESIGN ``max_norm`` 1.0), the same rule as
-  `torch.nn.utils.clip_grad_norm_` applied to one component at a time; `clip_grad_norm_per_group` does it for
-  every specialist of a stacked network at once (Phase 1);
-* `project_conflict_`: PCGrad. Where two gradients point against each other (negative cosine), the first
+* `clip_components_`: per-component gradient-norm clipping (DESIGN ``max_norm`` 1.0), the same rule as
+  `torch.nn.utils.clip_grad_norm_` applied to each component separately; `clip_grad_norm_per_group` is
+  Phase 1's form of it;
+* `project_conflicts_`: PCGrad. Where two gradients point against each other (negative cosine), the first
   is projected onto the normal plane of the second; an agreeing pair is left untouched;
 * `grads_of`: a loss's gradients without touching ``.grad`` (Phase 3 keeps the specialists' two
   objectives apart until the projection); `coordination_scalars`: an update's statistics for TensorBoard;
@@ -19,6 +19,11 @@ The pieces, each a few lines:
   ``specialist_update_freq`` 5);
 * `AdaptiveLR`: per-component learning rates that fall when validation portfolio Sharpe falls and
   recover, within bounds, when it recovers.
+
+The clipping and the projection take *stacked* components: every tensor's leading dimension indexes the
+component, so the K specialists' stacked gradients are handled at once, in a few dozen tensor ops however
+many specialists there are (a loop over specialists cost three times the ops). `clip_component_` and
+`project_conflict_` are the same rules for one component (the meta-controller), as a stack of one.
 
 Everything stays on the gradients' device and returns tensors (no ``.item()``), so a training loop can
 stack the statistics and read them once per iteration.
@@ -52,34 +57,61 @@ def flat(grads: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([g.reshape(-1) for g in grads])
 
 
-def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
-    """Inner product of two components with the same shapes, piece by piece, accumulated in float64."""
+def _stacked(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One component as a stack of one: a leading dimension of size 1 on every tensor (views)."""
+    return [g.unsqueeze(0) for g in grads]
+
+
+def _broadcast(per_group: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A `[K]` value per group, shaped to multiply a `[K, ...]` tensor."""
+    return per_group.view(-1, *[1] * (like.dim() - 1))
+
+
+def _dots(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    """Inner product of each group ``k`` of two stacked components (``[K]``, accumulated in float64):
+    tensor by tensor over group ``k``'s slice, then over the tensors (``.double()`` of a float64 tensor is
+    the tensor itself, not a copy)."""
     if len(a) != len(b):
         raise ValueError(f"components differ in length: {len(a)} and {len(b)} tensors")
     if not a:
-        return torch.zeros((), dtype=torch.float64)
-    return torch.stack([(x.double() * y.double()).sum() for x, y in zip(a, b, strict=True)]).sum()
+        return torch.zeros(1, dtype=torch.float64)
+    k = a[0].shape[0]
+    per_tensor = [(x.double() * y.double()).reshape(k, -1).sum(1) for x, y in zip(a, b, strict=True)]
+    return torch.stack(per_tensor, 1).sum(1)
+
+
+def grad_norms(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of each group ``k`` of a stacked component (``[K]``; ``[0.]`` for no gradients)."""
+    if not grads:
+        return torch.zeros(1)
+    k = grads[0].shape[0]
+    per_tensor = [torch.linalg.vector_norm(g.reshape(k, -1), dim=1) for g in grads]
+    return torch.linalg.vector_norm(torch.stack(per_tensor, 1), dim=1)
 
 
 def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """The L2 norm of a whole component (a 0-d tensor; 0 for no gradients)."""
-    if not grads:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    return grad_norms(_stacked(grads))[0]
 
 
 @torch.no_grad()
-def clip_component_(grads: list[torch.Tensor], max_norm: float = 1.0) -> torch.Tensor:
-    """Scale the component in place so that its norm is at most `max_norm`; return the norm before.
+def clip_components_(grads: list[torch.Tensor], max_norm: float = 1.0) -> torch.Tensor:
+    """Scale each group ``k`` of a stacked component in place so that its norm is at most `max_norm`;
+    return the ``[K]`` norms before.
 
-    Same rule as `torch.nn.utils.clip_grad_norm_` (factor ``max_norm / (norm + 1e-6)``, capped at 1), so
-    a component already within the bound is multiplied by exactly 1 and left bit-identical.
+    Same rule as `torch.nn.utils.clip_grad_norm_` (factor ``max_norm / (norm + 1e-6)``, capped at 1), per
+    group, so a group already within the bound is multiplied by exactly 1 and left bit-identical.
     """
-    norm = grad_norm(grads)
-    factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    norms = grad_norms(grads)
+    factor = (max_norm / (norms + 1e-6)).clamp(max=1.0)
     for g in grads:
-        g.mul_(factor.to(g.dtype))
-    return norm
+        g.mul_(_broadcast(factor, g).to(g.dtype))
+    return norms
+
+
+def clip_component_(grads: list[torch.Tensor], max_norm: float = 1.0) -> torch.Tensor:
+    """`clip_components_` for one component (the meta-controller): its norm before, as a 0-d tensor."""
+    return clip_components_(_stacked(grads), max_norm)[0]
 
 
 @torch.no_grad()
@@ -88,6 +120,9 @@ def clip_grad_norm_per_group(parameters: Iterable[torch.nn.Parameter], max_norm:
 
     Stacked specialists share tensors but not gradients: clipping the global norm would let one
     specialist's large gradient shrink the others' steps. Returns the per-group norms before clipping.
+    (Phase 1's rule: the norm from summed squares in float32. `clip_components_` takes the norm of the
+    per-tensor norms, as `clip_grad_norm_` does; the two agree to rounding, and each phase keeps its own so
+    that its trained weights stay bit-identical to the runs its results were measured on.)
     """
     params = [p for p in parameters if p.grad is not None]
     groups = params[0].shape[0]
@@ -102,10 +137,11 @@ def clip_grad_norm_per_group(parameters: Iterable[torch.nn.Parameter], max_norm:
 
 
 @torch.no_grad()
-def project_conflict_(own: list[torch.Tensor], other: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """PCGrad: where `own` points against `other`, project `own` in place onto `other`'s normal plane.
+def project_conflicts_(own: list[torch.Tensor], other: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """PCGrad, group by group: where group ``k`` of `own` points against group ``k`` of `other`, project it
+    in place onto the normal plane of `other`'s group ``k``.
 
-    With ``d = own . other`` (over the whole component), a conflict is ``d < 0`` (negative cosine); then
+    With ``d = own . other`` (over the whole group), a conflict is ``d < 0`` (negative cosine); then
     ``own -= d / |other|^2 * other``, applied to each tensor of `own` (views: the change lands in
     ``.grad``), after which ``own . other = 0``. An agreeing or orthogonal pair is left bit-identical, and
     a zero gradient on either side has cosine 0 and is never a conflict. `other` is not modified.
@@ -114,18 +150,26 @@ def project_conflict_(own: list[torch.Tensor], other: list[torch.Tensor]) -> tup
     the remaining cosine is at rounding level of the *projected* gradient (float32 arithmetic would leave
     errors of the size of the original one, which can be much larger).
 
-    Returns ``(cosine before the projection, conflicted)`` as 0-d tensors (the gradients' dtype, bool).
+    Returns ``(cosine before the projection, conflicted)``, one per group (``[K]``: the gradients' dtype,
+    bool).
     """
-    d = _dot(own, other)
-    own_sq, other_sq = _dot(own, own), _dot(other, other)
+    own64, other64 = [g.double() for g in own], [h.double() for h in other]  # converted once, used four times
+    d = _dots(own64, other64)
+    own_sq, other_sq = _dots(own64, own64), _dots(other64, other64)
     cosine = d / (own_sq.sqrt() * other_sq.sqrt()).clamp_min(_EPS)
     conflicted = (d < 0) & (own_sq > _EPS**2) & (other_sq > _EPS**2)
     # Branch-free: the coefficient is exactly 0 where there is no conflict, and x - 0 * y == x (the
     # float64 round trip of a float32 or bfloat16 value is exact), so an agreeing pair stays bit-identical.
     coef = torch.where(conflicted, d / other_sq.clamp_min(_EPS**2), torch.zeros_like(d))
-    for g, h in zip(own, other, strict=True):
-        g.copy_(g.double() - coef * h.double())
+    for g, g64, h64 in zip(own, own64, other64, strict=True):
+        g.copy_(g64 - _broadcast(coef, g) * h64)
     return cosine.to(own[0].dtype if own else torch.float32), conflicted
+
+
+def project_conflict_(own: list[torch.Tensor], other: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`project_conflicts_` for one pair of components: ``(cosine, conflicted)`` as 0-d tensors."""
+    cosine, conflicted = project_conflicts_(_stacked(own), _stacked(other))
+    return cosine[0], conflicted[0]
 
 
 def grads_of(loss: torch.Tensor, params: list, retain: bool) -> list[torch.Tensor]:

@@ -10,10 +10,13 @@ from mtq_common.coordination import (
     AdaptiveLR,
     UpdateSchedule,
     clip_component_,
+    clip_components_,
     component_grads,
     flat,
     grad_norm,
+    grad_norms,
     project_conflict_,
+    project_conflicts_,
 )
 from mtq_common.nets import MetaController, SpecialistAgents
 
@@ -86,6 +89,54 @@ def test_projection_lands_in_the_stacked_grad_of_one_specialist_only():
     assert any(
         not torch.equal(p.grad[0], before[0]) for p, before in zip(agents.parameters(), grads_before, strict=True)
     )
+
+
+def reference_projection_(own: list[torch.Tensor], other: list[torch.Tensor]) -> torch.Tensor:
+    """PCGrad on one component written out plainly (float64 sums tensor by tensor): what Phase 3's trained
+    weights were measured with. Returns the cosine."""
+
+    def dot(a, b):
+        return torch.stack([(x.double() * y.double()).sum() for x, y in zip(a, b, strict=True)]).sum()
+
+    d, own_sq, other_sq = dot(own, other), dot(own, own), dot(other, other)
+    coef = d / other_sq if d < 0 and own_sq > 1e-24 and other_sq > 1e-24 else torch.zeros((), dtype=torch.float64)
+    for g, h in zip(own, other, strict=True):
+        g.copy_(g.double() - coef * h.double())
+    return (d / (own_sq.sqrt() * other_sq.sqrt()).clamp_min(1e-12)).float()
+
+
+def reference_clip_(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_`'s rule on one component, written out plainly."""
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    for g in grads:
+        g.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0))
+    return norm
+
+
+def test_all_specialists_at_once_equal_the_plain_rules_one_at_a_time_bit_for_bit():
+    """Phase 3 projects and clips the K stacked specialists in one pass; the result must be exactly what
+    the plain rules give one specialist at a time (the trained weights depend on it), conflicted or not."""
+    torch.manual_seed(0)
+    shapes = [p.shape for p in SpecialistAgents(["a", "b", "c"], obs_size=32, hidden=64).parameters()]
+    conflicts = 0
+    for trial in range(20):
+        own = [torch.randn(s) * 10.0 ** (trial % 5 - 3) for s in shapes]
+        other = [(-1.0 if trial % 2 else 1.0) * g + 3.0 * torch.randn(g.shape) for g in own]
+        stacked = [g.clone() for g in own]
+        cosines = torch.stack([reference_projection_([g[k] for g in own], [h[k] for h in other]) for k in range(3)])
+        cosine_all, conflicted = project_conflicts_(stacked, other)
+        assert torch.equal(cosines, cosine_all)
+        assert all(torch.equal(a, b) for a, b in zip(own, stacked, strict=True))
+        conflicts += int(conflicted.sum())
+        assert torch.equal(grad_norms(stacked), torch.stack([grad_norm([g[k] for g in own]) for k in range(3)]))
+        norms = torch.stack([reference_clip_([g[k] for g in own], max_norm=1.0) for k in range(3)])
+        assert torch.equal(norms, clip_components_(stacked, max_norm=1.0))
+        assert all(torch.equal(a, b) for a, b in zip(own, stacked, strict=True))
+    assert 10 <= conflicts < 60  # both branches were taken
+    meta = [torch.randn(s) for s in shapes]  # one component (the meta-controller's path)
+    single = [g.clone() for g in meta]
+    assert torch.equal(reference_clip_(meta, 1.0), clip_component_(single, 1.0))
+    assert all(torch.equal(a, b) for a, b in zip(meta, single, strict=True))
 
 
 def test_specialist_slice_projected_against_a_meta_gradient():
