@@ -40,7 +40,7 @@ from mtq_common.envs import SpecialistEnv, position_column, specialist_rows
 from mtq_common.market import iso_time, load_splits
 from mtq_common.market_tables import build_tables
 from mtq_common.nets import SpecialistAgents
-from mtq_common.ppo import gae, minibatches, update_scalars
+from mtq_common.ppo import FlatAdam, gae, minibatches, update_scalars
 from mtq_common.run import Run, cli, iterations, restore, resume, seed_everything, start_run
 from mtq_common.runtime import autocast, compile_methods
 from mtq_common.specialist_eval import evaluate_specialists, format_specialist_table
@@ -164,7 +164,7 @@ def main(args: Args) -> dict:
     distributed.broadcast_module(agent, world)
     if args.compile:
         compile_methods(agent, "forward_grouped")
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    optimizer = FlatAdam(agent.parameters(), lr=args.learning_rate, eps=1e-5)  # Adam, stepped as one tensor
 
     # ALGO LOGIC: storage setup, (num_steps, specialists, rows per specialist, ...)
     obs = torch.zeros((args.num_steps, k, r, f), device=device)

@@ -36,7 +36,7 @@ from mtq_common.market import load_splits
 from mtq_common.market_tables import build_tables
 from mtq_common.nets import MetaController
 from mtq_common.portfolio_eval import evaluate_portfolio, format_report
-from mtq_common.ppo import gae, minibatches, update_scalars
+from mtq_common.ppo import FlatAdam, gae, minibatches, update_scalars
 from mtq_common.rollout_stats import PortfolioRolloutStats, log_validation
 from mtq_common.run import Run, cli, iterations, restore, resume, seed_everything, start_run
 from mtq_common.runtime import autocast, compile_methods
@@ -158,7 +158,7 @@ def main(args: Args) -> dict:
     if args.compile:
         compile_methods(specialists, "forward_per_slot")
         compile_methods(meta, "heads", "get_value")
-    optimizer = torch.optim.Adam(meta.parameters(), lr=args.learning_rate, eps=1e-5)
+    optimizer = FlatAdam(meta.parameters(), lr=args.learning_rate, eps=1e-5)  # Adam, stepped as one tensor
     max_position = cfg.environment.max_position_size
 
     # ALGO LOGIC: storage setup

@@ -75,7 +75,15 @@ from mtq_common.market import load_splits
 from mtq_common.market_tables import build_tables
 from mtq_common.nets import MetaController
 from mtq_common.portfolio_eval import evaluate_portfolio, format_report
-from mtq_common.ppo import clipped_surrogate, explained_variance, gae, minibatches, normalise, update_scalars
+from mtq_common.ppo import (
+    FlatAdam,
+    clipped_surrogate,
+    explained_variance,
+    gae,
+    minibatches,
+    normalise,
+    update_scalars,
+)
 from mtq_common.rollout_stats import PortfolioRolloutStats, log_validation
 from mtq_common.run import Run, cli, iterations, restore, resume, seed_everything, start_run
 from mtq_common.runtime import autocast, compile_methods
@@ -193,7 +201,7 @@ def main(args: Args) -> dict:
     coordinate = args.gradient_coordination
     groups = [{"params": list(meta.parameters()), "name": "meta"},
               {"params": list(specialists.parameters()), "name": "specialists"}]  # fmt: skip
-    optimizer = torch.optim.Adam(groups, lr=args.learning_rate, eps=1e-5)
+    optimizer = FlatAdam(groups, lr=args.learning_rate, eps=1e-5)  # Adam, each group stepped as one tensor
     schedule = UpdateSchedule(args.meta_update_freq if coordinate else 1,
                               args.specialist_update_freq if coordinate else 1)  # fmt: skip
     adaptive = AdaptiveLR({"meta": args.learning_rate, "specialists": args.learning_rate})

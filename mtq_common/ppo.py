@@ -1,5 +1,6 @@
 """The PPO pieces every phase script shares: GAE with truncation bootstrapping, an epoch's shuffled
-minibatches, the clipped surrogate, the update's TensorBoard tags.
+minibatches, the clipped surrogate, the update's TensorBoard tags, and `FlatAdam` (Adam stepping each
+parameter group as one tensor).
 
 The scripts keep the algorithm in view (rollout, update, logging in CleanRL's order) and call these for the
 formulas that must be the same in all three phases.
@@ -8,6 +9,74 @@ formulas that must be the same in all three phases.
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+
+class FlatAdam(torch.optim.Adam):
+    """`torch.optim.Adam` that steps each parameter group as one flat tensor: the same updates, bit for bit,
+    in a handful of tensor ops instead of a dozen per parameter.
+
+    Why: PPO's networks here are small (a few 64-wide layers), so on the CPU Adam's per-parameter dispatch
+    cost more than its arithmetic (measured: 0.68 ms a step for the 13 tensors of the stacked specialists,
+    0.17 ms as one tensor). Each module parameter becomes a view into its group's flat tensor, so the
+    modules, their `state_dict` keys and every checkpoint of weights are unchanged. Gradients are computed
+    and clipped per parameter as before; `step` gathers them into the flat gradient (one copy) first. Adam's
+    update is element-wise, so where an element sits in memory does not change it (checked bit for bit by
+    the tests and on whole training runs).
+
+    A group whose parameters all have no gradient is skipped, as Adam skips such parameters (Phase 3's
+    level that does not update at an iteration); a group with only some gradients is refused, since Adam
+    would skip those parameters and a flat step cannot.
+    """
+
+    def __init__(self, params, **kwargs):
+        params = list(params)
+        groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+        self.members = [list(group["params"]) for group in groups]
+        flat_groups = [{**group, "params": [flatten_(members)]} for group, members in zip(groups, self.members,
+                                                                                          strict=True)]  # fmt: skip
+        super().__init__(flat_groups, **kwargs)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for members, group in zip(self.members, self.param_groups, strict=True):
+            flat = group["params"][0]
+            grads = [p.grad for p in members]
+            if all(g is None for g in grads):
+                flat.grad = None
+            elif any(g is None for g in grads):
+                missing = sum(g is None for g in grads)
+                raise ValueError(f"FlatAdam: {missing} of {len(grads)} parameters of a group have no gradient")
+            else:
+                flat.grad = torch.cat([g.reshape(-1) for g in grads])
+        return super().step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for members in self.members:
+            for p in members:
+                p.grad = None
+        super().zero_grad(set_to_none)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = [len(group["params"]) for group in state_dict["param_groups"]]
+        if saved != [1] * len(self.param_groups):
+            raise ValueError(
+                f"the optimiser state in this checkpoint holds {saved} tensors per parameter group; this version "
+                "steps each group as one flat tensor (FlatAdam): resume with the version that wrote the checkpoint, "
+                "or start the phase again"
+            )
+        super().load_state_dict(state_dict)
+
+
+def flatten_(params: list[nn.Parameter]) -> nn.Parameter:
+    """Move `params` into one flat tensor (each becomes a view of it, values unchanged) and return that tensor
+    as a parameter."""
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    offset = 0
+    for p in params:
+        p.data = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+    return nn.Parameter(flat)
 
 
 def minibatches(rows: int, batch_size: int, device):

@@ -19,6 +19,7 @@ from mtq_common.coordination import (
     project_conflicts_,
 )
 from mtq_common.nets import MetaController, SpecialistAgents
+from mtq_common.ppo import FlatAdam
 
 
 def cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -207,7 +208,7 @@ def test_update_schedule_frequencies():
 
 def test_adam_steps_specialists_only_on_their_iterations():
     agents, meta = tiny_hierarchy()
-    optimizer = torch.optim.Adam(
+    optimizer = FlatAdam(  # Phase 3's optimiser
         [
             {"params": list(meta.parameters()), "name": "meta"},
             {"params": list(agents.parameters()), "name": "specialists"},
@@ -221,8 +222,10 @@ def test_adam_steps_specialists_only_on_their_iterations():
         spec_before = [p.detach().clone() for p in agents.parameters()]
         meta_before = [p.detach().clone() for p in meta.parameters()]
         optimizer.zero_grad()
-        mean, _, value = agents.forward_grouped(obs)
-        (mean.pow(2).sum() + value.pow(2).sum() + meta.get_value(meta_obs).pow(2).sum()).backward()
+        mean, log_std, value = agents.forward_grouped(obs)  # every parameter gets a gradient
+        _, meta_logprob, _, meta_value = meta.get_action_and_value(meta_obs)
+        spec_loss = mean.pow(2).sum() + value.pow(2).sum() + log_std.sum()
+        (spec_loss + meta_logprob.sum() + meta_value.pow(2).sum()).backward()
         if not schedule.specialists(iteration):
             for p in agents.parameters():
                 p.grad = None  # Adam skips parameters without a gradient
