@@ -26,15 +26,18 @@ class FlatAdam(torch.optim.Adam):
 
     A group whose parameters all have no gradient is skipped, as Adam skips such parameters (Phase 3's
     level that does not update at an iteration); a group with only some gradients is refused, since Adam
-    would skip those parameters and a flat step cannot.
+    would skip those parameters and a flat step cannot. Create it once the modules are on their device and
+    hold their starting weights (moving a module afterwards, or loading with ``assign=True``, would detach
+    its parameters from the flat tensor; `load_state_dict` copies in place and is fine).
     """
 
     def __init__(self, params, **kwargs):
         params = list(params)
         groups = params if params and isinstance(params[0], dict) else [{"params": params}]
-        self.members = [list(group["params"]) for group in groups]
-        flat_groups = [{**group, "params": [flatten_(members)]} for group, members in zip(groups, self.members,
-                                                                                          strict=True)]  # fmt: skip
+        self.members, flat_groups = [], []  # each group's module parameters; the groups Adam sees
+        for group in groups:
+            self.members.append(list(group["params"]))
+            flat_groups.append({**group, "params": [flatten_(self.members[-1])]})
         super().__init__(flat_groups, **kwargs)
 
     @torch.no_grad()
