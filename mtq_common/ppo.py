@@ -12,53 +12,74 @@ import torch
 from torch import nn
 
 
-class FlatAdam(torch.optim.Adam):
-    """`torch.optim.Adam` that steps each parameter group as one flat tensor: the same updates, bit for bit,
-    in a handful of tensor ops instead of a dozen per parameter.
+class FlatAdam:
+    """Adam (Kingma & Ba, 2015) with `torch.optim.Adam`'s arithmetic, stepping each parameter group as one flat
+    tensor: the same updates as `torch.optim.Adam`, bit for bit, in a handful of tensor ops instead of a dozen
+    per parameter.
 
-    Why: PPO's networks here are small (a few 64-wide layers), so on the CPU Adam's per-parameter dispatch
+    Why flat: PPO's networks here are small (a few 64-wide layers), so on the CPU Adam's per-parameter dispatch
     cost more than its arithmetic (measured: 0.68 ms a step for the 13 tensors of the stacked specialists,
-    0.17 ms as one tensor). Each module parameter becomes a view into its group's flat tensor, so the
-    modules, their `state_dict` keys and every checkpoint of weights are unchanged. Gradients are computed
-    and clipped per parameter as before; `step` gathers them into the flat gradient (one copy) first. Adam's
-    update is element-wise, so where an element sits in memory does not change it (checked bit for bit by
-    the tests and on whole training runs).
+    0.17 ms as one tensor). Each module parameter becomes a view into its group's flat tensor, so the modules,
+    their `state_dict` keys and every checkpoint of weights are unchanged. Gradients are computed and clipped
+    per parameter as before; `step` gathers them into the flat gradient (one copy) first. Adam's update is
+    element-wise, so where an element sits in memory does not change it (checked bit for bit against
+    `torch.optim.Adam` by the tests and on whole training runs).
 
-    A group whose parameters all have no gradient is skipped, as Adam skips such parameters (Phase 3's
-    level that does not update at an iteration); a group with only some gradients is refused, since Adam
-    would skip those parameters and a flat step cannot. Create it once the modules are on their device and
-    hold their starting weights (moving a module afterwards, or loading with ``assign=True``, would detach
-    its parameters from the flat tensor; `load_state_dict` copies in place and is fine).
+    Why not a `torch.optim.Optimizer` subclass: constructing one imports the compiler stack (`torch._dynamo`,
+    1.4-2.0 s), paid by every phase script at start. The interface is the part the scripts use: `param_groups`
+    (a dict per group, its ``"lr"`` set by the learning-rate schedule), `zero_grad`, `step`, and a `state_dict`
+    in `torch.optim.Adam`'s format, so a checkpoint holds the same tensors either way.
+
+    A group whose parameters all have no gradient is skipped, as Adam skips such parameters (Phase 3's level
+    that does not update at an iteration); a group with only some gradients is refused, since Adam would skip
+    those parameters and a flat step cannot. Create it once the modules are on their device and hold their
+    starting weights (moving a module afterwards, or loading with ``assign=True``, would detach its parameters
+    from the flat tensor; `load_state_dict` copies in place and is fine).
     """
 
-    def __init__(self, params, **kwargs):
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
         params = list(params)
         groups = params if params and isinstance(params[0], dict) else [{"params": params}]
-        self.members, flat_groups = [], []  # each group's module parameters; the groups Adam sees
+        self.members, self.param_groups = [], []  # each group's module parameters; its flat tensor and settings
         for group in groups:
             self.members.append(list(group["params"]))
-            flat_groups.append({**group, "params": [flatten_(self.members[-1])]})
-        super().__init__(flat_groups, **kwargs)
+            settings = {"lr": lr, "betas": tuple(betas), "eps": eps}
+            self.param_groups.append({**settings, **group, "params": [flatten_(self.members[-1])]})
+        self.state: dict[int, dict] = {}  # group index -> step count and the two moment estimates, once stepped
 
     @torch.no_grad()
-    def step(self, closure=None):
-        for members, group in zip(self.members, self.param_groups, strict=True):
-            flat = group["params"][0]
+    def step(self) -> None:
+        for i, (members, group) in enumerate(zip(self.members, self.param_groups, strict=True)):
             grads = [p.grad for p in members]
             if all(g is None for g in grads):
-                flat.grad = None
-            elif any(g is None for g in grads):
+                continue
+            if any(g is None for g in grads):
                 missing = sum(g is None for g in grads)
                 raise ValueError(f"FlatAdam: {missing} of {len(grads)} parameters of a group have no gradient")
-            else:
-                flat.grad = torch.cat([g.reshape(-1) for g in grads])
-        return super().step(closure)
+            flat, grad = group["params"][0], torch.cat([g.reshape(-1) for g in grads])
+            if i not in self.state:
+                self.state[i] = {"step": 0, "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+            state, (beta1, beta2) = self.state[i], group["betas"]
+            # torch.optim.Adam's single-tensor update, operation for operation (the same rounding)
+            state["step"] += 1
+            state["exp_avg"].lerp_(grad, 1 - beta1)
+            state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            bias_correction1 = 1 - beta1 ** state["step"]
+            bias_correction2 = 1 - beta2 ** state["step"]
+            denom = (state["exp_avg_sq"].sqrt() / bias_correction2**0.5).add_(group["eps"])
+            flat.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / bias_correction1)
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
+    def zero_grad(self) -> None:
         for members in self.members:
             for p in members:
                 p.grad = None
-        super().zero_grad(set_to_none)
+
+    def state_dict(self) -> dict:
+        """`torch.optim.Adam`'s layout: the step as a float tensor, each group's settings with its index."""
+        state = {i: {**s, "step": torch.tensor(float(s["step"]))} for i, s in self.state.items()}
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [i]}
+                  for i, g in enumerate(self.param_groups)]  # fmt: skip
+        return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict) -> None:
         saved = [len(group["params"]) for group in state_dict["param_groups"]]
@@ -68,7 +89,19 @@ class FlatAdam(torch.optim.Adam):
                 "steps each group as one flat tensor (FlatAdam): resume with the version that wrote the checkpoint, "
                 "or start the phase again"
             )
-        super().load_state_dict(state_dict)
+        self.state = {}
+        for i, (group, saved_group) in enumerate(zip(self.param_groups, state_dict["param_groups"], strict=True)):
+            flat = group["params"][0]
+            group.update({k: v for k, v in saved_group.items() if k != "params"})  # as torch: the saved settings
+            s = state_dict["state"].get(saved_group["params"][0])
+            if s is None:  # never stepped
+                continue
+            if s["exp_avg"].shape != flat.shape:
+                raise ValueError(
+                    f"the optimiser state in this checkpoint holds {s['exp_avg'].numel()} values for parameter "
+                    f"group {i}, which has {flat.numel()}: the networks differ from those that wrote it"
+                )
+            self.state[i] = {"step": int(s["step"]), **{k: s[k].to(flat).clone() for k in ("exp_avg", "exp_avg_sq")}}
 
 
 def flatten_(params: list[nn.Parameter]) -> nn.Parameter:
