@@ -287,8 +287,9 @@ class AdaptiveLR:
         """The current learning rate of each component (``base * scale``)."""
         return {name: self.base[name] * self.scales[name] for name in self.base}
 
-    def apply(self, optimizer: torch.optim.Optimizer, group_names: Iterable[str] | None = None, factor: float = 1.0):
-        """Write ``factor * rate`` into each optimizer param group whose ``"name"`` is a component.
+    def apply(self, optimizer, group_names: Iterable[str] | None = None, factor: float = 1.0):
+        """Write ``factor * rate`` into each param group of `optimizer` (a torch optimiser or `FlatAdam`: anything
+        with `param_groups`) whose ``"name"`` is a component.
 
         `group_names` restricts the write to those components (default: all); `factor` carries a
         schedule such as linear annealing. Groups without a matching ``"name"`` are left alone.
