@@ -50,13 +50,6 @@ def component_grads(module: nn.Module, index: int | None = None) -> list[torch.T
     return grads if index is None else [g[index] for g in grads]
 
 
-def flat(grads: list[torch.Tensor]) -> torch.Tensor:
-    """The component's gradients concatenated into one 1-D tensor (a copy; empty for no gradients)."""
-    if not grads:
-        return torch.zeros(0)
-    return torch.cat([g.reshape(-1) for g in grads])
-
-
 def _stacked(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     """One component as a stack of one: a leading dimension of size 1 on every tensor (views)."""
     return [g.unsqueeze(0) for g in grads]

@@ -56,7 +56,7 @@ class FlatAdam:
             if any(g is None for g in grads):
                 missing = sum(g is None for g in grads)
                 raise ValueError(f"FlatAdam: {missing} of {len(grads)} parameters of a group have no gradient")
-            flat, grad = group["params"][0], torch.cat([g.reshape(-1) for g in grads])
+            flat, grad = group["params"][0], flat_cat(grads)
             if i not in self.state:
                 self.state[i] = {"step": 0, "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
             state, (beta1, beta2) = self.state[i], group["betas"]
@@ -104,10 +104,18 @@ class FlatAdam:
             self.state[i] = {"step": int(s["step"]), **{k: s[k].to(flat).clone() for k in ("exp_avg", "exp_avg_sq")}}
 
 
+def flat_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors concatenated into one 1-D tensor (a copy; empty for none): a component's gradients, a
+    group's parameters."""
+    if not tensors:
+        return torch.zeros(0)
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
 def flatten_(params: list[nn.Parameter]) -> nn.Parameter:
     """Move `params` into one flat tensor (each becomes a view of it, values unchanged) and return that tensor
     as a parameter."""
-    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    flat = flat_cat([p.detach() for p in params])
     offset = 0
     for p in params:
         p.data = flat[offset : offset + p.numel()].view_as(p)

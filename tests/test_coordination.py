@@ -12,18 +12,17 @@ from mtq_common.coordination import (
     clip_component_,
     clip_components_,
     component_grads,
-    flat,
     grad_norm,
     grad_norms,
     project_conflict_,
     project_conflicts_,
 )
 from mtq_common.nets import MetaController, SpecialistAgents
-from mtq_common.ppo import FlatAdam
+from mtq_common.ppo import FlatAdam, flat_cat
 
 
 def cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return torch.nn.functional.cosine_similarity(flat(a), flat(b), dim=0).item()
+    return torch.nn.functional.cosine_similarity(flat_cat(a), flat_cat(b), dim=0).item()
 
 
 def random_component(seed: int, shapes=((3, 4), (5,), (2, 2, 2))) -> list[torch.Tensor]:
@@ -148,11 +147,11 @@ def test_specialist_slice_projected_against_a_meta_gradient():
     """
     agents, meta = tiny_hierarchy(seed=1)
     meta.get_value(torch.randn(4, 3)).sum().backward()
-    meta_flat = flat(component_grads(meta))
+    meta_flat = flat_cat(component_grads(meta))
     slice0 = component_grads(agents, 0)
     sizes = [g.numel() for g in slice0]
     # Tile the meta gradient to specialist 0's size and negate it: a shared direction in conflict.
-    tiled = -meta_flat.repeat(sum(sizes) // meta_flat.numel() + 1)[: sum(sizes)] - flat(slice0)
+    tiled = -meta_flat.repeat(sum(sizes) // meta_flat.numel() + 1)[: sum(sizes)] - flat_cat(slice0)
     other = [t.view_as(g) for t, g in zip(tiled.split(sizes), slice0, strict=True)]
     before1 = [p.grad[1].clone() for p in agents.parameters()]
     _, conflicted = project_conflict_(slice0, other)
@@ -174,7 +173,7 @@ def test_component_grads_are_views_and_skip_parameters_without_grad():
     assert all(g.data_ptr() == p.grad[1].data_ptr() for g, p in zip(comp, agents.parameters(), strict=True))
     agents.log_std.grad = None
     assert len(component_grads(agents, 0)) == len(list(agents.parameters())) - 1
-    assert grad_norm([]).item() == 0.0 and flat([]).numel() == 0
+    assert grad_norm([]).item() == 0.0 and flat_cat([]).numel() == 0
 
 
 def test_clipping_bounds_each_component_and_leaves_small_ones_alone():
