@@ -156,7 +156,7 @@ def main(args: Args) -> dict:
     meta = MetaController(d, k, args.hidden_size, allocation_rate=args.allocation_rate).to(device)
     distributed.broadcast_module(meta, world)
     if args.compile:
-        compile_methods(specialists, "forward_per_slot")
+        compile_methods(specialists, "forward_per_slot", "mean_per_slot")
         compile_methods(meta, "heads", "get_value")
     optimizer = FlatAdam(meta.parameters(), lr=args.learning_rate, eps=1e-5)  # Adam, stepped as one tensor
     max_position = cfg.environment.max_position_size
@@ -211,7 +211,8 @@ def main(args: Args) -> dict:
             next_env_obs, reward, _, truncated, info = envs.step(proposal, positions)
             twin_reward = None
             if args.paired_baseline:
-                twin_reward = twin.step(compose_weights(*equal, positions, owner, max_position), positions)[1]
+                twin_reward = twin.step(compose_weights(*equal, positions, owner, max_position), positions,
+                                        observe=False)[1]  # fmt: skip
                 reward = reward - twin_reward
             rewards[step], truncs[step] = reward, truncated.float()
             # the final observation bootstraps a truncated row's value: its parts now, assembled after the rollout

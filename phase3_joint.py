@@ -194,7 +194,7 @@ def main(args: Args) -> dict:
     distributed.broadcast_module(specialists, world)  # (the same files: a no-op safeguard)
     distributed.broadcast_module(meta, world)
     if args.compile:
-        compile_methods(specialists, "forward_per_slot")
+        compile_methods(specialists, "forward_per_slot", "mean_per_slot")
         compile_methods(meta, "heads", "get_value")
     specialists.requires_grad_(True).train()
     k, n = len(specialists.names), val.num_instruments
@@ -283,21 +283,25 @@ def main(args: Args) -> dict:
             global_step += b * world.size
             inst_obs[step] = next_obs["instruments"]
             with torch.no_grad():
-                mean, log_std, spec_value = specialists.forward_per_slot(next_obs["instruments"], owner)
-                dist = torch.distributions.Normal(mean, log_std.exp().expand_as(mean), validate_args=False)
-                action = dist.sample() if explore else mean
+                if explore:  # sample; the value and log-probability feed the specialists' update
+                    mean, log_std, spec_value = specialists.forward_per_slot(next_obs["instruments"], owner)
+                    dist = torch.distributions.Normal(mean, log_std.exp().expand_as(mean), validate_args=False)
+                    action = spec_actions[step] = dist.sample()
+                    spec_logprobs[step], spec_values[step] = dist.log_prob(action), spec_value
+                else:  # the mean action: the actor alone (nothing of the specialists' is updated this iteration)
+                    action = specialists.mean_per_slot(next_obs["instruments"], owner)
                 positions = specialists.to_position(action, next_obs["instruments"])  # clipped, partially adjusted
                 meta_obs[step] = tracker.observe(next_obs["portfolio"], positions)
                 u, meta_logprob, _, meta_value = meta.get_action_and_value(meta_obs[step])
                 allocation, appetite = tracker.act(u)
                 proposal = compose_weights(allocation, appetite, positions, owner, max_position)
             guard.watch(proposal, global_step)
-            spec_actions[step], spec_logprobs[step], spec_values[step] = action, dist.log_prob(action), spec_value
             meta_actions[step], meta_logprobs[step], meta_values[step] = u, meta_logprob, meta_value
             next_obs, reward, _, truncated, info = envs.step(proposal, positions)
             twin_reward = None
             if args.paired_baseline:  # the same positions at the equal allocation, on the same path
-                twin_reward = twin.step(compose_weights(*equal, positions, owner, max_position), positions)[1]
+                twin_reward = twin.step(compose_weights(*equal, positions, owner, max_position), positions,
+                                        observe=False)[1]  # fmt: skip
                 reward = reward - twin_reward
             rewards[step], truncs[step] = reward, truncated.float()
             # each specialist's own objective: its unit-size position's vol-scaled net return
@@ -314,28 +318,30 @@ def main(args: Args) -> dict:
         run.watch.lap("rollout")
 
         # bootstrap value if not done: truncated rows continue from V(final obs), not from zero
+        update_meta, update_specialists = schedule.meta(iteration), schedule.specialists(iteration)
         with torch.no_grad():
             final_positions = specialists.positions(final_inst_obs.flatten(0, 1), owner)  # one batch
             final_meta_obs = tracker.assemble(final_portfolio.flatten(0, 1), final_positions, final_held.flatten(0, 1))
             final_meta_values = meta.get_value(final_meta_obs).view(s, b)
-            final_spec_values = specialists.forward_per_slot(final_inst_obs.reshape(-1, n, f), owner)[2].view(s, b, n)
             next_positions = specialists.positions(next_obs["instruments"], owner)
             next_meta_value = meta.get_value(tracker.observe(next_obs["portfolio"], next_positions))
-            next_spec_value = specialists.forward_per_slot(next_obs["instruments"], owner)[2]
             meta_adv = gae(rewards, meta_values, final_meta_values, next_meta_value, truncs, args.gamma,
                            args.gae_lambda)  # fmt: skip
-            own_adv = gae(own_rewards, spec_values, final_spec_values, next_spec_value, truncs.unsqueeze(-1),
-                          args.gamma, args.gae_lambda)  # fmt: skip
-            meta_returns, own_returns = meta_adv + meta_values, own_adv + spec_values
+            meta_returns = meta_adv + meta_values
+            if update_specialists:  # (= explore) their own objective's advantages, with their own critic
+                final_spec_values = specialists.forward_per_slot(final_inst_obs.reshape(-1, n, f), owner)[2]
+                next_spec_value = specialists.forward_per_slot(next_obs["instruments"], owner)[2]
+                own_adv = gae(own_rewards, spec_values, final_spec_values.view(s, b, n), next_spec_value,
+                              truncs.unsqueeze(-1), args.gamma, args.gae_lambda)  # fmt: skip
+                own_returns = own_adv + spec_values
 
         # flatten the batch
         m = s * b
         b_meta_obs, b_meta_actions = meta_obs.reshape(m, d), meta_actions.reshape(m, k + 1)
         b_meta_logprobs, b_meta_adv, b_meta_returns = (x.reshape(m) for x in (meta_logprobs, meta_adv, meta_returns))
-        b_inst_obs, b_spec_actions = inst_obs.reshape(m, n, f), spec_actions.reshape(m, n)
-        b_spec_logprobs, b_own_adv, b_own_returns = (x.reshape(m, n) for x in (spec_logprobs, own_adv, own_returns))
-
-        update_meta, update_specialists = schedule.meta(iteration), schedule.specialists(iteration)
+        if update_specialists:
+            b_inst_obs, b_spec_actions = inst_obs.reshape(m, n, f), spec_actions.reshape(m, n)
+            b_spec_logprobs, b_own_adv, b_own_returns = (x.reshape(m, n) for x in (spec_logprobs, own_adv, own_returns))
         stats = {"conflicts": [], "cosine": [], "norm_meta": [], "norm_specialists": [], "pg": []}
         clipfracs = []
         for _epoch in range(args.n_epochs if update_meta or update_specialists else 0):

@@ -107,7 +107,8 @@ class _BatchedTradingEnv(VectorEnv):
         return x if self.torch_mode else _to_numpy(x)
 
     def _finish(self, obs_stepped, reward, truncated, info: dict):
-        """SAME_STEP autoreset: finished rows start their next episode; their final obs goes in info."""
+        """SAME_STEP autoreset: finished rows start their next episode; their final obs goes in info.
+        `obs_stepped` None (a step that builds no observation): the observation and the final one are None."""
         eng = self.engine
         done = truncated
         # Gymnasium's dict-of-arrays infos: every per-step key is valid for every row.
@@ -115,15 +116,14 @@ class _BatchedTradingEnv(VectorEnv):
         info.update({f"_{key}": every_row for key in list(info)})
         info["episode"] = {"r": eng.episode_return.clone(), "l": eng.steps.clone()}
         info["_episode"] = done
-        if not self.autoreset:
+        if self.autoreset:
+            eng.reset_rows(done, eng.random_starts())
+            self._reset_extra(done)
+        if obs_stepped is None or not self.autoreset:
             obs = obs_stepped
         elif self.diagnostic or self.dense_restart or eng.device.type != "cpu":
-            eng.reset_rows(done, eng.random_starts())
-            self._reset_extra(done)
             obs = self._observe()  # every row again: no host sync (what a GPU wants)
         else:
-            eng.reset_rows(done, eng.random_starts())
-            self._reset_extra(done)
             obs = self._restart(obs_stepped, done)
         info["final_obs"] = obs_stepped
         info["_final_obs"] = done
@@ -398,11 +398,14 @@ class PortfolioEnv(_BatchedTradingEnv):
         # A new episode starts flat: no risk in use.
         self.risk = {k: torch.where(mask, 0.0, v) for k, v in self.risk.items()}
 
-    def step(self, proposed_weights, own_positions=None):
+    def step(self, proposed_weights, own_positions=None, observe: bool = True):
         """Trade the proposal for one bar. `own_positions` [B, N] in [-1, 1] (optional) are the positions
         the instruments' own policies asked for, in units of `max_position` (the specialists' signals
         under a meta-controller): the stop-loss and the instruments' observations follow them. Without
-        them each instrument's own position is its proposed weight over `max_position`, clipped."""
+        them each instrument's own position is its proposed weight over `max_position`, clipped.
+
+        `observe=False` builds no observation (the returned one and info's ``final_obs`` are None): for a
+        twin that only scores the reward (Phases 2 and 3); every state change is the same."""
         eng = self.engine
         proposal, own, risk = self._execute(proposed_weights, own_positions, update=True)
         var_usage = risk.var / self.limits.max_var
@@ -430,7 +433,7 @@ class PortfolioEnv(_BatchedTradingEnv):
         if self.has_truth:
             info["regime"] = eng.tables.regime.index_select(0, t_now)
             info["drift"] = eng.tables.drift.index_select(0, t_now)
-        return self._finish(self._observe(), out.reward, truncated, info)
+        return self._finish(self._observe() if observe else None, out.reward, truncated, info)
 
 
 def specialist_rows(market: MarketData, specialists: list[str], rows_per_specialist: int):

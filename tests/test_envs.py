@@ -395,3 +395,29 @@ def test_the_cpu_restart_path_gives_the_same_observations_as_rebuilding_every_ro
             else:
                 assert torch.equal(x, y)
     assert restarts > 20
+
+
+def test_a_step_without_observations_changes_the_state_as_a_full_step():
+    """`observe=False` (the paired baseline's twin, which keeps only the reward) builds no observation
+    and otherwise steps exactly as a full step: same rewards, truncations and infos, same state after
+    every step (restarts included), so observing afterwards gives the full step's observation."""
+    cfg = Config()
+    cfg.environment.episode_length = 7  # many restarts
+    market = generate_market(cfg.data.instruments, SECTORS, VOLS, 400, 9)
+    full, blind = (PortfolioEnv(market, cfg, 16, torch_mode=True, seed=3) for _ in range(2))
+    gen = torch.Generator().manual_seed(0)
+    for env in (full, blind):
+        env.reset(seed=3)
+    restarts = 0
+    for _ in range(30):
+        weights = (torch.rand(16, 8, generator=gen) * 2 - 1) * 0.1
+        obs, reward, _, truncated, info = full.step(weights)
+        no_obs, blind_reward, _, blind_truncated, blind_info = blind.step(weights, observe=False)
+        assert no_obs is None and blind_info["final_obs"] is None
+        assert torch.equal(reward, blind_reward) and torch.equal(truncated, blind_truncated)
+        for key in ("net_return", "executed_weights", "var", "equity", "stop_loss"):
+            assert torch.equal(info[key], blind_info[key]), key
+        for key, value in blind.observe().items():
+            assert torch.equal(value, obs[key]), key
+        restarts += int(truncated.sum())
+    assert restarts > 20
