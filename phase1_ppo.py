@@ -163,7 +163,7 @@ def main(args: Args) -> dict:
                              position_index=position_index).to(device)  # fmt: skip
     distributed.broadcast_module(agent, world)
     if args.compile:
-        compile_methods(agent, "forward_grouped")
+        compile_methods(agent, "forward_grouped", "get_value")
     optimizer = FlatAdam(agent.parameters(), lr=args.learning_rate, eps=1e-5)  # Adam, stepped as one tensor
 
     # ALGO LOGIC: storage setup, (num_steps, specialists, rows per specialist, ...)
@@ -214,9 +214,9 @@ def main(args: Args) -> dict:
 
         # bootstrap value if not done: a truncated row continues from V(final obs), not from zero
         with torch.no_grad():
-            final_values = agent.forward_grouped(final_obs.transpose(0, 1).reshape(k, -1, f))[2]
+            final_values = agent.get_value(final_obs.transpose(0, 1).reshape(k, -1, f))
             final_values = final_values.view(k, args.num_steps, r).transpose(0, 1)
-            next_value = agent.forward_grouped(next_obs.view(k, r, f))[2]
+            next_value = agent.get_value(next_obs.view(k, r, f))
             advantages = gae(rewards, values, final_values, next_value, truncs, args.gamma, args.gae_lambda)
             returns = advantages + values
 

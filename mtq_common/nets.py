@@ -119,25 +119,31 @@ class SpecialistAgents(nn.Module):
         )
         self.log_std = nn.Parameter(torch.full((k, 1, 1), init_log_std))
 
+    def _normalised(self, obs: torch.Tensor, owner: torch.Tensor | None = None) -> torch.Tensor:
+        """Observations z-scored with each row's specialist's statistics: grouped rows `[K, R, F]` (owner None)
+        or per slot `[B, N, F]` (slot j: specialist owner[j])."""
+        if owner is None:
+            return self.norm(obs, self.norm.mean.unsqueeze(1), self.norm.var.unsqueeze(1))
+        return self.norm(obs, self.norm.mean[owner], self.norm.var[owner])
+
     @staticmethod
-    def _mlp(layers, x, apply):
+    def _mlp(layers, x: torch.Tensor, owner: torch.Tensor | None = None) -> torch.Tensor:
+        """One of the two MLPs on normalised inputs, grouped (owner None) or per slot; the output squeezed."""
         for i, layer in enumerate(layers):
-            x = apply(layer, x)
+            x = layer.grouped(x) if owner is None else layer.per_slot(x, owner)
             if i < len(layers) - 1:
                 x = torch.tanh(x)
-        return x
+        return x.squeeze(-1)
 
     # -- Phase 1: grouped rows ---------------------------------------------------------------
     def forward_grouped(self, obs: torch.Tensor):
         """obs [K, R, F] -> (action mean [K, R], log std [K, 1], value [K, R])."""
-        x = self.norm(obs, self.norm.mean.unsqueeze(1), self.norm.var.unsqueeze(1))
+        x = self._normalised(obs)
+        return self._mlp(self.actor, x), self.log_std.squeeze(-1), self._mlp(self.critic, x)
 
-        def apply(layer, h):
-            return layer.grouped(h)
-
-        mean = self._mlp(self.actor, x, apply).squeeze(-1)
-        value = self._mlp(self.critic, x, apply).squeeze(-1)
-        return mean, self.log_std.squeeze(-1), value
+    def get_value(self, obs: torch.Tensor) -> torch.Tensor:
+        """CleanRL's interface on grouped rows: the critic alone, value [K, R] (a bootstrap needs no action)."""
+        return self._mlp(self.critic, self._normalised(obs))
 
     def get_action_and_value(self, obs: torch.Tensor, action: torch.Tensor | None = None):
         """CleanRL's interface on grouped rows: (action, log_prob, entropy, value), each [K, R]."""
@@ -150,21 +156,13 @@ class SpecialistAgents(nn.Module):
     # -- Phase 2/3 and evaluation: one specialist per instrument slot --------------------------
     def forward_per_slot(self, obs: torch.Tensor, owner: torch.Tensor):
         """obs [B, N, F], owner [N] -> (action mean [B, N], log std [N], value [B, N])."""
-        x = self.norm(obs, self.norm.mean[owner], self.norm.var[owner])
-        return self._slots(self.actor, x, owner), self.log_std[owner, 0, 0], self._slots(self.critic, x, owner)
+        x = self._normalised(obs, owner)
+        return self._mlp(self.actor, x, owner), self.log_std[owner, 0, 0], self._mlp(self.critic, x, owner)
 
     def mean_per_slot(self, obs: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
         """The action mean alone, [B, N]: the actor without the critic, half the work, for callers that only
         trade (the same values as `forward_per_slot`'s mean)."""
-        return self._slots(self.actor, self.norm(obs, self.norm.mean[owner], self.norm.var[owner]), owner)
-
-    def _slots(self, layers, x: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
-        """One of the two MLPs on normalised per-slot inputs `x [B, N, F]` -> `[B, N]`."""
-
-        def apply(layer, h):
-            return layer.per_slot(h, owner)
-
-        return self._mlp(layers, x, apply).squeeze(-1)
+        return self._mlp(self.actor, self._normalised(obs, owner), owner)
 
     def to_position(self, action: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
         """The position to trade for `action` [...] given the raw observation `obs` [..., F] (class docstring)."""

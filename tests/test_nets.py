@@ -1,4 +1,5 @@
-"""The stacked specialists' per-slot evaluation: the actor-only path gives the full forward's mean."""
+"""The stacked specialists: the one-network paths (the actor alone, the critic alone) give the full forward's
+values, bit for bit."""
 
 import torch
 
@@ -23,3 +24,18 @@ def test_the_actor_alone_gives_the_full_forwards_mean_bit_for_bit():
     assert torch.equal(agents.positions(obs, owner), agents.to_position(mean, obs))
     # a slot's mean uses its owner's weights: another owner changes it
     assert not torch.equal(agents.mean_per_slot(obs, torch.tensor([1, 0, 1, 2, 2]))[:, 0], mean[:, 0])
+
+
+def test_the_critic_alone_gives_the_full_forwards_value_bit_for_bit():
+    """Phase 1's bootstrap takes `get_value` (the critic alone) on grouped rows: the values of
+    `forward_grouped`, so that skipping the actor changes no trained model."""
+    torch.manual_seed(1)
+    agents = SpecialistAgents(["a", "b"], obs_size=5, hidden=8)
+    with torch.no_grad():
+        for p in agents.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    agents.norm.update(2 * torch.randn(2, 40, 5) - 1)
+    obs = torch.randn(2, 9, 5)  # [K, R, F]
+    mean, _, value = agents.forward_grouped(obs)
+    assert value.shape == (2, 9) and not torch.equal(mean, value)
+    assert torch.equal(agents.get_value(obs), value)
