@@ -116,13 +116,16 @@ class _BatchedTradingEnv(VectorEnv):
         info.update({f"_{key}": every_row for key in list(info)})
         info["episode"] = {"r": eng.episode_return.clone(), "l": eng.steps.clone()}
         info["_episode"] = done
+        dense = self.diagnostic or self.dense_restart or eng.device.type != "cpu"  # no host sync (what a GPU wants)
         if self.autoreset:
-            eng.reset_rows(done, eng.random_starts())
-            self._reset_extra(done)
+            starts = eng.random_starts()  # drawn at every step, so the generator's stream is the same on every path
+            if dense or bool(done.any()):  # on the CPU a step that ended no row skips the reset (a no-op there)
+                eng.reset_rows(done, starts)
+                self._reset_extra(done)
         if obs_stepped is None or not self.autoreset:
             obs = obs_stepped
-        elif self.diagnostic or self.dense_restart or eng.device.type != "cpu":
-            obs = self._observe()  # every row again: no host sync (what a GPU wants)
+        elif dense:
+            obs = self._observe()  # every row again
         else:
             obs = self._restart(obs_stepped, done)
         info["final_obs"] = obs_stepped
