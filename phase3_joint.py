@@ -64,7 +64,7 @@ from mtq_common.coordination import (
     clip_components_,
     component_grads,
     coordination_scalars,
-    grads_of,
+    grads_of_each,
     project_conflicts_,
 )
 from mtq_common.curriculum import Curriculum, generate_scenario
@@ -490,9 +490,9 @@ def specialist_gradients(specialists, owner, obs, actions, old_logprobs, portfol
         own_pg, _ = clipped_surrogate(logprob, old_logprobs, normalise(own_adv), args.clip_range)
         rest = args.vf_coef * 0.5 * ((value - own_returns) ** 2).mean() - args.ent_coef * dist.entropy().mean()
     params = list(specialists.parameters())
-    g_port = grads_of(w * port_pg, params, retain=True)
-    g_own = grads_of((1 - w) * own_pg, params, retain=True)
-    g_rest = grads_of(rest, params, retain=False)
+    # three backward passes through the one graph, one of them on the second core (not under --compile, whose
+    # compiled backward fails there)
+    g_port, g_own, g_rest = grads_of_each([w * port_pg, (1 - w) * own_pg, rest], params, concurrent=not args.compile)
     distributed.average_([*g_port, *g_own, *g_rest], world)  # one all-reduce; the projection needs the pooled ones
     stats["pg"].append(torch.stack([port_pg.detach(), own_pg.detach()]))
     if coordinate:  # every specialist at once: specialist k is slice [k] of each stacked gradient

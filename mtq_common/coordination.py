@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -169,6 +170,25 @@ def grads_of(loss: torch.Tensor, params: list, retain: bool) -> list[torch.Tenso
     """Gradients of `loss` for `params` without touching `.grad` (zeros where unused)."""
     grads = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+
+
+_SECOND_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtq-backward")
+
+
+def grads_of_each(losses: list[torch.Tensor], params: list, concurrent: bool = True) -> list[list[torch.Tensor]]:
+    """`grads_of` each of `losses` (backward passes through one shared forward graph); with `concurrent`, the
+    first on a second thread while this one runs the others.
+
+    Why: autograd runs a CPU backward pass on the thread that asks for it, so independent passes can use a
+    second core; each op runs exactly as in sequence (single-threaded), so the gradients are the same, bit for
+    bit. Concurrent passes through a shared graph must all retain it (PyTorch's autograd notes); it is freed
+    with the losses. (A `torch.compile`d backward fails on the second thread: pass ``concurrent=False``.)
+    """
+    if not concurrent:
+        return [grads_of(loss, params, retain=True) for loss in losses]
+    first = _SECOND_THREAD.submit(grads_of, losses[0], params, True)
+    rest = [grads_of(loss, params, retain=True) for loss in losses[1:]]
+    return [first.result(), *rest]
 
 
 def coordination_scalars(stats: dict) -> dict:

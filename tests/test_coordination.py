@@ -14,6 +14,8 @@ from mtq_common.coordination import (
     component_grads,
     grad_norm,
     grad_norms,
+    grads_of,
+    grads_of_each,
     project_conflict_,
     project_conflicts_,
 )
@@ -195,6 +197,28 @@ def test_clipping_bounds_each_component_and_leaves_small_ones_alone():
 # ----------------------------------------------------------------------------------------------------------
 # Update schedule
 # ----------------------------------------------------------------------------------------------------------
+
+
+def test_gradients_of_each_loss_on_two_threads_equal_them_in_sequence_bit_for_bit():
+    """Phase 3's three backward passes through one forward graph, one of them on a second thread: the
+    gradients of each loss, `.grad` untouched, zeros for parameters a loss does not reach, and bit for
+    bit what the passes give one after the other (each op runs single-threaded either way)."""
+    torch.manual_seed(3)
+    agents = SpecialistAgents(["a", "b", "c"], obs_size=7, hidden=16)
+    params = list(agents.parameters())
+    owner = torch.tensor([0, 1, 1, 2])
+    for _ in range(3):
+        mean, log_std, value = agents.forward_per_slot(torch.randn(64, 4, 7), owner)
+        losses = [(mean * torch.randn_like(mean)).mean(), (mean.pow(2) * log_std).mean(), value.pow(2).mean()]
+        together = grads_of_each(losses, params)
+        apart = [grads_of(loss, params, retain=True) for loss in losses]
+        for got, want in zip(together, apart, strict=True):
+            assert all(torch.equal(g, h) for g, h in zip(got, want, strict=True))
+        for got, want in zip(grads_of_each(losses, params, concurrent=False), apart, strict=True):
+            assert all(torch.equal(g, h) for g, h in zip(got, want, strict=True))
+    critic = {id(p) for p in agents.critic.parameters()}
+    assert all(not g.any() for p, g in zip(params, together[0], strict=True) if id(p) in critic)  # unreached: 0
+    assert all(p.grad is None for p in params)
 
 
 def test_update_schedule_frequencies():
