@@ -14,7 +14,8 @@ The pieces, each a few lines:
 * `project_conflicts_`: PCGrad. Where two gradients point against each other (negative cosine), the first
   is projected onto the normal plane of the second; an agreeing pair is left untouched;
 * `grads_of`: a loss's gradients without touching ``.grad`` (Phase 3 keeps the specialists' two
-  objectives apart until the projection); `coordination_scalars`: an update's statistics for TensorBoard;
+  objectives apart until the projection), `grads_of_each` for several losses of one graph (one of the passes
+  on a second core); `coordination_scalars`: an update's statistics for TensorBoard;
 * `UpdateSchedule`: which components step at an iteration (``meta_update_freq`` 1,
   ``specialist_update_freq`` 5);
 * `AdaptiveLR`: per-component learning rates that fall when validation portfolio Sharpe falls and
