@@ -276,14 +276,15 @@ def main(args: Args) -> dict:
             group["lr"] = anneal * rates[group["name"]]
 
         rollout.reset()
+        update_meta, update_specialists = schedule.meta(iteration), schedule.specialists(iteration)
         # The specialists explore only on the iterations that update them: elsewhere their noise would only
-        # add costs and variance to the meta-controller's rollout.
-        explore = schedule.specialists(iteration)
+        # add costs and variance to the meta-controller's rollout (and nothing of theirs needs recording).
+        explore = update_specialists
         for step in range(s):
             global_step += b * world.size
-            inst_obs[step] = next_obs["instruments"]
             with torch.no_grad():
-                if explore:  # sample; the value and log-probability feed the specialists' update
+                if explore:  # sample, and record what the specialists' update needs
+                    inst_obs[step] = next_obs["instruments"]
                     mean, log_std, spec_value = specialists.forward_per_slot(next_obs["instruments"], owner)
                     dist = torch.distributions.Normal(mean, log_std.exp().expand_as(mean), validate_args=False)
                     action = spec_actions[step] = dist.sample()
@@ -304,10 +305,10 @@ def main(args: Args) -> dict:
                                         observe=False)[1]  # fmt: skip
                 reward = reward - twin_reward
             rewards[step], truncs[step] = reward, truncated.float()
-            # each specialist's own objective: its unit-size position's vol-scaled net return
-            unit_cost = envs.cost_rate * (positions - prev_positions).abs()
-            sigma = info["instrument_vol"].clamp_min(1e-8)
-            own_rewards[step] = (positions * info["bar_returns"] - unit_cost) / sigma
+            if explore:  # each specialist's own objective: its unit-size position's vol-scaled net return
+                unit_cost = envs.cost_rate * (positions - prev_positions).abs()
+                sigma = info["instrument_vol"].clamp_min(1e-8)
+                own_rewards[step] = (positions * info["bar_returns"] - unit_cost) / sigma
             prev_positions = torch.where(truncated.unsqueeze(-1), 0.0, positions)
             # the final observation bootstraps a truncated row's value: its parts now, assembled after the rollout
             final_inst_obs[step] = info["final_obs"]["instruments"]
@@ -318,7 +319,6 @@ def main(args: Args) -> dict:
         run.watch.lap("rollout")
 
         # bootstrap value if not done: truncated rows continue from V(final obs), not from zero
-        update_meta, update_specialists = schedule.meta(iteration), schedule.specialists(iteration)
         with torch.no_grad():
             final_positions = specialists.positions(final_inst_obs.flatten(0, 1), owner)  # one batch
             final_meta_obs = tracker.assemble(final_portfolio.flatten(0, 1), final_positions, final_held.flatten(0, 1))
@@ -328,7 +328,7 @@ def main(args: Args) -> dict:
             meta_adv = gae(rewards, meta_values, final_meta_values, next_meta_value, truncs, args.gamma,
                            args.gae_lambda)  # fmt: skip
             meta_returns = meta_adv + meta_values
-            if update_specialists:  # (= explore) their own objective's advantages, with their own critic
+            if update_specialists:  # their own objective's advantages, with their own critic
                 final_spec_values = specialists.forward_per_slot(final_inst_obs.reshape(-1, n, f), owner)[2]
                 next_spec_value = specialists.forward_per_slot(next_obs["instruments"], owner)[2]
                 own_adv = gae(own_rewards, spec_values, final_spec_values.view(s, b, n), next_spec_value,
