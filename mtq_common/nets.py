@@ -279,6 +279,10 @@ class MetaController(nn.Module):
     def get_value(self, obs: torch.Tensor) -> torch.Tensor:
         return self.critic(self.normalise(obs)).squeeze(-1)
 
+    def action_mean(self, obs: torch.Tensor) -> torch.Tensor:
+        """The actor alone: mean of u [B, K+1], the same values as `heads`' mean without the critic's work."""
+        return self.actor_mean(self.normalise(obs))
+
     def get_action_and_value(self, obs: torch.Tensor, action: torch.Tensor | None = None):
         """CleanRL's interface: (u, log_prob, entropy, value) for obs [B, D]."""
         mean, value = self.heads(obs)
@@ -290,7 +294,7 @@ class MetaController(nn.Module):
     @torch.no_grad()
     def deterministic(self, obs: torch.Tensor) -> torch.Tensor:
         """The mean action u (evaluation)."""
-        return self.heads(obs)[0]
+        return self.action_mean(obs)
 
     @classmethod
     def from_spec(cls, spec: dict) -> MetaController:

@@ -1,9 +1,9 @@
-"""The stacked specialists: the one-network paths (the actor alone, the critic alone) give the full forward's
-values, bit for bit."""
+"""The stacked specialists and the meta-controller: the one-network paths (the actor alone, the critic alone)
+give the full forward's values, bit for bit."""
 
 import torch
 
-from mtq_common.nets import SpecialistAgents
+from mtq_common.nets import MetaController, SpecialistAgents
 
 
 def test_the_actor_alone_gives_the_full_forwards_mean_bit_for_bit():
@@ -39,3 +39,19 @@ def test_the_critic_alone_gives_the_full_forwards_value_bit_for_bit():
     mean, _, value = agents.forward_grouped(obs)
     assert value.shape == (2, 9) and not torch.equal(mean, value)
     assert torch.equal(agents.get_value(obs), value)
+
+
+def test_the_meta_controllers_actor_alone_gives_the_full_forwards_mean_bit_for_bit():
+    """Evaluation's `deterministic` (every validation and backtest of the hierarchy) takes the actor alone
+    (`action_mean`): the mean of `heads`, without the critic's work."""
+    torch.manual_seed(2)
+    meta = MetaController(obs_size=6, num_specialists=3, hidden=8)
+    with torch.no_grad():
+        for p in meta.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # the actor's head starts at zero weights
+    meta.norm.update(2 * torch.randn(1, 40, 6) + 1)
+    obs = torch.randn(11, 6)
+    mean, value = meta.heads(obs)
+    assert mean.shape == (11, 4) and value.shape == (11,)
+    assert torch.equal(meta.action_mean(obs), mean)
+    assert torch.equal(meta.deterministic(obs), mean)
