@@ -431,3 +431,29 @@ def test_per_row_cost_rate_in_both_paths():
     tri = portfolio_step_triton(w, zeros, zeros, rates, *state, RewardParams())
     torch.testing.assert_close(ref.cost, rates[:, 0] * 0.1)
     torch.testing.assert_close(tri.cost, ref.cost)
+
+
+def test_ewma_covariance_is_the_causal_weighted_mean_of_outer_products_bit_for_bit():
+    """The per-bar covariance table (a NumPy scan): the recursion of its docstring, bar by bar in torch, bit
+    for bit (so the table, and every model trained on it, is the one the torch loop it replaced gave); the
+    explicit weighted mean of the outer products; causal; dtype kept."""
+    g = torch.Generator().manual_seed(0)
+    returns = torch.randn(300, 4, dtype=torch.float64, generator=g) * 0.01
+    cov = kernels.ewma_covariance(returns, span=20)
+    assert cov.shape == (300, 4, 4) and cov.dtype == torch.float64
+    lam = 1.0 - 2.0 / 21.0
+    s, weight = torch.zeros(4, 4, dtype=torch.float64), 0.0
+    for t in range(300):
+        s = lam * s + returns[t].unsqueeze(-1) * returns[t].unsqueeze(-2)
+        weight = lam * weight + 1.0
+        assert torch.equal(cov[t], s / weight)
+    t = 40
+    weights = lam ** torch.arange(t, -1, -1, dtype=torch.float64)
+    outer = returns[: t + 1].unsqueeze(-1) * returns[: t + 1].unsqueeze(-2)
+    expected = (weights[:, None, None] * outer).sum(0) / weights.sum()
+    assert torch.allclose(cov[t], expected, rtol=1e-12, atol=0.0)
+    later = returns.clone()
+    later[150:] *= 3.0
+    assert torch.equal(kernels.ewma_covariance(later, 20)[:150], cov[:150])  # the future moves no earlier bar
+    assert not torch.equal(kernels.ewma_covariance(later, 20)[150:], cov[150:])
+    assert kernels.ewma_covariance(returns.float(), 20).dtype == torch.float32
