@@ -157,7 +157,7 @@ def main(args: Args) -> dict:
     distributed.broadcast_module(meta, world)
     if args.compile:
         compile_methods(specialists, "forward_per_slot", "mean_per_slot")
-        compile_methods(meta, "heads", "get_value")
+        compile_methods(meta, "heads", "get_value", "action_mean")
     optimizer = FlatAdam(meta.parameters(), lr=args.learning_rate, eps=1e-5)  # Adam, stepped as one tensor
     max_position = cfg.environment.max_position_size
 

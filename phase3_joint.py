@@ -195,7 +195,7 @@ def main(args: Args) -> dict:
     distributed.broadcast_module(meta, world)
     if args.compile:
         compile_methods(specialists, "forward_per_slot", "mean_per_slot")
-        compile_methods(meta, "heads", "get_value")
+        compile_methods(meta, "heads", "get_value", "action_mean")
     specialists.requires_grad_(True).train()
     k, n = len(specialists.names), val.num_instruments
     coordinate = args.gradient_coordination
