@@ -85,27 +85,21 @@ def confidence_stats(backtests: dict[str, Backtest], risk_free_rate: float, seed
 
     system = backtests["system"]
     bars_per_year = system.bars_per_year
-    common = dict(bars_per_year=bars_per_year, risk_free_rate=risk_free_rate, confidence=CONFIDENCE,
-                  num_samples=BOOTSTRAP_SAMPLES, seed=seed)  # fmt: skip
-    keep = ("sharpe", "low", "high")
-    out = {
+    # every interval and paired difference from one bootstrap (the same numbers as one call each)
+    intervals, differences = statistics.compare_sharpes(
+        {name: bt.net_return for name, bt in backtests.items()}, "system", bars_per_year, risk_free_rate,
+        confidence=CONFIDENCE, num_samples=BOOTSTRAP_SAMPLES, seed=seed)  # fmt: skip
+    return {
         "confidence": CONFIDENCE,
         "samples": BOOTSTRAP_SAMPLES,
         "block": statistics.default_block_length(len(system.net_return)),
-        "sharpe": {
-            name: {k: v for k, v in statistics.sharpe_interval(bt.net_return, **common).items() if k in keep}
-            for name, bt in backtests.items()
-        },
-        "vs_system": {},
+        "sharpe": {name: {k: v[k] for k in ("sharpe", "low", "high")} for name, v in intervals.items()},
+        "vs_system": {name: {k: v[k] for k in ("difference", "low", "high", "win_share")}
+                      for name, v in differences.items()},  # fmt: skip
         "psr": statistics.probabilistic_sharpe_ratio(
             system.net_return, 0.0, bars_per_year=bars_per_year, risk_free_rate=risk_free_rate
         ),  # fmt: skip
     }
-    for name, bt in backtests.items():
-        if name != "system":
-            diff = statistics.paired_sharpe_difference(system.net_return, bt.net_return, **common)
-            out["vs_system"][name] = {k: diff[k] for k in ("difference", "low", "high", "win_share")}
-    return out
 
 
 def relative_targets(report: dict) -> list[dict]:

@@ -5,6 +5,7 @@ A backtest Sharpe ratio is one draw from a noisy estimator. This module says how
 * ``sharpe_interval``: a stationary-bootstrap percentile interval for the annualised Sharpe ratio.
 * ``paired_sharpe_difference``: the same for ``Sharpe(a) - Sharpe(b)`` of two policies on the same bars, with
   both series resampled by the SAME indices, so the noise they share (the market) cancels.
+* ``compare_sharpes``: both of the above for a reference series against several others, from one bootstrap.
 * ``probabilistic_sharpe_ratio`` (PSR): the probability that the true Sharpe exceeds a benchmark, from the
   observed Sharpe, its length, skewness and kurtosis (Bailey & Lopez de Prado, 2012).
 * ``deflated_sharpe_ratio`` (DSR): the PSR against the Sharpe that the best of N tried configurations would
@@ -210,18 +211,26 @@ def sharpe_interval(
     r = _series(returns, "returns")
     _check_bootstrap_args(confidence, num_samples)
     block = default_block_length(r.shape[0]) if mean_block is None else _check_block(mean_block)
-    point = annualised_sharpe(r, bars_per_year, risk_free_rate)
+    boot = None
+    if r.shape[0] >= 2:
+        boot = _bootstrap_sharpes([r], bars_per_year, risk_free_rate, int(num_samples), block, seed)[0]
+    return _interval(annualised_sharpe(r, bars_per_year, risk_free_rate), boot, confidence, block,
+                     return_distribution)  # fmt: skip
+
+
+def _interval(point: float, boot: np.ndarray | None, confidence: float, block: float, distribution: bool) -> dict:
+    """`sharpe_interval`'s result from the point estimate and the bootstrap Sharpe ratios (None: fewer than 2
+    bars, the degenerate interval)."""
     result = {"sharpe": point, "low": point, "high": point, "std_error": 0.0, "confidence": float(confidence),
               "block": float(block), "samples": 0, "degenerate": True}  # fmt: skip
-    if r.shape[0] < 2:
-        if return_distribution:
+    if boot is None:
+        if distribution:
             result["distribution"] = np.empty(0)
         return result
-    boot = _bootstrap_sharpes([r], bars_per_year, risk_free_rate, int(num_samples), block, seed)[0]
     low, high = _percentiles(boot, confidence)
     std_error = float(boot.std(ddof=1)) if boot.size > 1 else 0.0
-    result.update(low=low, high=high, std_error=std_error, samples=int(num_samples), degenerate=False)
-    if return_distribution:
+    result.update(low=low, high=high, std_error=std_error, samples=int(boot.size), degenerate=False)
+    if distribution:
         result["distribution"] = boot
     return result
 
@@ -257,17 +266,25 @@ def paired_sharpe_difference(
         raise ValueError(f"a and b must be returns on the same bars (same length), got {a.shape[0]} and {b.shape[0]}")
     _check_bootstrap_args(confidence, num_samples)
     block = default_block_length(a.shape[0]) if mean_block is None else _check_block(mean_block)
-    sharpe_a = annualised_sharpe(a, bars_per_year, risk_free_rate)
-    sharpe_b = annualised_sharpe(b, bars_per_year, risk_free_rate)
+    boot_a = boot_b = None
+    if a.shape[0] >= 2:
+        boot_a, boot_b = _bootstrap_sharpes([a, b], bars_per_year, risk_free_rate, int(num_samples), block, seed)
+    sharpes = annualised_sharpe(a, bars_per_year, risk_free_rate), annualised_sharpe(b, bars_per_year, risk_free_rate)
+    return _paired(*sharpes, boot_a, boot_b, confidence, block, return_distribution)
+
+
+def _paired(sharpe_a: float, sharpe_b: float, boot_a: np.ndarray | None, boot_b: np.ndarray | None,
+            confidence: float, block: float, distribution: bool) -> dict:  # fmt: skip
+    """`paired_sharpe_difference`'s result from both point estimates and both series' bootstrap Sharpe ratios
+    on the same samples (None: fewer than 2 bars, the degenerate interval)."""
     difference = sharpe_a - sharpe_b
     result = {"difference": difference, "low": difference, "high": difference, "win_share": 0.0, "tie_share": 0.0,
               "sharpe_a": sharpe_a, "sharpe_b": sharpe_b, "std_error": 0.0, "confidence": float(confidence),
               "block": float(block), "samples": 0, "degenerate": True}  # fmt: skip
-    if a.shape[0] < 2:
-        if return_distribution:
+    if boot_a is None:
+        if distribution:
             result["distribution"] = np.empty(0)
         return result
-    boot_a, boot_b = _bootstrap_sharpes([a, b], bars_per_year, risk_free_rate, int(num_samples), block, seed)
     diffs = boot_a - boot_b
     low, high = _percentiles(diffs, confidence)
     result.update(
@@ -276,12 +293,57 @@ def paired_sharpe_difference(
         win_share=float(np.mean(boot_a > boot_b)),
         tie_share=float(np.mean(boot_a == boot_b)),
         std_error=float(diffs.std(ddof=1)) if diffs.size > 1 else 0.0,
-        samples=int(num_samples),
+        samples=int(diffs.size),
         degenerate=False,
     )
-    if return_distribution:
+    if distribution:
         result["distribution"] = diffs
     return result
+
+
+def compare_sharpes(
+    returns: dict,
+    reference: str,
+    bars_per_year,
+    risk_free_rate=0.0,
+    confidence=0.9,
+    num_samples=2000,
+    mean_block=None,
+    seed=0,
+) -> tuple[dict, dict]:
+    """``sharpe_interval`` of every series of ``returns`` (a name -> 1-D series dict, all on the same bars) and
+    ``paired_sharpe_difference(returns[reference], returns[name])`` for every other name, from ONE bootstrap.
+
+    Returns ``(intervals, differences)``, each keyed by name, equal to the functions' results called one by one
+    with the same arguments: every call with one ``seed`` draws the same indices (module doc), and each series'
+    bootstrap Sharpe ratios depend on that series alone. Why: an evaluation report compares the system with
+    every baseline; drawing the indices once and resampling each series once costs a fraction of the separate
+    calls (which draw them again for every call and resample the reference every time).
+    """
+    series = {name: _series(r, name) for name, r in returns.items()}
+    if reference not in series:
+        raise ValueError(f"reference {reference!r} is not one of the series {list(series)}")
+    n = series[reference].shape[0]
+    for name, r in series.items():
+        if r.shape[0] != n:
+            raise ValueError(f"every series must be on the same bars: {name!r} has {r.shape[0]}, "
+                             f"{reference!r} has {n}")  # fmt: skip
+    _check_bootstrap_args(confidence, num_samples)
+    block = default_block_length(n) if mean_block is None else _check_block(mean_block)
+    names = list(series)
+    boots = dict.fromkeys(names)  # None: fewer than 2 bars
+    if n >= 2:
+        sampled = _bootstrap_sharpes(list(series.values()), bars_per_year, risk_free_rate, int(num_samples), block,
+                                     seed)  # fmt: skip
+        boots = dict(zip(names, sampled, strict=True))
+    points = {name: annualised_sharpe(r, bars_per_year, risk_free_rate) for name, r in series.items()}
+    intervals = {name: _interval(points[name], boots[name], confidence, block, False) for name in names}
+    differences = {
+        name: _paired(points[reference], points[name], boots[reference], boots[name], confidence, block, False)
+        for name in names
+        if name != reference
+    }
+    return intervals, differences
 
 
 # --- probabilistic and deflated Sharpe ratios --------------------------------------------------------------------

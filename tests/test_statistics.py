@@ -216,6 +216,31 @@ def test_paired_rejects_mismatched_lengths():
         st.paired_sharpe_difference(np.zeros(100), np.zeros(99), BARS)
 
 
+# --- compare_sharpes ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bars", [400, 1])
+def test_compare_sharpes_equals_the_separate_calls_exactly(bars):
+    # One bootstrap for every series must give, bit for bit, what one call per interval and per pair gives (the
+    # evaluation report relies on it), including the degenerate interval of a single bar.
+    rng = np.random.default_rng(11)
+    returns = {"system": rng.normal(0.03, 1.0, bars), "rule": rng.normal(0.0, 1.0, bars),
+               "equal": rng.normal(0.01, 1.0, bars)}  # fmt: skip
+    kw = dict(confidence=0.8, num_samples=300, seed=5)
+    intervals, differences = st.compare_sharpes(returns, "system", BARS, 0.01, **kw)
+    assert intervals == {name: st.sharpe_interval(r, BARS, 0.01, **kw) for name, r in returns.items()}
+    assert differences == {name: st.paired_sharpe_difference(returns["system"], returns[name], BARS, 0.01, **kw)
+                           for name in ("rule", "equal")}  # fmt: skip
+    assert intervals["rule"]["degenerate"] is (bars < 2)
+
+
+def test_compare_sharpes_rejects_other_bars_and_an_unknown_reference():
+    with pytest.raises(ValueError, match="same bars.*'b' has 99"):
+        st.compare_sharpes({"a": np.zeros(100), "b": np.zeros(99)}, "a", BARS)
+    with pytest.raises(ValueError, match="reference 'c'"):
+        st.compare_sharpes({"a": np.zeros(100)}, "c", BARS)
+
+
 # --- probabilistic Sharpe ratio ------------------------------------------------------------------------------------
 
 
