@@ -69,7 +69,8 @@ def target_checks(portfolio: dict, phase: int | str = 2) -> list[dict]:
 
 CONFIDENCE = 0.9
 BOOTSTRAP_SAMPLES = 2000
-VS_SYSTEM_KEYS = ("difference", "low", "high", "win_share")
+INTERVAL_KEYS, VS_SYSTEM_KEYS = ("sharpe", "low", "high"), ("difference", "low", "high", "win_share")
+"""What the report keeps of each Sharpe interval and of each paired difference with the system."""
 
 
 def confidence_stats(backtests: dict[str, Backtest], risk_free_rate: float, seed: int = 0) -> dict:
@@ -94,7 +95,7 @@ def confidence_stats(backtests: dict[str, Backtest], risk_free_rate: float, seed
         "confidence": CONFIDENCE,
         "samples": BOOTSTRAP_SAMPLES,
         "block": statistics.default_block_length(len(system.net_return)),
-        "sharpe": {name: {k: v[k] for k in ("sharpe", "low", "high")} for name, v in intervals.items()},
+        "sharpe": {name: {k: v[k] for k in INTERVAL_KEYS} for name, v in intervals.items()},
         "vs_system": {name: {k: v[k] for k in VS_SYSTEM_KEYS} for name, v in differences.items()},
         "psr": statistics.probabilistic_sharpe_ratio(
             system.net_return, 0.0, bars_per_year=bars_per_year, risk_free_rate=risk_free_rate
