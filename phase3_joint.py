@@ -194,7 +194,7 @@ def main(args: Args) -> dict:
     distributed.broadcast_module(specialists, world)  # (the same files: a no-op safeguard)
     distributed.broadcast_module(meta, world)
     if args.compile:
-        compile_methods(specialists, "forward_per_slot", "mean_per_slot")
+        compile_methods(specialists, "forward_per_slot", "mean_per_slot", "value_per_slot")
         compile_methods(meta, "heads", "get_value", "action_mean")
     specialists.requires_grad_(True).train()
     k, n = len(specialists.names), val.num_instruments
@@ -329,8 +329,8 @@ def main(args: Args) -> dict:
                            args.gae_lambda)  # fmt: skip
             meta_returns = meta_adv + meta_values
             if update_specialists:  # their own objective's advantages, with their own critic
-                final_spec_values = specialists.forward_per_slot(final_inst_obs.reshape(-1, n, f), owner)[2]
-                next_spec_value = specialists.forward_per_slot(next_obs["instruments"], owner)[2]
+                final_spec_values = specialists.value_per_slot(final_inst_obs.reshape(-1, n, f), owner)
+                next_spec_value = specialists.value_per_slot(next_obs["instruments"], owner)
                 own_adv = gae(own_rewards, spec_values, final_spec_values.view(s, b, n), next_spec_value,
                               truncs.unsqueeze(-1), args.gamma, args.gae_lambda)  # fmt: skip
                 own_returns = own_adv + spec_values

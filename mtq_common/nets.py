@@ -164,6 +164,11 @@ class SpecialistAgents(nn.Module):
         trade (the same values as `forward_per_slot`'s mean)."""
         return self._mlp(self.actor, self._normalised(obs, owner), owner)
 
+    def value_per_slot(self, obs: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+        """The value alone, [B, N]: the critic without the actor, for bootstraps (the same values as
+        `forward_per_slot`'s value)."""
+        return self._mlp(self.critic, self._normalised(obs, owner), owner)
+
     def to_position(self, action: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
         """The position to trade for `action` [...] given the raw observation `obs` [..., F] (class docstring)."""
         target = action.clamp(-1.0, 1.0)

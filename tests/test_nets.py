@@ -6,9 +6,10 @@ import torch
 from mtq_common.nets import MetaController, SpecialistAgents
 
 
-def test_the_actor_alone_gives_the_full_forwards_mean_bit_for_bit():
-    """`mean_per_slot` (positions, the rollouts that only trade) skips the critic; its mean must be the
-    very values `forward_per_slot` gives, so that skipping the critic changes no trained model."""
+def test_one_network_per_slot_gives_the_full_forwards_values_bit_for_bit():
+    """`mean_per_slot` (positions, the rollouts that only trade) skips the critic and `value_per_slot` the
+    actor; they must give the very values `forward_per_slot` gives, so that skipping either changes no
+    trained model."""
     torch.manual_seed(0)
     agents = SpecialistAgents(["a", "b", "c"], obs_size=6, hidden=8, position_rate=0.5, position_index=2)
     with torch.no_grad():
@@ -21,6 +22,7 @@ def test_the_actor_alone_gives_the_full_forwards_mean_bit_for_bit():
     assert mean.shape == value.shape == (7, 5) and log_std.shape == (5,)
     assert not torch.equal(mean, value)
     assert torch.equal(agents.mean_per_slot(obs, owner), mean)
+    assert torch.equal(agents.value_per_slot(obs, owner), value)  # and the critic alone (Phase 3's bootstrap)
     assert torch.equal(agents.positions(obs, owner), agents.to_position(mean, obs))
     # a slot's mean uses its owner's weights: another owner changes it
     assert not torch.equal(agents.mean_per_slot(obs, torch.tensor([1, 0, 1, 2, 2]))[:, 0], mean[:, 0])
