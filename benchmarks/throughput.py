@@ -5,6 +5,7 @@
     python -m benchmarks.throughput --sections training --ranks 1 2     # Phase 1-3 steps/s, 1 and 2 ranks
     python -m benchmarks.throughput --sections pipeline                 # the default pipeline's wall time
     python -m benchmarks.throughput --sections sb3                      # Phase 1 against Stable-Baselines3 PPO
+    python -m benchmarks.throughput --sections ops                      # each phase's op census (profiler)
 
 What is measured, on every requested device (`cuda` only when `torch.cuda.is_available()`):
 
@@ -29,7 +30,8 @@ script measured over its training loop (`metrics.json` timing: environment steps
 the loop's wall time, in-loop validation included) and the subprocess's wall time (start-up and final
 evaluation included). The `pipeline` section runs `python pipeline.py --mode train` with
 `--pipeline-timesteps` (default: the seed's 500k / 300k / 1M) and reports its wall time and each
-phase's. Both print the device name and take `--train-device` and `--compile`.
+phase's. Both print the device name and take `--train-device` and `--compile`. The `ops` section
+(`benchmarks.op_census`) runs each phase script under the CPU profiler and reports where its time went.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ import torch
 import tyro
 
 import kernels
+from benchmarks.op_census import bench_ops
 from benchmarks.timed_runs import PHASES, bench_pipeline, bench_sb3, bench_training
 from kernels.portfolio_step import RewardParams, portfolio_step_reference
 from kernels.risk import risk_step_reference
@@ -63,14 +66,15 @@ COPY_BYTES = 1 << 30
 """Buffer size of the device copy-bandwidth measurement."""
 DESIGN_TARGET = ("portfolio", 4096, 2_000_000)
 """DESIGN section 13: the portfolio environment at 4096 rows, in environment steps/s (on the 2-core CPU)."""
-Section = Literal["env", "training", "pipeline", "sb3"]
+Section = Literal["env", "training", "pipeline", "sb3", "ops"]
 
 
 @dataclass
 class Args:
     sections: tuple[Section, ...] = ("env",)
     """What to measure: env (environments and kernels), training (each phase script), pipeline (the default run),
-    sb3 (Phase 1 against Stable-Baselines3 PPO, whole processes; needs stable-baselines3 installed)."""
+    sb3 (Phase 1 against Stable-Baselines3 PPO, whole processes; needs stable-baselines3 installed), ops (each
+    phase script under the CPU profiler: its aten calls and the dense kernels' share, in this process)."""
     batch_sizes: tuple[int, ...] = (64, 256, 1024, 4096, 16384)
     """Rows (environments, or kernel rows) per batch; one measurement per size."""
     steps: int = 200
@@ -94,17 +98,20 @@ class Args:
     ranks: tuple[int, ...] = (1,)
     """training: run each phase with each of these numbers of ranks (torchrun above 1)."""
     pipeline_timesteps: tuple[int, int, int] = (500_000, 300_000, 1_000_000)
-    """pipeline: --phase1/2/3-timesteps (default: the seed's sizes, about 10 minutes on the 2-core CPU)."""
+    """pipeline: --phase1/2/3-timesteps (default: the seed's sizes, about 10 minutes on the 2-core CPU); ops: the
+    sizes its dense kernels' seconds are scaled to."""
+    ops_timesteps: tuple[int, int, int] = (16_384, 16_384, 40_960)
+    """ops: --timesteps of Phase 1, 2 and 3 under the profiler (Phase 3: 5 iterations, one of them the specialists')."""
     sb3_timesteps: int = 65_536
     """sb3: environment steps of each side (Stable-Baselines3, and each Phase 1 specialist)."""
     train_device: str = "cpu"
-    """training and pipeline: the scripts' --device."""
+    """training, pipeline and ops: the scripts' --device."""
     compile: bool = False
-    """training: pass --compile to the phase scripts."""
+    """training and ops: pass --compile to the phase scripts."""
     seed: int = 1
-    """training and pipeline: the scripts' --seed."""
+    """training, pipeline and ops: the scripts' --seed."""
     script_flags: str = ""
-    """training: more flags for every phase script, written with "=": --script-flags="--num-envs 128"."""
+    """training and ops: more flags for every phase script, written with "=": --script-flags="--num-envs 128"."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,7 +341,7 @@ def main(args: Args) -> dict:
         print(f"load average before the run: {load[0]:.2f} on {os.cpu_count()} CPUs")
 
     devices, skipped, results = bench_environments(args) if "env" in args.sections else ({}, [], [])
-    if "training" in args.sections or "pipeline" in args.sections:
+    if {"training", "pipeline", "ops"} & set(args.sections):
         train_device = resolve_device(args.train_device)
         devices["train"] = {"name": device_name(train_device), "device": str(train_device)}
         print(f"\ntraining scripts on {train_device}: {devices['train']['name']}")
@@ -348,6 +355,8 @@ def main(args: Args) -> dict:
         if "sb3" in args.sections:
             sb3 = bench_sb3(args, Path(tmp))
             results += [sb3] if sb3 is not None else []
+        if "ops" in args.sections:
+            results += bench_ops(args, Path(tmp) / "ops")
 
     out = {
         "args": asdict(args),

@@ -33,6 +33,23 @@ def launcher(ranks: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
 
 
+def phase_flags(phase: str, timesteps: int, out: Path, earlier: dict[str, Path], args, eval_episodes: int = 10):
+    """A phase script's flags in a benchmark: its size and output, the earlier phases' outputs it trains over
+    (`earlier[name]`), and the benchmark's device, seed, config, `--compile` and `--script-flags`."""
+    flags = ["--timesteps", str(timesteps), "--output-dir", str(out), "--log-dir", str(out / "logs"), "--device",
+             args.train_device, "--seed", str(args.seed), "--no-progress"]  # fmt: skip
+    if phase == "phase2":
+        flags += ["--specialists-dir", str(earlier["phase1"])]
+    if phase == "phase3":
+        flags += ["--phase1-dir", str(earlier["phase1"]), "--phase2-dir", str(earlier["phase2"]), "--eval-episodes",
+                  str(eval_episodes)]  # fmt: skip
+    if args.config:
+        flags += ["--config", args.config]
+    if args.compile:
+        flags.append("--compile")
+    return flags + shlex.split(args.script_flags)
+
+
 def bench_training(args, work: Path) -> list[dict]:
     """Each phase script, chained, with each rank count: training steps/s and wall time."""
     if tuple(args.phases) != PHASES[: len(args.phases)]:
@@ -42,21 +59,9 @@ def bench_training(args, work: Path) -> list[dict]:
     for phase, timesteps in zip(args.phases, args.training_timesteps, strict=False):
         for ranks in args.ranks:
             out = work / f"{phase}_r{ranks}"
-            cmd = [*launcher(ranks), SCRIPTS[phase], "--timesteps", str(timesteps), "--output-dir", str(out),
-                   "--log-dir", str(out / "logs"), "--device", args.train_device, "--seed", str(args.seed),
-                   "--no-progress"]  # fmt: skip
             # later phases train over the first rank count's outputs of the earlier ones
-            if phase == "phase2":
-                cmd += ["--specialists-dir", str(work / f"phase1_r{args.ranks[0]}")]
-            if phase == "phase3":
-                cmd += ["--phase1-dir", str(work / f"phase1_r{args.ranks[0]}"), "--phase2-dir",
-                        str(work / f"phase2_r{args.ranks[0]}"), "--eval-episodes", "10"]  # fmt: skip
-            if args.config:
-                cmd += ["--config", args.config]
-            if args.compile:
-                cmd.append("--compile")
-            cmd += shlex.split(args.script_flags)
-            wall = run_timed(cmd)
+            earlier = {name: work / f"{name}_r{args.ranks[0]}" for name in PHASES}
+            wall = run_timed([*launcher(ranks), SCRIPTS[phase], *phase_flags(phase, timesteps, out, earlier, args)])
             metrics = json.loads((out / "metrics.json").read_text())
             result = {
                 "benchmark": "training",

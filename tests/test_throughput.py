@@ -1,6 +1,13 @@
-"""benchmarks.throughput: the environment rows and the training section on tiny sizes (no timing asserted)."""
+"""benchmarks.throughput: the environment rows, the training and the ops sections on tiny sizes (no timing
+asserted)."""
 
-from benchmarks import throughput
+import time
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks import op_census, throughput
 from tests.helpers import write_config
 
 
@@ -29,3 +36,38 @@ def test_env_and_training_sections_report_what_ran(tmp_path):
     assert all(r["ms_per_minibatch"] > 0 and r["rollout_seconds"] + r["update_seconds"] <= r["loop_seconds"]
                for r in training)  # fmt: skip
     assert out["devices"]["train"]["name"] and (tmp_path / "t.json").is_file()
+
+
+def test_ops_section_counts_each_phase_and_its_dense_kernels(tmp_path):
+    args = throughput.Args(
+        sections=("ops",),
+        config=str(write_config(tmp_path / "c.yaml")),
+        ops_timesteps=(512, 256, 256),
+        pipeline_timesteps=(5120, 256, 2560),
+        script_flags="--num-envs 8 --num-steps 32 --batch-size 64 --n-epochs 1",
+    )
+    ops = [r for r in throughput.main(args)["results"] if r["benchmark"] == "ops"]
+    assert [r["name"] for r in ops] == ["phase1", "phase2", "phase3"]
+    assert [r["minibatches"] for r in ops] == [8, 4, 4]  # the scripts' own counts, as in the training section
+    for r in ops:
+        assert r["aten_calls"] > 100 * r["minibatches"]  # a PPO minibatch alone dispatches hundreds
+        assert set(r["dense_seconds_by_kernel"]) <= set(op_census.DENSE)
+        assert {"aten::tanh", "aten::tanh_backward"} <= set(r["dense_seconds_by_kernel"])
+        assert 0 < r["dense_seconds"] < r["op_seconds"]
+        assert r["op_seconds"] + r["outside_op_seconds"] >= r["wall_seconds"] * 0.999  # every thread's ops counted
+    # scaled by environment steps: 10x, 1x, 10x
+    assert [r["dense_seconds_at_pipeline_size"] / r["dense_seconds"] for r in ops] == pytest.approx([10, 1, 10])
+
+
+def test_census_counts_nested_ops_once():
+    x, w = torch.randn(64, 32), torch.randn(16, 32)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(5):
+            torch.tanh(torch.nn.functional.linear(x, w))  # aten::linear calls aten::t and aten::mm inside it
+        wall = time.perf_counter() - start
+    result = op_census.census(prof, wall)
+    assert result["aten_calls"] >= 20  # linear, t, mm, tanh (and views) five times
+    assert set(result["dense_seconds_by_kernel"]) == {"aten::mm", "aten::tanh"}
+    assert 0 < result["dense_seconds"] <= result["op_seconds"] <= wall
+    assert result["outside_op_seconds"] == pytest.approx(wall - result["op_seconds"])
