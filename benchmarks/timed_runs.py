@@ -33,7 +33,9 @@ def launcher(ranks: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
 
 
-def phase_flags(phase: str, timesteps: int, out: Path, earlier: dict[str, Path], args, eval_episodes: int = 10):
+def phase_flags(
+    phase: str, timesteps: int, out: Path, earlier: dict[str, Path], args, eval_episodes: int = 10
+) -> list[str]:
     """A phase script's flags in a benchmark: its size and output, the earlier phases' outputs it trains over
     (`earlier[name]`), and the benchmark's device, seed, config, `--compile` and `--script-flags`."""
     flags = ["--timesteps", str(timesteps), "--output-dir", str(out), "--log-dir", str(out / "logs"), "--device",
