@@ -108,6 +108,8 @@ class InstrumentSpec:
     """Scales `transaction_cost` for this instrument (ignored when `cost` is set)."""
     signal: float = 1.0
     """Multiplies the synthetic latent drift of this instrument (0: a pure-noise instrument)."""
+    contract_size: float = 1.0
+    """Units of the instrument in one contract (`pipeline.py --mode act` rounds units to whole contracts)."""
 
 
 @dataclass
@@ -123,6 +125,29 @@ class SyntheticConfig:
     """Half-life in bars of the latent AR(1) drift."""
     drift_scale: float = 3.0
     """Stationary std of the latent drift, in units of the instrument's volatility (annualised)."""
+
+
+AS_WRITTEN = "as_written"
+"""`data.csv.timezone` value: keep every time's clock time as written in the file and drop its UTC offset."""
+
+
+@dataclass
+class CsvConfig:
+    """How the CSV files are written (see `mtq_common.csv_file`)."""
+
+    delimiter: str = ","
+    """The character between columns: `;` for many European exports, `"\\t"` for tab-separated files."""
+    decimal: str = "."
+    """The decimal mark of the prices: `.` (101.25) or `,` (101,25)."""
+    dayfirst: bool = False
+    """Read 01/02/2020 as 1 February (dates that start with a four-digit year are always year-month-day)."""
+    date_format: str | None = None
+    """The strftime format of the time column, e.g. `%d.%m.%Y %H:%M` (unset: inferred from the first row)."""
+    timezone: str | None = None
+    """Zone that times with a UTC offset are converted to before aligning, e.g. `UTC` or `America/New_York`;
+    times without an offset are taken as times in it. `as_written`: keep the clock times written in the files
+    and drop their offsets (daily bars stamped at each exchange's local midnight). Unset: offsets converted to
+    UTC, and files with and without offsets are not mixed."""
 
 
 @dataclass
@@ -142,6 +167,10 @@ class DataConfig:
     """Walk-forward folds (`pipeline.py --mode walkforward` sets it; 0: the plain splits above)."""
     fold: int = 0
     """Which walk-forward fold this run trains and tests (0 to folds - 1; see `mtq_common.walkforward`)."""
+    allow_partial_overlap: bool = False
+    """Accept CSV files whose common period (they are aligned on the timestamps they all share) keeps less
+    than half of some file's rows; refused by default, since it usually means one file starts much later."""
+    csv: CsvConfig = field(default_factory=CsvConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -194,6 +223,13 @@ class Config:
         """Stable short hash of every value that changes what is trained (resume refuses a mismatch)."""
         payload = self.to_dict()
         payload["training"] = {k: v for k, v in payload["training"].items() if k != "device"}
+        for spec in payload["instruments"].values():
+            spec.pop("contract_size")  # how a book is rounded to contracts, not what is trained
+        # Keys added after runs were started: at their defaults the hash is unchanged, so those runs still resume.
+        if payload["data"]["csv"] == dataclasses.asdict(CsvConfig()):
+            payload["data"].pop("csv")
+        if not payload["data"]["allow_partial_overlap"]:
+            payload["data"].pop("allow_partial_overlap")
         blob = json.dumps(payload, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -210,9 +246,17 @@ SECTIONS = {
 }
 
 
+NESTED = {"SyntheticConfig": SyntheticConfig, "CsvConfig": CsvConfig}
+"""Sections inside `data`, by their annotation."""
+
+
 def _coerce(value: Any, annotation: str, where: str, key: str) -> Any:
     """Check a YAML scalar against a field's annotation; ints are accepted for floats."""
     kind = annotation.replace(" ", "")
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
+        return value
     if kind == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
@@ -260,16 +304,16 @@ def _fill(cls: type, raw: Any, where: str, prefix: str, base: Any = None) -> Any
                 f"{where}: unknown key '{prefix}.{key}'; known keys of '{prefix}': {', '.join(sorted(known))}"
             )
         annotation = known[key].type
-        if annotation == "SyntheticConfig":
-            value = _fill(SyntheticConfig, value, where, f"{prefix}.{key}")
+        if annotation in NESTED:
+            value = _fill(NESTED[annotation], value, where, f"{prefix}.{key}")
         else:
             value = _coerce(value, annotation, where, f"{prefix}.{key}")
         setattr(obj, key, value)
     return obj
 
 
-def config_from_dict(raw: dict[str, Any], where: str = "<dict>") -> Config:
-    """Build and validate a `Config` from a mapping shaped like the YAML file."""
+def config_from_dict(raw: dict[str, Any], where: str = "<dict>", require_data_dir: bool = True) -> Config:
+    """Build and validate a `Config` from a mapping shaped like the YAML file (`validate` for `require_data_dir`)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -294,14 +338,18 @@ def config_from_dict(raw: dict[str, Any], where: str = "<dict>") -> Config:
         cfg.instruments[str(symbol)] = _fill(InstrumentSpec, spec, where, f"instruments.{symbol}", base)
     if "specialists" in raw:
         cfg.specialists = _coerce(raw["specialists"], "list[str]", where, "specialists")
-    validate(cfg)
+    validate(cfg, require_data_dir)
     return cfg
 
 
-def load_config(path: str | Path | None = None) -> Config:
-    """Read a YAML config file (None: the built-in defaults) and validate it."""
+def load_config(path: str | Path | None = None, require_data_dir: bool = True) -> Config:
+    """Read a YAML config file (None: the built-in defaults) and validate it.
+
+    `require_data_dir=False`: a file with `data.source: csv` may leave `data.data_dir` to the command line
+    (`--data-dir`); `mtq_common.flags` validates the final config with it.
+    """
     if path is None:
-        return validate(Config())
+        return validate(Config(), require_data_dir)
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path} (pass --config PATH to an existing YAML file)")
@@ -309,7 +357,7 @@ def load_config(path: str | Path | None = None) -> Config:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return config_from_dict(raw, where=str(path))
+    return config_from_dict(raw, where=str(path), require_data_dir=require_data_dir)
 
 
 def _check(cond: bool, where: str, key: str, value: Any, accepted: str) -> None:
@@ -317,8 +365,11 @@ def _check(cond: bool, where: str, key: str, value: Any, accepted: str) -> None:
         raise ConfigError(f"{where}: {key} = {value!r} is out of range; accepted: {accepted}")
 
 
-def validate(cfg: Config) -> Config:
-    """Check every value's range; raise `ConfigError` naming the first bad key."""
+def validate(cfg: Config, require_data_dir: bool = True) -> Config:
+    """Check every value's range; raise `ConfigError` naming the first bad key.
+
+    `require_data_dir=False` accepts `data.source: csv` without `data.data_dir` (still to come from `--data-dir`).
+    """
     w = cfg.source_path
     t, e, r, k, d = cfg.training, cfg.environment, cfg.reward, cfg.risk, cfg.data
     _check(0 < t.learning_rate < 1, w, "training.learning_rate", t.learning_rate, "0 < value < 1")
@@ -369,8 +420,15 @@ def validate(cfg: Config) -> Config:
             ok = math.isfinite(spec.cost) and 0 <= spec.cost < 1
             _check(ok, w, f"instruments.{symbol}.cost", spec.cost, "a cost per unit of turnover, 0 <= value < 1")
         _check(spec.signal >= 0, w, f"instruments.{symbol}.signal", spec.signal, ">= 0")
+        size = spec.contract_size
+        _check(math.isfinite(size) and size > 0, w, f"instruments.{symbol}.contract_size", size, "a positive number")
     _check(d.source in ("synthetic", "csv"), w, "data.source", d.source, "synthetic or csv")
-    _check(d.source != "csv" or bool(d.data_dir), w, "data.data_dir", d.data_dir, "a folder when data.source is csv")
+    if require_data_dir and d.source == "csv" and not d.data_dir:
+        raise ConfigError(
+            f"{w}: data.source is csv but data.data_dir is not set: set data.data_dir to the folder of "
+            "<SYMBOL>.csv files, or pass --data-dir FOLDER"
+        )
+    check_csv_config(d.csv, w)
     _check(len(d.instruments) >= 1, w, "data.instruments", d.instruments, "at least one symbol")
     _check(len(set(d.instruments)) == len(d.instruments), w, "data.instruments", d.instruments, "no repeated symbol")
     for symbol in d.instruments:
@@ -394,6 +452,8 @@ def validate(cfg: Config) -> Config:
         _check(getattr(s, key) >= 200, w, f"data.synthetic.{key}", getattr(s, key), "a whole number >= 200")
     _check(s.drift_half_life > 0, w, "data.synthetic.drift_half_life", s.drift_half_life, "a positive number")
     _check(s.drift_scale >= 0, w, "data.synthetic.drift_scale", s.drift_scale, ">= 0")
+    _check(isinstance(d.allow_partial_overlap, bool), w, "data.allow_partial_overlap", d.allow_partial_overlap,
+           "true or false")  # fmt: skip
     _check(len(cfg.specialists) >= 1, w, "specialists", cfg.specialists, "at least one specialist name")
     for symbol in d.instruments:
         sector = cfg.instruments[symbol].sector
@@ -403,3 +463,64 @@ def validate(cfg: Config) -> Config:
                 f"specialists: {', '.join(cfg.specialists)} (add {sector!r} to 'specialists:')"
             )
     return cfg
+
+
+def check_csv_config(csv: CsvConfig, where: str) -> None:
+    """Check the `data.csv` options (also called by the CSV loaders); raise `ConfigError` naming the bad key."""
+    if not (isinstance(csv.delimiter, str) and len(csv.delimiter) == 1 and csv.delimiter not in '"\r\n'):
+        raise ConfigError(
+            f"{where}: data.csv.delimiter = {csv.delimiter!r} is not accepted; accepted: one character such as "
+            "',', ';', '|' or \"\\t\" (a tab, in double quotes in YAML)"
+        )
+    if csv.decimal not in (".", ","):
+        raise ConfigError(f"{where}: data.csv.decimal = {csv.decimal!r} is not accepted; accepted: '.' or ','")
+    if csv.decimal == csv.delimiter:
+        raise ConfigError(
+            f"{where}: data.csv.decimal and data.csv.delimiter are both {csv.delimiter!r}: a file whose prices are "
+            "written 101,25 separates its columns with another character, e.g. data.csv.delimiter: ';'"
+        )
+    if not isinstance(csv.dayfirst, bool):
+        raise ConfigError(f"{where}: data.csv.dayfirst = {csv.dayfirst!r} is not accepted; accepted: true or false")
+    if csv.date_format is not None:
+        if not _is_date_format(csv.date_format):
+            raise ConfigError(
+                f"{where}: data.csv.date_format = {csv.date_format!r} is not a date format; accepted: a strftime "
+                "format with a %-directive for each part, e.g. '%d/%m/%Y' or '%Y-%m-%d %H:%M:%S', or null (inferred)"
+            )
+        if csv.dayfirst:
+            raise ConfigError(
+                f"{where}: data.csv.dayfirst and data.csv.date_format are both set: the format already says where "
+                "the day is; set one of them"
+            )
+    if csv.timezone is not None and csv.timezone != AS_WRITTEN and not _is_time_zone(csv.timezone):
+        raise ConfigError(
+            f"{where}: data.csv.timezone = {csv.timezone!r} is not a time zone; accepted: a zone name such as UTC, "
+            f"Europe/London or America/New_York, {AS_WRITTEN} (keep the clock times as written), or null"
+        )
+
+
+def _is_date_format(fmt: Any) -> bool:
+    """A strftime format that reads back what it writes (an unknown %-directive does not)."""
+    import datetime
+
+    if not isinstance(fmt, str) or "%" not in fmt:
+        return False
+    sample = datetime.datetime(2001, 2, 3, 4, 5, 6, tzinfo=datetime.timezone.utc)
+    try:
+        datetime.datetime.strptime(sample.strftime(fmt), fmt)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_time_zone(name: Any) -> bool:
+    """A zone name that pandas converts times to (the IANA database: UTC, Europe/London, ...)."""
+    import pandas as pd
+
+    if not isinstance(name, str):
+        return False
+    try:
+        pd.Timestamp("2000-01-01", tz=name)
+    except (KeyError, ValueError, TypeError):  # zoneinfo's ZoneInfoNotFoundError is a KeyError
+        return False
+    return True

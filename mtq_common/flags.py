@@ -66,7 +66,7 @@ def parse_args(args_cls: type, aliases: dict[str, str] | None = None, argv: list
     path = _config_path_from_argv(argv)
     if path is None and DEFAULT_CONFIG_PATH.is_file():
         path = str(DEFAULT_CONFIG_PATH)
-    cfg = load_config(path)
+    cfg = load_config(path, require_data_dir=False)  # `data.source: csv` may take its folder from --data-dir
     defaults = {}
     for f in dataclasses.fields(args_cls):
         key = _config_key(f.name, aliases)
@@ -85,7 +85,7 @@ def config_from_args(args: Any, aliases: dict[str, str] | None = None) -> Config
     """
     aliases = {**_ALIASES, **(aliases or {})}
     path = getattr(args, "config", None)
-    cfg = load_config(path)
+    cfg = load_config(path, require_data_dir=False)  # validated below, with --data-dir applied
     for f in dataclasses.fields(args):
         key = _config_key(f.name, aliases)
         value = getattr(args, f.name)

@@ -108,7 +108,7 @@ def iso_time(timestamp, bars_per_day: float) -> str:
 
 
 def load_splits(cfg) -> dict[str, MarketData]:
-    """Train, validation and test `MarketData` for a `Config`: synthetic, or CSV when `data.data_dir` is set.
+    """Train, validation and test `MarketData` for a `Config`: synthetic, or CSV when `data.source` is csv.
 
     CSV splits must each hold at least the feature window plus a few bars; shorter data is refused
     by the loader with the row counts it found.
@@ -128,6 +128,8 @@ def load_splits(cfg) -> dict[str, MarketData]:
             {s: cfg.sector_of(s) for s in cfg.data.instruments},
             splits=tuple(cfg.data.splits),
             min_bars_per_split=FEATURE_WINDOW + 10,
+            csv=cfg.data.csv,
+            allow_partial_overlap=cfg.data.allow_partial_overlap,
         )
     from mtq_common.synthetic import synthetic_splits
 

@@ -71,7 +71,8 @@ def full_market(cfg) -> MarketData:
         from mtq_common.csv_data import load_csv_series
 
         return load_csv_series(cfg.data.data_dir, list(cfg.data.instruments),
-                               {s: cfg.sector_of(s) for s in cfg.data.instruments})  # fmt: skip
+                               {s: cfg.sector_of(s) for s in cfg.data.instruments}, csv=cfg.data.csv,
+                               allow_partial_overlap=cfg.data.allow_partial_overlap)  # fmt: skip
     from mtq_common.synthetic import generate_market
 
     s = cfg.data.synthetic

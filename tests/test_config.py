@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mtq_common.config import Config, ConfigError, load_config
+from mtq_common.config import Config, ConfigError, CsvConfig, load_config
 from mtq_common.flags import parse_args
 
 REPO = Path(__file__).resolve().parent.parent
@@ -129,6 +129,17 @@ def test_user_can_add_a_symbol(tmp_path):
             ["instruments.EURUSD.cost", "-0.001", "0 <= value"],
         ),
         ("instruments:\n  EURUSD: {sector: forex, cost: fast}\n", ["instruments.EURUSD.cost", "number"]),
+        ("data:\n  source: csv\n", ["data.data_dir", "--data-dir"]),
+        ("data:\n  allow_partial_overlap: 1\n", ["data.allow_partial_overlap", "true or false"]),
+        ("data:\n  csv:\n    delimeter: ';'\n", ["data.csv.delimeter", "unknown key", "delimiter"]),
+        ("data:\n  csv:\n    delimiter: ';;'\n", ["data.csv.delimiter", "one character"]),
+        ("data:\n  csv:\n    decimal: 'x'\n", ["data.csv.decimal", "'.' or ','"]),
+        ("data:\n  csv:\n    decimal: ','\n", ["data.csv.decimal", "data.csv.delimiter", "';'"]),
+        ("data:\n  csv:\n    dayfirst: maybe\n", ["data.csv.dayfirst", "true or false"]),
+        ("data:\n  csv:\n    date_format: '%Y-%q'\n", ["data.csv.date_format", "'%d/%m/%Y'"]),
+        ("data:\n  csv:\n    date_format: 'YYYY-MM-DD'\n", ["data.csv.date_format", "strftime"]),
+        ("data:\n  csv: {dayfirst: true, date_format: '%d/%m/%Y'}\n", ["data.csv.dayfirst", "one of them"]),
+        ("data:\n  csv:\n    timezone: Mars/Olympus\n", ["data.csv.timezone", "Mars/Olympus", "as_written"]),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, text, words):
@@ -179,3 +190,43 @@ def test_per_instrument_costs_reach_every_env(tmp_path):
     assert rates["SPX500"] == pytest.approx(0.0004)
     harder = cost_rates(dataclasses.replace(market, cost_multiplier=1.5), cfg, "cpu")
     assert harder[0].item() == pytest.approx(0.00015)
+
+
+def test_csv_options_are_read(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  allow_partial_overlap: true\n  csv:\n    delimiter: \"\\t\"\n    decimal: ','\n"
+                    "    date_format: '%d.%m.%Y'\n    timezone: Europe/London\n")  # fmt: skip
+    cfg = load_config(path)
+    assert cfg.data.allow_partial_overlap is True
+    assert cfg.data.csv == CsvConfig(delimiter="\t", decimal=",", date_format="%d.%m.%Y", timezone="Europe/London")
+    assert load_config(REPO / "config" / "agents.yaml").data.csv == CsvConfig()
+
+
+def test_hash_changes_with_the_csv_options():
+    a, b = Config(), Config()
+    b.data.csv.dayfirst = True
+    assert a.hash() != b.hash()
+    c = Config()
+    c.data.allow_partial_overlap = True
+    assert c.hash() != a.hash()
+
+
+@dataclass
+class DataArgs:
+    config: str | None = None
+    """YAML file."""
+    data_dir: str | None = None
+    """Folder of <SYMBOL>.csv files."""
+
+
+def test_csv_source_in_yaml_takes_the_folder_from_the_command_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  source: csv\n")
+    args, cfg = parse_args(DataArgs, argv=["--config", str(path), "--data-dir", str(tmp_path / "prices")])
+    assert cfg.data.source == "csv" and cfg.data.data_dir == str(tmp_path / "prices")
+    with pytest.raises(ConfigError, match="data.source is csv but data.data_dir is not set") as err:
+        parse_args(DataArgs, argv=["--config", str(path)])
+    assert "--data-dir" in str(err.value)
+    # --data-dir alone (the built-in synthetic source in the file) reads the CSV files.
+    args, cfg = parse_args(DataArgs, argv=["--data-dir", str(tmp_path / "prices")])
+    assert cfg.data.source == "csv" and cfg.data.data_dir == str(tmp_path / "prices")

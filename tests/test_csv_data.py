@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from mtq_common.config import CsvConfig
 from mtq_common.csv_data import DataError, infer_bar_frequency, load_csv_market
+from mtq_common.csv_file import DataWarning
 
 SECTORS = {"AAA": "equity", "BBB": "fx", "CCC": "commodity"}
 
@@ -36,14 +41,21 @@ def write_simple(path, times, prices, header: str = "Date,Close") -> None:
     write_csv(path, header, rows)
 
 
-@pytest.fixture
-def mtq_log(caplog):
-    """Capture warnings of the "mtq" logger (even if some logging setup turned its propagation off)."""
-    logger = logging.getLogger("mtq")
-    propagate, logger.propagate = logger.propagate, True
-    with caplog.at_level(logging.WARNING, logger="mtq"):
-        yield caplog
-    logger.propagate = propagate
+def write_rows(path, header: str, times: list[str], values: list[str], delimiter: str = ",") -> None:
+    """A two-column file with the times and values written verbatim."""
+    write_csv(path, header, [f"{t}{delimiter}{v}" for t, v in zip(times, values, strict=True)])
+
+
+def day_strings(n: int, fmt: str, start: str = "2020-01-01") -> list[str]:
+    return [f"{d:{fmt}}" for d in business_days(n, start)]
+
+
+def all_prices(data) -> np.ndarray:
+    return np.concatenate([data[k].prices for k in data])
+
+
+def all_times(data) -> np.ndarray:
+    return np.concatenate([data[k].timestamps for k in data])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -127,7 +139,8 @@ def test_misaligned_files_are_aligned_on_the_intersection(tmp_path):
     keep[[100, 150, 151]] = False
     write_simple(tmp_path / "CCC.csv", days[keep], a[keep] * 2)
 
-    data = load_csv_market(tmp_path, ["AAA", "BBB", "CCC"], SECTORS)
+    with pytest.warns(DataWarning, match="aligning the files"):  # every file loses rows
+        data = load_csv_market(tmp_path, ["AAA", "BBB", "CCC"], SECTORS)
 
     expected = days[20:300].difference(days[[100, 150, 151]])
     times = np.concatenate([data[k].timestamps for k in data])
@@ -149,47 +162,260 @@ def test_timezone_aware_timestamps_are_converted_to_utc(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def test_unsorted_timestamps_are_sorted_with_a_warning(tmp_path, mtq_log):
+def test_unsorted_timestamps_are_sorted_with_a_warning(tmp_path):
     days, prices = business_days(40), np.array(random_prices(40, 6))
     order = np.arange(40)
     order[[5, 6]] = order[[6, 5]]
     write_simple(tmp_path / "AAA.csv", days[order], prices[order])
 
-    data = load_csv_market(tmp_path, ["AAA"], SECTORS)
+    with pytest.warns(DataWarning) as record:
+        data = load_csv_market(tmp_path, ["AAA"], SECTORS)
 
-    np.testing.assert_array_equal(np.concatenate([data[k].prices[:, 0] for k in data]), prices)
-    assert any("AAA.csv" in r.message and "sorted" in r.message for r in mtq_log.records)
+    np.testing.assert_array_equal(all_prices(data)[:, 0], prices)
+    messages = [str(w.message) for w in record]
+    assert messages == [f"{tmp_path / 'AAA.csv'}: the timestamps are not in increasing order (1 row(s) earlier than "
+                        "the row before them); sorted the 40 rows by time"]  # fmt: skip
 
 
-def test_duplicated_timestamps_keep_the_last_with_a_warning(tmp_path, mtq_log):
+def test_duplicated_timestamps_keep_the_last_with_a_warning(tmp_path):
     days, prices = business_days(40), random_prices(40, 7)
     times = list(days[:11]) + [days[10], days[10]] + list(days[11:])
     values = list(prices[:11]) + [55.5, 66.6] + list(prices[11:])
     write_simple(tmp_path / "AAA.csv", times, values)
 
-    data = load_csv_market(tmp_path, ["AAA"], SECTORS)
+    with pytest.warns(DataWarning) as record:
+        data = load_csv_market(tmp_path, ["AAA"], SECTORS)
 
-    loaded = np.concatenate([data[k].prices[:, 0] for k in data])
+    loaded = all_prices(data)[:, 0]
     assert len(loaded) == 40
     assert loaded[10] == 66.6
-    messages = " ".join(r.message for r in mtq_log.records)
-    assert "AAA.csv" in messages and "duplicated" in messages
-    assert str(days[10]) in messages and "3 times" in messages
+    (message,) = [str(w.message) for w in record]
+    assert "AAA.csv" in message and "duplicated" in message and "dropped 2 row(s)" in message
+    assert str(days[10]) in message and "3 times" in message
 
 
-def test_short_nan_gap_is_forward_filled(tmp_path, mtq_log):
+def test_short_nan_gap_is_forward_filled_with_a_warning(tmp_path):
     days, prices = business_days(40), random_prices(40, 8)
     values = [repr(p) for p in prices]
     values[20:23] = ["", "", ""]  # a gap of exactly max_ffill = 3
     write_simple(tmp_path / "AAA.csv", days, values)
 
-    data = load_csv_market(tmp_path, ["AAA"], SECTORS)
+    with pytest.warns(DataWarning) as record:
+        data = load_csv_market(tmp_path, ["AAA"], SECTORS)
 
-    loaded = np.concatenate([data[k].prices[:, 0] for k in data])
+    loaded = all_prices(data)[:, 0]
     np.testing.assert_array_equal(loaded[20:23], [prices[19]] * 3)
     np.testing.assert_array_equal(loaded[23:], prices[23:])
-    warnings = [r.message for r in mtq_log.records if "forward-filled" in r.message]
-    assert len(warnings) == 1 and "AAA.csv" in warnings[0] and "3" in warnings[0]
+    (message,) = [str(w.message) for w in record]
+    assert "AAA.csv" in message and "forward-filled 3 missing price(s) in 1 gap(s)" in message and "row 21" in message
+
+
+def test_alignment_warns_per_file_with_the_rows_dropped_and_the_period_kept(tmp_path):
+    days = business_days(100)
+    write_simple(tmp_path / "AAA.csv", days, random_prices(100, 1))
+    write_simple(tmp_path / "BBB.csv", days[10:], random_prices(90, 2))
+
+    with pytest.warns(DataWarning) as record:
+        data = load_csv_market(tmp_path, ["AAA", "BBB"], SECTORS)
+
+    assert len(all_times(data)) == 90
+    (message,) = [str(w.message) for w in record]  # BBB loses nothing: no warning for it
+    assert message.startswith(f"{tmp_path / 'AAA.csv'}: ")
+    assert "dropped 10 of its 100 rows (10%" in message and "kept 90 rows from 2020-01-15 to 2020-05-19" in message
+
+
+def test_data_warnings_show_on_the_terminal_once_and_in_the_log_file_each_time(tmp_path):
+    """A pipeline-like process (logging set up as `pipeline.py` does, the data read through `load_splits`
+    twice, as two phases would): the warning is printed on stderr once and written to the log twice."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    days, prices = business_days(800), random_prices(800, 9)
+    order = np.arange(800)
+    order[[5, 6]] = order[[6, 5]]
+    write_simple(data_dir / "AAA.csv", days[order], np.array(prices)[order])
+    script = (
+        "import sys\n"
+        "from mtq_common.config import config_from_dict\n"
+        "from mtq_common.market import load_splits\n"
+        "from mtq_common.runtime import setup_logging\n"
+        "setup_logging(sys.argv[2], 'pipeline')\n"
+        "cfg = config_from_dict({'instruments': {'AAA': {'sector': 'equity'}}, 'specialists': ['equity'],\n"
+        "    'data': {'source': 'csv', 'data_dir': sys.argv[1], 'instruments': ['AAA']}})\n"
+        "for _ in range(2):\n"
+        "    assert load_splits(cfg)['train'].num_bars == 560\n"
+    )
+    repo = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"} | {"PYTHONPATH": str(repo)}
+    log_file = tmp_path / "pipeline.log"
+    run = subprocess.run([sys.executable, "-c", script, str(data_dir), str(log_file)], cwd=repo, env=env,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    said = f"{data_dir / 'AAA.csv'}: the timestamps are not in increasing order"
+    assert run.stderr.count(said) == 1 and "DataWarning" in run.stderr
+    assert log_file.read_text().count(said) == 2
+
+
+def test_load_splits_and_walk_forward_read_with_the_config_options(tmp_path):
+    """`data.csv` and `data.allow_partial_overlap` reach the loaders through `market.load_splits` and
+    `walkforward.full_market`."""
+    from mtq_common.config import config_from_dict
+    from mtq_common.market import load_splits
+    from mtq_common.walkforward import full_market
+
+    days = business_days(1600)  # BBB's 750 bars: enough for three splits of the feature window and more
+    write_rows(tmp_path / "AAA.csv", "Date;Close", [f"{d:%d.%m.%Y}" for d in days], ["101,5"] * 1600, ";")
+    write_rows(tmp_path / "BBB.csv", "Date;Close", [f"{d:%d.%m.%Y}" for d in days[:750]], ["7"] * 750, ";")
+    raw = {"instruments": {"AAA": {"sector": "equity"}, "BBB": {"sector": "equity"}}, "specialists": ["equity"],
+           "data": {"source": "csv", "data_dir": str(tmp_path), "instruments": ["AAA", "BBB"],
+                    "csv": {"delimiter": ";", "decimal": ",", "dayfirst": True}}}  # fmt: skip
+    with pytest.raises(DataError, match="allow_partial_overlap"):  # BBB covers less than half of AAA
+        load_splits(config_from_dict(raw))
+    raw["data"]["allow_partial_overlap"] = True
+    cfg = config_from_dict(raw)
+    with pytest.warns(DataWarning, match="dropped 850 of its 1600 rows"):
+        splits = load_splits(cfg)
+    assert sum(s.num_bars for s in splits.values()) == 750
+    assert splits["train"].prices[0].tolist() == [101.5, 7.0]
+    market = full_market(cfg)
+    np.testing.assert_array_equal(market.timestamps, days[:750].to_numpy("datetime64[ns]"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The files overlap little: refused unless data.allow_partial_overlap
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_alignment_dropping_most_of_a_file_is_refused_unless_allowed(tmp_path):
+    days = business_days(400, "2005-01-03")
+    write_simple(tmp_path / "AAA.csv", days, random_prices(400, 1))
+    write_simple(tmp_path / "BBB.csv", days, random_prices(400, 2))
+    write_simple(tmp_path / "CCC.csv", days[300:], random_prices(100, 3))  # starts much later
+
+    with pytest.raises(DataError) as err:
+        load_csv_market(tmp_path, ["AAA", "BBB", "CCC"], SECTORS)
+    message = str(err.value)
+    assert "more than half of the rows of AAA.csv, BBB.csv:" in message
+    assert "the shared period runs 2006-02-27 to 2006-07-14 (100 rows" in message
+    assert f"{tmp_path / 'AAA.csv'} has 400 rows from 2005-01-03 to 2006-07-14" in message
+    assert f"{tmp_path / 'CCC.csv'} has 100 rows from 2006-02-27 to 2006-07-14" in message
+    assert "data.allow_partial_overlap: true" in message
+
+    with pytest.warns(DataWarning) as record:
+        data = load_csv_market(tmp_path, ["AAA", "BBB", "CCC"], SECTORS, allow_partial_overlap=True)
+    assert len(all_times(data)) == 100
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 2
+    for name, message in zip(["AAA.csv", "BBB.csv"], messages, strict=True):
+        assert name in message and "dropped 300 of its 400 rows (75%" in message
+        assert "kept 100 rows from 2006-02-27 to 2006-07-14" in message
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data.csv options: delimiter, decimal mark, day-first dates, date format, time zones
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_semicolon_file_names_the_delimiter_option_and_loads_with_it(tmp_path):
+    times = day_strings(30, "%Y-%m-%d")
+    values = [f"{100 + i},25" for i in range(30)]
+    write_rows(tmp_path / "AAA.csv", "Date;Close", times, values, delimiter=";")
+
+    with pytest.raises(DataError, match="looks like ';'-separated: set data.csv.delimiter: ';'") as err:
+        load_csv_market(tmp_path, ["AAA"], SECTORS)
+    assert "AAA.csv" in str(err.value) and "'Date;Close'" in str(err.value)
+    with pytest.raises(DataError, match="decimal comma: set data.csv.decimal: ','"):
+        load_csv_market(tmp_path, ["AAA"], SECTORS, csv=CsvConfig(delimiter=";"))
+
+    data = load_csv_market(tmp_path, ["AAA"], SECTORS, csv=CsvConfig(delimiter=";", decimal=","))
+    np.testing.assert_array_equal(all_prices(data)[:, 0], [100.25 + i for i in range(30)])
+
+
+def test_tab_separated_file_names_the_tab(tmp_path):
+    write_rows(tmp_path / "AAA.csv", "Date\tClose", day_strings(30, "%Y-%m-%d"), ["1"] * 30, delimiter="\t")
+    with pytest.raises(DataError, match='set data.csv.delimiter: "\\\\t"'):
+        load_csv_market(tmp_path, ["AAA"], SECTORS)
+    assert len(all_times(load_csv_market(tmp_path, ["AAA"], SECTORS, csv=CsvConfig(delimiter="\t")))) == 30
+
+
+def test_decimal_comma_refuses_a_thousands_point(tmp_path):
+    values = ["101,5"] * 30
+    values[3] = "1.234,5"
+    write_rows(tmp_path / "AAA.csv", "Date;Close", day_strings(30, "%Y-%m-%d"), values, delimiter=";")
+    with pytest.raises(DataError, match="row 4") as err:
+        load_csv_market(tmp_path, ["AAA"], SECTORS, csv=CsvConfig(delimiter=";", decimal=","))
+    assert "'1.234,5'" in str(err.value) and "101,25" in str(err.value)
+
+
+def test_day_first_dates_name_the_option_and_load_with_it(tmp_path):
+    # Row 1 (02/01/2020) reads either way; row 8 (13/01/2020) only day first.
+    write_rows(tmp_path / "AAA.csv", "Date,Close", day_strings(40, "%d/%m/%Y", "2020-01-02"), ["1"] * 40)
+
+    with pytest.raises(DataError, match="set data.csv.dayfirst: true") as err:
+        load_csv_market(tmp_path, ["AAA"], SECTORS)
+    assert "'13/01/2020'" in str(err.value) and "row 8" in str(err.value)
+
+    data = load_csv_market(tmp_path, ["AAA"], SECTORS, csv=CsvConfig(dayfirst=True))
+    np.testing.assert_array_equal(all_times(data), business_days(40, "2020-01-02").to_numpy("datetime64[ns]"))
+
+
+def test_dayfirst_keeps_year_first_dates(tmp_path):
+    # pandas alone would read 2020-01-02 day first as 1 February.
+    write_rows(tmp_path / "AAA.csv", "Date,Close", day_strings(40, "%Y-%m-%d", "2020-01-02"), ["1"] * 40)
+    data = load_csv_market(tmp_path, ["AAA"], SECTORS, csv=CsvConfig(dayfirst=True))
+    np.testing.assert_array_equal(all_times(data), business_days(40, "2020-01-02").to_numpy("datetime64[ns]"))
+
+
+def test_date_format(tmp_path):
+    write_rows(tmp_path / "AAA.csv", "Date,Close", day_strings(30, "%d.%m.%Y 17:30"), ["1"] * 30)
+    data = load_csv_market(tmp_path, ["AAA"], SECTORS, csv=CsvConfig(date_format="%d.%m.%Y %H:%M"))
+    expected = business_days(30) + pd.Timedelta(hours=17, minutes=30)
+    np.testing.assert_array_equal(all_times(data), expected.to_numpy("datetime64[ns]"))
+    with pytest.raises(DataError, match="does not match data.csv.date_format '%Y-%m-%d'"):
+        load_csv_market(tmp_path, ["AAA"], SECTORS, csv=CsvConfig(date_format="%Y-%m-%d"))
+
+
+def test_files_with_different_offsets_point_to_the_timezone_option(tmp_path):
+    # Daily bars stamped at each exchange's local midnight: the same dates, 6 hours apart in UTC.
+    dates = day_strings(30, "%Y-%m-%d")
+    write_rows(tmp_path / "AAA.csv", "Date,Close", [f"{d}T00:00:00+01:00" for d in dates], ["1"] * 30)
+    write_rows(tmp_path / "BBB.csv", "Date,Close", [f"{d} 00:00:00-05:00" for d in dates], ["2"] * 30)
+
+    with pytest.raises(DataError, match="share no timestamp") as err:
+        load_csv_market(tmp_path, ["AAA", "BBB"], SECTORS)
+    message = str(err.value)
+    assert "AAA.csv (+01:00), BBB.csv (-05:00)" in message and "they share 30 timestamps" in message
+    assert "data.csv.timezone: as_written" in message
+
+    data = load_csv_market(tmp_path, ["AAA", "BBB"], SECTORS, csv=CsvConfig(timezone="as_written"))
+    np.testing.assert_array_equal(all_times(data), business_days(30).to_numpy("datetime64[ns]"))
+
+
+def test_files_with_and_without_offsets_point_to_the_timezone_option(tmp_path):
+    dates = day_strings(30, "%Y-%m-%d")
+    write_rows(tmp_path / "AAA.csv", "Date,Close", [f"{d}T00:00:00-05:00" for d in dates], ["1"] * 30)
+    write_rows(tmp_path / "BBB.csv", "Date,Close", dates, ["2"] * 30)
+
+    with pytest.raises(DataError) as err:
+        load_csv_market(tmp_path, ["AAA", "BBB"], SECTORS)
+    message = str(err.value)
+    assert "AAA.csv (-05:00) is written with UTC offsets and BBB.csv without" in message
+    assert "Set data.csv.timezone to the zone the times without an offset are in" in message
+
+    # AAA converted to New York time (its midnight), BBB's dates taken as New York times.
+    data = load_csv_market(tmp_path, ["AAA", "BBB"], SECTORS, csv=CsvConfig(timezone="America/New_York"))
+    np.testing.assert_array_equal(all_times(data), business_days(30).to_numpy("datetime64[ns]"))
+    # In UTC, AAA's bars are at 05:00 and share nothing with BBB's midnights.
+    with pytest.raises(DataError, match="share no timestamp"):
+        load_csv_market(tmp_path, ["AAA", "BBB"], SECTORS, csv=CsvConfig(timezone="UTC"))
+
+
+def test_times_with_and_without_offset_in_one_file_are_refused(tmp_path):
+    times = day_strings(30, "%Y-%m-%d 10:00")
+    times[4] += "+02:00"
+    write_rows(tmp_path / "AAA.csv", "Date,Close", times, ["1"] * 30)
+    with pytest.raises(DataError, match="row 5") as err:
+        load_csv_market(tmp_path, ["AAA"], SECTORS)
+    assert "has a UTC offset but row 1 ('2020-01-01 10:00') has no UTC offset" in str(err.value)
 
 
 # ----------------------------------------------------------------------------------------------------------
