@@ -109,6 +109,7 @@ class Backtest:
     max_var: float  # the VaR limit in force (one-day)
     limits: dict  # every limit in force (`RiskLimits` as a dict; inf: not applied)
     limit_notes: list[str]  # limits not applied in a small universe, and why
+    end_timestamps: np.ndarray | None = None  # [T] the market's timestamps of `bars + 1`: when each return is earned
 
     @property
     def equity(self) -> np.ndarray:
@@ -252,6 +253,7 @@ def run_backtests(
             allocation=stitch(allocations[j]) if j in allocations else None,
             bars=bars,
             timestamps=np.asarray(market.timestamps)[bars],
+            end_timestamps=np.asarray(market.timestamps)[bars + 1],
             symbols=list(market.symbols),
             sectors=list(env.sectors),
             instrument_sectors=list(market.sectors),

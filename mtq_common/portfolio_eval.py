@@ -235,6 +235,7 @@ def report_from_backtests(backtests: dict[str, Backtest], specialists: list[str]
             "instruments": list(system.symbols),
             "segments": len(system.net_return) // system.segment_length,
             "bars_per_year": float(system.bars_per_year),
+            "risk_free_rate": float(rf),  # of every Sharpe and Sortino in the report
         },
     }
     report["relative_targets"] = relative_targets(report)

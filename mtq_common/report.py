@@ -1,21 +1,28 @@
-"""The evaluation report on disk: `report.json`, `report.md`, `equity.png` and `allocation.png`.
+"""The evaluation report on disk: `report.json`, `report.md`, three figures and three per-bar CSV files.
 
 `write_report(report, backtests, out_dir)` takes what `portfolio_eval.evaluate_portfolio` returns and
-writes four files (DESIGN section 9, "evaluation"):
+writes (DESIGN section 9, "evaluation"; `FILES`):
 
 * `report.json`: the report dict as it is (plus the repeated-episode summary under "episodes"),
   sorted keys, strict JSON (a NaN or inf is an error, never written);
-* `report.md`: the same numbers as a page a person reads (`markdown_report`);
-* `equity.png`: equity curves of the system, the equal allocation and every baseline, with the
-  system's drawdown beneath (`equity_figure`);
+* `report.md`: the same numbers as a page a person reads (`markdown_report`), with a tear sheet;
+* `equity.png`: equity curves of the system, the equal allocation and every baseline, each scaled to
+  the system's volatility, with the system's drawdown beneath (`equity_figure`);
 * `allocation.png`: the system's share of gross exposure per specialist over time, and the
-  meta-controller's allocation when it has one (`allocation_figure`).
+  meta-controller's allocation when it has one (`allocation_figure`);
+* `tearsheet.png`: the system's monthly and yearly returns, one-year rolling Sharpe ratio and
+  volatility against the equal allocation and the best rule, the worst drawdowns, the exposure
+  (`tearsheet_figure`);
+* `returns.csv`, `equity.csv`, `weights.csv`: per bar, indexed by `date`, the net return and the equity
+  of every policy and the system's executed weights (`tearsheet.export_frames`, whose docstring says
+  what a row is).
 
 Every file is rendered in memory first and then written atomically (temporary file in the same
 folder, fsync, rename), so a run killed while writing leaves each file either old or new, never
 half-written; a report that cannot be serialised fails before any file is touched.
 
-The figures and the per-specialist sleeves are in `report_plots.py`.
+The figures and the per-specialist sleeves are in `report_plots.py`, the per-bar tables and the tear
+sheet's tables in `tearsheet.py`.
 """
 
 from __future__ import annotations
@@ -37,9 +44,21 @@ from mtq_common.report_plots import (
     segment_count,
     sleeve_performance,
     specialist_names,
+    tearsheet_figure,
 )
+from mtq_common.tearsheet import csv_bytes, export_frames, policy_metrics, tearsheet_markdown
+from mtq_common.tearsheet import markdown_table as _markdown_table
 
-FILES = {"json": "report.json", "markdown": "report.md", "equity": "equity.png", "allocation": "allocation.png"}
+FILES = {
+    "json": "report.json",
+    "markdown": "report.md",
+    "equity": "equity.png",
+    "allocation": "allocation.png",
+    "tearsheet": "tearsheet.png",
+    "returns": "returns.csv",
+    "equity_csv": "equity.csv",
+    "weights": "weights.csv",
+}
 """What `write_report` writes, by the key of the path it returns."""
 
 POLICY_NOTES = {
@@ -112,14 +131,6 @@ def _fmt(metric: str, value) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _markdown_table(header: list[str], rows: list[list[str]], align: str | None = None) -> str:
-    """A Markdown table; `align` has one character per column, "l" or "r" (default: first left, rest right)."""
-    align = align or "l" + "r" * (len(header) - 1)
-    rule = ["---" if a == "l" else "---:" for a in align]
-    lines = [header, rule, *rows]
-    return "\n".join("| " + " | ".join(str(c) for c in line) + " |" for line in lines)
-
-
 def markdown_report(
     report: dict, backtests: dict[str, Backtest], episodes: dict | None = None, title: str = "MTQuant evaluation"
 ) -> str:
@@ -127,7 +138,8 @@ def markdown_report(
 
     In order: title and data line, system vs baselines, allocation efficiency, targets (PASS/FAIL),
     per regime, per specialist (utilisation and each sleeve's performance from the system backtest),
-    the repeated episodes (mean ± std, when given), the limits in force, and links to the two figures.
+    the repeated episodes (mean ± std, when given), the limits in force, the tear sheet
+    (`tearsheet.tearsheet_markdown`), and links to the figures and the per-bar CSV files.
     """
     data = report["data"]
     instruments = list(data["instruments"])
@@ -152,10 +164,7 @@ def markdown_report(
     ]
 
     # SYSTEM VS BASELINES: every policy trades through the same env, risk manager and costs
-    policies = {"system": report["portfolio"]}
-    if "equal_allocation" in report:
-        policies["equal_allocation"] = report["equal_allocation"]
-    policies.update(report["baselines"])
+    policies = policy_metrics(report)
     rows = [
         [f"**{name}**" if name == "system" else name] + [_fmt(k, m.get(k, 0.0)) for k in COMPARISON_KEYS]
         for name, m in policies.items()
@@ -350,13 +359,18 @@ def markdown_report(
                 f"{tf['fitted_on']} split."]  # fmt: skip
     out.append("")
 
+    out += [tearsheet_markdown(report, backtests, FILES["tearsheet"])]
+
     out += [
         "## Figures",
         "",
-        f"- [Equity curves and drawdown]({FILES['equity']})",
+        f"- [Equity curves, each policy scaled to the system's volatility, and drawdown]({FILES['equity']})",
         f"- [Allocation over time]({FILES['allocation']})",
+        f"- [Tear sheet]({FILES['tearsheet']})",
+        f"- Per bar, indexed by date: [net returns]({FILES['returns']}) and [equity]({FILES['equity_csv']}) of "
+        f"every policy, [the system's executed weights]({FILES['weights']})",
         "",
-        f"![Equity curves of the system and the baselines]({FILES['equity']})",
+        f"![Equity curves of the system and the baselines, at the system's volatility]({FILES['equity']})",
         "",
         f"![The system's allocation over time]({FILES['allocation']})",
         "",
@@ -376,13 +390,16 @@ def write_report(
     title: str = "MTQuant evaluation",
     episodes: dict | None = None,
 ) -> dict[str, Path]:
-    """Write `report.json`, `report.md`, `equity.png` and `allocation.png` into `out_dir` (created).
+    """Write into `out_dir` (created) every file of `FILES`: `report.json`, `report.md` (with the tear
+    sheet), `equity.png`, `allocation.png`, `tearsheet.png`, and the per-bar `returns.csv`, `equity.csv`
+    (every policy's net return and equity) and `weights.csv` (the system's executed weights).
 
     `report, backtests` are `evaluate_portfolio`'s result; `episodes` is an optional
     `{metric: {mean, std, min, max}}` from repeated evaluation episodes (`summarize_episodes`),
     stored under "episodes" in the JSON and tabled in the Markdown. Returns the written paths by
     `FILES` key. Everything is rendered before the first write, and each write is atomic; existing
-    files are replaced. Raises ValueError (and writes nothing) when the report holds a NaN or inf.
+    files are replaced. Raises ValueError (and writes nothing) when the report holds a NaN or inf, or
+    when a policy's backtest is not on the system's bars.
     """
     out_dir = Path(out_dir)
     payload = dict(report) if episodes is None else {**report, "episodes": episodes}
@@ -396,6 +413,8 @@ def write_report(
         "markdown": markdown_report(report, backtests, episodes, title).encode(),
         "equity": figure_png(equity_figure(report, backtests, title)),
         "allocation": figure_png(allocation_figure(report, backtests, title)),
+        "tearsheet": figure_png(tearsheet_figure(report, backtests, title)),
+        **{key: csv_bytes(frame) for key, frame in export_frames(report, backtests).items()},
     }
     paths = {key: out_dir / name for key, name in FILES.items()}
     for key, data in rendered.items():
