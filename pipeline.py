@@ -3,6 +3,7 @@
     python pipeline.py --mode train                      # the three phases, then the test evaluation
     python pipeline.py --mode resume                     # continue after an interruption (even SIGKILL)
     python pipeline.py --mode eval --eval-episodes 200   # evaluate the trained hierarchy again
+    python pipeline.py --mode train --smoke              # a one-minute try with tiny budgets
 
 The pipeline calls each phase script's `main(args)`: one code path per phase, no second copy of any
 training loop. Outputs under `--output-dir` (OUT): `OUT/phase1..3` (each phase's checkpoints and
@@ -10,6 +11,11 @@ metrics.json), the manifest `OUT/pipeline.json` (phases completed with their ste
 the config and its hash, the seed, package versions; written atomically after each phase) and
 `OUT/eval/` (report.json, report.md, equity.png, allocation.png). Logs and TensorBoard events go to
 `--log-dir`/phase1..3 (`tensorboard --logdir logs/` shows all three).
+
+Runs never mix: `--mode train` refuses (exit 2, before writing anything) to start over a folder that holds a
+run (`run_files`: OUT/pipeline.json, a `.pt` file in OUT/phase1..3, or a TensorBoard event file in
+LOG/phase1..3); continue it with `--mode resume`, pick another `--output-dir` / `--log-dir`, or pass
+`--overwrite` to delete that run first (`RUN_OUTPUTS` of OUT and LOG/phase1..3; other files are left alone).
 
 The evaluation uses the **test** split, which no phase has seen: the whole test period as one
 backtest (every instrument, the executed weights) next to every baseline and the targets, plus
@@ -25,6 +31,7 @@ import importlib.metadata
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,7 +45,7 @@ import phase1_ppo
 import phase2_meta
 import phase3_joint
 from mtq_common import checkpoint as ckpt
-from mtq_common.act import format_book, stale_days, target_book
+from mtq_common.act import format_book, read_holdings, stale_days, target_book
 from mtq_common.backtest import run_episodes, stitch_backtests, summarize_episodes
 from mtq_common.baselines import fit_trend_for
 from mtq_common.config import ConfigError
@@ -47,7 +54,7 @@ from mtq_common.flags import config_from_args, parse_args
 from mtq_common.hierarchy import HierarchyPolicy, instrument_specialist_index
 from mtq_common.market import iso_time, load_splits
 from mtq_common.market_tables import build_tables
-from mtq_common.nets import MetaController, SpecialistAgents
+from mtq_common.policy import check_data, load_hierarchy, trained_data
 from mtq_common.portfolio_eval import _json_ready, evaluate_portfolio, format_report, report_from_backtests
 from mtq_common.report import write_report
 from mtq_common.runtime import configure_threads, resolve_device, setup_logging
@@ -62,6 +69,11 @@ ALIASES = {
 PHASES = ("phase1", "phase2", "phase3")
 FRESH_PATH_SEED = 10_007
 """Offset of the market seed for the evaluation episodes' fresh synthetic path (never used in training)."""
+RUN_OUTPUTS = ("pipeline.json", *PHASES, "eval", "act")
+"""What a `--mode train` run writes in OUT (and `--overwrite` deletes first)."""
+SMOKE = {"phase1_timesteps": 16_384, "phase2_timesteps": 16_384, "phase3_timesteps": 16_384, "num_envs": 16,
+         "eval_episodes": 5}  # fmt: skip
+"""`--smoke`: the budgets of a one-minute try (flags given with it win)."""
 
 
 @dataclass
@@ -97,7 +109,8 @@ class Args:
     folds: int = 4
     """Walk-forward folds (--mode walkforward only; see mtq_common.walkforward)."""
     capital: float | None = None
-    """--mode act: the account's capital, for notionals and units (unset: weights only)."""
+    """--mode act: the account's capital, for notionals, units rounded to whole contracts (config
+    instruments.SYMBOL.contract_size, default 1) and the rounding residual (unset: weights only)."""
     as_of: str | None = None
     """--mode act: the date the data must be current at (YYYY-MM-DD; default today, UTC)."""
     max_staleness_days: float | None = 7.0
@@ -108,6 +121,15 @@ class Args:
     """Show progress bars (only on a terminal)."""
     torch_threads: int = 1
     """torch intra-op threads on the CPU (0: torch's default); small-batch PPO is fastest with 1."""
+    holdings: str | None = None
+    """--mode act: a file of the units held per instrument (CSV `symbol,units` or JSON {"SYMBOL": units}; needs
+    --capital): the trades start from this book instead of the model's own simulated holdings."""
+    overwrite: bool = False
+    """--mode train: delete the run already in --output-dir / --log-dir first (without it, such a run is refused)."""
+    smoke: bool = False
+    """A one-minute try: reads as `--phase1-timesteps 16384 --phase2-timesteps 16384 --phase3-timesteps 16384
+    --num-envs 16 --eval-episodes 5` placed before your flags, so any of those you give wins (command line only;
+    from Python pass `**pipeline.SMOKE`)."""
 
 
 def phase_args(args: Args, name: str, resume: bool):
@@ -153,13 +175,12 @@ def train(args: Args, cfg, log, resume: bool) -> dict:
     manifest = read_manifest(path) if resume else None
     if resume and manifest is None:
         raise ckpt.CheckpointError(f"nothing to resume: {path} does not exist. Run `python pipeline.py --mode train`.")
-    if manifest is not None and manifest["config_hash"] != cfg.hash() and not args.force:
-        raise ckpt.CheckpointError(
-            f"{path} belongs to a run with config hash {manifest['config_hash']}, but the current config hashes to "
-            f"{cfg.hash()}: resuming would mix two experiments. Use the original config, or pass --force."
-        )
+    if manifest is not None:
+        ckpt.check_config_hash(manifest, cfg.hash(), path, args.force, cfg.to_dict())  # names what differs
     if manifest is None:
         load_splits(cfg)  # unreadable data is refused before the manifest (or anything else) is written
+        if args.overwrite:
+            remove_run(args, log)
         manifest = {"config": cfg.to_dict(), "config_hash": cfg.hash(), "seed": args.seed, "phases": {}}
     manifest["versions"] = versions()
     ckpt.atomic_write_json(path, manifest)
@@ -190,17 +211,41 @@ def validation_sharpe(result: dict) -> float:
     return sum(r["sharpe"] for r in rows) / len(rows)
 
 
-def load_hierarchy(out: Path, device) -> tuple[SpecialistAgents, MetaController]:
-    """The fine-tuned hierarchy from OUT/phase3/best.pt."""
-    path = out / "phase3" / "best.pt"
-    hint = "Nothing trained yet: run `python pipeline.py --mode train` (or --mode resume) first."
-    state = ckpt.load_checkpoint(path, "phase3", hint=hint)
-    spec, meta_spec = state["specialist_spec"], state["meta_spec"]
-    specialists = SpecialistAgents.from_spec(spec)
-    specialists.load_state_dict(state["specialists"])
-    meta = MetaController.from_spec(meta_spec)
-    meta.load_state_dict(state["meta"])
-    return specialists.to(device).eval(), meta.to(device).eval()
+def run_files(args: Args) -> list[Path]:
+    """The files that show a run in --output-dir or --log-dir (a new `--mode train` there is refused):
+    OUT/pipeline.json, the `.pt` files of OUT/phase1..3 and the TensorBoard event files of LOG/phase1..3."""
+    out, logs = Path(args.output_dir), Path(args.log_dir)
+    found = [out / "pipeline.json"] if (out / "pipeline.json").is_file() else []
+    for name in PHASES:
+        found += sorted((out / name).glob("*.pt")) + sorted((logs / name).glob("events.out.tfevents.*"))
+    return found
+
+
+def refuse_mixing(args: Args) -> None:
+    """`--mode train` over an earlier run: exit 2 before anything is written, naming the folders and the
+    choices (without --overwrite)."""
+    found = run_files(args)
+    if not found or args.overwrite:
+        return
+    shown = ", ".join(str(p) for p in found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+    raise ConfigError(
+        f"{args.output_dir} (or the log folder {args.log_dir}) already holds a run ({shown}): training into it "
+        "would mix two runs' checkpoints, reports and TensorBoard events. Continue it with `--mode resume`, "
+        "train into another --output-dir (and --log-dir), or pass --overwrite to delete that run first."
+    )
+
+
+def remove_run(args: Args, log) -> None:
+    """`--overwrite`: delete the earlier run's outputs (`RUN_OUTPUTS` in OUT, phase1..3 in LOG)."""
+    out, logs = Path(args.output_dir), Path(args.log_dir)
+    for path in [out / name for name in RUN_OUTPUTS] + [logs / name for name in PHASES]:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        log.warning("--overwrite: deleted %s", path)
 
 
 def test_backtests(args: Args, cfg, device):
@@ -323,28 +368,24 @@ def format_folds(rows: list[dict]) -> str:
 
 def act(args: Args, cfg, log) -> dict:
     """--mode act: refuse data that does not match the trained run (or is stale, or too short), then write
-    and print the target book of the bar after the data's last one (`mtq_common.act`)."""
+    and print the target book of the bar after the data's last one (`mtq_common.act`); with --capital, in units
+    rounded to whole contracts, traded from the held book (--holdings, or the model's own simulated one)."""
     out, device = Path(args.output_dir), resolve_device(args.device)
+    if args.capital is not None and not (math.isfinite(args.capital) and args.capital > 0):
+        raise ConfigError(f"--capital {args.capital}: accepted a positive amount")
+    if args.holdings is not None and args.capital is None:
+        raise ConfigError(f"--holdings {args.holdings}: units held need --capital (the account's value) to become "
+                          "weights; pass both")  # fmt: skip
+    holdings = None if args.holdings is None else read_holdings(args.holdings)
     specialists, meta = load_hierarchy(out, device)
-    phase1 = ckpt.load_checkpoint(out / "phase1" / "best.pt", "phase1", hint="Run `python pipeline.py --mode train`.")
+    trained = trained_data(out)
     if cfg.data.source == "csv":
         market = load_csv_series(cfg.data.data_dir, list(cfg.data.instruments),
-                                 {s: cfg.sector_of(s) for s in cfg.data.instruments}, strict_order=True)  # fmt: skip
+                                 {s: cfg.sector_of(s) for s in cfg.data.instruments}, strict_order=True,
+                                 csv=cfg.data.csv, allow_partial_overlap=cfg.data.allow_partial_overlap)  # fmt: skip
     else:
         market = load_splits(cfg)["test"]  # the built-in market: act at the test split's last bar
-    trained = {"instruments": list(phase1["symbols"]), "sectors": list(phase1["sectors"]),
-               "bars per year": phase1.get("bars_per_year")}  # fmt: skip
-    given = {"instruments": market.symbols, "sectors": market.sectors, "bars per year": market.bars_per_year}
-    if trained["bars per year"] is None:  # a checkpoint written before the frequency was recorded
-        log.warning("%s does not record the bar frequency it was trained on: not checked", out / "phase1" / "best.pt")
-        trained.pop("bars per year")
-    differ = [f"{key}: trained on {trained[key]}, given {given[key]}" for key in trained if trained[key] != given[key]]
-    if differ:
-        raise ConfigError(
-            f"the data does not match the run trained in {out}: " + "; ".join(differ) + ". Act on data of the same "
-            "instruments, sectors and bar frequency (the config's data.instruments and the files in --data-dir), "
-            "or train a run on this data first."
-        )
+    check_data(market, trained, out)
     if market.source == "csv" and args.max_staleness_days is not None:
         as_of = np.datetime64(args.as_of or datetime.datetime.now(datetime.timezone.utc).date().isoformat(), "s")
         age = stale_days(market, as_of)
@@ -355,9 +396,8 @@ def act(args: Args, cfg, log) -> dict:
                 f"{args.max_staleness_days:g}. Update the files in {cfg.data.data_dir}, or pass --as-of DATE or "
                 "--max-staleness-days None to act on them anyway."
             )
-    if args.capital is not None and not (math.isfinite(args.capital) and args.capital > 0):
-        raise ConfigError(f"--capital {args.capital}: accepted a positive amount")
-    book = target_book(specialists, meta, market, cfg, args.capital, device)
+    book = target_book(specialists, meta, market, cfg, args.capital, device, holdings=holdings,
+                       holdings_source=f"--holdings {args.holdings}")  # fmt: skip
     path = out / "act" / f"book-{book['last_bar'].replace(':', '')}.json"
     ckpt.atomic_write_json(path, book, sort_keys=False)
     print(f"Target book for the bar after {book['last_bar']} ({market.num_bars} bars of {market.source} data):")
@@ -376,6 +416,10 @@ def main(args: Args) -> dict:
     cfg = config_from_args(args, ALIASES)
     configure_threads(args.torch_threads)
     resolve_device(args.device)  # a clear error before any work
+    if args.overwrite and args.mode != "train":
+        raise ConfigError(f"--overwrite applies to --mode train only (given --mode {args.mode})")
+    if args.mode == "train":
+        refuse_mixing(args)  # before the log file: a log folder inside OUT must stay untouched too
     log = setup_logging(Path(args.log_dir) / "pipeline.log", "pipeline")
     out = Path(args.output_dir)
     start = time.time()
@@ -397,9 +441,16 @@ def main(args: Args) -> dict:
     return {"manifest": manifest, **evaluation}
 
 
+def smoke_argv(argv: list[str]) -> list[str]:
+    """The command line with `--smoke` read as the `SMOKE` budgets' flags placed first (a later flag wins)."""
+    if "--smoke" not in argv:
+        return argv
+    return [item for key, value in SMOKE.items() for item in (f"--{key.replace('_', '-')}", str(value))] + argv
+
+
 if __name__ == "__main__":
     try:
-        cli_args, _ = parse_args(Args, ALIASES)
+        cli_args, _ = parse_args(Args, ALIASES, smoke_argv(sys.argv[1:]))
         main(cli_args)
     except (ConfigError, ckpt.CheckpointError, ValueError) as err:
         print(f"pipeline.py: error: {err}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Checkpoints: atomic writes, safe loads, `latest` / `best` / pruned step files, config-hash checks.
+"""Checkpoints: atomic writes, safe loads, `latest` / `best` / step files pruned by the run's own steps,
+config checks that name what changed.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts saved with `torch.save`
 and read back with `torch.load(..., weights_only=True)`, which never executes code from the file.
@@ -88,24 +89,58 @@ def load_checkpoint(path: str | Path, kind: str | None = None, hint: str = "") -
     return payload
 
 
-def check_config_hash(payload: dict, config_hash: str, path: str | Path, force: bool = False) -> None:
-    """Refuse to resume with a different config unless forced."""
-    if payload.get("config_hash") != config_hash and not force:
-        raise CheckpointError(
-            f"{path} was written with config hash {payload.get('config_hash')} but the current config hashes to "
-            f"{config_hash}: resuming would mix two experiments. Use the original config, or pass --force to "
-            f"resume anyway."
-        )
+def config_differences(written: dict, current: dict, prefix: str = "") -> list[str]:
+    """Every key whose value differs between two config dicts (`Config.to_dict()`), one
+    `"section.key: A in the run, B now"` each, in the dicts' order."""
+    lines = []
+    for key in [*written, *(k for k in current if k not in written)]:
+        name, old, new = f"{prefix}{key}", written.get(key, "<absent>"), current.get(key, "<absent>")
+        if isinstance(old, dict) and isinstance(new, dict):
+            lines += config_differences(old, new, f"{name}.")
+        elif old != new:
+            lines.append(f"{name}: {old!r} in the run, {new!r} now")
+    return lines
 
 
-def save_rotating(output_dir: str | Path, payload: dict, step: int, keep: int) -> None:
-    """Write `step_<N>.pt` and `latest.pt`, and prune step files beyond the newest `keep`."""
-    output_dir = Path(output_dir)
-    save_checkpoint(output_dir / f"step_{step:010d}.pt", payload)
-    save_checkpoint(output_dir / "latest.pt", payload)
-    steps = sorted(output_dir.glob("step_*.pt"))
-    for old in steps[: max(0, len(steps) - keep)]:
-        old.unlink(missing_ok=True)
+def check_config_hash(payload: dict, config_hash: str, path: str | Path, force: bool = False,
+                      config: dict | None = None) -> None:  # fmt: skip
+    """Refuse to resume with a different config unless forced. `payload` (a checkpoint or the pipeline's
+    manifest) holds the run's `config_hash` and, since checkpoints record it, its `config`: then the message
+    names every key that differs with both values (`config`: the current `Config.to_dict()`)."""
+    written = payload.get("config_hash")
+    if written == config_hash or force:
+        return
+    fix = "resuming would mix two experiments. Use the original config (and flags), or pass --force to resume anyway."
+    if isinstance(payload.get("config"), dict) and config is not None:  # checkpoints and manifests record it
+        changed = config_differences(payload["config"], config)
+        if changed:
+            raise CheckpointError(f"{path}: the config differs from the run's: {'; '.join(changed)} (config hash "
+                                  f"{written} in the run, {config_hash} now): {fix}")  # fmt: skip
+    raise CheckpointError(f"{path} was written with config hash {written}, but the current config hashes to "
+                          f"{config_hash}: {fix}")  # fmt: skip
+
+
+def step_path(output_dir: str | Path, step: int) -> Path:
+    """The rotating checkpoint of global step `step`."""
+    return Path(output_dir) / f"step_{step:010d}.pt"
+
+
+def save_rotating(output_dir: str | Path, payload: dict, step: int, keep: int, own_steps: list[int]) -> list[int]:
+    """Write `step_<N>.pt` and `latest.pt`, then delete this run's step files beyond its newest `keep`.
+
+    Pruning is by the run's own steps: `own_steps` are the steps of the step files this run wrote and still
+    keeps (the list the previous call returned; on `--resume`, the `step_files` of the resumed `latest.pt`).
+    A step file the run did not write (another run's, left in the folder, whatever its step) is never
+    counted and never deleted. Returns the steps kept, which both files also record as `step_files`."""
+    steps = sorted({*own_steps, step})
+    cut = max(0, len(steps) - keep)
+    kept, dropped = steps[cut:], steps[:cut]
+    payload = {**payload, "step_files": kept}
+    save_checkpoint(step_path(output_dir, step), payload)
+    save_checkpoint(Path(output_dir) / "latest.pt", payload)
+    for old in dropped:
+        step_path(output_dir, old).unlink(missing_ok=True)
+    return kept
 
 
 def rng_state() -> dict:

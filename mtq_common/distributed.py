@@ -220,26 +220,32 @@ def local_state(state: dict, world: World, path) -> dict:
     return state if world.is_main else state["other_ranks"][world.rank - 1]
 
 
-def load_latest(path, phase: str, config_hash: str, force: bool, world: World) -> tuple[dict, dict]:
-    """`--resume`: rank 0 reads the `phase` checkpoint at `path` and checks its config hash; every rank
-    gets `(state, this rank's part of it)` (see `local_state`). Errors are raised on every rank."""
+def load_latest(path, phase: str, config_hash: str, force: bool, world: World,
+                config: dict | None = None) -> tuple[dict, dict]:  # fmt: skip
+    """`--resume`: rank 0 reads the `phase` checkpoint at `path` and checks its config hash (naming the keys
+    that differ from `config`, the current config's dict); every rank gets `(state, this rank's part of it)`
+    (see `local_state`). Errors are raised on every rank."""
 
     def load() -> dict:
         state = ckpt.load_checkpoint(path, phase, hint="Run without --resume to start fresh.")
-        ckpt.check_config_hash(state, config_hash, path, force)
+        ckpt.check_config_hash(state, config_hash, path, force, config)
         return state
 
     state = load_on_main(load, world)
     return state, local_state(state, world, path)
 
 
-def save_latest(out_dir, payload: dict, local: dict, world: World, step: int, keep: int) -> None:
+def save_latest(out_dir, payload: dict, local: dict, world: World, step: int, keep: int,
+                own_steps: list[int]) -> list[int]:  # fmt: skip
     """The rotating `latest.pt` / `step_<N>.pt`, written by rank 0: `payload` (what every rank holds
     alike: weights, optimizer, counters) plus every rank's `local` state (environments, RNG, signals),
-    gathered by `rank_states`. Collective: every rank must call it."""
+    gathered by `rank_states`. Step files are pruned by the run's own steps (`own_steps`, see
+    `checkpoint.save_rotating`); returns the steps kept (other ranks: `own_steps`, they write nothing).
+    Collective: every rank must call it."""
     states = rank_states(local, world)
     if world.is_main:
-        ckpt.save_rotating(out_dir, {**payload, **states}, step, keep)
+        return ckpt.save_rotating(out_dir, {**payload, **states}, step, keep, own_steps)
+    return own_steps
 
 
 def weight_agreement(fingerprint: str, world: World) -> dict:

@@ -2,8 +2,9 @@
 run (`start_run`: config, ranks, log file, threads), the iteration count, seeding, the command line
 (`cli`: exit code 2 with one paragraph on bad input) and, in `Run`, the TensorBoard writer and its
 hyperparameter table, the progress bar, where the loop's time goes (`Stopwatch`), the rotating
-`latest.pt`, `--stop-after` and the run's timing. CleanRL writes these inline in its one script; here
-three scripts would repeat them word for word, so each is one named call in `main()`."""
+`latest.pt` (its step files pruned by the run's own steps), `--stop-after` and the run's timing. CleanRL
+writes these inline in its one script; here three scripts would repeat them word for word, so each is one
+named call in `main()`."""
 
 from __future__ import annotations
 
@@ -53,10 +54,23 @@ def seed_everything(seed: int) -> int:
     return seed
 
 
+_RESUMED_STEP_FILES: dict[Path, list[int]] = {}
+"""The step files a resumed `latest.pt` names as its run's own, by output folder: `resume` records them and
+the `Run` made next takes them, so that pruning counts only this run's files (`checkpoint.save_rotating`)."""
+
+
 def resume(args, phase: str, cfg, world: distributed.World) -> tuple[dict, dict]:
-    """`--resume`: `latest.pt` in `--output-dir`, checked against the run's config (`--force` accepts another);
-    returns `(state, this rank's part of it)` (see `distributed.load_latest`)."""
-    return distributed.load_latest(Path(args.output_dir) / "latest.pt", phase, cfg.hash(), args.force, world)
+    """`--resume`: `latest.pt` in `--output-dir`, checked against the run's config (`--force` accepts another;
+    the error names every key that differs); returns `(state, this rank's part of it)` (see
+    `distributed.load_latest`)."""
+    out = Path(args.output_dir)
+    state, mine = distributed.load_latest(out / "latest.pt", phase, cfg.hash(), args.force, world, cfg.to_dict())
+    if "step_files" in state:
+        _RESUMED_STEP_FILES[out.resolve()] = list(state["step_files"])
+    else:  # written before checkpoints named their step files: the ones on disk up to its step
+        steps = [int(p.stem.removeprefix("step_")) for p in out.glob("step_*.pt") if p.stem[5:].isdigit()]
+        _RESUMED_STEP_FILES[out.resolve()] = sorted(s for s in steps if s <= state["global_step"])
+    return state, mine
 
 
 def restore(state: dict, mine: dict, log, shared: dict, own: dict) -> tuple[int, int, dict]:
@@ -109,6 +123,8 @@ class Run:
         self.bar = tqdm(total=num_iterations * self.rows_per_iteration, initial=global_step, unit="step",
                         disable=not (args.progress and sys.stderr.isatty() and world.is_main), desc=name)  # fmt: skip
         self.start_time, self.start_step = time.time(), global_step
+        # the step files this run wrote and keeps (pruning never counts another run's: see save_rotating)
+        self.step_files = _RESUMED_STEP_FILES.pop(Path(args.output_dir).resolve(), []) if args.resume else []
         self.watch = Stopwatch(device)  # seconds per loop section and per minibatch (metrics.json timing)
 
     def sps(self, global_step: int) -> int:
@@ -133,8 +149,8 @@ class Run:
 
         payload = {**payload, **states(shared), "iteration": iteration, "global_step": global_step, "best": best}
         local = {**states(own), "rng": ckpt.rng_state()}
-        distributed.save_latest(Path(self.args.output_dir), payload, local, self.world, global_step,
-                                self.args.keep_checkpoints)  # fmt: skip
+        self.step_files = distributed.save_latest(Path(self.args.output_dir), payload, local, self.world, global_step,
+                                                  self.args.keep_checkpoints, self.step_files)  # fmt: skip
         self.watch.lap("validation")  # validation and checkpoints, since the last lap
 
     def stop_here(self, iteration: int) -> bool:

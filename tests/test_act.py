@@ -1,5 +1,8 @@
-"""--mode act: the target book for the next bar equals what the continuous test backtest traded, bad input refused."""
+"""--mode act: the target book for the next bar equals what the continuous test backtest traded, trades from the
+held book in whole contracts, `load_policy(run).book(prices)` gives the same book, bad input refused."""
 
+import dataclasses
+import json
 import shutil
 
 import numpy as np
@@ -9,6 +12,7 @@ import pytest
 import phase3_joint
 import pipeline
 from mtq_common import checkpoint as ckpt
+from mtq_common import load_policy
 from mtq_common.act import target_book
 from mtq_common.backtest import run_backtests
 from mtq_common.config import ConfigError, load_config
@@ -19,8 +23,8 @@ from mtq_common.nets import MetaController
 
 @pytest.fixture(scope="module")
 def trained(tiny_phases, tmp_path_factory):
-    """A pipeline output folder (phase1 and phase3 best.pt) from the tiny Phase 1 and 2 runs, its config,
-    and the hierarchy itself."""
+    """A pipeline output folder (phase1 and phase3 best.pt, the manifest's config) from the tiny Phase 1 and 2
+    runs, its config, and the hierarchy itself."""
     _, config, (phase1_dir, phase2_dir) = tiny_phases
     cfg = load_config(config)
     out = tmp_path_factory.mktemp("act_run")
@@ -32,6 +36,7 @@ def trained(tiny_phases, tmp_path_factory):
     meta.load_state_dict(state["model"])
     states = {"specialists": specialists.state_dict(), "meta": meta.state_dict()}
     ckpt.save_checkpoint(out / "phase3" / "best.pt", phase3_joint.model_payload(states, specialists, meta, cfg))
+    ckpt.atomic_write_json(out / "pipeline.json", {"config": cfg.to_dict(), "config_hash": cfg.hash(), "phases": {}})
     return out, config, cfg, specialists, meta
 
 
@@ -58,11 +63,115 @@ def test_same_data_same_book_and_units(trained):
     data = load_splits(cfg)["test"].window(0, 400, "test")
     a = target_book(specialists, meta, data, cfg, capital=100_000.0)
     b = target_book(specialists, meta, data, cfg, capital=100_000.0)
-    assert a == b
+    assert a == b and a["holdings"].startswith("simulated")
     for symbol, row in a["instruments"].items():
-        assert row["units"] == pytest.approx(row["executed_weight"] * 100_000.0 / row["close"]), symbol
+        assert row["target_units"] == pytest.approx(row["executed_weight"] * 100_000.0 / row["close"]), symbol
+        assert row["units"] == round(row["target_units"]) and row["contract_size"] == 1.0  # whole units
         assert row["trade_weight"] == pytest.approx(row["executed_weight"] - row["current_weight"])
+        # without --holdings the trades start from the model's own book, held in whole contracts too
+        assert row["held_units"] == round(row["current_weight"] * 100_000.0 / row["close"])
+        assert row["trade_units"] == row["units"] - row["held_units"]
     assert a["book"]["gross"] == pytest.approx(sum(abs(r["executed_weight"]) for r in a["instruments"].values()))
+
+
+def write_test_split_csv(folder, cfg):
+    """The test split as CSV files (business-day dates from 2020), and the date of its last bar."""
+    market = load_splits(cfg)["test"]
+    dates = pd.bdate_range("2020-01-01", periods=market.num_bars).strftime("%Y-%m-%d").to_numpy()
+    write_csv(folder, market.symbols, market.prices, dates)
+    return market, dates[-1]
+
+
+def read_closes(folder, symbols):
+    """The CSV files of `write_csv` as one DataFrame of closes (columns in reverse order: any order is accepted)."""
+    columns = {s: pd.read_csv(folder / f"{s}.csv", index_col="date", parse_dates=True)["close"] for s in symbols}
+    return pd.DataFrame(columns)[list(reversed(symbols))]
+
+
+@pytest.mark.parametrize("capital", [None, 250_000.0])
+def test_load_policy_book_equals_the_act_book(trained, tmp_path, capital):
+    out, config, cfg, *_ = trained
+    data = tmp_path / "data"
+    market, last = write_test_split_csv(data, cfg)
+    result = pipeline.main(pipeline.Args(mode="act", config=str(config), output_dir=str(out), data_dir=str(data),
+                                         log_dir=str(tmp_path / "logs"), as_of=last, capital=capital))  # fmt: skip
+    written = json.loads((out / "act" / f"book-{last}.json").read_text())
+    policy = load_policy(out)
+    assert policy.symbols == market.symbols
+    book = policy.book(read_closes(data, market.symbols), capital=capital)
+    assert json.loads(json.dumps(ckpt.json_safe(book))) == written == json.loads(json.dumps(result["book"]))
+
+
+@pytest.mark.parametrize("kind", ["csv", "json"])
+def test_trades_take_the_held_book_to_the_target_in_whole_contracts(trained, tmp_path, kind):
+    out, config, cfg, *_ = trained
+    capital, sizes = 1_000_000.0, {"EURUSD": 25.0, "XAUUSD": 0.5, "SPX500": 3.0}  # the others: 1 unit
+    config = config_with_contracts(tmp_path, config, sizes)
+    data = tmp_path / "data"
+    market, last = write_test_split_csv(data, cfg)
+    held = {"EURUSD": 75.0, "XAUUSD": -10.5, "SPX500": 0.0, "US30": 12.0}  # whole contracts; the rest hold none
+    path = tmp_path / f"held.{kind}"
+    if kind == "json":
+        path.write_text(json.dumps(held))
+    else:
+        path.write_text("symbol,units\n" + "".join(f"{s},{u}\n" for s, u in held.items()))
+    book = pipeline.main(pipeline.Args(mode="act", config=str(config), output_dir=str(out), data_dir=str(data),
+                                       log_dir=str(tmp_path / "logs"), as_of=last, capital=capital,
+                                       holdings=str(path)))["book"]  # fmt: skip
+    assert book["holdings"] == f"given: --holdings {path}"
+    residual = 0.0
+    for symbol, row in book["instruments"].items():
+        size, units_held = sizes.get(symbol, 1.0), held.get(symbol, 0.0)
+        assert row["contract_size"] == size and row["held_units"] == units_held, symbol
+        assert row["current_weight"] == pytest.approx(units_held * row["close"] / capital)
+        assert row["held_units"] + row["trade_units"] == row["units"]  # the trade lands on the rounded target
+        assert row["contracts"] == round(row["target_units"] / size) and row["units"] == row["contracts"] * size
+        assert row["trade_contracts"] == round(row["trade_contracts"])  # whole contracts
+        assert abs(row["units"] - row["target_units"]) <= size / 2
+        assert row["residual_weight"] == pytest.approx(row["executed_weight"] - row["units"] * row["close"] / capital)
+        assert row["residual_notional"] == pytest.approx(row["residual_weight"] * capital)
+        residual += abs(row["residual_notional"])
+    assert book["book"]["rounding_residual"]["gross_notional"] == pytest.approx(residual)
+    assert any(row["trade_units"] != 0 for row in book["instruments"].values())
+    # the API gives the same trades from the same holdings
+    policy = load_policy(out)
+    for symbol, size in sizes.items():
+        policy.cfg.instruments[symbol].contract_size = size
+    again = policy.book(read_closes(data, market.symbols), holdings=held, capital=capital)
+    assert {s: r["trade_units"] for s, r in again["instruments"].items()} == {
+        s: r["trade_units"] for s, r in book["instruments"].items()
+    }
+
+
+def config_with_contracts(tmp_path, config, sizes: dict):
+    """`config` plus `instruments.SYMBOL.contract_size` for each of `sizes` (the hash ignores contract sizes)."""
+    import yaml
+
+    raw = yaml.safe_load(config.read_text())
+    defaults = load_config(config).instruments
+    raw["instruments"] = {s: {**dataclasses.asdict(defaults[s]), "contract_size": size} for s, size in sizes.items()}
+    path = tmp_path / "contracts.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert load_config(path).hash() == load_config(config).hash()
+    return path
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (lambda df: df.drop(columns=["EURUSD"]), "missing: EURUSD"),
+        (lambda df: df.assign(FOO=1.0), "not traded by the run: FOO"),
+        (lambda df: df.iloc[::-1], "strictly increasing"),
+        (lambda df: df.reset_index(drop=True), "DatetimeIndex"),
+        (lambda df: df.assign(SPX500=np.where(np.arange(len(df)) == 5, np.nan, df["SPX500"])), "SPX500 at"),
+    ],
+)
+def test_policy_refuses_prices_it_cannot_act_on(trained, tmp_path, change, words):
+    out, _, cfg, *_ = trained
+    market, _ = write_test_split_csv(tmp_path / "data", cfg)
+    prices = read_closes(tmp_path / "data", market.symbols)
+    with pytest.raises(ValueError, match=words):
+        load_policy(out).book(change(prices))
 
 
 def test_pipeline_act_writes_the_book(trained, tmp_path):
@@ -78,7 +187,8 @@ def write_csv(folder, symbols, prices, dates):
         pd.DataFrame({"date": dates, "close": prices[:, i]}).to_csv(folder / f"{symbol}.csv", index=False)
 
 
-@pytest.mark.parametrize("case", ["untrained", "instruments", "short", "stale", "unsorted"])
+@pytest.mark.parametrize("case", ["untrained", "instruments", "short", "stale", "unsorted", "holdings-no-capital",
+                                  "holdings-missing", "holdings-unknown", "holdings-text"])  # fmt: skip
 def test_bad_input_is_refused_and_writes_nothing(trained, tmp_path, case):
     out, config, cfg, *_ = trained
     market = load_splits(cfg)["test"]
@@ -100,6 +210,17 @@ def test_bad_input_is_refused_and_writes_nothing(trained, tmp_path, case):
         write_csv(data, market.symbols, market.prices, dates)
         args["data_dir"] = str(data)
         error, words = ConfigError, "stale"
+    elif case.startswith("holdings"):
+        args["holdings"], args["capital"] = str(tmp_path / "held.csv"), 100_000.0
+        error, words = ConfigError, "--holdings .*: file not found; expected a CSV file with the header `symbol,units`"
+        if case == "holdings-no-capital":
+            args["capital"], words = None, "need --capital"
+        elif case == "holdings-unknown":
+            (tmp_path / "held.csv").write_text("symbol,units\nEURUSD,10\nFOO,3\n")
+            error, words = ValueError, "unknown symbol.s. FOO; the run trades EURUSD, GBPUSD"
+        elif case == "holdings-text":
+            (tmp_path / "held.csv").write_text("symbol,units\nEURUSD,ten\n")
+            error, words = ValueError, "the units of EURUSD are 'ten'; expected a finite number"
     else:
         swapped = market.prices.copy()
         shuffled = dates.copy()

@@ -94,13 +94,44 @@ def test_same_seed_same_metrics(tmp_path):
     assert without_timing(a)["specialists"] != without_timing(c)["specialists"]
 
 
+def plant_foreign_step_files(out: Path) -> dict[Path, bytes]:
+    """Step files another run left in `out`, one far beyond this run's steps and one before them."""
+    files = {out / "step_0000999999.pt": b"another run's", out / "step_0000000100.pt": b"another run's"}
+    out.mkdir(parents=True, exist_ok=True)
+    for path, data in files.items():
+        path.write_bytes(data)
+    return files
+
+
 def test_interrupted_run_resumes_to_the_same_result(tmp_path):
+    """Also: pruning counts only the run's own step files (fresh and resumed), and a resume with another config
+    names the keys that differ."""
+    import torch
+
+    from mtq_common.checkpoint import CheckpointError
+
     config = write_config(tmp_path / "c.yaml")
-    unbroken = run(tmp_path, "unbroken", config, timesteps=2048, eval_interval=3)
-    partial = run(tmp_path, "broken", config, timesteps=2048, eval_interval=3, stop_after=5)
+    out = tmp_path / "unbroken" / "out"
+    foreign = plant_foreign_step_files(out)  # 2048 steps of 256 per iteration: step files 256 .. 2048
+    unbroken = run(tmp_path, "unbroken", config, timesteps=2048, eval_interval=3, keep_checkpoints=2)
+    # the run's newest two (keep 2), and both foreign files untouched
+    kept = ["step_0000000100.pt", "step_0000001792.pt", "step_0000002048.pt", "step_0000999999.pt"]
+    assert sorted(p.name for p in out.glob("step_*.pt")) == kept
+    assert all(path.read_bytes() == data for path, data in foreign.items())
+
+    partial = run(tmp_path, "broken", config, timesteps=2048, eval_interval=3, stop_after=5, keep_checkpoints=2)
     assert partial["stopped_at_iteration"] == 5
-    resumed = run(tmp_path, "broken", config, timesteps=2048, eval_interval=3, resume=True)
+    broken = tmp_path / "broken" / "out"
+    latest = torch.load(broken / "latest.pt", weights_only=True)
+    assert latest["step_files"] == [1024, 1280]  # the run's own, named in latest.pt for a resume
+    foreign = plant_foreign_step_files(broken)
+    other = write_config(tmp_path / "other.yaml", {"reward": {"risk_penalty_weight": 3.0}})
+    with pytest.raises(CheckpointError, match=r"reward\.risk_penalty_weight: 1\.0 in the run, 3\.0 now"):
+        run(tmp_path, "broken", other, timesteps=2048, eval_interval=3, resume=True, keep_checkpoints=2)
+    resumed = run(tmp_path, "broken", config, timesteps=2048, eval_interval=3, resume=True, keep_checkpoints=2)
     assert without_timing(resumed) == without_timing(unbroken)
+    assert sorted(p.name for p in broken.glob("step_*.pt")) == kept
+    assert all(path.read_bytes() == data for path, data in foreign.items())
 
 
 def test_subset_of_specialists(tmp_path):

@@ -1,7 +1,9 @@
-"""pipeline.py end to end: every output, kill -9 and resume, CSV data, clear errors that touch nothing."""
+"""pipeline.py end to end: every output, kill -9 and resume, CSV data, clear errors that touch nothing, runs that
+never mix (a second --mode train refused, --overwrite), --smoke."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import pipeline as pipeline_script
+from mtq_common.flags import parse_args
 from tests.helpers import run_cli, write_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -67,10 +71,19 @@ def test_train_writes_every_output(trained):
     assert report["data"]["split"] == "test" and report["data"]["source"] == "synthetic"
     assert {t["metric"] for t in report["targets"]} >= {"sharpe", "max_drawdown", "win_rate", "var_compliance"}
     assert report["portfolio"]["var_compliance"] == 1.0
-    for png in ("equity.png", "allocation.png"):
+    for png in ("equity.png", "allocation.png", "tearsheet.png"):
         data = (out / "eval" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     assert "## " in (out / "eval" / "report.md").read_text()
+    # the per-bar exports of the pipeline's own run: one row per test bar, the report's Sharpe recomputed
+    returns = pd.read_csv(out / "eval" / "returns.csv", index_col="date", parse_dates=True)
+    weights = pd.read_csv(out / "eval" / "weights.csv", index_col="date", parse_dates=True)
+    equity = pd.read_csv(out / "eval" / "equity.csv", index_col="date", parse_dates=True)
+    assert len(returns) == len(weights) == len(equity) == report["data"]["bars"]
+    assert list(weights.columns) == report["data"]["instruments"]
+    bars_per_year, rf = report["data"]["bars_per_year"], report["data"]["risk_free_rate"]
+    excess = returns["system"] - rf / bars_per_year
+    assert excess.mean() / excess.std() * bars_per_year**0.5 == pytest.approx(report["portfolio"]["sharpe"], rel=1e-9)
 
 
 def test_the_test_evaluation_is_one_continuous_backtest_of_the_whole_split(trained):
@@ -176,6 +189,72 @@ def test_resume_with_another_config_is_refused_and_touches_nothing(trained, tmp_
     tmp, config, _ = trained
     other = write_config(tmp_path / "other.yaml", {"reward": {"risk_penalty_weight": 2.0}})
     before = snapshot(tmp / "out")
-    done = pipeline(tmp, "--mode", "resume", config=other)
-    assert done.returncode == 2 and "config hash" in done.stderr and "--force" in done.stderr
+    code, stderr = run_cli("pipeline.py", *pipeline_args(tmp, "--mode", "resume", "--num-envs", "4", config=other))
+    assert code == 2 and "config hash" in stderr and "--force" in stderr
+    # every key that differs, with the run's value and the current one
+    assert "reward.risk_penalty_weight: 1.0 in the run, 2.0 now" in stderr
+    assert "training.n_envs: 8 in the run, 4 now" in stderr
     assert snapshot(tmp / "out") == before
+
+
+def listing(*folders: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `folders` with its size and modification time (ns)."""
+    return {
+        str(p): (p.stat().st_size, p.stat().st_mtime_ns) for f in folders for p in sorted(f.rglob("*")) if p.is_file()
+    }
+
+
+def test_a_second_train_into_a_run_is_refused_and_changes_no_file(trained):
+    tmp, config, _ = trained
+    before = listing(tmp / "out", tmp / "logs")
+    code, stderr = run_cli("pipeline.py", *pipeline_args(tmp, "--mode", "train", config=config))
+    assert code == 2 and "Traceback" not in stderr
+    for words in (f"{tmp / 'out'} (or the log folder {tmp / 'logs'}) already holds a run", "--mode resume",
+                  "another --output-dir", "--overwrite"):  # fmt: skip
+        assert words in stderr, words
+    assert listing(tmp / "out", tmp / "logs") == before
+
+
+def test_a_log_folder_with_another_runs_events_is_refused(trained, tmp_path):
+    """A new --output-dir with the old run's --log-dir: its TensorBoard folders would mix the two runs."""
+    tmp, config, _ = trained
+    code, stderr = run_cli("pipeline.py", "--output-dir", str(tmp_path / "new"), "--log-dir", str(tmp / "logs"),
+                           *TINY_BUDGET, "--config", str(config), "--mode", "train")  # fmt: skip
+    assert code == 2 and "events.out.tfevents" in stderr and "--log-dir" in stderr
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.slow
+def test_overwrite_deletes_the_earlier_run_first(trained, tmp_path):
+    tmp, config, _ = trained
+    shutil.copytree(tmp / "out", tmp_path / "out")
+    shutil.copytree(tmp / "logs", tmp_path / "logs")
+    old_events = {p.name for p in (tmp_path / "logs" / "phase1").glob("events.out.tfevents.*")}
+    (tmp_path / "out" / "phase1" / "step_9999999999.pt").write_bytes(b"the earlier run's")
+    (tmp_path / "out" / "notes.txt").write_text("not a run's output: kept")
+    done = pipeline(tmp_path, "--mode", "train", "--overwrite", config=config)
+    assert done.returncode == 0, done.stderr
+    assert "--overwrite: deleted" in done.stderr
+    assert not (tmp_path / "out" / "phase1" / "step_9999999999.pt").exists()
+    assert (tmp_path / "out" / "notes.txt").read_text() == "not a run's output: kept"
+    new_events = {p.name for p in (tmp_path / "logs" / "phase1").glob("events.out.tfevents.*")}
+    assert len(new_events) == 1 and not new_events & old_events  # one run's events only
+    # the same config and seed: the same result as the run it replaced
+    report = json.loads((tmp_path / "out" / "eval" / "report.json").read_text())
+    assert report == json.loads((tmp / "out" / "eval" / "report.json").read_text())
+
+
+def test_overwrite_is_for_train_only(tmp_path):
+    code, stderr = run_cli("pipeline.py", *pipeline_args(tmp_path, "--mode", "eval", "--overwrite"))
+    assert code == 2 and "--overwrite applies to --mode train only" in stderr
+
+
+def test_smoke_sets_tiny_budgets_and_explicit_flags_win():
+    argv = pipeline_script.smoke_argv(["--smoke", "--num-envs", "8", "--output-dir", "x"])
+    args, cfg = parse_args(pipeline_script.Args, pipeline_script.ALIASES, argv)
+    assert args.smoke and args.num_envs == 8 and args.output_dir == "x"
+    for key, value in pipeline_script.SMOKE.items():
+        if key != "num_envs":
+            assert getattr(args, key) == value, key
+    assert cfg.training.phase_3_timesteps == pipeline_script.SMOKE["phase3_timesteps"] and cfg.training.n_envs == 8
+    assert pipeline_script.smoke_argv(["--mode", "eval"]) == ["--mode", "eval"]
