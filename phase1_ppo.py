@@ -185,7 +185,9 @@ def main(args: Args) -> dict:
     log.info("phase 1: %s on %d rank(s) x %d rows x %d steps, %d iterations, device %s", specialists, world.size,
              r, args.num_steps, num_iterations, device)  # fmt: skip
 
-    run = Run(args, "phase1", world, device, log, num_iterations, rows_per_iteration, start_iteration, global_step)
+    own_steps = state["step_files"] if args.resume else None  # pruning counts only this run's step files
+    run = Run(args, "phase1", world, device, log, num_iterations, rows_per_iteration, start_iteration, global_step,
+              own_steps)  # fmt: skip
     evaluation = None
     guard = DivergenceGuard("phase 1", device)
     for iteration in range(start_iteration, num_iterations + 1):

@@ -184,7 +184,9 @@ def main(args: Args) -> dict:
     log.info("phase 2: meta-controller over %s, %d rank(s) x %d rows x %d steps, %d iterations, device %s",
              specialists.names, world.size, b, args.num_steps, num_iterations, device)  # fmt: skip
 
-    run = Run(args, "phase2", world, device, log, num_iterations, steps_per_iteration, start_iteration, global_step)
+    own_steps = state["step_files"] if args.resume else None  # pruning counts only this run's step files
+    run = Run(args, "phase2", world, device, log, num_iterations, steps_per_iteration, start_iteration, global_step,
+              own_steps)  # fmt: skip
     report = None
     if not args.resume and world.is_main:  # the starting point (the equal allocation) is a candidate for best.pt
         report = validate(meta)

@@ -259,7 +259,9 @@ def main(args: Args) -> dict:
              "curriculum %s", specialists.names, world.size, b, s, num_iterations, coordinate,
              args.curriculum_learning)  # fmt: skip
 
-    run = Run(args, "phase3", world, device, log, num_iterations, steps_per_iteration, start_iteration, global_step)
+    own_steps = state["step_files"] if args.resume else None  # pruning counts only this run's step files
+    run = Run(args, "phase3", world, device, log, num_iterations, steps_per_iteration, start_iteration, global_step,
+              own_steps)  # fmt: skip
     report = None
     if not args.resume and world.is_main:  # the starting point (Phases 1 and 2) is a candidate for best.pt
         report = validate(specialists, meta)

@@ -54,22 +54,15 @@ def seed_everything(seed: int) -> int:
     return seed
 
 
-_RESUMED_STEP_FILES: dict[Path, list[int]] = {}
-"""The step files a resumed `latest.pt` names as its run's own, by output folder: `resume` records them and
-the `Run` made next takes them, so that pruning counts only this run's files (`checkpoint.save_rotating`)."""
-
-
 def resume(args, phase: str, cfg, world: distributed.World) -> tuple[dict, dict]:
     """`--resume`: `latest.pt` in `--output-dir`, checked against the run's config (`--force` accepts another;
     the error names every key that differs); returns `(state, this rank's part of it)` (see
     `distributed.load_latest`)."""
     out = Path(args.output_dir)
     state, mine = distributed.load_latest(out / "latest.pt", phase, cfg.hash(), args.force, world, cfg.to_dict())
-    if "step_files" in state:
-        _RESUMED_STEP_FILES[out.resolve()] = list(state["step_files"])
-    else:  # written before checkpoints named their step files: the ones on disk up to its step
+    if "step_files" not in state:  # written before checkpoints named their step files: those on disk up to its step
         steps = [int(p.stem.removeprefix("step_")) for p in out.glob("step_*.pt") if p.stem[5:].isdigit()]
-        _RESUMED_STEP_FILES[out.resolve()] = sorted(s for s in steps if s <= state["global_step"])
+        state["step_files"] = sorted(s for s in steps if s <= state["global_step"])
     return state, mine
 
 
@@ -105,10 +98,13 @@ class Run:
     resumed checkpoint) to the end or to `--stop-after`.
 
     `args` is the script's tyro `Args` (it reads `output_dir`, `log_dir`, `resume`, `progress`,
-    `keep_checkpoints`, `stop_after`); rank 0 writes TensorBoard and checkpoints, other ranks nothing."""
+    `keep_checkpoints`, `stop_after`); rank 0 writes TensorBoard and checkpoints, other ranks nothing.
+    `step_files`: on `--resume`, the resumed `latest.pt`'s own step files (`resume` fills them in), so that
+    pruning counts only this run's files (`checkpoint.save_rotating`)."""
 
     def __init__(self, args, name: str, world: distributed.World, device: torch.device, log,
-                 num_iterations: int, rows_per_iteration: int, start_iteration: int, global_step: int):  # fmt: skip
+                 num_iterations: int, rows_per_iteration: int, start_iteration: int, global_step: int,
+                 step_files: list[int] | None = None):  # fmt: skip
         self.args, self.world, self.log = args, world, log
         self.num_iterations, self.start_iteration = num_iterations, start_iteration
         self.rows_per_iteration = rows_per_iteration * world.size  # environment steps of all ranks
@@ -124,7 +120,7 @@ class Run:
                         disable=not (args.progress and sys.stderr.isatty() and world.is_main), desc=name)  # fmt: skip
         self.start_time, self.start_step = time.time(), global_step
         # the step files this run wrote and keeps (pruning never counts another run's: see save_rotating)
-        self.step_files = _RESUMED_STEP_FILES.pop(Path(args.output_dir).resolve(), []) if args.resume else []
+        self.step_files = list(step_files or [])  # on --resume: the resumed latest.pt's `step_files`
         self.watch = Stopwatch(device)  # seconds per loop section and per minibatch (metrics.json timing)
 
     def sps(self, global_step: int) -> int:
