@@ -18,7 +18,7 @@ import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator, PercentFormatter
+from matplotlib.ticker import FuncFormatter, MaxNLocator, PercentFormatter
 
 from mtq_common import metrics
 from mtq_common.backtest import Backtest
@@ -214,6 +214,10 @@ def equity_figure(
     ax.axhline(1.0, color="0.6", lw=0.8)
     if log_scale:
         ax.set_yscale("log")
+        # plain numbers (1.5, 2, 3) instead of matplotlib's 2 x 10^0 on a log axis
+        plain = FuncFormatter(lambda y, _: f"{y:g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
     ax.set_ylabel("equity (start = 1)" + (", log scale" if log_scale else ""))
     ax.legend(loc="upper left", ncol=2, fontsize=9, framealpha=0.9, title="policy (Sharpe, scale applied)",
               title_fontsize=9)  # fmt: skip
