@@ -17,7 +17,10 @@ import yaml
 
 from kernels import RiskLimits
 from mtq_common.config import Config
+from mtq_common.envs import PortfolioEnv, instrument_obs_size
+from mtq_common.hierarchy import meta_observation_size
 from mtq_common.market_tables import build_tables
+from mtq_common.nets import MetaController, SpecialistAgents
 from mtq_common.synthetic import generate_market
 
 REPO = Path(__file__).resolve().parent.parent
@@ -145,3 +148,15 @@ def limits_hold(w, cov, limits: RiskLimits, onehot=ONEHOT):
             corr = cov[b] / np.outer(sigma, sigma)
             assert x @ corr @ x / (gross * b_max) <= limits.max_correlation * (1 + 1e-4)
             assert (np.abs(x) @ onehot / b_max).max() <= limits.max_sector * (1 + 1e-4)
+
+
+def untrained_agents(market, cfg, tables=None) -> tuple[SpecialistAgents, MetaController]:
+    """Seeded, randomly initialised specialists (the actor head scaled up so that they trade real sizes) and a
+    meta-controller at its starting point, sized for `market` (the evaluation and report tests' hierarchy)."""
+    torch.manual_seed(0)
+    specialists = SpecialistAgents(cfg.specialists, instrument_obs_size(market.num_instruments), hidden=8)
+    with torch.no_grad():
+        specialists.actor[-1].weight.mul_(100.0)
+    env = PortfolioEnv(market, cfg, 1, tables=tables if tables is not None else build_tables(market, cfg))
+    meta = MetaController(meta_observation_size(env.portfolio_obs_size, len(cfg.specialists)), 3, hidden=8)
+    return specialists, meta

@@ -9,14 +9,9 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from mtq_common import metrics
 from mtq_common.backtest import Backtest
-from mtq_common.envs import PortfolioEnv, instrument_obs_size
-from mtq_common.hierarchy import meta_observation_size
-from mtq_common.market_tables import build_tables
-from mtq_common.nets import MetaController, SpecialistAgents
 from mtq_common.portfolio_eval import evaluate_portfolio, report_from_backtests
 from mtq_common.report import FILES, write_report
 from mtq_common.report_plots import TEARSHEET_SIZE, equity_figure, percent_decimals, tearsheet_figure
@@ -27,19 +22,14 @@ from mtq_common.tearsheet import (
     tearsheet_markdown,
     worst_drawdowns,
 )
+from tests.helpers import untrained_agents
 from tests.test_report import check_png
 
 
 @pytest.fixture(scope="module")
 def evaluated(market, cfg, trend):
     """One continuous backtest of the test split (as `pipeline.py --mode eval` runs it), untrained agents."""
-    torch.manual_seed(0)
-    specialists = SpecialistAgents(cfg.specialists, instrument_obs_size(market.num_instruments), hidden=8)
-    with torch.no_grad():
-        specialists.actor[-1].weight.mul_(100.0)
-    env = PortfolioEnv(market, cfg, 1, tables=build_tables(market, cfg))
-    meta = MetaController(meta_observation_size(env.portfolio_obs_size, len(cfg.specialists)), 3, hidden=8)
-    return evaluate_portfolio(specialists, meta, market, cfg, trend, segments=1, phase="final")
+    return evaluate_portfolio(*untrained_agents(market, cfg), market, cfg, trend, segments=1, phase="final")
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,12 @@ from mtq_common.baselines import (
     baseline_policies,
     trend_filter_positions,
 )
-from mtq_common.envs import PortfolioEnv, instrument_obs_size
-from mtq_common.hierarchy import meta_observation_size, split_action
+from mtq_common.hierarchy import split_action
 from mtq_common.market import REGIME_NAMES
-from mtq_common.nets import MetaController, SpecialistAgents
+from mtq_common.nets import MetaController
 from mtq_common.portfolio_eval import evaluate_portfolio, format_report, target_checks
 from mtq_common.specialist_eval import segment_starts
+from tests.helpers import untrained_agents
 
 SEGMENTS = 8
 Z95 = 1.6448536269514722
@@ -39,12 +39,7 @@ def agents(market, cfg, tables):
     """Randomly initialised specialists (the actor head scaled up so they trade real sizes) and a meta-controller
     moved off its starting point (which is exactly the equal allocation): a tilted, observation-dependent
     allocation at an appetite below 1."""
-    torch.manual_seed(0)
-    specialists = SpecialistAgents(cfg.specialists, instrument_obs_size(market.num_instruments), hidden=8)
-    with torch.no_grad():
-        specialists.actor[-1].weight.mul_(100.0)
-    env = PortfolioEnv(market, cfg, 1, tables=tables)
-    meta = MetaController(meta_observation_size(env.portfolio_obs_size, len(cfg.specialists)), 3, hidden=8)
+    specialists, meta = untrained_agents(market, cfg, tables)
     with torch.no_grad():
         head = meta.actor_mean[-1]
         head.weight.normal_(0.0, 0.5)

@@ -8,14 +8,9 @@ import math
 import matplotlib.image
 import numpy as np
 import pytest
-import torch
 
 from mtq_common import report as report_writer
-from mtq_common.envs import PortfolioEnv, instrument_obs_size
-from mtq_common.hierarchy import meta_observation_size
 from mtq_common.market import REGIME_NAMES
-from mtq_common.market_tables import build_tables
-from mtq_common.nets import MetaController, SpecialistAgents
 from mtq_common.portfolio_eval import evaluate_portfolio
 from mtq_common.report import FILES, markdown_report, write_report
 from mtq_common.report_plots import (
@@ -27,6 +22,7 @@ from mtq_common.report_plots import (
     equity_figure,
     sleeve_performance,
 )
+from tests.helpers import untrained_agents
 
 SEGMENTS = 4
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -47,13 +43,7 @@ EPISODES = {
 
 @pytest.fixture(scope="module")
 def agents(market, cfg):
-    torch.manual_seed(0)
-    specialists = SpecialistAgents(cfg.specialists, instrument_obs_size(market.num_instruments), hidden=8)
-    with torch.no_grad():
-        specialists.actor[-1].weight.mul_(100.0)
-    env = PortfolioEnv(market, cfg, 1, tables=build_tables(market, cfg))
-    meta = MetaController(meta_observation_size(env.portfolio_obs_size, len(cfg.specialists)), 3, hidden=8)
-    return specialists, meta
+    return untrained_agents(market, cfg)
 
 
 @pytest.fixture(scope="module")
