@@ -34,7 +34,7 @@ from mtq_common import distributed
 from mtq_common.baselines import fit_trend_for
 from mtq_common.checkpoint import parameter_fingerprint
 from mtq_common.config import ConfigError
-from mtq_common.coordination import clip_grad_norm_per_group
+from mtq_common.coordination import clip_components_
 from mtq_common.divergence import DivergenceGuard
 from mtq_common.envs import SpecialistEnv, position_column, specialist_rows
 from mtq_common.market import iso_time, load_splits
@@ -42,8 +42,9 @@ from mtq_common.market_tables import build_tables
 from mtq_common.nets import SpecialistAgents
 from mtq_common.ppo import FlatAdam, gae, minibatches, update_scalars
 from mtq_common.run import Run, cli, iterations, restore, resume, seed_everything, start_run
-from mtq_common.runtime import autocast, compile_methods
+from mtq_common.runtime import autocast
 from mtq_common.specialist_eval import evaluate_specialists, format_specialist_table
+from mtq_common.update import CompileChoice, PPOUpdate, use_compile
 
 ALIASES = {"timesteps": "training.phase_1_timesteps"}
 
@@ -118,8 +119,8 @@ class Args:
     """Show a progress bar (only on a terminal)."""
     torch_threads: int = 1
     """torch intra-op threads on the CPU (0: torch's default); small-batch PPO is fastest with 1."""
-    compile: bool = False
-    """torch.compile the policy networks (slower first iterations while compiling; effect in the README)."""
+    compile: CompileChoice = "auto"
+    """torch.compile the PPO update (mtq_common.update): on, off, or auto (on for runs of 2,000 minibatches or more)."""
     amp: bool = False
     """bf16 autocast in the PPO update (CUDA only; refused on the CPU)."""
 
@@ -136,6 +137,8 @@ def main(args: Args) -> dict:
         raise ConfigError(f"--specialists {unknown}: not among the active specialists {cfg.active_specialists()}")
     rows_per_iteration = args.num_envs * args.num_steps  # per specialist, on this rank
     num_iterations = iterations(args, rows_per_iteration, world)  # (a minibatch never exceeds the rollout)
+    minibatches_per_run = num_iterations * args.n_epochs * -(-rows_per_iteration // args.batch_size)
+    compiled = use_compile(args.compile, minibatches_per_run)  # the update
 
     # TRY NOT TO MODIFY: seeding (each rank its own environments and noise; rank 0's initial weights)
     seed = seed_everything(world.seed(args.seed))
@@ -162,9 +165,34 @@ def main(args: Args) -> dict:
     agent = SpecialistAgents(specialists, f, args.hidden_size, position_rate=args.position_rate,
                              position_index=position_index).to(device)  # fmt: skip
     distributed.broadcast_module(agent, world)
-    if args.compile:
-        compile_methods(agent, "forward_grouped", "get_value")
     optimizer = FlatAdam(agent.parameters(), lr=args.learning_rate, eps=1e-5)  # Adam, stepped as one tensor
+
+    def ppo_loss(mb_obs, mb_actions, mb_logprobs, mb_advantages, mb_returns):
+        """PPO's loss on one minibatch `[K, rows, ...]` (each specialist's mean, summed, so that the specialists'
+        gradients stay apart) and its statistics."""
+        with autocast(args.amp, device):
+            _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb_obs, mb_actions)
+            logratio = newlogprob - mb_logprobs
+            ratio = logratio.exp()
+            with torch.no_grad():
+                approx_kl = ((ratio - 1) - logratio).mean(1)  # per specialist
+                clipfrac = ((ratio - 1.0).abs() > args.clip_range).float().mean()
+            if args.norm_adv:
+                mb_advantages = (mb_advantages - mb_advantages.mean(1, keepdim=True)) / (
+                    mb_advantages.std(1, keepdim=True) + 1e-8
+                )
+            pg_loss1 = -mb_advantages * ratio
+            pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_range, 1 + args.clip_range)
+            pg_loss = torch.max(pg_loss1, pg_loss2).mean(1)
+            v_loss = 0.5 * ((newvalue - mb_returns) ** 2).mean(1)
+            entropy_loss = entropy.mean(1)
+            loss = (pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef).sum()
+        return loss, (pg_loss.detach(), v_loss.detach(), entropy_loss.detach(), approx_kl, clipfrac)
+
+    def clip(grads):  # each specialist's gradient norm on its own: one's large gradient must not shrink the others'
+        clip_components_(grads, args.max_grad_norm)
+
+    update = PPOUpdate([agent], optimizer, ppo_loss, clip, world, compiled, batch_dim=1)  # rows: [K, rows, ...]
 
     # ALGO LOGIC: storage setup, (num_steps, specialists, rows per specialist, ...)
     obs = torch.zeros((args.num_steps, k, r, f), device=device)
@@ -233,30 +261,9 @@ def main(args: Args) -> dict:
         for _epoch in range(args.n_epochs):
             for mb in minibatches(rows_per_iteration, args.batch_size, device):  # a fresh shuffle each epoch
                 run.watch.minibatches += 1
-                with autocast(args.amp, device):
-                    _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[:, mb], b_actions[:, mb])
-                    logratio = newlogprob - b_logprobs[:, mb]
-                    ratio = logratio.exp()
-                    with torch.no_grad():
-                        approx_kl = ((ratio - 1) - logratio).mean(1)  # per specialist
-                        clipfracs.append(((ratio - 1.0).abs() > args.clip_range).float().mean())
-                    mb_advantages = b_advantages[:, mb]
-                    if args.norm_adv:
-                        mb_advantages = (mb_advantages - mb_advantages.mean(1, keepdim=True)) / (
-                            mb_advantages.std(1, keepdim=True) + 1e-8
-                        )
-                    # Policy loss (each specialist's mean; summed, so the specialists' gradients stay separate)
-                    pg_loss1 = -mb_advantages * ratio
-                    pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_range, 1 + args.clip_range)
-                    pg_loss = torch.max(pg_loss1, pg_loss2).mean(1)
-                    v_loss = 0.5 * ((newvalue - b_returns[:, mb]) ** 2).mean(1)
-                    entropy_loss = entropy.mean(1)
-                    loss = (pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef).sum()
-                optimizer.zero_grad()
-                loss.backward()
-                distributed.average_gradients(agent.parameters(), world)
-                clip_grad_norm_per_group(agent.parameters(), args.max_grad_norm)
-                optimizer.step()
+                pg_loss, v_loss, entropy_loss, approx_kl, clipfrac = update(mb, b_obs, b_actions, b_logprobs,
+                                                                            b_advantages, b_returns)  # fmt: skip
+                clipfracs.append(clipfrac)
             if args.target_kl is not None and bool(distributed.mean(approx_kl, world).max() > args.target_kl):
                 break  # (on every rank at once: the decision uses the KL averaged over ranks)
 

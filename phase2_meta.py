@@ -29,6 +29,7 @@ from mtq_common import checkpoint as ckpt
 from mtq_common import distributed
 from mtq_common.baselines import fit_trend_for
 from mtq_common.checkpoint import clone_state, parameter_fingerprint
+from mtq_common.coordination import clip_component_
 from mtq_common.divergence import DivergenceGuard
 from mtq_common.envs import PortfolioEnv
 from mtq_common.hierarchy import MetaTracker, compose_weights, load_specialists, meta_observation_size
@@ -39,7 +40,8 @@ from mtq_common.portfolio_eval import evaluate_portfolio, format_report
 from mtq_common.ppo import FlatAdam, gae, minibatches, update_scalars
 from mtq_common.rollout_stats import PortfolioRolloutStats, log_validation
 from mtq_common.run import Run, cli, iterations, restore, resume, seed_everything, start_run
-from mtq_common.runtime import autocast, compile_methods
+from mtq_common.runtime import autocast
+from mtq_common.update import CompileChoice, PPOUpdate, use_compile
 
 ALIASES = {"timesteps": "training.phase_2_timesteps"}
 
@@ -114,8 +116,8 @@ class Args:
     """Show a progress bar (only on a terminal)."""
     torch_threads: int = 1
     """torch intra-op threads on the CPU (0: torch's default); small-batch PPO is fastest with 1."""
-    compile: bool = False
-    """torch.compile the policy networks (slower first iterations while compiling; effect in the README)."""
+    compile: CompileChoice = "auto"
+    """torch.compile the PPO update (mtq_common.update): on, off, or auto (on for runs of 2,000 minibatches or more)."""
     amp: bool = False
     """bf16 autocast in the PPO update (CUDA only; refused on the CPU)."""
 
@@ -125,6 +127,8 @@ def main(args: Args) -> dict:
     out_dir = Path(args.output_dir)
     steps_per_iteration = args.num_envs * args.num_steps  # on this rank
     num_iterations = iterations(args, steps_per_iteration, world)  # (a minibatch never exceeds the rollout)
+    minibatches_per_run = num_iterations * args.n_epochs * -(-steps_per_iteration // args.batch_size)
+    compiled = use_compile(args.compile, minibatches_per_run)  # the update and the environment's step
 
     # TRY NOT TO MODIFY: seeding (each rank its own environments and noise; rank 0's initial weights)
     seed = seed_everything(world.seed(args.seed))
@@ -135,12 +139,14 @@ def main(args: Args) -> dict:
     specialists, owner = load_specialists(args.specialists_dir, train, device)
     fingerprint_at_load = parameter_fingerprint(specialists)
     k = len(specialists.names)
-    envs = PortfolioEnv(train, cfg, args.num_envs, device=device, seed=seed, torch_mode=True, check_actions=False)
+    envs = PortfolioEnv(train, cfg, args.num_envs, device=device, seed=seed, torch_mode=True, check_actions=False,
+                        compiled=compiled)  # fmt: skip
     # The twin: the same rows (same seed, so the same start bars and episode ends) trading the equal allocation.
     # Its reward does not depend on the meta-controller's actions (the market path and the specialists' own
     # books are the same), so subtracting it leaves the optimal policy unchanged and cancels the market noise
     # both books share: a control variate that makes a small tilt of the allocation measurable.
-    twin = PortfolioEnv(train, cfg, args.num_envs, device=device, seed=seed, torch_mode=True, check_actions=False)
+    twin = PortfolioEnv(train, cfg, args.num_envs, device=device, seed=seed, torch_mode=True, check_actions=False,
+                        compiled=compiled)  # fmt: skip
     for note in envs.limit_notes:
         log.warning("risk limit: %s", note)
     val_tables = build_tables(val, cfg, device)
@@ -155,10 +161,31 @@ def main(args: Args) -> dict:
     b, d = args.num_envs, meta_observation_size(envs.portfolio_obs_size, k)
     meta = MetaController(d, k, args.hidden_size, allocation_rate=args.allocation_rate).to(device)
     distributed.broadcast_module(meta, world)
-    if args.compile:
-        compile_methods(specialists, "forward_per_slot", "mean_per_slot")
-        compile_methods(meta, "heads", "get_value", "action_mean")
     optimizer = FlatAdam(meta.parameters(), lr=args.learning_rate, eps=1e-5)  # Adam, stepped as one tensor
+
+    def ppo_loss(mb_obs, mb_actions, mb_logprobs, mb_advantages, mb_returns):
+        """PPO's loss on one minibatch and its statistics."""
+        with autocast(args.amp, device):
+            _, newlogprob, entropy, newvalue = meta.get_action_and_value(mb_obs, mb_actions)
+            logratio = newlogprob - mb_logprobs
+            ratio = logratio.exp()
+            with torch.no_grad():
+                approx_kl = ((ratio - 1) - logratio).mean()
+                clipfrac = ((ratio - 1.0).abs() > args.clip_range).float().mean()
+            if args.norm_adv:
+                mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+            pg_loss1 = -mb_advantages * ratio
+            pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_range, 1 + args.clip_range)
+            pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+            v_loss = 0.5 * ((newvalue - mb_returns) ** 2).mean()
+            entropy_loss = entropy.mean()
+            loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+        return loss, (pg_loss.detach(), v_loss.detach(), entropy_loss.detach(), approx_kl, clipfrac)
+
+    def clip(grads):  # clip_grad_norm_'s rule
+        clip_component_(grads, args.max_grad_norm)
+
+    update = PPOUpdate([meta], optimizer, ppo_loss, clip, world, compiled)
     max_position = cfg.environment.max_position_size
 
     # ALGO LOGIC: storage setup
@@ -245,27 +272,9 @@ def main(args: Args) -> dict:
         for _epoch in range(args.n_epochs):
             for mb in minibatches(steps_per_iteration, args.batch_size, device):  # a fresh shuffle each epoch
                 run.watch.minibatches += 1
-                with autocast(args.amp, device):
-                    _, newlogprob, entropy, newvalue = meta.get_action_and_value(b_obs[mb], b_actions[mb])
-                    logratio = newlogprob - b_logprobs[mb]
-                    ratio = logratio.exp()
-                    with torch.no_grad():
-                        approx_kl = ((ratio - 1) - logratio).mean()
-                        clipfracs.append(((ratio - 1.0).abs() > args.clip_range).float().mean())
-                    mb_advantages = b_advantages[mb]
-                    if args.norm_adv:
-                        mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
-                    pg_loss1 = -mb_advantages * ratio
-                    pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_range, 1 + args.clip_range)
-                    pg_loss = torch.max(pg_loss1, pg_loss2).mean()
-                    v_loss = 0.5 * ((newvalue - b_returns[mb]) ** 2).mean()
-                    entropy_loss = entropy.mean()
-                    loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
-                optimizer.zero_grad()
-                loss.backward()
-                distributed.average_gradients(meta.parameters(), world)
-                torch.nn.utils.clip_grad_norm_(meta.parameters(), args.max_grad_norm)
-                optimizer.step()
+                pg_loss, v_loss, entropy_loss, approx_kl, clipfrac = update(mb, b_obs, b_actions, b_logprobs,
+                                                                            b_advantages, b_returns)  # fmt: skip
+                clipfracs.append(clipfrac)
             if args.target_kl is not None and bool(distributed.mean(approx_kl, world) > args.target_kl):
                 break  # (on every rank at once: the decision uses the KL averaged over ranks)
 

@@ -60,12 +60,7 @@ from mtq_common.config import ConfigError
 from mtq_common.coordination import (
     AdaptiveLR,
     UpdateSchedule,
-    clip_component_,
-    clip_components_,
-    component_grads,
     coordination_scalars,
-    grads_of_each,
-    project_conflicts_,
 )
 from mtq_common.curriculum import Curriculum, generate_scenario
 from mtq_common.divergence import DivergenceGuard
@@ -86,7 +81,8 @@ from mtq_common.ppo import (
 )
 from mtq_common.rollout_stats import PortfolioRolloutStats, log_validation
 from mtq_common.run import Run, cli, iterations, restore, resume, seed_everything, start_run
-from mtq_common.runtime import autocast, compile_methods
+from mtq_common.runtime import autocast
+from mtq_common.update import CompileChoice, JointUpdate, use_compile
 
 ALIASES = {"timesteps": "training.phase_3_timesteps"}
 
@@ -169,8 +165,8 @@ class Args:
     """Show a progress bar (only on a terminal)."""
     torch_threads: int = 1
     """torch intra-op threads on the CPU (0: torch's default); small-batch PPO is fastest with 1."""
-    compile: bool = False
-    """torch.compile the policy networks (slower first iterations while compiling; effect in the README)."""
+    compile: CompileChoice = "auto"
+    """torch.compile the PPO update (mtq_common.update): on, off, or auto (on for runs of 2,000 minibatches or more)."""
     amp: bool = False
     """bf16 autocast in the PPO update (CUDA only; refused on the CPU)."""
 
@@ -180,6 +176,8 @@ def main(args: Args) -> dict:
     out_dir = Path(args.output_dir)
     steps_per_iteration = args.num_envs * args.num_steps  # on this rank
     num_iterations = iterations(args, steps_per_iteration, world)  # (a minibatch never exceeds the rollout)
+    minibatches_per_run = num_iterations * args.n_epochs * -(-steps_per_iteration // args.batch_size)
+    compiled = use_compile(args.compile, minibatches_per_run)  # the update and the environment's step
     if not 0.0 <= args.specialist_portfolio_weight <= 1.0:
         raise ConfigError(f"--specialist-portfolio-weight {args.specialist_portfolio_weight}: accepted 0 to 1")
 
@@ -193,9 +191,6 @@ def main(args: Args) -> dict:
     meta = MetaController.from_checkpoint(args.phase2_dir, specialists, device)
     distributed.broadcast_module(specialists, world)  # (the same files: a no-op safeguard)
     distributed.broadcast_module(meta, world)
-    if args.compile:
-        compile_methods(specialists, "forward_per_slot", "mean_per_slot", "value_per_slot")
-        compile_methods(meta, "heads", "get_value", "action_mean")
     specialists.requires_grad_(True).train()
     k, n = len(specialists.names), val.num_instruments
     coordinate = args.gradient_coordination
@@ -208,10 +203,48 @@ def main(args: Args) -> dict:
     curriculum = Curriculum(threshold=args.curriculum_threshold, enabled=args.curriculum_learning)
     schedules = {"optimizer": optimizer, "curriculum": curriculum, "adaptive_lr": adaptive}  # saved in latest.pt
 
+    def meta_loss(mb_obs, mb_actions, mb_logprobs, mb_advantages, mb_returns):
+        """The meta-controller's PPO loss on one minibatch (the portfolio advantage, normalised), its statistics."""
+        with autocast(args.amp, device):
+            _, new_logprob, entropy, new_value = meta.get_action_and_value(mb_obs, mb_actions)
+            pg_loss, ratio = clipped_surrogate(new_logprob, mb_logprobs, normalise(mb_advantages), args.clip_range)
+            v_loss = 0.5 * ((new_value - mb_returns) ** 2).mean()
+            loss = pg_loss - args.ent_coef * entropy.mean() + args.vf_coef * v_loss
+        with torch.no_grad():
+            clipfrac = ((ratio - 1.0).abs() > args.clip_range).float().mean()
+            approx_kl = ((ratio - 1) - ratio.log()).mean()
+        return loss, (pg_loss.detach(), v_loss.detach(), entropy.mean().detach(), approx_kl, clipfrac)
+
+    def specialist_policy_objectives(mb_obs, mb_actions, mb_logprobs, mb_portfolio_adv, mb_own_adv, _returns):
+        """The specialists' two policy objectives on one minibatch, stacked: `w` x the portfolio policy gradient and
+        `1 - w` x the own one (their gradients stay apart until the projection); the two losses for logging."""
+        with autocast(args.amp, device):
+            mean, log_std = specialists.mean_per_slot(mb_obs, owner), specialists.log_std[owner, 0, 0]
+            dist = torch.distributions.Normal(mean, log_std.exp().expand_as(mean), validate_args=False)
+            logprob = dist.log_prob(mb_actions)
+            w = args.specialist_portfolio_weight
+            # the portfolio advantage is per row: every slot (instrument) of the row shares it
+            portfolio_adv = normalise(mb_portfolio_adv).unsqueeze(-1).expand_as(mean)
+            port_pg, _ = clipped_surrogate(logprob, mb_logprobs, portfolio_adv, args.clip_range)
+            own_pg, _ = clipped_surrogate(logprob, mb_logprobs, normalise(mb_own_adv), args.clip_range)
+        return torch.stack([w * port_pg, (1 - w) * own_pg]), torch.stack([port_pg, own_pg]).detach()
+
+    def specialist_value_objective(mb_obs, _actions, _logprobs, _portfolio_adv, _own_adv, mb_own_returns):
+        """The specialists' third objective on one minibatch: their critics' value loss and the entropy bonus."""
+        with autocast(args.amp, device):
+            value, log_std = specialists.value_per_slot(mb_obs, owner), specialists.log_std[owner, 0, 0]
+            dist = torch.distributions.Normal(torch.zeros_like(value), log_std.exp().expand_as(value),
+                                              validate_args=False)  # fmt: skip
+            return args.vf_coef * 0.5 * ((value - mb_own_returns) ** 2).mean() - args.ent_coef * dist.entropy().mean()
+
+    update = JointUpdate(meta, specialists, optimizer, meta_loss, specialist_policy_objectives,
+                         specialist_value_objective, args.max_grad_norm,
+                         coordinate, world, compiled)  # fmt: skip
+
     def make_env(level: int) -> PortfolioEnv:
         market = generate_scenario(level, cfg, args.seed) if args.curriculum_learning else splits["train"]
         return PortfolioEnv(market, cfg, args.num_envs, device=device, seed=seed, torch_mode=True,
-                            check_actions=False)  # fmt: skip
+                            check_actions=False, compiled=compiled)  # fmt: skip
 
     level = curriculum.get_difficulty_level(0)
     envs, twin = make_env(level), make_env(level)  # twin: the equal allocation on the same paths (Phase 2)
@@ -346,34 +379,20 @@ def main(args: Args) -> dict:
             b_spec_logprobs, b_own_adv, b_own_returns = (x.reshape(m, n) for x in (spec_logprobs, own_adv, own_returns))
         stats = {"conflicts": [], "cosine": [], "norm_meta": [], "norm_specialists": [], "pg": []}
         clipfracs = []
+        meta_rollout = (b_meta_obs, b_meta_actions, b_meta_logprobs, b_meta_adv, b_meta_returns)
+        specialist_rollout = (b_inst_obs, b_spec_actions, b_spec_logprobs, b_meta_adv, b_own_adv,
+                              b_own_returns) if update_specialists else None  # fmt: skip
         for _epoch in range(args.n_epochs if update_meta or update_specialists else 0):
             for mb in minibatches(m, args.batch_size, device):  # a fresh shuffle each epoch
                 run.watch.minibatches += 1
-                # meta-controller: the portfolio advantage
-                meta_adv_mb = normalise(b_meta_adv[mb])
-                with autocast(args.amp, device):
-                    _, new_meta_logprob, meta_entropy, new_meta_value = meta.get_action_and_value(
-                        b_meta_obs[mb], b_meta_actions[mb])  # fmt: skip
-                    meta_pg, ratio_meta = clipped_surrogate(new_meta_logprob, b_meta_logprobs[mb], meta_adv_mb,
-                                                            args.clip_range)  # fmt: skip
-                    meta_v_loss = 0.5 * ((new_meta_value - b_meta_returns[mb]) ** 2).mean()
-                    meta_loss = meta_pg - args.ent_coef * meta_entropy.mean() + args.vf_coef * meta_v_loss
-                with torch.no_grad():
-                    clipfracs.append(((ratio_meta - 1.0).abs() > args.clip_range).float().mean())
-                    approx_kl = ((ratio_meta - 1) - ratio_meta.log()).mean()
-                optimizer.zero_grad()
-                if update_meta:
-                    meta_loss.backward()
-                    distributed.average_gradients(meta.parameters(), world)
-                    if coordinate:
-                        stats["norm_meta"].append(clip_component_(component_grads(meta), args.max_grad_norm))
-                if update_specialists:  # (4 iterations in 5 skip this work entirely with coordination on)
-                    specialist_gradients(specialists, owner, b_inst_obs[mb], b_spec_actions[mb], b_spec_logprobs[mb],
-                                         meta_adv_mb, b_own_adv[mb], b_own_returns[mb], args, coordinate,
-                                         stats, world)  # fmt: skip
-                if not coordinate:
-                    torch.nn.utils.clip_grad_norm_([*meta.parameters(), *specialists.parameters()], args.max_grad_norm)
-                optimizer.step()  # Adam skips the parameters of a level that got no gradient
+                meta_stats, specialist_pg, coordination = update(mb, meta_rollout, specialist_rollout, update_meta,
+                                                                 update_specialists)  # fmt: skip
+                meta_pg, meta_v_loss, meta_entropy, approx_kl, clipfrac = meta_stats
+                clipfracs.append(clipfrac)
+                if specialist_pg is not None:
+                    stats["pg"].append(specialist_pg)
+                for key, value in coordination.items():
+                    stats[key].append(value)
 
         run.watch.lap("update")  # GAE, the PPO epochs and the statistics
 
@@ -474,37 +493,6 @@ def final_evaluation(args: Args, specialists, meta, owner, best: dict, report: d
     print(f"Phase 3 validation, best hierarchy ({val.split} split, {val.num_bars} bars):\n{text}")
     print(f"{args.eval_episodes} validation episodes (mean +- std):\n{spread}")
     return result
-
-
-def specialist_gradients(specialists, owner, obs, actions, old_logprobs, portfolio_adv, own_adv, own_returns, args,
-                         coordinate: bool, stats: dict, world: distributed.World) -> None:  # fmt: skip
-    """Set the specialists' `.grad`: portfolio and own policy gradients (averaged over ranks, then
-    PCGrad-projected where they conflict, with coordination), the value loss and the entropy bonus;
-    clip per specialist."""
-    with autocast(args.amp, obs.device):
-        mean, log_std, value = specialists.forward_per_slot(obs, owner)
-        dist = torch.distributions.Normal(mean, log_std.exp().expand_as(mean), validate_args=False)
-        logprob = dist.log_prob(actions)
-        w = args.specialist_portfolio_weight
-        # the portfolio advantage is per row: every slot (instrument) of the row shares it
-        portfolio_adv = portfolio_adv.unsqueeze(-1).expand_as(mean)
-        port_pg, _ = clipped_surrogate(logprob, old_logprobs, portfolio_adv, args.clip_range)
-        own_pg, _ = clipped_surrogate(logprob, old_logprobs, normalise(own_adv), args.clip_range)
-        rest = args.vf_coef * 0.5 * ((value - own_returns) ** 2).mean() - args.ent_coef * dist.entropy().mean()
-    params = list(specialists.parameters())
-    # three backward passes through the one graph, one of them on the second core (not under --compile, whose
-    # compiled backward fails there)
-    g_port, g_own, g_rest = grads_of_each([w * port_pg, (1 - w) * own_pg, rest], params, concurrent=not args.compile)
-    distributed.average_([*g_port, *g_own, *g_rest], world)  # one all-reduce; the projection needs the pooled ones
-    stats["pg"].append(torch.stack([port_pg.detach(), own_pg.detach()]))
-    if coordinate:  # every specialist at once: specialist k is slice [k] of each stacked gradient
-        cosine, conflicted = project_conflicts_(g_own, g_port)
-        stats["cosine"] += cosine.unbind()
-        stats["conflicts"] += conflicted.float().unbind()
-    for p, gp, go, gr in zip(params, g_port, g_own, g_rest, strict=True):
-        p.grad = gp + go + gr
-    if coordinate:
-        stats["norm_specialists"] += clip_components_([p.grad for p in params], args.max_grad_norm).unbind()
 
 
 def model_payload(states: dict, specialists, meta, cfg) -> dict:

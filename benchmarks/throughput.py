@@ -106,8 +106,8 @@ class Args:
     """sb3: environment steps of each side (Stable-Baselines3, and each Phase 1 specialist)."""
     train_device: str = "cpu"
     """training, pipeline and ops: the scripts' --device."""
-    compile: bool = False
-    """training and ops: pass --compile to the phase scripts."""
+    compile: str = "auto"
+    """training and ops: the phase scripts' --compile (auto, on or off)."""
     seed: int = 1
     """training, pipeline and ops: the scripts' --seed."""
     script_flags: str = ""

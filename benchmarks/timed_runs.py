@@ -47,8 +47,7 @@ def phase_flags(
                   str(eval_episodes)]  # fmt: skip
     if args.config:
         flags += ["--config", args.config]
-    if args.compile:
-        flags.append("--compile")
+    flags += ["--compile", args.compile]
     return flags + shlex.split(args.script_flags)
 
 

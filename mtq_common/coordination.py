@@ -9,10 +9,10 @@ operation below lands in ``.grad``). `component_grads` builds either list.
 The pieces, each a few lines:
 
 * `clip_components_`: per-component gradient-norm clipping (DESIGN ``max_norm`` 1.0), the same rule as
-  `torch.nn.utils.clip_grad_norm_` applied to each component separately; `clip_grad_norm_per_group` is
-  Phase 1's form of it;
+  `torch.nn.utils.clip_grad_norm_` applied to each component separately (Phase 1 clips each specialist so);
 * `project_conflicts_`: PCGrad. Where two gradients point against each other (negative cosine), the first
   is projected onto the normal plane of the second; an agreeing pair is left untouched;
+* `coordinate_`: all of it on one Phase 3 minibatch's gradients (the eager and the compiled update alike);
 * `grads_of`: a loss's gradients without touching ``.grad`` (Phase 3 keeps the specialists' two
   objectives apart until the projection), `grads_of_each` for several losses of one graph (one of the passes
   on a second core); `coordination_scalars`: an update's statistics for TensorBoard;
@@ -110,25 +110,33 @@ def clip_component_(grads: list[torch.Tensor], max_norm: float = 1.0) -> torch.T
 
 
 @torch.no_grad()
-def clip_grad_norm_per_group(parameters: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Clip the gradient norm of each group (the leading dimension of every parameter) separately.
+def coordinate_(meta: list[torch.Tensor] | None, objectives: list[list[torch.Tensor]] | None, max_norm: float,
+                coordinate: bool) -> tuple[list[torch.Tensor] | None, dict]:  # fmt: skip
+    """One Phase 3 minibatch's gradients made into the levels' steps (DESIGN section 6).
 
-    Stacked specialists share tensors but not gradients: clipping the global norm would let one
-    specialist's large gradient shrink the others' steps. Returns the per-group norms before clipping.
-    (Phase 1's rule: the norm from summed squares in float32. `clip_components_` takes the norm of the
-    per-tensor norms, as `clip_grad_norm_` does; the two agree to rounding, and each phase keeps its own so
-    that its trained weights stay bit-identical to the runs its results were measured on.)
+    `meta`: the meta-controller's gradients (None when it does not update); `objectives`: the specialists'
+    stacked gradients of their three objectives, ``[portfolio PG, own PG, value and entropy]`` (None when they
+    do not update). With `coordinate`: the meta-controller clipped as one component; each specialist's own
+    gradient projected where it conflicts with its portfolio gradient (PCGrad), the three summed, each
+    specialist clipped on its own. Without: the sum, and one clip over both levels (`clip_grad_norm_`'s rule).
+    Returns the specialists' gradients (or None) and the statistics (tensors) for `coordination_scalars`.
+    Modifies `meta` in place.
     """
-    params = [p for p in parameters if p.grad is not None]
-    groups = params[0].shape[0]
-    squares = torch.zeros(groups, device=params[0].device)
-    for p in params:
-        squares += p.grad.reshape(groups, -1).pow(2).sum(1)
-    norms = squares.sqrt()
-    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    for p in params:
-        p.grad.mul_(scale.view(groups, *([1] * (p.grad.dim() - 1))))
-    return norms
+    stats = {}
+    if meta is not None and coordinate:
+        stats["norm_meta"] = clip_component_(meta, max_norm)
+    specialists = None
+    if objectives is not None:
+        portfolio, own, rest = objectives
+        if coordinate:  # every specialist at once: specialist k is slice [k] of each stacked gradient
+            stats["cosine"], conflicted = project_conflicts_(own, portfolio)
+            stats["conflicts"] = conflicted.float()
+        specialists = [gp + go + gr for gp, go, gr in zip(portfolio, own, rest, strict=True)]
+        if coordinate:
+            stats["norm_specialists"] = clip_components_(specialists, max_norm)
+    if not coordinate:
+        clip_component_([*(meta or []), *(specialists or [])], max_norm)
+    return specialists, stats
 
 
 @torch.no_grad()

@@ -310,6 +310,7 @@ class PortfolioEnv(_BatchedTradingEnv):
         next_return_diagnostic: bool = False,
         check_actions: bool = True,
         tables: MarketTables | None = None,
+        compiled: bool = False,
     ):
         super().__init__(torch_mode, check_actions)
         tables = tables or build_tables(market, cfg, device)
@@ -338,6 +339,9 @@ class PortfolioEnv(_BatchedTradingEnv):
         self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, num_envs)
         self.action_space = gym.vector.utils.batch_space(self.single_action_space, num_envs)
         self.has_truth = tables.regime is not None
+        # compiled: the step before the autoreset as one torch.compile'd function (the autoreset's data-dependent
+        # branches stay eager); fused code rounds differently from the eager step (see mtq_common.update)
+        self._step = torch.compile(self._stepped) if compiled else self._stepped
 
     def _observe(self) -> dict[str, torch.Tensor]:
         eng, tb = self.engine, self.engine.tables
@@ -409,6 +413,11 @@ class PortfolioEnv(_BatchedTradingEnv):
 
         `observe=False` builds no observation (the returned one and info's ``final_obs`` are None): for a
         twin that only scores the reward (Phases 2 and 3); every state change is the same."""
+        obs, reward, truncated, info = self._step(proposed_weights, own_positions, observe)
+        return self._finish(obs, reward, truncated, info)
+
+    def _stepped(self, proposed_weights, own_positions, observe: bool):
+        """`step` before the autoreset: `(observation, reward, truncated, info)` (pure tensor work, compilable)."""
         eng = self.engine
         proposal, own, risk = self._execute(proposed_weights, own_positions, update=True)
         var_usage = risk.var / self.limits.max_var
@@ -436,7 +445,7 @@ class PortfolioEnv(_BatchedTradingEnv):
         if self.has_truth:
             info["regime"] = eng.tables.regime.index_select(0, t_now)
             info["drift"] = eng.tables.drift.index_select(0, t_now)
-        return self._finish(self._observe() if observe else None, out.reward, truncated, info)
+        return self._observe() if observe else None, out.reward, truncated, info
 
 
 def specialist_rows(market: MarketData, specialists: list[str], rows_per_specialist: int):

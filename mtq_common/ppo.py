@@ -13,17 +13,17 @@ from torch import nn
 
 
 class FlatAdam:
-    """Adam (Kingma & Ba, 2015) with `torch.optim.Adam`'s arithmetic, stepping each parameter group as one flat
-    tensor: the same updates as `torch.optim.Adam`, bit for bit, in a handful of tensor ops instead of a dozen
-    per parameter.
+    """Adam (Kingma & Ba, 2015) stepping each parameter group as one flat tensor: `torch.optim.Adam`'s updates
+    (its tensor form, `adam_`: equal to the default form to float32 rounding) in a handful of tensor ops instead
+    of a dozen per parameter.
 
     Why flat: PPO's networks here are small (a few 64-wide layers), so on the CPU Adam's per-parameter dispatch
     cost more than its arithmetic (measured: 0.68 ms a step for the 13 tensors of the stacked specialists,
     0.17 ms as one tensor). Each module parameter becomes a view into its group's flat tensor, so the modules,
     their `state_dict` keys and every checkpoint of weights are unchanged. Gradients are computed and clipped
     per parameter as before; `step` gathers them into the flat gradient (one copy) first. Adam's update is
-    element-wise, so where an element sits in memory does not change it (checked bit for bit against
-    `torch.optim.Adam` by the tests and on whole training runs).
+    element-wise, so where an element sits in memory does not change it. The compiled update
+    (`mtq_common.update`) steps the same flat tensors and state through `group_tensors`.
 
     Why not a `torch.optim.Optimizer` subclass: constructing one imports the compiler stack (`torch._dynamo`,
     1.4-2.0 s), paid by every phase script at start. The interface is the part the scripts use: `param_groups`
@@ -46,28 +46,36 @@ class FlatAdam:
             settings = {"lr": lr, "betas": tuple(betas), "eps": eps}
             self.param_groups.append({**settings, **group, "params": [flatten_(self.members[-1])]})
         self.state: dict[int, dict] = {}  # group index -> step count and the two moment estimates, once stepped
+        self._lr: dict[int, torch.Tensor] = {}  # group index -> its learning rate as a tensor (see group_tensors)
 
     @torch.no_grad()
     def step(self) -> None:
-        for i, (members, group) in enumerate(zip(self.members, self.param_groups, strict=True)):
+        for i, members in enumerate(self.members):
             grads = [p.grad for p in members]
             if all(g is None for g in grads):
                 continue
             if any(g is None for g in grads):
                 missing = sum(g is None for g in grads)
                 raise ValueError(f"FlatAdam: {missing} of {len(grads)} parameters of a group have no gradient")
-            flat, grad = group["params"][0], flat_cat(grads)
-            if i not in self.state:
-                self.state[i] = {"step": 0, "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
-            state, (beta1, beta2) = self.state[i], group["betas"]
-            # torch.optim.Adam's single-tensor update, operation for operation (the same rounding)
-            state["step"] += 1
-            state["exp_avg"].lerp_(grad, 1 - beta1)
-            state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            bias_correction1 = 1 - beta1 ** state["step"]
-            bias_correction2 = 1 - beta2 ** state["step"]
-            denom = (state["exp_avg_sq"].sqrt() / bias_correction2**0.5).add_(group["eps"])
-            flat.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / bias_correction1)
+            adam_(*self.group_tensors(i), flat_cat(grads), *self.group_constants(i))
+
+    def group_tensors(self, i: int) -> tuple[torch.Tensor, ...]:
+        """Group `i`'s flat weights, its two moment estimates, its step count and its learning rate (each a tensor,
+        so a compiled update reads the new values without recompiling); the rate is read from `param_groups`."""
+        flat, group = self.param_groups[i]["params"][0], self.param_groups[i]
+        if i not in self.state:
+            self.state[i] = {"step": torch.zeros((), device=flat.device), "exp_avg": torch.zeros_like(flat),
+                             "exp_avg_sq": torch.zeros_like(flat)}  # fmt: skip
+        if i not in self._lr:
+            self._lr[i] = torch.zeros((), device=flat.device)
+        self._lr[i].fill_(group["lr"])
+        state = self.state[i]
+        return flat, state["exp_avg"], state["exp_avg_sq"], state["step"], self._lr[i]
+
+    def group_constants(self, i: int) -> tuple[float, float, float]:
+        """Group `i`'s (beta1, beta2, eps)."""
+        (beta1, beta2), eps = self.param_groups[i]["betas"], self.param_groups[i]["eps"]
+        return beta1, beta2, eps
 
     def zero_grad(self) -> None:
         for members in self.members:
@@ -76,7 +84,7 @@ class FlatAdam:
 
     def state_dict(self) -> dict:
         """`torch.optim.Adam`'s layout: the step as a float tensor, each group's settings with its index."""
-        state = {i: {**s, "step": torch.tensor(float(s["step"]))} for i, s in self.state.items()}
+        state = {i: {key: value.clone() for key, value in s.items()} for i, s in self.state.items()}
         groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [i]}
                   for i, g in enumerate(self.param_groups)]  # fmt: skip
         return {"state": state, "param_groups": groups}
@@ -101,7 +109,21 @@ class FlatAdam:
                     f"the optimiser state in this checkpoint holds {s['exp_avg'].numel()} values for parameter "
                     f"group {i}, which has {flat.numel()}: the networks differ from those that wrote it"
                 )
-            self.state[i] = {"step": int(s["step"]), **{k: s[k].to(flat).clone() for k in ("exp_avg", "exp_avg_sq")}}
+            self.state[i] = {k: torch.as_tensor(s[k]).to(flat).clone() for k in ("step", "exp_avg", "exp_avg_sq")}
+
+
+@torch.no_grad()
+def adam_(param, exp_avg, exp_avg_sq, step, lr, grad, beta1: float, beta2: float, eps: float) -> None:
+    """One Adam step of `param` in place (Kingma & Ba, 2015), with the step count and the learning rate as 0-d
+    tensors: `torch.optim.Adam`'s arithmetic in its tensor ("capturable") form, so the eager optimiser and a
+    compiled update (`mtq_common.update`) share one formula and a new rate never recompiles."""
+    step += 1
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    t = step.double()  # 1 - 0.999^t in float32 would lose five digits to cancellation
+    step_size = (lr / (1 - beta1**t)).float()
+    denom = (exp_avg_sq.sqrt() / (1 - beta2**t).sqrt().float()).add_(eps)
+    param.sub_(step_size * exp_avg / denom)
 
 
 def flat_cat(tensors: list[torch.Tensor]) -> torch.Tensor:

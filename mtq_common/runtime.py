@@ -1,5 +1,6 @@
-"""Run-time settings the scripts share: device choice, logging to a file, torch's threads, the speed options
-(`--compile`, `--amp`). The training loop's plumbing is in `run.py`, gradient clipping in `coordination.py`."""
+"""Run-time settings the scripts share: device choice, logging to a file, torch's threads, `--amp` (the compiled
+update, `--compile`, is `update.py`). The training loop's plumbing is in `run.py`, gradient clipping in
+`coordination.py`."""
 
 from __future__ import annotations
 
@@ -65,22 +66,6 @@ def configure_threads(threads: int) -> None:
     """
     if threads > 0:
         torch.set_num_threads(threads)
-
-
-def compile_methods(module: torch.nn.Module, *names: str) -> None:
-    """`--compile`: replace the named methods of `module` by `torch.compile`d versions, in place.
-
-    Only the networks' pure tensor code is compiled (normalise, MLPs, heads); sampling and the
-    losses stay eager. The module itself is not wrapped, so its `state_dict` keys (and checkpoints)
-    are unchanged. The first calls of each new batch shape are slow while Inductor compiles.
-    """
-    # Phase 3 takes three gradients from one forward pass (retain_graph=True): a compiled backward
-    # must then keep its saved buffers instead of donating them (torch's own advice in that error).
-    import torch._functorch.config
-
-    torch._functorch.config.donated_buffer = False
-    for name in names:
-        setattr(module, name, torch.compile(getattr(module, name)))
 
 
 def check_amp(amp: bool, device: torch.device) -> None:

@@ -1,0 +1,239 @@
+"""One PPO minibatch update, eager (the reference) or compiled (`--compile`, LeanRL's recipe on any device).
+
+The eager update is CleanRL's: the loss, `loss.backward()`, the gradients averaged over ranks, clipped, one
+Adam step. The compiled update computes the same loss as a function of the optimiser's flat weight tensors
+(`torch.func.grad` of a `torch.func.functional_call`, `WeightsAsInputs`), so the forward pass, the backward
+pass, the clipping and Adam become two `torch.compile`d graphs per minibatch: the gradients, then their
+application, with torchrun's gradient all-reduce between the two (nothing on one process). No host sync
+inside either; the learning rate and Adam's step count are tensors, so a new value never recompiles.
+
+Why: the networks are small (64 wide), so an eager update is several hundred small ops whose dispatch
+from Python costs more than their arithmetic; compiled, Inductor fuses the element-wise work into a few
+loops. Fused code rounds differently, so a compiled run's weights differ from an eager run's in the last
+bits (tested close after a few updates); its trained results were re-validated on seeds (README).
+`--compile auto` (the default) compiles when a run has enough minibatches to repay the compilation
+(`COMPILE_MIN_MINIBATCHES`): the default pipeline does, the smoke run and the tests' tiny runs stay eager.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import nn
+
+from mtq_common import distributed
+from mtq_common.coordination import coordinate_, grads_of_each
+from mtq_common.ppo import FlatAdam, adam_
+
+CompileChoice = Literal["auto", "on", "off"]
+
+# About 10 s of compilation per phase (less with Inductor's on-disk cache) against about 1-2 ms saved per
+# minibatch on the 2-core CPU: the break-even is near 5,000-10,000 minibatches a run; 2,000 keeps every
+# default phase compiled (Phase 2: 11,520) and every smoke or test run (hundreds) eager.
+COMPILE_MIN_MINIBATCHES = 2000
+
+
+def use_compile(choice: CompileChoice, minibatches: int) -> bool:
+    """`--compile`: "on", "off", or "auto" (on when the run has at least `COMPILE_MIN_MINIBATCHES` minibatches)."""
+    if choice not in ("auto", "on", "off"):
+        raise ValueError(f"--compile {choice!r}: accepted auto, on or off")
+    return choice == "on" or (choice == "auto" and minibatches >= COMPILE_MIN_MINIBATCHES)
+
+
+def views(flat: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
+    """`flat` cut into views of the given shapes, in order (a flat gradient seen as its parameters' gradients)."""
+    out, offset = [], 0
+    for shape in shapes:
+        out.append(flat[offset : offset + shape.numel()].view(shape))
+        offset += shape.numel()
+    return out
+
+
+class _Holder(nn.Module):
+    """The modules whose weights `fn` reads, under one root, so `functional_call` can swap them by name."""
+
+    def __init__(self, modules: list[nn.Module], fn: Callable):
+        super().__init__()
+        self.parts = nn.ModuleList(modules)
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+class WeightsAsInputs:
+    """`fn(*args)` as a function of a `FlatAdam`'s flat weights: `call(flats, *args)` runs `fn` with every
+    parameter of `modules` replaced by its view of `flats` (one tensor per optimiser group), so that
+    `torch.func.grad` differentiates by the very tensors Adam steps. `fn` uses the modules as usual (it holds
+    them in its closure); their buffers (observation statistics) are read as they are."""
+
+    def __init__(self, modules: list[nn.Module], optimizer: FlatAdam, fn: Callable):
+        self.holder = _Holder(modules, fn)
+        name_of = {id(p): name for name, p in self.holder.named_parameters()}
+        self.names = [[name_of[id(p)] for p in members] for members in optimizer.members]
+        self.shapes = [[p.shape for p in members] for members in optimizer.members]
+
+    def __call__(self, flats: list[torch.Tensor], *args):
+        weights = {}
+        for flat, names, shapes in zip(flats, self.names, self.shapes, strict=True):
+            weights.update(zip(names, views(flat, shapes), strict=True))
+        return torch.func.functional_call(self.holder, weights, args)
+
+
+class PPOUpdate:
+    """A minibatch's update of the modules one optimiser group holds (Phases 1 and 2).
+
+    `loss_fn(*minibatch) -> (loss, stats)` is the phase's loss on the minibatch tensors; `clip_fn(grads)` clips
+    the list of per-parameter gradients in place (per specialist in Phase 1, whole in Phase 2).
+    `update(mb, *rollout)` takes the minibatch's row indices and the flattened rollout tensors (rows along
+    `batch_dim`: the gather happens inside the compiled graph) and returns `stats` (detached tensors, read once
+    per iteration by the script's logging). On one process the compiled update is one graph; under torchrun
+    two, around the all-reduce.
+    """
+
+    def __init__(self, modules: list[nn.Module], optimizer: FlatAdam, loss_fn: Callable, clip_fn: Callable,
+                 world: distributed.World, compiled: bool, batch_dim: int = 0):  # fmt: skip
+        if len(optimizer.param_groups) != 1:
+            raise ValueError("PPOUpdate steps one parameter group; Phase 3 composes its two (phase3_joint.py)")
+        self.optimizer, self.loss_fn, self.clip_fn, self.world = optimizer, loss_fn, clip_fn, world
+        self.params, self.compiled, self.batch_dim = optimizer.members[0], compiled, batch_dim
+        if compiled:
+            self.weights = WeightsAsInputs(modules, optimizer, loss_fn)
+            self._step = torch.compile(self._step_of)
+            self._gradients = torch.compile(self._gradients_of)
+            self._apply = torch.compile(self._apply_of)
+
+    def __call__(self, mb: torch.Tensor, *rollout: torch.Tensor):
+        if not self.compiled:  # the reference: CleanRL's order
+            self.optimizer.zero_grad()
+            loss, stats = self.loss_fn(*(x.index_select(self.batch_dim, mb) for x in rollout))
+            loss.backward()
+            grads = [p.grad for p in self.params]
+            distributed.average_(grads, self.world)
+            self.clip_fn(grads)
+            self.optimizer.step()
+            return stats
+        weights_and_state = self.optimizer.group_tensors(0)
+        if not self.world.enabled:
+            return self._step(mb, rollout, *weights_and_state)
+        grad, stats = self._gradients(mb, rollout, weights_and_state[0])
+        distributed.average_([grad], self.world)
+        self._apply(grad, *weights_and_state)
+        return stats
+
+    def _step_of(self, mb, rollout, *weights_and_state):
+        grad, stats = self._gradients_of(mb, rollout, weights_and_state[0])
+        self._apply_of(grad, *weights_and_state)
+        return stats
+
+    def _gradients_of(self, mb, rollout, flat):
+        minibatch = [x.index_select(self.batch_dim, mb) for x in rollout]
+        return torch.func.grad(lambda w: self.weights([w], *minibatch), has_aux=True)(flat.detach())
+
+    def _apply_of(self, grad, flat, exp_avg, exp_avg_sq, step, lr) -> None:
+        self.clip_fn(views(grad, [p.shape for p in self.params]))
+        adam_(flat, exp_avg, exp_avg_sq, step, lr, grad, *self.optimizer.group_constants(0))
+
+
+class JointUpdate:
+    """A Phase 3 minibatch's update of both levels (two optimiser groups: the meta-controller, the specialists).
+
+    `meta_loss_fn(*meta_minibatch) -> (loss, stats)`: the meta-controller's PPO loss.
+    `policy_fn(*specialist_minibatch) -> (objectives [2], stats)`: the specialists' portfolio and own policy
+    objectives (their actors); `value_fn(*specialist_minibatch) -> objective`: their value loss and entropy bonus
+    (their critics). The three gradients stay apart until `coordination.coordinate_` projects, sums and clips
+    them.
+    `update(mb, meta_rollout, specialist_rollout, update_meta, update_specialists)` returns
+    `(meta stats, specialist stats, coordination stats)`.
+
+    Eager (the reference): the meta loss's backward pass and the specialists' three (`grads_of_each`, one of
+    them on the second core). Compiled: the meta gradient and the critics' by `torch.func.grad`, the two policy
+    gradients by one `torch.func.jacrev` (one batched backward pass through the actors for both), coordination
+    and Adam in the same graph.
+    """
+
+    def __init__(self, meta: nn.Module, specialists: nn.Module, optimizer: FlatAdam, meta_loss_fn: Callable,
+                 policy_fn: Callable, value_fn: Callable, max_norm: float, coordinate: bool, world: distributed.World,
+                 compiled: bool):  # fmt: skip
+        self.optimizer, self.world, self.compiled = optimizer, world, compiled
+        self.meta_loss_fn, self.policy_fn, self.value_fn = meta_loss_fn, policy_fn, value_fn
+        self.max_norm, self.coordinate = max_norm, coordinate
+        self.meta_params, self.specialist_params = optimizer.members  # (the order of the groups)
+        if compiled:
+            self.meta_weights = WeightsAsInputs([meta, specialists], optimizer, meta_loss_fn)
+            self.policy_weights = WeightsAsInputs([meta, specialists], optimizer, policy_fn)
+            self.value_weights = WeightsAsInputs([meta, specialists], optimizer, value_fn)
+            self._step = torch.compile(self._step_of)
+            self._gradients = torch.compile(self._gradients_of)
+            self._apply = torch.compile(self._apply_of)
+
+    def __call__(self, mb, meta_rollout, specialist_rollout, update_meta: bool, update_specialists: bool):
+        meta_batch = [x[mb] for x in meta_rollout]
+        specialist_batch = [x[mb] for x in specialist_rollout] if update_specialists else None
+        if self.compiled:
+            return self._compiled(meta_batch, specialist_batch, update_meta)
+        self.optimizer.zero_grad()
+        meta_loss, meta_stats = self.meta_loss_fn(*meta_batch)
+        meta_grads = objectives = specialist_stats = None
+        if update_meta:
+            meta_loss.backward()
+            meta_grads = [p.grad for p in self.meta_params]
+            distributed.average_(meta_grads, self.world)
+        if update_specialists:
+            policy, specialist_stats = self.policy_fn(*specialist_batch)
+            losses = [*policy.unbind(), self.value_fn(*specialist_batch)]
+            objectives = grads_of_each(losses, self.specialist_params)
+            distributed.average_([g for grads in objectives for g in grads], self.world)  # one all-reduce
+        specialist_grads, stats = coordinate_(meta_grads, objectives, self.max_norm, self.coordinate)
+        for p, g in zip(self.specialist_params, specialist_grads or [], strict=False):
+            p.grad = g
+        self.optimizer.step()  # Adam skips the level that got no gradient
+        return meta_stats, specialist_stats, stats
+
+    def _compiled(self, meta_batch, specialist_batch, update_meta: bool):
+        state = [self.optimizer.group_tensors(i) for i in (0, 1)]
+        flats = [s[0] for s in state]
+        if not self.world.enabled:
+            return self._step(meta_batch, specialist_batch, update_meta, flats, state)
+        meta_grad, objectives, meta_stats, specialist_stats = self._gradients(meta_batch, specialist_batch,
+                                                                              update_meta, flats)  # fmt: skip
+        distributed.average_([g for g in (meta_grad, objectives) if g is not None], self.world)
+        stats = self._apply(meta_grad, objectives, state)
+        return meta_stats, specialist_stats, stats
+
+    def _step_of(self, meta_batch, specialist_batch, update_meta, flats, state):
+        meta_grad, objectives, meta_stats, specialist_stats = self._gradients_of(meta_batch, specialist_batch,
+                                                                                 update_meta, flats)  # fmt: skip
+        return meta_stats, specialist_stats, self._apply_of(meta_grad, objectives, state)
+
+    def _gradients_of(self, meta_batch, specialist_batch, update_meta, flats):
+        meta_flat, specialist_flat = (f.detach() for f in flats)
+        meta_grad = specialist_grads = specialist_stats = None
+        if update_meta:
+            meta_grad, meta_stats = torch.func.grad(lambda w: self.meta_weights([w, specialist_flat], *meta_batch),
+                                                    has_aux=True)(meta_flat)  # fmt: skip
+        else:
+            meta_stats = self.meta_weights([meta_flat, specialist_flat], *meta_batch)[1]
+        if specialist_batch is not None:  # [3, weights]: both policy objectives' gradients in one batched pass
+            policy_grads, specialist_stats = torch.func.jacrev(
+                lambda w: self.policy_weights([meta_flat, w], *specialist_batch), has_aux=True
+            )(specialist_flat)
+            value_grad = torch.func.grad(lambda w: self.value_weights([meta_flat, w], *specialist_batch))(
+                specialist_flat
+            )
+            specialist_grads = torch.cat([policy_grads, value_grad.unsqueeze(0)])
+        return meta_grad, specialist_grads, meta_stats, specialist_stats
+
+    def _apply_of(self, meta_grad, objectives, state) -> dict:
+        meta_shapes = [p.shape for p in self.meta_params]
+        specialist_shapes = [p.shape for p in self.specialist_params]
+        meta = None if meta_grad is None else views(meta_grad, meta_shapes)
+        per_objective = None if objectives is None else [views(g, specialist_shapes) for g in objectives.unbind()]
+        specialists, stats = coordinate_(meta, per_objective, self.max_norm, self.coordinate)
+        if meta_grad is not None:
+            adam_(*state[0], meta_grad, *self.optimizer.group_constants(0))
+        if specialists is not None:
+            adam_(*state[1], torch.cat([g.reshape(-1) for g in specialists]), *self.optimizer.group_constants(1))
+        return stats

@@ -1,0 +1,153 @@
+"""The compiled update and environment step (`--compile`) against the eager reference: the same arithmetic,
+rounded differently, so the same weights, statistics and environment states to float32 precision."""
+
+import pytest
+import torch
+
+from mtq_common.config import Config
+from mtq_common.coordination import clip_component_, clip_components_
+from mtq_common.distributed import World
+from mtq_common.envs import PortfolioEnv
+from mtq_common.nets import MetaController, SpecialistAgents
+from mtq_common.ppo import FlatAdam, clipped_surrogate, minibatches, normalise
+from mtq_common.synthetic import generate_market
+from mtq_common.update import JointUpdate, PPOUpdate
+from tests.helpers import SECTORS, VOLS
+
+ROWS, OBS = 64, 6
+OWNER = torch.tensor([0, 0, 1, 2])  # four instrument slots, three specialists
+
+
+def close(a: torch.Tensor, b: torch.Tensor, msg: str = "") -> None:
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=msg)
+
+
+def specialist_setup():
+    torch.manual_seed(0)
+    agent = SpecialistAgents(["a", "b", "c"], OBS, hidden=8)
+    optimizer = FlatAdam(agent.parameters(), lr=1e-2, eps=1e-5)
+
+    def loss_fn(obs, actions, logprobs, advantages, returns):  # Phase 1's form
+        _, newlogprob, entropy, value = agent.get_action_and_value(obs, actions)
+        pg_loss, ratio = clipped_surrogate(newlogprob, logprobs, normalise(advantages), 0.2)
+        loss = pg_loss - 0.01 * entropy.mean() + 0.5 * ((value - returns) ** 2).mean()
+        return loss, (pg_loss.detach(), ((ratio - 1).abs() > 0.2).float().mean())
+
+    return agent, optimizer, loss_fn
+
+
+def test_the_compiled_ppo_update_matches_the_eager_one():
+    g = torch.Generator().manual_seed(1)
+    rollout = (torch.randn(3, ROWS, OBS, generator=g), torch.randn(3, ROWS, generator=g),
+               torch.randn(3, ROWS, generator=g) - 1, torch.randn(3, ROWS, generator=g),
+               torch.randn(3, ROWS, generator=g))  # fmt: skip
+    results = []
+    for compiled in (False, True):
+        agent, optimizer, loss_fn = specialist_setup()
+        update = PPOUpdate([agent], optimizer, loss_fn, lambda grads: clip_components_(grads, 0.5), World(), compiled,
+                           batch_dim=1)  # fmt: skip
+        torch.manual_seed(2)
+        stats = [update(mb, *rollout) for _ in range(2) for mb in minibatches(ROWS, 16, "cpu")]
+        results.append((agent.state_dict(), optimizer.state_dict(), stats))
+    (eager, eager_opt, eager_stats), (fused, fused_opt, fused_stats) = results
+    for key in eager:
+        close(fused[key], eager[key], key)
+    assert not torch.equal(eager["actor.0.weight"], specialist_setup()[0].state_dict()["actor.0.weight"])  # moved
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        close(fused_opt["state"][0][key], eager_opt["state"][0][key], key)
+    for a, b in zip(eager_stats, fused_stats, strict=True):
+        close(torch.stack(b), torch.stack(a))
+
+
+def test_the_compiled_joint_update_matches_the_eager_one():
+    """Phase 3's two levels: the meta gradient, the specialists' three objectives kept apart (one batched pass
+    compiled, three passes eager), the conflict projection, the clipping and Adam on both groups."""
+    g = torch.Generator().manual_seed(3)
+    meta_rollout = (torch.randn(ROWS, 10, generator=g), torch.randn(ROWS, 4, generator=g),
+                    torch.randn(ROWS, generator=g) - 4, torch.randn(ROWS, generator=g),
+                    torch.randn(ROWS, generator=g))  # fmt: skip
+    specialist_rollout = (torch.randn(ROWS, 4, OBS, generator=g), torch.randn(ROWS, 4, generator=g),
+                          torch.randn(ROWS, 4, generator=g) - 1, meta_rollout[3], torch.randn(ROWS, 4, generator=g),
+                          torch.randn(ROWS, 4, generator=g))  # fmt: skip
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        specialists, meta = SpecialistAgents(["a", "b", "c"], OBS, hidden=8), MetaController(10, 3, hidden=8)
+        optimizer = FlatAdam([{"params": list(meta.parameters())}, {"params": list(specialists.parameters())}],
+                             lr=1e-2, eps=1e-5)  # fmt: skip
+
+        def meta_loss(obs, actions, logprobs, advantages, returns, meta=meta):
+            _, newlogprob, _, value = meta.get_action_and_value(obs, actions)
+            pg_loss, _ = clipped_surrogate(newlogprob, logprobs, normalise(advantages), 0.2)
+            return pg_loss + 0.5 * ((value - returns) ** 2).mean(), (pg_loss.detach(),)
+
+        def policy(obs, actions, logprobs, portfolio_adv, own_adv, _returns, specialists=specialists):
+            mean, log_std = specialists.mean_per_slot(obs, OWNER), specialists.log_std[OWNER, 0, 0]
+            logprob = torch.distributions.Normal(mean, log_std.exp().expand_as(mean)).log_prob(actions)
+            port, _ = clipped_surrogate(logprob, logprobs, normalise(portfolio_adv).unsqueeze(-1).expand_as(mean), 0.2)
+            own, _ = clipped_surrogate(logprob, logprobs, normalise(own_adv), 0.2)
+            return torch.stack([0.5 * port, 0.5 * own]), torch.stack([port, own]).detach()
+
+        def value(obs, _actions, _logprobs, _portfolio_adv, _own_adv, returns, specialists=specialists):
+            return 0.5 * ((specialists.value_per_slot(obs, OWNER) - returns) ** 2).mean()
+
+        update = JointUpdate(meta, specialists, optimizer, meta_loss, policy, value, 0.5, True, World(), compiled)
+        torch.manual_seed(4)
+        stats = [update(mb, meta_rollout, specialist_rollout, True, i % 2 == 0)
+                 for i, mb in enumerate(minibatches(ROWS, 16, "cpu"))]  # fmt: skip
+        results.append((meta.state_dict(), specialists.state_dict(), stats))
+    (eager_meta, eager_spec, eager_stats), (fused_meta, fused_spec, fused_stats) = results
+    for key in eager_meta:
+        close(fused_meta[key], eager_meta[key], f"meta.{key}")
+    for key in eager_spec:
+        close(fused_spec[key], eager_spec[key], f"specialists.{key}")
+    conflicts = 0
+    for (m_a, s_a, c_a), (m_b, s_b, c_b) in zip(eager_stats, fused_stats, strict=True):
+        close(m_b[0], m_a[0])
+        assert (s_a is None) == (s_b is None) and c_a.keys() == c_b.keys()
+        if s_a is not None:
+            close(s_b, s_a)
+            conflicts += int(c_a["conflicts"].sum())
+        for key in c_a:
+            close(c_b[key].float(), c_a[key].float(), key)
+    assert conflicts > 0  # the projection was exercised
+
+
+def test_the_clip_rules_agree_with_clip_grad_norm():
+    grads = [torch.randn(3, 4) * 5, torch.randn(5) * 5]
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g.clone()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    mine = [g.clone() for g in grads]
+    clip_component_(mine, 1.0)
+    for p, g in zip(params, mine, strict=True):
+        close(g, p.grad)
+
+
+@pytest.mark.parametrize("observe", [True, False])
+def test_the_compiled_portfolio_step_matches_the_eager_one(observe):
+    """The step before the autoreset compiled, the autoreset eager: the same rewards, books, risk and
+    observations over many restarts."""
+    cfg = Config()
+    cfg.environment.episode_length = 7  # many restarts
+    market = generate_market(cfg.data.instruments, SECTORS, VOLS, 400, 9)
+    eager, fused = (PortfolioEnv(market, cfg, 16, torch_mode=True, seed=3, compiled=c) for c in (False, True))
+    gen = torch.Generator().manual_seed(0)
+    for env in (eager, fused):
+        env.reset(seed=3)
+    restarts = 0
+    for _ in range(30):
+        weights = (torch.rand(16, 8, generator=gen) * 2 - 1) * 0.1
+        a, b = eager.step(weights, observe=observe), fused.step(weights, observe=observe)
+        restarts += int(a[3].sum())
+        close(b[1], a[1], "reward")
+        assert torch.equal(a[3], b[3])
+        for key in ("net_return", "executed_weights", "var", "correlation_exposure", "equity", "bar_returns"):
+            close(b[4][key], a[4][key], key)
+        if observe:
+            for key in a[0]:
+                close(b[0][key], a[0][key], key)
+    for key, value in eager.observe().items():
+        close(fused.observe()[key], value, key)
+    assert restarts > 20
