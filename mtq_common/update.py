@@ -51,6 +51,24 @@ def views(flat: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
     return out
 
 
+def group_major(shapes: list[torch.Size]) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a flat tensor laid out parameter by parameter, each parameter stacked `[K, ...]` (the specialists):
+    `(order [K, n], inverse [K n])` with `flat[order]` the same values as a `[K, n]` matrix, one row per group
+    (specialist), and `matrix.reshape(-1)[inverse]` the flat tensor back.
+
+    Why: per-specialist clipping and the conflict projection reduce over each specialist's slice of every
+    parameter. Compiled, a reduction over thirteen strided slices ran as slow loops (1.5 ms for Phase 3's 38k
+    gradients); over one contiguous row per specialist it is a plain vector reduction. The rules themselves
+    (`coordination`) take any list of `[K, ...]` tensors, so they apply to `[matrix]` unchanged.
+    """
+    k, blocks, offset = shapes[0][0], [], 0
+    for shape in shapes:
+        blocks.append((offset + torch.arange(shape.numel())).view(k, -1))
+        offset += shape.numel()
+    order = torch.cat(blocks, 1)
+    return order, torch.argsort(order.reshape(-1))
+
+
 class _Holder(nn.Module):
     """The modules whose weights `fn` reads, under one root, so `functional_call` can swap them by name."""
 
@@ -86,7 +104,9 @@ class PPOUpdate:
     """A minibatch's update of the modules one optimiser group holds (Phases 1 and 2).
 
     `loss_fn(*minibatch) -> (loss, stats)` is the phase's loss on the minibatch tensors; `clip_fn(grads)` clips
-    the list of per-parameter gradients in place (per specialist in Phase 1, whole in Phase 2).
+    a list of gradient tensors in place (per specialist in Phase 1, whole in Phase 2): eager, the per-parameter
+    gradients; compiled, the flat gradient as one tensor, or with `stacked` (parameters stacked `[K, ...]`, as
+    the specialists') as one `[K, n]` matrix (`group_major`).
     `update(mb, *rollout)` takes the minibatch's row indices and the flattened rollout tensors (rows along
     `batch_dim`: the gather happens inside the compiled graph) and returns `stats` (detached tensors, read once
     per iteration by the script's logging). On one process the compiled update is one graph; under torchrun
@@ -94,13 +114,14 @@ class PPOUpdate:
     """
 
     def __init__(self, modules: list[nn.Module], optimizer: FlatAdam, loss_fn: Callable, clip_fn: Callable,
-                 world: distributed.World, compiled: bool, batch_dim: int = 0):  # fmt: skip
+                 world: distributed.World, compiled: bool, batch_dim: int = 0, stacked: bool = False):  # fmt: skip
         if len(optimizer.param_groups) != 1:
             raise ValueError("PPOUpdate steps one parameter group; Phase 3 composes its two (phase3_joint.py)")
         self.optimizer, self.loss_fn, self.clip_fn, self.world = optimizer, loss_fn, clip_fn, world
         self.params, self.compiled, self.batch_dim = optimizer.members[0], compiled, batch_dim
         if compiled:
             self.weights = WeightsAsInputs(modules, optimizer, loss_fn)
+            self.order = group_major([p.shape for p in self.params]) if stacked else None
             self._step = torch.compile(self._step_of)
             self._gradients = torch.compile(self._gradients_of)
             self._apply = torch.compile(self._apply_of)
@@ -133,7 +154,13 @@ class PPOUpdate:
         return torch.func.grad(lambda w: self.weights([w], *minibatch), has_aux=True)(flat.detach())
 
     def _apply_of(self, grad, flat, exp_avg, exp_avg_sq, step, lr) -> None:
-        self.clip_fn(views(grad, [p.shape for p in self.params]))
+        if self.order is None:
+            self.clip_fn([grad])
+        else:
+            order, inverse = self.order
+            matrix = grad[order]
+            self.clip_fn([matrix])
+            grad = matrix.reshape(-1)[inverse]
         adam_(flat, exp_avg, exp_avg_sq, step, lr, grad, *self.optimizer.group_constants(0))
 
 
@@ -162,6 +189,7 @@ class JointUpdate:
         self.max_norm, self.coordinate = max_norm, coordinate
         self.meta_params, self.specialist_params = optimizer.members  # (the order of the groups)
         if compiled:
+            self.order = group_major([p.shape for p in self.specialist_params])
             self.meta_weights = WeightsAsInputs([meta, specialists], optimizer, meta_loss_fn)
             self.policy_weights = WeightsAsInputs([meta, specialists], optimizer, policy_fn)
             self.value_weights = WeightsAsInputs([meta, specialists], optimizer, value_fn)
@@ -227,13 +255,12 @@ class JointUpdate:
         return meta_grad, specialist_grads, meta_stats, specialist_stats
 
     def _apply_of(self, meta_grad, objectives, state) -> dict:
-        meta_shapes = [p.shape for p in self.meta_params]
-        specialist_shapes = [p.shape for p in self.specialist_params]
-        meta = None if meta_grad is None else views(meta_grad, meta_shapes)
-        per_objective = None if objectives is None else [views(g, specialist_shapes) for g in objectives.unbind()]
+        order, inverse = self.order
+        meta = None if meta_grad is None else [meta_grad]
+        per_objective = None if objectives is None else [[g[order]] for g in objectives.unbind()]  # [K, n] each
         specialists, stats = coordinate_(meta, per_objective, self.max_norm, self.coordinate)
         if meta_grad is not None:
             adam_(*state[0], meta_grad, *self.optimizer.group_constants(0))
         if specialists is not None:
-            adam_(*state[1], torch.cat([g.reshape(-1) for g in specialists]), *self.optimizer.group_constants(1))
+            adam_(*state[1], specialists[0].reshape(-1)[inverse], *self.optimizer.group_constants(1))
         return stats
