@@ -1,14 +1,17 @@
-"""Test-wide settings (Triton kernels run on the CPU through its interpreter; torch uses one thread) and the
-fixtures several test modules share. A module that needs another config defines its own `cfg` / `market`,
-which overrides these."""
+"""Test-wide settings (Triton kernels run on the CPU through its interpreter unless there is a GPU; torch uses one
+thread) and the fixtures several test modules share. A module that needs another config defines its own `cfg` /
+`market`, which overrides these."""
 
 import os
 
-# Triton reads TRITON_INTERPRET when a kernel is defined, so set it before any kernel module is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Triton reads TRITON_INTERPRET when a kernel is defined, so set it before any kernel module is imported; on a
+# GPU machine the kernels run natively (tests/test_kernels.py moves their inputs to the GPU).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from mtq_common.baselines import fit_trend_for  # noqa: E402
 from mtq_common.market import load_splits  # noqa: E402

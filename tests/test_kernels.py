@@ -1,4 +1,5 @@
-"""Triton kernels against their torch references (on the CPU through TRITON_INTERPRET=1), and the dispatcher.
+"""Triton kernels against their torch references (on the GPU when there is one, else on the CPU through
+TRITON_INTERPRET=1), and the dispatcher.
 
 Inputs are seeded and at realistic scales (positions of at most 0.1, bar returns of about 1%, reward
 moments as the environment initialises them): the comparisons are in float32 with rtol 1e-5, and a
@@ -34,6 +35,22 @@ except ImportError:  # no triton here: only the dispatcher's fallback is tested
     portfolio_step_triton = risk_step_triton = None
 
 needs_triton = pytest.mark.skipif(portfolio_step_triton is None, reason="triton is not installed")
+
+# Where the Triton kernels run: natively on the GPU when there is one (conftest then leaves TRITON_INTERPRET
+# unset), else on the CPU under the interpreter. References run on the CPU; outputs come back to compare.
+KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def on_kernel_device(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Copies on the kernels' device (strides kept: `.to` preserves a dense non-contiguous layout)."""
+    return [t.to(KERNEL_DEVICE) for t in tensors]
+
+
+def run_triton(kernel, *args):
+    """`kernel` on the kernels' device (tensor arguments moved there), its output tuple back on the CPU."""
+    out = kernel(*[a.to(KERNEL_DEVICE) if isinstance(a, torch.Tensor) else a for a in args])
+    return type(out)(*[x.cpu() for x in out])
+
 
 BATCHES = (1, 7, 13, 64)  # 1, primes (partial blocks) and a power of two
 INSTRUMENTS = (1, 3, 8)
@@ -98,7 +115,7 @@ PARAMS = RewardParams(risk_free_per_bar=0.04 / 252)
 def test_portfolio_step_triton_matches_reference(b, n, case):
     inputs = portfolio_inputs(b, n, case, seed=1000 * b + n)
     expected = portfolio_step_reference(*inputs, PARAMS)
-    actual = portfolio_step_triton(*[x.clone() for x in inputs], PARAMS)
+    actual = run_triton(portfolio_step_triton, *[x.clone() for x in inputs], PARAMS)
     assert_outputs_match(actual, expected)
     if case == "unchanged":
         assert (actual.cost == 0).all()
@@ -125,7 +142,7 @@ def test_portfolio_step_triton_other_params_and_strided_inputs():
     expected = portfolio_step_reference(*inputs, params)
     strided = [x.t().contiguous().t() if x.dim() == 2 else x for x in inputs]
     assert not strided[0].is_contiguous()
-    actual = portfolio_step_triton(*strided, params)
+    actual = run_triton(portfolio_step_triton, *strided, params)
     assert_outputs_match(actual, expected)
     assert (expected.drawdown > params.max_drawdown_target).any()
 
@@ -167,7 +184,7 @@ def feasible(n, k, **overrides):
 def check_risk(proposed, cov, onehot, limits):
     """Run both implementations on the same inputs, compare, and return the reference's output."""
     expected = risk_step_reference(proposed, cov, onehot, limits)
-    actual = risk_step_triton(proposed.clone(), cov.clone(), onehot.clone(), limits)
+    actual = run_triton(risk_step_triton, proposed.clone(), cov.clone(), onehot.clone(), limits)
     assert_outputs_match(actual, expected)
     return expected
 
@@ -317,7 +334,7 @@ def test_risk_step_triton_disabled_limits_and_strided_inputs():
     limits = RiskLimits(max_var=10.0, max_correlation=NOT_APPLIED, max_sector=NOT_APPLIED)
     onehot = sector_onehot(3, 2)
     expected = risk_step_reference(proposed, cov, onehot, limits)
-    actual = risk_step_triton(proposed.t().contiguous().t(), cov.transpose(-1, -2), onehot, limits)
+    actual = run_triton(risk_step_triton, proposed.t().contiguous().t(), cov.transpose(-1, -2), onehot, limits)
     assert_outputs_match(actual, expected)
     torch.testing.assert_close(actual.weights, proposed.clamp(-0.1, 0.1))
 
@@ -369,13 +386,14 @@ def test_dispatcher_uses_triton_when_forced(monkeypatch, spies):
 def test_dispatcher_forced_triton_end_to_end(monkeypatch):
     monkeypatch.setenv("MTQ_KERNELS", "triton")
     inputs = portfolio_inputs(3, 3, "random")
-    assert_outputs_match(kernels.portfolio_step(*inputs, PARAMS), portfolio_step_reference(*inputs, PARAMS))
+    out = run_triton(kernels.portfolio_step, *inputs, PARAMS)
+    assert isinstance(out, PortfolioStepOut)
+    assert_outputs_match(out, portfolio_step_reference(*inputs, PARAMS))
     g = torch.Generator().manual_seed(9)
     proposed, cov, onehot = torch.randn(3, 3, generator=g) * 0.1, covariance(3, 3, g), sector_onehot(3, 2)
-    out = kernels.risk_step(proposed, cov, onehot, feasible(3, 2))
+    out = run_triton(kernels.risk_step, proposed, cov, onehot, feasible(3, 2))
     assert isinstance(out, RiskOut)
     assert_outputs_match(out, risk_step_reference(proposed, cov, onehot, feasible(3, 2)))
-    assert isinstance(kernels.portfolio_step(*inputs, PARAMS), PortfolioStepOut)
 
 
 def test_kernels_import_without_triton():
@@ -405,9 +423,9 @@ assert (out.weights == 0).all()
 def test_triton_empty_batch():
     """A batch of zero rows launches nothing and returns empty outputs of the reference's shapes."""
     inputs = portfolio_inputs(0, 3, "random")
-    assert_outputs_match(portfolio_step_triton(*inputs, PARAMS), portfolio_step_reference(*inputs, PARAMS))
+    assert_outputs_match(run_triton(portfolio_step_triton, *inputs, PARAMS), portfolio_step_reference(*inputs, PARAMS))
     args = torch.zeros(0, 3), torch.zeros(0, 3, 3), sector_onehot(3, 2), RiskLimits()
-    assert_outputs_match(risk_step_triton(*args), risk_step_reference(*args))
+    assert_outputs_match(run_triton(risk_step_triton, *args), risk_step_reference(*args))
 
 
 def test_per_row_cost_rate_in_both_paths():
@@ -428,7 +446,7 @@ def test_per_row_cost_rate_in_both_paths():
         torch.zeros(b),
     ]
     ref = portfolio_step_reference(w, zeros, zeros, rates, *state, RewardParams())
-    tri = portfolio_step_triton(w, zeros, zeros, rates, *state, RewardParams())
+    tri = run_triton(portfolio_step_triton, w, zeros, zeros, rates, *state, RewardParams())
     torch.testing.assert_close(ref.cost, rates[:, 0] * 0.1)
     torch.testing.assert_close(tri.cost, ref.cost)
 
