@@ -124,11 +124,6 @@ def average_(tensors: Iterable[torch.Tensor], world: World) -> None:
         offset += t.numel()
 
 
-def average_gradients(parameters: Iterable[torch.nn.Parameter], world: World) -> None:
-    """Average `.grad` over ranks (before clipping, so every rank clips the same gradient)."""
-    average_([p.grad for p in parameters if p.grad is not None], world)
-
-
 def mean(value: torch.Tensor, world: World) -> torch.Tensor:
     """The mean of a tensor over ranks (a new tensor; the input is left alone)."""
     value = value.detach().clone()

@@ -3,9 +3,9 @@
 The eager update is CleanRL's: the loss, `loss.backward()`, the gradients averaged over ranks, clipped, one
 Adam step. The compiled update computes the same loss as a function of the optimiser's flat weight tensors
 (`torch.func.grad` of a `torch.func.functional_call`, `WeightsAsInputs`), so the forward pass, the backward
-pass, the clipping and Adam become two `torch.compile`d graphs per minibatch: the gradients, then their
-application, with torchrun's gradient all-reduce between the two (nothing on one process). No host sync
-inside either; the learning rate and Adam's step count are tensors, so a new value never recompiles.
+pass, the clipping and Adam run as one `torch.compile`d graph per minibatch (under torchrun two: the
+gradients, then their application, with the gradient all-reduce between them). No host sync inside; the
+learning rate and Adam's step count are tensors, so a new value never recompiles.
 
 Why: the networks are small (64 wide), so an eager update is several hundred small ops whose dispatch
 from Python costs more than their arithmetic; compiled, Inductor fuses the element-wise work into a few
@@ -29,9 +29,9 @@ from mtq_common.ppo import FlatAdam, adam_
 
 CompileChoice = Literal["auto", "on", "off"]
 
-# About 10 s of compilation per phase (less with Inductor's on-disk cache) against about 1-2 ms saved per
-# minibatch on the 2-core CPU: the break-even is near 5,000-10,000 minibatches a run; 2,000 keeps every
-# default phase compiled (Phase 2: 11,520) and every smoke or test run (hundreds) eager.
+# Compiling a phase's update takes 15-55 s the first time on a machine and 3-7 s once Inductor's on-disk cache
+# holds it, against 1-5 ms saved per minibatch on the 2-core CPU: 2,000 minibatches about break even warm.
+# Every default phase compiles (Phase 2, the smallest: 11,520); a smoke or test run (hundreds) stays eager.
 COMPILE_MIN_MINIBATCHES = 2000
 
 
