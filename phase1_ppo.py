@@ -138,7 +138,7 @@ def main(args: Args) -> dict:
     rows_per_iteration = args.num_envs * args.num_steps  # per specialist, on this rank
     num_iterations = iterations(args, rows_per_iteration, world)  # (a minibatch never exceeds the rollout)
     minibatches_per_run = num_iterations * args.n_epochs * -(-rows_per_iteration // args.batch_size)
-    compiled = use_compile(args.compile, minibatches_per_run)  # the update
+    compiled = use_compile(args.compile, minibatches_per_run, device, log)  # the update
 
     # TRY NOT TO MODIFY: seeding (each rank its own environments and noise; rank 0's initial weights)
     seed = seed_everything(world.seed(args.seed))

@@ -177,7 +177,7 @@ def main(args: Args) -> dict:
     steps_per_iteration = args.num_envs * args.num_steps  # on this rank
     num_iterations = iterations(args, steps_per_iteration, world)  # (a minibatch never exceeds the rollout)
     minibatches_per_run = num_iterations * args.n_epochs * -(-steps_per_iteration // args.batch_size)
-    compiled = use_compile(args.compile, minibatches_per_run)  # the update and the environment's step
+    compiled = use_compile(args.compile, minibatches_per_run, device, log)  # the update and the environment's step
     if not 0.0 <= args.specialist_portfolio_weight <= 1.0:
         raise ConfigError(f"--specialist-portfolio-weight {args.specialist_portfolio_weight}: accepted 0 to 1")
 

@@ -17,6 +17,9 @@ bits (tested close after a few updates); its trained results were re-validated o
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import shutil
 from collections.abc import Callable
 from typing import Literal
 
@@ -28,6 +31,7 @@ from mtq_common.coordination import coordinate_, grads_of_each
 from mtq_common.ppo import FlatAdam, adam_
 
 CompileChoice = Literal["auto", "on", "off"]
+CPU = torch.device("cpu")
 
 # Compiling a phase's update takes 15-55 s the first time on a machine and 3-7 s once Inductor's on-disk cache
 # holds it, against 1-5 ms saved per minibatch on the 2-core CPU: 2,000 minibatches about break even warm.
@@ -35,11 +39,32 @@ CompileChoice = Literal["auto", "on", "off"]
 COMPILE_MIN_MINIBATCHES = 2000
 
 
-def use_compile(choice: CompileChoice, minibatches: int) -> bool:
-    """`--compile`: "on", "off", or "auto" (on when the run has at least `COMPILE_MIN_MINIBATCHES` minibatches)."""
+def compiler_missing(device: torch.device) -> str | None:
+    """Why `torch.compile` cannot run on `device` here, or None: Inductor builds C++ on the CPU (a compiler must
+    be on PATH) and Triton kernels on CUDA."""
+    if device.type == "cpu":
+        compilers = [c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c]
+        return None if any(shutil.which(c) for c in compilers) else "no C++ compiler (g++, c++ or clang++) on PATH"
+    if device.type == "cuda":
+        return None if importlib.util.find_spec("triton") else "Triton is not installed"
+    return f"this code compiles for the CPU and CUDA only, not {device.type}"
+
+
+def use_compile(choice: CompileChoice, minibatches: int, device: torch.device = CPU, log=None) -> bool:
+    """`--compile`: "on", "off", or "auto": on when the run has at least `COMPILE_MIN_MINIBATCHES` minibatches
+    and `device` can compile (else eager, with a warning in `log`). "on" where nothing can compile is an error."""
     if choice not in ("auto", "on", "off"):
         raise ValueError(f"--compile {choice!r}: accepted auto, on or off")
-    return choice == "on" or (choice == "auto" and minibatches >= COMPILE_MIN_MINIBATCHES)
+    if choice == "off" or (choice == "auto" and minibatches < COMPILE_MIN_MINIBATCHES):
+        return False
+    missing = compiler_missing(device)
+    if missing is None:
+        return True
+    if choice == "on":
+        raise ValueError(f"--compile on: {missing} (--compile off, or auto, trains eager: the same algorithm)")
+    if log is not None:
+        log.warning("--compile auto: %s, so this run trains eager (the same algorithm, unfused)", missing)
+    return False
 
 
 def views(flat: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:

@@ -1,6 +1,7 @@
 """`--compile` and `--amp`: compile is "auto" (on only for long runs), runs on the CPU and matches eager; amp is
 off by default and refused off CUDA."""
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,17 @@ def test_auto_compiles_long_runs_only():
     # minibatches: 61, 36 and 122 iterations of 320 minibatches); the smoke run's (16,384 steps, 16 rows) do not
     assert all(use_compile("auto", iterations * 320) for iterations in (61, 36, 122))
     assert not use_compile("auto", 8 * 10 * 8)
+
+
+def test_auto_trains_eager_where_nothing_compiles(monkeypatch, caplog):
+    monkeypatch.setattr("shutil.which", lambda name: None)  # a machine without a C++ compiler
+    log = logging.getLogger("mtq.test")
+    with caplog.at_level(logging.WARNING, logger="mtq.test"):
+        assert not use_compile("auto", 10**6, torch.device("cpu"), log)
+    assert "no C++ compiler" in caplog.text and "trains eager" in caplog.text
+    with pytest.raises(ValueError, match="--compile on: no C\\+\\+ compiler .*--compile off"):
+        use_compile("on", 1, torch.device("cpu"))
+    assert not use_compile("off", 10**6, torch.device("cpu"))
 
 
 def test_compile_runs_on_the_cpu_and_matches_eager(tmp_path):
