@@ -76,7 +76,7 @@ def views(flat: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
     return out
 
 
-def group_major(shapes: list[torch.Size]) -> tuple[torch.Tensor, torch.Tensor]:
+def group_major(shapes: list[torch.Size], device=CPU) -> tuple[torch.Tensor, torch.Tensor]:
     """For a flat tensor laid out parameter by parameter, each parameter stacked `[K, ...]` (the specialists):
     `(order [K, n], inverse [K n])` with `flat[order]` the same values as a `[K, n]` matrix, one row per group
     (specialist), and `matrix.reshape(-1)[inverse]` the flat tensor back.
@@ -88,7 +88,7 @@ def group_major(shapes: list[torch.Size]) -> tuple[torch.Tensor, torch.Tensor]:
     """
     k, blocks, offset = shapes[0][0], [], 0
     for shape in shapes:
-        blocks.append((offset + torch.arange(shape.numel())).view(k, -1))
+        blocks.append((offset + torch.arange(shape.numel(), device=device)).view(k, -1))
         offset += shape.numel()
     order = torch.cat(blocks, 1)
     return order, torch.argsort(order.reshape(-1))
@@ -146,7 +146,7 @@ class PPOUpdate:
         self.params, self.compiled, self.batch_dim = optimizer.members[0], compiled, batch_dim
         if compiled:
             self.weights = WeightsAsInputs(modules, optimizer, loss_fn)
-            self.order = group_major([p.shape for p in self.params]) if stacked else None
+            self.order = group_major([p.shape for p in self.params], self.params[0].device) if stacked else None
             self._step = torch.compile(self._step_of)
             self._gradients = torch.compile(self._gradients_of)
             self._apply = torch.compile(self._apply_of)
@@ -214,7 +214,7 @@ class JointUpdate:
         self.max_norm, self.coordinate = max_norm, coordinate
         self.meta_params, self.specialist_params = optimizer.members  # (the order of the groups)
         if compiled:
-            self.order = group_major([p.shape for p in self.specialist_params])
+            self.order = group_major([p.shape for p in self.specialist_params], self.specialist_params[0].device)
             self.meta_weights = WeightsAsInputs([meta, specialists], optimizer, meta_loss_fn)
             self.policy_weights = WeightsAsInputs([meta, specialists], optimizer, policy_fn)
             self.value_weights = WeightsAsInputs([meta, specialists], optimizer, value_fn)
