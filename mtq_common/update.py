@@ -246,23 +246,22 @@ class JointUpdate:
         return meta_stats, specialist_stats, stats
 
     def _compiled(self, meta_batch, specialist_batch, update_meta: bool):
-        state = [self.optimizer.group_tensors(i) for i in (0, 1)]
-        flats = [s[0] for s in state]
+        state = [self.optimizer.group_tensors(i) for i in (0, 1)]  # (flat weights, moments, step, rate) per group
         if not self.world.enabled:
-            return self._step(meta_batch, specialist_batch, update_meta, flats, state)
+            return self._step(meta_batch, specialist_batch, update_meta, state)
         meta_grad, objectives, meta_stats, specialist_stats = self._gradients(meta_batch, specialist_batch,
-                                                                              update_meta, flats)  # fmt: skip
+                                                                              update_meta, state)  # fmt: skip
         distributed.average_([g for g in (meta_grad, objectives) if g is not None], self.world)
         stats = self._apply(meta_grad, objectives, state)
         return meta_stats, specialist_stats, stats
 
-    def _step_of(self, meta_batch, specialist_batch, update_meta, flats, state):
+    def _step_of(self, meta_batch, specialist_batch, update_meta, state):
         meta_grad, objectives, meta_stats, specialist_stats = self._gradients_of(meta_batch, specialist_batch,
-                                                                                 update_meta, flats)  # fmt: skip
+                                                                                 update_meta, state)  # fmt: skip
         return meta_stats, specialist_stats, self._apply_of(meta_grad, objectives, state)
 
-    def _gradients_of(self, meta_batch, specialist_batch, update_meta, flats):
-        meta_flat, specialist_flat = (f.detach() for f in flats)
+    def _gradients_of(self, meta_batch, specialist_batch, update_meta, state):
+        meta_flat, specialist_flat = (group[0].detach() for group in state)
         meta_grad = specialist_grads = specialist_stats = None
         if update_meta:
             meta_grad, meta_stats = torch.func.grad(lambda w: self.meta_weights([w, specialist_flat], *meta_batch),

@@ -160,3 +160,21 @@ def untrained_agents(market, cfg, tables=None) -> tuple[SpecialistAgents, MetaCo
     env = PortfolioEnv(market, cfg, 1, tables=tables if tables is not None else build_tables(market, cfg))
     meta = MetaController(meta_observation_size(env.portfolio_obs_size, len(cfg.specialists)), 3, hidden=8)
     return specialists, meta
+
+
+def restarting_portfolio_pair(**second) -> tuple[PortfolioEnv, PortfolioEnv, torch.Generator]:
+    """Two `PortfolioEnv`s of 16 rows on one 400-bar market with 7-bar episodes (many restarts), reset alike,
+    the second built with `second` (e.g. ``compiled=True``), and a generator for the books they trade."""
+    cfg = Config()
+    cfg.environment.episode_length = 7
+    market = generate_market(cfg.data.instruments, SECTORS, VOLS, 400, 9)
+    envs = PortfolioEnv(market, cfg, 16, torch_mode=True, seed=3), PortfolioEnv(market, cfg, 16, torch_mode=True,
+                                                                                seed=3, **second)  # fmt: skip
+    for env in envs:
+        env.reset(seed=3)
+    return *envs, torch.Generator().manual_seed(0)
+
+
+def random_books(gen: torch.Generator) -> torch.Tensor:
+    """Proposed weights for 16 rows of 8 instruments, within +-0.1."""
+    return (torch.rand(16, 8, generator=gen) * 2 - 1) * 0.1

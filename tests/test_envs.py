@@ -14,7 +14,7 @@ from mtq_common.features import FEATURE_WINDOW
 from mtq_common.hierarchy import compose_weights, instrument_specialist_index
 from mtq_common.market import MarketData
 from mtq_common.synthetic import generate_market
-from tests.helpers import SECTORS, VOLS, limits_hold
+from tests.helpers import SECTORS, VOLS, limits_hold, random_books, restarting_portfolio_pair
 
 START = FEATURE_WINDOW + 5  # a bar every episode may start at
 
@@ -401,16 +401,10 @@ def test_a_step_without_observations_changes_the_state_as_a_full_step():
     """`observe=False` (the paired baseline's twin, which keeps only the reward) builds no observation
     and otherwise steps exactly as a full step: same rewards, truncations and infos, same state after
     every step (restarts included), so observing afterwards gives the full step's observation."""
-    cfg = Config()
-    cfg.environment.episode_length = 7  # many restarts
-    market = generate_market(cfg.data.instruments, SECTORS, VOLS, 400, 9)
-    full, blind = (PortfolioEnv(market, cfg, 16, torch_mode=True, seed=3) for _ in range(2))
-    gen = torch.Generator().manual_seed(0)
-    for env in (full, blind):
-        env.reset(seed=3)
+    full, blind, gen = restarting_portfolio_pair()
     restarts = 0
     for _ in range(30):
-        weights = (torch.rand(16, 8, generator=gen) * 2 - 1) * 0.1
+        weights = random_books(gen)
         obs, reward, _, truncated, info = full.step(weights)
         no_obs, blind_reward, _, blind_truncated, blind_info = blind.step(weights, observe=False)
         assert no_obs is None and blind_info["final_obs"] is None

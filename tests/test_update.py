@@ -4,15 +4,12 @@ rounded differently, so the same weights, statistics and environment states to f
 import pytest
 import torch
 
-from mtq_common.config import Config
 from mtq_common.coordination import clip_component_, clip_components_
 from mtq_common.distributed import World
-from mtq_common.envs import PortfolioEnv
 from mtq_common.nets import MetaController, SpecialistAgents
 from mtq_common.ppo import FlatAdam, clipped_surrogate, minibatches, normalise
-from mtq_common.synthetic import generate_market
 from mtq_common.update import JointUpdate, PPOUpdate
-from tests.helpers import SECTORS, VOLS
+from tests.helpers import random_books, restarting_portfolio_pair
 
 ROWS, OBS = 64, 6
 OWNER = torch.tensor([0, 0, 1, 2])  # four instrument slots, three specialists
@@ -129,16 +126,10 @@ def test_the_clip_rules_agree_with_clip_grad_norm():
 def test_the_compiled_portfolio_step_matches_the_eager_one(observe):
     """The step before the autoreset compiled, the autoreset eager: the same rewards, books, risk and
     observations over many restarts."""
-    cfg = Config()
-    cfg.environment.episode_length = 7  # many restarts
-    market = generate_market(cfg.data.instruments, SECTORS, VOLS, 400, 9)
-    eager, fused = (PortfolioEnv(market, cfg, 16, torch_mode=True, seed=3, compiled=c) for c in (False, True))
-    gen = torch.Generator().manual_seed(0)
-    for env in (eager, fused):
-        env.reset(seed=3)
+    eager, fused, gen = restarting_portfolio_pair(compiled=True)
     restarts = 0
     for _ in range(30):
-        weights = (torch.rand(16, 8, generator=gen) * 2 - 1) * 0.1
+        weights = random_books(gen)
         a, b = eager.step(weights, observe=observe), fused.step(weights, observe=observe)
         restarts += int(a[3].sum())
         close(b[1], a[1], "reward")
