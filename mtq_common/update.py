@@ -10,7 +10,7 @@ learning rate and Adam's step count are tensors, so a new value never recompiles
 Why: the networks are small (64 wide), so an eager update is several hundred small ops whose dispatch
 from Python costs more than their arithmetic; compiled, Inductor fuses the element-wise work into a few
 loops. Fused code rounds differently, so a compiled run's weights differ from an eager run's in the last
-bits (tested close after a few updates); its trained results were re-validated on seeds (README).
+bits (tested close after a few updates); its trained results were re-validated on seeds (docs/benchmarks.md).
 `--compile auto` (the default) compiles when a run has enough minibatches to repay the compilation
 (`COMPILE_MIN_MINIBATCHES`): the default pipeline does, the smoke run and the tests' tiny runs stay eager.
 """

@@ -107,7 +107,7 @@ def market_config(path: Path, noise_classes: tuple[str, ...]) -> Path:
     return write_config(path, overrides)
 
 
-ROUTING_SEED = 1  # seeds 1, 2 and 3 were tried; see the README for their figures
+ROUTING_SEED = 1  # seeds 1, 2 and 3 were tried; see docs/reference.md (Phase 2) for their figures
 
 
 def test_meta_controller_routes_capital_to_the_skilled_specialist(tmp_path, seed=ROUTING_SEED):
