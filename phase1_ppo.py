@@ -36,6 +36,7 @@ from mtq_common.checkpoint import parameter_fingerprint
 from mtq_common.config import ConfigError
 from mtq_common.coordination import clip_components_
 from mtq_common.divergence import DivergenceGuard
+from mtq_common.engine import POSITION_RATE
 from mtq_common.envs import SpecialistEnv, position_column, specialist_rows
 from mtq_common.market import iso_time, load_splits
 from mtq_common.market_tables import build_tables
@@ -99,7 +100,7 @@ class Args:
     """Stop an iteration's epochs early above this approximate KL (unset: never)."""
     hidden_size: int = 64
     """Width of the two hidden layers."""
-    position_rate: float = 0.3
+    position_rate: float = POSITION_RATE
     """Partial adjustment: each bar the position moves this share of the way to the policy's target (1: all)."""
     eval_interval: int = 10
     """Validate (and update `best.pt`) every this many iterations, and at the end."""

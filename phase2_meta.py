@@ -5,16 +5,18 @@
 
 The specialists are loaded from `--specialists-dir/best.pt` (with their observation normalisers),
 frozen and run without gradients. Each bar the meta-controller sees the portfolio, the specialists'
-signals and their recent performance, and outputs an allocation over the specialists (softmax of
-Gaussian logits) and a risk appetite (a Gaussian clamped to [0, 1]); `compose_weights` turns that and the
+signals and their recent performance and the market's volatility evidence, and outputs an allocation over
+the specialists (softmax of Gaussian logits) and a risk appetite; `compose_weights` turns that and the
 specialists' positions into proposed weights, and `PortfolioEnv`'s risk manager maps them to weights
-within every hard limit before costs, returns and the portfolio reward. The meta-controller starts at
-the equal allocation at full appetite (validated as iteration 0), its held allocation moves a share
-`--allocation-rate` of the way to its action each bar, and its reward is scored against a twin env that
-trades the equal allocation of the same positions on the same path (`--paired-baseline`: a control
-variate that leaves the optimal policy unchanged). `--timesteps` counts environment steps of the
-meta-controller. Outputs as in Phase 1: `latest.pt`, `best.pt` (by
-validation portfolio Sharpe), `step_*.pt`, `metrics.json`; `training.log` and TensorBoard events.
+within every hard limit before costs, returns and the portfolio reward. With `--risk-timing` (default) the
+appetite is a learned factor over the volatility-managed rule's `min(1, (sigma* / sigma_t)^p)` (levels from
+the training split, half-life and p picked on the validation split), and the meta-controller starts exactly
+at `vol_managed_equal_allocation`; without it, at the equal allocation at full appetite. The starting point
+is validated as iteration 0, its held allocation moves a share `--allocation-rate` of the way to its action
+each bar, and its reward is scored against a twin env that trades that starting point on the same path
+(`--paired-baseline`: a control variate that leaves the optimal policy unchanged). `--timesteps` counts
+environment steps of the meta-controller. Outputs as in Phase 1: `latest.pt`, `best.pt` (by validation
+portfolio Sharpe), `step_*.pt`, `metrics.json`; `training.log` and TensorBoard events.
 Runs data-parallel under `torchrun --nproc_per_node N` as Phase 1 does (`mtq_common.distributed`).
 """
 
@@ -27,16 +29,23 @@ import torch
 
 from mtq_common import checkpoint as ckpt
 from mtq_common import distributed
-from mtq_common.baselines import fit_trend_for
+from mtq_common.baselines import fit_trend_for, fit_vol_levels
 from mtq_common.checkpoint import clone_state, parameter_fingerprint
 from mtq_common.coordination import clip_component_
 from mtq_common.divergence import DivergenceGuard
 from mtq_common.envs import PortfolioEnv
-from mtq_common.hierarchy import MetaTracker, compose_weights, load_specialists, meta_observation_size
+from mtq_common.hierarchy import (
+    MetaTracker,
+    compose_weights,
+    load_specialists,
+    meta_observation_size,
+    risk_features,
+    timing_spec,
+)
 from mtq_common.market import load_splits
 from mtq_common.market_tables import build_tables
 from mtq_common.nets import MetaController
-from mtq_common.portfolio_eval import evaluate_portfolio, format_report
+from mtq_common.portfolio_eval import evaluate_portfolio, format_report, validation_timings
 from mtq_common.ppo import FlatAdam, gae, minibatches, update_scalars
 from mtq_common.rollout_stats import PortfolioRolloutStats, log_validation
 from mtq_common.run import Run, cli, iterations, restore, resume, seed_everything, start_run
@@ -98,6 +107,9 @@ class Args:
     """Width of the two hidden layers."""
     allocation_rate: float = 0.1
     """Partial adjustment of the held allocation towards the meta-controller's action each bar (1: jump)."""
+    risk_timing: bool = True
+    """Start at the volatility-managed equal allocation and learn a factor over its appetite, with the market's
+    volatility in the observation (DESIGN 14); --no-risk-timing: the equal allocation at full appetite."""
     paired_baseline: bool = True
     """Score each bar against the equal allocation on the same path (a twin env): less noise, same optimum."""
     eval_interval: int = 10
@@ -151,15 +163,23 @@ def main(args: Args) -> dict:
         log.warning("risk limit: %s", note)
     val_tables = build_tables(val, cfg, device)
     trend = fit_trend_for(train, cfg)  # the trend_filter baseline's parameters, from the training split
+    vol_levels = fit_vol_levels(train)  # the volatility-managed baselines' levels, from the training split
     references: dict = {}  # the baselines' validation backtests, computed once
 
     def validate(meta) -> dict:
         """The hierarchy and every baseline on the validation split (`eval_segments` pieces in parallel)."""
         return evaluate_portfolio(specialists, meta, val, cfg, trend, device, args.eval_segments, val_tables, 2,
-                                  references, specialists_frozen=True)[0]  # fmt: skip
+                                  references, specialists_frozen=True, vol_levels=vol_levels)[0]  # fmt: skip
 
-    b, d = args.num_envs, meta_observation_size(envs.portfolio_obs_size, k)
-    meta = MetaController(d, k, args.hidden_size, allocation_rate=args.allocation_rate).to(device)
+    start_rule = None  # risk timing: the rule the meta-controller starts from, picked on the validation split
+    if args.risk_timing:
+        rules = validation_timings(specialists, val, cfg, trend, vol_levels, device, args.eval_segments)
+        start_rule = timing_spec(vol_levels, rules["vol_managed_equal_allocation"])
+        log.info("risk timing: a factor over vol_managed_equal_allocation (half-life %d, power %d, picked on val)",
+                 start_rule["half_life"], start_rule["power"])  # fmt: skip
+    b, d = args.num_envs, meta_observation_size(envs.portfolio_obs_size, k, timed=start_rule is not None)
+    meta = MetaController(d, k, args.hidden_size, allocation_rate=args.allocation_rate, timing=start_rule).to(device)
+    risk = None if start_rule is None else risk_features(start_rule, train, device)  # [T, H + 1], training market
     distributed.broadcast_module(meta, world)
     optimizer = FlatAdam(meta.parameters(), lr=args.learning_rate, eps=1e-5)  # Adam, stepped as one tensor
 
@@ -194,6 +214,7 @@ def main(args: Args) -> dict:
     final_instruments = torch.zeros((args.num_steps, b, *envs.single_observation_space["instruments"].shape),
                                     device=device)  # fmt: skip
     final_held = torch.zeros((args.num_steps, b, 2 * k + 1), device=device)
+    final_risk = None if risk is None else torch.zeros((args.num_steps, b, risk.shape[1]), device=device)
     actions = torch.zeros((args.num_steps, b, k + 1), device=device)
     logprobs, rewards, values, truncs = (torch.zeros((args.num_steps, b), device=device) for _ in range(4))
 
@@ -231,34 +252,42 @@ def main(args: Args) -> dict:
             global_step += b * world.size
             with torch.no_grad():
                 positions = specialists.positions(next_env_obs["instruments"], owner)
-                obs[step] = tracker.observe(next_env_obs["portfolio"], positions)
+                bar = envs.bar
+                evidence = None if risk is None else risk.index_select(0, bar)  # volatility at the rows' bars
+                obs[step] = tracker.observe(next_env_obs["portfolio"], positions, evidence)
                 action, logprob, _, value = meta.get_action_and_value(obs[step])
-                allocation, appetite = tracker.act(action)
+                base = None if evidence is None else evidence[:, -1]  # the rule's appetite
+                allocation, appetite = tracker.act(action, base)
                 proposal = compose_weights(allocation, appetite, positions, owner, max_position)
             guard.watch(proposal, global_step)
             values[step], actions[step], logprobs[step] = value, action, logprob
             next_env_obs, reward, _, truncated, info = envs.step(proposal, positions)
             twin_reward = None
             if args.paired_baseline:
-                twin_reward = twin.step(compose_weights(*equal, positions, owner, max_position), positions,
+                start = equal if base is None else (equal[0], base)  # the starting point, on the same path
+                twin_reward = twin.step(compose_weights(*start, positions, owner, max_position), positions,
                                         observe=False)[1]  # fmt: skip
                 reward = reward - twin_reward
             rewards[step], truncs[step] = reward, truncated.float()
             # the final observation bootstraps a truncated row's value: its parts now, assembled after the rollout
             final_held[step] = tracker.after_step(positions, info["bar_returns"], truncated)
+            if risk is not None:  # a truncated row's final observation is of the next bar
+                final_risk[step] = risk.index_select(0, (bar + 1).clamp_max(len(risk) - 1))
             final_portfolio[step] = info["final_obs"]["portfolio"]
             final_instruments[step] = info["final_obs"]["instruments"]
-            rollout.add(info, allocation, twin_reward)
+            rollout.add(info, allocation, twin_reward, appetite, None if evidence is None else evidence[:, 0])
         guard.raise_if_diverged()
         run.watch.lap("rollout")
 
         # bootstrap value if not done: a truncated row continues from V(final obs), not from zero
         with torch.no_grad():
             final_positions = specialists.positions(final_instruments.flatten(0, 1), owner)  # one batch
-            final_obs = tracker.assemble(final_portfolio.flatten(0, 1), final_positions, final_held.flatten(0, 1))
+            final_obs = tracker.assemble(final_portfolio.flatten(0, 1), final_positions, final_held.flatten(0, 1),
+                                         None if risk is None else final_risk.flatten(0, 1))  # fmt: skip
             final_values = meta.get_value(final_obs).view(args.num_steps, b)
             next_positions = specialists.positions(next_env_obs["instruments"], owner)
-            next_value = meta.get_value(tracker.observe(next_env_obs["portfolio"], next_positions))
+            next_evidence = None if risk is None else risk.index_select(0, envs.bar)
+            next_value = meta.get_value(tracker.observe(next_env_obs["portfolio"], next_positions, next_evidence))
             advantages = gae(rewards, values, final_values, next_value, truncs, args.gamma, args.gae_lambda)
             returns = advantages + values
 

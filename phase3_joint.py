@@ -54,7 +54,7 @@ import torch
 from mtq_common import checkpoint as ckpt
 from mtq_common import distributed
 from mtq_common.backtest import run_episodes, summarize_episodes
-from mtq_common.baselines import fit_trend_for
+from mtq_common.baselines import fit_trend_for, fit_vol_levels
 from mtq_common.checkpoint import clone_state, parameter_fingerprint
 from mtq_common.config import ConfigError
 from mtq_common.coordination import (
@@ -65,7 +65,14 @@ from mtq_common.coordination import (
 from mtq_common.curriculum import Curriculum, generate_scenario
 from mtq_common.divergence import DivergenceGuard
 from mtq_common.envs import PortfolioEnv
-from mtq_common.hierarchy import HierarchyPolicy, MetaTracker, compose_weights, load_specialists, meta_observation_size
+from mtq_common.hierarchy import (
+    HierarchyPolicy,
+    MetaTracker,
+    compose_weights,
+    load_specialists,
+    meta_observation_size,
+    risk_features,
+)
 from mtq_common.market import load_splits
 from mtq_common.market_tables import build_tables
 from mtq_common.nets import MetaController
@@ -241,23 +248,28 @@ def main(args: Args) -> dict:
                          specialist_value_objective, args.max_grad_norm,
                          coordinate, world, compiled)  # fmt: skip
 
-    def make_env(level: int) -> PortfolioEnv:
+    def make_envs(level: int) -> tuple[PortfolioEnv, PortfolioEnv, torch.Tensor | None]:
+        """The training env of a curriculum level, its twin (the meta-controller's starting point on the same
+        paths, as in Phase 2) and, for a risk-timing meta-controller, the market's volatility evidence."""
         market = generate_scenario(level, cfg, args.seed) if args.curriculum_learning else splits["train"]
-        return PortfolioEnv(market, cfg, args.num_envs, device=device, seed=seed, torch_mode=True,
-                            check_actions=False, compiled=compiled)  # fmt: skip
+        env, twin = (PortfolioEnv(market, cfg, args.num_envs, device=device, seed=seed, torch_mode=True,
+                                  check_actions=False, compiled=compiled) for _ in range(2))  # fmt: skip
+        return env, twin, None if meta.timing is None else risk_features(meta.timing, market, device)
 
     level = curriculum.get_difficulty_level(0)
-    envs, twin = make_env(level), make_env(level)  # twin: the equal allocation on the same paths (Phase 2)
+    envs, twin, risk = make_envs(level)
     val_tables = build_tables(val, cfg, device)
     trend = fit_trend_for(splits["train"], cfg)  # the trend_filter baseline's parameters, from the training split
+    vol_levels = fit_vol_levels(splits["train"])  # the volatility-managed baselines' levels, from the training split
     references: dict = {}  # the baselines' validation backtests, computed once
 
     def validate(specialists, meta) -> dict:
         """The hierarchy and every baseline on the validation split (`eval_segments` pieces in parallel)."""
         return evaluate_portfolio(specialists, meta, val, cfg, trend, device, args.eval_segments, val_tables, 3,
-                                  references)[0]  # fmt: skip
+                                  references, vol_levels=vol_levels)[0]  # fmt: skip
 
-    b, d, f = args.num_envs, meta_observation_size(envs.portfolio_obs_size, k), specialists.obs_size
+    b, f = args.num_envs, specialists.obs_size
+    d = meta_observation_size(envs.portfolio_obs_size, k, timed=meta.timing is not None)
     max_position = cfg.environment.max_position_size
 
     # ALGO LOGIC: storage setup
@@ -265,6 +277,7 @@ def main(args: Args) -> dict:
     meta_obs = torch.zeros((s, b, d), device=device)
     final_portfolio = torch.zeros((s, b, envs.portfolio_obs_size), device=device)
     final_held = torch.zeros((s, b, 2 * k + 1), device=device)  # the tracker's part of the final meta obs
+    final_risk = None if risk is None else torch.zeros((s, b, risk.shape[1]), device=device)
     inst_obs, final_inst_obs = torch.zeros((s, b, n, f), device=device), torch.zeros((s, b, n, f), device=device)
     meta_actions = torch.zeros((s, b, k + 1), device=device)
     spec_actions, spec_logprobs, spec_values, own_rewards = (torch.zeros((s, b, n), device=device) for _ in range(4))
@@ -281,7 +294,7 @@ def main(args: Args) -> dict:
         state, mine = resume(args, "phase3", cfg, world)
         curriculum.load_state_dict(state["curriculum"])
         level = curriculum.get_difficulty_level(state["global_step"])
-        envs, twin = make_env(level), make_env(level)  # the resumed curriculum level's market
+        envs, twin, risk = make_envs(level)  # the resumed curriculum level's market
         models = {"specialists": specialists, "meta": meta}
         start_iteration, global_step, best = restore(state, mine, log, {**models, **schedules},
                                                      {"env": envs, "twin": twin, "tracker": tracker})  # fmt: skip
@@ -327,16 +340,20 @@ def main(args: Args) -> dict:
                 else:  # the mean action: the actor alone (nothing of the specialists' is updated this iteration)
                     action = specialists.mean_per_slot(next_obs["instruments"], owner)
                 positions = specialists.to_position(action, next_obs["instruments"])  # clipped, partially adjusted
-                meta_obs[step] = tracker.observe(next_obs["portfolio"], positions)
+                bar = envs.bar
+                evidence = None if risk is None else risk.index_select(0, bar)  # volatility at the rows' bars
+                meta_obs[step] = tracker.observe(next_obs["portfolio"], positions, evidence)
                 u, meta_logprob, _, meta_value = meta.get_action_and_value(meta_obs[step])
-                allocation, appetite = tracker.act(u)
+                base = None if evidence is None else evidence[:, -1]  # the volatility-managed rule's appetite
+                allocation, appetite = tracker.act(u, base)
                 proposal = compose_weights(allocation, appetite, positions, owner, max_position)
             guard.watch(proposal, global_step)
             meta_actions[step], meta_logprobs[step], meta_values[step] = u, meta_logprob, meta_value
             next_obs, reward, _, truncated, info = envs.step(proposal, positions)
             twin_reward = None
-            if args.paired_baseline:  # the same positions at the equal allocation, on the same path
-                twin_reward = twin.step(compose_weights(*equal, positions, owner, max_position), positions,
+            if args.paired_baseline:  # the same positions at the starting allocation, on the same path
+                start = equal if base is None else (equal[0], base)
+                twin_reward = twin.step(compose_weights(*start, positions, owner, max_position), positions,
                                         observe=False)[1]  # fmt: skip
                 reward = reward - twin_reward
             rewards[step], truncs[step] = reward, truncated.float()
@@ -349,17 +366,21 @@ def main(args: Args) -> dict:
             final_inst_obs[step] = info["final_obs"]["instruments"]
             final_portfolio[step] = info["final_obs"]["portfolio"]
             final_held[step] = tracker.after_step(positions, info["bar_returns"], truncated)
-            rollout.add(info, allocation, twin_reward)
+            if risk is not None:  # a truncated row's final observation is of the next bar
+                final_risk[step] = risk.index_select(0, (bar + 1).clamp_max(len(risk) - 1))
+            rollout.add(info, allocation, twin_reward, appetite, None if evidence is None else evidence[:, 0])
         guard.raise_if_diverged()
         run.watch.lap("rollout")
 
         # bootstrap value if not done: truncated rows continue from V(final obs), not from zero
         with torch.no_grad():
             final_positions = specialists.positions(final_inst_obs.flatten(0, 1), owner)  # one batch
-            final_meta_obs = tracker.assemble(final_portfolio.flatten(0, 1), final_positions, final_held.flatten(0, 1))
+            final_meta_obs = tracker.assemble(final_portfolio.flatten(0, 1), final_positions, final_held.flatten(0, 1),
+                                              None if risk is None else final_risk.flatten(0, 1))  # fmt: skip
             final_meta_values = meta.get_value(final_meta_obs).view(s, b)
             next_positions = specialists.positions(next_obs["instruments"], owner)
-            next_meta_value = meta.get_value(tracker.observe(next_obs["portfolio"], next_positions))
+            next_evidence = None if risk is None else risk.index_select(0, envs.bar)
+            next_meta_value = meta.get_value(tracker.observe(next_obs["portfolio"], next_positions, next_evidence))
             meta_adv = gae(rewards, meta_values, final_meta_values, next_meta_value, truncs, args.gamma,
                            args.gae_lambda)  # fmt: skip
             meta_returns = meta_adv + meta_values
@@ -427,7 +448,7 @@ def main(args: Args) -> dict:
                 log.info("curriculum: level %d -> %d at step %d (rolling validation Sharpe)", level, new_level,
                          global_step)  # fmt: skip
                 level = new_level
-                envs, twin = make_env(level), make_env(level)
+                envs, twin, risk = make_envs(level)
                 next_obs, _ = envs.reset(seed=seed + iteration)
                 twin.reset(seed=seed + iteration)
                 tracker = MetaTracker(owner, k, b, device, meta.allocation_rate)
@@ -470,7 +491,7 @@ def final_evaluation(args: Args, specialists, meta, owner, best: dict, report: d
     best_report = validate(specialists, meta)
 
     def hierarchy(rows):
-        return HierarchyPolicy(specialists, meta, owner, cfg.environment.max_position_size, rows, device)
+        return HierarchyPolicy(specialists, meta, owner, cfg.environment.max_position_size, rows, device, val)
 
     episodes = run_episodes(val, cfg, hierarchy, args.eval_episodes, seed=args.seed, device=device, tables=tables)
     phase2_metrics = Path(args.phase2_dir) / "metrics.json"

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import importlib.metadata
+import json
 import math
 import os
 import platform
@@ -47,15 +48,22 @@ import phase3_joint
 from mtq_common import checkpoint as ckpt
 from mtq_common.act import format_book, read_holdings, stale_days, target_book
 from mtq_common.backtest import run_episodes, stitch_backtests, summarize_episodes
-from mtq_common.baselines import fit_trend_for
+from mtq_common.baselines import fit_trend_for, fit_vol_levels
 from mtq_common.config import ConfigError
 from mtq_common.csv_data import load_csv_series
 from mtq_common.flags import config_from_args, parse_args
-from mtq_common.hierarchy import HierarchyPolicy, instrument_specialist_index
+from mtq_common.hierarchy import HierarchyPolicy, instrument_specialist_index, load_specialists
 from mtq_common.market import iso_time, load_splits
 from mtq_common.market_tables import build_tables
+from mtq_common.nets import MetaController
 from mtq_common.policy import check_data, load_hierarchy, trained_data
-from mtq_common.portfolio_eval import _json_ready, evaluate_portfolio, format_report, report_from_backtests
+from mtq_common.portfolio_eval import (
+    _json_ready,
+    evaluate_portfolio,
+    format_report,
+    report_from_backtests,
+    validation_timings,
+)
 from mtq_common.report import write_report
 from mtq_common.runtime import configure_threads, resolve_device, setup_logging
 from mtq_common.synthetic import generate_market
@@ -160,8 +168,6 @@ def versions() -> dict[str, str]:
 def read_manifest(path: Path) -> dict | None:
     if not path.is_file():
         return None
-    import json
-
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -258,9 +264,16 @@ def test_backtests(args: Args, cfg, device):
     if list(specialists.names) != [s for s in specialists.names if s in test.sectors]:
         raise ckpt.CheckpointError(f"{out / 'phase3' / 'best.pt'} holds specialists for other instruments")
     tables = build_tables(test, cfg, device)
-    trend = fit_trend_for(splits["train"], cfg)
+    trend, levels = fit_trend_for(splits["train"], cfg), fit_vol_levels(splits["train"])  # rules fit on train
+    timings = validation_timings(specialists, splits["val"], cfg, trend, levels, device)  # risk timing: on val
+    phase1 = load_specialists(out / "phase1", test, device)[0]  # the Phase 2 system: what Phase 3 started from
+    phase2 = (phase1, MetaController.from_checkpoint(out / "phase2", phase1, device))
     report, backtests = evaluate_portfolio(specialists, meta, test, cfg, trend, device, segments=1, tables=tables,
-                                           phase="final", confidence=True)  # fmt: skip
+                                           phase="final", confidence=True, vol_levels=levels, timings=timings,
+                                           phase2=phase2)  # fmt: skip
+    phase3_metrics = out / "phase3" / "metrics.json"
+    if phase3_metrics.is_file():  # which Phase 3 iteration best.pt holds (0: the Phase 2 system itself)
+        report["phase3_best_iteration"] = json.loads(phase3_metrics.read_text())["best_iteration"]
     return report, backtests, (specialists, meta), test, tables
 
 
@@ -272,8 +285,9 @@ def evaluate(args: Args, cfg, log) -> dict:
     report, backtests, (specialists, meta), test, tables = test_backtests(args, cfg, device)
     owner = instrument_specialist_index(test.sectors, specialists.names).to(device)
 
-    def hierarchy(rows):
-        return HierarchyPolicy(specialists, meta, owner, cfg.environment.max_position_size, rows, device)
+    def hierarchy(market):
+        return lambda rows: HierarchyPolicy(specialists, meta, owner, cfg.environment.max_position_size, rows, device,
+                                            market)  # fmt: skip
 
     if test.source == "synthetic":
         # fresh market paths: a seed no split uses, long enough for every episode without overlap
@@ -284,11 +298,11 @@ def evaluate(args: Args, cfg, log) -> dict:
                                 drift_half_life=cfg.data.synthetic.drift_half_life,
                                 drift_scale=cfg.data.synthetic.drift_scale,
                                 signal=[cfg.instruments[s].signal for s in test.symbols])  # fmt: skip
-        episodes = run_episodes(fresh, cfg, hierarchy, args.eval_episodes, length, seed=args.seed, device=device,
+        episodes = run_episodes(fresh, cfg, hierarchy(fresh), args.eval_episodes, length, seed=args.seed, device=device,
                                 consecutive=True)  # fmt: skip
         where = f"a fresh synthetic path (seed {cfg.data.synthetic.seed + FRESH_PATH_SEED}), consecutive windows"
     else:
-        episodes = run_episodes(test, cfg, hierarchy, args.eval_episodes, seed=args.seed, device=device,
+        episodes = run_episodes(test, cfg, hierarchy(test), args.eval_episodes, seed=args.seed, device=device,
                                 tables=tables)  # fmt: skip
         where = "random windows of the test split"
     summary = summarize_episodes(episodes)
@@ -337,6 +351,7 @@ def walk_forward(args: Args, cfg, log) -> dict:
             "bars": report["data"]["bars"],
             "sharpe": sharpe,
             "trend_filter": report["trend_filter"],
+            "vol_managed": report["vol_managed"],
         })  # fmt: skip
         for name, bt in backtests.items():
             parts.setdefault(name, []).append(bt)

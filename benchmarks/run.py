@@ -1,11 +1,12 @@
 """Seed sweep: run a training command over configs x seeds and tabulate the metrics across seeds.
 
     python -m benchmarks.run --command "python phase1_ppo.py --timesteps 4096" --seeds 1 2 3 \\
-        [--configs a.yaml b.yaml] [--workers 2] [--output-dir runs/bench] [--run] [--json results.json]
+        [--configs a.yaml b.yaml] [--workers 2] [--output-dir runs/bench] [--run | --collect] [--json results.json]
 
 CleanRL's benchmark utility, adapted. Each run is the command plus `--seed S`, `--config C` (only when
 configs are given), `--output-dir OUT/<config stem or default>/seed_S`, `--log-dir .../seed_S/logs` and
-`--no-progress`. Without `--run` the expanded commands are printed and nothing runs. With `--run` they
+`--no-progress`. Without `--run` the expanded commands are printed and nothing runs; `--collect` tabulates
+the runs an earlier `--run` left in the output dir. With `--run` they
 run in a pool of `--workers` processes from the repository root with `OMP_NUM_THREADS=1`; a leading
 `python` runs as this interpreter. Every run's `metrics.json` (or, for `pipeline.py`, its test report
 `eval/report.json`) is flattened ("/"-joined keys, lists,
@@ -18,9 +19,11 @@ when any run failed or wrote no metrics.json.
 from __future__ import annotations
 
 import fnmatch
+import importlib.metadata
 import json
 import math
 import os
+import platform
 import shlex
 import subprocess
 import sys
@@ -54,6 +57,8 @@ class Args:
     """Runs executed at the same time."""
     run: bool = False
     """Execute the runs; without it the expanded commands are only printed."""
+    collect: bool = False
+    """Tabulate the runs already in --output-dir (the same --command, seeds and configs) without running them."""
     json: str | None = None
     """Where the full table goes as JSON (default: <output-dir>/results.json)."""
     metrics: list[str] = field(default_factory=lambda: ["*sharpe", "*max_drawdown", "*win_rate", "*total_return"])
@@ -175,9 +180,22 @@ def execute(run: Run, timeout: float | None, stderr_lines: int) -> Outcome:
         elif not found:
             outcome.status = "no metrics"
         else:
-            raw = json.loads(found[0].read_text())
-            outcome.status, outcome.metrics, outcome.report = "ok", flatten(raw), raw
+            read_metrics(outcome, found[0])
     outcome.seconds = time.perf_counter() - start
+    return outcome
+
+
+def read_metrics(outcome: Outcome, path: Path) -> None:
+    raw = json.loads(path.read_text())
+    outcome.status, outcome.metrics, outcome.report = "ok", flatten(raw), raw
+
+
+def collect(run: Run) -> Outcome:
+    """A finished run's outcome from its output dir (`--collect`): its metrics, or "no metrics"."""
+    outcome = Outcome(run, status="no metrics")
+    found = [REPO / run.output_dir / name for name in METRICS_FILES if (REPO / run.output_dir / name).is_file()]
+    if found:
+        read_metrics(outcome, found[0])
     return outcome
 
 
@@ -202,44 +220,85 @@ def format_table(group: str, table: dict[str, dict], rows: list[str]) -> str:
     return "\n".join(lines)
 
 
+QUALITY_REFERENCES = ("best_rule", "vol_managed_equal_allocation", "equal_allocation", "phase2_system")
+"""The paired differences `system - reference` of the trading-quality table (DESIGN 14), in column order."""
+RULES = ("momentum", "trend_filter", "vol_managed_trend_filter")
+
+
+def machine() -> str:
+    """The CPU (model name, logical cores) and torch's version: results differ between CPU types."""
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
+        model = names[0] if names else model
+    return f"{model}, {os.cpu_count()} logical cores, torch {importlib.metadata.version('torch')}"
+
+
+def seed_row(seed: int, rep: dict) -> dict:
+    """One seed's line of the trading-quality table from its test report."""
+    base, paired = rep["baselines"], rep.get("confidence", {}).get("vs_system", {})
+    rules = [name for name in RULES if name in base]
+    best = max(rules, key=lambda name: base[name]["sharpe"])
+    sharpe = {"system": rep["portfolio"]["sharpe"], "best_rule": base[best]["sharpe"],
+              **{name: base[name]["sharpe"] for name in rules}}  # fmt: skip
+    for name in ("equal_allocation", "phase2_system"):
+        if name in rep:
+            sharpe[name] = rep[name]["sharpe"]
+    if "vol_managed_equal_allocation" in base:
+        sharpe["vol_managed_equal_allocation"] = base["vol_managed_equal_allocation"]["sharpe"]
+    differences = {}
+    for ref in QUALITY_REFERENCES:
+        name = best if ref == "best_rule" else ref
+        if name in paired:
+            differences[ref] = {key: paired[name][key] for key in ("difference", "low", "high")}
+    failed = [t["target"] for t in rep["relative_targets"] if not t["pass"]]
+    return {"seed": seed, "sharpe": sharpe, "best_rule": best, "differences": differences,
+            "phase3_best_iteration": rep.get("phase3_best_iteration"), "pass": not failed, "failed": failed,
+            "turnover_per_vol": rep["portfolio"]["turnover_per_vol"],
+            "momentum_turnover_per_vol": base["momentum"]["turnover_per_vol"]}  # fmt: skip
+
+
 def trading_quality(outcomes: list) -> tuple[str, dict] | None:
-    """For pipeline runs (test reports): DESIGN 14's targets per seed, mean and spread of the Sharpe ratios,
-    and the deflated Sharpe ratio of the best run given how many runs were compared (`statistics`).
+    """For pipeline runs (test reports): per seed the Sharpe ratios of the system, the Phase 2 system, the
+    equal allocation, its volatility-managed form and the best rule traded alike; the paired differences
+    `system - reference` with their 90% bootstrap intervals; the Phase 3 iteration `best.pt` holds;
+    DESIGN 14's verdict; then mean and spread across seeds and the machine.
 
     A claim holds only if it holds for every seed: the table shows each seed's pass/fail, never a mean alone.
-    Returns the printed text and a JSON-ready summary, or None when no run wrote a test report."""
-    from mtq_common.statistics import deflated_sharpe_from_summary
-
+    (No deflated Sharpe ratio: this project keeps no log of every configuration tried, so the number of
+    trials it would need is unknown.) Returns the printed text and a JSON-ready summary, or None when no run
+    wrote a test report."""
     reports = [(o.run.seed, o.report) for o in outcomes if o.report and "relative_targets" in o.report]
     if not reports:
         return None
-    names = ["system", "equal_allocation", "momentum", "trend_filter"]
-    lines = [f"{'seed':<6}" + "".join(f"{n:>18}" for n in names) + f"{'turn/vol':>10}{'mom turn/vol':>14}  DESIGN 14"]
-    rows = []
-    for seed, rep in reports:
-        sharpe = {"system": rep["portfolio"]["sharpe"], "equal_allocation": rep["equal_allocation"]["sharpe"],
-                  **{n: rep["baselines"][n]["sharpe"] for n in ("momentum", "trend_filter")}}  # fmt: skip
-        passed = all(t["pass"] for t in rep["relative_targets"])
-        failed = [t["target"] for t in rep["relative_targets"] if not t["pass"]]
-        turnover = rep["portfolio"]["turnover_per_vol"], rep["baselines"]["momentum"]["turnover_per_vol"]
-        verdict = "  PASS" if passed else "  FAIL (" + ", ".join(failed) + ")"
-        lines.append(f"{seed:<6}" + "".join(f"{sharpe[n]:>18.3f}" for n in names)
-                     + f"{turnover[0]:>10.2f}{turnover[1]:>14.2f}{verdict}")  # fmt: skip
-        data = rep["data"]
-        rows.append({"seed": seed, "sharpe": sharpe, "pass": passed, "failed": failed, "bars": data["bars"],
-                     "bars_per_year": data.get("bars_per_year", 252.0)})  # fmt: skip
-    summary: dict = {"seeds": rows, "all_pass": all(r["pass"] for r in rows)}
+    rows = [seed_row(seed, rep) for seed, rep in reports]
+    names = ["system", "phase2_system", "equal_allocation", "vol_managed_equal_allocation", "best_rule"]
+    short = {"system": "system", "phase2_system": "phase 2", "equal_allocation": "eq.alloc",
+             "vol_managed_equal_allocation": "vm eq.alloc", "best_rule": "best rule"}  # fmt: skip
+    diff = {"best_rule": "- best rule", "vol_managed_equal_allocation": "- vm eq.alloc",
+            "equal_allocation": "- eq.alloc", "phase2_system": "- phase 2"}  # fmt: skip
+    header = f"{'seed':<5}" + "".join(f"{short[n]:>12}" for n in names) + f"  {'(rule)':<25}"
+    header += "".join(f"{diff[r]:>22}" for r in QUALITY_REFERENCES) + f"{'P3 it':>7}{'turn/vol':>10}  DESIGN 14"
+    lines = [header]
+    for r in rows:
+        cells = "".join(f"{r['sharpe'].get(n, float('nan')):>12.3f}" for n in names) + f"  {r['best_rule']:<25}"
+        for ref in QUALITY_REFERENCES:
+            d = r["differences"].get(ref)
+            cells += f"{d['difference']:+7.2f} [{d['low']:+.2f},{d['high']:+.2f}]" if d else f"{'':>22}"
+        iteration = r["phase3_best_iteration"]
+        verdict = "PASS" if r["pass"] else "FAIL (" + "; ".join(r["failed"]) + ")"
+        turnover = f"{r['turnover_per_vol']:.2f}/{r['momentum_turnover_per_vol']:.2f}"
+        lines.append(f"{r['seed']:<5}{cells}{'' if iteration is None else iteration:>7}{turnover:>10}  {verdict}")
+    summary: dict = {"machine": machine(), "seeds": rows, "all_pass": all(r["pass"] for r in rows)}
     for n in names:
-        values = np.array([r["sharpe"][n] for r in rows])
-        summary[n] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
-        lines.append(f"{n + ' mean +- std':<34}{summary[n]['mean']:>8.3f} +- {summary[n]['std']:.3f}")
-    systems = [r["sharpe"]["system"] for r in rows]
-    best = int(np.argmax(systems))
-    summary["deflated_sharpe_of_best"] = deflated_sharpe_from_summary(
-        systems[best], rows[best]["bars"], systems, rows[best]["bars_per_year"]
-    )
-    lines.append(f"deflated Sharpe ratio of the best run ({len(systems)} runs compared, normal returns assumed): "
-                 f"{summary['deflated_sharpe_of_best']:.3f}")  # fmt: skip
+        values = np.array([r["sharpe"][n] for r in rows if n in r["sharpe"]])
+        if len(values):
+            summary[n] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
+            lines.append(f"{n + ' mean +- std':<40}{summary[n]['mean']:>8.3f} +- {summary[n]['std']:.3f}")
+    lines.append(f"machine: {summary['machine']}")
+    lines.append("(turn/vol: the system's turnover per unit of volatility / momentum's; P3 it: the Phase 3 iteration "
+                 "best.pt holds, 0 = the Phase 2 system)")  # fmt: skip
     lines.append("every seed passes DESIGN 14" if summary["all_pass"] else "DESIGN 14 NOT met for every seed")
     return "\n".join(lines), summary
 
@@ -257,20 +316,23 @@ def finite_or_none(value):
 
 def main(args: Args) -> int:
     runs = expand(args.command, args.seeds, args.configs, args.output_dir)
-    if not args.run:
+    if not args.run and not args.collect:
         for run in runs:
             print(shlex.join(run.command))
         return 0
 
-    # RUN: a thread per worker, each waiting on one subprocess at a time
-    print(f"running {len(runs)} runs with {args.workers} workers", flush=True)
+    # RUN: a thread per worker, each waiting on one subprocess at a time (--collect: read what is there)
     outcomes: dict[int, Outcome] = {}
-    with ThreadPoolExecutor(max_workers=max(1, args.workers)) as pool:
-        futures = {pool.submit(execute, run, args.timeout, args.stderr_lines): i for i, run in enumerate(runs)}
-        for future in as_completed(futures):
-            outcome = outcomes[futures[future]] = future.result()
-            print(f"[{len(outcomes)}/{len(runs)}] {outcome.status:<10} {outcome.run.group} seed={outcome.run.seed} "
-                  f"({outcome.seconds:.1f} s)", flush=True)  # fmt: skip
+    if args.collect:
+        outcomes = {i: collect(run) for i, run in enumerate(runs)}
+    else:
+        print(f"running {len(runs)} runs with {args.workers} workers", flush=True)
+        with ThreadPoolExecutor(max_workers=max(1, args.workers)) as pool:
+            futures = {pool.submit(execute, run, args.timeout, args.stderr_lines): i for i, run in enumerate(runs)}
+            for future in as_completed(futures):
+                outcome = outcomes[futures[future]] = future.result()
+                print(f"[{len(outcomes)}/{len(runs)}] {outcome.status:<10} {outcome.run.group} "
+                      f"seed={outcome.run.seed} ({outcome.seconds:.1f} s)", flush=True)  # fmt: skip
     ordered = [outcomes[i] for i in range(len(runs))]
 
     # REPORT: failures first, then one table per config group

@@ -74,7 +74,7 @@ def target_book(specialists, meta, market: MarketData, cfg: Config, capital: flo
     env.reset(seed=0)
     obs = env.start_at(tables.first_bar)
     owner = instrument_specialist_index(market.sectors, specialists.names).to(device)
-    policy = HierarchyPolicy(specialists, meta, owner, cfg.environment.max_position_size, 1, device)
+    policy = HierarchyPolicy(specialists, meta, owner, cfg.environment.max_position_size, 1, device, market)
     for _ in range(last - tables.first_bar):  # every bar with a known next return, in order
         proposed = policy.propose(obs, env)
         obs, _, _, truncated, info = env.step(proposed, policy.own_positions)

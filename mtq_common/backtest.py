@@ -110,6 +110,7 @@ class Backtest:
     limits: dict  # every limit in force (`RiskLimits` as a dict; inf: not applied)
     limit_notes: list[str]  # limits not applied in a small universe, and why
     end_timestamps: np.ndarray | None = None  # [T] the market's timestamps of `bars + 1`: when each return is earned
+    appetite: np.ndarray | None = None  # [T] the policy's `last_appetite` (a meta-controller's), if it has one
 
     @property
     def equity(self) -> np.ndarray:
@@ -212,6 +213,7 @@ def run_backtests(
         "bars": torch.zeros(length, p * s, dtype=torch.long, device=device),
     }
     allocations: dict[int, torch.Tensor] = {}
+    appetites: dict[int, torch.Tensor] = {}
     for k in range(length):
         bar, held = env.bar, env.holdings
         proposed, own = [], []
@@ -224,6 +226,9 @@ def run_backtests(
             last = getattr(policy, "last_allocation", None)
             if last is not None:
                 allocations.setdefault(j, torch.zeros(length, s, last.shape[-1], device=device))[k] = last
+            appetite = getattr(policy, "last_appetite", None)
+            if appetite is not None:
+                appetites.setdefault(j, torch.zeros(length, s, device=device))[k] = appetite
         w = info["executed_weights"]
         store["bars"][k] = bar
         store["proposed"][k] = info["proposed_weights"]
@@ -251,6 +256,7 @@ def run_backtests(
             realised_vol=vol,
             regime=None if tables.regime is None else tables.regime.cpu().numpy().astype(np.int64)[bars],
             allocation=stitch(allocations[j]) if j in allocations else None,
+            appetite=stitch(appetites[j]) if j in appetites else None,
             bars=bars,
             timestamps=np.asarray(market.timestamps)[bars],
             end_timestamps=np.asarray(market.timestamps)[bars + 1],
@@ -281,10 +287,10 @@ def stitch_backtests(parts: list[Backtest]) -> Backtest:
     joined = {}
     for f in dataclasses.fields(Backtest):
         values = [getattr(p, f.name) for p in parts]
-        if isinstance(values[0], np.ndarray):
-            joined[f.name] = np.concatenate(values)
-        elif f.name in ("regime", "allocation"):
+        if f.name in ("regime", "allocation", "appetite"):
             joined[f.name] = None if any(v is None for v in values) else np.concatenate(values)
+        elif isinstance(values[0], np.ndarray):
+            joined[f.name] = np.concatenate(values)
         else:
             joined[f.name] = getattr(first, f.name)
     joined["bars"] = np.arange(len(joined["net_return"]))
@@ -295,6 +301,17 @@ def stitch_backtests(parts: list[Backtest]) -> Backtest:
 # ---------------------------------------------------------------------------------------------
 # Metrics of a backtest
 # ---------------------------------------------------------------------------------------------
+
+
+def appetite_stats(bt: Backtest) -> dict[str, float] | None:
+    """A meta-controller's risk timing, measured: its appetite's mean, spread and minimum over the backtest and
+    its correlation with the log of the market's volatility at the bar (negative: it cuts risk when the market
+    is volatile). None for a policy without an appetite."""
+    if bt.appetite is None:
+        return None
+    a, v = bt.appetite, np.log(np.maximum(bt.realised_vol, 1e-12))
+    corr = float(np.corrcoef(a, v)[0, 1]) if a.std() > 1e-12 and v.std() > 1e-12 else 0.0
+    return {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "vol_correlation": corr}
 
 
 def backtest_metrics(bt: Backtest, risk_free_rate: float) -> dict[str, float]:

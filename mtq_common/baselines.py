@@ -14,12 +14,19 @@ portfolio, `specialist_eval` per instrument), with the same stop-loss, risk mana
 * buy-and-hold and equal weight: always long (buy-and-hold lets its holdings drift, see
   `BuyAndHoldPolicy`); risk parity: long, inverse to the causal EWMA volatility (`RiskParityPolicy`).
 
-Stop-loss and the rules (`RulePolicy`): the env holds a stopped instrument flat while the policy keeps
-asking for the stopped trade's sign, and a new trade opens once the policy asks for another sign (flat counts).
-Every rule therefore asks for a flat position in an instrument on the bar after its stop and then
-re-opens its trade: without this, the long-only rules (equal weight, buy-and-hold, risk parity)
-would stay flat after their first 2% stop for the rest of a segment (measured before the change:
-about 95% of instrument-bars flat in the first quarter of a 949-bar segment).
+Execution (`RulePolicy`): a rule's table is a *target*; it trades through the execution every policy
+shares (DESIGN section 4): the partial adjustment `engine.partial_adjustment` at the rate of the
+specialists it is compared with, and the env's stop-loss lock-out (a stopped instrument stays flat until
+the target changes sign, flat counts). Two exceptions belong to the rules' definitions, not to the
+execution: the long-only rules (equal weight, buy-and-hold, risk parity) have no sign to change, so they
+ask for a flat position on the bar after a stop and then re-enter (without this they would stay flat for
+the rest of a segment after their first 2% stop); buy-and-hold makes one purchase and never trades after
+it, so it buys at full size (nothing to smooth).
+
+Risk timing (`vol_managed_*`, DESIGN section 14): a policy's book scaled by the appetite
+`a_t = min(1, (sigma_star / sigma_hat_t)^p)`, `sigma_hat_t` the causal EWMA volatility of the instruments
+(each normalised by its training-split median), `sigma_star` the training-split median of `sigma_hat`;
+the half-life and `p` are picked on the validation split (`pick_vol_timing`).
 
 `backtest` is the whole-series form of the net-return formula that `kernels.portfolio_step` computes one
 bar at a time (a test pins the two to the same numbers, for weights rebalanced every bar).
@@ -31,13 +38,16 @@ import itertools
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 
 from mtq_common.config import Config
-from mtq_common.envs import PortfolioEnv
+from mtq_common.engine import partial_adjustment
+from mtq_common.envs import PortfolioEnv, position_column
 from mtq_common.features import hysteresis, trend_zscore
 from mtq_common.market import MarketData
 from mtq_common.market_tables import cost_rates
+from mtq_common.metrics import sharpe
 
 MOMENTUM_LOOKBACK = 60
 """Bars of the time-series momentum rule (about a quarter of daily bars)."""
@@ -79,8 +89,6 @@ def fit_trend_filter(train, cost_rate: np.ndarray) -> TrendFilter:
     `cost_rate`), a plain vectorised backtest without the stop-loss or the risk manager: cheap, and the
     ranking is what matters. Ties go to the first candidate in grid order.
     """
-    from mtq_common.metrics import sharpe
-
     if train.split != "train":
         raise ValueError(f"the trend filter is fitted on the training split only, got {train.split!r}")
     best = None
@@ -124,32 +132,44 @@ BASELINE_NAMES = ("equal_weight", "buy_and_hold", "risk_parity", "momentum", "tr
 
 
 class RulePolicy:
-    """A rule that trades its position table: `max_position * table[t]` at each row's bar t.
+    """A rule that trades its position table through the shared execution: the target `table[t]` (units of
+    `max_position`) at each row's bar t, partially adjusted at `position_rate` from the own position the
+    observation carries (module docstring). `reenter=True` (the long-only rules): flat on the bar after a
+    stop-loss, then the target again."""
 
-    On the bar after a stop-loss closed a trade the rule asks for a flat position in that instrument,
-    then re-opens it (the env holds a stopped instrument flat while its sign is asked for again).
-    """
-
-    def __init__(self, table: torch.Tensor | None, max_position: float):
+    def __init__(self, table: torch.Tensor | None, max_position: float, position_rate: float = 1.0,
+                 reenter: bool = False):  # fmt: skip
+        if not 0.0 < position_rate <= 1.0:
+            raise ValueError(f"position_rate {position_rate}: accepted 0 < rate <= 1")
         self.table = table  # [T, N] in units of max_position (None: the subclass computes its target)
-        self.max_position = max_position
+        self.max_position, self.position_rate, self.reenter = max_position, position_rate, reenter
         self.stopped: torch.Tensor | None = None  # [B, N] instruments stopped out on the last bar
 
     def target(self, obs: dict, env: PortfolioEnv) -> torch.Tensor:
-        """The rule's proposed weights [B, N] at the env's current bars."""
+        """The rule's target weights [B, N] at the env's current bars."""
         return self.table.index_select(0, env.bar) * self.max_position
 
     def propose(self, obs: dict, env: PortfolioEnv) -> torch.Tensor:
         weights = self.target(obs, env)
-        return weights if self.stopped is None else torch.where(self.stopped, 0.0, weights)
+        if self.reenter and self.stopped is not None:
+            weights = torch.where(self.stopped, 0.0, weights)
+        if self.position_rate == 1.0:
+            return weights
+        own = obs["instruments"][..., position_column(env.n)]  # the own position, 0 after a stop
+        return partial_adjustment(own, weights / self.max_position, self.position_rate) * self.max_position
 
     def observe(self, info: dict, done: torch.Tensor) -> None:
-        self.stopped = info["stop_loss"] & ~done.unsqueeze(-1)  # a new episode starts unlocked anyway
+        if self.reenter:
+            self.stopped = info["stop_loss"] & ~done.unsqueeze(-1)  # a new episode starts unlocked anyway
 
 
 class BuyAndHoldPolicy(RulePolicy):
     """Long every instrument at `max_position` when flat, then hold what the account holds (the holdings
-    drift with prices: no rebalancing, so no turnover after the purchase)."""
+    drift with prices: no rebalancing, so no turnover after the purchase). One purchase, nothing to smooth:
+    it trades at rate 1; it re-enters after a stop like the other long-only rules."""
+
+    def __init__(self, max_position: float):
+        super().__init__(None, max_position, position_rate=1.0, reenter=True)
 
     def target(self, obs: dict, env: PortfolioEnv) -> torch.Tensor:
         held = env.holdings
@@ -164,6 +184,29 @@ class RiskParityPolicy(RulePolicy):
         return self.max_position * inverse_vol / inverse_vol.amax(-1, keepdim=True)
 
 
+class VolManagedPolicy:
+    """Another policy's book scaled by a per-bar appetite `a [T]` (`vol_appetite`): the proposal times
+    `a[bar]`; the own positions (what the stop-loss and the observations follow) stay the inner policy's,
+    so the scaled book has the same trades and stops, only smaller in volatile times."""
+
+    def __init__(self, inner, appetite: torch.Tensor, max_position: float):
+        self.inner, self.appetite, self.max_position = inner, appetite, max_position
+        self.own_positions: torch.Tensor | None = None
+
+    @property
+    def last_allocation(self):
+        return getattr(self.inner, "last_allocation", None)
+
+    def propose(self, obs: dict, env: PortfolioEnv) -> torch.Tensor:
+        proposal = self.inner.propose(obs, env)
+        own = getattr(self.inner, "own_positions", None)
+        self.own_positions = (proposal / self.max_position).clamp(-1.0, 1.0) if own is None else own
+        return proposal * self.appetite.index_select(0, env.bar).unsqueeze(-1)
+
+    def observe(self, info: dict, done: torch.Tensor) -> None:
+        self.inner.observe(info, done)
+
+
 def rule_tables(market: MarketData, trend: TrendFilter) -> dict[str, np.ndarray]:
     """Position tables [T, N] of the table-driven rules on `market` (the oracle only where drift exists)."""
     tables = {
@@ -176,14 +219,19 @@ def rule_tables(market: MarketData, trend: TrendFilter) -> dict[str, np.ndarray]
     return tables
 
 
-def baseline_policies(market: MarketData, cfg: Config, trend: TrendFilter, device="cpu") -> dict:
-    """Fresh baseline policies by name (`BASELINE_NAMES` order; the oracle only on synthetic data)."""
+def baseline_policies(market: MarketData, cfg: Config, trend: TrendFilter, device="cpu",
+                      position_rate: float = 1.0) -> dict:  # fmt: skip
+    """Fresh baseline policies by name (`BASELINE_NAMES` order; the oracle only on synthetic data), trading
+    at `position_rate` (the evaluated specialists' rate: execution alike)."""
     size = cfg.environment.max_position_size
-    tables = rule_tables(market, trend)
+    tables = {
+        name: torch.tensor(t, dtype=torch.float32, device=device) for name, t in rule_tables(market, trend).items()
+    }
+    long_only = ("equal_weight",)
     policies = {
-        "buy_and_hold": BuyAndHoldPolicy(None, size),
-        "risk_parity": RiskParityPolicy(None, size),
-        **{name: RulePolicy(torch.tensor(t, dtype=torch.float32, device=device), size) for name, t in tables.items()},
+        "buy_and_hold": BuyAndHoldPolicy(size),
+        "risk_parity": RiskParityPolicy(None, size, position_rate, reenter=True),
+        **{name: RulePolicy(t, size, position_rate, reenter=name in long_only) for name, t in tables.items()},
     }
     return {name: policies[name] for name in BASELINE_NAMES if name in policies}
 
@@ -191,3 +239,92 @@ def baseline_policies(market: MarketData, cfg: Config, trend: TrendFilter, devic
 def fit_trend_for(train: MarketData, cfg: Config) -> TrendFilter:
     """`baselines.fit_trend_filter` on the training split with the environments' per-instrument costs."""
     return fit_trend_filter(train, cost_rates(train, cfg, "cpu").double().numpy())
+
+
+# ---------------------------------------------------------------------------------------------
+# Risk timing: the volatility-managed baselines (DESIGN section 14)
+# ---------------------------------------------------------------------------------------------
+
+VOL_TIMING_GRID = {"half_life": (10, 20, 60), "power": (1, 2)}
+"""The volatility-managed rules' candidates (bars; exponent), picked on the validation split."""
+
+VOL_MANAGED = {"vol_managed_equal_allocation": "equal_allocation", "vol_managed_trend_filter": "trend_filter"}
+"""Each volatility-managed baseline and the policy whose book it scales."""
+
+
+def ewma_variance(returns: np.ndarray, half_life: float, start: np.ndarray) -> np.ndarray:
+    """Causal EWMA of squared returns `[T, N]` from `start` [N]: row t uses returns up to bar t."""
+    alpha = 1.0 - 0.5 ** (1.0 / half_life)
+    frame = pd.DataFrame(np.vstack([start[None, :], returns.astype(np.float64) ** 2]))
+    return frame.ewm(alpha=alpha, adjust=False).mean().to_numpy()[1:]
+
+
+@dataclass(frozen=True)
+class VolLevels:
+    """The training split's volatility levels, per candidate half-life (`fit_vol_levels`): each
+    instrument's median EWMA variance (`level[h][i]`) and the median of the normalised market volatility
+    `sigma_hat` (`sigma_star[h]`)."""
+
+    half_lives: tuple[int, ...]
+    level: tuple[tuple[float, ...], ...]
+    sigma_star: tuple[float, ...]
+
+
+def market_sigma(market: MarketData, levels: VolLevels, half_life: int) -> np.ndarray:
+    """`sigma_hat_t` [T]: the root mean over instruments of each one's EWMA variance over its training
+    level (causal; the EWMA starts at the training level, so a split's first bars read as normal)."""
+    level = np.asarray(levels.level[levels.half_lives.index(half_life)])
+    return np.sqrt((ewma_variance(market.returns, half_life, level) / level).mean(-1))
+
+
+def fit_vol_levels(train: MarketData) -> VolLevels:
+    """The volatility levels of every candidate half-life on the training split (never another split)."""
+    if train.split != "train":
+        raise ValueError(f"the volatility levels are fitted on the training split only, got {train.split!r}")
+    half_lives = VOL_TIMING_GRID["half_life"]
+    warm = (train.returns.astype(np.float64) ** 2).mean(0)
+    level = tuple(tuple(np.median(ewma_variance(train.returns, h, warm), 0).tolist()) for h in half_lives)
+    partial = VolLevels(half_lives, level, (1.0,) * len(half_lives))
+    star = tuple(float(np.median(market_sigma(train, partial, h))) for h in half_lives)
+    return VolLevels(half_lives, level, star)
+
+
+@dataclass(frozen=True)
+class VolTiming:
+    """One volatility-managed baseline's choice (`pick_vol_timing`)."""
+
+    half_life: int
+    power: int
+    picked_on: str
+    """The split the choice was made on (`val`)."""
+    val_sharpe: float
+    """The choice's Sharpe ratio there (the scaled book's returns, see `pick_vol_timing`)."""
+
+
+def vol_appetite(market: MarketData, levels: VolLevels, timing: VolTiming) -> np.ndarray:
+    """The appetite per bar [T], `min(1, (sigma_star / sigma_hat_t)^p)` (module docstring)."""
+    sigma = market_sigma(market, levels, timing.half_life)
+    star = levels.sigma_star[levels.half_lives.index(timing.half_life)]
+    return np.minimum(1.0, (star / np.maximum(sigma, 1e-12)) ** timing.power)
+
+
+def pick_vol_timing(market: MarketData, levels: VolLevels, bars: np.ndarray, gross: np.ndarray, weights: np.ndarray,
+                    segment_length: int, cost_rate: np.ndarray, risk_free_rate: float) -> VolTiming:  # fmt: skip
+    """Pick the half-life and power on the validation split `market` from the unscaled policy's backtest
+    there (`bars` [T], its trading return before costs `gross` [T], executed `weights` [T, N]): each
+    candidate's Sharpe ratio of `a_t * gross_t - cost(a_t * w_t)`, costs charged on the scaled book's
+    changes (a plain vectorised backtest: cheap, and the ranking is what matters). Ties go to the first."""
+    if market.split != "val":
+        raise ValueError(f"the volatility timing is picked on the validation split only, got {market.split!r}")
+    cash = risk_free_rate / market.bars_per_year
+    best = None
+    for half_life, power in itertools.product(VOL_TIMING_GRID["half_life"], VOL_TIMING_GRID["power"]):
+        a = vol_appetite(market, levels, VolTiming(half_life, power, "val", 0.0))[bars]
+        scaled = a[:, None] * weights
+        previous = np.concatenate([np.zeros_like(scaled[:1]), scaled[:-1]])
+        previous[::segment_length] = 0.0  # each segment starts flat
+        net = a * gross - (cost_rate * np.abs(scaled - previous)).sum(-1) + cash
+        score = float(sharpe(net, market.bars_per_year, risk_free_rate))
+        if best is None or score > best.val_sharpe:
+            best = VolTiming(half_life, power, "val", score)
+    return best

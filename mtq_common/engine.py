@@ -13,6 +13,23 @@ from mtq_common.market_tables import OBS_CLIP, STATE_SIZE, MarketTables
 
 TIME_IN_TRADE_SCALE = 100.0
 
+POSITION_RATE = 0.3
+"""The execution's default partial-adjustment rate (Phase 1's `--position-rate`; the rate a run's specialists
+were trained with is stored with their weights, and every policy of an evaluation trades at that rate)."""
+
+
+def partial_adjustment(previous: torch.Tensor, target: torch.Tensor, rate: float) -> torch.Tensor:
+    """The execution of a target book, the same for every policy (DESIGN section 4): the own position moves
+    towards the target by `rate` each bar, `p_t = p_(t-1) + rate * (target_t - p_(t-1))`, from the own
+    position `p_(t-1)` the observation carries (0 after a stop-loss). Rate 1 trades the target itself.
+
+    Why: per-bar jitter of a policy (exploration noise, a rule's flip-flops near its threshold) then moves
+    the book by only a fraction, which cuts the turnover that costs eat, while a lasting change of the
+    target still arrives within a few bars."""
+    if rate == 1.0:
+        return target
+    return previous + rate * (target - previous)
+
 
 def drift(weights: torch.Tensor, returns: torch.Tensor, net_return: torch.Tensor) -> torch.Tensor:
     """Weights after a bar: each holding grows with its instrument, equity with the account's net return.

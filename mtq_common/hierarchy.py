@@ -15,8 +15,13 @@ whole book.
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import torch
 
+from mtq_common.baselines import VOL_TIMING_GRID, VolLevels, VolTiming, market_sigma, vol_appetite
+from mtq_common.market import MarketData
 from mtq_common.nets import SpecialistAgents
 
 
@@ -49,9 +54,29 @@ PERFORMANCE_RATE = 0.05
 """EMA rate of each specialist's recent performance signal (about a 20-bar memory)."""
 
 
-def meta_observation_size(portfolio_obs_size: int, num_specialists: int) -> int:
-    """Length of `MetaTracker.observe`'s output."""
-    return portfolio_obs_size + 4 * num_specialists + 1
+def meta_observation_size(portfolio_obs_size: int, num_specialists: int, timed: bool = False) -> int:
+    """Length of `MetaTracker.observe`'s output (`timed`: with `risk_features`' columns)."""
+    return portfolio_obs_size + 4 * num_specialists + 1 + (len(VOL_TIMING_GRID["half_life"]) + 1 if timed else 0)
+
+
+def timing_spec(levels: VolLevels, timing: VolTiming) -> dict:
+    """What a risk-timing meta-controller stores with its weights (`nets.MetaController(timing=...)`): the
+    training split's volatility levels and the volatility-managed rule it starts from (picked on validation)."""
+    return {"half_lives": list(levels.half_lives), "level": [list(x) for x in levels.level],
+            "sigma_star": list(levels.sigma_star), **dataclasses.asdict(timing)}  # fmt: skip
+
+
+def risk_features(timing: dict, market: MarketData, device) -> torch.Tensor:
+    """The meta-controller's volatility evidence per bar of `market`, `[T, H + 1]` (causal, `baselines`):
+    `log(sigma_hat_t / sigma_star)` for each half-life H of the levels, then the volatility-managed rule's
+    appetite `a_t` (the base the appetite is a residual over; `split_action`)."""
+    levels = VolLevels(tuple(timing["half_lives"]), tuple(tuple(x) for x in timing["level"]),
+                       tuple(timing["sigma_star"]))  # fmt: skip
+    pairs = zip(levels.half_lives, levels.sigma_star, strict=True)
+    columns = [np.log(market_sigma(market, levels, h) / star) for h, star in pairs]
+    rule = VolTiming(timing["half_life"], timing["power"], timing["picked_on"], timing["val_sharpe"])
+    columns.append(vol_appetite(market, levels, rule))
+    return torch.as_tensor(np.stack(columns, -1), dtype=torch.float32, device=device)
 
 
 def specialist_signals(positions: torch.Tensor, owner: torch.Tensor, num_specialists: int) -> torch.Tensor:
@@ -61,12 +86,23 @@ def specialist_signals(positions: torch.Tensor, owner: torch.Tensor, num_special
     return torch.cat([positions @ onehot / count, positions.abs() @ onehot / count], -1)
 
 
-def split_action(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The meta-controller's action u [B, K+1] -> (allocation [B, K] on the simplex, risk appetite [B]).
+def split_action(u: torch.Tensor, timed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The meta-controller's action u [B, K+1] -> (allocation [B, K] on the simplex, appetite term [B]).
 
-    `allocation = softmax(u[:K])`, `risk_appetite = clamp(u[K], 0, 1)`: u = (0, ..., 0, 1) is exactly the
-    equal allocation at full appetite, where the meta-controller starts (`nets.MetaController`)."""
-    return torch.softmax(u[..., :-1], -1), u[..., -1].clamp(0.0, 1.0)
+    `allocation = softmax(u[:K])`. The appetite term is the risk appetite `clamp(u[K], 0, 1)`, or for a
+    risk-timing meta-controller (`timed`) the factor `exp(u[K])` over the volatility-managed rule's appetite
+    (`risk_appetite`). u = (0, ..., 0, 1) is exactly the equal allocation at full appetite, u = 0 (timed)
+    exactly the volatility-managed equal allocation: where the meta-controller starts (`nets.MetaController`)."""
+    allocation = torch.softmax(u[..., :-1], -1)
+    if not timed:
+        return allocation, u[..., -1].clamp(0.0, 1.0)
+    return allocation, u[..., -1].clamp(-10.0, 2.0).exp()  # a factor up to e^2: enough to lift any rule to 1
+
+
+def risk_appetite(factor: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """A risk-timing meta-controller's appetite, `min(1, base * factor)`: the rule's `base` [B] times the
+    learned `factor` [B] (`split_action`)."""
+    return (base * factor).clamp(0.0, 1.0)
 
 
 class MetaTracker:
@@ -94,25 +130,31 @@ class MetaTracker:
         self.allocation = torch.full((num_rows, num_specialists), 1.0 / num_specialists, device=device)
         self.appetite = torch.ones(num_rows, device=device)
 
-    def observe(self, portfolio_obs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def observe(self, portfolio_obs: torch.Tensor, positions: torch.Tensor, risk: torch.Tensor | None = None):
         """The meta observation [B, D]: the portfolio, the specialists' signals and recent performance,
-        and the allocation and appetite held now."""
-        return self.assemble(portfolio_obs, positions, self.held())
+        the allocation and appetite held now and, for a risk-timing meta-controller, `risk` [B, H + 1]
+        (`risk_features` at the rows' bars)."""
+        return self.assemble(portfolio_obs, positions, self.held(), risk)
 
     def held(self) -> torch.Tensor:
         """The tracker's part of the observation [B, 2K + 1]: performance, allocation and appetite held."""
         return torch.cat([self.performance.clamp(-10.0, 10.0), self.allocation, self.appetite.unsqueeze(-1)], -1)
 
-    def assemble(self, portfolio_obs: torch.Tensor, positions: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
+    def assemble(self, portfolio_obs: torch.Tensor, positions: torch.Tensor, held: torch.Tensor,
+                 risk: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """A meta observation from its parts (`held()` now, or as `after_step` returned it)."""
-        return torch.cat([portfolio_obs, specialist_signals(positions, self.owner, self.k), held], -1)
+        parts = [portfolio_obs, specialist_signals(positions, self.owner, self.k), held]
+        return torch.cat(parts if risk is None else [*parts, risk], -1)
 
-    def act(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Move the held allocation and appetite towards the meta-controller's action `u`; return them."""
-        allocation, appetite = split_action(u)
+    def act(self, u: torch.Tensor, base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Move the held allocation and appetite towards the meta-controller's action `u` (`split_action`);
+        return the allocation and the appetite to trade. With `base` [B] (a risk-timing meta-controller: the
+        volatility-managed rule's appetite at the rows' bars) the held "appetite" is the learned factor over
+        it, smoothed like the allocation, and the rule's own timing reaches the book unsmoothed."""
+        allocation, appetite = split_action(u, timed=base is not None)
         self.allocation = self.allocation + self.rate * (allocation - self.allocation)
         self.appetite = self.appetite + self.rate * (appetite - self.appetite)
-        return self.allocation, self.appetite
+        return self.allocation, self.appetite if base is None else risk_appetite(self.appetite, base)
 
     def after_step(self, positions: torch.Tensor, bar_returns: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
         """Book the bar just completed, restart the rows whose episode ended, and return every row's `held()`
@@ -146,8 +188,15 @@ class HierarchyPolicy:
     appetite full (the "equal allocation" reference of allocation efficiency).
     """
 
-    def __init__(self, specialists, meta, owner: torch.Tensor, max_position: float, num_rows: int, device):
+    def __init__(self, specialists, meta, owner: torch.Tensor, max_position: float, num_rows: int, device,
+                 market: MarketData | None = None):  # fmt: skip
         self.specialists, self.meta = specialists, meta
+        # a risk-timing meta-controller reads the volatility evidence of the market it trades (`risk_features`)
+        self.risk = None
+        if meta is not None and meta.timing is not None:
+            if market is None:
+                raise ValueError("this meta-controller times risk: HierarchyPolicy needs the market it trades")
+            self.risk = risk_features(meta.timing, market, device)
         self.owner = owner.to(device)
         self.max_position = max_position
         self.k = len(specialists.names)
@@ -155,6 +204,7 @@ class HierarchyPolicy:
         self.tracker = MetaTracker(self.owner, self.k, num_rows, device, rate)
         self.own_positions = torch.zeros(num_rows, len(owner), device=device)
         self.last_allocation = self.tracker.allocation
+        self.last_appetite = None if meta is None else self.tracker.appetite
 
     @torch.no_grad()
     def propose(self, obs: dict, env=None) -> torch.Tensor:
@@ -162,9 +212,11 @@ class HierarchyPolicy:
         if self.meta is None:
             allocation, appetite = self.tracker.allocation, self.tracker.appetite
         else:
-            meta_obs = self.tracker.observe(obs["portfolio"], self.own_positions)
-            allocation, appetite = self.tracker.act(self.meta.deterministic(meta_obs))
-        self.last_allocation = allocation
+            risk = None if self.risk is None else self.risk.index_select(0, env.bar)
+            meta_obs = self.tracker.observe(obs["portfolio"], self.own_positions, risk)
+            allocation, appetite = self.tracker.act(self.meta.deterministic(meta_obs), None if risk is None else
+                                                    risk[:, -1])  # fmt: skip
+        self.last_allocation, self.last_appetite = allocation, None if self.meta is None else appetite
         return compose_weights(allocation, appetite, self.own_positions, self.owner, self.max_position)
 
     def observe(self, info: dict, done: torch.Tensor) -> None:

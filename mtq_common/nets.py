@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from mtq_common.checkpoint import CheckpointError, load_checkpoint, parameter_fingerprint
+from mtq_common.engine import partial_adjustment
 
 
 class RunningNorm(nn.Module):
@@ -91,12 +92,10 @@ class SpecialistAgents(nn.Module):
     """K specialist actor-critics (two tanh hidden layers each, CleanRL's layout) in stacked weights.
 
     The action is a *target* in [-1, 1] (the Gaussian sample, clipped): the position moves towards it by
-    `position_rate` each bar, `p_t = p_(t-1) + rate * (clip(a_t) - p_(t-1))`, with `p_(t-1)` the own
-    position the observation carries at `position_index` (partial adjustment; rate 1 trades the target
-    itself). Why: per-bar jitter of the policy (exploration noise in training, the mean's response to
-    noisy inputs in evaluation) then moves the book by only a fraction, which cuts the turnover that
-    costs eat, while a lasting change of the target still arrives within a few bars. The same map serves
-    Phase 1, Phases 2-3 and the evaluation (`to_position`), and the rate is stored with the weights.
+    `position_rate` each bar (`engine.partial_adjustment`, the execution every policy trades through, the
+    rules included), from the own position the observation carries at `position_index`. The same map
+    serves Phase 1, Phases 2-3 and the evaluation (`to_position`), and the rate is stored with the weights:
+    an evaluation trades its rule baselines at the same rate.
     """
 
     def __init__(self, names: list[str], obs_size: int, hidden: int = 64, init_log_std: float = -1.0,
@@ -174,8 +173,7 @@ class SpecialistAgents(nn.Module):
         target = action.clamp(-1.0, 1.0)
         if self.position_rate == 1.0:
             return target
-        previous = obs[..., self.position_index]
-        return previous + self.position_rate * (target - previous)
+        return partial_adjustment(obs[..., self.position_index], target, self.position_rate)
 
     @torch.no_grad()
     def positions(self, obs: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
@@ -239,22 +237,29 @@ class MetaController(nn.Module):
     """The meta-controller's actor-critic: observation -> Gaussian over `u` in R^(K+1).
 
     `hierarchy.split_action` maps u to the allocation (`softmax(u[:K])`, a point of the simplex over the
-    specialists) and the risk appetite (`clamp(u[K], 0, 1)`). PPO's ratio uses the density of `u` itself:
-    the deterministic maps after it are the same under the old and new policy.
+    specialists) and the risk appetite. PPO's ratio uses the density of `u` itself: the deterministic maps
+    after it are the same under the old and new policy.
 
-    It starts at the equal allocation at full appetite: the actor's last layer has zero weights and the
-    bias (0, ..., 0, 1), so its mean action is exactly u = (0, ..., 0, 1) whatever it observes; Phase 2
-    can only learn a tilt away from that where it pays. `allocation_rate` is the partial adjustment of
-    the held allocation towards the action (`hierarchy.MetaTracker`), stored with the weights.
+    Two forms of the appetite:
+    * without `timing`: `clamp(u[K], 0, 1)`, starting at the equal allocation at full appetite (the actor's
+      last layer has zero weights and the bias (0, ..., 0, 1));
+    * with `timing` (`hierarchy.timing_spec`: the training split's volatility levels and the validation
+      split's choice of the volatility-managed rule): a residual over that rule, `min(1, a_t * exp(u[K]))`
+      with `a_t` the rule's appetite at the bar, and the volatility evidence in the observation
+      (`hierarchy.risk_features`). The bias is 0, so it starts exactly at `vol_managed_equal_allocation`;
+      the exponent keeps every appetite below 1 reachable with a gradient.
+    Either way its mean action is the starting point whatever it observes; Phase 2 can only learn a move
+    away from it where it pays. `allocation_rate` is the partial adjustment of the held allocation towards
+    the action (`hierarchy.MetaTracker`); it and `timing` are stored with the weights.
     """
 
     def __init__(self, obs_size: int, num_specialists: int, hidden: int = 64, init_log_std: float = -0.5,
-                 allocation_rate: float = 1.0):  # fmt: skip
+                 allocation_rate: float = 1.0, timing: dict | None = None):  # fmt: skip
         super().__init__()
         if not 0.0 < allocation_rate <= 1.0:
             raise ValueError(f"allocation_rate {allocation_rate} (--allocation-rate): accepted 0 < rate <= 1")
         self.obs_size, self.num_specialists, self.hidden = obs_size, num_specialists, hidden
-        self.allocation_rate = allocation_rate
+        self.allocation_rate, self.timing = allocation_rate, timing
         self.norm = RunningNorm((1, obs_size))
         self.critic = nn.Sequential(
             layer_init(nn.Linear(obs_size, hidden)), nn.Tanh(),
@@ -262,10 +267,10 @@ class MetaController(nn.Module):
             layer_init(nn.Linear(hidden, 1), std=1.0),
         )  # fmt: skip
         head = nn.Linear(hidden, num_specialists + 1)
-        with torch.no_grad():  # mean action (0, ..., 0, 1): the equal allocation at full appetite
+        with torch.no_grad():  # the mean action of the starting point (class docstring)
             head.weight.zero_()
             head.bias.zero_()
-            head.bias[-1] = 1.0
+            head.bias[-1] = 0.0 if timing is not None else 1.0
         self.actor_mean = nn.Sequential(
             layer_init(nn.Linear(obs_size, hidden)), nn.Tanh(),
             layer_init(nn.Linear(hidden, hidden)), nn.Tanh(),
@@ -304,7 +309,8 @@ class MetaController(nn.Module):
     @classmethod
     def from_spec(cls, spec: dict) -> MetaController:
         """A network of the shape `describe()` recorded (checkpoints store it beside the weights)."""
-        return cls(spec["obs_size"], spec["num_specialists"], spec["hidden"], allocation_rate=spec["allocation_rate"])
+        return cls(spec["obs_size"], spec["num_specialists"], spec["hidden"], allocation_rate=spec["allocation_rate"],
+                   timing=spec.get("timing"))  # fmt: skip
 
     @classmethod
     def from_checkpoint(cls, phase2_dir, specialists: SpecialistAgents, device) -> MetaController:
@@ -322,5 +328,6 @@ class MetaController(nn.Module):
         return meta.to(device)
 
     def describe(self) -> dict:
-        return {"obs_size": self.obs_size, "num_specialists": self.num_specialists, "hidden": self.hidden,
+        spec = {"obs_size": self.obs_size, "num_specialists": self.num_specialists, "hidden": self.hidden,
                 "allocation_rate": self.allocation_rate}  # fmt: skip
+        return spec if self.timing is None else {**spec, "timing": self.timing}

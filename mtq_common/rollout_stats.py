@@ -3,7 +3,9 @@
 `PortfolioRolloutStats.add(info, allocation, twin_reward)` after every `PortfolioEnv.step` accumulates on the
 device (no host sync in the rollout); `scalars()` reads everything once per iteration as CleanRL-style tags:
 `charts/episodic_return`, `charts/twin_reward`, `risk/*` (VaR, VaR compliance, correlation exposure, largest
-sector share, intervention, gross kept, `binding_<limit>`) and `allocation/<specialist>`. Phase 2 and Phase 3
+sector share, intervention, gross kept, `binding_<limit>`), `allocation/<specialist>` and, given the appetite,
+`meta/appetite_mean`, `meta/appetite_std` and `meta/appetite_vol_corr` (its correlation with the market's
+log volatility: a meta-controller that times risk has a clearly negative one). Phase 2 and Phase 3
 log the same tags, so their runs compare tag for tag; `log_validation` writes a validation report's.
 """
 
@@ -14,6 +16,7 @@ import torch
 from kernels import LIMIT_NAMES
 
 _MEANS = ("var", "var_compliance", "correlation_exposure", "sector_max", "intervention", "gross_kept", "twin_reward")
+_MOMENTS = ("a", "aa", "v", "vv", "av", "n")  # sums of the appetite a, the log volatility v, their products
 
 
 class PortfolioRolloutStats:
@@ -26,14 +29,20 @@ class PortfolioRolloutStats:
     def reset(self) -> None:
         """Start a new iteration."""
         zero = torch.zeros((), device=self.device)
-        self.sums = {key: zero.clone() for key in (*_MEANS, "episode_return", "episodes")}
+        self.sums = {key: zero.clone() for key in (*_MEANS, "episode_return", "episodes", *_MOMENTS)}
         self.binding = torch.zeros(len(LIMIT_NAMES), device=self.device)
         self.allocation = torch.zeros(len(self.specialists), device=self.device)
         self.steps = 0
 
-    def add(self, info: dict, allocation: torch.Tensor, twin_reward: torch.Tensor | None = None) -> None:
-        """One step's `info` of `PortfolioEnv`, the allocation traded [B, K] and the twin's reward [B]."""
+    def add(self, info: dict, allocation: torch.Tensor, twin_reward: torch.Tensor | None = None,
+            appetite: torch.Tensor | None = None, log_vol: torch.Tensor | None = None) -> None:  # fmt: skip
+        """One step's `info` of `PortfolioEnv`, the allocation traded [B, K], the twin's reward [B] and the
+        appetite traded [B] with the market's log volatility at the rows' bars [B]."""
         s = self.sums
+        if appetite is not None and log_vol is not None:
+            for key, x in zip(_MOMENTS, (appetite, appetite**2, log_vol, log_vol**2, appetite * log_vol), strict=False):
+                s[key] += x.sum()
+            s["n"] += appetite.numel()
         s["episode_return"] += (info["episode"]["r"] * info["_episode"]).sum()
         s["episodes"] += info["_episode"].sum()
         s["var"] += info["var"].mean()
@@ -59,6 +68,12 @@ class PortfolioRolloutStats:
         out.update(
             {f"allocation/{name}": v for name, v in zip(self.specialists, (self.allocation / n).tolist(), strict=True)}
         )
+        n_a = self.sums["n"].item()
+        if n_a > 1:
+            a, aa, v, vv, av = (self.sums[key].item() / n_a for key in _MOMENTS[:5])
+            var_a, var_v = max(aa - a * a, 0.0), max(vv - v * v, 0.0)
+            out["meta/appetite_mean"], out["meta/appetite_std"] = a, var_a**0.5
+            out["meta/appetite_vol_corr"] = (av - a * v) / (var_a * var_v) ** 0.5 if var_a * var_v > 1e-18 else 0.0
         if self.sums["episodes"].item() > 0:
             out["charts/episodic_return"] = (self.sums["episode_return"] / self.sums["episodes"]).item()
         return out

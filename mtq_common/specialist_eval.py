@@ -2,11 +2,13 @@
 
 Each instrument is traded by its owning specialist with deterministic positions (the clipped mean)
 through `SpecialistEnv`, and so is every rule (momentum, trend filter, buy-and-hold and, on synthetic
-data, the oracle): the same stop-loss, costs and timing as in training, for the specialist and the
-rules alike. After a stop-loss a rule asks for a flat position for one bar and then re-opens its trade
-(as in `portfolio_eval`). To use the batch, the split is cut into `segments` consecutive pieces that run
-in parallel rows (policies x pieces x instruments in one env); each piece starts flat, so the stitched
-series pays one extra entry per piece (a conservative approximation of one unbroken run).
+data, the oracle): the same stop-loss, costs and timing as in training, and the same execution
+(`baselines` module docstring): each rule's table is a target, partially adjusted at the specialists'
+`position_rate`, and a stopped instrument stays flat until the target changes sign; buy-and-hold buys at
+full size and re-enters on the bar after a stop. To use the batch, the split is cut into `segments`
+consecutive pieces that run in parallel rows (policies x pieces x instruments in one env); each piece
+starts flat, so the stitched series pays one extra entry per piece (a conservative approximation of one
+unbroken run).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from mtq_common.baselines import (
     trend_filter_positions,
 )
 from mtq_common.config import Config
-from mtq_common.envs import SpecialistEnv
+from mtq_common.engine import partial_adjustment
+from mtq_common.envs import SpecialistEnv, position_column
 from mtq_common.market import MarketData
 from mtq_common.market_tables import MarketTables, build_tables
 from mtq_common.nets import SpecialistAgents
@@ -88,12 +91,17 @@ def evaluate_specialists(
     rule_table = torch.as_tensor(np.stack(list(rules.values())), dtype=torch.float32, device=device)  # [R, T, n]
     net = torch.zeros(length, p, s, n, device=device)
     held = torch.zeros(length, p, s, n, device=device)
+    # execution alike: the rules at the specialists' rate, buy-and-hold at rate 1 with its re-entry
+    reenter = torch.tensor([name == "buy_and_hold" for name in rules], device=device).view(-1, 1, 1)
     stopped = torch.zeros(p - 1, s, n, dtype=torch.bool, device=device)
     for t in range(length):
         bars = env.bar.view(p, s, n)[0, :, 0]  # the pieces' current bars (the same for every policy)
-        positions = agents.positions(obs.view(p, s, n, -1)[0], owner)  # [S, n]
+        grid = obs.view(p, s, n, -1)
+        positions = agents.positions(grid[0], owner)  # [S, n]
         targets = rule_table.index_select(1, bars)  # [R, S, n]
-        targets = torch.where(stopped, 0.0, targets)  # flat for one bar after a stop, then re-open
+        targets = torch.where(stopped & reenter, 0.0, targets)  # buy-and-hold: flat for a bar, then re-enter
+        own = grid[1:, ..., position_column(market.num_instruments)]  # 0 after a stop
+        targets = torch.where(reenter, targets, partial_adjustment(own, targets, agents.position_rate))
         actions = torch.cat([positions.unsqueeze(0), targets], 0)
         obs, _, _, _, info = env.step(actions.reshape(-1, 1))
         net[t] = info["net_return"].view(p, s, n)

@@ -61,10 +61,11 @@ def markdown_table(header: list[str], rows: list[list[str]], align: str | None =
 
 def policy_metrics(report: dict) -> dict[str, dict]:
     """Every policy's metrics by the name the tables and the CSV columns use: `system` (the report's
-    "portfolio"), `equal_allocation` when present, then the baselines in the report's order."""
+    "portfolio"), `phase2_system` and `equal_allocation` when present, then the baselines in the report's order."""
     policies = {"system": report["portfolio"]}
-    if "equal_allocation" in report:
-        policies["equal_allocation"] = report["equal_allocation"]
+    for name in ("phase2_system", "equal_allocation"):
+        if name in report:
+            policies[name] = report[name]
     policies.update(report["baselines"])
     return policies
 

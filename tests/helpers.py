@@ -17,7 +17,7 @@ import yaml
 
 from kernels import RiskLimits
 from mtq_common.config import Config
-from mtq_common.envs import PortfolioEnv, instrument_obs_size
+from mtq_common.envs import PortfolioEnv, instrument_obs_size, position_column
 from mtq_common.hierarchy import meta_observation_size
 from mtq_common.market_tables import build_tables
 from mtq_common.nets import MetaController, SpecialistAgents
@@ -150,11 +150,13 @@ def limits_hold(w, cov, limits: RiskLimits, onehot=ONEHOT):
             assert (np.abs(x) @ onehot / b_max).max() <= limits.max_sector * (1 + 1e-4)
 
 
-def untrained_agents(market, cfg, tables=None) -> tuple[SpecialistAgents, MetaController]:
+def untrained_agents(market, cfg, tables=None, position_rate: float = 1.0) -> tuple[SpecialistAgents, MetaController]:
     """Seeded, randomly initialised specialists (the actor head scaled up so that they trade real sizes) and a
     meta-controller at its starting point, sized for `market` (the evaluation and report tests' hierarchy)."""
     torch.manual_seed(0)
-    specialists = SpecialistAgents(cfg.specialists, instrument_obs_size(market.num_instruments), hidden=8)
+    n = market.num_instruments
+    specialists = SpecialistAgents(cfg.specialists, instrument_obs_size(n), hidden=8, position_rate=position_rate,
+                                   position_index=position_column(n))  # fmt: skip
     with torch.no_grad():
         specialists.actor[-1].weight.mul_(100.0)
     env = PortfolioEnv(market, cfg, 1, tables=tables if tables is not None else build_tables(market, cfg))

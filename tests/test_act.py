@@ -47,7 +47,7 @@ def test_acting_on_data_cut_at_a_bar_gives_what_the_test_backtest_traded_there(t
     size = cfg.environment.max_position_size
 
     def system(rows):
-        return HierarchyPolicy(specialists, meta, owner, size, rows, "cpu")
+        return HierarchyPolicy(specialists, meta, owner, size, rows, "cpu", test)
 
     backtest = run_backtests(test, cfg, {"system": system}, segments=1)["system"]
     for t in (backtest.bars[0] + 1, backtest.bars[0] + 37, backtest.bars[-1] - 5):  # act needs 2 bars after warm-up

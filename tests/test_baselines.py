@@ -1,5 +1,6 @@
 """The rule baselines traded through PortfolioEnv (`mtq_common.baselines`): what each proposes, no
-look-ahead, several in one env as each alone, and the trend filter fitted on the training split only."""
+look-ahead, several in one env as each alone, the trend filter fitted on the training split only, one
+execution path for rules and specialists, and the volatility-managed baselines."""
 
 import dataclasses
 import itertools
@@ -14,19 +15,29 @@ from mtq_common.backtest import backtest_metrics, policy_step, run_backtest, run
 from mtq_common.baselines import (
     MOMENTUM_LOOKBACK,
     TREND_FILTER_GRID,
+    VOL_TIMING_GRID,
     BuyAndHoldPolicy,
     RulePolicy,
     TrendFilter,
+    VolManagedPolicy,
+    VolTiming,
     backtest,
     baseline_policies,
     fit_trend_for,
+    fit_vol_levels,
+    market_sigma,
     momentum_positions,
+    pick_vol_timing,
     trend_filter_positions,
+    vol_appetite,
 )
 from mtq_common.config import Config
-from mtq_common.envs import PortfolioEnv
+from mtq_common.engine import POSITION_RATE
+from mtq_common.envs import PortfolioEnv, instrument_obs_size, position_column
+from mtq_common.hierarchy import HierarchyPolicy, instrument_specialist_index
 from mtq_common.market import load_splits
 from mtq_common.market_tables import cost_rates
+from mtq_common.nets import SpecialistAgents
 from mtq_common.specialist_eval import segment_starts
 
 
@@ -47,7 +58,7 @@ def test_buy_and_hold_buys_when_flat_then_holds_without_trading(market, tables, 
     env = PortfolioEnv(market, dataclasses.replace(cfg, environment=loose), 2, torch_mode=True, tables=tables)
     env.reset(seed=0)
     obs = env.start_at(torch.tensor([200, 300]))
-    policy = BuyAndHoldPolicy(None, 0.1)
+    policy = BuyAndHoldPolicy(0.1)
     first = policy.propose(obs, env)
     torch.testing.assert_close(first, torch.full((2, market.num_instruments), 0.1))
     quiet = 0
@@ -136,3 +147,106 @@ def test_the_trend_filter_trades_less_than_momentum_on_the_default_market():
     momentum, trend_filter = (backtest_metrics(ran[name], rf) for name in ("momentum", "trend_filter"))
     assert trend_filter["turnover"] < momentum["turnover"], (trend_filter["turnover"], momentum["turnover"])
     assert trend_filter["turnover_per_vol"] < momentum["turnover_per_vol"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Execution alike (DESIGN section 4) and the volatility-managed baselines (DESIGN section 14)
+# ---------------------------------------------------------------------------------------------
+
+
+class TableSpecialists(SpecialistAgents):
+    """Specialists whose mean action is a rule's table at the env's bar: the rule through the specialists' path
+    (`HierarchyPolicy` with an equal allocation, `to_position`'s partial adjustment, own positions passed)."""
+
+    def __init__(self, table: torch.Tensor, env: PortfolioEnv, names, rate: float):
+        n = env.n
+        super().__init__(names, instrument_obs_size(n), hidden=4, position_rate=rate, position_index=position_column(n))
+        self.table, self.env = table, env
+
+    def mean_per_slot(self, obs, owner):
+        return self.table.index_select(0, self.env.bar)
+
+
+def test_a_rule_trades_the_same_book_through_the_specialists_path_and_the_baseline_path(market, cfg, tables):
+    """One execution path for every policy: momentum as the specialists' target and as a `RulePolicy` at the
+    same rate gives the same proposals, stops and executed book, lock-outs included."""
+    table = torch.as_tensor(momentum_positions(market.prices), dtype=torch.float32)
+    size, rows, books = cfg.environment.max_position_size, 4, []
+    for path in ("specialists", "baseline"):
+        env = PortfolioEnv(market, cfg, rows, torch_mode=True, tables=tables)
+        env.reset(seed=0)
+        obs = env.start_at(torch.tensor([120, 200, 300, 400]))
+        if path == "specialists":
+            agents = TableSpecialists(table, env, cfg.specialists, POSITION_RATE)
+            owner = instrument_specialist_index(market.sectors, agents.names)
+            policy = HierarchyPolicy(agents, None, owner, size, rows, "cpu")
+        else:
+            policy = RulePolicy(table, size, POSITION_RATE)
+        trace = []
+        for _ in range(150):
+            obs, _, _, _, info = policy_step(policy, env, obs)
+            trace.append([info["proposed_weights"], info["executed_weights"], info["stop_loss"].float()])
+        books.append([torch.stack(x) for x in zip(*trace, strict=True)])
+    (proposed_a, executed_a, stops_a), (proposed_b, executed_b, stops_b) = books
+    assert stops_a.sum() > 0, "the test needs stop-losses (and their lock-outs)"
+    torch.testing.assert_close(stops_a, stops_b, rtol=0, atol=0)
+    # (float32: the two paths round `target * size / size` differently, a few ulps)
+    torch.testing.assert_close(proposed_a, proposed_b, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(executed_a, executed_b, rtol=1e-5, atol=1e-7)
+    # the partial adjustment is visible: positions between the flat book and the target
+    assert ((proposed_a.abs() > 0) & (proposed_a.abs() < 0.99 * size)).float().mean() > 0.05
+
+
+@pytest.fixture(scope="module")
+def splits(cfg):
+    return load_splits(cfg)
+
+
+def test_vol_levels_are_fitted_on_train_and_picked_on_validation_only(splits, cfg):
+    with pytest.raises(ValueError, match="training split only"):
+        fit_vol_levels(splits["val"])
+    levels = fit_vol_levels(splits["train"])
+    assert levels.half_lives == VOL_TIMING_GRID["half_life"]
+    # sigma_star is the training median of sigma_hat: half of the training bars are above it
+    for h, star in zip(levels.half_lives, levels.sigma_star, strict=True):
+        assert np.mean(market_sigma(splits["train"], levels, h) > star) == pytest.approx(0.5, abs=0.01)
+    t = len(splits["test"].returns)
+    args = (np.arange(t - 1), np.zeros(t - 1), np.zeros((t - 1, 8)), t, np.zeros(8), 0.0)
+    with pytest.raises(ValueError, match="validation split only"):
+        pick_vol_timing(splits["test"], levels, *args)
+
+
+def test_the_vol_appetite_is_causal_at_most_one_and_lower_in_volatile_regimes(splits):
+    levels = fit_vol_levels(splits["train"])
+    test = splits["test"]
+    timing = VolTiming(20, 2, "val", 0.0)
+    appetite = vol_appetite(test, levels, timing)
+    assert appetite.max() <= 1.0 and appetite.min() > 0.0
+    by_regime = [appetite[test.regime == r].mean() for r in np.unique(test.regime)]
+    assert by_regime[0] > by_regime[-1], "calm bars get more appetite than crisis bars"
+    cut = len(appetite) // 2
+    stormy = test.returns.copy()
+    stormy[cut + 1 :] *= 5.0  # a storm after the cut changes nothing up to it
+    bumped = dataclasses.replace(test, prices=test.prices[0] * np.cumprod(1.0 + stormy, axis=0))
+    np.testing.assert_allclose(vol_appetite(bumped, levels, timing)[: cut + 1], appetite[: cut + 1], rtol=1e-12)
+    assert vol_appetite(bumped, levels, timing)[cut + 5] < appetite[cut + 5]
+
+
+def test_a_vol_managed_rule_scales_the_rules_book_and_keeps_its_trades(market, cfg, tables, trend, splits):
+    """The scaled book has the inner rule's own positions, hence the same stops; its proposal is the rule's
+    times the appetite of the bar."""
+    levels = fit_vol_levels(splits["train"])
+    appetite = vol_appetite(market, levels, VolTiming(10, 2, "val", 0.0))
+    scale = torch.as_tensor(appetite, dtype=torch.float32)
+    size = cfg.environment.max_position_size
+
+    def rule(rows):
+        return baseline_policies(market, cfg, trend, position_rate=POSITION_RATE)["trend_filter"]
+
+    makers = {"plain": rule, "managed": lambda rows: VolManagedPolicy(rule(rows), scale, size)}
+    ran = run_backtests(market, cfg, makers, segments=4, tables=tables)
+    plain, managed = ran["plain"], ran["managed"]
+    np.testing.assert_array_equal(managed.stop_loss, plain.stop_loss)
+    expected = plain.proposed * scale.numpy()[plain.bars, None].astype(np.float64)
+    np.testing.assert_allclose(managed.proposed, expected, rtol=1e-6, atol=1e-9)
+    assert appetite[plain.bars].min() < 0.9, "the appetite moves on this market"

@@ -13,6 +13,7 @@ import phase1_ppo
 import phase2_meta
 from mtq_common.checkpoint import parameter_fingerprint
 from mtq_common.nets import SpecialistAgents
+from mtq_common.rollout_stats import PortfolioRolloutStats
 from tests.helpers import SMALL, run_cli, tensorboard_tags, write_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,12 +55,28 @@ def test_smoke_subprocess_writes_every_output(tiny, tmp_path):
     for key in ("portfolio", "baselines", "allocation_efficiency", "specialist_utilization", "per_regime", "targets",
                 "data"):  # fmt: skip
         assert key in metrics, key
-    assert set(metrics["baselines"]) == {"equal_weight", "buy_and_hold", "risk_parity", "momentum", "trend_filter",
-                                        "oracle"}  # fmt: skip
+    rules = {"equal_weight", "buy_and_hold", "risk_parity", "momentum", "trend_filter", "oracle"}
+    assert set(metrics["baselines"]) == rules | {"vol_managed_equal_allocation", "vol_managed_trend_filter"}
     tags = tensorboard_tags(logs)
     for tag in ("charts/SPS", "losses/approx_kl", "trading/sharpe", "risk/var", "risk/var_compliance",
-                "risk/intervention", "allocation/equity"):  # fmt: skip
+                "risk/intervention", "allocation/equity", "meta/appetite_mean", "meta/appetite_std",
+                "meta/appetite_vol_corr"):  # fmt: skip
         assert tag in tags, tag
+
+
+def test_the_appetite_statistics_are_its_mean_spread_and_correlation_with_volatility():
+    stats = PortfolioRolloutStats(["a", "b"], 0.02, "cpu")
+    zeros = torch.zeros(4)
+    info = {"episode": {"r": zeros}, "_episode": zeros.bool(), "var": zeros, "correlation_exposure": zeros,
+            "sector_allocation": torch.zeros(4, 2), "intervention": zeros, "gross_kept": torch.ones(4),
+            "binding": torch.zeros(4, 4, dtype=torch.bool)}  # fmt: skip
+    log_vol = torch.tensor([-1.0, 0.0, 1.0, 2.0])
+    appetite = 1.0 - 0.2 * log_vol  # times risk: lower appetite when volatility is high
+    stats.add(info, torch.full((4, 2), 0.5), None, appetite, log_vol)
+    out = stats.scalars()
+    assert out["meta/appetite_mean"] == pytest.approx(appetite.mean().item())
+    assert out["meta/appetite_std"] == pytest.approx(appetite.std(unbiased=False).item(), rel=1e-5)
+    assert out["meta/appetite_vol_corr"] == pytest.approx(-1.0, abs=1e-5)
 
 
 def test_specialists_stay_bit_identical(tiny):
@@ -83,15 +100,20 @@ def test_var_compliance_is_total_for_system_and_baselines(tiny):
         assert row["var_compliance"] == 1.0, name
 
 
-def test_the_starting_point_is_a_candidate_for_best(tiny):
-    """Phase 2 validates the equal allocation (its starting point, iteration 0) before training: best.pt is
-    never worse than the equal allocation on the validation bars."""
+@pytest.mark.parametrize("risk_timing", [True, False])
+def test_the_starting_point_is_a_candidate_for_best(tiny, risk_timing):
+    """Phase 2 validates its starting point (iteration 0) before training: the volatility-managed equal
+    allocation with risk timing (the meta-controller then trades exactly that rule), else the equal allocation;
+    best.pt is never worse than it on the validation bars."""
     tmp, config, phase1_dir = tiny
-    metrics = phase2(tmp, config, phase1_dir, name="start", timesteps=512, eval_interval=100)
+    metrics = phase2(tmp, config, phase1_dir, name=f"start_{risk_timing}", timesteps=512, eval_interval=100,
+                     risk_timing=risk_timing)  # fmt: skip
     assert metrics["best_iteration"] in (0, 2)  # validated at iteration 0 and at the end only
-    assert metrics["portfolio"]["sharpe"] >= metrics["equal_allocation"]["sharpe"] - 1e-9
+    start = metrics["baselines"]["vol_managed_equal_allocation"] if risk_timing else metrics["equal_allocation"]
+    assert metrics["portfolio"]["sharpe"] >= start["sharpe"] - 1e-4
     if metrics["best_iteration"] == 0:
-        assert metrics["allocation_efficiency"] == 0.0
+        assert metrics["portfolio"]["sharpe"] == pytest.approx(start["sharpe"], abs=1e-4)
+        assert metrics["portfolio"]["turnover"] == pytest.approx(start["turnover"], rel=1e-4)
 
 
 def market_config(path: Path, noise_classes: tuple[str, ...]) -> Path:

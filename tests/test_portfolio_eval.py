@@ -20,13 +20,17 @@ from mtq_common.backtest import (
 from mtq_common.baselines import (
     BASELINE_NAMES,
     MOMENTUM_LOOKBACK,
+    VOL_MANAGED,
+    VolTiming,
     baseline_policies,
+    fit_vol_levels,
     trend_filter_positions,
 )
-from mtq_common.hierarchy import split_action
-from mtq_common.market import REGIME_NAMES
+from mtq_common.engine import POSITION_RATE
+from mtq_common.hierarchy import HierarchyPolicy, risk_appetite, risk_features, split_action, timing_spec
+from mtq_common.market import REGIME_NAMES, load_splits
 from mtq_common.nets import MetaController
-from mtq_common.portfolio_eval import evaluate_portfolio, format_report, target_checks
+from mtq_common.portfolio_eval import evaluate_portfolio, format_report, target_checks, validation_timings
 from mtq_common.specialist_eval import segment_starts
 from tests.helpers import untrained_agents
 
@@ -50,6 +54,13 @@ def agents(market, cfg, tables):
 @pytest.fixture(scope="module")
 def evaluated(agents, market, cfg, tables, trend):
     return evaluate_portfolio(*agents, market, cfg, trend, segments=SEGMENTS, tables=tables, phase=2)
+
+
+@pytest.fixture(scope="module")
+def adjusted(market, cfg, tables, trend):
+    """The evaluation of specialists that trade at the default partial-adjustment rate (so the rules do too)."""
+    agents = untrained_agents(market, cfg, tables, position_rate=POSITION_RATE)
+    return agents[0], evaluate_portfolio(*agents, market, cfg, trend, segments=SEGMENTS, tables=tables, phase=2)
 
 
 def csv_like(market):
@@ -200,24 +211,38 @@ def test_var_backtest_compares_the_loss_with_one_bar_of_var(evaluated, cfg):
 
 
 def after_stops(bt) -> np.ndarray:
-    """[T, N] True on the bar after a stop-loss (within a segment): rules propose flat there to re-open."""
+    """[T, N] True on the bar after a stop-loss (within a segment)."""
     out = np.zeros_like(bt.stop_loss, dtype=bool)
     out[1:] = bt.stop_loss[:-1] > 0
     out[:: bt.segment_length] = False  # a segment starts a new episode
     return out
 
 
-def rule_proposal(bt) -> np.ndarray:
-    """The proposals with the one-bar re-entry pauses filled with NaN (compared where finite)."""
-    return np.where(after_stops(bt), np.nan, bt.proposed)
+def executed(bt, target: np.ndarray, rate: float, reenter: bool = False) -> np.ndarray:
+    """The proposals [T, N] (units of the position limit) that the shared execution makes of a rule's
+    `target` [T, N], replayed from the backtest's own stop-losses: the partial adjustment from the own
+    position, then the lock-out (flat while the position keeps the stopped trade's sign); `reenter`: the
+    target is flat on the bar after a stop (the long-only rules)."""
+    target = np.where(after_stops(bt), 0.0, target) if reenter else target
+    out = np.zeros_like(target, dtype=np.float32)
+    own = locked = np.zeros(target.shape[1], dtype=np.float32)
+    for t in range(len(target)):
+        if t % bt.segment_length == 0:  # each segment starts flat and unlocked
+            own, locked = np.zeros_like(own), np.zeros_like(own)
+        p = target[t].astype(np.float32) if rate == 1.0 else own + np.float32(rate) * (target[t] - own)
+        held = (np.sign(p) == locked) & (locked != 0)
+        locked = np.where(held, locked, 0.0).astype(np.float32)
+        own = np.where(held, 0.0, p).astype(np.float32)
+        out[t] = own
+        locked = np.where(bt.stop_loss[t] > 0, np.sign(own), locked).astype(np.float32)
+    return out
 
 
-def test_rules_pause_one_bar_after_a_stop_then_reopen(evaluated):
+def test_long_only_rules_pause_one_bar_after_a_stop_then_reenter(evaluated):
     _, backtests = evaluated
     bt = backtests["equal_weight"]
     pause = after_stops(bt)
     assert pause.any(), "the test market should trigger stop-losses"
-    assert np.all(bt.proposed[pause] == 0.0)
     reopened = np.zeros_like(pause)
     reopened[1:] = pause[:-1]
     reopened[:: bt.segment_length] = False
@@ -225,36 +250,51 @@ def test_rules_pause_one_bar_after_a_stop_then_reopen(evaluated):
     assert (bt.weights != 0).mean() > 0.5, "the long-only book stays mostly invested"
 
 
-def test_baselines_propose_what_they_are_defined_to(evaluated, market, tables, cfg, trend):
+def test_sign_rules_stay_flat_after_a_stop_until_their_target_changes_sign(evaluated, market):
     _, backtests = evaluated
+    bt = backtests["momentum"]
+    assert after_stops(bt).any(), "the test market should trigger stop-losses"
+    # on each stopped instrument: flat from the bar after the stop until the table's sign changes
+    log_p = np.log(market.prices)
+    sign = np.sign(log_p[bt.bars] - log_p[bt.bars - MOMENTUM_LOOKBACK])
+    t, i = np.nonzero(after_stops(bt))
+    k = 0
+    for t0, col in zip(t, i, strict=True):
+        stopped_sign = np.sign(bt.proposed[t0 - 1, col])
+        while t0 + k < len(sign) and sign[t0 + k, col] == stopped_sign and (t0 + k) % bt.segment_length:
+            assert bt.proposed[t0 + k, col] == 0.0
+            k += 1
+        k = 0
+
+
+def test_baselines_propose_what_they_are_defined_to(adjusted, market, tables, cfg, trend):
+    """Every rule's proposal is the shared execution of its target (partial adjustment at the specialists'
+    rate, the lock-out after a stop), replayed here from the definitions."""
+    specialists, (report, backtests) = adjusted
+    rate = specialists.position_rate
+    assert rate < 1.0 and report["position_rate"] == pytest.approx(rate)
     m = float(np.float32(cfg.environment.max_position_size))  # the env's float32 tensors
     bars = backtests["equal_weight"].bars
-    np.testing.assert_array_equal(
-        rule_proposal(backtests["equal_weight"]), np.where(after_stops(backtests["equal_weight"]), np.nan, m)
-    )
 
+    def check(name, target, reenter=False, **tol):
+        bt = backtests[name]
+        np.testing.assert_allclose(bt.proposed, m * executed(bt, target, rate, reenter), **(tol or {"rtol": 1e-5}))
+
+    check("equal_weight", np.ones_like(backtests["equal_weight"].proposed), reenter=True, atol=1e-7)
     log_p = np.log(market.prices)
     change = log_p[bars] - log_p[bars - MOMENTUM_LOOKBACK]
-    clear = np.abs(change) > 1e-5  # float32 tables may round a near-zero change either way
-    clear &= ~after_stops(backtests["momentum"])
-    np.testing.assert_array_equal(backtests["momentum"].proposed[clear], m * np.sign(change[clear]))
-
+    momentum = np.sign(change)
+    unclear = (np.abs(change) < 1e-5).any(1)  # float32 tables may round a near-zero change either way
+    assert not unclear.any() or unclear.mean() < 0.01
+    check("momentum", momentum, atol=1e-7)
     inverse_vol = 1.0 / np.sqrt(tables.variance.double().numpy()[bars])
-    expected = m * inverse_vol / inverse_vol.max(1, keepdims=True)
-    rp = backtests["risk_parity"]
-    np.testing.assert_allclose(rule_proposal(rp)[~after_stops(rp)], expected[~after_stops(rp)], rtol=1e-5)
+    check("risk_parity", inverse_vol / inverse_vol.max(1, keepdims=True), reenter=True, rtol=1e-4, atol=1e-7)
+    check("oracle", np.sign(market.drift[bars]), atol=1e-7)
+    check("trend_filter", trend_filter_positions(market.prices, trend)[bars], atol=1e-7)
+    assert (backtests["trend_filter"].proposed != 0).mean() > 0.5, "the trend filter holds positions most of the time"
 
-    oracle = backtests["oracle"]
-    keep = ~after_stops(oracle)
-    np.testing.assert_array_equal(oracle.proposed[keep], (m * np.sign(market.drift[bars]))[keep])
-
-    tf = backtests["trend_filter"]
-    keep = ~after_stops(tf)
-    expected = m * trend_filter_positions(market.prices, trend)[bars]
-    np.testing.assert_array_equal(tf.proposed[keep], expected[keep])
-    assert (tf.proposed != 0).mean() > 0.5, "the trend filter holds positions most of the time"
-
-    # buy-and-hold: bought at m when flat (each segment's first bar, after a stop), then the drifted holdings
+    # buy-and-hold trades at rate 1 (one purchase): bought at m when flat (each segment's first bar, after a
+    # stop), then the drifted holdings
     bh = backtests["buy_and_hold"]
     start = np.zeros(len(bars), dtype=bool)
     start[:: bh.segment_length] = True
@@ -420,3 +460,74 @@ def test_segments_1_is_one_continuous_backtest_of_the_whole_split(agents, market
         np.testing.assert_array_equal(bt.bars, whole, err_msg=name)
         assert bt.segment_length == len(whole), name
     assert report["data"]["end"] == str(np.datetime64(market.timestamps[-1], "D"))
+
+
+def test_vol_managed_baselines_are_picked_on_validation_and_reported_on_test(agents, cfg, trend):
+    """Validation: the volatility-managed baselines are picked on the split itself; test: the picks come from
+    the validation split (asked for on the test split, the pick is refused), and every DESIGN 14 target row
+    carries its paired interval."""
+    splits = load_splits(cfg)
+    levels = fit_vol_levels(splits["train"])
+    val_report, _ = evaluate_portfolio(*agents, splits["val"], cfg, trend, segments=4, vol_levels=levels)
+    assert set(VOL_MANAGED) <= set(val_report["baselines"])
+    assert {v["picked_on"] for v in val_report["vol_managed"].values()} == {"val"}
+    with pytest.raises(ValueError, match="validation split only"):
+        evaluate_portfolio(*agents, splits["test"], cfg, trend, segments=4, vol_levels=levels)
+    timings = validation_timings(agents[0], splits["val"], cfg, trend, levels, segments=4)
+    assert {name: dataclasses.asdict(t) for name, t in timings.items()} == val_report["vol_managed"]
+    report, _ = evaluate_portfolio(*agents, splits["test"], cfg, trend, segments=1, confidence=True,
+                                   vol_levels=levels, timings=timings)  # fmt: skip
+    base = report["baselines"]
+    best = max(base[name]["sharpe"] for name in ("momentum", "trend_filter", "vol_managed_trend_filter"))
+    rows = report["relative_targets"]
+    assert [r["target"].split()[1] for r in rows][1:] == ["vol_managed_equal_allocation", "equal_allocation",
+                                                          "momentum"]  # fmt: skip
+    assert rows[0]["threshold"] == pytest.approx(best + 0.3)
+    for row in rows[:3]:
+        assert row["low"] <= row["value"] - row["threshold"] + (0.3 if row is rows[0] else 0.0) <= row["high"]
+        assert row["pass"] == (row["value"] > row["threshold"] and row["low"] > (0.3 if row is rows[0] else 0.0))
+    text = format_report(report)
+    assert "vol_managed_equal_allocation: half-life" in text and "picked on the val split" in text
+
+
+def test_a_fresh_risk_timing_meta_controller_trades_exactly_the_vol_managed_equal_allocation(agents, cfg, trend):
+    """DESIGN section 14's starting point: a meta-controller whose appetite is a factor over the volatility-managed
+    rule starts at factor 1 and the even allocation, i.e. it trades `vol_managed_equal_allocation` (up to float
+    rounding), with the volatility evidence in its observation and whatever it observes."""
+    specialists, tilted = agents
+    splits = load_splits(cfg)
+    levels = fit_vol_levels(splits["train"])
+    timings = validation_timings(specialists, splits["val"], cfg, trend, levels, segments=4)
+    timing = timing_spec(levels, timings["vol_managed_equal_allocation"])
+    base_size = tilted.obs_size
+    fresh = MetaController(base_size + len(levels.half_lives) + 1, tilted.num_specialists, tilted.hidden,
+                           allocation_rate=0.1, timing=timing)  # fmt: skip
+    assert MetaController.from_spec(fresh.describe()).timing == timing  # stored with the weights
+    report, backtests = evaluate_portfolio(specialists, fresh, splits["test"], cfg, trend, segments=4,
+                                           vol_levels=levels, timings=timings)  # fmt: skip
+    system, rule = backtests["system"], backtests["vol_managed_equal_allocation"]
+    np.testing.assert_allclose(system.weights, rule.weights, rtol=1e-5, atol=1e-8)
+    assert np.abs(system.weights).sum(1).std() > 0, "the appetite moves the book"
+    # measured, not guessed: the report's appetite is the rule's, lower when the market is volatile
+    appetite = report["meta_appetite"]
+    assert appetite["min"] < appetite["mean"] <= 1.0 and appetite["vol_correlation"] < -0.3
+    assert "meta_appetite" not in evaluate_portfolio(specialists, None, splits["test"], cfg, trend, segments=4)[0]
+    with pytest.raises(ValueError, match="needs the market"):
+        HierarchyPolicy(specialists, fresh, torch.zeros(8, dtype=torch.long), 0.1, 1, "cpu")
+
+
+def test_the_risk_evidence_is_causal_and_the_appetite_a_factor_over_the_rule(cfg):
+    splits = load_splits(cfg)
+    levels = fit_vol_levels(splits["train"])
+    timing = timing_spec(levels, VolTiming(20, 1, "val", 0.0))
+    test = splits["test"]
+    features = risk_features(timing, test, "cpu")
+    assert features.shape == (test.num_bars, len(levels.half_lives) + 1)
+    cut = 300
+    early = risk_features(timing, test.window(0, cut, "test"), "cpu")
+    torch.testing.assert_close(early, features[:cut])  # bars up to the cut do not see the bars after it
+    base = features[:, -1]
+    _, factor = split_action(torch.zeros(test.num_bars, 4), timed=True)
+    torch.testing.assert_close(risk_appetite(factor, base), base)  # u = 0: the rule's own appetite
+    _, factor = split_action(torch.full((test.num_bars, 4), 2.0), timed=True)
+    assert torch.all(risk_appetite(factor, base) <= 1.0) and torch.all(risk_appetite(factor, base) >= base)
