@@ -173,8 +173,10 @@ def main(args: Args) -> dict:
 
     start_rule = None  # risk timing: the rule the meta-controller starts from, picked on the validation split
     if args.risk_timing:
-        rules = validation_timings(specialists, val, cfg, trend, vol_levels, device, args.eval_segments)
-        start_rule = timing_spec(vol_levels, rules["vol_managed_equal_allocation"])
+        # picked once, on the validation split, for the starting point and every validation's baselines
+        references["timings"] = validation_timings(specialists, val, cfg, trend, vol_levels, device,
+                                                   args.eval_segments, val_tables)  # fmt: skip
+        start_rule = timing_spec(vol_levels, references["timings"]["vol_managed_equal_allocation"])
         log.info("risk timing: a factor over vol_managed_equal_allocation (half-life %d, power %d, picked on val)",
                  start_rule["half_life"], start_rule["power"])  # fmt: skip
     b, d = args.num_envs, meta_observation_size(envs.portfolio_obs_size, k, timed=start_rule is not None)

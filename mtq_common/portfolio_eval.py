@@ -124,8 +124,8 @@ def relative_targets(report: dict) -> list[dict]:
     threshold, value, pass}` each: Sharpe at least `RULE_MARGIN` above the best rule's (`RULES`), above
     `vol_managed_equal_allocation`'s (when in the report) and the equal allocation's, and turnover per unit
     of volatility no higher than momentum's. With the report's bootstrap (`confidence`) each Sharpe row also
-    carries the paired difference's interval (`low`, `high`) and passes only with `low` above 0 (the
-    margin's row: above the margin). (The seed's absolute table is `target_checks`.)"""
+    carries the paired difference's interval (`low`, `high`) and passes only with `low` above 0 as well.
+    (The seed's absolute table is `target_checks`.)"""
     system, base = report["portfolio"], report["baselines"]
     best = max((name for name in RULES if name in base), key=lambda name: base[name]["sharpe"])
     rows = [("sharpe", ">=", f"{best} + {RULE_MARGIN:g}", best, RULE_MARGIN)]
@@ -145,7 +145,7 @@ def relative_targets(report: dict) -> list[dict]:
                "pass": bool(compare[op](system[metric], threshold))}  # fmt: skip
         if metric == "sharpe" and reference in paired:
             row["low"], row["high"] = paired[reference]["low"], paired[reference]["high"]
-            row["pass"] = row["pass"] and row["low"] > margin
+            row["pass"] = row["pass"] and row["low"] > 0.0
         out.append(row)
     return out
 
@@ -195,10 +195,10 @@ def evaluate_portfolio(
     With `vol_levels` (`baselines.fit_vol_levels` of the training split) also the volatility-managed
     baselines (`baselines.VOL_MANAGED`): with their `timings` picked on the validation split
     (`validation_timings`), or, when `market` is the validation split and `timings` is None, picked here
-    from this run's backtests. `phase2` (the Phase 1 specialists and the Phase 2 meta-controller) adds the
-    Phase 2 system, the hierarchy that Phase 3 starts from, as `phase2_system`. `segments=1` is one
-    continuous backtest of the whole split
-    (the test evaluation); more segments run in parallel (validation). Returns `(report, backtests)` with
+    from this run's backtests (and kept in `reference_cache`: a run's later validations reuse the choice).
+    `phase2` (the Phase 1 specialists and the Phase 2 meta-controller) adds the Phase 2 system, the
+    hierarchy that Phase 3 starts from, as `phase2_system`. `segments=1` is one continuous backtest of the
+    whole split (the test evaluation); more segments run in parallel (validation). Returns `(report, backtests)` with
     the backtests keyed "system", "equal_allocation" and by baseline name (for plots). `meta=None` makes
     the system the equal allocation itself (allocation efficiency 0). `phase` picks the column of
     targets: 1, 2, 3 or "final".
@@ -223,6 +223,17 @@ def evaluate_portfolio(
         return lambda rows: baseline_policies(market, cfg, trend, where, rate)[name]
 
     references = reference_cache if reference_cache is not None else {}
+    timings = timings or references.get("timings")  # a run's validations pick once, at their first call
+
+    def cached(name: str) -> bool:  # the references that stay valid across this run's validations
+        learned = name in ("equal_allocation", "vol_managed_equal_allocation")
+        return specialists_frozen if learned else name in (*BASELINE_NAMES, "vol_managed_trend_filter")
+
+    def vol_makers() -> dict:
+        inner = {"vol_managed_equal_allocation": hierarchy(None), "vol_managed_trend_filter": baseline("trend_filter")}
+        return {name: vol_managed(inner[name], market, vol_levels, timings[name], size, where)
+                for name in VOL_MANAGED if name not in references}  # fmt: skip
+
     makers = {"system": hierarchy(meta)}
     if phase2 is not None:
         makers["phase2_system"] = hierarchy(phase2[1], phase2[0])
@@ -231,12 +242,14 @@ def evaluate_portfolio(
         makers["equal_allocation"] = hierarchy(None)
     if not any(name in references for name in BASELINE_NAMES):
         makers.update({name: baseline(name) for name in baseline_policies(market, cfg, trend, where, rate)})
+    if vol_levels is not None and timings is not None:
+        makers.update(vol_makers())  # the choices are known: one pass for every policy
     ran = run_backtests(market, cfg, makers, segments, device, tables)  # every policy in one env, bar by bar
-
-    def cached(name: str) -> bool:  # the references that stay valid across this run's validations
-        learned = name in ("equal_allocation", "vol_managed_equal_allocation")
-        return specialists_frozen if learned else name in (*BASELINE_NAMES, "vol_managed_trend_filter")
-
+    if vol_levels is not None and timings is None:  # pick on this (validation) split, then a second pass
+        timings = pick_timings({**references, **ran}, market, vol_levels, cfg)
+        ran.update(run_backtests(market, cfg, vol_makers(), segments, device, tables))
+    if vol_levels is not None and reference_cache is not None:
+        references["timings"] = timings
     for name, bt in ran.items():
         if cached(name):
             references[name] = bt
@@ -245,20 +258,8 @@ def evaluate_portfolio(
         **({"phase2_system": ran["phase2_system"]} if phase2 is not None else {}),
         "equal_allocation": ran.get("equal_allocation", references.get("equal_allocation")),
         **{name: bt for name, bt in references.items() if name in BASELINE_NAMES},
+        **({name: ran.get(name, references.get(name)) for name in VOL_MANAGED} if vol_levels is not None else {}),
     }
-    if vol_levels is not None:
-        if timings is None:
-            timings = references.get("timings") or pick_timings(backtests, market, vol_levels, cfg)
-            if specialists_frozen:
-                references["timings"] = timings
-        inner = {"vol_managed_equal_allocation": hierarchy(None), "vol_managed_trend_filter": baseline("trend_filter")}
-        makers = {name: vol_managed(inner[name], market, vol_levels, timings[name], size, where)
-                  for name in VOL_MANAGED if name not in references}  # fmt: skip
-        ran = run_backtests(market, cfg, makers, segments, device, tables) if makers else {}
-        for name in VOL_MANAGED:
-            backtests[name] = ran[name] if name in ran else references[name]
-            if cached(name) and name in ran:
-                references[name] = ran[name]
 
     end = np.asarray(market.timestamps)[backtests["system"].bars[-1] + 1]  # the last bar whose return is in
     data = {"source": market.source, "split": market.split, "end": iso_time(end, market.bars_per_day)}
@@ -289,11 +290,11 @@ def pick_timings(backtests: dict[str, Backtest], val: MarketData, levels: VolLev
     return out
 
 
-def validation_timings(specialists, val: MarketData, cfg: Config, trend: TrendFilter, levels: VolLevels,
-                       device="cpu", segments: int = 8) -> dict[str, VolTiming]:  # fmt: skip
+def validation_timings(specialists, val: MarketData, cfg: Config, trend: TrendFilter, levels: VolLevels, device="cpu",
+                       segments: int = 8, tables: MarketTables | None = None) -> dict[str, VolTiming]:  # fmt: skip
     """The volatility-managed baselines' choices for a test evaluation: the equal allocation and the trend
     filter backtested on the validation split (`segments` pieces), then `pick_timings`."""
-    tables = build_tables(val, cfg, device)
+    tables = tables or build_tables(val, cfg, device)
     where = tables.prices.device
     owner = instrument_specialist_index(val.sectors, specialists.names).to(where)
     size, rate = cfg.environment.max_position_size, specialists.position_rate

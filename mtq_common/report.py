@@ -255,7 +255,7 @@ def markdown_report(
         ]  # fmt: skip
         out += [
             "Against references traded alike on the same bars (DESIGN section 14: what the learning must be worth; "
-            "with a 90% paired interval a row passes only when the interval clears the margin):",
+            "with a 90% paired interval a row passes only when the interval is above 0 as well):",
             "",
             _markdown_table(
                 ["metric", "target", "threshold", "value", "90% interval of the difference", "result"],

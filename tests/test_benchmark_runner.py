@@ -133,3 +133,50 @@ def test_a_pipeline_run_is_read_from_its_test_report(tmp_path):
     assert code == 0
     table = json.loads((tmp_path / "runs" / "results.json").read_text())["table"]["default"]
     assert table["portfolio/sharpe"]["mean"] == pytest.approx(0.2) and table["portfolio/sharpe"]["n"] == 2
+
+
+def fake_report(seed: int) -> dict:
+    """A test report with what the trading-quality table reads (the values are made up, per seed)."""
+    rule = lambda sharpe, turnover=0.7: {"sharpe": sharpe, "turnover_per_vol": turnover}  # noqa: E731
+    paired = lambda d: {"difference": d, "low": d - 0.1, "high": d + 0.1}  # noqa: E731
+    system = 4.0 + seed / 5
+    return {
+        "portfolio": rule(system, 0.8),
+        "equal_allocation": rule(3.5),
+        "phase2_system": rule(system),
+        "baselines": {
+            "momentum": rule(3.2),
+            "trend_filter": rule(3.3),
+            "vol_managed_trend_filter": rule(3.9),
+            "vol_managed_equal_allocation": rule(4.1),
+        },
+        "confidence": {
+            "vs_system": {
+                "vol_managed_trend_filter": paired(system - 3.9),
+                "vol_managed_equal_allocation": paired(system - 4.1),
+                "equal_allocation": paired(system - 3.5),
+                "phase2_system": paired(0.0),
+            }
+        },
+        "relative_targets": [{"target": ">= vol_managed_trend_filter + 0.3", "pass": system - 3.9 - 0.1 > 0.3}],
+        "phase3_best_iteration": seed,
+    }
+
+
+def test_collect_tabulates_finished_pipeline_runs_with_paired_differences(tmp_path, capsys):
+    for seed in (1, 3):
+        report = tmp_path / "runs" / "default" / f"seed_{seed}" / "eval" / "report.json"
+        report.parent.mkdir(parents=True)
+        report.write_text(json.dumps(fake_report(seed)))
+    code = main(Args(command="python pipeline.py --mode train", seeds=[1, 3], output_dir=str(tmp_path / "runs"),
+                     collect=True))  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    quality = json.loads((tmp_path / "runs" / "results.json").read_text())["trading_quality"]
+    first, second = quality["seeds"]
+    assert first["best_rule"] == "vol_managed_trend_filter" and first["phase3_best_iteration"] == 1
+    assert first["differences"]["vol_managed_equal_allocation"]["difference"] == pytest.approx(0.1)
+    assert first["differences"]["best_rule"]["low"] == pytest.approx(0.2)
+    assert not first["pass"] and second["pass"] and not quality["all_pass"]
+    assert quality["system"]["mean"] == pytest.approx(4.4) and "logical cores" in quality["machine"]
+    assert "DESIGN 14 NOT met for every seed" in printed and "deflated" not in printed
