@@ -140,6 +140,10 @@ class Args:
     """Gradient-norm clip: per component with coordination, global without."""
     anneal_lr: bool = True
     """Anneal the learning rates linearly to 0."""
+    norm_adv: bool = True
+    """Normalise advantages per minibatch (each objective's own)."""
+    target_kl: float | None = None
+    """Stop an iteration's epochs early above this approximate KL of the meta-controller (unset: never)."""
     meta_update_freq: int = 1
     """Update the meta-controller every this many iterations (config: training.meta_update_freq)."""
     specialist_update_freq: int = 5
@@ -210,11 +214,14 @@ def main(args: Args) -> dict:
     curriculum = Curriculum(threshold=args.curriculum_threshold, enabled=args.curriculum_learning)
     schedules = {"optimizer": optimizer, "curriculum": curriculum, "adaptive_lr": adaptive}  # saved in latest.pt
 
+    def advantage(x):  # per minibatch, as in Phases 1 and 2
+        return normalise(x) if args.norm_adv else x
+
     def meta_loss(mb_obs, mb_actions, mb_logprobs, mb_advantages, mb_returns):
         """The meta-controller's PPO loss on one minibatch (the portfolio advantage, normalised), its statistics."""
         with autocast(args.amp, device):
             _, new_logprob, entropy, new_value = meta.get_action_and_value(mb_obs, mb_actions)
-            pg_loss, ratio = clipped_surrogate(new_logprob, mb_logprobs, normalise(mb_advantages), args.clip_range)
+            pg_loss, ratio = clipped_surrogate(new_logprob, mb_logprobs, advantage(mb_advantages), args.clip_range)
             v_loss = 0.5 * ((new_value - mb_returns) ** 2).mean()
             loss = pg_loss - args.ent_coef * entropy.mean() + args.vf_coef * v_loss
         with torch.no_grad():
@@ -231,9 +238,9 @@ def main(args: Args) -> dict:
             logprob = dist.log_prob(mb_actions)
             w = args.specialist_portfolio_weight
             # the portfolio advantage is per row: every slot (instrument) of the row shares it
-            portfolio_adv = normalise(mb_portfolio_adv).unsqueeze(-1).expand_as(mean)
+            portfolio_adv = advantage(mb_portfolio_adv).unsqueeze(-1).expand_as(mean)
             port_pg, _ = clipped_surrogate(logprob, mb_logprobs, portfolio_adv, args.clip_range)
-            own_pg, _ = clipped_surrogate(logprob, mb_logprobs, normalise(mb_own_adv), args.clip_range)
+            own_pg, _ = clipped_surrogate(logprob, mb_logprobs, advantage(mb_own_adv), args.clip_range)
         return torch.stack([w * port_pg, (1 - w) * own_pg]), torch.stack([port_pg, own_pg]).detach()
 
     def specialist_value_objective(mb_obs, _actions, _logprobs, _portfolio_adv, _own_adv, mb_own_returns):
@@ -414,6 +421,8 @@ def main(args: Args) -> dict:
                     stats["pg"].append(specialist_pg)
                 for key, value in coordination.items():
                     stats[key].append(value)
+            if args.target_kl is not None and update_meta and bool(distributed.mean(approx_kl, world) > args.target_kl):
+                break  # (on every rank at once: the decision uses the KL averaged over ranks)
 
         run.watch.lap("update")  # GAE, the PPO epochs and the statistics
 

@@ -10,7 +10,9 @@ environment, `allocation` is a point of the simplex over the K specialists and `
 in [0, 1]. With an even allocation (1/K each) and full appetite every specialist trades exactly as
 it did in Phase 1; the meta-controller scales specialists down (allocation below 1/K) or lets them
 use their full position budget (above 1/K, up to the position cap), and the appetite scales the
-whole book.
+whole book. A risk-timing meta-controller's appetite is a learned factor over the volatility-managed
+rule's (`split_action`, `risk_appetite`), and its observation carries the market's volatility evidence
+(`risk_features`, causal, from the training split's levels stored with its weights).
 """
 
 from __future__ import annotations

@@ -62,6 +62,17 @@ def test_switches_run(tiny, switches):
         assert metrics[key] is value
 
 
+def test_target_kl_stops_the_epochs_early_and_norm_adv_switches_off(tiny):
+    """Phase 3 has Phases 1 and 2's PPO flags: a tiny `--target-kl` ends every iteration's epochs after the first
+    (the meta-controller's KL is above it after one epoch), and `--no-norm-adv` trains on raw advantages."""
+    tmp, config, dirs = tiny
+    full = phase3(tmp, config, dirs, name="kl_off")["timing"]["minibatches"]
+    early = phase3(tmp, config, dirs, name="kl_tiny", target_kl=1e-12)["timing"]["minibatches"]
+    assert 0 < early and early * SMALL["n_epochs"] == full
+    raw = phase3(tmp, config, dirs, name="raw_adv", norm_adv=False)
+    assert raw["global_step"] > 0
+
+
 def test_interrupted_run_resumes_to_the_same_result(tiny):
     tmp, config, dirs = tiny
     unbroken = phase3(tmp, config, dirs, name="unbroken", timesteps=1536, eval_interval=2)
