@@ -134,6 +134,14 @@ class Args:
     """bf16 autocast in the PPO update (CUDA only; refused on the CPU)."""
 
 
+def meta_reward(reward: torch.Tensor, info: dict) -> torch.Tensor:
+    """The meta-controller's reward [B] for one bar of a `PortfolioEnv` (its step's `reward` and `info`: the
+    executed weights, net return, cost, VaR, ...). The one place to change what it learns: the script applies
+    it to the env and to the twin alike, and `charts/episodic_return` logs its episode sums. Built in: the
+    env's portfolio reward (the differential Sharpe ratio with its terms, docs/design.md section 4)."""
+    return reward
+
+
 def main(args: Args) -> dict:
     cfg, world, device, log = start_run(args, ALIASES, "phase2")  # config, ranks, log file, threads
     out_dir = Path(args.output_dir)
@@ -226,11 +234,18 @@ def main(args: Args) -> dict:
     twin.reset(seed=seed)
     equal = (torch.full((args.num_envs, k), 1.0 / k, device=device), torch.ones(args.num_envs, device=device))
     tracker = MetaTracker(owner, k, b, device, args.allocation_rate)  # the meta-controller's observation and holdings
+    rollout = PortfolioRolloutStats(specialists.names, envs.limits.max_var, device, b)  # TensorBoard's rollout tags
     if args.resume:
         state, mine = resume(args, "phase2", cfg, world)
+        if ("timing" in state) != (start_rule is not None):  # the networks would not even have the same inputs
+            was = "with" if "timing" in state else "without"
+            raise ckpt.CheckpointError(f"{args.output_dir}/latest.pt was trained {was} --risk-timing: resume with "
+                                       f"the same setting (or start a new run)")  # fmt: skip
         start_iteration, global_step, best = restore(state, mine, log, {"model": meta, "optimizer": optimizer},
                                                      {"env": envs, "twin": twin, "tracker": tracker})  # fmt: skip
         next_env_obs = envs.observe()
+        if "rollout" in mine:  # (latest.pt files from before the episode sums were kept have none)
+            rollout.load_state_dict(mine["rollout"])
     log.info("phase 2: meta-controller over %s, %d rank(s) x %d rows x %d steps, %d iterations, device %s",
              specialists.names, world.size, b, args.num_steps, num_iterations, device)  # fmt: skip
 
@@ -244,7 +259,6 @@ def main(args: Args) -> dict:
         ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best["model"], meta, specialists, cfg, args))
     run.watch.lap("validation")  # the starting point's
     guard = DivergenceGuard("phase 2", device)
-    rollout = PortfolioRolloutStats(specialists.names, envs.limits.max_var, device)
     for iteration in range(start_iteration, num_iterations + 1):
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
@@ -263,21 +277,22 @@ def main(args: Args) -> dict:
                 proposal = compose_weights(allocation, appetite, positions, owner, max_position)
             guard.watch(proposal, global_step)
             values[step], actions[step], logprobs[step] = value, action, logprob
-            next_env_obs, reward, _, truncated, info = envs.step(proposal, positions)
-            twin_reward = None
+            next_env_obs, env_reward, _, truncated, info = envs.step(proposal, positions)
+            reward, twin_reward = meta_reward(env_reward, info), None
             if args.paired_baseline:
                 start = equal if base is None else (equal[0], base)  # the starting point, on the same path
-                twin_reward = twin.step(compose_weights(*start, positions, owner, max_position), positions,
-                                        observe=False)[1]  # fmt: skip
-                reward = reward - twin_reward
-            rewards[step], truncs[step] = reward, truncated.float()
+                _, twin_env_reward, _, _, twin_info = twin.step(compose_weights(*start, positions, owner, max_position),
+                                                                positions, observe=False)  # fmt: skip
+                twin_reward = meta_reward(twin_env_reward, twin_info)
+            rewards[step] = reward if twin_reward is None else reward - twin_reward
+            truncs[step] = truncated.float()
             # the final observation bootstraps a truncated row's value: its parts now, assembled after the rollout
             final_held[step] = tracker.after_step(positions, info["bar_returns"], truncated)
             if risk is not None:  # a truncated row's final observation is of the next bar
                 final_risk[step] = risk.index_select(0, (bar + 1).clamp_max(len(risk) - 1))
             final_portfolio[step] = info["final_obs"]["portfolio"]
             final_instruments[step] = info["final_obs"]["instruments"]
-            rollout.add(info, allocation, twin_reward, appetite, None if evidence is None else evidence[:, 0])
+            rollout.add(info, allocation, twin_reward, appetite, None if evidence is None else evidence[:, 0], reward)
         guard.raise_if_diverged()
         run.watch.lap("rollout")
 
@@ -333,7 +348,8 @@ def main(args: Args) -> dict:
             log.info("iteration %d/%d step %d SPS %d val sharpe %.3f (equal allocation %+.3f)", iteration,
                      num_iterations, global_step, sps, sharpe, -report["allocation_efficiency"] + sharpe)  # fmt: skip
         run.save_latest(iteration, global_step, best, model_payload(clone_state(meta), meta, specialists, cfg, args),
-                        {"optimizer": optimizer}, {"env": envs, "twin": twin, "tracker": tracker})  # fmt: skip
+                        {"optimizer": optimizer}, {"env": envs, "twin": twin, "tracker": tracker,
+                                                   "rollout": rollout})  # fmt: skip
         if run.stop_here(iteration):
             return {"stopped_at_iteration": iteration, "global_step": global_step}
     timing, ranks = run.finish(global_step, parameter_fingerprint(meta))  # (every rank: the weights must agree)

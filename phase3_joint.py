@@ -14,10 +14,11 @@ w, default 0.5), both normalised: `A_own` is GAE, with the specialist's own crit
 instrument-level objective, the vol-scaled return of its unit-size position net of costs,
 `(a_i r_i - cost_i |a_i - a_i,prev|) / sigma_i`. The portfolio term makes a specialist trade for the
 book, the own term keeps it a good trader of its instrument. With `--paired-baseline` (default) the
-portfolio reward is scored against a twin env trading the equal allocation of the same positions on the
-same path (as in Phase 2): for the meta-controller the twin does not depend on its actions, so its
-optimum is unchanged and the market noise both books share cancels; for the specialists the portfolio
-term then credits what their trades add to the book beyond an equal allocation of them (coordination),
+portfolio reward (`meta_reward`) is scored against a twin env trading the meta-controller's starting point
+(the volatility-managed or the plain equal allocation) with the same positions on the same path (as in
+Phase 2): for the meta-controller the twin does not depend on its actions, so its optimum is unchanged and
+the market noise both books share cancels; for the specialists the portfolio term then credits what their
+trades add to the book beyond that allocation of them (coordination),
 and their own term keeps rewarding good trading. The specialists sample (explore) only on the
 iterations that update them; elsewhere they trade their mean action.
 
@@ -151,7 +152,7 @@ class Args:
     specialist_portfolio_weight: float = 0.5
     """Weight of the portfolio advantage in the specialists' advantage (the rest: their own objective)."""
     paired_baseline: bool = True
-    """Score the portfolio reward against the equal allocation of the same positions on the same path."""
+    """Score the portfolio reward against the meta-controller's starting point with the same positions, same path."""
     gradient_coordination: bool = True
     """Parameter groups, update frequencies, conflict projection, per-component clipping, adaptive rates."""
     curriculum_learning: bool = True
@@ -180,6 +181,14 @@ class Args:
     """torch.compile the PPO update and env step (mtq_common.update): on, off, auto (on from 2,000 minibatches)."""
     amp: bool = False
     """bf16 autocast in the PPO update (CUDA only; refused on the CPU)."""
+
+
+def meta_reward(reward: torch.Tensor, info: dict) -> torch.Tensor:
+    """The meta-controller's reward [B] for one bar of a `PortfolioEnv` (its step's `reward` and `info`: the
+    executed weights, net return, cost, VaR, ...). The one place to change what it learns: the script applies
+    it to the env and to the twin alike, and `charts/episodic_return` logs its episode sums. Built in: the
+    env's portfolio reward (the differential Sharpe ratio with its terms, docs/design.md section 4)."""
+    return reward
 
 
 def main(args: Args) -> dict:
@@ -297,6 +306,7 @@ def main(args: Args) -> dict:
     equal = (torch.full((b, k), 1.0 / k, device=device), torch.ones(b, device=device))
     tracker = MetaTracker(owner, k, b, device, meta.allocation_rate)  # the meta-controller's observation and holdings
     prev_positions = torch.zeros(b, n, device=device)
+    rollout = PortfolioRolloutStats(specialists.names, envs.limits.max_var, device, b)  # TensorBoard's rollout tags
     if args.resume:
         state, mine = resume(args, "phase3", cfg, world)
         curriculum.load_state_dict(state["curriculum"])
@@ -307,6 +317,8 @@ def main(args: Args) -> dict:
                                                      {"env": envs, "twin": twin, "tracker": tracker})  # fmt: skip
         prev_positions = mine["prev_positions"].to(device)
         next_obs = envs.observe()
+        if "rollout" in mine:  # (latest.pt files from before the episode sums were kept have none)
+            rollout.load_state_dict(mine["rollout"])
         log.info("resumed at curriculum level %d", level)
     log.info("phase 3: %s + meta-controller, %d rank(s) x %d rows x %d steps, %d iterations, coordination %s, "
              "curriculum %s", specialists.names, world.size, b, s, num_iterations, coordinate,
@@ -323,7 +335,6 @@ def main(args: Args) -> dict:
         ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best, specialists, meta, cfg))
     run.watch.lap("validation")  # the starting point's
     guard = DivergenceGuard("phase 3", device)
-    rollout = PortfolioRolloutStats(specialists.names, envs.limits.max_var, device)
     for iteration in range(start_iteration, num_iterations + 1):
         anneal = 1.0 - (iteration - 1.0) / num_iterations if args.anneal_lr else 1.0
         rates = adaptive.rates() if coordinate else {"meta": args.learning_rate, "specialists": args.learning_rate}
@@ -356,14 +367,15 @@ def main(args: Args) -> dict:
                 proposal = compose_weights(allocation, appetite, positions, owner, max_position)
             guard.watch(proposal, global_step)
             meta_actions[step], meta_logprobs[step], meta_values[step] = u, meta_logprob, meta_value
-            next_obs, reward, _, truncated, info = envs.step(proposal, positions)
-            twin_reward = None
+            next_obs, env_reward, _, truncated, info = envs.step(proposal, positions)
+            reward, twin_reward = meta_reward(env_reward, info), None
             if args.paired_baseline:  # the same positions at the starting allocation, on the same path
                 start = equal if base is None else (equal[0], base)
-                twin_reward = twin.step(compose_weights(*start, positions, owner, max_position), positions,
-                                        observe=False)[1]  # fmt: skip
-                reward = reward - twin_reward
-            rewards[step], truncs[step] = reward, truncated.float()
+                _, twin_env_reward, _, _, twin_info = twin.step(compose_weights(*start, positions, owner, max_position),
+                                                                positions, observe=False)  # fmt: skip
+                twin_reward = meta_reward(twin_env_reward, twin_info)
+            rewards[step] = reward if twin_reward is None else reward - twin_reward
+            truncs[step] = truncated.float()
             if explore:  # each specialist's own objective: its unit-size position's vol-scaled net return
                 unit_cost = envs.cost_rate * (positions - prev_positions).abs()
                 sigma = info["instrument_vol"].clamp_min(1e-8)
@@ -375,7 +387,7 @@ def main(args: Args) -> dict:
             final_held[step] = tracker.after_step(positions, info["bar_returns"], truncated)
             if risk is not None:  # a truncated row's final observation is of the next bar
                 final_risk[step] = risk.index_select(0, (bar + 1).clamp_max(len(risk) - 1))
-            rollout.add(info, allocation, twin_reward, appetite, None if evidence is None else evidence[:, 0])
+            rollout.add(info, allocation, twin_reward, appetite, None if evidence is None else evidence[:, 0], reward)
         guard.raise_if_diverged()
         run.watch.lap("rollout")
 
@@ -462,6 +474,7 @@ def main(args: Args) -> dict:
                 twin.reset(seed=seed + iteration)
                 tracker = MetaTracker(owner, k, b, device, meta.allocation_rate)
                 prev_positions.zero_()
+                rollout.restart_episodes()
             if world.is_main and sharpe > best["sharpe"]:
                 best = {"sharpe": sharpe, "iteration": iteration, "specialists": clone_state(specialists),
                         "meta": clone_state(meta)}  # fmt: skip
@@ -470,7 +483,8 @@ def main(args: Args) -> dict:
                      global_step, sps, sharpe, level)  # fmt: skip
         current = {"specialists": clone_state(specialists), "meta": clone_state(meta)}
         run.save_latest(iteration, global_step, best, model_payload(current, specialists, meta, cfg), schedules,
-                        {"env": envs, "twin": twin, "tracker": tracker, "prev_positions": prev_positions})  # fmt: skip
+                        {"env": envs, "twin": twin, "tracker": tracker, "prev_positions": prev_positions,
+                         "rollout": rollout})  # fmt: skip
         if run.stop_here(iteration):
             return {"stopped_at_iteration": iteration, "global_step": global_step}
     fingerprint = parameter_fingerprint(specialists) + parameter_fingerprint(meta)

@@ -90,6 +90,19 @@ def tensorboard_tags(log_dir: Path) -> set[str]:
     return tags
 
 
+def tensorboard_scalars(log_dir: Path, tag: str) -> list[float]:
+    """Every value logged under `tag` in the event files of `log_dir`, in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = []
+    for events in Path(log_dir).glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            values += [(e.step, e.value) for e in acc.Scalars(tag)]
+    return [v for _, v in sorted(values)]
+
+
 def run_cli(script: str, *args: str) -> tuple[int, str]:
     """`python script args` run in this process: the exit code and stderr of the script's `__main__` block.
 

@@ -12,9 +12,10 @@ import torch
 import phase1_ppo
 import phase2_meta
 from mtq_common.checkpoint import parameter_fingerprint
+from mtq_common.config import load_config
 from mtq_common.nets import SpecialistAgents
 from mtq_common.rollout_stats import PortfolioRolloutStats
-from tests.helpers import SMALL, run_cli, tensorboard_tags, write_config
+from tests.helpers import SMALL, run_cli, tensorboard_scalars, tensorboard_tags, write_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -62,6 +63,21 @@ def test_smoke_subprocess_writes_every_output(tiny, tmp_path):
                 "risk/intervention", "allocation/equity", "meta/appetite_mean", "meta/appetite_std",
                 "meta/appetite_vol_corr"):  # fmt: skip
         assert tag in tags, tag
+
+
+def test_the_meta_reward_is_one_function_for_the_env_the_twin_and_the_logged_return(tiny, monkeypatch):
+    """Copying the script to change the meta-controller's reward means editing `meta_reward`: the twin is
+    scored with it too, and `charts/episodic_return` sums it (a constant reward of 1 per bar: each episode's
+    length, whole numbers up to `episode_length`, shorter where an episode met the end of the data; a twin
+    reward of 1)."""
+    tmp, config, phase1_dir = tiny
+    monkeypatch.setattr(phase2_meta, "meta_reward", lambda reward, info: torch.ones_like(reward))
+    phase2(tmp, config, phase1_dir, name="own_reward", timesteps=4096, num_envs=8, num_steps=64, eval_interval=100)
+    logs = tmp / "logs_own_reward"
+    episode_length = load_config(str(config)).environment.episode_length
+    returns = tensorboard_scalars(logs, "charts/episodic_return")  # a mean over each iteration's episodes
+    assert returns and max(returns) == float(episode_length) and min(returns) >= 1.0
+    assert set(tensorboard_scalars(logs, "charts/twin_reward")) == {1.0}
 
 
 def test_the_appetite_statistics_are_its_mean_spread_and_correlation_with_volatility():
