@@ -11,7 +11,7 @@ import torch
 
 import phase1_ppo
 import phase2_meta
-from mtq_common.checkpoint import parameter_fingerprint
+from mtq_common.checkpoint import CheckpointError, parameter_fingerprint
 from mtq_common.config import load_config
 from mtq_common.nets import SpecialistAgents
 from mtq_common.rollout_stats import PortfolioRolloutStats
@@ -213,3 +213,11 @@ def test_a_bad_allocation_rate_is_a_clear_error(tiny, tmp_path):
     assert code == 2, stderr
     assert "allocation_rate 0.0 (--allocation-rate): accepted 0 < rate <= 1" in stderr and "Traceback" not in stderr
     assert not (tmp_path / "o" / "latest.pt").exists()
+
+
+def test_resuming_across_risk_timing_is_refused_with_the_reason(tiny):
+    tmp, config, phase1_dir = tiny
+    phase2(tmp, config, phase1_dir, name="timed", timesteps=1024, eval_interval=100, stop_after=1)
+    with pytest.raises(CheckpointError, match="trained with --risk-timing"):
+        phase2(tmp, config, phase1_dir, name="timed", timesteps=1024, eval_interval=100, resume=True,
+               risk_timing=False)  # fmt: skip
