@@ -111,7 +111,7 @@ class Args:
     """Start at the volatility-managed equal allocation and learn a factor over its appetite, with the market's
     volatility in the observation (DESIGN 14); --no-risk-timing: the equal allocation at full appetite."""
     paired_baseline: bool = True
-    """Score each bar against the equal allocation on the same path (a twin env): less noise, same optimum."""
+    """Score each bar against the starting point on the same path (a twin env): less noise, same optimum."""
     eval_interval: int = 10
     """Validate (and update best.pt) every this many iterations, and at the end."""
     eval_segments: int = 16
@@ -161,7 +161,7 @@ def main(args: Args) -> dict:
     k = len(specialists.names)
     envs = PortfolioEnv(train, cfg, args.num_envs, device=device, seed=seed, torch_mode=True, check_actions=False,
                         compiled=compiled)  # fmt: skip
-    # The twin: the same rows (same seed, so the same start bars and episode ends) trading the equal allocation.
+    # The twin: the same rows (same seed, so the same start bars and episode ends) trading the starting point.
     # Its reward does not depend on the meta-controller's actions (the market path and the specialists' own
     # books are the same), so subtracting it leaves the optimal policy unchanged and cancels the market noise
     # both books share: a control variate that makes a small tilt of the allocation measurable.

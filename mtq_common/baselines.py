@@ -155,7 +155,7 @@ class RulePolicy:
             weights = torch.where(self.stopped, 0.0, weights)
         if self.position_rate == 1.0:
             return weights
-        own = obs["instruments"][..., position_column(env.n)]  # the own position, 0 after a stop
+        own = obs["instruments"][..., position_column(env.n)]  # the own position (0 while a stop holds it flat)
         return partial_adjustment(own, weights / self.max_position, self.position_rate) * self.max_position
 
     def observe(self, info: dict, done: torch.Tensor) -> None:

@@ -21,7 +21,7 @@ were trained with is stored with their weights, and every policy of an evaluatio
 def partial_adjustment(previous: torch.Tensor, target: torch.Tensor, rate: float) -> torch.Tensor:
     """The execution of a target book, the same for every policy (DESIGN section 4): the own position moves
     towards the target by `rate` each bar, `p_t = p_(t-1) + rate * (target_t - p_(t-1))`, from the own
-    position `p_(t-1)` the observation carries (0 after a stop-loss). Rate 1 trades the target itself.
+    position `p_(t-1)` the observation carries (0 while a stop-loss holds it flat). Rate 1 trades the target.
 
     Why: per-bar jitter of a policy (exploration noise, a rule's flip-flops near its threshold) then moves
     the book by only a fraction, which cuts the turnover that costs eat, while a lasting change of the

@@ -100,7 +100,7 @@ def evaluate_specialists(
         positions = agents.positions(grid[0], owner)  # [S, n]
         targets = rule_table.index_select(1, bars)  # [R, S, n]
         targets = torch.where(stopped & reenter, 0.0, targets)  # buy-and-hold: flat for a bar, then re-enter
-        own = grid[1:, ..., position_column(market.num_instruments)]  # 0 after a stop
+        own = grid[1:, ..., position_column(market.num_instruments)]  # 0 while a stop holds it flat
         targets = torch.where(reenter, targets, partial_adjustment(own, targets, agents.position_rate))
         actions = torch.cat([positions.unsqueeze(0), targets], 0)
         obs, _, _, _, info = env.step(actions.reshape(-1, 1))
