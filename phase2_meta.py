@@ -292,7 +292,7 @@ def main(args: Args) -> dict:
                 final_risk[step] = risk.index_select(0, (bar + 1).clamp_max(len(risk) - 1))
             final_portfolio[step] = info["final_obs"]["portfolio"]
             final_instruments[step] = info["final_obs"]["instruments"]
-            rollout.add(info, allocation, twin_reward, appetite, None if evidence is None else evidence[:, 0], reward)
+            rollout.add(info, reward, allocation, twin_reward, appetite, None if evidence is None else evidence[:, 0])
         guard.raise_if_diverged()
         run.watch.lap("rollout")
 

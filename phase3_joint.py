@@ -387,7 +387,7 @@ def main(args: Args) -> dict:
             final_held[step] = tracker.after_step(positions, info["bar_returns"], truncated)
             if risk is not None:  # a truncated row's final observation is of the next bar
                 final_risk[step] = risk.index_select(0, (bar + 1).clamp_max(len(risk) - 1))
-            rollout.add(info, allocation, twin_reward, appetite, None if evidence is None else evidence[:, 0], reward)
+            rollout.add(info, reward, allocation, twin_reward, appetite, None if evidence is None else evidence[:, 0])
         guard.raise_if_diverged()
         run.watch.lap("rollout")
 

@@ -19,11 +19,9 @@ when any run failed or wrote no metrics.json.
 from __future__ import annotations
 
 import fnmatch
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -33,9 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 import tyro
 
+from benchmarks.throughput import device_name
 from mtq_common.checkpoint import atomic_write_json
+from mtq_common.portfolio_eval import RULES
+from mtq_common.tearsheet import policy_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_GROUP = "default"
@@ -222,31 +224,18 @@ def format_table(group: str, table: dict[str, dict], rows: list[str]) -> str:
 
 QUALITY_REFERENCES = ("best_rule", "vol_managed_equal_allocation", "equal_allocation", "phase2_system")
 """The paired differences `system - reference` of the trading-quality table (DESIGN 14), in column order."""
-RULES = ("momentum", "trend_filter", "vol_managed_trend_filter")
 
 
 def machine() -> str:
     """The CPU (model name, logical cores) and torch's version: results differ between CPU types."""
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
-        model = names[0] if names else model
-    return f"{model}, {os.cpu_count()} logical cores, torch {importlib.metadata.version('torch')}"
+    return f"{device_name(torch.device('cpu'))}, {os.cpu_count()} logical cores, torch {torch.__version__}"
 
 
 def seed_row(seed: int, rep: dict) -> dict:
     """One seed's line of the trading-quality table from its test report."""
-    base, paired = rep["baselines"], rep.get("confidence", {}).get("vs_system", {})
-    rules = [name for name in RULES if name in base]
-    best = max(rules, key=lambda name: base[name]["sharpe"])
-    sharpe = {"system": rep["portfolio"]["sharpe"], "best_rule": base[best]["sharpe"],
-              **{name: base[name]["sharpe"] for name in rules}}  # fmt: skip
-    for name in ("equal_allocation", "phase2_system"):
-        if name in rep:
-            sharpe[name] = rep[name]["sharpe"]
-    if "vol_managed_equal_allocation" in base:
-        sharpe["vol_managed_equal_allocation"] = base["vol_managed_equal_allocation"]["sharpe"]
+    policies, paired = policy_metrics(rep), rep.get("confidence", {}).get("vs_system", {})
+    best = max((name for name in RULES if name in policies), key=lambda name: policies[name]["sharpe"])
+    sharpe = {name: m["sharpe"] for name, m in policies.items()} | {"best_rule": policies[best]["sharpe"]}
     differences = {}
     for ref in QUALITY_REFERENCES:
         name = best if ref == "best_rule" else ref
@@ -255,8 +244,8 @@ def seed_row(seed: int, rep: dict) -> dict:
     failed = [t["target"] for t in rep["relative_targets"] if not t["pass"]]
     return {"seed": seed, "sharpe": sharpe, "best_rule": best, "differences": differences,
             "phase3_best_iteration": rep.get("phase3_best_iteration"), "pass": not failed, "failed": failed,
-            "turnover_per_vol": rep["portfolio"]["turnover_per_vol"],
-            "momentum_turnover_per_vol": base["momentum"]["turnover_per_vol"]}  # fmt: skip
+            "turnover_per_vol": policies["system"]["turnover_per_vol"],
+            "momentum_turnover_per_vol": policies["momentum"]["turnover_per_vol"]}  # fmt: skip
 
 
 def trading_quality(outcomes: list) -> tuple[str, dict] | None:

@@ -126,7 +126,7 @@ def relative_targets(report: dict) -> list[dict]:
     of volatility no higher than momentum's. With the report's bootstrap (`confidence`) each Sharpe row also
     carries the paired difference's interval (`low`, `high`) and passes only with `low` above 0 as well.
     (The seed's absolute table is `target_checks`.)"""
-    system, base = report["portfolio"], report["baselines"]
+    system, base, policies = report["portfolio"], report["baselines"], policy_metrics(report)
     best = max((name for name in RULES if name in base), key=lambda name: base[name]["sharpe"])
     rows = [("sharpe", ">=", f"{best} + {RULE_MARGIN:g}", best, RULE_MARGIN)]
     if "vol_managed_equal_allocation" in base:
@@ -139,7 +139,7 @@ def relative_targets(report: dict) -> list[dict]:
     paired = report.get("confidence", {}).get("vs_system", {})
     out = []
     for metric, op, target, reference, margin in rows:
-        ref = report[reference] if reference in ("equal_allocation", "phase2_system") else base[reference]
+        ref = policies[reference]
         threshold = float(ref[metric]) + margin
         row = {"metric": metric, "target": f"{op} {target}", "threshold": threshold, "value": float(system[metric]),
                "pass": bool(compare[op](system[metric], threshold))}  # fmt: skip

@@ -1,9 +1,9 @@
 """What a portfolio rollout did, for TensorBoard: episodes, the risk layer and the allocation (Phases 2 and 3).
 
-`PortfolioRolloutStats.add(info, allocation, twin_reward, ..., reward)` after every `PortfolioEnv.step`
-accumulates on the device (no host sync in the rollout); `scalars()` reads everything once per iteration as
-CleanRL-style tags: `charts/episodic_return` (the episodes' sums of the `reward` the script trains on, its
-`meta_reward`; the env's own reward when none is given), `charts/twin_reward`, `risk/*` (VaR, VaR
+`PortfolioRolloutStats.add(info, reward, allocation, ...)` after every `PortfolioEnv.step` accumulates on
+the device (no host sync in the rollout); `scalars()` reads everything once per iteration as CleanRL-style
+tags: `charts/episodic_return` (the episodes' sums of the `reward` the script trains on, its `meta_reward`),
+`charts/twin_reward`, `risk/*` (VaR, VaR
 compliance, correlation exposure, largest sector share, intervention, gross kept, `binding_<limit>`),
 `allocation/<specialist>` and, given the appetite, `meta/appetite_mean`, `meta/appetite_std` and
 `meta/appetite_vol_corr` (its correlation with the market's log volatility: a meta-controller that times
@@ -24,7 +24,7 @@ _MOMENTS = ("a", "aa", "v", "vv", "av", "n")  # sums of the appetite a, the log 
 class PortfolioRolloutStats:
     """Per-iteration sums of a portfolio rollout (module docstring)."""
 
-    def __init__(self, specialists: list[str], max_var: float, device, num_rows: int = 0):
+    def __init__(self, specialists: list[str], max_var: float, device, num_rows: int):
         self.specialists, self.max_var, self.device = list(specialists), max_var, device
         self.running = torch.zeros(num_rows, device=device)  # each row's reward so far in its episode
         self.reset()
@@ -37,20 +37,16 @@ class PortfolioRolloutStats:
         self.allocation = torch.zeros(len(self.specialists), device=self.device)
         self.steps = 0
 
-    def add(self, info: dict, allocation: torch.Tensor, twin_reward: torch.Tensor | None = None,
-            appetite: torch.Tensor | None = None, log_vol: torch.Tensor | None = None,
-            reward: torch.Tensor | None = None) -> None:  # fmt: skip
-        """One step's `info` of `PortfolioEnv`, the allocation traded [B, K], the twin's reward [B], the
-        appetite traded [B] with the market's log volatility at the rows' bars [B], and the reward the script
-        trains on [B] (before the twin's is subtracted)."""
+    def add(self, info: dict, reward: torch.Tensor, allocation: torch.Tensor, twin_reward: torch.Tensor | None = None,
+            appetite: torch.Tensor | None = None, log_vol: torch.Tensor | None = None) -> None:  # fmt: skip
+        """One step's `info` of `PortfolioEnv`, the reward the script trains on [B] (before the twin's is
+        subtracted), the allocation traded [B, K], the twin's reward [B], and the appetite traded [B] with the
+        market's log volatility at the rows' bars [B]."""
         s = self.sums
-        if reward is not None:  # the episodes' sums of what the policy is trained on
-            self.running = self.running + reward
-            ended = info["_episode"]
-            s["episode_return"] += (self.running * ended).sum()
-            self.running = torch.where(ended, 0.0, self.running)
-        else:
-            s["episode_return"] += (info["episode"]["r"] * info["_episode"]).sum()
+        self.running = self.running + reward  # each episode's sum of what the policy is trained on
+        ended = info["_episode"]
+        s["episode_return"] += (self.running * ended).sum()
+        self.running = torch.where(ended, 0.0, self.running)
         if appetite is not None and log_vol is not None:
             for key, x in zip(_MOMENTS, (appetite, appetite**2, log_vol, log_vol**2, appetite * log_vol), strict=False):
                 s[key] += x.sum()

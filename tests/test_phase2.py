@@ -81,14 +81,14 @@ def test_the_meta_reward_is_one_function_for_the_env_the_twin_and_the_logged_ret
 
 
 def test_the_appetite_statistics_are_its_mean_spread_and_correlation_with_volatility():
-    stats = PortfolioRolloutStats(["a", "b"], 0.02, "cpu")
+    stats = PortfolioRolloutStats(["a", "b"], 0.02, "cpu", 4)
     zeros = torch.zeros(4)
-    info = {"episode": {"r": zeros}, "_episode": zeros.bool(), "var": zeros, "correlation_exposure": zeros,
+    info = {"_episode": zeros.bool(), "var": zeros, "correlation_exposure": zeros,
             "sector_allocation": torch.zeros(4, 2), "intervention": zeros, "gross_kept": torch.ones(4),
             "binding": torch.zeros(4, 4, dtype=torch.bool)}  # fmt: skip
     log_vol = torch.tensor([-1.0, 0.0, 1.0, 2.0])
     appetite = 1.0 - 0.2 * log_vol  # times risk: lower appetite when volatility is high
-    stats.add(info, torch.full((4, 2), 0.5), None, appetite, log_vol)
+    stats.add(info, zeros, torch.full((4, 2), 0.5), None, appetite, log_vol)
     out = stats.scalars()
     assert out["meta/appetite_mean"] == pytest.approx(appetite.mean().item())
     assert out["meta/appetite_std"] == pytest.approx(appetite.std(unbiased=False).item(), rel=1e-5)
