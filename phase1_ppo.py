@@ -5,7 +5,7 @@
 
 Each specialist is one Gaussian actor-critic that trades one instrument at a time; all specialists'
 rows step in one batched `SpecialistEnv` (rows grouped by specialist) and their networks are stacked
-weights (`mtq_common.nets.SpecialistAgents`), so the rollout and the update are single batched passes
+weights (`mtq_common.agents.nets.SpecialistAgents`), so the rollout and the update are single batched passes
 over all specialists. The action is a target in [-1, 1] (the clipped sample) that the position moves
 towards by `--position-rate` each bar (partial adjustment, in every phase and the evaluation alike).
 `--timesteps` counts environment steps per specialist (CleanRL's global_step).
@@ -14,7 +14,7 @@ final observation. Outputs: `latest.pt`, `best.pt` (each specialist's slice from
 Sharpe), rotating `step_*.pt` and `metrics.json` in `--output-dir`; `training.log` and TensorBoard
 events in `--log-dir`.
 
-Data-parallel on N processes or GPUs (`mtq_common.distributed`): `torchrun --nproc_per_node N
+Data-parallel on N processes or GPUs (`mtq_common.training.distributed`): `torchrun --nproc_per_node N
 phase1_ppo.py ...`. Each rank steps `--num-envs` rows per specialist with its own seed, gradients are
 averaged over ranks, rank 0 validates and writes; `--timesteps` is the total over ranks.
 """
@@ -29,23 +29,23 @@ import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from mtq_common import checkpoint as ckpt
-from mtq_common import distributed
-from mtq_common.baselines import fit_trend_for
-from mtq_common.checkpoint import parameter_fingerprint
-from mtq_common.config import ConfigError
-from mtq_common.coordination import clip_components_
-from mtq_common.divergence import DivergenceGuard
-from mtq_common.engine import POSITION_RATE
-from mtq_common.envs import SpecialistEnv, position_column, specialist_rows
-from mtq_common.market import iso_time, load_splits
-from mtq_common.market_tables import build_tables
-from mtq_common.nets import SpecialistAgents
-from mtq_common.ppo import FlatAdam, gae, minibatches, update_scalars
-from mtq_common.run import Run, cli, iterations, restore, resume, seed_everything, start_run
-from mtq_common.runtime import autocast
-from mtq_common.specialist_eval import evaluate_specialists, format_specialist_table
-from mtq_common.update import CompileChoice, PPOUpdate, use_compile
+from mtq_common.agents.coordination import clip_components_
+from mtq_common.agents.divergence import DivergenceGuard
+from mtq_common.agents.nets import SpecialistAgents
+from mtq_common.agents.ppo import FlatAdam, gae, minibatches, update_scalars
+from mtq_common.agents.update import CompileChoice, PPOUpdate, use_compile
+from mtq_common.data.market import iso_time, load_splits
+from mtq_common.data.tables import build_tables
+from mtq_common.envs.engine import POSITION_RATE
+from mtq_common.envs.rules import fit_trend_for
+from mtq_common.envs.trading_env import SpecialistEnv, position_column, specialist_rows
+from mtq_common.evaluation.specialist_eval import evaluate_specialists, format_specialist_table
+from mtq_common.training import checkpoint as ckpt
+from mtq_common.training import distributed
+from mtq_common.training.checkpoint import parameter_fingerprint
+from mtq_common.training.config import ConfigError
+from mtq_common.training.plumbing import Run, cli, iterations, restore, resume, seed_everything, start_run
+from mtq_common.training.runtime import autocast
 
 ALIASES = {"timesteps": "training.phase_1_timesteps"}
 
@@ -105,7 +105,7 @@ class Args:
     eval_interval: int = 10
     """Validate (and update `best.pt`) every this many iterations, and at the end."""
     eval_segments: int = 16
-    """Validation split pieces run in parallel (see mtq_common.specialist_eval)."""
+    """Validation split pieces run in parallel (see mtq_common.evaluation.specialist_eval)."""
     keep_checkpoints: int = 3
     """Rotating step_*.pt files kept."""
     resume: bool = False
@@ -121,7 +121,7 @@ class Args:
     torch_threads: int = 1
     """torch intra-op threads on the CPU (0: torch's default); small-batch PPO is fastest with 1."""
     compile: CompileChoice = "auto"
-    """torch.compile the PPO update (mtq_common.update): on, off, or auto (on for runs of 2,000 minibatches or more)."""
+    """torch.compile the PPO update (agents/update.py): on, off, or auto (on for runs of 2,000 minibatches or more)."""
     amp: bool = False
     """bf16 autocast in the PPO update (CUDA only; refused on the CPU)."""
 

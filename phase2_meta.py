@@ -17,7 +17,7 @@ each bar, and its reward is scored against a twin env that trades that starting 
 (`--paired-baseline`: a control variate that leaves the optimal policy unchanged). `--timesteps` counts
 environment steps of the meta-controller. Outputs as in Phase 1: `latest.pt`, `best.pt` (by validation
 portfolio Sharpe), `step_*.pt`, `metrics.json`; `training.log` and TensorBoard events.
-Runs data-parallel under `torchrun --nproc_per_node N` as Phase 1 does (`mtq_common.distributed`).
+Runs data-parallel under `torchrun --nproc_per_node N` as Phase 1 does (`mtq_common.training.distributed`).
 """
 
 from __future__ import annotations
@@ -27,14 +27,9 @@ from pathlib import Path
 
 import torch
 
-from mtq_common import checkpoint as ckpt
-from mtq_common import distributed
-from mtq_common.baselines import fit_trend_for, fit_vol_levels
-from mtq_common.checkpoint import clone_state, parameter_fingerprint
-from mtq_common.coordination import clip_component_
-from mtq_common.divergence import DivergenceGuard
-from mtq_common.envs import PortfolioEnv
-from mtq_common.hierarchy import (
+from mtq_common.agents.coordination import clip_component_
+from mtq_common.agents.divergence import DivergenceGuard
+from mtq_common.agents.hierarchy import (
     MetaTracker,
     compose_weights,
     load_specialists,
@@ -42,15 +37,20 @@ from mtq_common.hierarchy import (
     risk_features,
     timing_spec,
 )
-from mtq_common.market import load_splits
-from mtq_common.market_tables import build_tables
-from mtq_common.nets import MetaController
-from mtq_common.portfolio_eval import evaluate_portfolio, format_report, validation_timings
-from mtq_common.ppo import FlatAdam, gae, minibatches, update_scalars
-from mtq_common.rollout_stats import PortfolioRolloutStats, log_validation
-from mtq_common.run import Run, cli, iterations, restore, resume, seed_everything, start_run
-from mtq_common.runtime import autocast
-from mtq_common.update import CompileChoice, PPOUpdate, use_compile
+from mtq_common.agents.nets import MetaController
+from mtq_common.agents.ppo import FlatAdam, gae, minibatches, update_scalars
+from mtq_common.agents.rollout_stats import PortfolioRolloutStats, log_validation
+from mtq_common.agents.update import CompileChoice, PPOUpdate, use_compile
+from mtq_common.data.market import load_splits
+from mtq_common.data.tables import build_tables
+from mtq_common.envs.rules import fit_trend_for, fit_vol_levels
+from mtq_common.envs.trading_env import PortfolioEnv
+from mtq_common.evaluation.portfolio_eval import evaluate_portfolio, format_report, validation_timings
+from mtq_common.training import checkpoint as ckpt
+from mtq_common.training import distributed
+from mtq_common.training.checkpoint import clone_state, parameter_fingerprint
+from mtq_common.training.plumbing import Run, cli, iterations, restore, resume, seed_everything, start_run
+from mtq_common.training.runtime import autocast
 
 ALIASES = {"timesteps": "training.phase_2_timesteps"}
 
@@ -115,7 +115,7 @@ class Args:
     eval_interval: int = 10
     """Validate (and update best.pt) every this many iterations, and at the end."""
     eval_segments: int = 16
-    """Validation split pieces run in parallel, each starting flat (see mtq_common.specialist_eval)."""
+    """Validation split pieces run in parallel, each starting flat (see mtq_common.evaluation.specialist_eval)."""
     keep_checkpoints: int = 3
     """Rotating step_*.pt files kept."""
     resume: bool = False
@@ -129,7 +129,7 @@ class Args:
     torch_threads: int = 1
     """torch intra-op threads on the CPU (0: torch's default); small-batch PPO is fastest with 1."""
     compile: CompileChoice = "auto"
-    """torch.compile the PPO update and env step (mtq_common.update): on, off, auto (on from 2,000 minibatches)."""
+    """torch.compile the PPO update and env step (agents/update.py): on, off, auto (on from 2,000 minibatches)."""
     amp: bool = False
     """bf16 autocast in the PPO update (CUDA only; refused on the CPU)."""
 

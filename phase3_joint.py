@@ -34,11 +34,11 @@ joint PPO with one global clip and both levels updated every iteration):
   (within bounds) when it recovers.
 
 Curriculum (DESIGN section 7; `--no-curriculum-learning` trains on the plain training split): the
-training market is regenerated at each difficulty level (`mtq_common.curriculum`); the level advances
+training market is regenerated at each difficulty level (`mtq_common.agents.curriculum`); the level advances
 when the rolling validation Sharpe clears `--curriculum-threshold`. Validation is always on the plain
 validation split. The level is saved in checkpoints and restored on resume.
 
-Data-parallel under `torchrun --nproc_per_node N` as Phase 1 (`mtq_common.distributed`): the
+Data-parallel under `torchrun --nproc_per_node N` as Phase 1 (`mtq_common.training.distributed`): the
 gradients of both levels (and, before the conflict projection, each specialist's portfolio and own
 gradients) are averaged over ranks; rank 0 validates and sends its Sharpe to every rank, so the
 adaptive rates and the curriculum level move together.
@@ -52,21 +52,14 @@ from pathlib import Path
 
 import torch
 
-from mtq_common import checkpoint as ckpt
-from mtq_common import distributed
-from mtq_common.backtest import run_episodes, summarize_episodes
-from mtq_common.baselines import fit_trend_for, fit_vol_levels
-from mtq_common.checkpoint import clone_state, parameter_fingerprint
-from mtq_common.config import ConfigError
-from mtq_common.coordination import (
+from mtq_common.agents.coordination import (
     AdaptiveLR,
     UpdateSchedule,
     coordination_scalars,
 )
-from mtq_common.curriculum import Curriculum, generate_scenario
-from mtq_common.divergence import DivergenceGuard
-from mtq_common.envs import PortfolioEnv
-from mtq_common.hierarchy import (
+from mtq_common.agents.curriculum import Curriculum, generate_scenario
+from mtq_common.agents.divergence import DivergenceGuard
+from mtq_common.agents.hierarchy import (
     HierarchyPolicy,
     MetaTracker,
     compose_weights,
@@ -74,11 +67,8 @@ from mtq_common.hierarchy import (
     meta_observation_size,
     risk_features,
 )
-from mtq_common.market import load_splits
-from mtq_common.market_tables import build_tables
-from mtq_common.nets import MetaController
-from mtq_common.portfolio_eval import evaluate_portfolio, format_report
-from mtq_common.ppo import (
+from mtq_common.agents.nets import MetaController
+from mtq_common.agents.ppo import (
     FlatAdam,
     clipped_surrogate,
     explained_variance,
@@ -87,10 +77,20 @@ from mtq_common.ppo import (
     normalise,
     update_scalars,
 )
-from mtq_common.rollout_stats import PortfolioRolloutStats, log_validation
-from mtq_common.run import Run, cli, iterations, restore, resume, seed_everything, start_run
-from mtq_common.runtime import autocast
-from mtq_common.update import CompileChoice, JointUpdate, use_compile
+from mtq_common.agents.rollout_stats import PortfolioRolloutStats, log_validation
+from mtq_common.agents.update import CompileChoice, JointUpdate, use_compile
+from mtq_common.data.market import load_splits
+from mtq_common.data.tables import build_tables
+from mtq_common.envs.rules import fit_trend_for, fit_vol_levels
+from mtq_common.envs.trading_env import PortfolioEnv
+from mtq_common.evaluation.backtest import run_episodes, summarize_episodes
+from mtq_common.evaluation.portfolio_eval import evaluate_portfolio, format_report
+from mtq_common.training import checkpoint as ckpt
+from mtq_common.training import distributed
+from mtq_common.training.checkpoint import clone_state, parameter_fingerprint
+from mtq_common.training.config import ConfigError
+from mtq_common.training.plumbing import Run, cli, iterations, restore, resume, seed_everything, start_run
+from mtq_common.training.runtime import autocast
 
 ALIASES = {"timesteps": "training.phase_3_timesteps"}
 
@@ -162,7 +162,7 @@ class Args:
     eval_interval: int = 10
     """Validate (and update best.pt) every this many iterations, and at the end."""
     eval_segments: int = 16
-    """Validation split pieces run in parallel, each starting flat (see mtq_common.specialist_eval)."""
+    """Validation split pieces run in parallel, each starting flat (see mtq_common.evaluation.specialist_eval)."""
     eval_episodes: int = 100
     """Final evaluation episodes (random windows of the validation split): mean and spread of each metric."""
     keep_checkpoints: int = 3
@@ -178,7 +178,7 @@ class Args:
     torch_threads: int = 1
     """torch intra-op threads on the CPU (0: torch's default); small-batch PPO is fastest with 1."""
     compile: CompileChoice = "auto"
-    """torch.compile the PPO update and env step (mtq_common.update): on, off, auto (on from 2,000 minibatches)."""
+    """torch.compile the PPO update and env step (agents/update.py): on, off, auto (on from 2,000 minibatches)."""
     amp: bool = False
     """bf16 autocast in the PPO update (CUDA only; refused on the CPU)."""
 

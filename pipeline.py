@@ -45,29 +45,29 @@ import yaml
 import phase1_ppo
 import phase2_meta
 import phase3_joint
-from mtq_common import checkpoint as ckpt
-from mtq_common.act import format_book, read_holdings, stale_days, target_book
-from mtq_common.backtest import run_episodes, stitch_backtests, summarize_episodes
-from mtq_common.baselines import fit_trend_for, fit_vol_levels
-from mtq_common.config import ConfigError
-from mtq_common.csv_data import load_csv_series
-from mtq_common.flags import config_from_args, parse_args
-from mtq_common.hierarchy import HierarchyPolicy, instrument_specialist_index, load_specialists
-from mtq_common.market import iso_time, load_splits
-from mtq_common.market_tables import build_tables
-from mtq_common.nets import MetaController
-from mtq_common.policy import check_data, load_hierarchy, trained_data
-from mtq_common.portfolio_eval import (
+from mtq_common.agents.hierarchy import HierarchyPolicy, instrument_specialist_index, load_specialists
+from mtq_common.agents.nets import MetaController
+from mtq_common.data.csv_data import load_csv_series
+from mtq_common.data.market import iso_time, load_splits
+from mtq_common.data.splits import fold_bounds, full_market, warmup_bars
+from mtq_common.data.synthetic import generate_market
+from mtq_common.data.tables import build_tables
+from mtq_common.envs.rules import fit_trend_for, fit_vol_levels
+from mtq_common.evaluation.backtest import run_episodes, stitch_backtests, summarize_episodes
+from mtq_common.evaluation.live_book import format_book, read_holdings, stale_days, target_book
+from mtq_common.evaluation.portfolio_eval import (
     _json_ready,
     evaluate_portfolio,
     format_report,
     report_from_backtests,
     validation_timings,
 )
-from mtq_common.report import write_report
-from mtq_common.runtime import configure_threads, resolve_device, setup_logging
-from mtq_common.synthetic import generate_market
-from mtq_common.walkforward import fold_bounds, full_market, warmup_bars
+from mtq_common.evaluation.report import write_report
+from mtq_common.policy import check_data, load_hierarchy, trained_data
+from mtq_common.training import checkpoint as ckpt
+from mtq_common.training.config import ConfigError
+from mtq_common.training.runtime import configure_threads, resolve_device, setup_logging
+from mtq_common.training.settings import config_from_args, parse_args
 
 ALIASES = {
     "phase1_timesteps": "training.phase_1_timesteps",
@@ -89,7 +89,7 @@ class Args:
     mode: Literal["train", "resume", "eval", "walkforward", "act"] = "train"
     """train: all phases then the evaluation; resume: continue a broken run; eval: evaluate again;
     walkforward: train and test --folds folds on expanding windows, one stitched out-of-sample report;
-    act: the trained hierarchy's target book for the bar after the data's last one (mtq_common.act)."""
+    act: the trained hierarchy's target book for the bar after the data's last one (mtq_common.evaluation.live_book)."""
     config: str | None = None
     """YAML config (defaults for every flag below that names a config key)."""
     output_dir: str = "models/checkpoints"
@@ -115,7 +115,7 @@ class Args:
     eval_episodes: int = 100
     """Test evaluation episodes (mean and spread of each metric)."""
     folds: int = 4
-    """Walk-forward folds (--mode walkforward only; see mtq_common.walkforward)."""
+    """Walk-forward folds (--mode walkforward only; see mtq_common.data.splits)."""
     capital: float | None = None
     """--mode act: the account's capital, for notionals, units rounded to whole contracts (config
     instruments.SYMBOL.contract_size, default 1) and the rounding residual (unset: weights only)."""
@@ -383,8 +383,9 @@ def format_folds(rows: list[dict]) -> str:
 
 def act(args: Args, cfg, log) -> dict:
     """--mode act: refuse data that does not match the trained run (or is stale, or too short), then write
-    and print the target book of the bar after the data's last one (`mtq_common.act`); with --capital, in units
-    rounded to whole contracts, traded from the held book (--holdings, or the model's own simulated one)."""
+    and print the target book of the bar after the data's last one (`mtq_common.evaluation.live_book`); with
+    --capital, in units rounded to whole contracts, traded from the held book (--holdings, or the model's own
+    simulated one)."""
     out, device = Path(args.output_dir), resolve_device(args.device)
     if args.capital is not None and not (math.isfinite(args.capital) and args.capital > 0):
         raise ConfigError(f"--capital {args.capital}: accepted a positive amount")

@@ -9,7 +9,7 @@ equally weighted portfolio of the eight. These are the reference points the READ
 with a no-trade band whose half-life and band are picked on the config's training split (never on the
 path measured here, a fresh one of the `test` stream). `vol_managed_trend_filter` scales the trend filter's
 book by the volatility appetite `min(1, (sigma* / sigma_t)^p)` (levels from the training split, half-life
-and p picked on the validation split, `baselines.pick_vol_timing`); the equal allocation and its
+and p picked on the validation split, `rules.pick_vol_timing`); the equal allocation and its
 volatility-managed form need trained specialists and are in the pipeline's reports, not here.
 """
 
@@ -22,7 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 import tyro
 
-from mtq_common.baselines import (
+from mtq_common.data.market import load_splits
+from mtq_common.data.synthetic import generate_market
+from mtq_common.data.tables import cost_rates
+from mtq_common.envs.rules import (
     backtest,
     buy_and_hold_positions,
     fit_trend_for,
@@ -33,12 +36,9 @@ from mtq_common.baselines import (
     trend_filter_positions,
     vol_appetite,
 )
-from mtq_common.checkpoint import atomic_write_json
-from mtq_common.config import load_config
-from mtq_common.market import load_splits
-from mtq_common.market_tables import cost_rates
-from mtq_common.metrics import sharpe
-from mtq_common.synthetic import generate_market
+from mtq_common.evaluation.metrics import sharpe
+from mtq_common.training.checkpoint import atomic_write_json
+from mtq_common.training.config import load_config
 
 
 @dataclass

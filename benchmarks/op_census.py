@@ -69,7 +69,7 @@ def bench_ops(args, work: Path) -> list[dict]:
     """Each phase script under the CPU profiler, chained: its op census (module docstring)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from mtq_common.flags import parse_args
+    from mtq_common.training.settings import parse_args
 
     print(f"{'phase':<8}{'steps':>10}{'wall s':>9}{'mbs':>7}{'aten calls':>12}{'/ mb':>7}{'dense s':>9}"
           f"{'ops s':>8}{'outside':>9}   dense s at the pipeline's steps")  # fmt: skip

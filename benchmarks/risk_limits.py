@@ -20,10 +20,10 @@ import torch
 import tyro
 
 from kernels import LIMIT_NAMES
-from mtq_common.checkpoint import atomic_write_json
-from mtq_common.config import Config, load_config
-from mtq_common.envs import PortfolioEnv
-from mtq_common.market import load_splits
+from mtq_common.data.market import load_splits
+from mtq_common.envs.trading_env import PortfolioEnv
+from mtq_common.training.checkpoint import atomic_write_json
+from mtq_common.training.config import Config, load_config
 
 CASES = {
     "8 built-in, all long at the cap": (

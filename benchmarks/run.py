@@ -35,9 +35,9 @@ import torch
 import tyro
 
 from benchmarks.throughput import device_name
-from mtq_common.checkpoint import atomic_write_json
-from mtq_common.portfolio_eval import RULES
-from mtq_common.tearsheet import policy_metrics
+from mtq_common.evaluation.portfolio_eval import RULES
+from mtq_common.evaluation.tearsheet import policy_metrics
+from mtq_common.training.checkpoint import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_GROUP = "default"

@@ -53,7 +53,7 @@ NOT_APPLIED = math.inf
 
 @dataclass(frozen=True)
 class RiskLimits:
-    """The hard limits in force (see `mtq_common.market_tables.feasible_limits`); `NOT_APPLIED` switches one off."""
+    """The hard limits in force (see `mtq_common.data.tables.feasible_limits`); `NOT_APPLIED` switches one off."""
 
     max_position: float = 0.1
     max_var: float = 0.02

@@ -30,6 +30,6 @@ for _env_id, (_single, _vector) in _ENVIRONMENTS.items():
     if _env_id not in gymnasium.registry:
         gymnasium.register(
             id=_env_id,
-            entry_point=f"mtq_common.gym_env:{_single}",
-            vector_entry_point=f"mtq_common.gym_env:{_vector}",
+            entry_point=f"mtq_common.envs.gym_env:{_single}",
+            vector_entry_point=f"mtq_common.envs.gym_env:{_vector}",
         )

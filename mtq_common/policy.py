@@ -2,7 +2,7 @@
 
     import pandas as pd
     from mtq_common import load_policy
-    from mtq_common.act import format_book
+    from mtq_common.evaluation.live_book import format_book
 
     policy = load_policy("models/checkpoints")  # a `pipeline.py --mode train` output folder
     prices = pd.read_csv("closes.csv", index_col="date", parse_dates=True)  # one column per instrument
@@ -30,17 +30,17 @@ if TYPE_CHECKING:  # annotations only: importing this module must not import tor
     import pandas as pd
     import torch
 
-    from mtq_common.config import Config
-    from mtq_common.market import MarketData
-    from mtq_common.nets import MetaController, SpecialistAgents
+    from mtq_common.agents.nets import MetaController, SpecialistAgents
+    from mtq_common.data.market import MarketData
+    from mtq_common.training.config import Config
 
 UNTRAINED_HINT = "Nothing trained yet: run `python pipeline.py --mode train` (or --mode resume) first."
 
 
 def load_hierarchy(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[SpecialistAgents, MetaController]:
     """The fine-tuned hierarchy of `run_dir/phase3/best.pt`, in eval mode on `device`."""
-    from mtq_common import checkpoint as ckpt
-    from mtq_common.nets import MetaController, SpecialistAgents
+    from mtq_common.agents.nets import MetaController, SpecialistAgents
+    from mtq_common.training import checkpoint as ckpt
 
     state = ckpt.load_checkpoint(Path(run_dir) / "phase3" / "best.pt", "phase3", hint=UNTRAINED_HINT)
     specialists = SpecialistAgents.from_spec(state["specialist_spec"])
@@ -53,8 +53,7 @@ def load_hierarchy(run_dir: str | Path, device: str | torch.device = "cpu") -> t
 def trained_data(run_dir: str | Path) -> dict[str, Any]:
     """What the run was trained on, from `run_dir/phase1/best.pt`: `{"instruments", "sectors", "bars per year"}`
     (the last is None in a checkpoint written before the bar frequency was recorded)."""
-    from mtq_common import checkpoint as ckpt
-
+    from mtq_common.training import checkpoint as ckpt
     phase1 = ckpt.load_checkpoint(Path(run_dir) / "phase1" / "best.pt", "phase1", hint=UNTRAINED_HINT)
     return {"instruments": list(phase1["symbols"]), "sectors": list(phase1["sectors"]),
             "bars per year": phase1.get("bars_per_year")}  # fmt: skip
@@ -62,7 +61,7 @@ def trained_data(run_dir: str | Path) -> dict[str, Any]:
 
 def check_data(market: MarketData, trained: dict[str, Any], run_dir: str | Path) -> None:
     """Refuse data whose instruments, sectors or bar frequency differ from the run's (`trained_data`)."""
-    from mtq_common.config import ConfigError
+    from mtq_common.training.config import ConfigError
 
     trained = dict(trained)
     if trained["bars per year"] is None:
@@ -81,8 +80,8 @@ def check_data(market: MarketData, trained: dict[str, Any], run_dir: str | Path)
 
 def read_run_config(run_dir: str | Path) -> Config:
     """The config a run was trained with: the `config` of `run_dir/pipeline.json`."""
-    from mtq_common.checkpoint import CheckpointError
-    from mtq_common.config import config_from_dict
+    from mtq_common.training.checkpoint import CheckpointError
+    from mtq_common.training.config import config_from_dict
 
     path = Path(run_dir) / "pipeline.json"
     if not path.is_file():
@@ -103,8 +102,8 @@ def market_from_prices(prices: pd.DataFrame, symbols: list[str], sectors: list[s
     import numpy as np
     import pandas as pd
 
-    from mtq_common.csv_data import infer_bar_frequency
-    from mtq_common.market import MarketData
+    from mtq_common.data.csv_data import infer_bar_frequency
+    from mtq_common.data.market import MarketData
 
     if not isinstance(prices, pd.DataFrame):
         raise TypeError(f"prices must be a pandas DataFrame (one column per instrument), got {type(prices).__name__}")
@@ -165,11 +164,11 @@ class Policy:
         """The target book for the bar after `prices`' last row: the dict `pipeline.py --mode act` writes.
 
         `prices`: close prices, one column per instrument of the run (`symbols`, any order) and a strictly
-        increasing DatetimeIndex, at least the warm-up long (`act.warmup_needed`). `capital` (the account's
+        increasing DatetimeIndex, at least the warm-up long (`live_book.warmup_needed`). `capital` (the account's
         value) adds notionals, units rounded to whole contracts and the trades in units; `holdings` (units held
         per symbol, a dict or a pandas Series; symbols left out hold none) needs `capital` and replaces the
         model's own simulated holdings as the book the trades start from. The data's age is not checked."""
-        from mtq_common.act import target_book
+        from mtq_common.evaluation.live_book import target_book
 
         market = market_from_prices(prices, self.symbols, list(self.trained["sectors"]))
         check_data(market, self.trained, self.run_dir)
@@ -180,7 +179,7 @@ class Policy:
 def load_policy(run_dir: str | Path, device: str = "cpu") -> Policy:
     """The trained run in `run_dir` (a `pipeline.py --mode train` output folder) as a `Policy`: its config
     from `pipeline.json`, its hierarchy from `phase3/best.pt`, its instruments from `phase1/best.pt`."""
-    from mtq_common.runtime import resolve_device
+    from mtq_common.training.runtime import resolve_device
 
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)

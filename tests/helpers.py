@@ -16,12 +16,12 @@ import torch
 import yaml
 
 from kernels import RiskLimits
-from mtq_common.config import Config
-from mtq_common.envs import PortfolioEnv, instrument_obs_size, position_column
-from mtq_common.hierarchy import meta_observation_size
-from mtq_common.market_tables import build_tables
-from mtq_common.nets import MetaController, SpecialistAgents
-from mtq_common.synthetic import generate_market
+from mtq_common.agents.hierarchy import meta_observation_size
+from mtq_common.agents.nets import MetaController, SpecialistAgents
+from mtq_common.data.synthetic import generate_market
+from mtq_common.data.tables import build_tables
+from mtq_common.envs.trading_env import PortfolioEnv, instrument_obs_size, position_column
+from mtq_common.training.config import Config
 
 REPO = Path(__file__).resolve().parent.parent
 # the smallest PPO shapes the phase scripts accept (test budgets)
@@ -67,7 +67,7 @@ def prepare(tmp: Path, config: Path | None, p1: dict | None = None, p2: dict | N
 
 def tight_config():
     """Small synthetic splits (600 bars) and limits tight enough that the risk manager has work to do."""
-    from mtq_common.config import Config
+    from mtq_common.training.config import Config
 
     cfg = Config()
     for key in ("train_bars", "val_bars", "test_bars"):

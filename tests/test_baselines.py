@@ -1,4 +1,4 @@
-"""The rule baselines traded through PortfolioEnv (`mtq_common.baselines`): what each proposes, no
+"""The rule baselines traded through PortfolioEnv (`mtq_common.envs.rules`): what each proposes, no
 look-ahead, several in one env as each alone, the trend filter fitted on the training split only, one
 execution path for rules and specialists, and the volatility-managed baselines."""
 
@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from mtq_common import metrics as metrics_lib
-from mtq_common.backtest import backtest_metrics, policy_step, run_backtest, run_backtests
-from mtq_common.baselines import (
+from mtq_common.agents.hierarchy import HierarchyPolicy, instrument_specialist_index
+from mtq_common.agents.nets import SpecialistAgents
+from mtq_common.data.market import load_splits
+from mtq_common.data.tables import cost_rates
+from mtq_common.envs.engine import POSITION_RATE
+from mtq_common.envs.rules import (
     MOMENTUM_LOOKBACK,
     TREND_FILTER_GRID,
     VOL_TIMING_GRID,
@@ -31,14 +34,11 @@ from mtq_common.baselines import (
     trend_filter_positions,
     vol_appetite,
 )
-from mtq_common.config import Config
-from mtq_common.engine import POSITION_RATE
-from mtq_common.envs import PortfolioEnv, instrument_obs_size, position_column
-from mtq_common.hierarchy import HierarchyPolicy, instrument_specialist_index
-from mtq_common.market import load_splits
-from mtq_common.market_tables import cost_rates
-from mtq_common.nets import SpecialistAgents
-from mtq_common.specialist_eval import segment_starts
+from mtq_common.envs.trading_env import PortfolioEnv, instrument_obs_size, position_column
+from mtq_common.evaluation import metrics as metrics_lib
+from mtq_common.evaluation.backtest import backtest_metrics, policy_step, run_backtest, run_backtests
+from mtq_common.evaluation.specialist_eval import segment_starts
+from mtq_common.training.config import Config
 
 
 def test_momentum_is_flat_without_enough_history(market, tables, cfg):

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mtq_common.config import Config, ConfigError, CsvConfig, load_config
-from mtq_common.flags import parse_args
+from mtq_common.training.config import Config, ConfigError, CsvConfig, load_config
+from mtq_common.training.settings import parse_args
 
 REPO = Path(__file__).resolve().parent.parent
 SEED_VALUES = {
@@ -177,8 +177,8 @@ def test_per_instrument_costs_reach_every_env(tmp_path):
     `transaction_cost` x `cost_multiplier`; the curriculum's market multiplier scales all of them."""
     import dataclasses
 
-    from mtq_common.market import load_splits
-    from mtq_common.market_tables import cost_rates
+    from mtq_common.data.market import load_splits
+    from mtq_common.data.tables import cost_rates
 
     path = tmp_path / "costs.yaml"
     path.write_text("environment:\n  transaction_cost: 0.0004\ninstruments:\n  EURUSD: {sector: forex, cost: 0.0001}\n"

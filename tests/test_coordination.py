@@ -1,4 +1,4 @@
-"""mtq_common.coordination: PCGrad projection, per-component clipping, update schedule, adaptive rates."""
+"""mtq_common.agents.coordination: PCGrad projection, per-component clipping, update schedule, adaptive rates."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtq_common.coordination import (
+from mtq_common.agents.coordination import (
     AdaptiveLR,
     UpdateSchedule,
     clip_component_,
@@ -19,8 +19,8 @@ from mtq_common.coordination import (
     project_conflict_,
     project_conflicts_,
 )
-from mtq_common.nets import MetaController, SpecialistAgents
-from mtq_common.ppo import FlatAdam, flat_cat
+from mtq_common.agents.nets import MetaController, SpecialistAgents
+from mtq_common.agents.ppo import FlatAdam, flat_cat
 
 
 def cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:

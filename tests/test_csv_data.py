@@ -1,4 +1,4 @@
-"""Tests for mtq_common.csv_data: the CSV market-data loader and its error messages."""
+"""Tests for mtq_common.data.csv_data: the CSV market-data loader and its error messages."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mtq_common.config import CsvConfig
-from mtq_common.csv_data import DataError, infer_bar_frequency, load_csv_market
-from mtq_common.csv_file import DataWarning
+from mtq_common.data.csv_data import DataError, infer_bar_frequency, load_csv_market
+from mtq_common.data.csv_file import DataWarning
+from mtq_common.training.config import CsvConfig
 
 SECTORS = {"AAA": "equity", "BBB": "fx", "CCC": "commodity"}
 
@@ -235,9 +235,9 @@ def test_data_warnings_show_on_the_terminal_once_and_in_the_log_file_each_time(t
     write_simple(data_dir / "AAA.csv", days[order], np.array(prices)[order])
     script = (
         "import sys\n"
-        "from mtq_common.config import config_from_dict\n"
-        "from mtq_common.market import load_splits\n"
-        "from mtq_common.runtime import setup_logging\n"
+        "from mtq_common.training.config import config_from_dict\n"
+        "from mtq_common.data.market import load_splits\n"
+        "from mtq_common.training.runtime import setup_logging\n"
         "setup_logging(sys.argv[2], 'pipeline')\n"
         "cfg = config_from_dict({'instruments': {'AAA': {'sector': 'equity'}}, 'specialists': ['equity'],\n"
         "    'data': {'source': 'csv', 'data_dir': sys.argv[1], 'instruments': ['AAA']}})\n"
@@ -257,10 +257,10 @@ def test_data_warnings_show_on_the_terminal_once_and_in_the_log_file_each_time(t
 
 def test_load_splits_and_walk_forward_read_with_the_config_options(tmp_path):
     """`data.csv` and `data.allow_partial_overlap` reach the loaders through `market.load_splits` and
-    `walkforward.full_market`."""
-    from mtq_common.config import config_from_dict
-    from mtq_common.market import load_splits
-    from mtq_common.walkforward import full_market
+    `splits.full_market`."""
+    from mtq_common.data.market import load_splits
+    from mtq_common.data.splits import full_market
+    from mtq_common.training.config import config_from_dict
 
     days = business_days(1600)  # BBB's 750 bars: enough for three splits of the feature window and more
     write_rows(tmp_path / "AAA.csv", "Date;Close", [f"{d:%d.%m.%Y}" for d in days], ["101,5"] * 1600, ";")

@@ -1,4 +1,4 @@
-"""mtq_common.curriculum: the level rule (advance, never skip, step back one), resume, and harder markets."""
+"""mtq_common.agents.curriculum: the level rule (advance, never skip, step back one), resume, and harder markets."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mtq_common.baselines import backtest, oracle_positions
-from mtq_common.config import Config
-from mtq_common.curriculum import LEVELS, PLAIN_LEVEL, Curriculum, generate_scenario, window_volatility
-from mtq_common.metrics import sharpe
-from mtq_common.synthetic import Difficulty
+from mtq_common.agents.curriculum import LEVELS, PLAIN_LEVEL, Curriculum, generate_scenario, window_volatility
+from mtq_common.data.synthetic import Difficulty
+from mtq_common.envs.rules import backtest, oracle_positions
+from mtq_common.evaluation.metrics import sharpe
+from mtq_common.training.config import Config
 
 
 def feed(curriculum: Curriculum, sharpes: list[float]) -> list[int]:
@@ -186,7 +186,7 @@ def csv_cfg(tmp_path_factory) -> Config:
 
 
 def test_csv_scenarios_keep_the_calmer_windows_chain_linked(csv_cfg):
-    from mtq_common.market import load_splits
+    from mtq_common.data.market import load_splits
 
     train = load_splits(csv_cfg)["train"]
     length = csv_cfg.environment.episode_length

@@ -10,9 +10,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mtq_common import distributed
-from mtq_common.checkpoint import CheckpointError, load_checkpoint
-from mtq_common.nets import RunningNorm
+from mtq_common.agents.nets import RunningNorm
+from mtq_common.training import distributed
+from mtq_common.training.checkpoint import CheckpointError, load_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--device", "cpu", "--num-envs", "8", "--num-steps", "32", "--batch-size", "64", "--n-epochs", "2",

@@ -8,12 +8,12 @@ import torch
 
 from kernels import RewardParams
 from kernels.portfolio_step import portfolio_step_reference
-from mtq_common.config import Config
-from mtq_common.envs import PortfolioEnv, SpecialistEnv, specialist_rows
-from mtq_common.features import FEATURE_WINDOW
-from mtq_common.hierarchy import compose_weights, instrument_specialist_index
-from mtq_common.market import MarketData
-from mtq_common.synthetic import generate_market
+from mtq_common.agents.hierarchy import compose_weights, instrument_specialist_index
+from mtq_common.data.features import FEATURE_WINDOW
+from mtq_common.data.market import MarketData
+from mtq_common.data.synthetic import generate_market
+from mtq_common.envs.trading_env import PortfolioEnv, SpecialistEnv, specialist_rows
+from mtq_common.training.config import Config
 from tests.helpers import SECTORS, VOLS, limits_hold, random_books, restarting_portfolio_pair
 
 START = FEATURE_WINDOW + 5  # a bar every episode may start at

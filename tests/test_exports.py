@@ -10,12 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mtq_common import metrics
-from mtq_common.backtest import Backtest
-from mtq_common.portfolio_eval import evaluate_portfolio, report_from_backtests
-from mtq_common.report import FILES, write_report
-from mtq_common.report_plots import TEARSHEET_SIZE, equity_figure, percent_decimals, tearsheet_figure
-from mtq_common.tearsheet import (
+from mtq_common.evaluation import metrics
+from mtq_common.evaluation.backtest import Backtest
+from mtq_common.evaluation.plots import TEARSHEET_SIZE, equity_figure, percent_decimals, tearsheet_figure
+from mtq_common.evaluation.portfolio_eval import evaluate_portfolio, report_from_backtests
+from mtq_common.evaluation.report import FILES, write_report
+from mtq_common.evaluation.tearsheet import (
     date_labels,
     period_returns,
     rolling_sharpe_and_vol,

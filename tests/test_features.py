@@ -1,11 +1,11 @@
-"""Tests for mtq_common.features: shape, finiteness, causality, scale invariance, bounds and meaning."""
+"""Tests for mtq_common.data.features: shape, finiteness, causality, scale invariance, bounds and meaning."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from mtq_common.features import (
+from mtq_common.data.features import (
     FEATURE_CLIP,
     FEATURE_FIRST_BAR,
     FEATURE_NAMES,

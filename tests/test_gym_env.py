@@ -11,13 +11,13 @@ from gymnasium.utils.env_checker import check_env
 from gymnasium.vector import AutoresetMode
 
 import mtq_common
-from mtq_common.config import Config
-from mtq_common.envs import PortfolioEnv, SpecialistEnv
-from mtq_common.features import FEATURE_NAMES, compute_features
-from mtq_common.gym_env import PortfolioSingleEnv, SpecialistSingleEnv, make_portfolio_vec, make_specialist_vec
-from mtq_common.market import load_splits
-from mtq_common.market_tables import build_tables
-from mtq_common.synthetic import generate_market
+from mtq_common.data.features import FEATURE_NAMES, compute_features
+from mtq_common.data.market import load_splits
+from mtq_common.data.synthetic import generate_market
+from mtq_common.data.tables import build_tables
+from mtq_common.envs.gym_env import PortfolioSingleEnv, SpecialistSingleEnv, make_portfolio_vec, make_specialist_vec
+from mtq_common.envs.trading_env import PortfolioEnv, SpecialistEnv
+from mtq_common.training.config import Config
 
 F = len(FEATURE_NAMES)
 ADAPTERS = {"specialist": SpecialistSingleEnv, "portfolio": PortfolioSingleEnv}
@@ -91,7 +91,7 @@ def flat(obs) -> np.ndarray:
 
 def test_ids_are_registered_once():
     assert "MTQ/Specialist-v0" in gym.registry and "MTQ/Portfolio-v0" in gym.registry
-    assert gym.spec("MTQ/Portfolio-v0").vector_entry_point == "mtq_common.gym_env:make_portfolio_vec"
+    assert gym.spec("MTQ/Portfolio-v0").vector_entry_point == "mtq_common.envs.gym_env:make_portfolio_vec"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # Gymnasium warns when an id is registered again
         importlib.reload(mtq_common)

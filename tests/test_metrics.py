@@ -1,4 +1,4 @@
-"""Tests for mtq_common.metrics: hand-computed values on tiny series, edge cases, batching, JSON safety."""
+"""Tests for mtq_common.evaluation.metrics: hand-computed values on tiny series, edge cases, batching, JSON safety."""
 
 import json
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from mtq_common import metrics as m
+from mtq_common.evaluation import metrics as m
 
 # The reference series of the docs: equity 1.1, 0.88, 0.924.
 R3 = [0.1, -0.2, 0.05]

@@ -3,7 +3,7 @@ give the full forward's values, bit for bit."""
 
 import torch
 
-from mtq_common.nets import MetaController, SpecialistAgents
+from mtq_common.agents.nets import MetaController, SpecialistAgents
 
 
 def test_one_network_per_slot_gives_the_full_forwards_values_bit_for_bit():

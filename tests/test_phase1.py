@@ -108,7 +108,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     names the keys that differ."""
     import torch
 
-    from mtq_common.checkpoint import CheckpointError
+    from mtq_common.training.checkpoint import CheckpointError
 
     config = write_config(tmp_path / "c.yaml")
     out = tmp_path / "unbroken" / "out"
@@ -162,12 +162,12 @@ def test_trade_pnl_excludes_the_cash_yield(tmp_path):
     losing trade into a win (found by review: tiny runs reported win rates near 1 with negative Sharpe)."""
     import numpy as np
 
-    from mtq_common.baselines import TrendFilter
-    from mtq_common.config import Config
-    from mtq_common.envs import instrument_obs_size
-    from mtq_common.market import load_splits
-    from mtq_common.nets import SpecialistAgents
-    from mtq_common.specialist_eval import evaluate_specialists
+    from mtq_common.agents.nets import SpecialistAgents
+    from mtq_common.data.market import load_splits
+    from mtq_common.envs.rules import TrendFilter
+    from mtq_common.envs.trading_env import instrument_obs_size
+    from mtq_common.evaluation.specialist_eval import evaluate_specialists
+    from mtq_common.training.config import Config
 
     cfg = Config()
     cfg.data.synthetic.val_bars = 600
@@ -192,14 +192,14 @@ def test_the_rules_trade_through_the_stop_loss():
     import numpy as np
     import torch
 
-    from mtq_common.baselines import TrendFilter, backtest, momentum_positions
-    from mtq_common.config import Config
-    from mtq_common.envs import instrument_obs_size
-    from mtq_common.market import load_splits
-    from mtq_common.market_tables import cost_rates
-    from mtq_common.metrics import sharpe
-    from mtq_common.nets import SpecialistAgents
-    from mtq_common.specialist_eval import evaluate_specialists, segment_starts
+    from mtq_common.agents.nets import SpecialistAgents
+    from mtq_common.data.market import load_splits
+    from mtq_common.data.tables import cost_rates
+    from mtq_common.envs.rules import TrendFilter, backtest, momentum_positions
+    from mtq_common.envs.trading_env import instrument_obs_size
+    from mtq_common.evaluation.metrics import sharpe
+    from mtq_common.evaluation.specialist_eval import evaluate_specialists, segment_starts
+    from mtq_common.training.config import Config
 
     cfg = Config()
     cfg.data.synthetic.val_bars = 600
@@ -217,7 +217,7 @@ def test_the_rules_trade_through_the_stop_loss():
     tight, off = momentum_sharpes(0.002), momentum_sharpes(1.0)
     assert (np.abs(tight - off) > 1e-3).sum() >= 6 and np.abs(tight - off).max() > 0.3, (tight, off)
     # with the stop off, the rule is the plain position table held over the same bars (one continuous run)
-    from mtq_common.market_tables import build_tables
+    from mtq_common.data.tables import build_tables
 
     first, length = segment_starts(build_tables(val, cfg), 1)
     bars = slice(first[0], first[0] + length + 1)

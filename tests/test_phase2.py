@@ -11,10 +11,10 @@ import torch
 
 import phase1_ppo
 import phase2_meta
-from mtq_common.checkpoint import CheckpointError, parameter_fingerprint
-from mtq_common.config import load_config
-from mtq_common.nets import SpecialistAgents
-from mtq_common.rollout_stats import PortfolioRolloutStats
+from mtq_common.agents.nets import SpecialistAgents
+from mtq_common.agents.rollout_stats import PortfolioRolloutStats
+from mtq_common.training.checkpoint import CheckpointError, parameter_fingerprint
+from mtq_common.training.config import load_config
 from tests.helpers import SMALL, run_cli, tensorboard_scalars, tensorboard_tags, write_config
 
 REPO = Path(__file__).resolve().parent.parent

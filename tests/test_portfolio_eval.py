@@ -11,13 +11,11 @@ import pytest
 import torch
 
 from kernels import LIMIT_NAMES
-from mtq_common import metrics as metrics_lib
-from mtq_common.backtest import (
-    PORTFOLIO_KEYS,
-    backtest_metrics,
-    specialist_utilization,
-)
-from mtq_common.baselines import (
+from mtq_common.agents.hierarchy import HierarchyPolicy, risk_appetite, risk_features, split_action, timing_spec
+from mtq_common.agents.nets import MetaController
+from mtq_common.data.market import REGIME_NAMES, load_splits
+from mtq_common.envs.engine import POSITION_RATE
+from mtq_common.envs.rules import (
     BASELINE_NAMES,
     MOMENTUM_LOOKBACK,
     VOL_MANAGED,
@@ -26,12 +24,14 @@ from mtq_common.baselines import (
     fit_vol_levels,
     trend_filter_positions,
 )
-from mtq_common.engine import POSITION_RATE
-from mtq_common.hierarchy import HierarchyPolicy, risk_appetite, risk_features, split_action, timing_spec
-from mtq_common.market import REGIME_NAMES, load_splits
-from mtq_common.nets import MetaController
-from mtq_common.portfolio_eval import evaluate_portfolio, format_report, target_checks, validation_timings
-from mtq_common.specialist_eval import segment_starts
+from mtq_common.evaluation import metrics as metrics_lib
+from mtq_common.evaluation.backtest import (
+    PORTFOLIO_KEYS,
+    backtest_metrics,
+    specialist_utilization,
+)
+from mtq_common.evaluation.portfolio_eval import evaluate_portfolio, format_report, target_checks, validation_timings
+from mtq_common.evaluation.specialist_eval import segment_starts
 from tests.helpers import untrained_agents
 
 SEGMENTS = 8

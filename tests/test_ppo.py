@@ -1,4 +1,4 @@
-"""mtq_common.ppo.FlatAdam: Adam's updates (its tensor form), each parameter group stepped as one tensor."""
+"""mtq_common.agents.ppo.FlatAdam: Adam's updates (its tensor form), each parameter group stepped as one tensor."""
 
 import subprocess
 import sys
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtq_common.nets import MetaController, SpecialistAgents
-from mtq_common.ppo import FlatAdam, flatten_
+from mtq_common.agents.nets import MetaController, SpecialistAgents
+from mtq_common.agents.ppo import FlatAdam, flatten_
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,7 +88,7 @@ def test_the_state_dict_is_torch_adams_over_the_flat_tensor():
 def test_stepping_it_does_not_import_the_compiler():
     # Why it is not a torch.optim.Optimizer: constructing one imports torch._dynamo (1.4-2.0 s per phase script).
     code = (
-        "import sys, torch; from mtq_common.ppo import FlatAdam; net = torch.nn.Linear(2, 2); "
+        "import sys, torch; from mtq_common.agents.ppo import FlatAdam; net = torch.nn.Linear(2, 2); "
         "opt = FlatAdam(net.parameters()); net(torch.ones(1, 2)).sum().backward(); opt.step(); "
         "print('torch._dynamo' in sys.modules)"
     )

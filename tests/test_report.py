@@ -9,11 +9,9 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from mtq_common import report as report_writer
-from mtq_common.market import REGIME_NAMES
-from mtq_common.portfolio_eval import evaluate_portfolio
-from mtq_common.report import FILES, markdown_report, write_report
-from mtq_common.report_plots import (
+from mtq_common.data.market import REGIME_NAMES
+from mtq_common.evaluation import report as report_writer
+from mtq_common.evaluation.plots import (
     ALLOCATION_SIZE,
     DPI,
     EQUITY_SIZE,
@@ -22,6 +20,8 @@ from mtq_common.report_plots import (
     equity_figure,
     sleeve_performance,
 )
+from mtq_common.evaluation.portfolio_eval import evaluate_portfolio
+from mtq_common.evaluation.report import FILES, markdown_report, write_report
 from tests.helpers import untrained_agents
 
 SEGMENTS = 4

@@ -1,4 +1,4 @@
-"""Tests for mtq_common.statistics: bootstrap coverage, block structure, pairing, PSR and DSR by hand, bad input."""
+"""Tests for evaluation/bootstrap.py: bootstrap coverage, block structure, pairing, PSR and DSR by hand, bad input."""
 
 import functools
 import math
@@ -7,9 +7,9 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from mtq_common import metrics
-from mtq_common import statistics as st
-from mtq_common.normal import normal_cdf, normal_ppf
+from mtq_common.evaluation import bootstrap as st
+from mtq_common.evaluation import metrics
+from mtq_common.evaluation.normal import normal_cdf, normal_ppf
 
 BARS = 252
 # i.i.d. normal returns with a known true Sharpe: per-bar mean 0.05, std 1.

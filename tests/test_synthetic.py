@@ -5,11 +5,11 @@ import time
 import numpy as np
 import pytest
 
-from mtq_common.baselines import backtest, buy_and_hold_positions, momentum_positions, oracle_positions
-from mtq_common.config import Config
-from mtq_common.market import load_splits
-from mtq_common.metrics import sharpe
-from mtq_common.synthetic import Difficulty, correlation_matrix, generate_market
+from mtq_common.data.market import load_splits
+from mtq_common.data.synthetic import Difficulty, correlation_matrix, generate_market
+from mtq_common.envs.rules import backtest, buy_and_hold_positions, momentum_positions, oracle_positions
+from mtq_common.evaluation.metrics import sharpe
+from mtq_common.training.config import Config
 
 CFG = Config()
 SYMBOLS = CFG.data.instruments

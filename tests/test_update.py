@@ -4,11 +4,11 @@ rounded differently, so the same weights, statistics and environment states to f
 import pytest
 import torch
 
-from mtq_common.coordination import clip_component_, clip_components_
-from mtq_common.distributed import World
-from mtq_common.nets import MetaController, SpecialistAgents
-from mtq_common.ppo import FlatAdam, clipped_surrogate, minibatches, normalise
-from mtq_common.update import JointUpdate, PPOUpdate
+from mtq_common.agents.coordination import clip_component_, clip_components_
+from mtq_common.agents.nets import MetaController, SpecialistAgents
+from mtq_common.agents.ppo import FlatAdam, clipped_surrogate, minibatches, normalise
+from mtq_common.agents.update import JointUpdate, PPOUpdate
+from mtq_common.training.distributed import World
 from tests.helpers import random_books, restarting_portfolio_pair
 
 ROWS, OBS = 64, 6

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import pipeline
-from mtq_common.config import Config, ConfigError
-from mtq_common.market_tables import build_tables
-from mtq_common.walkforward import MIN_BLOCK, fold_bounds, fold_splits, warmup_bars
+from mtq_common.data.splits import MIN_BLOCK, fold_bounds, fold_splits, warmup_bars
+from mtq_common.data.tables import build_tables
+from mtq_common.training.config import Config, ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

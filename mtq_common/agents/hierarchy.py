@@ -1,0 +1,232 @@
+"""Hierarchy composition: meta action + specialists' positions -> proposed instrument weights.
+
+Phase 2, Phase 3 and the evaluation all call `compose_weights`; the risk manager then maps its
+proposal to executed weights.
+
+    w_i = clamp(risk_appetite * K * allocation_{k(i)} * position_i * max_position, -max_position, max_position)
+
+`position_i` in [-1, 1] is what specialist k(i) (the owner of instrument i) would trade in its own
+environment, `allocation` is a point of the simplex over the K specialists and `risk_appetite` is
+in [0, 1]. With an even allocation (1/K each) and full appetite every specialist trades exactly as
+it did in Phase 1; the meta-controller scales specialists down (allocation below 1/K) or lets them
+use their full position budget (above 1/K, up to the position cap), and the appetite scales the
+whole book. A risk-timing meta-controller's appetite is a learned factor over the volatility-managed
+rule's (`split_action`, `risk_appetite`), and its observation carries the market's volatility evidence
+(`risk_features`, causal, from the training split's levels stored with its weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from mtq_common.agents.nets import SpecialistAgents
+from mtq_common.data.market import MarketData
+from mtq_common.envs.rules import VOL_TIMING_GRID, VolLevels, VolTiming, market_sigma, vol_appetite
+
+
+def compose_weights(
+    allocation: torch.Tensor,
+    risk_appetite: torch.Tensor,
+    positions: torch.Tensor,
+    instrument_specialist: torch.Tensor,
+    max_position: float,
+) -> torch.Tensor:
+    """Proposed weights [B, N] from `allocation` [B, K], `risk_appetite` [B] and `positions` [B, N].
+
+    `instrument_specialist` [N] (long) is the index of each instrument's specialist in `allocation`.
+    """
+    k = allocation.shape[-1]
+    per_instrument = allocation.index_select(-1, instrument_specialist) * k  # [B, N]
+    w = risk_appetite.unsqueeze(-1) * per_instrument * positions * max_position
+    return w.clamp(-max_position, max_position)
+
+
+def instrument_specialist_index(sectors: list[str], specialists: list[str]) -> torch.Tensor:
+    """For each instrument (by its sector), the index of its specialist in `specialists`."""
+    missing = sorted({s for s in sectors if s not in specialists})
+    if missing:
+        raise ValueError(f"no specialist for sector(s) {missing}; specialists: {specialists}")
+    return torch.tensor([specialists.index(s) for s in sectors], dtype=torch.long)
+
+
+PERFORMANCE_RATE = 0.05
+"""EMA rate of each specialist's recent performance signal (about a 20-bar memory)."""
+
+
+def meta_observation_size(portfolio_obs_size: int, num_specialists: int, timed: bool = False) -> int:
+    """Length of `MetaTracker.observe`'s output (`timed`: with `risk_features`' columns)."""
+    return portfolio_obs_size + 4 * num_specialists + 1 + (len(VOL_TIMING_GRID["half_life"]) + 1 if timed else 0)
+
+
+def timing_spec(levels: VolLevels, timing: VolTiming) -> dict:
+    """What a risk-timing meta-controller stores with its weights (`nets.MetaController(timing=...)`): the
+    training split's volatility levels and the volatility-managed rule it starts from (picked on validation)."""
+    return {"half_lives": list(levels.half_lives), "level": [list(x) for x in levels.level],
+            "sigma_star": list(levels.sigma_star), **dataclasses.asdict(timing)}  # fmt: skip
+
+
+def risk_features(timing: dict, market: MarketData, device) -> torch.Tensor:
+    """The meta-controller's volatility evidence per bar of `market`, `[T, H + 1]` (causal, `baselines`):
+    `log(sigma_hat_t / sigma_star)` for each half-life H of the levels, then the volatility-managed rule's
+    appetite `a_t` (the base the appetite is a residual over; `split_action`)."""
+    levels = VolLevels(tuple(timing["half_lives"]), tuple(tuple(x) for x in timing["level"]),
+                       tuple(timing["sigma_star"]))  # fmt: skip
+    pairs = zip(levels.half_lives, levels.sigma_star, strict=True)
+    columns = [np.log(market_sigma(market, levels, h) / star) for h, star in pairs]
+    rule = VolTiming(timing["half_life"], timing["power"], timing["picked_on"], timing["val_sharpe"])
+    columns.append(vol_appetite(market, levels, rule))
+    return torch.as_tensor(np.stack(columns, -1), dtype=torch.float32, device=device)
+
+
+def specialist_signals(positions: torch.Tensor, owner: torch.Tensor, num_specialists: int) -> torch.Tensor:
+    """Each specialist's mean signed position and mean |position| over its instruments: [B, 2K]."""
+    onehot = torch.nn.functional.one_hot(owner, num_specialists).to(positions.dtype)  # [N, K]
+    count = onehot.sum(0).clamp_min(1.0)
+    return torch.cat([positions @ onehot / count, positions.abs() @ onehot / count], -1)
+
+
+def split_action(u: torch.Tensor, timed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The meta-controller's action u [B, K+1] -> (allocation [B, K] on the simplex, appetite term [B]).
+
+    `allocation = softmax(u[:K])`. The appetite term is the risk appetite `clamp(u[K], 0, 1)`, or for a
+    risk-timing meta-controller (`timed`) the factor `exp(u[K])` over the volatility-managed rule's appetite
+    (`risk_appetite`). u = (0, ..., 0, 1) is exactly the equal allocation at full appetite, u = 0 (timed)
+    exactly the volatility-managed equal allocation: where the meta-controller starts (`nets.MetaController`)."""
+    allocation = torch.softmax(u[..., :-1], -1)
+    if not timed:
+        return allocation, u[..., -1].clamp(0.0, 1.0)
+    return allocation, u[..., -1].clamp(-10.0, 2.0).exp()  # a factor up to e^2: enough to lift any rule to 1
+
+
+def risk_appetite(factor: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """A risk-timing meta-controller's appetite, `min(1, base * factor)`: the rule's `base` [B] times the
+    learned `factor` [B] (`split_action`)."""
+    return (base * factor).clamp(0.0, 1.0)
+
+
+class MetaTracker:
+    """The meta-controller's side of the hierarchy, one place for Phase 2, Phase 3 and the evaluation.
+
+    Per row it keeps each specialist's recent performance (an EMA of its unit-size sleeve return, in
+    units of 1e-3 per bar) and the allocation and appetite the hierarchy holds. The meta-controller's
+    output is a *target*: the held allocation moves towards it by `rate` each bar (partial adjustment;
+    1 = jump to the target), so per-bar jitter of the meta-controller turns into a fraction of the
+    trading. What it held is part of its next observation, so the state stays Markov.
+
+    Per bar: `observe(portfolio_obs, positions)` -> meta observation; `act(u)` -> (allocation, appetite)
+    to trade now; after the env step, `after_step(positions, bar_returns, truncated)` updates the
+    performance, restarts the finished rows at the equal allocation and returns what the final
+    observations need (`assemble`).
+    """
+
+    STATE = ("performance", "allocation", "appetite")
+
+    def __init__(self, owner: torch.Tensor, num_specialists: int, num_rows: int, device, rate: float = 1.0):
+        if not 0.0 < rate <= 1.0:
+            raise ValueError(f"the allocation's adjustment rate must be in (0, 1], got {rate}")
+        self.owner, self.k, self.rate = owner.to(device), num_specialists, rate
+        self.performance = torch.zeros(num_rows, num_specialists, device=device)
+        self.allocation = torch.full((num_rows, num_specialists), 1.0 / num_specialists, device=device)
+        self.appetite = torch.ones(num_rows, device=device)
+
+    def observe(self, portfolio_obs: torch.Tensor, positions: torch.Tensor, risk: torch.Tensor | None = None):
+        """The meta observation [B, D]: the portfolio, the specialists' signals and recent performance,
+        the allocation and appetite held now and, for a risk-timing meta-controller, `risk` [B, H + 1]
+        (`risk_features` at the rows' bars)."""
+        return self.assemble(portfolio_obs, positions, self.held(), risk)
+
+    def held(self) -> torch.Tensor:
+        """The tracker's part of the observation [B, 2K + 1]: performance, allocation and appetite held."""
+        return torch.cat([self.performance.clamp(-10.0, 10.0), self.allocation, self.appetite.unsqueeze(-1)], -1)
+
+    def assemble(self, portfolio_obs: torch.Tensor, positions: torch.Tensor, held: torch.Tensor,
+                 risk: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """A meta observation from its parts (`held()` now, or as `after_step` returned it)."""
+        parts = [portfolio_obs, specialist_signals(positions, self.owner, self.k), held]
+        return torch.cat(parts if risk is None else [*parts, risk], -1)
+
+    def act(self, u: torch.Tensor, base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Move the held allocation and appetite towards the meta-controller's action `u` (`split_action`);
+        return the allocation and the appetite to trade. With `base` [B] (a risk-timing meta-controller: the
+        volatility-managed rule's appetite at the rows' bars) the held "appetite" is the learned factor over
+        it, smoothed like the allocation, and the rule's own timing reaches the book unsmoothed."""
+        allocation, appetite = split_action(u, timed=base is not None)
+        self.allocation = self.allocation + self.rate * (allocation - self.allocation)
+        self.appetite = self.appetite + self.rate * (appetite - self.appetite)
+        return self.allocation, self.appetite if base is None else risk_appetite(self.appetite, base)
+
+    def after_step(self, positions: torch.Tensor, bar_returns: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
+        """Book the bar just completed, restart the rows whose episode ended, and return every row's `held()`
+        before that restart: with the final observation's portfolio part and the specialists' positions on
+        it, `assemble` rebuilds the final meta observation (the PPO bootstrap), in one batch after a rollout."""
+        onehot = torch.nn.functional.one_hot(self.owner, self.k).to(positions.dtype)
+        sleeve = (positions * bar_returns) @ onehot * 1e3  # unit-size, before allocation: no look-ahead
+        self.performance = self.performance + PERFORMANCE_RATE * (sleeve - self.performance)
+        final = self.held()
+        done = truncated.unsqueeze(-1)
+        self.performance = torch.where(done, 0.0, self.performance)
+        self.allocation = torch.where(done, 1.0 / self.k, self.allocation)
+        self.appetite = torch.where(truncated, 1.0, self.appetite)
+        return final
+
+    def state_dict(self) -> dict:
+        return {name: getattr(self, name).clone() for name in self.STATE}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in self.STATE:
+            setattr(self, name, state[name].to(getattr(self, name).device))
+
+
+class HierarchyPolicy:
+    """Frozen specialists + meta-controller as one policy over `PortfolioEnv` (evaluation and Phase 2/3).
+
+    `propose(obs, env)` returns the proposed weights and sets `own_positions` (the specialists' positions,
+    which the env's stop-loss and the specialists' observations follow); `observe(info, done)` must follow
+    every step (`backtest.policy_step` does all three). Every evaluated policy, the rule-based
+    baselines included, has `propose` and `observe`. With `meta=None` the allocation is even and the
+    appetite full (the "equal allocation" reference of allocation efficiency).
+    """
+
+    def __init__(self, specialists, meta, owner: torch.Tensor, max_position: float, num_rows: int, device,
+                 market: MarketData | None = None):  # fmt: skip
+        self.specialists, self.meta = specialists, meta
+        # a risk-timing meta-controller reads the volatility evidence of the market it trades (`risk_features`)
+        self.risk = None
+        if meta is not None and meta.timing is not None:
+            if market is None:
+                raise ValueError("this meta-controller times risk: HierarchyPolicy needs the market it trades")
+            self.risk = risk_features(meta.timing, market, device)
+        self.owner = owner.to(device)
+        self.max_position = max_position
+        self.k = len(specialists.names)
+        rate = 1.0 if meta is None else meta.allocation_rate
+        self.tracker = MetaTracker(self.owner, self.k, num_rows, device, rate)
+        self.own_positions = torch.zeros(num_rows, len(owner), device=device)
+        self.last_allocation = self.tracker.allocation
+        self.last_appetite = None if meta is None else self.tracker.appetite
+
+    @torch.no_grad()
+    def propose(self, obs: dict, env=None) -> torch.Tensor:
+        self.own_positions = self.specialists.positions(obs["instruments"], self.owner)
+        if self.meta is None:
+            allocation, appetite = self.tracker.allocation, self.tracker.appetite
+        else:
+            risk = None if self.risk is None else self.risk.index_select(0, env.bar)
+            meta_obs = self.tracker.observe(obs["portfolio"], self.own_positions, risk)
+            allocation, appetite = self.tracker.act(self.meta.deterministic(meta_obs), None if risk is None else
+                                                    risk[:, -1])  # fmt: skip
+        self.last_allocation, self.last_appetite = allocation, None if self.meta is None else appetite
+        return compose_weights(allocation, appetite, self.own_positions, self.owner, self.max_position)
+
+    def observe(self, info: dict, done: torch.Tensor) -> None:
+        self.tracker.after_step(self.own_positions, info["bar_returns"], done)
+
+
+def load_specialists(phase1_dir, market, device) -> tuple:
+    """The frozen Phase 1 specialists (`SpecialistAgents.from_checkpoint`) and `owner [N]`, the specialist
+    index of each instrument of `market`."""
+    agents = SpecialistAgents.from_checkpoint(phase1_dir, market, device)
+    return agents, instrument_specialist_index(market.sectors, agents.names).to(device)

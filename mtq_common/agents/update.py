@@ -1,0 +1,290 @@
+"""One PPO minibatch update, eager (the reference) or compiled (`--compile`, LeanRL's recipe on any device).
+
+The eager update is CleanRL's: the loss, `loss.backward()`, the gradients averaged over ranks, clipped, one
+Adam step. The compiled update computes the same loss as a function of the optimiser's flat weight tensors
+(`torch.func.grad` of a `torch.func.functional_call`, `WeightsAsInputs`), so the forward pass, the backward
+pass, the clipping and Adam run as one `torch.compile`d graph per minibatch (under torchrun two: the
+gradients, then their application, with the gradient all-reduce between them). No host sync inside; the
+learning rate and Adam's step count are tensors, so a new value never recompiles.
+
+Why: the networks are small (64 wide), so an eager update is several hundred small ops whose dispatch
+from Python costs more than their arithmetic; compiled, Inductor fuses the element-wise work into a few
+loops. Fused code rounds differently, so a compiled run's weights differ from an eager run's in the last
+bits (tested close after a few updates); its trained results were re-validated on seeds (docs/benchmarks.md).
+`--compile auto` (the default) compiles when a run has enough minibatches to repay the compilation
+(`COMPILE_MIN_MINIBATCHES`): the default pipeline does, the smoke run and the tests' tiny runs stay eager.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import nn
+
+from mtq_common.agents.coordination import coordinate_, grads_of_each
+from mtq_common.agents.ppo import FlatAdam, adam_
+from mtq_common.training import distributed
+
+CompileChoice = Literal["auto", "on", "off"]
+CPU = torch.device("cpu")
+
+# Compiling a phase's update takes 15-55 s the first time on a machine and 3-7 s once Inductor's on-disk cache
+# holds it, against 1-5 ms saved per minibatch on the 2-core CPU: 2,000 minibatches about break even warm.
+# Every default phase compiles (Phase 2, the smallest: 11,520); a smoke or test run (hundreds) stays eager.
+COMPILE_MIN_MINIBATCHES = 2000
+
+
+def compiler_missing(device: torch.device) -> str | None:
+    """Why `torch.compile` cannot run on `device` here, or None: Inductor builds C++ on the CPU (a compiler must
+    be on PATH) and Triton kernels on CUDA."""
+    if device.type == "cpu":
+        compilers = [c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c]
+        return None if any(shutil.which(c) for c in compilers) else "no C++ compiler (g++, c++ or clang++) on PATH"
+    if device.type == "cuda":
+        return None if importlib.util.find_spec("triton") else "Triton is not installed"
+    return f"this code compiles for the CPU and CUDA only, not {device.type}"
+
+
+def use_compile(choice: CompileChoice, minibatches: int, device: torch.device = CPU, log=None) -> bool:
+    """`--compile`: "on", "off", or "auto": on when the run has at least `COMPILE_MIN_MINIBATCHES` minibatches
+    and `device` can compile (else eager, with a warning in `log`). "on" where nothing can compile is an error."""
+    if choice not in ("auto", "on", "off"):
+        raise ValueError(f"--compile {choice!r}: accepted auto, on or off")
+    if choice == "off" or (choice == "auto" and minibatches < COMPILE_MIN_MINIBATCHES):
+        return False
+    missing = compiler_missing(device)
+    if missing is None:
+        return True
+    if choice == "on":
+        raise ValueError(f"--compile on: {missing} (--compile off, or auto, trains eager: the same algorithm)")
+    if log is not None:
+        log.warning("--compile auto: %s, so this run trains eager (the same algorithm, unfused)", missing)
+    return False
+
+
+def views(flat: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
+    """`flat` cut into views of the given shapes, in order (a flat gradient seen as its parameters' gradients)."""
+    out, offset = [], 0
+    for shape in shapes:
+        out.append(flat[offset : offset + shape.numel()].view(shape))
+        offset += shape.numel()
+    return out
+
+
+def group_major(shapes: list[torch.Size], device=CPU) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a flat tensor laid out parameter by parameter, each parameter stacked `[K, ...]` (the specialists):
+    `(order [K, n], inverse [K n])` with `flat[order]` the same values as a `[K, n]` matrix, one row per group
+    (specialist), and `matrix.reshape(-1)[inverse]` the flat tensor back.
+
+    Why: per-specialist clipping and the conflict projection reduce over each specialist's slice of every
+    parameter. Compiled, a reduction over thirteen strided slices ran as slow loops (1.5 ms for Phase 3's 38k
+    gradients); over one contiguous row per specialist it is a plain vector reduction. The rules themselves
+    (`coordination`) take any list of `[K, ...]` tensors, so they apply to `[matrix]` unchanged.
+    """
+    k, blocks, offset = shapes[0][0], [], 0
+    for shape in shapes:
+        blocks.append((offset + torch.arange(shape.numel(), device=device)).view(k, -1))
+        offset += shape.numel()
+    order = torch.cat(blocks, 1)
+    return order, torch.argsort(order.reshape(-1))
+
+
+class _Holder(nn.Module):
+    """The modules whose weights `fn` reads, under one root, so `functional_call` can swap them by name."""
+
+    def __init__(self, modules: list[nn.Module], fn: Callable):
+        super().__init__()
+        self.parts = nn.ModuleList(modules)
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+class WeightsAsInputs:
+    """`fn(*args)` as a function of a `FlatAdam`'s flat weights: `call(flats, *args)` runs `fn` with every
+    parameter of `modules` replaced by its view of `flats` (one tensor per optimiser group), so that
+    `torch.func.grad` differentiates by the very tensors Adam steps. `fn` uses the modules as usual (it holds
+    them in its closure); their buffers (observation statistics) are read as they are."""
+
+    def __init__(self, modules: list[nn.Module], optimizer: FlatAdam, fn: Callable):
+        self.holder = _Holder(modules, fn)
+        name_of = {id(p): name for name, p in self.holder.named_parameters()}
+        self.names = [[name_of[id(p)] for p in members] for members in optimizer.members]
+        self.shapes = [[p.shape for p in members] for members in optimizer.members]
+
+    def __call__(self, flats: list[torch.Tensor], *args):
+        weights = {}
+        for flat, names, shapes in zip(flats, self.names, self.shapes, strict=True):
+            weights.update(zip(names, views(flat, shapes), strict=True))
+        return torch.func.functional_call(self.holder, weights, args)
+
+
+class PPOUpdate:
+    """A minibatch's update of the modules one optimiser group holds (Phases 1 and 2).
+
+    `loss_fn(*minibatch) -> (loss, stats)` is the phase's loss on the minibatch tensors; `clip_fn(grads)` clips
+    a list of gradient tensors in place (per specialist in Phase 1, whole in Phase 2): eager, the per-parameter
+    gradients; compiled, the flat gradient as one tensor, or with `stacked` (parameters stacked `[K, ...]`, as
+    the specialists') as one `[K, n]` matrix (`group_major`).
+    `update(mb, *rollout)` takes the minibatch's row indices and the flattened rollout tensors (rows along
+    `batch_dim`: the gather happens inside the compiled graph) and returns `stats` (detached tensors, read once
+    per iteration by the script's logging). On one process the compiled update is one graph; under torchrun
+    two, around the all-reduce.
+    """
+
+    def __init__(self, modules: list[nn.Module], optimizer: FlatAdam, loss_fn: Callable, clip_fn: Callable,
+                 world: distributed.World, compiled: bool, batch_dim: int = 0, stacked: bool = False):  # fmt: skip
+        if len(optimizer.param_groups) != 1:
+            raise ValueError("PPOUpdate steps one parameter group; Phase 3 composes its two (phase3_joint.py)")
+        self.optimizer, self.loss_fn, self.clip_fn, self.world = optimizer, loss_fn, clip_fn, world
+        self.params, self.compiled, self.batch_dim = optimizer.members[0], compiled, batch_dim
+        if compiled:
+            self.weights = WeightsAsInputs(modules, optimizer, loss_fn)
+            self.order = group_major([p.shape for p in self.params], self.params[0].device) if stacked else None
+            self._step = torch.compile(self._step_of)
+            self._gradients = torch.compile(self._gradients_of)
+            self._apply = torch.compile(self._apply_of)
+
+    def __call__(self, mb: torch.Tensor, *rollout: torch.Tensor):
+        if not self.compiled:  # the reference: CleanRL's order
+            self.optimizer.zero_grad()
+            loss, stats = self.loss_fn(*(x.index_select(self.batch_dim, mb) for x in rollout))
+            loss.backward()
+            grads = [p.grad for p in self.params]
+            distributed.average_(grads, self.world)
+            self.clip_fn(grads)
+            self.optimizer.step()
+            return stats
+        weights_and_state = self.optimizer.group_tensors(0)
+        if not self.world.enabled:
+            return self._step(mb, rollout, *weights_and_state)
+        grad, stats = self._gradients(mb, rollout, weights_and_state[0])
+        distributed.average_([grad], self.world)
+        self._apply(grad, *weights_and_state)
+        return stats
+
+    def _step_of(self, mb, rollout, *weights_and_state):
+        grad, stats = self._gradients_of(mb, rollout, weights_and_state[0])
+        self._apply_of(grad, *weights_and_state)
+        return stats
+
+    def _gradients_of(self, mb, rollout, flat):
+        minibatch = [x.index_select(self.batch_dim, mb) for x in rollout]
+        return torch.func.grad(lambda w: self.weights([w], *minibatch), has_aux=True)(flat.detach())
+
+    def _apply_of(self, grad, flat, exp_avg, exp_avg_sq, step, lr) -> None:
+        if self.order is None:
+            self.clip_fn([grad])
+        else:
+            order, inverse = self.order
+            matrix = grad[order]
+            self.clip_fn([matrix])
+            grad = matrix.reshape(-1)[inverse]
+        adam_(flat, exp_avg, exp_avg_sq, step, lr, grad, *self.optimizer.group_constants(0))
+
+
+class JointUpdate:
+    """A Phase 3 minibatch's update of both levels (two optimiser groups: the meta-controller, the specialists).
+
+    `meta_loss_fn(*meta_minibatch) -> (loss, stats)`: the meta-controller's PPO loss.
+    `policy_fn(*specialist_minibatch) -> (objectives [2], stats)`: the specialists' portfolio and own policy
+    objectives (their actors); `value_fn(*specialist_minibatch) -> objective`: their value loss and entropy bonus
+    (their critics). The three gradients stay apart until `coordination.coordinate_` projects, sums and clips
+    them.
+    `update(mb, meta_rollout, specialist_rollout, update_meta, update_specialists)` returns
+    `(meta stats, specialist stats, coordination stats)`.
+
+    Eager (the reference): the meta loss's backward pass and the specialists' three (`grads_of_each`, one of
+    them on the second core). Compiled: the meta gradient and the critics' by `torch.func.grad`, the two policy
+    gradients by one `torch.func.jacrev` (one batched backward pass through the actors for both), coordination
+    and Adam in the same graph.
+    """
+
+    def __init__(self, meta: nn.Module, specialists: nn.Module, optimizer: FlatAdam, meta_loss_fn: Callable,
+                 policy_fn: Callable, value_fn: Callable, max_norm: float, coordinate: bool, world: distributed.World,
+                 compiled: bool):  # fmt: skip
+        self.optimizer, self.world, self.compiled = optimizer, world, compiled
+        self.meta_loss_fn, self.policy_fn, self.value_fn = meta_loss_fn, policy_fn, value_fn
+        self.max_norm, self.coordinate = max_norm, coordinate
+        self.meta_params, self.specialist_params = optimizer.members  # (the order of the groups)
+        if compiled:
+            self.order = group_major([p.shape for p in self.specialist_params], self.specialist_params[0].device)
+            self.meta_weights = WeightsAsInputs([meta, specialists], optimizer, meta_loss_fn)
+            self.policy_weights = WeightsAsInputs([meta, specialists], optimizer, policy_fn)
+            self.value_weights = WeightsAsInputs([meta, specialists], optimizer, value_fn)
+            self._step = torch.compile(self._step_of)
+            self._gradients = torch.compile(self._gradients_of)
+            self._apply = torch.compile(self._apply_of)
+
+    def __call__(self, mb, meta_rollout, specialist_rollout, update_meta: bool, update_specialists: bool):
+        meta_batch = [x[mb] for x in meta_rollout]
+        specialist_batch = [x[mb] for x in specialist_rollout] if update_specialists else None
+        if self.compiled:
+            return self._compiled(meta_batch, specialist_batch, update_meta)
+        self.optimizer.zero_grad()
+        meta_loss, meta_stats = self.meta_loss_fn(*meta_batch)
+        meta_grads = objectives = specialist_stats = None
+        if update_meta:
+            meta_loss.backward()
+            meta_grads = [p.grad for p in self.meta_params]
+            distributed.average_(meta_grads, self.world)
+        if update_specialists:
+            policy, specialist_stats = self.policy_fn(*specialist_batch)
+            losses = [*policy.unbind(), self.value_fn(*specialist_batch)]
+            objectives = grads_of_each(losses, self.specialist_params)
+            distributed.average_([g for grads in objectives for g in grads], self.world)  # one all-reduce
+        specialist_grads, stats = coordinate_(meta_grads, objectives, self.max_norm, self.coordinate)
+        for p, g in zip(self.specialist_params, specialist_grads or [], strict=False):
+            p.grad = g
+        self.optimizer.step()  # Adam skips the level that got no gradient
+        return meta_stats, specialist_stats, stats
+
+    def _compiled(self, meta_batch, specialist_batch, update_meta: bool):
+        state = [self.optimizer.group_tensors(i) for i in (0, 1)]  # (flat weights, moments, step, rate) per group
+        if not self.world.enabled:
+            return self._step(meta_batch, specialist_batch, update_meta, state)
+        meta_grad, objectives, meta_stats, specialist_stats = self._gradients(meta_batch, specialist_batch,
+                                                                              update_meta, state)  # fmt: skip
+        distributed.average_([g for g in (meta_grad, objectives) if g is not None], self.world)
+        stats = self._apply(meta_grad, objectives, state)
+        return meta_stats, specialist_stats, stats
+
+    def _step_of(self, meta_batch, specialist_batch, update_meta, state):
+        meta_grad, objectives, meta_stats, specialist_stats = self._gradients_of(meta_batch, specialist_batch,
+                                                                                 update_meta, state)  # fmt: skip
+        return meta_stats, specialist_stats, self._apply_of(meta_grad, objectives, state)
+
+    def _gradients_of(self, meta_batch, specialist_batch, update_meta, state):
+        meta_flat, specialist_flat = (group[0].detach() for group in state)
+        meta_grad = specialist_grads = specialist_stats = None
+        if update_meta:
+            meta_grad, meta_stats = torch.func.grad(lambda w: self.meta_weights([w, specialist_flat], *meta_batch),
+                                                    has_aux=True)(meta_flat)  # fmt: skip
+        else:
+            meta_stats = self.meta_weights([meta_flat, specialist_flat], *meta_batch)[1]
+        if specialist_batch is not None:  # [3, weights]: both policy objectives' gradients in one batched pass
+            policy_grads, specialist_stats = torch.func.jacrev(
+                lambda w: self.policy_weights([meta_flat, w], *specialist_batch), has_aux=True
+            )(specialist_flat)
+            value_grad = torch.func.grad(lambda w: self.value_weights([meta_flat, w], *specialist_batch))(
+                specialist_flat
+            )
+            specialist_grads = torch.cat([policy_grads, value_grad.unsqueeze(0)])
+        return meta_grad, specialist_grads, meta_stats, specialist_stats
+
+    def _apply_of(self, meta_grad, objectives, state) -> dict:
+        order, inverse = self.order
+        meta = None if meta_grad is None else [meta_grad]
+        per_objective = None if objectives is None else [[g[order]] for g in objectives.unbind()]  # [K, n] each
+        specialists, stats = coordinate_(meta, per_objective, self.max_norm, self.coordinate)
+        if meta_grad is not None:
+            adam_(*state[0], meta_grad, *self.optimizer.group_constants(0))
+        if specialists is not None:
+            adam_(*state[1], specialists[0].reshape(-1)[inverse], *self.optimizer.group_constants(1))
+        return stats

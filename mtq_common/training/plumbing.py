@@ -1,0 +1,214 @@
+"""The run plumbing the three phase scripts share, kept out of the algorithm's way: the first lines of a
+run (`start_run`: config, ranks, log file, threads), the iteration count, seeding, the command line
+(`cli`: exit code 2 with one paragraph on bad input) and, in `Run`, the TensorBoard writer and its
+hyperparameter table, the progress bar, where the loop's time goes (`Stopwatch`), the rotating
+`latest.pt` (its step files pruned by the run's own steps), `--stop-after` and the run's timing. CleanRL
+writes these inline in its one script; here three scripts would repeat them word for word, so each is one
+named call in `main()`."""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from mtq_common.training import checkpoint as ckpt
+from mtq_common.training import distributed
+from mtq_common.training.config import ConfigError
+from mtq_common.training.runtime import check_amp, configure_threads, setup_logging
+from mtq_common.training.settings import config_from_args, parse_args
+
+
+def start_run(args, aliases: dict, name: str):
+    """A phase script's first lines: its config (YAML file, then flags; see `config_from_args`), the
+    torch.distributed world and device, the log file (rank 0), torch's threads and the `--amp` check.
+    Returns `(cfg, world, device, log)`."""
+    cfg = config_from_args(args, aliases)
+    world, device = distributed.setup(args.device)
+    log = setup_logging(Path(args.log_dir) / "training.log", name, to_file=world.is_main)
+    configure_threads(args.torch_threads)
+    check_amp(args.amp, device)
+    return cfg, world, device, log
+
+
+def iterations(args, rows_per_iteration: int, world: distributed.World) -> int:
+    """PPO iterations for `--timesteps` at `rows_per_iteration` environment steps per iteration on each
+    rank; a minibatch larger than the rollout is refused."""
+    if args.batch_size > rows_per_iteration:
+        raise ConfigError(f"--batch-size {args.batch_size} exceeds the rollout ({args.num_envs} x {args.num_steps})")
+    return distributed.iterations(args.timesteps, rows_per_iteration, world)
+
+
+def seed_everything(seed: int) -> int:
+    """Python's, NumPy's legacy global and torch's generators from `seed` (returned)."""
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 (the legacy global state is what third-party code draws from)
+    torch.manual_seed(seed)
+    return seed
+
+
+def resume(args, phase: str, cfg, world: distributed.World) -> tuple[dict, dict]:
+    """`--resume`: `latest.pt` in `--output-dir`, checked against the run's config (`--force` accepts another;
+    the error names every key that differs); returns `(state, this rank's part of it)` (see
+    `distributed.load_latest`)."""
+    out = Path(args.output_dir)
+    state, mine = distributed.load_latest(out / "latest.pt", phase, cfg.hash(), args.force, world, cfg.to_dict())
+    if "step_files" not in state:  # written before checkpoints named their step files: those on disk up to its step
+        steps = [int(p.stem.removeprefix("step_")) for p in out.glob("step_*.pt") if p.stem[5:].isdigit()]
+        state["step_files"] = sorted(s for s in steps if s <= state["global_step"])
+    return state, mine
+
+
+def restore(state: dict, mine: dict, log, shared: dict, own: dict) -> tuple[int, int, dict]:
+    """Load a resumed checkpoint into the run: each of `shared` (models, optimiser, schedules: alike on
+    every rank) from `state`, each of `own` (this rank's environments and trackers) from `mine`, then this
+    rank's random generators, last, so that nothing drawn while rebuilding moves them. The inverse of
+    `Run.save_latest`. Returns `(first iteration to run, global step, best so far)`."""
+    for name, obj in shared.items():
+        obj.load_state_dict(state[name])
+    for name, obj in own.items():
+        obj.load_state_dict(mine[name])
+    ckpt.restore_rng_state(mine["rng"])
+    log.info("resumed at iteration %d (step %d)", state["iteration"], state["global_step"])
+    return state["iteration"] + 1, state["global_step"], state["best"]
+
+
+def cli(main, args_type, aliases: dict, script: str) -> None:
+    """A phase script's command line: parse the flags (and `--config`), run `main`, and on bad input
+    print one paragraph naming `script` and exit with code 2 (every rank leaves the process group)."""
+    try:
+        args, _ = parse_args(args_type, aliases)
+        main(args)
+        distributed.shutdown(wait=True)
+    except (ConfigError, ckpt.CheckpointError, ValueError) as err:
+        print(f"{script}: error: {err}", file=sys.stderr)
+        distributed.shutdown()
+        sys.exit(2)
+
+
+class Run:
+    """One invocation of a phase script's training loop, from `start_iteration` (1, or the one after a
+    resumed checkpoint) to the end or to `--stop-after`.
+
+    `args` is the script's tyro `Args` (it reads `output_dir`, `log_dir`, `resume`, `progress`,
+    `keep_checkpoints`, `stop_after`); rank 0 writes TensorBoard and checkpoints, other ranks nothing.
+    `step_files`: on `--resume`, the resumed `latest.pt`'s own step files (`resume` fills them in), so that
+    pruning counts only this run's files (`checkpoint.save_rotating`)."""
+
+    def __init__(self, args, name: str, world: distributed.World, device: torch.device, log,
+                 num_iterations: int, rows_per_iteration: int, start_iteration: int, global_step: int,
+                 step_files: list[int] | None = None):  # fmt: skip
+        self.args, self.world, self.log = args, world, log
+        self.num_iterations, self.start_iteration = num_iterations, start_iteration
+        self.rows_per_iteration = rows_per_iteration * world.size  # environment steps of all ranks
+        self.writer = (
+            SummaryWriter(str(args.log_dir), purge_step=global_step if args.resume else None)
+            if world.is_main
+            else NullWriter()
+        )
+        if not args.resume:
+            table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
+            self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+        self.bar = tqdm(total=num_iterations * self.rows_per_iteration, initial=global_step, unit="step",
+                        disable=not (args.progress and sys.stderr.isatty() and world.is_main), desc=name)  # fmt: skip
+        self.start_time, self.start_step = time.time(), global_step
+        # the step files this run wrote and keeps (pruning never counts another run's: see save_rotating)
+        self.step_files = list(step_files or [])  # on --resume: the resumed latest.pt's `step_files`
+        self.watch = Stopwatch(device)  # seconds per loop section and per minibatch (metrics.json timing)
+
+    def sps(self, global_step: int) -> int:
+        """Environment steps per second since this invocation started."""
+        return int((global_step - self.start_step) / max(time.time() - self.start_time, 1e-9))
+
+    def log_scalars(self, scalars: dict, global_step: int) -> None:
+        """An iteration's scalars to TensorBoard; the progress bar moves on by one iteration."""
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, global_step)
+        self.bar.update(self.rows_per_iteration)
+        self.watch.lap("logging")
+
+    def save_latest(self, iteration: int, global_step: int, best: dict, payload: dict, shared: dict,
+                    own: dict) -> None:  # fmt: skip
+        """The rotating `latest.pt`: `payload` (the models, with what a loader checks), the `state_dict()` of
+        each of `shared` and the loop's counters, plus every rank's `own` objects (a plain tensor as it is)
+        and its random generators. Collective (see `distributed.save_latest`); `restore` reads it back."""
+
+        def states(objects: dict) -> dict:
+            return {name: obj.state_dict() if hasattr(obj, "state_dict") else obj for name, obj in objects.items()}
+
+        payload = {**payload, **states(shared), "iteration": iteration, "global_step": global_step, "best": best}
+        local = {**states(own), "rng": ckpt.rng_state()}
+        self.step_files = distributed.save_latest(Path(self.args.output_dir), payload, local, self.world, global_step,
+                                                  self.args.keep_checkpoints, self.step_files)  # fmt: skip
+        self.watch.lap("validation")  # validation and checkpoints, since the last lap
+
+    def stop_here(self, iteration: int) -> bool:
+        """Whether `--stop-after` ends this invocation after `iteration` (then the writer is closed)."""
+        done_here = iteration - self.start_iteration + 1
+        if self.args.stop_after is None or done_here < self.args.stop_after or iteration >= self.num_iterations:
+            return False
+        self.log.info("stopping after %d iterations as asked (--stop-after); continue with --resume",
+                      self.args.stop_after)  # fmt: skip
+        self.bar.close()
+        self.writer.close()
+        return True
+
+    def finish(self, global_step: int, fingerprint: str) -> tuple[dict, dict]:
+        """Close the bar; return metrics.json's `timing` (wall seconds, steps/s and where the time went) and
+        `ranks`, every rank's weight `fingerprint` gathered (collective: see `distributed.weight_agreement`)."""
+        self.bar.close()
+        wall = time.time() - self.start_time
+        timing = {"seconds": wall, "steps_per_second": (global_step - self.start_step) / max(wall, 1e-9),
+                  **self.watch.summary()}  # fmt: skip
+        return timing, distributed.weight_agreement(fingerprint, self.world)
+
+
+class Stopwatch:
+    """Where a training loop spends its wall time: `lap("rollout")` charges the seconds since the last lap
+    (or since it was made) to that part, and `minibatches` counts PPO minibatches, so `summary()` can give the time
+    per minibatch that `benchmarks.throughput` reports. On a GPU each lap synchronises the device once (a lap
+    is taken between loop sections, never inside the rollout), so the parts add up to the wall time."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = {}
+        self.minibatches = 0
+        self._last = time.perf_counter()
+
+    def lap(self, part: str) -> None:
+        self._sync()
+        now = time.perf_counter()
+        self.seconds[part] = self.seconds.get(part, 0.0) + now - self._last
+        self._last = now
+
+    def summary(self) -> dict:
+        """`<part>_seconds` for each part, the minibatch count and the update's seconds per minibatch."""
+        out = {f"{part}_seconds": seconds for part, seconds in self.seconds.items()}
+        out["minibatches"] = self.minibatches
+        if self.minibatches:
+            out["seconds_per_minibatch"] = self.seconds.get("update", 0.0) / self.minibatches
+        return out
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+class NullWriter:
+    """Stands in for the TensorBoard writer on ranks other than 0 (they log nothing)."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    def add_text(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
