@@ -34,7 +34,8 @@ from mtq_common.agents.divergence import DivergenceGuard
 from mtq_common.agents.nets import SpecialistAgents
 from mtq_common.agents.ppo import FlatAdam, gae, minibatches, update_scalars
 from mtq_common.agents.update import CompileChoice, PPOUpdate, use_compile
-from mtq_common.data.market import iso_time, load_splits
+from mtq_common.data.market import iso_time
+from mtq_common.data.splits import load_splits
 from mtq_common.data.tables import build_tables
 from mtq_common.envs.engine import POSITION_RATE
 from mtq_common.envs.rules import fit_trend_for
@@ -44,8 +45,7 @@ from mtq_common.training import checkpoint as ckpt
 from mtq_common.training import distributed
 from mtq_common.training.checkpoint import parameter_fingerprint
 from mtq_common.training.config import ConfigError
-from mtq_common.training.plumbing import Run, cli, iterations, restore, resume, seed_everything, start_run
-from mtq_common.training.runtime import autocast
+from mtq_common.training.plumbing import Run, autocast, cli, iterations, restore, resume, seed_everything, start_run
 
 ALIASES = {"timesteps": "training.phase_1_timesteps"}
 

@@ -79,7 +79,7 @@ from mtq_common.agents.ppo import (
 )
 from mtq_common.agents.rollout_stats import PortfolioRolloutStats, log_validation
 from mtq_common.agents.update import CompileChoice, JointUpdate, use_compile
-from mtq_common.data.market import load_splits
+from mtq_common.data.splits import load_splits
 from mtq_common.data.tables import build_tables
 from mtq_common.envs.rules import fit_trend_for, fit_vol_levels
 from mtq_common.envs.trading_env import PortfolioEnv
@@ -89,8 +89,7 @@ from mtq_common.training import checkpoint as ckpt
 from mtq_common.training import distributed
 from mtq_common.training.checkpoint import clone_state, parameter_fingerprint
 from mtq_common.training.config import ConfigError
-from mtq_common.training.plumbing import Run, cli, iterations, restore, resume, seed_everything, start_run
-from mtq_common.training.runtime import autocast
+from mtq_common.training.plumbing import Run, autocast, cli, iterations, restore, resume, seed_everything, start_run
 
 ALIASES = {"timesteps": "training.phase_3_timesteps"}
 

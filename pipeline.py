@@ -48,8 +48,8 @@ import phase3_joint
 from mtq_common.agents.hierarchy import HierarchyPolicy, instrument_specialist_index, load_specialists
 from mtq_common.agents.nets import MetaController
 from mtq_common.data.csv_data import load_csv_series
-from mtq_common.data.market import iso_time, load_splits
-from mtq_common.data.splits import fold_bounds, full_market, warmup_bars
+from mtq_common.data.market import iso_time
+from mtq_common.data.splits import fold_bounds, full_market, load_splits, warmup_bars
 from mtq_common.data.synthetic import generate_market
 from mtq_common.data.tables import build_tables
 from mtq_common.envs.rules import fit_trend_for, fit_vol_levels
@@ -66,7 +66,8 @@ from mtq_common.evaluation.report import write_report
 from mtq_common.policy import check_data, load_hierarchy, trained_data
 from mtq_common.training import checkpoint as ckpt
 from mtq_common.training.config import ConfigError
-from mtq_common.training.runtime import configure_threads, resolve_device, setup_logging
+from mtq_common.training.distributed import resolve_device
+from mtq_common.training.plumbing import configure_threads, setup_logging
 from mtq_common.training.settings import config_from_args, parse_args
 
 ALIASES = {

@@ -30,9 +30,9 @@ class Args:
 
 def phase1_parameter_count() -> int:
     from mtq_common.agents.nets import SpecialistAgents
-    from mtq_common.data.market import load_splits
+    from mtq_common.data.splits import load_splits
     from mtq_common.envs.trading_env import SpecialistEnv, specialist_rows
-    from mtq_common.training.config import load_config
+    from mtq_common.training.settings import load_config
 
     cfg = load_config(None)
     train = load_splits(cfg)["train"]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import tyro
 
-from mtq_common.data.market import load_splits
+from mtq_common.data.splits import load_splits
 from mtq_common.data.synthetic import generate_market
 from mtq_common.data.tables import cost_rates
 from mtq_common.envs.rules import (
@@ -38,7 +38,7 @@ from mtq_common.envs.rules import (
 )
 from mtq_common.evaluation.metrics import sharpe
 from mtq_common.training.checkpoint import atomic_write_json
-from mtq_common.training.config import load_config
+from mtq_common.training.settings import load_config
 
 
 @dataclass

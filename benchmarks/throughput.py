@@ -53,12 +53,12 @@ from benchmarks.op_census import bench_ops
 from benchmarks.timed_runs import PHASES, bench_pipeline, bench_sb3, bench_training
 from kernels.portfolio_step import RewardParams, portfolio_step_reference
 from kernels.risk import risk_step_reference
-from mtq_common.data.market import load_splits
+from mtq_common.data.splits import load_splits
 from mtq_common.data.tables import build_tables
 from mtq_common.envs.gym_env import make_portfolio_vec, make_specialist_vec
 from mtq_common.training.checkpoint import atomic_write_json
-from mtq_common.training.config import load_config
-from mtq_common.training.runtime import resolve_device
+from mtq_common.training.distributed import resolve_device
+from mtq_common.training.settings import load_config
 
 ACTION_POOL = 16
 """Distinct pre-generated action batches cycled through the timed steps (memory stays small at any size)."""

@@ -71,7 +71,7 @@ def bench_training(args, work: Path) -> list[dict]:
                 "timesteps": metrics["global_step"],
                 "steps_per_second": metrics["timing"]["steps_per_second"],
                 "loop_seconds": metrics["timing"]["seconds"],
-                # where the loop's time went (mtq_common.training.runtime.Stopwatch): the update per PPO minibatch
+                # where the loop's time went (mtq_common.training.plumbing.Stopwatch): the update per PPO minibatch
                 "rollout_seconds": metrics["timing"]["rollout_seconds"],
                 "update_seconds": metrics["timing"]["update_seconds"],
                 "minibatches": metrics["timing"]["minibatches"],

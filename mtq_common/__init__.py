@@ -1,22 +1,30 @@
 """MTQuant's shared library: what the phase scripts (`phase1_ppo.py`, `phase2_meta.py`, `phase3_joint.py`) import.
 
-It holds the configuration (`config`), the market data (`market`, `synthetic`, `csv_data`), the causal
-features (`features`), the batched trading environments (`envs`) and their Gymnasium adapters
-(`gym_env`), the hierarchy of specialists and meta-controller (`hierarchy`), baselines and metrics.
+Its rooms, from the bottom up (a room imports only from the rooms above it in this list, and `kernels/`):
+
+* `training/`: the run plumbing every script shares: the config (`config`, `settings`: YAML file and flags),
+  checkpoints, ranks (`distributed`) and a run's loop helpers (`plumbing`: logging, `latest.pt`, TensorBoard).
+* `data/`: the market: `MarketData`, the synthetic generator, CSV files, train/val/test and walk-forward
+  `splits`, causal `features` and the per-bar `tables` the environments read.
+* `envs/`: the batched environments (`engine`: one step's formulas; `trading_env`, `portfolio_env`), their
+  Gymnasium adapters (`gym_env`) and the rule-based policies (`rules`).
+* `agents/`: the networks, the hierarchy of specialists and meta-controller, and the PPO pieces (advantages,
+  compiled update, gradient coordination, curriculum).
+* `evaluation/`: backtests, metrics, bootstrap intervals, the reports and plots, the tear sheet and the
+  live book (`live_book`, what `pipeline.py --mode act` writes).
+
 Importing the package registers two Gymnasium ids, `MTQ/Specialist-v0` and `MTQ/Portfolio-v0`, for
 `gymnasium.make` (a single-environment adapter) and `gymnasium.make_vec` (the native batched env).
 
 The public API for a trained run is `load_policy(run_dir)` (`mtq_common.policy`): a `Policy` whose
-`book(prices, holdings=None, capital=None)` gives the target book of `pipeline.py --mode act`.
-
-The entry points are strings and `mtq_common.policy` imports its heavy dependencies inside its
-functions, so this import stays light: torch and the market load only when an environment is made or
-a policy loaded.
+`book(prices, holdings=None, capital=None)` gives the target book of `pipeline.py --mode act`. The
+package loads `mtq_common.policy` (and with it torch) when one of the two is first used, not on import,
+so registering the environment ids stays light.
 """
 
-import gymnasium
+import importlib
 
-from mtq_common.policy import Policy, load_policy
+import gymnasium
 
 __all__ = ["Policy", "load_policy"]
 
@@ -33,3 +41,10 @@ for _env_id, (_single, _vector) in _ENVIRONMENTS.items():
             entry_point=f"mtq_common.envs.gym_env:{_single}",
             vector_entry_point=f"mtq_common.envs.gym_env:{_vector}",
         )
+
+
+def __getattr__(name: str):
+    """`mtq_common.load_policy` and `mtq_common.Policy`, loaded on first use (PEP 562)."""
+    if name in __all__:
+        return getattr(importlib.import_module("mtq_common.policy"), name)
+    raise AttributeError(f"module 'mtq_common' has no attribute {name!r}")

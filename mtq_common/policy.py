@@ -14,8 +14,8 @@ The run folder holds `pipeline.json` (the config the run was trained with, rebui
 and `phase3/best.pt` (the fine-tuned hierarchy). `pipeline.py` loads the hierarchy and checks the data with
 the same functions (`load_hierarchy`, `trained_data`, `check_data`), so the CLI and this API cannot drift.
 
-`mtq_common/__init__.py` imports this module, and its import must stay light (no torch, no pandas):
-everything heavy is imported inside the functions that need it.
+`import mtq_common` does not import this module until `mtq_common.load_policy` (or `Policy`) is first used, so
+registering the Gymnasium ids stays light (see `mtq_common/__init__.py`).
 """
 
 from __future__ import annotations
@@ -24,24 +24,27 @@ import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # annotations only: importing this module must not import torch or pandas
-    import pandas as pd
-    import torch
+import numpy as np
+import pandas as pd
+import torch
 
-    from mtq_common.agents.nets import MetaController, SpecialistAgents
-    from mtq_common.data.market import MarketData
-    from mtq_common.training.config import Config
+from mtq_common.agents.nets import MetaController, SpecialistAgents
+from mtq_common.data.csv_data import infer_bar_frequency
+from mtq_common.data.market import MarketData
+from mtq_common.evaluation.live_book import target_book
+from mtq_common.training import checkpoint as ckpt
+from mtq_common.training.checkpoint import CheckpointError
+from mtq_common.training.config import Config, ConfigError
+from mtq_common.training.distributed import resolve_device
+from mtq_common.training.settings import config_from_dict
 
 UNTRAINED_HINT = "Nothing trained yet: run `python pipeline.py --mode train` (or --mode resume) first."
 
 
 def load_hierarchy(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[SpecialistAgents, MetaController]:
     """The fine-tuned hierarchy of `run_dir/phase3/best.pt`, in eval mode on `device`."""
-    from mtq_common.agents.nets import MetaController, SpecialistAgents
-    from mtq_common.training import checkpoint as ckpt
-
     state = ckpt.load_checkpoint(Path(run_dir) / "phase3" / "best.pt", "phase3", hint=UNTRAINED_HINT)
     specialists = SpecialistAgents.from_spec(state["specialist_spec"])
     specialists.load_state_dict(state["specialists"])
@@ -53,7 +56,6 @@ def load_hierarchy(run_dir: str | Path, device: str | torch.device = "cpu") -> t
 def trained_data(run_dir: str | Path) -> dict[str, Any]:
     """What the run was trained on, from `run_dir/phase1/best.pt`: `{"instruments", "sectors", "bars per year"}`
     (the last is None in a checkpoint written before the bar frequency was recorded)."""
-    from mtq_common.training import checkpoint as ckpt
     phase1 = ckpt.load_checkpoint(Path(run_dir) / "phase1" / "best.pt", "phase1", hint=UNTRAINED_HINT)
     return {"instruments": list(phase1["symbols"]), "sectors": list(phase1["sectors"]),
             "bars per year": phase1.get("bars_per_year")}  # fmt: skip
@@ -61,8 +63,6 @@ def trained_data(run_dir: str | Path) -> dict[str, Any]:
 
 def check_data(market: MarketData, trained: dict[str, Any], run_dir: str | Path) -> None:
     """Refuse data whose instruments, sectors or bar frequency differ from the run's (`trained_data`)."""
-    from mtq_common.training.config import ConfigError
-
     trained = dict(trained)
     if trained["bars per year"] is None:
         logging.getLogger("mtq").warning("%s does not record the bar frequency it was trained on: not checked",
@@ -80,9 +80,6 @@ def check_data(market: MarketData, trained: dict[str, Any], run_dir: str | Path)
 
 def read_run_config(run_dir: str | Path) -> Config:
     """The config a run was trained with: the `config` of `run_dir/pipeline.json`."""
-    from mtq_common.training.checkpoint import CheckpointError
-    from mtq_common.training.config import config_from_dict
-
     path = Path(run_dir) / "pipeline.json"
     if not path.is_file():
         raise CheckpointError(f"{path} not found: {run_dir} is not a `pipeline.py` run folder. {UNTRAINED_HINT}")
@@ -99,11 +96,6 @@ def market_from_prices(prices: pd.DataFrame, symbols: list[str], sectors: list[s
     """A `MarketData` of close prices: a DataFrame with a strictly increasing, time-zone-naive DatetimeIndex
     and exactly one column per symbol of `symbols` (any order; reordered to `symbols`), every price finite and
     positive. The bar frequency is inferred as for CSV files (`csv_data.infer_bar_frequency`)."""
-    import numpy as np
-    import pandas as pd
-
-    from mtq_common.data.csv_data import infer_bar_frequency
-    from mtq_common.data.market import MarketData
 
     if not isinstance(prices, pd.DataFrame):
         raise TypeError(f"prices must be a pandas DataFrame (one column per instrument), got {type(prices).__name__}")
@@ -168,8 +160,6 @@ class Policy:
         value) adds notionals, units rounded to whole contracts and the trades in units; `holdings` (units held
         per symbol, a dict or a pandas Series; symbols left out hold none) needs `capital` and replaces the
         model's own simulated holdings as the book the trades start from. The data's age is not checked."""
-        from mtq_common.evaluation.live_book import target_book
-
         market = market_from_prices(prices, self.symbols, list(self.trained["sectors"]))
         check_data(market, self.trained, self.run_dir)
         return target_book(self.specialists, self.meta, market, self.cfg, capital, self.device,
@@ -179,8 +169,6 @@ class Policy:
 def load_policy(run_dir: str | Path, device: str = "cpu") -> Policy:
     """The trained run in `run_dir` (a `pipeline.py --mode train` output folder) as a `Policy`: its config
     from `pipeline.json`, its hierarchy from `phase3/best.pt`, its instruments from `phase1/best.pt`."""
-    from mtq_common.training.runtime import resolve_device
-
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
     device = resolve_device(device)

@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from mtq_common.data.market import load_splits  # noqa: E402
+from mtq_common.data.splits import load_splits  # noqa: E402
 from mtq_common.data.tables import build_tables  # noqa: E402
 from mtq_common.envs.rules import fit_trend_for  # noqa: E402
 from tests.helpers import prepare, tight_config, write_config  # noqa: E402

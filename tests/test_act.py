@@ -14,11 +14,12 @@ import pipeline
 from mtq_common import load_policy
 from mtq_common.agents.hierarchy import HierarchyPolicy, instrument_specialist_index, load_specialists
 from mtq_common.agents.nets import MetaController
-from mtq_common.data.market import load_splits
+from mtq_common.data.splits import load_splits
 from mtq_common.evaluation.backtest import run_backtests
 from mtq_common.evaluation.live_book import target_book
 from mtq_common.training import checkpoint as ckpt
-from mtq_common.training.config import ConfigError, load_config
+from mtq_common.training.config import ConfigError
+from mtq_common.training.settings import load_config
 
 
 @pytest.fixture(scope="module")

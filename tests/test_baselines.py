@@ -12,7 +12,7 @@ import torch
 
 from mtq_common.agents.hierarchy import HierarchyPolicy, instrument_specialist_index
 from mtq_common.agents.nets import SpecialistAgents
-from mtq_common.data.market import load_splits
+from mtq_common.data.splits import load_splits
 from mtq_common.data.tables import cost_rates
 from mtq_common.envs.engine import POSITION_RATE
 from mtq_common.envs.rules import (

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mtq_common.training.config import Config, ConfigError, CsvConfig, load_config
-from mtq_common.training.settings import parse_args
+from mtq_common.training.config import Config, ConfigError, CsvConfig
+from mtq_common.training.settings import load_config, parse_args
 
 REPO = Path(__file__).resolve().parent.parent
 SEED_VALUES = {
@@ -177,7 +177,7 @@ def test_per_instrument_costs_reach_every_env(tmp_path):
     `transaction_cost` x `cost_multiplier`; the curriculum's market multiplier scales all of them."""
     import dataclasses
 
-    from mtq_common.data.market import load_splits
+    from mtq_common.data.splits import load_splits
     from mtq_common.data.tables import cost_rates
 
     path = tmp_path / "costs.yaml"

@@ -235,9 +235,9 @@ def test_data_warnings_show_on_the_terminal_once_and_in_the_log_file_each_time(t
     write_simple(data_dir / "AAA.csv", days[order], np.array(prices)[order])
     script = (
         "import sys\n"
-        "from mtq_common.training.config import config_from_dict\n"
-        "from mtq_common.data.market import load_splits\n"
-        "from mtq_common.training.runtime import setup_logging\n"
+        "from mtq_common.training.settings import config_from_dict\n"
+        "from mtq_common.data.splits import load_splits\n"
+        "from mtq_common.training.plumbing import setup_logging\n"
         "setup_logging(sys.argv[2], 'pipeline')\n"
         "cfg = config_from_dict({'instruments': {'AAA': {'sector': 'equity'}}, 'specialists': ['equity'],\n"
         "    'data': {'source': 'csv', 'data_dir': sys.argv[1], 'instruments': ['AAA']}})\n"
@@ -256,11 +256,10 @@ def test_data_warnings_show_on_the_terminal_once_and_in_the_log_file_each_time(t
 
 
 def test_load_splits_and_walk_forward_read_with_the_config_options(tmp_path):
-    """`data.csv` and `data.allow_partial_overlap` reach the loaders through `market.load_splits` and
+    """`data.csv` and `data.allow_partial_overlap` reach the loaders through `splits.load_splits` and
     `splits.full_market`."""
-    from mtq_common.data.market import load_splits
-    from mtq_common.data.splits import full_market
-    from mtq_common.training.config import config_from_dict
+    from mtq_common.data.splits import full_market, load_splits
+    from mtq_common.training.settings import config_from_dict
 
     days = business_days(1600)  # BBB's 750 bars: enough for three splits of the feature window and more
     write_rows(tmp_path / "AAA.csv", "Date;Close", [f"{d:%d.%m.%Y}" for d in days], ["101,5"] * 1600, ";")

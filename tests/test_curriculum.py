@@ -186,7 +186,7 @@ def csv_cfg(tmp_path_factory) -> Config:
 
 
 def test_csv_scenarios_keep_the_calmer_windows_chain_linked(csv_cfg):
-    from mtq_common.data.market import load_splits
+    from mtq_common.data.splits import load_splits
 
     train = load_splits(csv_cfg)["train"]
     length = csv_cfg.environment.episode_length

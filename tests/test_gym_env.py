@@ -12,7 +12,7 @@ from gymnasium.vector import AutoresetMode
 
 import mtq_common
 from mtq_common.data.features import FEATURE_NAMES, compute_features
-from mtq_common.data.market import load_splits
+from mtq_common.data.splits import load_splits
 from mtq_common.data.synthetic import generate_market
 from mtq_common.data.tables import build_tables
 from mtq_common.envs.gym_env import PortfolioSingleEnv, SpecialistSingleEnv, make_portfolio_vec, make_specialist_vec

@@ -163,7 +163,7 @@ def test_trade_pnl_excludes_the_cash_yield(tmp_path):
     import numpy as np
 
     from mtq_common.agents.nets import SpecialistAgents
-    from mtq_common.data.market import load_splits
+    from mtq_common.data.splits import load_splits
     from mtq_common.envs.rules import TrendFilter
     from mtq_common.envs.trading_env import instrument_obs_size
     from mtq_common.evaluation.specialist_eval import evaluate_specialists
@@ -193,7 +193,7 @@ def test_the_rules_trade_through_the_stop_loss():
     import torch
 
     from mtq_common.agents.nets import SpecialistAgents
-    from mtq_common.data.market import load_splits
+    from mtq_common.data.splits import load_splits
     from mtq_common.data.tables import cost_rates
     from mtq_common.envs.rules import TrendFilter, backtest, momentum_positions
     from mtq_common.envs.trading_env import instrument_obs_size

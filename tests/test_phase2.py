@@ -14,7 +14,7 @@ import phase2_meta
 from mtq_common.agents.nets import SpecialistAgents
 from mtq_common.agents.rollout_stats import PortfolioRolloutStats
 from mtq_common.training.checkpoint import CheckpointError, parameter_fingerprint
-from mtq_common.training.config import load_config
+from mtq_common.training.settings import load_config
 from tests.helpers import SMALL, run_cli, tensorboard_scalars, tensorboard_tags, write_config
 
 REPO = Path(__file__).resolve().parent.parent

@@ -89,9 +89,9 @@ def test_train_writes_every_output(trained):
 def test_the_test_evaluation_is_one_continuous_backtest_of_the_whole_split(trained):
     """DESIGN section 9: one row per policy from the test split's first tradable bar to its second-to-last bar
     (the last position earns the last bar's return), never parallel segments."""
-    from mtq_common.data.market import load_splits
+    from mtq_common.data.splits import load_splits
     from mtq_common.data.tables import build_tables
-    from mtq_common.training.config import load_config
+    from mtq_common.training.settings import load_config
 
     tmp, config, _ = trained
     report = json.loads((tmp / "out" / "eval" / "report.json").read_text())

@@ -13,7 +13,8 @@ import torch
 from kernels import LIMIT_NAMES
 from mtq_common.agents.hierarchy import HierarchyPolicy, risk_appetite, risk_features, split_action, timing_spec
 from mtq_common.agents.nets import MetaController
-from mtq_common.data.market import REGIME_NAMES, load_splits
+from mtq_common.data.market import REGIME_NAMES
+from mtq_common.data.splits import load_splits
 from mtq_common.envs.engine import POSITION_RATE
 from mtq_common.envs.rules import (
     BASELINE_NAMES,

@@ -13,7 +13,7 @@ import phase1_ppo
 import phase2_meta
 import phase3_joint
 from mtq_common.agents.update import COMPILE_MIN_MINIBATCHES, use_compile
-from mtq_common.training.runtime import autocast, check_amp
+from mtq_common.training.plumbing import autocast, check_amp
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = {"timesteps": 2048, "num_envs": 8, "num_steps": 32, "batch_size": 64, "n_epochs": 2, "eval_segments": 16}

@@ -9,7 +9,8 @@ import pytest
 
 from mtq_common.evaluation import bootstrap as st
 from mtq_common.evaluation import metrics
-from mtq_common.evaluation.normal import normal_cdf, normal_ppf
+from mtq_common.evaluation import sharpe_significance as sig
+from mtq_common.evaluation.sharpe_significance import normal_cdf, normal_ppf
 
 BARS = 252
 # i.i.d. normal returns with a known true Sharpe: per-bar mean 0.05, std 1.
@@ -253,38 +254,38 @@ def test_psr_by_hand():
     sr = mean / sd  # per bar
     sr_star = 0.5 / math.sqrt(BARS)  # an annual benchmark of 0.5, per bar
     z = (sr - sr_star) * math.sqrt(n - 1) / math.sqrt(1 - skew * sr + (kurt - 1) / 4 * sr**2)
-    assert st.sample_moments(SMALL) == pytest.approx((skew, kurt), rel=1e-12)
-    psr = st.probabilistic_sharpe_ratio(SMALL, 0.5, bars_per_year=BARS)
+    assert sig.sample_moments(SMALL) == pytest.approx((skew, kurt), rel=1e-12)
+    psr = sig.probabilistic_sharpe_ratio(SMALL, 0.5, bars_per_year=BARS)
     assert psr == pytest.approx(NormalDist().cdf(z), abs=1e-9)
     assert 0.5 < psr < 1.0
 
 
 def test_psr_is_half_at_the_benchmark():
     benchmark = st.annualised_sharpe(SMALL, BARS)
-    assert st.probabilistic_sharpe_ratio(SMALL, benchmark, bars_per_year=BARS) == 0.5
+    assert sig.probabilistic_sharpe_ratio(SMALL, benchmark, bars_per_year=BARS) == 0.5
 
 
 def test_psr_grows_with_length_for_a_positive_sharpe():
-    values = [st.probabilistic_sharpe_from_summary(0.8, n, BARS, skew=-0.5, kurtosis=5.0) for n in (50, 250, 1000)]
+    values = [sig.probabilistic_sharpe_from_summary(0.8, n, BARS, skew=-0.5, kurtosis=5.0) for n in (50, 250, 1000)]
     assert 0.5 < values[0] < values[1] < values[2] < 1.0
     # The same on data: the series repeated keeps its Sharpe and moments but is longer.
-    on_data = [st.probabilistic_sharpe_ratio(np.tile(SMALL, k), bars_per_year=BARS) for k in (1, 4, 16)]
+    on_data = [sig.probabilistic_sharpe_ratio(np.tile(SMALL, k), bars_per_year=BARS) for k in (1, 4, 16)]
     assert on_data[0] < on_data[1] < on_data[2]
 
 
 def test_psr_penalises_negative_skew_and_fat_tails():
-    normal = st.probabilistic_sharpe_from_summary(2.0, 250, BARS)
-    ugly = st.probabilistic_sharpe_from_summary(2.0, 250, BARS, skew=-2.0, kurtosis=12.0)
+    normal = sig.probabilistic_sharpe_from_summary(2.0, 250, BARS)
+    ugly = sig.probabilistic_sharpe_from_summary(2.0, 250, BARS, skew=-2.0, kurtosis=12.0)
     assert 0.5 < ugly < normal
 
 
 def test_psr_guards():
-    assert st.probabilistic_sharpe_from_summary(1.0, 1, BARS) == 0.5  # n < 2: no evidence
+    assert sig.probabilistic_sharpe_from_summary(1.0, 1, BARS) == 0.5  # n < 2: no evidence
     with pytest.raises(ValueError, match="no distribution"):
-        st.probabilistic_sharpe_from_summary(1.0, 100, BARS, skew=2.0, kurtosis=3.0)
+        sig.probabilistic_sharpe_from_summary(1.0, 100, BARS, skew=2.0, kurtosis=3.0)
     # kurt = 1 + skew^2 and SR = 2 / skew make the radicand exactly 0: the limit, not a division by zero.
-    assert st.probabilistic_sharpe_from_summary(2.0, 100, 1, skew=1.0, kurtosis=2.0) == 1.0
-    assert st.probabilistic_sharpe_from_summary(2.0, 100, 1, benchmark_sharpe=3.0, skew=1.0, kurtosis=2.0) == 0.0
+    assert sig.probabilistic_sharpe_from_summary(2.0, 100, 1, skew=1.0, kurtosis=2.0) == 1.0
+    assert sig.probabilistic_sharpe_from_summary(2.0, 100, 1, benchmark_sharpe=3.0, skew=1.0, kurtosis=2.0) == 0.0
 
 
 # --- deflated Sharpe ratio -----------------------------------------------------------------------------------------
@@ -295,15 +296,15 @@ def test_expected_max_sharpe_by_hand():
     z = NormalDist().inv_cdf
     for variance, trials in [(0.01, 10), (0.04, 2), (1.0, 1000)]:
         expected = math.sqrt(variance) * ((1 - gamma) * z(1 - 1 / trials) + gamma * z(1 - 1 / (trials * math.e)))
-        assert st.expected_max_sharpe(variance, trials) == pytest.approx(expected, rel=1e-12)
-    assert st.expected_max_sharpe(0.04, 1) == 0.0
-    assert st.expected_max_sharpe(0.04, 10) < st.expected_max_sharpe(0.04, 100)
+        assert sig.expected_max_sharpe(variance, trials) == pytest.approx(expected, rel=1e-12)
+    assert sig.expected_max_sharpe(0.04, 1) == 0.0
+    assert sig.expected_max_sharpe(0.04, 10) < sig.expected_max_sharpe(0.04, 100)
 
 
 def test_dsr_with_one_trial_is_psr_against_zero():
     r = np.random.default_rng(6).normal(0.05, 1.0, 300)
-    dsr = st.deflated_sharpe_ratio(r, [1.3], BARS)
-    assert dsr == st.probabilistic_sharpe_ratio(r, 0.0, bars_per_year=BARS)
+    dsr = sig.deflated_sharpe_ratio(r, [1.3], BARS)
+    assert dsr == sig.probabilistic_sharpe_ratio(r, 0.0, bars_per_year=BARS)
 
 
 def test_dsr_summary_by_hand():
@@ -311,17 +312,17 @@ def test_dsr_summary_by_hand():
     per_bar = [s / math.sqrt(BARS) for s in trials]
     mean = sum(per_bar) / len(per_bar)
     variance = sum((s - mean) ** 2 for s in per_bar) / (len(per_bar) - 1)
-    sr0 = st.expected_max_sharpe(variance, len(trials)) * math.sqrt(BARS)
-    dsr = st.deflated_sharpe_from_summary(1.6, 750, trials, BARS)
-    assert dsr == pytest.approx(st.probabilistic_sharpe_from_summary(1.6, 750, BARS, sr0), abs=1e-12)
-    assert dsr < st.probabilistic_sharpe_from_summary(1.6, 750, BARS)
+    sr0 = sig.expected_max_sharpe(variance, len(trials)) * math.sqrt(BARS)
+    dsr = sig.deflated_sharpe_from_summary(1.6, 750, trials, BARS)
+    assert dsr == pytest.approx(sig.probabilistic_sharpe_from_summary(1.6, 750, BARS, sr0), abs=1e-12)
+    assert dsr < sig.probabilistic_sharpe_from_summary(1.6, 750, BARS)
 
 
 def test_dsr_falls_with_more_and_more_dispersed_trials():
     r = np.random.default_rng(7).normal(0.08, 1.0, 750)
-    narrow = st.deflated_sharpe_ratio(r, [1.0, 1.1], BARS)
-    wide = st.deflated_sharpe_ratio(r, [0.0, 0.5, 1.0, 1.5, 2.0], BARS)
-    wider = st.deflated_sharpe_ratio(r, np.linspace(-1.0, 3.0, 20), BARS)
+    narrow = sig.deflated_sharpe_ratio(r, [1.0, 1.1], BARS)
+    wide = sig.deflated_sharpe_ratio(r, [0.0, 0.5, 1.0, 1.5, 2.0], BARS)
+    wider = sig.deflated_sharpe_ratio(r, np.linspace(-1.0, 3.0, 20), BARS)
     assert narrow > wide > wider
 
 
@@ -334,9 +335,9 @@ def test_non_finite_input_names_the_index():
     with pytest.raises(ValueError, match="returns has a non-finite value nan at index 7"):
         st.sharpe_interval(r, BARS)
     with pytest.raises(ValueError, match="index 7"):
-        st.probabilistic_sharpe_ratio(r, bars_per_year=BARS)
+        sig.probabilistic_sharpe_ratio(r, bars_per_year=BARS)
     with pytest.raises(ValueError, match="index 7"):
-        st.deflated_sharpe_ratio(r, [1.0, 2.0], BARS)
+        sig.deflated_sharpe_ratio(r, [1.0, 2.0], BARS)
     with pytest.raises(ValueError, match=r"b has a non-finite value inf at index 12"):
         st.paired_sharpe_difference(np.zeros(20), np.where(np.arange(20) == 12, np.inf, 0.0), BARS)
     with pytest.raises(ValueError, match=r"index \(3, 1\)"):
@@ -344,4 +345,4 @@ def test_non_finite_input_names_the_index():
     with pytest.raises(ValueError, match="1-D"):
         st.sharpe_interval(np.zeros((10, 2)), BARS)
     with pytest.raises(ValueError, match="trial_sharpes"):
-        st.deflated_sharpe_ratio(r[:5], [], BARS)
+        sig.deflated_sharpe_ratio(r[:5], [], BARS)

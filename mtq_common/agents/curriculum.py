@@ -40,7 +40,8 @@ import math
 import numpy as np
 
 from mtq_common.data.features import FEATURE_WINDOW
-from mtq_common.data.market import MarketData, load_splits
+from mtq_common.data.market import MarketData
+from mtq_common.data.splits import load_splits
 from mtq_common.data.synthetic import Difficulty, generate_market
 
 LEVELS: tuple[Difficulty, ...] = (

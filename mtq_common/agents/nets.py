@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from mtq_common.envs.engine import partial_adjustment
+from mtq_common.envs.trading_env import instrument_obs_size
 from mtq_common.training.checkpoint import CheckpointError, load_checkpoint, parameter_fingerprint
 
 
@@ -192,8 +193,6 @@ class SpecialistAgents(nn.Module):
         and checked against `market`: missing, partial or incompatible Phase 1 output (another instrument
         set, another observation layout, a corrupted file) raises `CheckpointError` naming the file and
         what to run."""
-        from mtq_common.envs.trading_env import instrument_obs_size  # (envs is heavy; only loaders need it)
-
         path = Path(phase1_dir) / "best.pt"
         rerun = f"Run `python phase1_ppo.py --output-dir {phase1_dir}` with this config and these instruments first."
         state = load_checkpoint(path, "phase1", hint=rerun)

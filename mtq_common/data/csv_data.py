@@ -46,7 +46,8 @@ import pandas as pd
 
 from mtq_common.data.csv_file import DataError, PriceFile, announce, read_price_file
 from mtq_common.data.market import MarketData
-from mtq_common.training.config import AS_WRITTEN, CsvConfig, check_csv_config
+from mtq_common.training.config import AS_WRITTEN, CsvConfig
+from mtq_common.training.settings import check_csv_config
 
 SPLIT_NAMES = ("train", "val", "test")
 

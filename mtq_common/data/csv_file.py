@@ -49,7 +49,7 @@ Warnings
     ``python -W ignore::UserWarning`` or `warnings.filterwarnings` silences it): printed on the terminal once
     per process (the pipeline reads the same files in every phase), attributed to the line outside
     ``mtq_common`` that loaded the data, and written to the run's log file through the ``mtq`` logger every
-    time (`mtq_common.training.runtime.setup_logging`).
+    time (`mtq_common.training.plumbing.setup_logging`).
 """
 
 from __future__ import annotations

@@ -105,32 +105,3 @@ def iso_time(timestamp, bars_per_day: float) -> str:
     """A bar's time for people: an ISO date for daily (or slower) bars, ISO date and time for intraday ones."""
     ts = np.datetime64(timestamp)
     return str(np.datetime_as_string(ts, unit="D" if bars_per_day <= 1.0 else "m"))
-
-
-def load_splits(cfg) -> dict[str, MarketData]:
-    """Train, validation and test `MarketData` for a `Config`: synthetic, or CSV when `data.source` is csv.
-
-    CSV splits must each hold at least the feature window plus a few bars; shorter data is refused
-    by the loader with the row counts it found.
-    """
-    from mtq_common.data.features import FEATURE_WINDOW
-
-    if cfg.data.folds:
-        from mtq_common.data.splits import fold_splits
-
-        return fold_splits(cfg)
-    if cfg.data.source == "csv":
-        from mtq_common.data.csv_data import load_csv_market
-
-        return load_csv_market(
-            cfg.data.data_dir,
-            list(cfg.data.instruments),
-            {s: cfg.sector_of(s) for s in cfg.data.instruments},
-            splits=tuple(cfg.data.splits),
-            min_bars_per_split=FEATURE_WINDOW + 10,
-            csv=cfg.data.csv,
-            allow_partial_overlap=cfg.data.allow_partial_overlap,
-        )
-    from mtq_common.data.synthetic import synthetic_splits
-
-    return synthetic_splits(cfg)

@@ -1,8 +1,10 @@
-"""Walk-forward windows: K folds that each train on the past, validate on the next block, test on the one after.
+"""The train, validation and test splits a run reads (`load_splits`): the built-in market's three paths, a
+CSV folder's split by `data.splits`, or one fold of walk-forward windows.
 
-The whole series of T bars (CSV: the three splits joined back together; synthetic: one path of
-`train_bars + val_bars + test_bars` bars from one stream) is cut as follows, with `E = round(T * splits[0])`
-bars of first training window and the `T - E` bars after it in `K + 1` equal blocks of `L` bars:
+Walk-forward: K folds that each train on the past, validate on the next block, test on the one after. The
+whole series of T bars (CSV: the three splits joined back together; synthetic: one path of `train_bars +
+val_bars + test_bars` bars from one stream) is cut as follows, with `E = round(T * splits[0])` bars of first
+training window and the `T - E` bars after it in `K + 1` equal blocks of `L` bars:
 
     fold k:  train  bars [0, E + k L)                    (an expanding window)
              val    bars [E + k L, E + (k + 1) L)          (the next block)
@@ -15,14 +17,17 @@ from the block's first bar, where trading starts (`tables.build_tables`' first t
 bar is traded by two splits of one fold, and no fold trains on a bar it validates or tests on (tested).
 
 The pipeline (`--mode walkforward`) sets `data.folds` and `data.fold` in a per-fold config, so every
-phase script of a fold reads its windows through `market.load_splits`.
+phase script of a fold reads its windows through `splits.load_splits`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mtq_common.data.csv_data import load_csv_market, load_csv_series
+from mtq_common.data.features import FEATURE_WINDOW
 from mtq_common.data.market import MarketData
+from mtq_common.data.synthetic import generate_market, synthetic_splits
 
 MIN_BLOCK = 50
 """The shortest validation/test block (bars): fewer make a meaningless backtest."""
@@ -68,13 +73,9 @@ def fold_bounds(num_bars: int, folds: int, first_train_fraction: float, warmup: 
 def full_market(cfg) -> MarketData:
     """The whole series the folds are cut from (module docstring)."""
     if cfg.data.source == "csv":
-        from mtq_common.data.csv_data import load_csv_series
-
         return load_csv_series(cfg.data.data_dir, list(cfg.data.instruments),
                                {s: cfg.sector_of(s) for s in cfg.data.instruments}, csv=cfg.data.csv,
                                allow_partial_overlap=cfg.data.allow_partial_overlap)  # fmt: skip
-    from mtq_common.data.synthetic import generate_market
-
     s = cfg.data.synthetic
     symbols = list(cfg.data.instruments)
     return generate_market(
@@ -92,8 +93,6 @@ def full_market(cfg) -> MarketData:
 
 def warmup_bars(cfg) -> int:
     """Bars of history a split needs before its first tradable bar (the environments' first bar)."""
-    from mtq_common.data.features import FEATURE_WINDOW
-
     return max(FEATURE_WINDOW, cfg.environment.warmup_steps, 1)
 
 
@@ -107,3 +106,24 @@ def fold_splits(cfg) -> dict[str, MarketData]:
         "val": market.window(bounds.val[0] - w, bounds.val[1], split="val"),
         "test": market.window(bounds.test[0] - w, bounds.test[1], split="test"),
     }
+
+
+def load_splits(cfg) -> dict[str, MarketData]:
+    """Train, validation and test `MarketData` for a `Config`: synthetic, or CSV when `data.source` is csv.
+
+    CSV splits must each hold at least the feature window plus a few bars; shorter data is refused
+    by the loader with the row counts it found.
+    """
+    if cfg.data.folds:
+        return fold_splits(cfg)
+    if cfg.data.source == "csv":
+        return load_csv_market(
+            cfg.data.data_dir,
+            list(cfg.data.instruments),
+            {s: cfg.sector_of(s) for s in cfg.data.instruments},
+            splits=tuple(cfg.data.splits),
+            min_bars_per_split=FEATURE_WINDOW + 10,
+            csv=cfg.data.csv,
+            allow_partial_overlap=cfg.data.allow_partial_overlap,
+        )
+    return synthetic_splits(cfg)

@@ -26,7 +26,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from mtq_common.data.market import MarketData, load_splits
+from mtq_common.data.market import MarketData
+from mtq_common.data.splits import load_splits
 from mtq_common.envs.trading_env import PortfolioEnv, SpecialistEnv
 from mtq_common.training.config import Config
 

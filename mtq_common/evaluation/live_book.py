@@ -35,6 +35,7 @@ import torch
 from kernels import LIMIT_NAMES, NOT_APPLIED
 from mtq_common.agents.hierarchy import HierarchyPolicy, instrument_specialist_index
 from mtq_common.data.market import MarketData, iso_time
+from mtq_common.data.splits import warmup_bars
 from mtq_common.data.tables import build_tables
 from mtq_common.envs.trading_env import PortfolioEnv
 from mtq_common.training.config import Config, ConfigError
@@ -42,8 +43,6 @@ from mtq_common.training.config import Config, ConfigError
 
 def warmup_needed(cfg: Config) -> int:
     """The fewest bars `target_book` accepts: the environments' warm-up plus two bars."""
-    from mtq_common.data.splits import warmup_bars
-
     return warmup_bars(cfg) + 2
 
 

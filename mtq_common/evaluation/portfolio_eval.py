@@ -30,6 +30,7 @@ from mtq_common.envs.rules import (
     pick_vol_timing,
     vol_appetite,
 )
+from mtq_common.evaluation import bootstrap
 from mtq_common.evaluation.backtest import (
     Backtest,
     appetite_stats,
@@ -40,6 +41,7 @@ from mtq_common.evaluation.backtest import (
     run_backtests,
     specialist_utilization,
 )
+from mtq_common.evaluation.sharpe_significance import probabilistic_sharpe_ratio
 from mtq_common.evaluation.tearsheet import policy_metrics
 from mtq_common.training.config import Config
 
@@ -94,20 +96,19 @@ def confidence_stats(backtests: dict[str, Backtest], risk_free_rate: float, seed
     * `psr`: the probabilistic Sharpe ratio of the system against 0 (Bailey and Lopez de Prado).
 
     Seeded; the mean block length is `bootstrap.default_block_length` of the series (T^(1/3) bars)."""
-    from mtq_common.evaluation import bootstrap as statistics
     system = backtests["system"]
     bars_per_year = system.bars_per_year
     # every interval and paired difference from one bootstrap (the same numbers as one call each)
-    intervals, differences = statistics.compare_sharpes(
+    intervals, differences = bootstrap.compare_sharpes(
         {name: bt.net_return for name, bt in backtests.items()}, "system", bars_per_year, risk_free_rate,
         confidence=CONFIDENCE, num_samples=BOOTSTRAP_SAMPLES, seed=seed)  # fmt: skip
     return {
         "confidence": CONFIDENCE,
         "samples": BOOTSTRAP_SAMPLES,
-        "block": statistics.default_block_length(len(system.net_return)),
+        "block": bootstrap.default_block_length(len(system.net_return)),
         "sharpe": {name: {k: v[k] for k in INTERVAL_KEYS} for name, v in intervals.items()},
         "vs_system": {name: {k: v[k] for k in VS_SYSTEM_KEYS} for name, v in differences.items()},
-        "psr": statistics.probabilistic_sharpe_ratio(
+        "psr": probabilistic_sharpe_ratio(
             system.net_return, 0.0, bars_per_year=bars_per_year, risk_free_rate=risk_free_rate
         ),  # fmt: skip
     }

@@ -120,29 +120,6 @@ def check_config_hash(payload: dict, config_hash: str, path: str | Path, force: 
                           f"{config_hash}: {fix}")  # fmt: skip
 
 
-def step_path(output_dir: str | Path, step: int) -> Path:
-    """The rotating checkpoint of global step `step`."""
-    return Path(output_dir) / f"step_{step:010d}.pt"
-
-
-def save_rotating(output_dir: str | Path, payload: dict, step: int, keep: int, own_steps: list[int]) -> list[int]:
-    """Write `step_<N>.pt` and `latest.pt`, then delete this run's step files beyond its newest `keep`.
-
-    Pruning is by the run's own steps: `own_steps` are the steps of the step files this run wrote and still
-    keeps (the list the previous call returned; on `--resume`, the `step_files` of the resumed `latest.pt`).
-    A step file the run did not write (another run's, left in the folder, whatever its step) is never
-    counted and never deleted. Returns the steps kept, which both files also record as `step_files`."""
-    steps = sorted({*own_steps, step})
-    cut = max(0, len(steps) - keep)
-    kept, dropped = steps[cut:], steps[:cut]
-    payload = {**payload, "step_files": kept}
-    save_checkpoint(step_path(output_dir, step), payload)
-    save_checkpoint(Path(output_dir) / "latest.pt", payload)
-    for old in dropped:
-        step_path(output_dir, old).unlink(missing_ok=True)
-    return kept
-
-
 def rng_state() -> dict:
     """The RNG states a resumed run needs (torch CPU, and CUDA when used)."""
     state = {"torch": torch.get_rng_state()}

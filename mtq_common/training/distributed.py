@@ -25,11 +25,20 @@ import torch
 import torch.distributed as dist
 
 from mtq_common.training import checkpoint as ckpt
-from mtq_common.training.runtime import resolve_device
 
 RANK_SEED_STRIDE = 7919
 """Rank r seeds its environments and action noise with `seed + 7919 r` (a prime: seeds 1, 2, 3 of a
 seed sweep never collide with another seed's rank)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` takes CUDA when present; an unavailable CUDA request is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
+    return device
 
 
 @dataclass(frozen=True)
@@ -213,34 +222,6 @@ def local_state(state: dict, world: World, path) -> dict:
             f"({'python' if saved == 1 else f'torchrun --nproc_per_node {saved}'} ... --resume)"
         )
     return state if world.is_main else state["other_ranks"][world.rank - 1]
-
-
-def load_latest(path, phase: str, config_hash: str, force: bool, world: World,
-                config: dict | None = None) -> tuple[dict, dict]:  # fmt: skip
-    """`--resume`: rank 0 reads the `phase` checkpoint at `path` and checks its config hash (naming the keys
-    that differ from `config`, the current config's dict); every rank gets `(state, this rank's part of it)`
-    (see `local_state`). Errors are raised on every rank."""
-
-    def load() -> dict:
-        state = ckpt.load_checkpoint(path, phase, hint="Run without --resume to start fresh.")
-        ckpt.check_config_hash(state, config_hash, path, force, config)
-        return state
-
-    state = load_on_main(load, world)
-    return state, local_state(state, world, path)
-
-
-def save_latest(out_dir, payload: dict, local: dict, world: World, step: int, keep: int,
-                own_steps: list[int]) -> list[int]:  # fmt: skip
-    """The rotating `latest.pt` / `step_<N>.pt`, written by rank 0: `payload` (what every rank holds
-    alike: weights, optimizer, counters) plus every rank's `local` state (environments, RNG, signals),
-    gathered by `rank_states`. Step files are pruned by the run's own steps (`own_steps`, see
-    `checkpoint.save_rotating`); returns the steps kept (other ranks: `own_steps`, they write nothing).
-    Collective: every rank must call it."""
-    states = rank_states(local, world)
-    if world.is_main:
-        return ckpt.save_rotating(out_dir, {**payload, **states}, step, keep, own_steps)
-    return own_steps
 
 
 def weight_agreement(fingerprint: str, world: World) -> dict:

@@ -1,13 +1,16 @@
 """The run plumbing the three phase scripts share, kept out of the algorithm's way: the first lines of a
-run (`start_run`: config, ranks, log file, threads), the iteration count, seeding, the command line
-(`cli`: exit code 2 with one paragraph on bad input) and, in `Run`, the TensorBoard writer and its
-hyperparameter table, the progress bar, where the loop's time goes (`Stopwatch`), the rotating
-`latest.pt` (its step files pruned by the run's own steps), `--stop-after` and the run's timing. CleanRL
-writes these inline in its one script; here three scripts would repeat them word for word, so each is one
-named call in `main()`."""
+run (`start_run`: config, ranks, log file, torch's threads, the `--amp` check), the iteration count, seeding,
+the command line (`cli`: exit code 2 with one paragraph on bad input), the rotating `latest.pt` (this module
+is its one owner: `Run.save_latest` writes it, `resume` reads it back, step files pruned by the run's own
+steps) and, in `Run`, the TensorBoard writer and its hyperparameter table, the progress bar, where the loop's
+time goes (`Stopwatch`), `--stop-after` and the run's timing. CleanRL writes these inline in its one script;
+here three scripts would repeat them word for word, so each is one named call in `main()`. The compiled
+update (`--compile`) is `agents/update.py`, gradient clipping `agents/coordination.py`."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import random
 import sys
 import time
@@ -22,8 +25,121 @@ from tqdm import tqdm
 from mtq_common.training import checkpoint as ckpt
 from mtq_common.training import distributed
 from mtq_common.training.config import ConfigError
-from mtq_common.training.runtime import check_amp, configure_threads, setup_logging
 from mtq_common.training.settings import config_from_args, parse_args
+
+
+def setup_logging(path: str | Path, name: str, to_file: bool = True) -> logging.Logger:
+    """A logger writing to `path` (appending: a resumed run continues its log) and to stderr.
+
+    `to_file=False` (ranks other than 0 under torchrun) keeps only the stderr warnings.
+    """
+    path = Path(path)
+    logger = logging.getLogger(f"mtq.{name}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for handler in list(logger.handlers):  # a second main() in one process (tests, pipeline) re-targets
+        logger.removeHandler(handler)
+        handler.close()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(fmt)
+    stream.setLevel(logging.WARNING)
+    logger.addHandler(stream)
+    if not to_file:
+        return logger
+    path.parent.mkdir(parents=True, exist_ok=True)
+    file_handler = logging.FileHandler(path)
+    file_handler.setFormatter(fmt)
+    logger.addHandler(file_handler)
+    # Warnings of the data loaders (logger "mtq") land in the same file.
+    data_logger = logging.getLogger("mtq")
+    data_logger.setLevel(logging.INFO)
+    for handler in list(data_logger.handlers):
+        if isinstance(handler, logging.FileHandler):
+            data_logger.removeHandler(handler)
+            handler.close()
+    data_logger.addHandler(logging.FileHandler(path))
+    return logger
+
+
+@torch.no_grad()
+def configure_threads(threads: int) -> None:
+    """Set torch's intra-op threads (0 keeps torch's default).
+
+    PPO on the CPU runs many small tensor ops: one thread avoids the synchronisation overhead and,
+    above all, the collapse when another process holds a core (measured here: a Phase 1 run of 16k
+    steps took 5.4 s with 1 thread and 398 s with 2 threads on a busy 2-core machine).
+    """
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def check_amp(amp: bool, device: torch.device) -> None:
+    """`--amp` is bf16 autocast on CUDA; elsewhere it is refused rather than silently ignored."""
+    if amp and device.type != "cuda":
+        raise ValueError(f"--amp: bf16 autocast of the update is for CUDA devices; this run is on {device}")
+
+
+def autocast(amp: bool, device: torch.device) -> contextlib.AbstractContextManager:
+    """The update's loss computation under bf16 autocast when `--amp` is on (a no-op otherwise)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+
+
+# --- latest.pt: this module is its one owner (written by `Run.save_latest`, read by `resume`) -----------
+
+
+def step_path(output_dir: str | Path, step: int) -> Path:
+    """The rotating checkpoint of global step `step`."""
+    return Path(output_dir) / f"step_{step:010d}.pt"
+
+
+def save_rotating(output_dir: str | Path, payload: dict, step: int, keep: int, own_steps: list[int]) -> list[int]:
+    """Write `step_<N>.pt` and `latest.pt`, then delete this run's step files beyond its newest `keep`.
+
+    Pruning is by the run's own steps: `own_steps` are the steps of the step files this run wrote and still
+    keeps (the list the previous call returned; on `--resume`, the `step_files` of the resumed `latest.pt`).
+    A step file the run did not write (another run's, left in the folder, whatever its step) is never
+    counted and never deleted. Returns the steps kept, which both files also record as `step_files`."""
+    steps = sorted({*own_steps, step})
+    cut = max(0, len(steps) - keep)
+    kept, dropped = steps[cut:], steps[:cut]
+    payload = {**payload, "step_files": kept}
+    ckpt.save_checkpoint(step_path(output_dir, step), payload)
+    ckpt.save_checkpoint(Path(output_dir) / "latest.pt", payload)
+    for old in dropped:
+        step_path(output_dir, old).unlink(missing_ok=True)
+    return kept
+
+
+def load_latest(path, phase: str, config_hash: str, force: bool, world: distributed.World,
+                config: dict | None = None) -> tuple[dict, dict]:  # fmt: skip
+    """`--resume`: rank 0 reads the `phase` checkpoint at `path` and checks its config hash (naming the keys
+    that differ from `config`, the current config's dict); every rank gets `(state, this rank's part of it)`
+    (see `local_state`). Errors are raised on every rank."""
+
+    def load() -> dict:
+        state = ckpt.load_checkpoint(path, phase, hint="Run without --resume to start fresh.")
+        ckpt.check_config_hash(state, config_hash, path, force, config)
+        return state
+
+    state = distributed.load_on_main(load, world)
+    return state, distributed.local_state(state, world, path)
+
+
+def save_latest(out_dir, payload: dict, local: dict, world: distributed.World, step: int, keep: int,
+                own_steps: list[int]) -> list[int]:  # fmt: skip
+    """The rotating `latest.pt` / `step_<N>.pt`, written by rank 0: `payload` (what every rank holds
+    alike: weights, optimizer, counters) plus every rank's `local` state (environments, RNG, signals),
+    gathered by `rank_states`. Step files are pruned by the run's own steps (`own_steps`, see
+    `save_rotating`); returns the steps kept (other ranks: `own_steps`, they write nothing).
+    Collective: every rank must call it."""
+    states = distributed.rank_states(local, world)
+    if world.is_main:
+        return save_rotating(out_dir, {**payload, **states}, step, keep, own_steps)
+    return own_steps
+
+
+# --- a phase script's run -------------------------------------------------------------------------------
 
 
 def start_run(args, aliases: dict, name: str):
@@ -57,9 +173,9 @@ def seed_everything(seed: int) -> int:
 def resume(args, phase: str, cfg, world: distributed.World) -> tuple[dict, dict]:
     """`--resume`: `latest.pt` in `--output-dir`, checked against the run's config (`--force` accepts another;
     the error names every key that differs); returns `(state, this rank's part of it)` (see
-    `distributed.load_latest`)."""
+    `load_latest`)."""
     out = Path(args.output_dir)
-    state, mine = distributed.load_latest(out / "latest.pt", phase, cfg.hash(), args.force, world, cfg.to_dict())
+    state, mine = load_latest(out / "latest.pt", phase, cfg.hash(), args.force, world, cfg.to_dict())
     if "step_files" not in state:  # written before checkpoints named their step files: those on disk up to its step
         steps = [int(p.stem.removeprefix("step_")) for p in out.glob("step_*.pt") if p.stem[5:].isdigit()]
         state["step_files"] = sorted(s for s in steps if s <= state["global_step"])
@@ -100,7 +216,7 @@ class Run:
     `args` is the script's tyro `Args` (it reads `output_dir`, `log_dir`, `resume`, `progress`,
     `keep_checkpoints`, `stop_after`); rank 0 writes TensorBoard and checkpoints, other ranks nothing.
     `step_files`: on `--resume`, the resumed `latest.pt`'s own step files (`resume` fills them in), so that
-    pruning counts only this run's files (`checkpoint.save_rotating`)."""
+    pruning counts only this run's files (`save_rotating`)."""
 
     def __init__(self, args, name: str, world: distributed.World, device: torch.device, log,
                  num_iterations: int, rows_per_iteration: int, start_iteration: int, global_step: int,
@@ -138,14 +254,14 @@ class Run:
                     own: dict) -> None:  # fmt: skip
         """The rotating `latest.pt`: `payload` (the models, with what a loader checks), the `state_dict()` of
         each of `shared` and the loop's counters, plus every rank's `own` objects (a plain tensor as it is)
-        and its random generators. Collective (see `distributed.save_latest`); `restore` reads it back."""
+        and its random generators. Collective (see `save_latest`); `restore` reads it back."""
 
         def states(objects: dict) -> dict:
             return {name: obj.state_dict() if hasattr(obj, "state_dict") else obj for name, obj in objects.items()}
 
         payload = {**payload, **states(shared), "iteration": iteration, "global_step": global_step, "best": best}
         local = {**states(own), "rng": ckpt.rng_state()}
-        self.step_files = distributed.save_latest(Path(self.args.output_dir), payload, local, self.world, global_step,
+        self.step_files = save_latest(Path(self.args.output_dir), payload, local, self.world, global_step,
                                                   self.args.keep_checkpoints, self.step_files)  # fmt: skip
         self.watch.lap("validation")  # validation and checkpoints, since the last lap
 
