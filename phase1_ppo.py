@@ -30,16 +30,15 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from mtq_common.agents.coordination import clip_components_
-from mtq_common.agents.divergence import DivergenceGuard
 from mtq_common.agents.nets import SpecialistAgents
-from mtq_common.agents.ppo import FlatAdam, gae, minibatches, update_scalars
+from mtq_common.agents.ppo import DivergenceGuard, FlatAdam, gae, minibatches, update_scalars
 from mtq_common.agents.update import CompileChoice, PPOUpdate, use_compile
 from mtq_common.data.market import iso_time
 from mtq_common.data.splits import load_splits
 from mtq_common.data.tables import build_tables
 from mtq_common.envs.engine import POSITION_RATE
-from mtq_common.envs.rules import fit_trend_for
 from mtq_common.envs.trading_env import SpecialistEnv, position_column, specialist_rows
+from mtq_common.evaluation.rules import fit_trend_for
 from mtq_common.evaluation.specialist_eval import evaluate_specialists, format_specialist_table
 from mtq_common.training import checkpoint as ckpt
 from mtq_common.training import distributed

@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 
 from mtq_common.agents.coordination import clip_component_
-from mtq_common.agents.divergence import DivergenceGuard
 from mtq_common.agents.hierarchy import (
     MetaTracker,
     compose_weights,
@@ -38,14 +37,16 @@ from mtq_common.agents.hierarchy import (
     timing_spec,
 )
 from mtq_common.agents.nets import MetaController
-from mtq_common.agents.ppo import FlatAdam, gae, minibatches, update_scalars
+from mtq_common.agents.ppo import DivergenceGuard, FlatAdam, gae, minibatches, update_scalars
 from mtq_common.agents.rollout_stats import PortfolioRolloutStats, log_validation
 from mtq_common.agents.update import CompileChoice, PPOUpdate, use_compile
 from mtq_common.data.splits import load_splits
 from mtq_common.data.tables import build_tables
-from mtq_common.envs.rules import fit_trend_for, fit_vol_levels
-from mtq_common.envs.trading_env import PortfolioEnv
-from mtq_common.evaluation.portfolio_eval import evaluate_portfolio, format_report, validation_timings
+from mtq_common.data.volatility import fit_vol_levels
+from mtq_common.envs.portfolio_env import PortfolioEnv
+from mtq_common.evaluation.portfolio_eval import evaluate_portfolio, validation_timings
+from mtq_common.evaluation.report_text import format_report
+from mtq_common.evaluation.rules import fit_trend_for
 from mtq_common.training import checkpoint as ckpt
 from mtq_common.training import distributed
 from mtq_common.training.checkpoint import clone_state, parameter_fingerprint

@@ -58,7 +58,6 @@ from mtq_common.agents.coordination import (
     coordination_scalars,
 )
 from mtq_common.agents.curriculum import Curriculum, generate_scenario
-from mtq_common.agents.divergence import DivergenceGuard
 from mtq_common.agents.hierarchy import (
     HierarchyPolicy,
     MetaTracker,
@@ -69,6 +68,7 @@ from mtq_common.agents.hierarchy import (
 )
 from mtq_common.agents.nets import MetaController
 from mtq_common.agents.ppo import (
+    DivergenceGuard,
     FlatAdam,
     clipped_surrogate,
     explained_variance,
@@ -81,10 +81,12 @@ from mtq_common.agents.rollout_stats import PortfolioRolloutStats, log_validatio
 from mtq_common.agents.update import CompileChoice, JointUpdate, use_compile
 from mtq_common.data.splits import load_splits
 from mtq_common.data.tables import build_tables
-from mtq_common.envs.rules import fit_trend_for, fit_vol_levels
-from mtq_common.envs.trading_env import PortfolioEnv
+from mtq_common.data.volatility import fit_vol_levels
+from mtq_common.envs.portfolio_env import PortfolioEnv
 from mtq_common.evaluation.backtest import run_episodes, summarize_episodes
-from mtq_common.evaluation.portfolio_eval import evaluate_portfolio, format_report
+from mtq_common.evaluation.portfolio_eval import evaluate_portfolio
+from mtq_common.evaluation.report_text import format_report
+from mtq_common.evaluation.rules import fit_trend_for
 from mtq_common.training import checkpoint as ckpt
 from mtq_common.training import distributed
 from mtq_common.training.checkpoint import clone_state, parameter_fingerprint

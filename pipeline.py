@@ -52,17 +52,18 @@ from mtq_common.data.market import iso_time
 from mtq_common.data.splits import fold_bounds, full_market, load_splits, warmup_bars
 from mtq_common.data.synthetic import generate_market
 from mtq_common.data.tables import build_tables
-from mtq_common.envs.rules import fit_trend_for, fit_vol_levels
+from mtq_common.data.volatility import fit_vol_levels
 from mtq_common.evaluation.backtest import run_episodes, stitch_backtests, summarize_episodes
 from mtq_common.evaluation.live_book import format_book, read_holdings, stale_days, target_book
 from mtq_common.evaluation.portfolio_eval import (
     _json_ready,
     evaluate_portfolio,
-    format_report,
     report_from_backtests,
     validation_timings,
 )
 from mtq_common.evaluation.report import write_report
+from mtq_common.evaluation.report_text import format_report
+from mtq_common.evaluation.rules import fit_trend_for
 from mtq_common.policy import check_data, load_hierarchy, trained_data
 from mtq_common.training import checkpoint as ckpt
 from mtq_common.training.config import ConfigError

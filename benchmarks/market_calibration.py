@@ -25,18 +25,17 @@ import tyro
 from mtq_common.data.splits import load_splits
 from mtq_common.data.synthetic import generate_market
 from mtq_common.data.tables import cost_rates
-from mtq_common.envs.rules import (
+from mtq_common.data.volatility import fit_vol_levels, vol_appetite
+from mtq_common.evaluation.metrics import sharpe
+from mtq_common.evaluation.rules import (
     backtest,
     buy_and_hold_positions,
     fit_trend_for,
-    fit_vol_levels,
     momentum_positions,
     oracle_positions,
     pick_vol_timing,
     trend_filter_positions,
-    vol_appetite,
 )
-from mtq_common.evaluation.metrics import sharpe
 from mtq_common.training.checkpoint import atomic_write_json
 from mtq_common.training.settings import load_config
 

@@ -21,7 +21,7 @@ import tyro
 
 from kernels import LIMIT_NAMES
 from mtq_common.data.splits import load_splits
-from mtq_common.envs.trading_env import PortfolioEnv
+from mtq_common.envs.portfolio_env import PortfolioEnv
 from mtq_common.training.checkpoint import atomic_write_json
 from mtq_common.training.config import Config
 from mtq_common.training.settings import load_config

@@ -64,7 +64,7 @@ ACTION_POOL = 16
 """Distinct pre-generated action batches cycled through the timed steps (memory stays small at any size)."""
 COPY_BYTES = 1 << 30
 """Buffer size of the device copy-bandwidth measurement."""
-DESIGN_TARGET = ("portfolio", 4096, 2_000_000)
+ENV_TARGET = ("portfolio", 4096, 2_000_000)
 """DESIGN section 13: the portfolio environment at 4096 rows, in environment steps/s (on the 2-core CPU)."""
 Section = Literal["env", "training", "pipeline", "sb3", "ops"]
 
@@ -333,13 +333,13 @@ def bench_environments(args: Args) -> tuple[dict, list[str], list[dict]]:
     if skipped:
         print(f"\nskipped (no GPU visible to torch): {', '.join(skipped)}")
 
-    kind, target_rows, target = DESIGN_TARGET
+    kind, target_rows, target = ENV_TARGET
     for r in results:
         if r["benchmark"] == "env" and r["name"] == kind and r["rows"] == target_rows:
             verdict = "meets" if r["rows_per_second"] >= target else "below"
             print(
                 f"{r['device']}: {kind} env ({r['impl']}) at {target_rows} rows {r['rows_per_second']:,.0f} steps/s "
-                f"({verdict} the DESIGN target of {target:,} on the 2-core CPU)"
+                f"({verdict} the DESIGN section 13 target of {target:,} on the 2-core CPU)"
             )
     return devices, skipped, results
 

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 
 from mtq_common.data.splits import load_splits  # noqa: E402
 from mtq_common.data.tables import build_tables  # noqa: E402
-from mtq_common.envs.rules import fit_trend_for  # noqa: E402
+from mtq_common.evaluation.rules import fit_trend_for  # noqa: E402
 from tests.helpers import prepare, tight_config, write_config  # noqa: E402
 
 # Small tensors: one intra-op thread is faster and cannot collapse when the two cores are shared.

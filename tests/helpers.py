@@ -20,7 +20,8 @@ from mtq_common.agents.hierarchy import meta_observation_size
 from mtq_common.agents.nets import MetaController, SpecialistAgents
 from mtq_common.data.synthetic import generate_market
 from mtq_common.data.tables import build_tables
-from mtq_common.envs.trading_env import PortfolioEnv, instrument_obs_size, position_column
+from mtq_common.envs.portfolio_env import PortfolioEnv
+from mtq_common.envs.trading_env import instrument_obs_size, position_column
 from mtq_common.training.config import Config
 
 REPO = Path(__file__).resolve().parent.parent

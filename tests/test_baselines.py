@@ -1,4 +1,4 @@
-"""The rule baselines traded through PortfolioEnv (`mtq_common.envs.rules`): what each proposes, no
+"""The rule baselines traded through PortfolioEnv (`mtq_common.evaluation.rules`): what each proposes, no
 look-ahead, several in one env as each alone, the trend filter fitted on the training split only, one
 execution path for rules and specialists, and the volatility-managed baselines."""
 
@@ -14,29 +14,27 @@ from mtq_common.agents.hierarchy import HierarchyPolicy, instrument_specialist_i
 from mtq_common.agents.nets import SpecialistAgents
 from mtq_common.data.splits import load_splits
 from mtq_common.data.tables import cost_rates
+from mtq_common.data.volatility import VOL_TIMING_GRID, VolTiming, fit_vol_levels, market_sigma, vol_appetite
 from mtq_common.envs.engine import POSITION_RATE
-from mtq_common.envs.rules import (
+from mtq_common.envs.portfolio_env import PortfolioEnv
+from mtq_common.envs.trading_env import instrument_obs_size, position_column
+from mtq_common.evaluation import metrics as metrics_lib
+from mtq_common.evaluation.backtest import policy_step, run_backtest, run_backtests
+from mtq_common.evaluation.backtest_metrics import backtest_metrics
+from mtq_common.evaluation.rules import (
     MOMENTUM_LOOKBACK,
     TREND_FILTER_GRID,
-    VOL_TIMING_GRID,
     BuyAndHoldPolicy,
     RulePolicy,
     TrendFilter,
     VolManagedPolicy,
-    VolTiming,
     backtest,
     baseline_policies,
     fit_trend_for,
-    fit_vol_levels,
-    market_sigma,
     momentum_positions,
     pick_vol_timing,
     trend_filter_positions,
-    vol_appetite,
 )
-from mtq_common.envs.trading_env import PortfolioEnv, instrument_obs_size, position_column
-from mtq_common.evaluation import metrics as metrics_lib
-from mtq_common.evaluation.backtest import backtest_metrics, policy_step, run_backtest, run_backtests
 from mtq_common.evaluation.specialist_eval import segment_starts
 from mtq_common.training.config import Config
 

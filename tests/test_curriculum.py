@@ -10,8 +10,8 @@ import pytest
 
 from mtq_common.agents.curriculum import LEVELS, PLAIN_LEVEL, Curriculum, generate_scenario, window_volatility
 from mtq_common.data.synthetic import Difficulty
-from mtq_common.envs.rules import backtest, oracle_positions
 from mtq_common.evaluation.metrics import sharpe
+from mtq_common.evaluation.rules import backtest, oracle_positions
 from mtq_common.training.config import Config
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import phase2_meta
-from mtq_common.agents.divergence import DivergenceGuard
 from mtq_common.agents.nets import MetaController
+from mtq_common.agents.ppo import DivergenceGuard
 from tests.helpers import SMALL
 
 

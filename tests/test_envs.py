@@ -12,7 +12,8 @@ from mtq_common.agents.hierarchy import compose_weights, instrument_specialist_i
 from mtq_common.data.features import FEATURE_WINDOW
 from mtq_common.data.market import MarketData
 from mtq_common.data.synthetic import generate_market
-from mtq_common.envs.trading_env import PortfolioEnv, SpecialistEnv, specialist_rows
+from mtq_common.envs.portfolio_env import PortfolioEnv
+from mtq_common.envs.trading_env import SpecialistEnv, specialist_rows
 from mtq_common.training.config import Config
 from tests.helpers import SECTORS, VOLS, limits_hold, random_books, restarting_portfolio_pair
 

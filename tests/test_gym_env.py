@@ -16,7 +16,8 @@ from mtq_common.data.splits import load_splits
 from mtq_common.data.synthetic import generate_market
 from mtq_common.data.tables import build_tables
 from mtq_common.envs.gym_env import PortfolioSingleEnv, SpecialistSingleEnv, make_portfolio_vec, make_specialist_vec
-from mtq_common.envs.trading_env import PortfolioEnv, SpecialistEnv
+from mtq_common.envs.portfolio_env import PortfolioEnv
+from mtq_common.envs.trading_env import SpecialistEnv
 from mtq_common.training.config import Config
 
 F = len(FEATURE_NAMES)

@@ -164,8 +164,8 @@ def test_trade_pnl_excludes_the_cash_yield(tmp_path):
 
     from mtq_common.agents.nets import SpecialistAgents
     from mtq_common.data.splits import load_splits
-    from mtq_common.envs.rules import TrendFilter
     from mtq_common.envs.trading_env import instrument_obs_size
+    from mtq_common.evaluation.rules import TrendFilter
     from mtq_common.evaluation.specialist_eval import evaluate_specialists
     from mtq_common.training.config import Config
 
@@ -195,9 +195,9 @@ def test_the_rules_trade_through_the_stop_loss():
     from mtq_common.agents.nets import SpecialistAgents
     from mtq_common.data.splits import load_splits
     from mtq_common.data.tables import cost_rates
-    from mtq_common.envs.rules import TrendFilter, backtest, momentum_positions
     from mtq_common.envs.trading_env import instrument_obs_size
     from mtq_common.evaluation.metrics import sharpe
+    from mtq_common.evaluation.rules import TrendFilter, backtest, momentum_positions
     from mtq_common.evaluation.specialist_eval import evaluate_specialists, segment_starts
     from mtq_common.training.config import Config
 

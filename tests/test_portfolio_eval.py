@@ -15,23 +15,19 @@ from mtq_common.agents.hierarchy import HierarchyPolicy, risk_appetite, risk_fea
 from mtq_common.agents.nets import MetaController
 from mtq_common.data.market import REGIME_NAMES
 from mtq_common.data.splits import load_splits
+from mtq_common.data.volatility import VolTiming, fit_vol_levels
 from mtq_common.envs.engine import POSITION_RATE
-from mtq_common.envs.rules import (
+from mtq_common.evaluation import metrics as metrics_lib
+from mtq_common.evaluation.backtest_metrics import PORTFOLIO_KEYS, backtest_metrics, specialist_utilization
+from mtq_common.evaluation.portfolio_eval import evaluate_portfolio, target_checks, validation_timings
+from mtq_common.evaluation.report_text import format_report
+from mtq_common.evaluation.rules import (
     BASELINE_NAMES,
     MOMENTUM_LOOKBACK,
     VOL_MANAGED,
-    VolTiming,
     baseline_policies,
-    fit_vol_levels,
     trend_filter_positions,
 )
-from mtq_common.evaluation import metrics as metrics_lib
-from mtq_common.evaluation.backtest import (
-    PORTFOLIO_KEYS,
-    backtest_metrics,
-    specialist_utilization,
-)
-from mtq_common.evaluation.portfolio_eval import evaluate_portfolio, format_report, target_checks, validation_timings
 from mtq_common.evaluation.specialist_eval import segment_starts
 from tests.helpers import untrained_agents
 

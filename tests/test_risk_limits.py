@@ -14,7 +14,7 @@ from kernels import LIMIT_NAMES, RiskLimits
 from kernels.risk import correlation_from_covariance, risk_step_reference
 from mtq_common.data.synthetic import generate_market
 from mtq_common.data.tables import feasible_limits
-from mtq_common.envs.trading_env import PortfolioEnv
+from mtq_common.envs.portfolio_env import PortfolioEnv
 from mtq_common.training.config import Config
 from tests.helpers import ONEHOT, limits_hold, realistic_cov
 

@@ -7,8 +7,8 @@ import pytest
 
 from mtq_common.data.splits import load_splits
 from mtq_common.data.synthetic import Difficulty, correlation_matrix, generate_market
-from mtq_common.envs.rules import backtest, buy_and_hold_positions, momentum_positions, oracle_positions
 from mtq_common.evaluation.metrics import sharpe
+from mtq_common.evaluation.rules import backtest, buy_and_hold_positions, momentum_positions, oracle_positions
 from mtq_common.training.config import Config
 
 CFG = Config()

@@ -8,7 +8,7 @@ operation below lands in ``.grad``). `component_grads` builds either list.
 
 The pieces, each a few lines:
 
-* `clip_components_`: per-component gradient-norm clipping (DESIGN ``max_norm`` 1.0), the same rule as
+* `clip_components_`: per-component gradient-norm clipping (``max_norm`` 1.0, DESIGN section 6), the same rule as
   `torch.nn.utils.clip_grad_norm_` applied to each component separately (Phase 1 clips each specialist so);
 * `project_conflicts_`: PCGrad. Where two gradients point against each other (negative cosine), the first
   is projected onto the normal plane of the second; an agreeing pair is left untouched;
@@ -217,7 +217,7 @@ def coordination_scalars(stats: dict) -> dict:
 class UpdateSchedule:
     """Which components step at an iteration: each every `freq` iterations, counted from 1.
 
-    A component updates at iteration ``i`` when ``i % freq == 0``: with the DESIGN defaults the
+    A component updates at iteration ``i`` when ``i % freq == 0``: with the defaults of DESIGN section 6 the
     meta-controller steps every iteration and the specialists at iterations 5, 10, 15, ...
     """
 

@@ -98,7 +98,7 @@ class Curriculum:
     def get_difficulty_level(self, step: int | None = None) -> int:
         """The current level (``PLAIN_LEVEL`` when disabled).
 
-        `step` (the global step) is accepted for the DESIGN signature and ignored: the level moves only
+        `step` (the global step) is accepted for the signature of DESIGN section 7 and ignored: the level moves only
         in `update_curriculum`, so it is the same however a run was split across resumes.
         """
         return self.level if self.enabled else PLAIN_LEVEL

@@ -24,7 +24,7 @@ import torch
 
 from mtq_common.agents.nets import SpecialistAgents
 from mtq_common.data.market import MarketData
-from mtq_common.envs.rules import VOL_TIMING_GRID, VolLevels, VolTiming, market_sigma, vol_appetite
+from mtq_common.data.volatility import VOL_TIMING_GRID, VolLevels, VolTiming, market_sigma, vol_appetite
 
 
 def compose_weights(

@@ -28,7 +28,8 @@ import torch
 
 from mtq_common.data.market import MarketData
 from mtq_common.data.splits import load_splits
-from mtq_common.envs.trading_env import PortfolioEnv, SpecialistEnv
+from mtq_common.envs.portfolio_env import PortfolioEnv
+from mtq_common.envs.trading_env import SpecialistEnv
 from mtq_common.training.config import Config
 
 

@@ -37,7 +37,7 @@ from mtq_common.agents.hierarchy import HierarchyPolicy, instrument_specialist_i
 from mtq_common.data.market import MarketData, iso_time
 from mtq_common.data.splits import warmup_bars
 from mtq_common.data.tables import build_tables
-from mtq_common.envs.trading_env import PortfolioEnv
+from mtq_common.envs.portfolio_env import PortfolioEnv
 from mtq_common.training.config import Config, ConfigError
 
 

@@ -4,8 +4,8 @@
 baseline (`rules.baseline_policies`) on the same bars through one `PortfolioEnv`
 (`backtest.run_backtests`), and builds the report: each policy's metrics, the per-regime table, the
 specialists' utilisation, the targets of DESIGN sections 10 and 14, the risk layer and, for the test
-report, the bootstrap confidence intervals. `format_report` prints it for a person; `report.py`
-writes it as Markdown and figures. The conventions of the metrics are in `mtq_common.evaluation.backtest`.
+report, the bootstrap confidence intervals. `report_text.format_report` prints it for a person; `report.py`
+writes it as Markdown and figures. The conventions of the metrics are in `backtest_metrics.py`.
 """
 
 from __future__ import annotations
@@ -15,31 +15,28 @@ import dataclasses
 import numpy as np
 import torch
 
-from kernels import LIMIT_NAMES, NOT_APPLIED
+from kernels import NOT_APPLIED
 from mtq_common.agents.hierarchy import HierarchyPolicy, instrument_specialist_index
 from mtq_common.data.market import MarketData, iso_time
 from mtq_common.data.tables import MarketTables, build_tables, cost_rates
-from mtq_common.envs.rules import (
-    BASELINE_NAMES,
-    VOL_MANAGED,
-    TrendFilter,
-    VolLevels,
-    VolManagedPolicy,
-    VolTiming,
-    baseline_policies,
-    pick_vol_timing,
-    vol_appetite,
-)
+from mtq_common.data.volatility import VolLevels, VolTiming, vol_appetite
 from mtq_common.evaluation import bootstrap
-from mtq_common.evaluation.backtest import (
-    Backtest,
+from mtq_common.evaluation.backtest import Backtest, run_backtests
+from mtq_common.evaluation.backtest_metrics import (
     appetite_stats,
     backtest_metrics,
     mean_allocation,
     per_regime_metrics,
     risk_layer_stats,
-    run_backtests,
     specialist_utilization,
+)
+from mtq_common.evaluation.rules import (
+    BASELINE_NAMES,
+    VOL_MANAGED,
+    TrendFilter,
+    VolManagedPolicy,
+    baseline_policies,
+    pick_vol_timing,
 )
 from mtq_common.evaluation.sharpe_significance import probabilistic_sharpe_ratio
 from mtq_common.evaluation.tearsheet import policy_metrics
@@ -77,6 +74,42 @@ def target_checks(portfolio: dict, phase: int | str = 2) -> list[dict]:
     return rows
 
 
+RULES = ("momentum", "trend_filter", "vol_managed_trend_filter")
+"""The rules the system must beat by `RULE_MARGIN` (DESIGN section 14): the best of those in the report."""
+RULE_MARGIN = 0.3
+
+
+def relative_targets(report: dict) -> list[dict]:
+    """DESIGN section 14's targets against references traded alike on the same bars, `{metric, target,
+    threshold, value, pass}` each: Sharpe at least `RULE_MARGIN` above the best rule's (`RULES`), above
+    `vol_managed_equal_allocation`'s (when in the report) and the equal allocation's, and turnover per unit
+    of volatility no higher than momentum's. With the report's bootstrap (`confidence`) each Sharpe row also
+    carries the paired difference's interval (`low`, `high`) and passes only with `low` above 0 as well.
+    (The seed's absolute table is `target_checks`.)"""
+    system, base, policies = report["portfolio"], report["baselines"], policy_metrics(report)
+    best = max((name for name in RULES if name in base), key=lambda name: base[name]["sharpe"])
+    rows = [("sharpe", ">=", f"{best} + {RULE_MARGIN:g}", best, RULE_MARGIN)]
+    if "vol_managed_equal_allocation" in base:
+        rows.append(("sharpe", ">", "vol_managed_equal_allocation", "vol_managed_equal_allocation", 0.0))
+    rows.append(("sharpe", ">", "equal_allocation", "equal_allocation", 0.0))
+    if "phase2_system" in report:  # joint fine-tuning must beat the Phase 2 system it starts from
+        rows.append(("sharpe", ">", "phase2_system", "phase2_system", 0.0))
+    rows.append(("turnover_per_vol", "<=", "momentum", "momentum", 0.0))
+    compare = {">=": lambda v, x: v >= x, ">": lambda v, x: v > x, "<=": lambda v, x: v <= x}
+    paired = report.get("confidence", {}).get("vs_system", {})
+    out = []
+    for metric, op, target, reference, margin in rows:
+        ref = policies[reference]
+        threshold = float(ref[metric]) + margin
+        row = {"metric": metric, "target": f"{op} {target}", "threshold": threshold, "value": float(system[metric]),
+               "pass": bool(compare[op](system[metric], threshold))}  # fmt: skip
+        if metric == "sharpe" and reference in paired:
+            row["low"], row["high"] = paired[reference]["low"], paired[reference]["high"]
+            row["pass"] = row["pass"] and row["low"] > 0.0
+        out.append(row)
+    return out
+
+
 REFERENCES = (*BASELINE_NAMES, *VOL_MANAGED)
 """The report's baselines, in report order: the rules, then the volatility-managed rules."""
 
@@ -112,42 +145,6 @@ def confidence_stats(backtests: dict[str, Backtest], risk_free_rate: float, seed
             system.net_return, 0.0, bars_per_year=bars_per_year, risk_free_rate=risk_free_rate
         ),  # fmt: skip
     }
-
-
-RULES = ("momentum", "trend_filter", "vol_managed_trend_filter")
-"""The rules the system must beat by `RULE_MARGIN` (DESIGN section 14): the best of those in the report."""
-RULE_MARGIN = 0.3
-
-
-def relative_targets(report: dict) -> list[dict]:
-    """DESIGN section 14's targets against references traded alike on the same bars, `{metric, target,
-    threshold, value, pass}` each: Sharpe at least `RULE_MARGIN` above the best rule's (`RULES`), above
-    `vol_managed_equal_allocation`'s (when in the report) and the equal allocation's, and turnover per unit
-    of volatility no higher than momentum's. With the report's bootstrap (`confidence`) each Sharpe row also
-    carries the paired difference's interval (`low`, `high`) and passes only with `low` above 0 as well.
-    (The seed's absolute table is `target_checks`.)"""
-    system, base, policies = report["portfolio"], report["baselines"], policy_metrics(report)
-    best = max((name for name in RULES if name in base), key=lambda name: base[name]["sharpe"])
-    rows = [("sharpe", ">=", f"{best} + {RULE_MARGIN:g}", best, RULE_MARGIN)]
-    if "vol_managed_equal_allocation" in base:
-        rows.append(("sharpe", ">", "vol_managed_equal_allocation", "vol_managed_equal_allocation", 0.0))
-    rows.append(("sharpe", ">", "equal_allocation", "equal_allocation", 0.0))
-    if "phase2_system" in report:  # joint fine-tuning must beat the Phase 2 system it starts from
-        rows.append(("sharpe", ">", "phase2_system", "phase2_system", 0.0))
-    rows.append(("turnover_per_vol", "<=", "momentum", "momentum", 0.0))
-    compare = {">=": lambda v, x: v >= x, ">": lambda v, x: v > x, "<=": lambda v, x: v <= x}
-    paired = report.get("confidence", {}).get("vs_system", {})
-    out = []
-    for metric, op, target, reference, margin in rows:
-        ref = policies[reference]
-        threshold = float(ref[metric]) + margin
-        row = {"metric": metric, "target": f"{op} {target}", "threshold": threshold, "value": float(system[metric]),
-               "pass": bool(compare[op](system[metric], threshold))}  # fmt: skip
-        if metric == "sharpe" and reference in paired:
-            row["low"], row["high"] = paired[reference]["low"], paired[reference]["high"]
-            row["pass"] = row["pass"] and row["low"] > 0.0
-        out.append(row)
-    return out
 
 
 def _json_ready(x):
@@ -344,152 +341,3 @@ def report_from_backtests(backtests: dict[str, Backtest], specialists: list[str]
     if system.appetite is not None:
         report["meta_appetite"] = appetite_stats(system)
     return report
-
-
-# ---------------------------------------------------------------------------------------------
-# Plain-text report
-# ---------------------------------------------------------------------------------------------
-
-_COLUMNS = (
-    ("sharpe", "sharpe", "{:+.2f}"),
-    ("sharpe_before_costs", "pre-cost", "{:+.2f}"),
-    ("sortino", "sortino", "{:+.2f}"),
-    ("calmar", "calmar", "{:+.2f}"),
-    ("max_drawdown", "max_dd", "{:.1%}"),
-    ("win_rate", "win", "{:.1%}"),
-    ("total_return", "return", "{:+.1%}"),
-    ("annual_volatility", "ann_vol", "{:.1%}"),
-    ("var_compliance", "var_ok", "{:.1%}"),
-    ("var_breach_rate", "var_brch", "{:.1%}"),
-    ("turnover", "turnover", "{:.4f}"),
-    ("turnover_per_vol", "turn/vol", "{:.2f}"),
-)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
-
-    def cells(line):  # the first column left-aligned (names), the rest right-aligned (numbers)
-        padded = (c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True)))
-        return "  ".join(padded)
-
-    lines = [cells([str(c) for c in line]) for line in [header, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def format_report(report: dict) -> str:
-    """`evaluate_portfolio`'s report as plain-text tables: system vs baselines, allocation efficiency,
-    specialist utilisation, per-regime metrics, targets (PASS/FAIL), limits and data."""
-    data = report["data"]
-    out = [
-        f"Portfolio evaluation: {data['source']} {data['split']} split, {data['start']} .. {data['end']}, "
-        f"{data['bars']} bars, {len(data['instruments'])} instruments ({', '.join(data['instruments'])})",
-        "",
-    ]
-    policies = policy_metrics(report)
-    rows = [[name] + [fmt.format(m.get(key, 0.0)) for key, _, fmt in _COLUMNS] for name, m in policies.items()]
-    out += [_table(["policy"] + [label for _, label, _ in _COLUMNS], rows), ""]
-
-    if "meta_appetite" in report:
-        a = report["meta_appetite"]
-        out.append(f"Risk appetite of the system: mean {a['mean']:.3f}, std {a['std']:.3f}, min {a['min']:.3f}, "
-                   f"correlation with the log market volatility {a['vol_correlation']:+.2f}")  # fmt: skip
-    out.append(
-        f"Allocation efficiency (Sharpe with the meta-controller - with the equal allocation): "
-        f"{report['allocation_efficiency']:+.3f}"
-    )
-    util = report["specialist_utilization"]
-    shares = "  ".join(f"{k} {v:.1%}" for k, v in util.items() if k != "entropy")
-    out += [f"Specialist utilisation (share of gross exposure): {shares}  entropy {util['entropy']:.3f}", ""]
-
-    regime_rows = [
-        [name, str(m["bars"]), f"{m['sharpe']:+.2f}", f"{m['max_drawdown']:.1%}", f"{m['win_rate']:.1%}",
-         f"{m['total_return']:+.1%}", f"{m['annual_volatility']:.1%}"]
-        for name, m in report["per_regime"].items()
-    ]  # fmt: skip
-    header = ["regime", "bars", "sharpe", "max_dd", "win", "return", "ann_vol"]
-    out += ["Per regime (drawdown of each subset's bars concatenated):", _table(header, regime_rows), ""]
-
-    target_rows = [
-        [t["metric"], t["target"], f"{t['value']:.4g}", "PASS" if t["pass"] else "FAIL"] for t in report["targets"]
-    ]
-    phase = report.get("phase", "")
-    out += [f"Targets (phase {phase}):", _table(["metric", "target", "value", "result"], target_rows), ""]
-    if "confidence" in report:
-        conf = report["confidence"]
-        level = f"{conf['confidence']:.0%}"
-        rows = [
-            [
-                r["policy"],
-                f"{r['sharpe']} {r['interval']}",
-                f"{r['difference']} {r['difference_interval']}  {r['wins']}",
-            ]
-            for r in confidence_rows(conf)
-        ]
-        header = ["policy", f"sharpe [{level} interval]", f"system - policy [{level}]  system wins"]
-        title = (
-            f"Bootstrap ({conf['samples']} stationary-bootstrap samples, mean block {conf['block']} bars); "
-            f"probabilistic Sharpe ratio of the system vs 0: {conf['psr']:.3f}"
-        )
-        out += [title, _table(header, rows), ""]
-    if report.get("relative_targets"):
-        rows = [[t["metric"], t["target"], f"{t['threshold']:.4g}", f"{t['value']:.4g}", paired_interval(t),
-                 "PASS" if t["pass"] else "FAIL"] for t in report["relative_targets"]]  # fmt: skip
-        out += ["Targets against references traded alike on the same bars (DESIGN 14):",
-                _table(["metric", "target", "threshold", "value", "90% interval of the difference", "result"], rows),
-                ""]  # fmt: skip
-
-    if "risk_layer" in report:
-        names = list(policies)
-        risk_rows = [
-            [name]
-            + [f"{r['binding'][k]:.1%}" for k in LIMIT_NAMES]
-            + [f"{r['gross_kept']:.1%}", f"{r['flat_books']:.1%}"]
-            for name, r in ((n, report["risk_layer"][n]) for n in names if n in report["risk_layer"])
-        ]
-        header = ["policy", *(f"{k} binds" for k in LIMIT_NAMES), "gross kept", "flat books"]
-        out += ["Risk layer (share of bars with a non-flat proposal):", _table(header, risk_rows), ""]
-
-    lim = report["limits"]
-    out.append(
-        f"Limits: position <= {lim['max_position']:g}, one-day VaR <= {lim['max_var']:g}, "
-        f"correlation exposure <= {limit_text(lim['max_correlation'])}, sector <= {limit_text(lim['max_sector'])}"
-    )
-    out += [f"  {note}" for note in lim.get("notes", [])]
-    if "trend_filter" in report:
-        tf = report["trend_filter"]
-        out.append(f"trend_filter: half-life {tf['half_life']} bars, band {tf['band']:g} (picked on the "
-                   f"{tf['fitted_on']} split)")  # fmt: skip
-    for name, v in report.get("vol_managed", {}).items():
-        out.append(f"{name}: half-life {v['half_life']} bars, power {v['power']} (picked on the {v['picked_on']} "
-                   f"split, Sharpe there {v['val_sharpe']:+.2f})")  # fmt: skip
-    if "position_rate" in report:
-        out.append(f"Execution: every policy's own positions move {report['position_rate']:g} of the way to its "
-                   "target each bar; a stopped instrument stays flat until its target changes sign")  # fmt: skip
-    return "\n".join(out)
-
-
-def paired_interval(target: dict) -> str:
-    """A target row's paired interval of `system - reference` as printed (empty without a bootstrap)."""
-    return f"[{target['low']:+.2f}, {target['high']:+.2f}]" if "low" in target else ""
-
-
-def confidence_rows(conf: dict) -> list[dict[str, str]]:
-    """The report's `confidence` as printable cells, one row per policy (the system's own row has no
-    difference): what the plain-text and the Markdown reports both show."""
-    rows = []
-    for name, s in conf["sharpe"].items():
-        paired = conf["vs_system"].get(name)
-        row = {"policy": name, "sharpe": f"{s['sharpe']:+.2f}", "interval": f"[{s['low']:+.2f}, {s['high']:+.2f}]",
-               "difference": "", "difference_interval": "", "wins": ""}  # fmt: skip
-        if paired is not None:
-            row.update(difference=f"{paired['difference']:+.2f}", wins=f"{paired['win_share']:.0%}",
-                       difference_interval=f"[{paired['low']:+.2f}, {paired['high']:+.2f}]")  # fmt: skip
-        rows.append(row)
-    return rows
-
-
-def limit_text(value) -> str:
-    """A limit as printed: its value, or "not applied" (None in the report, `NOT_APPLIED` in the kernel)."""
-    return "not applied" if value is None or value == NOT_APPLIED else f"{value:g}"

@@ -33,7 +33,6 @@ from pathlib import Path
 
 from kernels import LIMIT_NAMES
 from mtq_common.data.market import REGIME_NAMES
-from mtq_common.envs.rules import MOMENTUM_LOOKBACK
 from mtq_common.evaluation.backtest import Backtest
 from mtq_common.evaluation.plots import (
     allocation_figure,
@@ -44,7 +43,8 @@ from mtq_common.evaluation.plots import (
     specialist_names,
     tearsheet_figure,
 )
-from mtq_common.evaluation.portfolio_eval import confidence_rows, paired_interval
+from mtq_common.evaluation.report_text import confidence_rows, paired_interval
+from mtq_common.evaluation.rules import MOMENTUM_LOOKBACK
 from mtq_common.evaluation.tearsheet import csv_bytes, export_frames, policy_metrics, tearsheet_markdown
 from mtq_common.evaluation.tearsheet import markdown_table as _markdown_table
 from mtq_common.training.checkpoint import atomic_write_bytes

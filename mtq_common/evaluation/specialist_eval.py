@@ -22,15 +22,15 @@ from mtq_common.agents.nets import SpecialistAgents
 from mtq_common.data.market import MarketData
 from mtq_common.data.tables import MarketTables, build_tables
 from mtq_common.envs.engine import partial_adjustment
-from mtq_common.envs.rules import (
+from mtq_common.envs.trading_env import SpecialistEnv, position_column
+from mtq_common.evaluation import metrics
+from mtq_common.evaluation.rules import (
     TrendFilter,
     buy_and_hold_positions,
     momentum_positions,
     oracle_positions,
     trend_filter_positions,
 )
-from mtq_common.envs.trading_env import SpecialistEnv, position_column
-from mtq_common.evaluation import metrics
 from mtq_common.training.config import Config
 
 METRIC_KEYS = ("sharpe", "sortino", "calmar", "max_drawdown", "win_rate", "total_return")

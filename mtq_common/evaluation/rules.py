@@ -26,7 +26,8 @@ it, so it buys at full size (nothing to smooth).
 Risk timing (`vol_managed_*`, DESIGN section 14): a policy's book scaled by the appetite
 `a_t = min(1, (sigma_star / sigma_hat_t)^p)`, `sigma_hat_t` the causal EWMA volatility of the instruments
 (each normalised by its training-split median), `sigma_star` the training-split median of `sigma_hat`;
-the half-life and `p` are picked on the validation split (`pick_vol_timing`).
+the half-life and `p` are picked on the validation split (`pick_vol_timing`); the volatility itself
+is `data/volatility.py`, which the risk-timing meta-controller reads too.
 
 `backtest` is the whole-series form of the net-return formula that `kernels.portfolio_step` computes one
 bar at a time (a test pins the two to the same numbers, for weights rebalanced every bar).
@@ -38,14 +39,15 @@ import itertools
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 import torch
 
 from mtq_common.data.features import hysteresis, trend_zscore
 from mtq_common.data.market import MarketData
 from mtq_common.data.tables import cost_rates
+from mtq_common.data.volatility import VOL_TIMING_GRID, VolLevels, VolTiming, vol_appetite
 from mtq_common.envs.engine import partial_adjustment
-from mtq_common.envs.trading_env import PortfolioEnv, position_column
+from mtq_common.envs.portfolio_env import PortfolioEnv
+from mtq_common.envs.trading_env import position_column
 from mtq_common.evaluation.metrics import sharpe
 from mtq_common.training.config import Config
 
@@ -245,67 +247,8 @@ def fit_trend_for(train: MarketData, cfg: Config) -> TrendFilter:
 # Risk timing: the volatility-managed baselines (DESIGN section 14)
 # ---------------------------------------------------------------------------------------------
 
-VOL_TIMING_GRID = {"half_life": (10, 20, 60), "power": (1, 2)}
-"""The volatility-managed rules' candidates (bars; exponent), picked on the validation split."""
-
 VOL_MANAGED = {"vol_managed_equal_allocation": "equal_allocation", "vol_managed_trend_filter": "trend_filter"}
 """Each volatility-managed baseline and the policy whose book it scales."""
-
-
-def ewma_variance(returns: np.ndarray, half_life: float, start: np.ndarray) -> np.ndarray:
-    """Causal EWMA of squared returns `[T, N]` from `start` [N]: row t uses returns up to bar t."""
-    alpha = 1.0 - 0.5 ** (1.0 / half_life)
-    frame = pd.DataFrame(np.vstack([start[None, :], returns.astype(np.float64) ** 2]))
-    return frame.ewm(alpha=alpha, adjust=False).mean().to_numpy()[1:]
-
-
-@dataclass(frozen=True)
-class VolLevels:
-    """The training split's volatility levels, per candidate half-life (`fit_vol_levels`): each
-    instrument's median EWMA variance (`level[h][i]`) and the median of the normalised market volatility
-    `sigma_hat` (`sigma_star[h]`)."""
-
-    half_lives: tuple[int, ...]
-    level: tuple[tuple[float, ...], ...]
-    sigma_star: tuple[float, ...]
-
-
-def market_sigma(market: MarketData, levels: VolLevels, half_life: int) -> np.ndarray:
-    """`sigma_hat_t` [T]: the root mean over instruments of each one's EWMA variance over its training
-    level (causal; the EWMA starts at the training level, so a split's first bars read as normal)."""
-    level = np.asarray(levels.level[levels.half_lives.index(half_life)])
-    return np.sqrt((ewma_variance(market.returns, half_life, level) / level).mean(-1))
-
-
-def fit_vol_levels(train: MarketData) -> VolLevels:
-    """The volatility levels of every candidate half-life on the training split (never another split)."""
-    if train.split != "train":
-        raise ValueError(f"the volatility levels are fitted on the training split only, got {train.split!r}")
-    half_lives = VOL_TIMING_GRID["half_life"]
-    warm = (train.returns.astype(np.float64) ** 2).mean(0)
-    level = tuple(tuple(np.median(ewma_variance(train.returns, h, warm), 0).tolist()) for h in half_lives)
-    partial = VolLevels(half_lives, level, (1.0,) * len(half_lives))
-    star = tuple(float(np.median(market_sigma(train, partial, h))) for h in half_lives)
-    return VolLevels(half_lives, level, star)
-
-
-@dataclass(frozen=True)
-class VolTiming:
-    """One volatility-managed baseline's choice (`pick_vol_timing`)."""
-
-    half_life: int
-    power: int
-    picked_on: str
-    """The split the choice was made on (`val`)."""
-    val_sharpe: float
-    """The choice's Sharpe ratio there (the scaled book's returns, see `pick_vol_timing`)."""
-
-
-def vol_appetite(market: MarketData, levels: VolLevels, timing: VolTiming) -> np.ndarray:
-    """The appetite per bar [T], `min(1, (sigma_star / sigma_hat_t)^p)` (module docstring)."""
-    sigma = market_sigma(market, levels, timing.half_life)
-    star = levels.sigma_star[levels.half_lives.index(timing.half_life)]
-    return np.minimum(1.0, (star / np.maximum(sigma, 1e-12)) ** timing.power)
 
 
 def pick_vol_timing(market: MarketData, levels: VolLevels, bars: np.ndarray, gross: np.ndarray, weights: np.ndarray,
