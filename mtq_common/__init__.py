@@ -5,13 +5,13 @@ Its rooms, from the bottom up (a room imports only from the rooms above it in th
 * `training/`: the run plumbing every script shares: the config (`config`, `settings`: YAML file and flags),
   checkpoints, ranks (`distributed`) and a run's loop helpers (`plumbing`: logging, `latest.pt`, TensorBoard).
 * `data/`: the market: `MarketData`, the synthetic generator, CSV files, train/val/test and walk-forward
-  `splits`, causal `features` and the per-bar `tables` the environments read.
-* `envs/`: the batched environments (`engine`: one step's formulas; `trading_env`, `portfolio_env`), their
-  Gymnasium adapters (`gym_env`) and the rule-based policies (`rules`).
+  `splits`, causal `features`, the normalised `volatility` and the per-bar `tables` the environments read.
+* `envs/`: the batched environments (`engine`: one step's formulas; `trading_env`, `portfolio_env`) and their
+  Gymnasium adapters (`gym_env`).
 * `agents/`: the networks, the hierarchy of specialists and meta-controller, and the PPO pieces (advantages,
   compiled update, gradient coordination, curriculum).
-* `evaluation/`: backtests, metrics, bootstrap intervals, the reports and plots, the tear sheet and the
-  live book (`live_book`, what `pipeline.py --mode act` writes).
+* `evaluation/`: the rule-based baselines (`rules`), backtests, metrics, bootstrap intervals, the reports and
+  plots, the tear sheet and the live book (`live_book`, what `pipeline.py --mode act` writes).
 
 Importing the package registers two Gymnasium ids, `MTQ/Specialist-v0` and `MTQ/Portfolio-v0`, for
 `gymnasium.make` (a single-environment adapter) and `gymnasium.make_vec` (the native batched env).

@@ -1,5 +1,6 @@
-"""Checkpoints: atomic writes, safe loads, `latest` / `best` / step files pruned by the run's own steps,
-config checks that name what changed.
+"""Checkpoint files: atomic writes, safe loads, random-generator states, weight fingerprints and config checks
+that name what changed. Which files a run writes (`best.pt` by the phase scripts; the rotating `latest.pt` and
+its step files by `plumbing.py`, their one owner) is decided by their callers.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts saved with `torch.save`
 and read back with `torch.load(..., weights_only=True)`, which never executes code from the file.
