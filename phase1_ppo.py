@@ -31,7 +31,15 @@ from torch.utils.tensorboard import SummaryWriter
 
 from mtq_common.agents.coordination import clip_components_
 from mtq_common.agents.nets import SpecialistAgents
-from mtq_common.agents.ppo import DivergenceGuard, FlatAdam, gae, minibatches, update_scalars
+from mtq_common.agents.ppo import (
+    DivergenceGuard,
+    FlatAdam,
+    clipped_surrogate,
+    gae,
+    minibatches,
+    normalise,
+    update_scalars,
+)
 from mtq_common.agents.update import CompileChoice, PPOUpdate, use_compile
 from mtq_common.data.market import iso_time
 from mtq_common.data.splits import load_splits
@@ -172,18 +180,10 @@ def main(args: Args) -> dict:
         gradients stay apart) and its statistics."""
         with autocast(args.amp, device):
             _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb_obs, mb_actions)
-            logratio = newlogprob - mb_logprobs
-            ratio = logratio.exp()
-            with torch.no_grad():
-                approx_kl = ((ratio - 1) - logratio).mean(1)  # per specialist
-                clipfrac = ((ratio - 1.0).abs() > args.clip_range).float().mean()
             if args.norm_adv:
-                mb_advantages = (mb_advantages - mb_advantages.mean(1, keepdim=True)) / (
-                    mb_advantages.std(1, keepdim=True) + 1e-8
-                )
-            pg_loss1 = -mb_advantages * ratio
-            pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_range, 1 + args.clip_range)
-            pg_loss = torch.max(pg_loss1, pg_loss2).mean(1)
+                mb_advantages = normalise(mb_advantages, dim=1)  # each specialist's own
+            pg_loss, approx_kl, clipfrac = clipped_surrogate(newlogprob, mb_logprobs, mb_advantages, args.clip_range,
+                                                             dim=1)  # fmt: skip
             v_loss = 0.5 * ((newvalue - mb_returns) ** 2).mean(1)
             entropy_loss = entropy.mean(1)
             loss = (pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef).sum()

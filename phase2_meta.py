@@ -37,7 +37,15 @@ from mtq_common.agents.hierarchy import (
     timing_spec,
 )
 from mtq_common.agents.nets import MetaController
-from mtq_common.agents.ppo import DivergenceGuard, FlatAdam, gae, minibatches, update_scalars
+from mtq_common.agents.ppo import (
+    DivergenceGuard,
+    FlatAdam,
+    clipped_surrogate,
+    gae,
+    minibatches,
+    normalise,
+    update_scalars,
+)
 from mtq_common.agents.rollout_stats import PortfolioRolloutStats, log_validation
 from mtq_common.agents.update import CompileChoice, PPOUpdate, use_compile
 from mtq_common.data.splits import load_splits
@@ -197,16 +205,9 @@ def main(args: Args) -> dict:
         """PPO's loss on one minibatch and its statistics."""
         with autocast(args.amp, device):
             _, newlogprob, entropy, newvalue = meta.get_action_and_value(mb_obs, mb_actions)
-            logratio = newlogprob - mb_logprobs
-            ratio = logratio.exp()
-            with torch.no_grad():
-                approx_kl = ((ratio - 1) - logratio).mean()
-                clipfrac = ((ratio - 1.0).abs() > args.clip_range).float().mean()
             if args.norm_adv:
-                mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
-            pg_loss1 = -mb_advantages * ratio
-            pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_range, 1 + args.clip_range)
-            pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+                mb_advantages = normalise(mb_advantages)
+            pg_loss, approx_kl, clipfrac = clipped_surrogate(newlogprob, mb_logprobs, mb_advantages, args.clip_range)
             v_loss = 0.5 * ((newvalue - mb_returns) ** 2).mean()
             entropy_loss = entropy.mean()
             loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef

@@ -231,12 +231,10 @@ def main(args: Args) -> dict:
         """The meta-controller's PPO loss on one minibatch (the portfolio advantage, normalised), its statistics."""
         with autocast(args.amp, device):
             _, new_logprob, entropy, new_value = meta.get_action_and_value(mb_obs, mb_actions)
-            pg_loss, ratio = clipped_surrogate(new_logprob, mb_logprobs, advantage(mb_advantages), args.clip_range)
+            pg_loss, approx_kl, clipfrac = clipped_surrogate(new_logprob, mb_logprobs, advantage(mb_advantages),
+                                                             args.clip_range)  # fmt: skip
             v_loss = 0.5 * ((new_value - mb_returns) ** 2).mean()
             loss = pg_loss - args.ent_coef * entropy.mean() + args.vf_coef * v_loss
-        with torch.no_grad():
-            clipfrac = ((ratio - 1.0).abs() > args.clip_range).float().mean()
-            approx_kl = ((ratio - 1) - ratio.log()).mean()
         return loss, (pg_loss.detach(), v_loss.detach(), entropy.mean().detach(), approx_kl, clipfrac)
 
     def specialist_policy_objectives(mb_obs, mb_actions, mb_logprobs, mb_portfolio_adv, mb_own_adv, _returns):
@@ -249,8 +247,8 @@ def main(args: Args) -> dict:
             w = args.specialist_portfolio_weight
             # the portfolio advantage is per row: every slot (instrument) of the row shares it
             portfolio_adv = advantage(mb_portfolio_adv).unsqueeze(-1).expand_as(mean)
-            port_pg, _ = clipped_surrogate(logprob, mb_logprobs, portfolio_adv, args.clip_range)
-            own_pg, _ = clipped_surrogate(logprob, mb_logprobs, advantage(mb_own_adv), args.clip_range)
+            port_pg, _, _ = clipped_surrogate(logprob, mb_logprobs, portfolio_adv, args.clip_range)
+            own_pg, _, _ = clipped_surrogate(logprob, mb_logprobs, advantage(mb_own_adv), args.clip_range)
         return torch.stack([w * port_pg, (1 - w) * own_pg]), torch.stack([port_pg, own_pg]).detach()
 
     def specialist_value_objective(mb_obs, _actions, _logprobs, _portfolio_adv, _own_adv, mb_own_returns):

@@ -26,9 +26,9 @@ def specialist_setup():
 
     def loss_fn(obs, actions, logprobs, advantages, returns):  # Phase 1's form
         _, newlogprob, entropy, value = agent.get_action_and_value(obs, actions)
-        pg_loss, ratio = clipped_surrogate(newlogprob, logprobs, normalise(advantages), 0.2)
+        pg_loss, approx_kl, clipfrac = clipped_surrogate(newlogprob, logprobs, normalise(advantages), 0.2)
         loss = pg_loss - 0.01 * entropy.mean() + 0.5 * ((value - returns) ** 2).mean()
-        return loss, (pg_loss.detach(), ((ratio - 1).abs() > 0.2).float().mean())
+        return loss, (pg_loss.detach(), clipfrac)
 
     return agent, optimizer, loss_fn
 
@@ -75,14 +75,16 @@ def test_the_compiled_joint_update_matches_the_eager_one():
 
         def meta_loss(obs, actions, logprobs, advantages, returns, meta=meta):
             _, newlogprob, _, value = meta.get_action_and_value(obs, actions)
-            pg_loss, _ = clipped_surrogate(newlogprob, logprobs, normalise(advantages), 0.2)
+            pg_loss, _, _ = clipped_surrogate(newlogprob, logprobs, normalise(advantages), 0.2)
             return pg_loss + 0.5 * ((value - returns) ** 2).mean(), (pg_loss.detach(),)
 
         def policy(obs, actions, logprobs, portfolio_adv, own_adv, _returns, specialists=specialists):
             mean, log_std = specialists.mean_per_slot(obs, OWNER), specialists.log_std[OWNER, 0, 0]
             logprob = torch.distributions.Normal(mean, log_std.exp().expand_as(mean)).log_prob(actions)
-            port, _ = clipped_surrogate(logprob, logprobs, normalise(portfolio_adv).unsqueeze(-1).expand_as(mean), 0.2)
-            own, _ = clipped_surrogate(logprob, logprobs, normalise(own_adv), 0.2)
+            port, _, _ = clipped_surrogate(
+                logprob, logprobs, normalise(portfolio_adv).unsqueeze(-1).expand_as(mean), 0.2
+            )
+            own, _, _ = clipped_surrogate(logprob, logprobs, normalise(own_adv), 0.2)
             return torch.stack([0.5 * port, 0.5 * own]), torch.stack([port, own]).detach()
 
         def value(obs, _actions, _logprobs, _portfolio_adv, _own_adv, returns, specialists=specialists):

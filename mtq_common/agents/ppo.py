@@ -174,16 +174,30 @@ def gae(rewards, values, final_values, next_value, truncs, gamma: float, lam: fl
     return advantages
 
 
-def normalise(x: torch.Tensor) -> torch.Tensor:
-    """Advantages over a minibatch to zero mean and unit std."""
-    return (x - x.mean()) / (x.std() + 1e-8)
+def _mean(x: torch.Tensor, dim: int | None) -> torch.Tensor:
+    return x.mean() if dim is None else x.mean(dim)
 
 
-def clipped_surrogate(new_logprob, old_logprob, advantages, clip: float):
-    """PPO's clipped policy loss (mean) and the probability ratio."""
-    ratio = (new_logprob - old_logprob).exp()
-    loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip)).mean()
-    return loss, ratio
+def normalise(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Advantages over a minibatch to zero mean and unit std: over every element (`dim=None`), or along `dim`
+    (Phase 1: each specialist's own, `[K, rows]` along the rows)."""
+    if dim is None:
+        return (x - x.mean()) / (x.std() + 1e-8)
+    return (x - x.mean(dim, keepdim=True)) / (x.std(dim, keepdim=True) + 1e-8)
+
+
+def clipped_surrogate(new_logprob, old_logprob, advantages, clip: float, dim: int | None = None):
+    """PPO's clipped policy loss, the one form of all three phases (CleanRL's lines): the mean over every
+    element (`dim=None`) or along `dim` of `max(-A r, -A clip(r, 1 - clip, 1 + clip))`, `r` the probability
+    ratio. Returns `(loss, approx_kl, clipfrac)`: CleanRL's `(r - 1) - log r` KL estimate (averaged like the
+    loss) and the share of clipped ratios, both without gradient."""
+    logratio = new_logprob - old_logprob
+    ratio = logratio.exp()
+    with torch.no_grad():
+        approx_kl = _mean((ratio - 1) - logratio, dim)
+        clipfrac = ((ratio - 1.0).abs() > clip).float().mean()
+    loss = _mean(torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)), dim)
+    return loss, approx_kl, clipfrac
 
 
 def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
