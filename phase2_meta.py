@@ -89,8 +89,10 @@ class Args:
     """Rollout length per iteration."""
     learning_rate: float = 3e-4
     """Adam learning rate."""
-    batch_size: int = 256
+    minibatch_size: int = 256
     """PPO minibatch size."""
+    batch_size: int | None = None
+    """Deprecated alias of --minibatch-size (SB3's name; CleanRL's batch_size is the whole rollout)."""
     n_epochs: int = 10
     """PPO epochs per iteration."""
     gamma: float = 0.99
@@ -155,7 +157,7 @@ def main(args: Args) -> dict:
     out_dir = Path(args.output_dir)
     steps_per_iteration = args.num_envs * args.num_steps  # on this rank
     num_iterations = iterations(args, steps_per_iteration, world)  # (a minibatch never exceeds the rollout)
-    minibatches_per_run = num_iterations * args.n_epochs * -(-steps_per_iteration // args.batch_size)
+    minibatches_per_run = num_iterations * args.n_epochs * -(-steps_per_iteration // args.minibatch_size)
     compiled = use_compile(args.compile, minibatches_per_run, device, log)  # the update and the environment's step
 
     # TRY NOT TO MODIFY: seeding (each rank its own environments and noise; rank 0's initial weights)
@@ -317,7 +319,7 @@ def main(args: Args) -> dict:
         # Optimizing the policy and value network
         clipfracs = []
         for _epoch in range(args.n_epochs):
-            for mb in minibatches(steps_per_iteration, args.batch_size, device):  # a fresh shuffle each epoch
+            for mb in minibatches(steps_per_iteration, args.minibatch_size, device):  # a fresh shuffle each epoch
                 run.watch.minibatches += 1
                 pg_loss, v_loss, entropy_loss, approx_kl, clipfrac = update(mb, b_obs, b_actions, b_logprobs,
                                                                             b_advantages, b_returns)  # fmt: skip

@@ -124,8 +124,10 @@ class Args:
     """Rollout length per iteration."""
     learning_rate: float = 3e-4
     """Adam learning rate of both levels before adaptation and annealing."""
-    batch_size: int = 256
+    minibatch_size: int = 256
     """PPO minibatch size."""
+    batch_size: int | None = None
+    """Deprecated alias of --minibatch-size (SB3's name; CleanRL's batch_size is the whole rollout)."""
     n_epochs: int = 10
     """PPO epochs per iteration."""
     gamma: float = 0.99
@@ -197,7 +199,7 @@ def main(args: Args) -> dict:
     out_dir = Path(args.output_dir)
     steps_per_iteration = args.num_envs * args.num_steps  # on this rank
     num_iterations = iterations(args, steps_per_iteration, world)  # (a minibatch never exceeds the rollout)
-    minibatches_per_run = num_iterations * args.n_epochs * -(-steps_per_iteration // args.batch_size)
+    minibatches_per_run = num_iterations * args.n_epochs * -(-steps_per_iteration // args.minibatch_size)
     compiled = use_compile(args.compile, minibatches_per_run, device, log)  # the update and the environment's step
     if not 0.0 <= args.specialist_portfolio_weight <= 1.0:
         raise ConfigError(f"--specialist-portfolio-weight {args.specialist_portfolio_weight}: accepted 0 to 1")
@@ -422,7 +424,7 @@ def main(args: Args) -> dict:
         specialist_rollout = (b_inst_obs, b_spec_actions, b_spec_logprobs, b_meta_adv, b_own_adv,
                               b_own_returns) if update_specialists else None  # fmt: skip
         for _epoch in range(args.n_epochs if update_meta or update_specialists else 0):
-            for mb in minibatches(m, args.batch_size, device):  # a fresh shuffle each epoch
+            for mb in minibatches(m, args.minibatch_size, device):  # a fresh shuffle each epoch
                 run.watch.minibatches += 1
                 meta_stats, specialist_pg, coordination = update(mb, meta_rollout, specialist_rollout, update_meta,
                                                                  update_specialists)  # fmt: skip

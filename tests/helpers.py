@@ -26,7 +26,7 @@ from mtq_common.training.config import Config
 
 REPO = Path(__file__).resolve().parent.parent
 # the smallest PPO shapes the phase scripts accept (test budgets)
-SMALL = {"num_envs": 8, "num_steps": 32, "batch_size": 64, "n_epochs": 2, "eval_segments": 16}
+SMALL = {"num_envs": 8, "num_steps": 32, "minibatch_size": 64, "n_epochs": 2, "eval_segments": 16}
 
 TINY = {
     "environment": {"episode_length": 200},

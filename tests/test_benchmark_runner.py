@@ -12,7 +12,7 @@ from benchmarks.run import Args, aggregate, expand, flatten, main, selected_rows
 from tests.helpers import write_config
 
 PY = shlex.quote(sys.executable)
-TINY_PPO = "--timesteps 512 --num-envs 8 --num-steps 32 --batch-size 64 --n-epochs 1 --device cpu"
+TINY_PPO = "--timesteps 512 --num-envs 8 --num-steps 32 --minibatch-size 64 --n-epochs 1 --device cpu"
 
 
 def flag(argv: list[str], name: str) -> str:

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 SEED_VALUES = {
     "training": dict(
         learning_rate=0.0003,
-        batch_size=256,
+        minibatch_size=256,
         n_epochs=10,
         gamma=0.99,
         gae_lambda=0.95,
@@ -113,7 +113,7 @@ def test_user_can_add_a_symbol(tmp_path):
     [
         ("training:\n  lerning_rate: 0.1\n", ["training.lerning_rate", "unknown key"]),
         ("trainig:\n  learning_rate: 0.1\n", ["trainig", "unknown section"]),
-        ("training:\n  batch_size: abc\n", ["training.batch_size", "whole number"]),
+        ("training:\n  minibatch_size: abc\n", ["training.minibatch_size", "whole number"]),
         ("training:\n  gamma: 1.5\n", ["training.gamma", "1.5"]),
         ("training:\n  phase_1_timesteps: -5\n", ["training.phase_1_timesteps", "-5"]),
         ("environment:\n  max_portfolio_var: 1.5\n", ["environment.max_portfolio_var", "(0, 1]"]),
@@ -230,3 +230,21 @@ def test_csv_source_in_yaml_takes_the_folder_from_the_command_line(tmp_path):
     # --data-dir alone (the built-in synthetic source in the file) reads the CSV files.
     args, cfg = parse_args(DataArgs, argv=["--data-dir", str(tmp_path / "prices")])
     assert cfg.data.source == "csv" and cfg.data.data_dir == str(tmp_path / "prices")
+
+
+def test_batch_size_is_a_deprecated_name_of_minibatch_size(tmp_path):
+    """`--batch-size` and the YAML key `training.batch_size` still work, each with a deprecation line, and mean
+    the minibatch (`minibatch_size`); the rename leaves the config hash, so runs started before it resume."""
+    import phase1_ppo
+
+    with pytest.warns(FutureWarning, match="--batch-size is deprecated"):
+        args, cfg = parse_args(phase1_ppo.Args, argv=["--batch-size", "64"])
+    assert args.minibatch_size == 64 and args.batch_size is None and cfg.training.minibatch_size == 64
+    path = tmp_path / "old.yaml"
+    path.write_text("training:\n  batch_size: 128\n")
+    with pytest.warns(FutureWarning, match="training.batch_size is deprecated"):
+        assert load_config(path).training.minibatch_size == 128
+    path.write_text("training:\n  batch_size: 128\n  minibatch_size: 64\n")
+    with pytest.raises(ConfigError, match="same setting"):
+        load_config(path)
+    assert Config().hash() == "69d0e6103b13bab5"  # the default config's hash before the rename

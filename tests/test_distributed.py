@@ -15,7 +15,7 @@ from mtq_common.training import distributed
 from mtq_common.training.checkpoint import CheckpointError, load_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = ["--device", "cpu", "--num-envs", "8", "--num-steps", "32", "--batch-size", "64", "--n-epochs", "2",
+TINY = ["--device", "cpu", "--num-envs", "8", "--num-steps", "32", "--minibatch-size", "64", "--n-epochs", "2",
         "--eval-segments", "16", "--no-progress"]  # fmt: skip
 
 

@@ -38,7 +38,7 @@ def test_smoke_subprocess_writes_every_output(tmp_path):
     config = write_config(tmp_path / "c.yaml")
     out, logs = tmp_path / "out", tmp_path / "logs"
     cmd = [sys.executable, "phase1_ppo.py", "--config", str(config), "--timesteps", "1024", "--output-dir", str(out),
-           "--log-dir", str(logs), "--device", "cpu", "--num-envs", "8", "--num-steps", "32", "--batch-size", "64",
+           "--log-dir", str(logs), "--device", "cpu", "--num-envs", "8", "--num-steps", "32", "--minibatch-size", "64",
            "--n-epochs", "1", "--eval-interval", "2"]  # fmt: skip
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -60,7 +60,7 @@ def test_smoke_subprocess_writes_every_output(tmp_path):
 def test_it_learns_when_the_next_return_is_observable(tmp_path):
     """The PPO machinery itself: with the (look-ahead) diagnostic feature every specialist trades well."""
     config = write_config(tmp_path / "c.yaml")
-    metrics = run(tmp_path, "diag", config, timesteps=12288, num_envs=32, num_steps=64, batch_size=256,
+    metrics = run(tmp_path, "diag", config, timesteps=12288, num_envs=32, num_steps=64, minibatch_size=256,
                   n_epochs=4, eval_interval=3, next_return_diagnostic=True)  # fmt: skip
     # Seeds 1-5 (costs on the drifted holdings, DESIGN section 4; Phase 1's default position_rate): forex 3.0-3.3,
     # commodities 4.6-5.3, equity 4.9-5.9, each well above the oracle's Sharpe on the same bars (forex 1.65,
@@ -77,7 +77,7 @@ def test_it_beats_buy_and_hold_on_the_default_market(tmp_path):
     Tried seeds 1, 2, 3: mean Sharpe over the eight instruments 0.88, 0.83, 0.81 against
     buy-and-hold's -0.08 on the same bars (the 60-bar momentum rule: 1.15).
     """
-    metrics = run(tmp_path, "default", None, timesteps=40960, num_envs=32, num_steps=64, batch_size=256,
+    metrics = run(tmp_path, "default", None, timesteps=40960, num_envs=32, num_steps=64, minibatch_size=256,
                   n_epochs=4, eval_interval=5, eval_segments=16)  # fmt: skip
     rows = [row for table in metrics["specialists"].values() for key, row in table.items() if key != "mean_sharpe"]
     agent = sum(row["sharpe"] for row in rows) / len(rows)

@@ -46,7 +46,7 @@ def test_smoke_subprocess_writes_every_output(tiny, tmp_path):
     out, logs = tmp_path / "out", tmp_path / "logs"
     cmd = [sys.executable, "phase2_meta.py", "--config", str(config), "--timesteps", "1024", "--specialists-dir",
            str(phase1_dir), "--output-dir", str(out), "--log-dir", str(logs), "--device", "cpu", "--num-envs", "8",
-           "--num-steps", "32", "--batch-size", "64", "--n-epochs", "1", "--eval-interval", "2"]  # fmt: skip
+           "--num-steps", "32", "--minibatch-size", "64", "--n-epochs", "1", "--eval-interval", "2"]  # fmt: skip
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "Phase 2 validation" in done.stdout
@@ -157,7 +157,9 @@ def test_meta_controller_routes_capital_to_the_skilled_specialist(tmp_path, seed
     everywhere = market_config(tmp_path / "all.yaml", ())
     only_equity = market_config(tmp_path / "equity.yaml", ("forex", "commodities"))
     # 64 validation segments of ~31 bars: short backtests (validation is most of this test's time)
-    budget = dict(num_envs=32, num_steps=64, batch_size=256, n_epochs=4, eval_interval=5, eval_segments=64, seed=seed)
+    budget = dict(
+        num_envs=32, num_steps=64, minibatch_size=256, n_epochs=4, eval_interval=5, eval_segments=64, seed=seed
+    )
     phase1_dir = phase1(tmp_path, everywhere, timesteps=40960, **budget)
     metrics = phase2(tmp_path, only_equity, phase1_dir, timesteps=40960, learning_rate=0.002, **budget)
     allocation = metrics["mean_allocation"]

@@ -31,7 +31,7 @@ def test_smoke_subprocess_writes_every_output(tiny, tmp_path):
     out, logs = tmp_path / "out", tmp_path / "logs"
     cmd = [sys.executable, "phase3_joint.py", "--config", str(config), "--timesteps", "1280", "--phase1-dir", str(p1),
            "--phase2-dir", str(p2), "--output-dir", str(out), "--log-dir", str(logs), "--device", "cpu",
-           "--num-envs", "8", "--num-steps", "32", "--batch-size", "64", "--n-epochs", "1", "--eval-interval", "2",
+           "--num-envs", "8", "--num-steps", "32", "--minibatch-size", "64", "--n-epochs", "1", "--eval-interval", "2",
            "--eval-episodes", "5", "--specialist-update-freq", "2"]  # fmt: skip
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

@@ -16,7 +16,7 @@ from mtq_common.agents.update import COMPILE_MIN_MINIBATCHES, use_compile
 from mtq_common.training.plumbing import autocast, check_amp
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = {"timesteps": 2048, "num_envs": 8, "num_steps": 32, "batch_size": 64, "n_epochs": 2, "eval_segments": 16}
+TINY = {"timesteps": 2048, "num_envs": 8, "num_steps": 32, "minibatch_size": 64, "n_epochs": 2, "eval_segments": 16}
 
 
 @pytest.mark.parametrize("module", [phase1_ppo, phase2_meta, phase3_joint])
@@ -97,7 +97,7 @@ def test_compile_runs_phases_2_and_3(tiny_phases, tmp_path, script):
         else ["--phase1-dir", str(p1), "--phase2-dir", str(p2), "--eval-episodes", "2", "--specialist-update-freq", "1"]
     )
     cmd = [sys.executable, script, "--compile", "on", "--config", str(config), "--timesteps", "512", "--num-envs", "8",
-           "--num-steps", "32", "--batch-size", "64", "--n-epochs", "1", "--eval-segments", "16", "--device", "cpu",
+           "--num-steps", "32", "--minibatch-size", "64", "--n-epochs", "1", "--eval-segments", "16", "--device", "cpu",
            "--no-progress", "--output-dir", str(tmp_path / "out"), "--log-dir", str(tmp_path / "logs"),
            *inputs]  # fmt: skip
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)

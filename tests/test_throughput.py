@@ -20,7 +20,7 @@ def test_env_and_training_sections_report_what_ran(tmp_path):
         devices=("cpu", "cuda"),
         config=str(write_config(tmp_path / "c.yaml")),
         training_timesteps=(512, 256, 256),
-        script_flags="--num-envs 8 --num-steps 32 --batch-size 64 --n-epochs 1",
+        script_flags="--num-envs 8 --num-steps 32 --minibatch-size 64 --n-epochs 1",
         json=str(tmp_path / "t.json"),
     )
     out = throughput.main(args)
@@ -45,7 +45,7 @@ def test_ops_section_counts_each_phase_and_its_dense_kernels(tmp_path):
         config=str(write_config(tmp_path / "c.yaml")),
         ops_timesteps=(512, 256, 256),
         pipeline_timesteps=(5120, 256, 2560),
-        script_flags="--num-envs 8 --num-steps 32 --batch-size 64 --n-epochs 1",
+        script_flags="--num-envs 8 --num-steps 32 --minibatch-size 64 --n-epochs 1",
     )
     ops = [r for r in throughput.main(args)["results"] if r["benchmark"] == "ops"]
     assert [r["name"] for r in ops] == ["phase1", "phase2", "phase3"]

@@ -146,12 +146,12 @@ def flatten_(params: list[nn.Parameter]) -> nn.Parameter:
     return nn.Parameter(flat)
 
 
-def minibatches(rows: int, batch_size: int, device):
+def minibatches(rows: int, minibatch_size: int, device):
     """One PPO epoch's minibatches, CleanRL's way: a fresh permutation of the `rows` rollout rows, cut into
-    index blocks of `batch_size` (the last one shorter when it does not divide)."""
+    index blocks of `minibatch_size` (the last one shorter when it does not divide)."""
     perm = torch.randperm(rows, device=device)
-    for start in range(0, rows, batch_size):
-        yield perm[start : start + batch_size]
+    for start in range(0, rows, minibatch_size):
+        yield perm[start : start + minibatch_size]
 
 
 def gae(rewards, values, final_values, next_value, truncs, gamma: float, lam: float) -> torch.Tensor:

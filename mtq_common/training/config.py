@@ -36,8 +36,9 @@ class TrainingConfig:
     """PPO hyperparameters and run sizes (the seed's `training` section)."""
 
     learning_rate: float = 0.0003
-    batch_size: int = 256
-    """PPO minibatch size (as in the seed)."""
+    minibatch_size: int = 256
+    """PPO minibatch size: rollout rows per gradient step (the seed's and SB3's `batch_size`, still read as a
+    deprecated alias; CleanRL's `batch_size` is the whole rollout)."""
     n_epochs: int = 10
     gamma: float = 0.99
     gae_lambda: float = 0.95
@@ -227,5 +228,6 @@ class Config:
             payload["data"].pop("csv")
         if not payload["data"]["allow_partial_overlap"]:
             payload["data"].pop("allow_partial_overlap")
+        payload["training"]["batch_size"] = payload["training"].pop("minibatch_size")  # renamed: the same hash
         blob = json.dumps(payload, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

@@ -157,8 +157,9 @@ def start_run(args, aliases: dict, name: str):
 def iterations(args, rows_per_iteration: int, world: distributed.World) -> int:
     """PPO iterations for `--timesteps` at `rows_per_iteration` environment steps per iteration on each
     rank; a minibatch larger than the rollout is refused."""
-    if args.batch_size > rows_per_iteration:
-        raise ConfigError(f"--batch-size {args.batch_size} exceeds the rollout ({args.num_envs} x {args.num_steps})")
+    if args.minibatch_size > rows_per_iteration:
+        raise ConfigError(f"--minibatch-size {args.minibatch_size} exceeds the rollout ({args.num_envs} x "
+                          f"{args.num_steps})")  # fmt: skip
     return distributed.iterations(args.timesteps, rows_per_iteration, world)
 
 

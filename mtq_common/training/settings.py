@@ -17,6 +17,7 @@ import datetime
 import functools
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,7 @@ def config_from_dict(raw: dict[str, Any], where: str = "<dict>", require_data_di
         if key not in known:
             raise ConfigError(f"{where}: unknown section '{key}'; known sections: {', '.join(known)}")
     cfg = Config(source_path=where)
+    raw = _renamed_keys(raw, where)
     for name, cls in SECTIONS.items():
         setattr(cfg, name, _fill(cls, raw.get(name), where, name))
     cfg.data = _fill(DataConfig, raw.get("data"), where, "data")
@@ -141,6 +143,27 @@ def config_from_dict(raw: dict[str, Any], where: str = "<dict>", require_data_di
         cfg.specialists = _coerce(raw["specialists"], "list[str]", where, "specialists")
     validate(cfg, require_data_dir)
     return cfg
+
+
+RENAMED = {("training", "batch_size"): "minibatch_size"}
+"""Keys read under their old name with a deprecation line: `(section, old key) -> new key`."""
+
+
+def _renamed_keys(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """`raw` with every old key of `RENAMED` under its new name (a line on stderr says so; both is an error)."""
+    for (section, old), new in RENAMED.items():
+        part = raw.get(section)
+        if isinstance(part, dict) and old in part:
+            if new in part:
+                raise ConfigError(f"{where}: {section}.{old} and {section}.{new} are the same setting; keep {new}")
+            deprecated(f"{where}: {section}.{old} is deprecated, read as {section}.{new}; rename it")
+            raw = {**raw, section: {(new if key == old else key): value for key, value in part.items()}}
+    return raw
+
+
+def deprecated(message: str) -> None:
+    """A deprecation line for the user: a `FutureWarning` (shown by default, once per place)."""
+    warnings.warn(message, FutureWarning, stacklevel=3)
 
 
 def load_config(path: str | Path | None = None, require_data_dir: bool = True) -> Config:
@@ -182,7 +205,7 @@ def validate(cfg: Config, require_data_dir: bool = True) -> Config:
     w = cfg.source_path
     t, e, r, k, d = cfg.training, cfg.environment, cfg.reward, cfg.risk, cfg.data
     _check(0 < t.learning_rate < 1, w, "training.learning_rate", t.learning_rate, "0 < value < 1")
-    for key in ("batch_size", "n_epochs", "n_envs", "meta_update_freq", "specialist_update_freq"):
+    for key in ("minibatch_size", "n_epochs", "n_envs", "meta_update_freq", "specialist_update_freq"):
         _check(getattr(t, key) >= 1, w, f"training.{key}", getattr(t, key), "a whole number >= 1")
     for key in ("phase_1_timesteps", "phase_2_timesteps", "phase_3_timesteps"):
         _check(getattr(t, key) >= 0, w, f"training.{key}", getattr(t, key), "a whole number >= 0")
@@ -401,6 +424,9 @@ def config_from_args(args: Any, aliases: dict[str, str] | None = None) -> Config
     a script's `main(args)` from Python gives the same run as the command line.
     """
     aliases = {**_ALIASES, **(aliases or {})}
+    if getattr(args, "batch_size", None) is not None:  # the deprecated flag: SB3's name for the minibatch
+        deprecated("--batch-size is deprecated: it is --minibatch-size (rows per gradient step)")
+        args.minibatch_size, args.batch_size = args.batch_size, None
     path = getattr(args, "config", None)
     cfg = load_config(path, require_data_dir=False)  # validated below, with --data-dir applied
     for f in dataclasses.fields(args):
