@@ -169,10 +169,10 @@ def main(args: Args) -> dict:
         return evaluate_specialists(agent, val, cfg, trend, device, args.eval_segments, val_tables,
                                     args.next_return_diagnostic)  # fmt: skip
 
-    k, r, f = len(specialists), args.num_envs, envs.obs_size
+    num_specialists, rows_per_specialist, obs_size = len(specialists), args.num_envs, envs.obs_size
 
     position_index = position_column(train.num_instruments)
-    agent = SpecialistAgents(specialists, f, args.hidden_size, position_rate=args.position_rate,
+    agent = SpecialistAgents(specialists, obs_size, args.hidden_size, position_rate=args.position_rate,
                              position_index=position_index).to(device)  # fmt: skip
     distributed.broadcast_module(agent, world)
     optimizer = FlatAdam(agent.parameters(), lr=args.learning_rate, eps=1e-5)  # Adam, stepped as one tensor
@@ -197,9 +197,9 @@ def main(args: Args) -> dict:
     update = PPOUpdate([agent], optimizer, ppo_loss, clip, world, compiled, batch_dim=1, stacked=True)  # [K, rows]
 
     # ALGO LOGIC: storage setup, (num_steps, specialists, rows per specialist, ...)
-    obs = torch.zeros((args.num_steps, k, r, f), device=device)
+    obs = torch.zeros((args.num_steps, num_specialists, rows_per_specialist, obs_size), device=device)
     final_obs = torch.zeros_like(obs)
-    actions = torch.zeros((args.num_steps, k, r), device=device)
+    actions = torch.zeros((args.num_steps, num_specialists, rows_per_specialist), device=device)
     logprobs, rewards, values, truncs = (torch.zeros_like(actions) for _ in range(4))
 
     start_iteration, global_step = 1, 0
@@ -207,13 +207,13 @@ def main(args: Args) -> dict:
     next_obs, _ = envs.reset(seed=seed)
     if args.resume:
         state, mine = resume(args, "phase1", cfg, world)
-        if state["specialists"] != specialists or state["obs_size"] != f:
+        if state["specialists"] != specialists or state["obs_size"] != obs_size:
             raise ckpt.CheckpointError(f"{args.output_dir}/latest.pt trained {state['specialists']} on another layout")
         start_iteration, global_step, best = restore(state, mine, log, {"model": agent, "optimizer": optimizer},
                                                      {"env": envs})  # fmt: skip
         next_obs = envs.observe()
     log.info("phase 1: %s on %d rank(s) x %d rows x %d steps, %d iterations, device %s", specialists, world.size,
-             r, args.num_steps, num_iterations, device)  # fmt: skip
+             rows_per_specialist, args.num_steps, num_iterations, device)  # fmt: skip
 
     own_steps = state["step_files"] if args.resume else None  # pruning counts only this run's step files
     run = Run(args, "phase1", world, device, log, num_iterations, rows_per_iteration, start_iteration, global_step,
@@ -228,17 +228,17 @@ def main(args: Args) -> dict:
         ep_return_sum = torch.zeros((), device=device)
         ep_count = torch.zeros((), device=device)
         for step in range(args.num_steps):
-            global_step += r * world.size
-            obs[step] = next_obs.view(k, r, f)
+            global_step += rows_per_specialist * world.size
+            obs[step] = next_obs.view(num_specialists, rows_per_specialist, obs_size)
             with torch.no_grad():
                 action, logprob, _, value = agent.get_action_and_value(obs[step])
             position = agent.to_position(action, obs[step])  # the clipped target, partially adjusted
             guard.watch(position.reshape(-1, 1), global_step)
             values[step], actions[step], logprobs[step] = value, action, logprob
             next_obs, reward, _, truncated, info = envs.step(position.reshape(-1, 1))
-            rewards[step] = reward.view(k, r)
-            truncs[step] = truncated.view(k, r).float()
-            final_obs[step] = info["final_obs"].view(k, r, f)
+            rewards[step] = reward.view(num_specialists, rows_per_specialist)
+            truncs[step] = truncated.view(num_specialists, rows_per_specialist).float()
+            final_obs[step] = info["final_obs"].view(num_specialists, rows_per_specialist, obs_size)
             ep_return_sum += (info["episode"]["r"] * info["_episode"]).sum()
             ep_count += info["_episode"].sum()
         guard.raise_if_diverged()
@@ -246,16 +246,16 @@ def main(args: Args) -> dict:
 
         # bootstrap value if not done: a truncated row continues from V(final obs), not from zero
         with torch.no_grad():
-            final_values = agent.get_value(final_obs.transpose(0, 1).reshape(k, -1, f))
-            final_values = final_values.view(k, args.num_steps, r).transpose(0, 1)
-            next_value = agent.get_value(next_obs.view(k, r, f))
+            final_values = agent.get_value(final_obs.transpose(0, 1).reshape(num_specialists, -1, obs_size))
+            final_values = final_values.view(num_specialists, args.num_steps, rows_per_specialist).transpose(0, 1)
+            next_value = agent.get_value(next_obs.view(num_specialists, rows_per_specialist, obs_size))
             advantages = gae(rewards, values, final_values, next_value, truncs, args.gamma, args.gae_lambda)
             returns = advantages + values
 
         # flatten the batch per specialist: [K, num_steps * rows, ...]
-        b_obs = obs.transpose(0, 1).reshape(k, -1, f)
+        b_obs = obs.transpose(0, 1).reshape(num_specialists, -1, obs_size)
         b_logprobs, b_actions, b_advantages, b_returns, b_values = (
-            x.transpose(0, 1).reshape(k, -1) for x in (logprobs, actions, advantages, returns, values)
+            x.transpose(0, 1).reshape(num_specialists, -1) for x in (logprobs, actions, advantages, returns, values)
         )
 
         # Optimizing the policy and value network
@@ -282,7 +282,7 @@ def main(args: Args) -> dict:
                                  clipfracs, explained_var)  # fmt: skip
         if ep_count.item() > 0:
             scalars["charts/episodic_return"] = (ep_return_sum / ep_count).item()
-        for name, i in zip(specialists, range(k), strict=True):
+        for i, name in enumerate(specialists):
             scalars[f"specialists/{name}/explained_variance"] = explained_var[i].item()
             scalars[f"specialists/{name}/action_std"] = agent.log_std[i].exp().item()
         run.log_scalars(scalars, global_step)

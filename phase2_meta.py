@@ -41,6 +41,7 @@ from mtq_common.agents.ppo import (
     DivergenceGuard,
     FlatAdam,
     clipped_surrogate,
+    explained_variance,
     gae,
     minibatches,
     normalise,
@@ -168,7 +169,7 @@ def main(args: Args) -> dict:
     train, val = splits["train"], splits["val"]
     specialists, owner = load_specialists(args.specialists_dir, train, device)
     fingerprint_at_load = parameter_fingerprint(specialists)
-    k = len(specialists.names)
+    num_specialists = len(specialists.names)
     envs = PortfolioEnv(train, cfg, args.num_envs, device=device, seed=seed, torch_mode=True, check_actions=False,
                         compiled=compiled)  # fmt: skip
     # The twin: the same rows (same seed, so the same start bars and episode ends) trading the starting point.
@@ -197,14 +198,16 @@ def main(args: Args) -> dict:
         start_rule = timing_spec(vol_levels, references["timings"]["vol_managed_equal_allocation"])
         log.info("risk timing: a factor over vol_managed_equal_allocation (half-life %d, power %d, picked on val)",
                  start_rule["half_life"], start_rule["power"])  # fmt: skip
-    b, d = args.num_envs, meta_observation_size(envs.portfolio_obs_size, k, timed=start_rule is not None)
-    meta = MetaController(d, k, args.hidden_size, allocation_rate=args.allocation_rate, timing=start_rule).to(device)
+    num_rows = args.num_envs
+    meta_obs_size = meta_observation_size(envs.portfolio_obs_size, num_specialists, timed=start_rule is not None)
+    meta = MetaController(meta_obs_size, num_specialists, args.hidden_size, allocation_rate=args.allocation_rate,
+                          timing=start_rule).to(device)  # fmt: skip
     risk = None if start_rule is None else risk_features(start_rule, train, device)  # [T, H + 1], training market
     distributed.broadcast_module(meta, world)
     optimizer = FlatAdam(meta.parameters(), lr=args.learning_rate, eps=1e-5)  # Adam, stepped as one tensor
 
-    def ppo_loss(mb_obs, mb_actions, mb_logprobs, mb_advantages, mb_returns):
-        """PPO's loss on one minibatch and its statistics."""
+    def meta_loss(mb_obs, mb_actions, mb_logprobs, mb_advantages, mb_returns):
+        """The meta-controller's PPO loss on one minibatch and its statistics."""
         with autocast(args.amp, device):
             _, newlogprob, entropy, newvalue = meta.get_action_and_value(mb_obs, mb_actions)
             if args.norm_adv:
@@ -218,26 +221,29 @@ def main(args: Args) -> dict:
     def clip(grads):  # clip_grad_norm_'s rule
         clip_component_(grads, args.max_grad_norm)
 
-    update = PPOUpdate([meta], optimizer, ppo_loss, clip, world, compiled)
+    update = PPOUpdate([meta], optimizer, meta_loss, clip, world, compiled)
     max_position = cfg.environment.max_position_size
 
     # ALGO LOGIC: storage setup
-    obs = torch.zeros((args.num_steps, b, d), device=device)
-    final_portfolio = torch.zeros((args.num_steps, b, envs.portfolio_obs_size), device=device)
-    final_instruments = torch.zeros((args.num_steps, b, *envs.single_observation_space["instruments"].shape),
-                                    device=device)  # fmt: skip
-    final_held = torch.zeros((args.num_steps, b, 2 * k + 1), device=device)
-    final_risk = None if risk is None else torch.zeros((args.num_steps, b, risk.shape[1]), device=device)
-    actions = torch.zeros((args.num_steps, b, k + 1), device=device)
-    logprobs, rewards, values, truncs = (torch.zeros((args.num_steps, b), device=device) for _ in range(4))
+    meta_obs = torch.zeros((args.num_steps, num_rows, meta_obs_size), device=device)
+    final_portfolio = torch.zeros((args.num_steps, num_rows, envs.portfolio_obs_size), device=device)
+    final_held = torch.zeros((args.num_steps, num_rows, 2 * num_specialists + 1), device=device)  # the tracker's part
+    final_risk = None if risk is None else torch.zeros((args.num_steps, num_rows, risk.shape[1]), device=device)
+    final_inst_obs = torch.zeros((args.num_steps, num_rows, *envs.single_observation_space["instruments"].shape),
+                                 device=device)  # fmt: skip
+    meta_actions = torch.zeros((args.num_steps, num_rows, num_specialists + 1), device=device)
+    meta_logprobs, meta_values, rewards, truncs = (torch.zeros((args.num_steps, num_rows), device=device)
+                                                   for _ in range(4))  # fmt: skip
 
     start_iteration, global_step = 1, 0
     best = {"sharpe": -float("inf"), "iteration": 0, "model": None}
-    next_env_obs, _ = envs.reset(seed=seed)
+    next_obs, _ = envs.reset(seed=seed)
     twin.reset(seed=seed)
-    equal = (torch.full((args.num_envs, k), 1.0 / k, device=device), torch.ones(args.num_envs, device=device))
-    tracker = MetaTracker(owner, k, b, device, args.allocation_rate)  # the meta-controller's observation and holdings
-    rollout = PortfolioRolloutStats(specialists.names, envs.limits.max_var, device, b)  # TensorBoard's rollout tags
+    equal = (torch.full((num_rows, num_specialists), 1.0 / num_specialists, device=device),
+             torch.ones(num_rows, device=device))  # fmt: skip
+    # the meta-controller's observation and held allocation; the rollout's TensorBoard tags
+    tracker = MetaTracker(owner, num_specialists, num_rows, device, meta.allocation_rate)
+    rollout = PortfolioRolloutStats(specialists.names, envs.limits.max_var, device, num_rows)
     if args.resume:
         state, mine = resume(args, "phase2", cfg, world)
         if ("timing" in state) != (start_rule is not None):  # the networks would not even have the same inputs
@@ -246,11 +252,11 @@ def main(args: Args) -> dict:
                                        f"the same setting (or start a new run)")  # fmt: skip
         start_iteration, global_step, best = restore(state, mine, log, {"model": meta, "optimizer": optimizer},
                                                      {"env": envs, "twin": twin, "tracker": tracker})  # fmt: skip
-        next_env_obs = envs.observe()
+        next_obs = envs.observe()
         if "rollout" in mine:  # (latest.pt files from before the episode sums were kept have none)
             rollout.load_state_dict(mine["rollout"])
     log.info("phase 2: meta-controller over %s, %d rank(s) x %d rows x %d steps, %d iterations, device %s",
-             specialists.names, world.size, b, args.num_steps, num_iterations, device)  # fmt: skip
+             specialists.names, world.size, num_rows, args.num_steps, num_iterations, device)  # fmt: skip
 
     own_steps = state["step_files"] if args.resume else None  # pruning counts only this run's step files
     run = Run(args, "phase2", world, device, log, num_iterations, steps_per_iteration, start_iteration, global_step,
@@ -268,75 +274,75 @@ def main(args: Args) -> dict:
 
         rollout.reset()
         for step in range(args.num_steps):
-            global_step += b * world.size
+            global_step += num_rows * world.size
             with torch.no_grad():
-                positions = specialists.positions(next_env_obs["instruments"], owner)
+                positions = specialists.positions(next_obs["instruments"], owner)
                 bar = envs.bar
                 evidence = None if risk is None else risk.index_select(0, bar)  # volatility at the rows' bars
-                obs[step] = tracker.observe(next_env_obs["portfolio"], positions, evidence)
-                action, logprob, _, value = meta.get_action_and_value(obs[step])
-                base = None if evidence is None else evidence[:, -1]  # the rule's appetite
-                allocation, appetite = tracker.act(action, base)
+                meta_obs[step] = tracker.observe(next_obs["portfolio"], positions, evidence)
+                meta_action, meta_logprob, _, meta_value = meta.get_action_and_value(meta_obs[step])
+                base = None if evidence is None else evidence[:, -1]  # the volatility-managed rule's appetite
+                allocation, appetite = tracker.act(meta_action, base)
                 proposal = compose_weights(allocation, appetite, positions, owner, max_position)
             guard.watch(proposal, global_step)
-            values[step], actions[step], logprobs[step] = value, action, logprob
-            next_env_obs, env_reward, _, truncated, info = envs.step(proposal, positions)
+            meta_actions[step], meta_logprobs[step], meta_values[step] = meta_action, meta_logprob, meta_value
+            next_obs, env_reward, _, truncated, info = envs.step(proposal, positions)
             reward, twin_reward = meta_reward(env_reward, info), None
-            if args.paired_baseline:
-                start = equal if base is None else (equal[0], base)  # the starting point, on the same path
+            if args.paired_baseline:  # the starting point (allocation and appetite), same positions, same path
+                start = equal if base is None else (equal[0], base)
                 _, twin_env_reward, _, _, twin_info = twin.step(compose_weights(*start, positions, owner, max_position),
                                                                 positions, observe=False)  # fmt: skip
                 twin_reward = meta_reward(twin_env_reward, twin_info)
             rewards[step] = reward if twin_reward is None else reward - twin_reward
             truncs[step] = truncated.float()
             # the final observation bootstraps a truncated row's value: its parts now, assembled after the rollout
+            final_inst_obs[step] = info["final_obs"]["instruments"]
+            final_portfolio[step] = info["final_obs"]["portfolio"]
             final_held[step] = tracker.after_step(positions, info["bar_returns"], truncated)
             if risk is not None:  # a truncated row's final observation is of the next bar
                 final_risk[step] = risk.index_select(0, (bar + 1).clamp_max(len(risk) - 1))
-            final_portfolio[step] = info["final_obs"]["portfolio"]
-            final_instruments[step] = info["final_obs"]["instruments"]
             rollout.add(info, reward, allocation, twin_reward, appetite, None if evidence is None else evidence[:, 0])
         guard.raise_if_diverged()
         run.watch.lap("rollout")
 
         # bootstrap value if not done: a truncated row continues from V(final obs), not from zero
         with torch.no_grad():
-            final_positions = specialists.positions(final_instruments.flatten(0, 1), owner)  # one batch
-            final_obs = tracker.assemble(final_portfolio.flatten(0, 1), final_positions, final_held.flatten(0, 1),
-                                         None if risk is None else final_risk.flatten(0, 1))  # fmt: skip
-            final_values = meta.get_value(final_obs).view(args.num_steps, b)
-            next_positions = specialists.positions(next_env_obs["instruments"], owner)
+            final_positions = specialists.positions(final_inst_obs.flatten(0, 1), owner)  # one batch
+            final_meta_obs = tracker.assemble(final_portfolio.flatten(0, 1), final_positions, final_held.flatten(0, 1),
+                                              None if risk is None else final_risk.flatten(0, 1))  # fmt: skip
+            final_meta_values = meta.get_value(final_meta_obs).view(args.num_steps, num_rows)
+            next_positions = specialists.positions(next_obs["instruments"], owner)
             next_evidence = None if risk is None else risk.index_select(0, envs.bar)
-            next_value = meta.get_value(tracker.observe(next_env_obs["portfolio"], next_positions, next_evidence))
-            advantages = gae(rewards, values, final_values, next_value, truncs, args.gamma, args.gae_lambda)
-            returns = advantages + values
+            next_meta_value = meta.get_value(tracker.observe(next_obs["portfolio"], next_positions, next_evidence))
+            meta_adv = gae(rewards, meta_values, final_meta_values, next_meta_value, truncs, args.gamma,
+                           args.gae_lambda)  # fmt: skip
+            meta_returns = meta_adv + meta_values
 
         # flatten the batch
-        b_obs = obs.reshape(-1, d)
-        b_actions = actions.reshape(-1, k + 1)
-        b_logprobs, b_advantages, b_returns, b_values = (x.reshape(-1) for x in (logprobs, advantages, returns, values))
+        b_meta_obs = meta_obs.reshape(-1, meta_obs_size)
+        b_meta_actions = meta_actions.reshape(-1, num_specialists + 1)
+        b_meta_logprobs, b_meta_adv, b_meta_returns = (x.reshape(-1) for x in (meta_logprobs, meta_adv, meta_returns))
 
         # Optimizing the policy and value network
         clipfracs = []
         for _epoch in range(args.n_epochs):
             for mb in minibatches(steps_per_iteration, args.minibatch_size, device):  # a fresh shuffle each epoch
                 run.watch.minibatches += 1
-                pg_loss, v_loss, entropy_loss, approx_kl, clipfrac = update(mb, b_obs, b_actions, b_logprobs,
-                                                                            b_advantages, b_returns)  # fmt: skip
+                meta_rollout = (b_meta_obs, b_meta_actions, b_meta_logprobs, b_meta_adv, b_meta_returns)
+                meta_pg, meta_v_loss, meta_entropy, approx_kl, clipfrac = update(mb, *meta_rollout)
                 clipfracs.append(clipfrac)
             if args.target_kl is not None and bool(distributed.mean(approx_kl, world) > args.target_kl):
                 break  # (on every rank at once: the decision uses the KL averaged over ranks)
 
         # statistics move only between iterations (pooled over ranks)
-        distributed.update_running_norm(meta.norm, b_obs.unsqueeze(0), world)
-        explained_var = 1 - (b_returns - b_values).var() / b_returns.var().clamp_min(1e-8)
+        distributed.update_running_norm(meta.norm, b_meta_obs.unsqueeze(0), world)
 
         run.watch.lap("update")  # GAE, the PPO epochs and the statistics
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes (one host sync per iteration)
         sps = run.sps(global_step)
-        scalars = update_scalars(optimizer.param_groups[0]["lr"], sps, v_loss, pg_loss, entropy_loss, approx_kl,
-                                 clipfracs, explained_var)  # fmt: skip
+        scalars = update_scalars(optimizer.param_groups[0]["lr"], sps, meta_v_loss, meta_pg, meta_entropy, approx_kl,
+                                 clipfracs, explained_variance(meta_values.reshape(-1), b_meta_returns))  # fmt: skip
         scalars.update(rollout.scalars())  # episodes, the risk layer, the allocation
         run.log_scalars(scalars, global_step)
 

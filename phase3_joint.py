@@ -215,7 +215,7 @@ def main(args: Args) -> dict:
     distributed.broadcast_module(specialists, world)  # (the same files: a no-op safeguard)
     distributed.broadcast_module(meta, world)
     specialists.requires_grad_(True).train()
-    k, n = len(specialists.names), val.num_instruments
+    num_specialists, num_instruments = len(specialists.names), val.num_instruments
     coordinate = args.gradient_coordination
     groups = [{"params": list(meta.parameters()), "name": "meta"},
               {"params": list(specialists.parameters()), "name": "specialists"}]  # fmt: skip
@@ -230,14 +230,16 @@ def main(args: Args) -> dict:
         return normalise(x) if args.norm_adv else x
 
     def meta_loss(mb_obs, mb_actions, mb_logprobs, mb_advantages, mb_returns):
-        """The meta-controller's PPO loss on one minibatch (the portfolio advantage, normalised), its statistics."""
+        """The meta-controller's PPO loss on one minibatch and its statistics."""
         with autocast(args.amp, device):
-            _, new_logprob, entropy, new_value = meta.get_action_and_value(mb_obs, mb_actions)
-            pg_loss, approx_kl, clipfrac = clipped_surrogate(new_logprob, mb_logprobs, advantage(mb_advantages),
-                                                             args.clip_range)  # fmt: skip
-            v_loss = 0.5 * ((new_value - mb_returns) ** 2).mean()
-            loss = pg_loss - args.ent_coef * entropy.mean() + args.vf_coef * v_loss
-        return loss, (pg_loss.detach(), v_loss.detach(), entropy.mean().detach(), approx_kl, clipfrac)
+            _, newlogprob, entropy, newvalue = meta.get_action_and_value(mb_obs, mb_actions)
+            if args.norm_adv:
+                mb_advantages = normalise(mb_advantages)
+            pg_loss, approx_kl, clipfrac = clipped_surrogate(newlogprob, mb_logprobs, mb_advantages, args.clip_range)
+            v_loss = 0.5 * ((newvalue - mb_returns) ** 2).mean()
+            entropy_loss = entropy.mean()
+            loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+        return loss, (pg_loss.detach(), v_loss.detach(), entropy_loss.detach(), approx_kl, clipfrac)
 
     def specialist_policy_objectives(mb_obs, mb_actions, mb_logprobs, mb_portfolio_adv, mb_own_adv, _returns):
         """The specialists' two policy objectives on one minibatch, stacked: `w` x the portfolio policy gradient and
@@ -246,12 +248,13 @@ def main(args: Args) -> dict:
             mean, log_std = specialists.mean_per_slot(mb_obs, owner), specialists.log_std[owner, 0, 0]
             dist = torch.distributions.Normal(mean, log_std.exp().expand_as(mean), validate_args=False)
             logprob = dist.log_prob(mb_actions)
-            w = args.specialist_portfolio_weight
+            portfolio_weight = args.specialist_portfolio_weight
             # the portfolio advantage is per row: every slot (instrument) of the row shares it
             portfolio_adv = advantage(mb_portfolio_adv).unsqueeze(-1).expand_as(mean)
             port_pg, _, _ = clipped_surrogate(logprob, mb_logprobs, portfolio_adv, args.clip_range)
             own_pg, _, _ = clipped_surrogate(logprob, mb_logprobs, advantage(mb_own_adv), args.clip_range)
-        return torch.stack([w * port_pg, (1 - w) * own_pg]), torch.stack([port_pg, own_pg]).detach()
+            objectives = torch.stack([portfolio_weight * port_pg, (1 - portfolio_weight) * own_pg])
+        return objectives, torch.stack([port_pg, own_pg]).detach()
 
     def specialist_value_objective(mb_obs, _actions, _logprobs, _portfolio_adv, _own_adv, mb_own_returns):
         """The specialists' third objective on one minibatch: their critics' value loss and the entropy bonus."""
@@ -285,29 +288,34 @@ def main(args: Args) -> dict:
         return evaluate_portfolio(specialists, meta, val, cfg, trend, device, args.eval_segments, val_tables, 3,
                                   references, vol_levels=vol_levels)[0]  # fmt: skip
 
-    b, f = args.num_envs, specialists.obs_size
-    d = meta_observation_size(envs.portfolio_obs_size, k, timed=meta.timing is not None)
+    num_rows, obs_size = args.num_envs, specialists.obs_size
+    meta_obs_size = meta_observation_size(envs.portfolio_obs_size, num_specialists, timed=meta.timing is not None)
     max_position = cfg.environment.max_position_size
 
     # ALGO LOGIC: storage setup
-    s = args.num_steps
-    meta_obs = torch.zeros((s, b, d), device=device)
-    final_portfolio = torch.zeros((s, b, envs.portfolio_obs_size), device=device)
-    final_held = torch.zeros((s, b, 2 * k + 1), device=device)  # the tracker's part of the final meta obs
-    final_risk = None if risk is None else torch.zeros((s, b, risk.shape[1]), device=device)
-    inst_obs, final_inst_obs = torch.zeros((s, b, n, f), device=device), torch.zeros((s, b, n, f), device=device)
-    meta_actions = torch.zeros((s, b, k + 1), device=device)
-    spec_actions, spec_logprobs, spec_values, own_rewards = (torch.zeros((s, b, n), device=device) for _ in range(4))
-    meta_logprobs, meta_values, rewards, truncs = (torch.zeros((s, b), device=device) for _ in range(4))
+    meta_obs = torch.zeros((args.num_steps, num_rows, meta_obs_size), device=device)
+    final_portfolio = torch.zeros((args.num_steps, num_rows, envs.portfolio_obs_size), device=device)
+    final_held = torch.zeros((args.num_steps, num_rows, 2 * num_specialists + 1), device=device)  # the tracker's part
+    final_risk = None if risk is None else torch.zeros((args.num_steps, num_rows, risk.shape[1]), device=device)
+    final_inst_obs = torch.zeros((args.num_steps, num_rows, num_instruments, obs_size), device=device)
+    meta_actions = torch.zeros((args.num_steps, num_rows, num_specialists + 1), device=device)
+    meta_logprobs, meta_values, rewards, truncs = (torch.zeros((args.num_steps, num_rows), device=device)
+                                                   for _ in range(4))  # fmt: skip
+    # the specialists' rollout (Phase 3 trains them too)
+    inst_obs = torch.zeros((args.num_steps, num_rows, num_instruments, obs_size), device=device)
+    spec_actions, spec_logprobs, spec_values, own_rewards = (
+        torch.zeros((args.num_steps, num_rows, num_instruments), device=device) for _ in range(4))  # fmt: skip
 
     start_iteration, global_step = 1, 0
     best = {"sharpe": -float("inf"), "iteration": 0, "specialists": None, "meta": None}
     next_obs, _ = envs.reset(seed=seed)
     twin.reset(seed=seed)
-    equal = (torch.full((b, k), 1.0 / k, device=device), torch.ones(b, device=device))
-    tracker = MetaTracker(owner, k, b, device, meta.allocation_rate)  # the meta-controller's observation and holdings
-    prev_positions = torch.zeros(b, n, device=device)
-    rollout = PortfolioRolloutStats(specialists.names, envs.limits.max_var, device, b)  # TensorBoard's rollout tags
+    equal = (torch.full((num_rows, num_specialists), 1.0 / num_specialists, device=device),
+             torch.ones(num_rows, device=device))  # fmt: skip
+    # the meta-controller's observation and held allocation; the rollout's TensorBoard tags
+    tracker = MetaTracker(owner, num_specialists, num_rows, device, meta.allocation_rate)
+    rollout = PortfolioRolloutStats(specialists.names, envs.limits.max_var, device, num_rows)
+    prev_positions = torch.zeros(num_rows, num_instruments, device=device)
     if args.resume:
         state, mine = resume(args, "phase3", cfg, world)
         curriculum.load_state_dict(state["curriculum"])
@@ -322,7 +330,7 @@ def main(args: Args) -> dict:
             rollout.load_state_dict(mine["rollout"])
         log.info("resumed at curriculum level %d", level)
     log.info("phase 3: %s + meta-controller, %d rank(s) x %d rows x %d steps, %d iterations, coordination %s, "
-             "curriculum %s", specialists.names, world.size, b, s, num_iterations, coordinate,
+             "curriculum %s", specialists.names, world.size, num_rows, args.num_steps, num_iterations, coordinate,
              args.curriculum_learning)  # fmt: skip
 
     own_steps = state["step_files"] if args.resume else None  # pruning counts only this run's step files
@@ -347,8 +355,8 @@ def main(args: Args) -> dict:
         # The specialists explore only on the iterations that update them: elsewhere their noise would only
         # add costs and variance to the meta-controller's rollout (and nothing of theirs needs recording).
         explore = update_specialists
-        for step in range(s):
-            global_step += b * world.size
+        for step in range(args.num_steps):
+            global_step += num_rows * world.size
             with torch.no_grad():
                 if explore:  # sample, and record what the specialists' update needs
                     inst_obs[step] = next_obs["instruments"]
@@ -362,15 +370,15 @@ def main(args: Args) -> dict:
                 bar = envs.bar
                 evidence = None if risk is None else risk.index_select(0, bar)  # volatility at the rows' bars
                 meta_obs[step] = tracker.observe(next_obs["portfolio"], positions, evidence)
-                u, meta_logprob, _, meta_value = meta.get_action_and_value(meta_obs[step])
+                meta_action, meta_logprob, _, meta_value = meta.get_action_and_value(meta_obs[step])
                 base = None if evidence is None else evidence[:, -1]  # the volatility-managed rule's appetite
-                allocation, appetite = tracker.act(u, base)
+                allocation, appetite = tracker.act(meta_action, base)
                 proposal = compose_weights(allocation, appetite, positions, owner, max_position)
             guard.watch(proposal, global_step)
-            meta_actions[step], meta_logprobs[step], meta_values[step] = u, meta_logprob, meta_value
+            meta_actions[step], meta_logprobs[step], meta_values[step] = meta_action, meta_logprob, meta_value
             next_obs, env_reward, _, truncated, info = envs.step(proposal, positions)
             reward, twin_reward = meta_reward(env_reward, info), None
-            if args.paired_baseline:  # the same positions at the starting allocation, on the same path
+            if args.paired_baseline:  # the starting point (allocation and appetite), same positions, same path
                 start = equal if base is None else (equal[0], base)
                 _, twin_env_reward, _, _, twin_info = twin.step(compose_weights(*start, positions, owner, max_position),
                                                                 positions, observe=False)  # fmt: skip
@@ -392,12 +400,12 @@ def main(args: Args) -> dict:
         guard.raise_if_diverged()
         run.watch.lap("rollout")
 
-        # bootstrap value if not done: truncated rows continue from V(final obs), not from zero
+        # bootstrap value if not done: a truncated row continues from V(final obs), not from zero
         with torch.no_grad():
             final_positions = specialists.positions(final_inst_obs.flatten(0, 1), owner)  # one batch
             final_meta_obs = tracker.assemble(final_portfolio.flatten(0, 1), final_positions, final_held.flatten(0, 1),
                                               None if risk is None else final_risk.flatten(0, 1))  # fmt: skip
-            final_meta_values = meta.get_value(final_meta_obs).view(s, b)
+            final_meta_values = meta.get_value(final_meta_obs).view(args.num_steps, num_rows)
             next_positions = specialists.positions(next_obs["instruments"], owner)
             next_evidence = None if risk is None else risk.index_select(0, envs.bar)
             next_meta_value = meta.get_value(tracker.observe(next_obs["portfolio"], next_positions, next_evidence))
@@ -405,26 +413,29 @@ def main(args: Args) -> dict:
                            args.gae_lambda)  # fmt: skip
             meta_returns = meta_adv + meta_values
             if update_specialists:  # their own objective's advantages, with their own critic
-                final_spec_values = specialists.value_per_slot(final_inst_obs.reshape(-1, n, f), owner)
+                final_spec_values = specialists.value_per_slot(final_inst_obs.flatten(0, 1), owner)  # one batch
+                final_spec_values = final_spec_values.view(args.num_steps, num_rows, num_instruments)
                 next_spec_value = specialists.value_per_slot(next_obs["instruments"], owner)
-                own_adv = gae(own_rewards, spec_values, final_spec_values.view(s, b, n), next_spec_value,
-                              truncs.unsqueeze(-1), args.gamma, args.gae_lambda)  # fmt: skip
+                own_adv = gae(own_rewards, spec_values, final_spec_values, next_spec_value, truncs.unsqueeze(-1),
+                              args.gamma, args.gae_lambda)  # fmt: skip
                 own_returns = own_adv + spec_values
 
         # flatten the batch
-        m = s * b
-        b_meta_obs, b_meta_actions = meta_obs.reshape(m, d), meta_actions.reshape(m, k + 1)
-        b_meta_logprobs, b_meta_adv, b_meta_returns = (x.reshape(m) for x in (meta_logprobs, meta_adv, meta_returns))
-        if update_specialists:
-            b_inst_obs, b_spec_actions = inst_obs.reshape(m, n, f), spec_actions.reshape(m, n)
-            b_spec_logprobs, b_own_adv, b_own_returns = (x.reshape(m, n) for x in (spec_logprobs, own_adv, own_returns))
+        b_meta_obs = meta_obs.reshape(-1, meta_obs_size)
+        b_meta_actions = meta_actions.reshape(-1, num_specialists + 1)
+        b_meta_logprobs, b_meta_adv, b_meta_returns = (x.reshape(-1) for x in (meta_logprobs, meta_adv, meta_returns))
+        if update_specialists:  # their rollout: one row per (step, env row), one slot per instrument
+            b_inst_obs = inst_obs.reshape(-1, num_instruments, obs_size)
+            b_spec_actions = spec_actions.reshape(-1, num_instruments)
+            b_spec_logprobs, b_own_adv, b_own_returns = (x.reshape(-1, num_instruments)
+                                                         for x in (spec_logprobs, own_adv, own_returns))  # fmt: skip
         stats = {"conflicts": [], "cosine": [], "norm_meta": [], "norm_specialists": [], "pg": []}
         clipfracs = []
         meta_rollout = (b_meta_obs, b_meta_actions, b_meta_logprobs, b_meta_adv, b_meta_returns)
         specialist_rollout = (b_inst_obs, b_spec_actions, b_spec_logprobs, b_meta_adv, b_own_adv,
                               b_own_returns) if update_specialists else None  # fmt: skip
         for _epoch in range(args.n_epochs if update_meta or update_specialists else 0):
-            for mb in minibatches(m, args.minibatch_size, device):  # a fresh shuffle each epoch
+            for mb in minibatches(steps_per_iteration, args.minibatch_size, device):  # a fresh shuffle each epoch
                 run.watch.minibatches += 1
                 meta_stats, specialist_pg, coordination = update(mb, meta_rollout, specialist_rollout, update_meta,
                                                                  update_specialists)  # fmt: skip
@@ -473,7 +484,7 @@ def main(args: Args) -> dict:
                 envs, twin, risk = make_envs(level)
                 next_obs, _ = envs.reset(seed=seed + iteration)
                 twin.reset(seed=seed + iteration)
-                tracker = MetaTracker(owner, k, b, device, meta.allocation_rate)
+                tracker = MetaTracker(owner, num_specialists, num_rows, device, meta.allocation_rate)
                 prev_positions.zero_()
                 rollout.restart_episodes()
             if world.is_main and sharpe > best["sharpe"]:

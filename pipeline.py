@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -136,10 +137,54 @@ class Args:
     --capital): the trades start from this book instead of the model's own simulated holdings."""
     overwrite: bool = False
     """--mode train: delete the run already in --output-dir / --log-dir first (without it, such a run is refused)."""
+    phase1_script: str | None = None
+    """A copy of phase1_ppo.py to run as Phase 1 (it keeps the script's `Args` and `main`; unset: phase1_ppo.py)."""
+    phase2_script: str | None = None
+    """A copy of phase2_meta.py to run as Phase 2, e.g. with its own `meta_reward` (unset: phase2_meta.py)."""
+    phase3_script: str | None = None
+    """A copy of phase3_joint.py to run as Phase 3 (unset: phase3_joint.py)."""
     smoke: bool = False
     """A one-minute try: reads as `--phase1-timesteps 16384 --phase2-timesteps 16384 --phase3-timesteps 16384
     --num-envs 16 --eval-episodes 5` placed before your flags, so any of those you give wins (command line only;
     from Python pass `**pipeline.SMOKE`)."""
+
+
+BUILT_IN = {"phase1": phase1_ppo, "phase2": phase2_meta, "phase3": phase3_joint}
+_loaded: dict[Path, object] = {}
+
+
+def phase_module(args: Args, name: str):
+    """The script that runs phase `name`: the built-in one, or the copy `--phaseN-script` names (loaded once per
+    process; it must keep the script's `Args` and `main(args)`, which the pipeline calls as it calls the
+    built-in one)."""
+    given = getattr(args, f"{name}_script")
+    if given is None:
+        return BUILT_IN[name]
+    path, flag = Path(given).resolve(), f"--{name}-script {given}"
+    if path not in _loaded:
+        if not path.is_file():
+            raise ConfigError(f"{flag}: no such file (accepted: a copy of {BUILT_IN[name].__name__}.py)")
+        spec = importlib.util.spec_from_file_location(f"{name}_script_{len(_loaded)}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # (its dataclasses look their module up while it runs)
+        spec.loader.exec_module(module)
+        missing = [attr for attr in ("Args", "main") if not hasattr(module, attr)]
+        if missing:
+            raise ConfigError(
+                f"{flag}: the file has no {' and no '.join(missing)}; a copy of "
+                f"{BUILT_IN[name].__name__}.py keeps both (the pipeline calls main(Args(...)))"
+            )
+        _loaded[path] = module
+    return _loaded[path]
+
+
+def phase_scripts(args: Args) -> dict[str, str]:
+    """What runs each phase, as the manifest records it: the built-in script's name or the copy's path."""
+    scripts = {name: f"{module.__name__}.py" for name, module in BUILT_IN.items()}
+    for name in scripts:
+        if getattr(args, f"{name}_script") is not None:
+            scripts[name] = str(Path(getattr(args, f"{name}_script")).resolve())
+    return scripts
 
 
 def phase_args(args: Args, name: str, resume: bool):
@@ -149,12 +194,13 @@ def phase_args(args: Args, name: str, resume: bool):
                   seed=args.seed, data_dir=args.data_dir, instruments=list(args.instruments),
                   num_envs=args.num_envs, resume=resume, force=args.force, progress=args.progress,
                   torch_threads=args.torch_threads)  # fmt: skip
+    script = phase_module(args, name)
     if name == "phase1":
-        return phase1_ppo.Args(timesteps=args.phase1_timesteps, **common)
+        return script.Args(timesteps=args.phase1_timesteps, **common)
     if name == "phase2":
-        return phase2_meta.Args(timesteps=args.phase2_timesteps, specialists_dir=str(out / "phase1"), **common)
-    return phase3_joint.Args(timesteps=args.phase3_timesteps, phase1_dir=str(out / "phase1"),
-                             phase2_dir=str(out / "phase2"), eval_episodes=args.eval_episodes, **common)  # fmt: skip
+        return script.Args(timesteps=args.phase2_timesteps, specialists_dir=str(out / "phase1"), **common)
+    return script.Args(timesteps=args.phase3_timesteps, phase1_dir=str(out / "phase1"),
+                       phase2_dir=str(out / "phase2"), eval_episodes=args.eval_episodes, **common)  # fmt: skip
 
 
 def versions() -> dict[str, str]:
@@ -185,14 +231,19 @@ def train(args: Args, cfg, log, resume: bool) -> dict:
         raise ckpt.CheckpointError(f"nothing to resume: {path} does not exist. Run `python pipeline.py --mode train`.")
     if manifest is not None:
         ckpt.check_config_hash(manifest, cfg.hash(), path, args.force, cfg.to_dict())  # names what differs
+        ran = manifest.get("scripts", {})
+        changed = [f"{n}: {ran[n]} -> {s}" for n, s in phase_scripts(args).items() if n in ran and ran[n] != s]
+        if changed and not args.force:
+            raise ConfigError(f"{path} was trained with other phase scripts ({'; '.join(changed)}): resume with the "
+                              "same --phase1/2/3-script flags (or --force)")  # fmt: skip
     if manifest is None:
         load_splits(cfg)  # unreadable data is refused before the manifest (or anything else) is written
         if args.overwrite:
             remove_run(args, log)
-        manifest = {"config": cfg.to_dict(), "config_hash": cfg.hash(), "seed": args.seed, "phases": {}}
+        manifest = {"config": cfg.to_dict(), "config_hash": cfg.hash(), "seed": args.seed, "phases": {},
+                    "scripts": phase_scripts(args)}  # fmt: skip
     manifest["versions"] = versions()
     ckpt.atomic_write_json(path, manifest)
-    modules = {"phase1": phase1_ppo, "phase2": phase2_meta, "phase3": phase3_joint}
     for name in PHASES:
         if manifest["phases"].get(name, {}).get("completed"):
             log.info("%s already completed (%d steps): skipped", name, manifest["phases"][name]["global_step"])
@@ -201,7 +252,7 @@ def train(args: Args, cfg, log, resume: bool) -> dict:
         continue_phase = resume and (out / name / "latest.pt").is_file()
         log.info("%s: %s", name, "resuming from latest.pt" if continue_phase else "starting")
         start = time.time()
-        result = modules[name].main(phase_args(args, name, continue_phase))
+        result = phase_module(args, name).main(phase_args(args, name, continue_phase))
         manifest["phases"][name] = {
             "completed": True,
             "global_step": result["global_step"],

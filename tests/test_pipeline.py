@@ -16,7 +16,7 @@ import pytest
 
 import pipeline as pipeline_script
 from mtq_common.training.settings import parse_args
-from tests.helpers import run_cli, write_config
+from tests.helpers import run_cli, tensorboard_scalars, write_config
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_BUDGET = ["--phase1-timesteps", "1024", "--phase2-timesteps", "1024", "--phase3-timesteps", "1024",
@@ -258,3 +258,31 @@ def test_smoke_sets_tiny_budgets_and_explicit_flags_win():
             assert getattr(args, key) == value, key
     assert cfg.training.phase_3_timesteps == pipeline_script.SMOKE["phase3_timesteps"] and cfg.training.n_envs == 8
     assert pipeline_script.smoke_argv(["--mode", "eval"]) == ["--mode", "eval"]
+
+
+def test_a_copy_of_phase2_with_its_own_reward_runs_through_the_pipeline(trained, tmp_path):
+    """README's walkthrough: copy phase2_meta.py, change `meta_reward`, pass the copy with --phase2-script. The
+    copy's reward is the one Phase 2 trains on, for the env and the twin alike (a constant 1 here: the twin's
+    logged reward is exactly 1); the manifest records the script; resuming with other scripts is refused."""
+    source = (REPO / "phase2_meta.py").read_text()
+    built_in = "    return reward\n\n\ndef main("
+    assert source.count(built_in) == 1  # the one line a user edits
+    copy = tmp_path / "my_phase2.py"
+    copy.write_text(source.replace(built_in, "    return torch.ones_like(reward)\n\n\ndef main("))
+    _, config, _ = trained
+    done = pipeline(tmp_path, "--mode", "train", "--phase2-script", str(copy), config=config)
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((tmp_path / "out" / "pipeline.json").read_text())
+    assert manifest["scripts"] == {"phase1": "phase1_ppo.py", "phase2": str(copy.resolve()),
+                                   "phase3": "phase3_joint.py"}  # fmt: skip
+    assert set(tensorboard_scalars(tmp_path / "logs" / "phase2", "charts/twin_reward")) == {1.0}
+    assert set(tensorboard_scalars(tmp_path / "logs" / "phase3", "charts/twin_reward")) != {1.0}  # built-in
+    refused = pipeline(tmp_path, "--mode", "resume", config=config)  # without the flag: other scripts
+    assert refused.returncode == 2 and "other phase scripts" in refused.stderr
+
+
+def test_a_phase_script_without_main_is_refused_before_anything_runs(tmp_path):
+    (tmp_path / "empty.py").write_text("x = 1\n")
+    done = pipeline(tmp_path, "--mode", "train", "--phase1-script", str(tmp_path / "empty.py"))
+    assert done.returncode == 2 and "has no Args and no main" in done.stderr
+    assert not (tmp_path / "out" / "phase1").exists()
