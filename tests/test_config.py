@@ -248,3 +248,18 @@ def test_batch_size_is_a_deprecated_name_of_minibatch_size(tmp_path):
     with pytest.raises(ConfigError, match="same setting"):
         load_config(path)
     assert Config().hash() == "69d0e6103b13bab5"  # the default config's hash before the rename
+
+
+def test_the_config_file_is_read_once_per_process(tmp_path):
+    """A phase start parses the flags (the file's values as defaults) and builds its config again in `start_run`;
+    the pipeline does so for every phase: the file is read once, and read again only once edited."""
+    from mtq_common.training.settings import config_from_args, read_yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  learning_rate: 0.001\n")
+    read_yaml.cache_clear()
+    args, cfg = parse_args(Args, argv=["--config", str(path)])
+    again = config_from_args(args)
+    assert read_yaml.cache_info().misses == 1 and again.training.learning_rate == cfg.training.learning_rate == 0.001
+    path.write_text("training:\n  learning_rate: 0.0002\n")  # edited (another size): read again
+    assert load_config(path).training.learning_rate == 0.0002 and read_yaml.cache_info().misses == 2
