@@ -10,7 +10,7 @@
     print(format_book(book))
 
 The run folder holds `pipeline.json` (the config the run was trained with, rebuilt by
-`config.config_from_dict`), `phase1/best.pt` (the instruments, sectors and bar frequency it was trained on)
+`settings.config_from_dict`), `phase1/best.pt` (the instruments, sectors and bar frequency it was trained on)
 and `phase3/best.pt` (the fine-tuned hierarchy). `pipeline.py` loads the hierarchy and checks the data with
 the same functions (`load_hierarchy`, `trained_data`, `check_data`), so the CLI and this API cannot drift.
 

@@ -189,7 +189,7 @@ def evaluate_portfolio(
     Runs, on the same bars: the system, the equal allocation over the same frozen specialists
     (`HierarchyPolicy(meta=None)`) and every baseline (`trend`: the trend filter's parameters, picked on
     the training split by `fit_trend_for`), each rule at the specialists' `position_rate` (execution alike).
-    With `vol_levels` (`rules.fit_vol_levels` of the training split) also the volatility-managed
+    With `vol_levels` (`volatility.fit_vol_levels` of the training split) also the volatility-managed
     baselines (`rules.VOL_MANAGED`): with their `timings` picked on the validation split
     (`validation_timings`), or, when `market` is the validation split and `timings` is None, picked here
     from this run's backtests (and kept in `reference_cache`: a run's later validations reuse the choice).

@@ -63,7 +63,7 @@ def normal_ppf(p: float) -> float:
 
     Acklam's (2003) rational approximation (tail and central regions, relative error < 1.15e-9), then one
     Halley step on ``Phi(x) - p``, which brings it to about machine precision; ``p > 0.5`` by symmetry.
-    ``bootstrap.NormalDist().inv_cdf`` of the standard library is as accurate; the tests use it as reference.
+    ``statistics.NormalDist().inv_cdf`` of the standard library is as accurate; the tests use it as reference.
     """
     if not 0.0 <= p <= 1.0 or math.isnan(p):
         raise ValueError(f"normal_ppf needs 0 <= p <= 1, got {p}")
