@@ -325,10 +325,10 @@ def main(args: Args) -> dict:
 
         # Optimizing the policy and value network
         clipfracs = []
+        meta_rollout = (b_meta_obs, b_meta_actions, b_meta_logprobs, b_meta_adv, b_meta_returns)
         for _epoch in range(args.n_epochs):
             for mb in minibatches(steps_per_iteration, args.minibatch_size, device):  # a fresh shuffle each epoch
                 run.watch.minibatches += 1
-                meta_rollout = (b_meta_obs, b_meta_actions, b_meta_logprobs, b_meta_adv, b_meta_returns)
                 meta_pg, meta_v_loss, meta_entropy, approx_kl, clipfrac = update(mb, *meta_rollout)
                 clipfracs.append(clipfrac)
             if args.target_kl is not None and bool(distributed.mean(approx_kl, world) > args.target_kl):
