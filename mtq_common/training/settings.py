@@ -170,7 +170,7 @@ def load_config(path: str | Path | None = None, require_data_dir: bool = True) -
     """Read a YAML config file (None: the built-in defaults) and validate it.
 
     `require_data_dir=False`: a file with `data.source: csv` may leave `data.data_dir` to the command line
-    (`--data-dir`); `mtq_common.training.settings` validates the final config with it.
+    (`--data-dir`); `config_from_args` validates the final config with it.
     """
     if path is None:
         return validate(Config(), require_data_dir)
