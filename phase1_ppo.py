@@ -166,14 +166,16 @@ def main(args: Args) -> dict:
 
     def validate(agent) -> dict:
         """Each specialist's backtests on the validation split (`eval_segments` pieces per instrument)."""
-        return evaluate_specialists(agent, val, cfg, trend, device, args.eval_segments, val_tables,
-                                    args.next_return_diagnostic)  # fmt: skip
+        return evaluate_specialists(
+            agent, val, cfg, trend, device, args.eval_segments, val_tables, args.next_return_diagnostic
+        )
 
     num_specialists, rows_per_specialist, obs_size = len(specialists), args.num_envs, envs.obs_size
 
     position_index = position_column(train.num_instruments)
-    agent = SpecialistAgents(specialists, obs_size, args.hidden_size, position_rate=args.position_rate,
-                             position_index=position_index).to(device)  # fmt: skip
+    agent = SpecialistAgents(
+        specialists, obs_size, args.hidden_size, position_rate=args.position_rate, position_index=position_index
+    ).to(device)
     distributed.broadcast_module(agent, world)
     optimizer = FlatAdam(agent.parameters(), lr=args.learning_rate, eps=1e-5)  # Adam, stepped as one tensor
 
@@ -184,8 +186,9 @@ def main(args: Args) -> dict:
             _, newlogprob, entropy, newvalue = agent.get_action_and_value(mb_obs, mb_actions)
             if args.norm_adv:
                 mb_advantages = normalise(mb_advantages, dim=1)  # each specialist's own
-            pg_loss, approx_kl, clipfrac = clipped_surrogate(newlogprob, mb_logprobs, mb_advantages, args.clip_range,
-                                                             dim=1)  # fmt: skip
+            pg_loss, approx_kl, clipfrac = clipped_surrogate(
+                newlogprob, mb_logprobs, mb_advantages, args.clip_range, dim=1
+            )
             v_loss = 0.5 * ((newvalue - mb_returns) ** 2).mean(1)
             entropy_loss = entropy.mean(1)
             loss = (pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef).sum()
@@ -209,15 +212,17 @@ def main(args: Args) -> dict:
         state, mine = resume(args, "phase1", cfg, world)
         if state["specialists"] != specialists or state["obs_size"] != obs_size:
             raise ckpt.CheckpointError(f"{args.output_dir}/latest.pt trained {state['specialists']} on another layout")
-        start_iteration, global_step, best = restore(state, mine, log, {"model": agent, "optimizer": optimizer},
-                                                     {"env": envs})  # fmt: skip
+        start_iteration, global_step, best = restore(
+            state, mine, log, {"model": agent, "optimizer": optimizer}, {"env": envs}
+        )
         next_obs = envs.observe()
     log.info("phase 1: %s on %d rank(s) x %d rows x %d steps, %d iterations, device %s", specialists, world.size,
              rows_per_specialist, args.num_steps, num_iterations, device)  # fmt: skip
 
     own_steps = state["step_files"] if args.resume else None  # pruning counts only this run's step files
-    run = Run(args, "phase1", world, device, log, num_iterations, rows_per_iteration, start_iteration, global_step,
-              own_steps)  # fmt: skip
+    run = Run(
+        args, "phase1", world, device, log, num_iterations, rows_per_iteration, start_iteration, global_step, own_steps
+    )
     evaluation = None
     guard = DivergenceGuard("phase 1", device)
     for iteration in range(start_iteration, num_iterations + 1):
@@ -263,8 +268,9 @@ def main(args: Args) -> dict:
         for _epoch in range(args.n_epochs):
             for mb in minibatches(rows_per_iteration, args.minibatch_size, device):  # a fresh shuffle each epoch
                 run.watch.minibatches += 1
-                pg_loss, v_loss, entropy_loss, approx_kl, clipfrac = update(mb, b_obs, b_actions, b_logprobs,
-                                                                            b_advantages, b_returns)  # fmt: skip
+                pg_loss, v_loss, entropy_loss, approx_kl, clipfrac = update(
+                    mb, b_obs, b_actions, b_logprobs, b_advantages, b_returns
+                )
                 clipfracs.append(clipfrac)
             if args.target_kl is not None and bool(distributed.mean(approx_kl, world).max() > args.target_kl):
                 break  # (on every rank at once: the decision uses the KL averaged over ranks)
@@ -278,8 +284,9 @@ def main(args: Args) -> dict:
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes (one host sync per iteration)
         sps = run.sps(global_step)
-        scalars = update_scalars(optimizer.param_groups[0]["lr"], sps, v_loss, pg_loss, entropy_loss, approx_kl,
-                                 clipfracs, explained_var)  # fmt: skip
+        scalars = update_scalars(
+            optimizer.param_groups[0]["lr"], sps, v_loss, pg_loss, entropy_loss, approx_kl, clipfracs, explained_var
+        )
         if ep_count.item() > 0:
             scalars["charts/episodic_return"] = (ep_return_sum / ep_count).item()
         for i, name in enumerate(specialists):
@@ -311,8 +318,9 @@ def main(args: Args) -> dict:
     return result
 
 
-def final_evaluation(args: Args, agent: SpecialistAgents, best: dict, evaluation: dict | None, validate, val,
-                     facts: dict, log) -> dict:  # fmt: skip
+def final_evaluation(
+    args: Args, agent: SpecialistAgents, best: dict, evaluation: dict | None, validate, val, facts: dict, log
+) -> dict:
     """The best specialists (what `best.pt` holds) on the validation split, next to the last iterate;
     writes `metrics.json` (with the run's `facts`) and prints the table."""
     final_iterate = evaluation or validate(agent)

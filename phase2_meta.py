@@ -170,14 +170,16 @@ def main(args: Args) -> dict:
     specialists, owner = load_specialists(args.specialists_dir, train, device)
     fingerprint_at_load = parameter_fingerprint(specialists)
     num_specialists = len(specialists.names)
-    envs = PortfolioEnv(train, cfg, args.num_envs, device=device, seed=seed, torch_mode=True, check_actions=False,
-                        compiled=compiled)  # fmt: skip
+    envs = PortfolioEnv(
+        train, cfg, args.num_envs, device=device, seed=seed, torch_mode=True, check_actions=False, compiled=compiled
+    )
     # The twin: the same rows (same seed, so the same start bars and episode ends) trading the starting point.
     # Its reward does not depend on the meta-controller's actions (the market path and the specialists' own
     # books are the same), so subtracting it leaves the optimal policy unchanged and cancels the market noise
     # both books share: a control variate that makes a small tilt of the allocation measurable.
-    twin = PortfolioEnv(train, cfg, args.num_envs, device=device, seed=seed, torch_mode=True, check_actions=False,
-                        compiled=compiled)  # fmt: skip
+    twin = PortfolioEnv(
+        train, cfg, args.num_envs, device=device, seed=seed, torch_mode=True, check_actions=False, compiled=compiled
+    )
     for note in envs.limit_notes:
         log.warning("risk limit: %s", note)
     val_tables = build_tables(val, cfg, device)
@@ -193,15 +195,17 @@ def main(args: Args) -> dict:
     start_rule = None  # risk timing: the rule the meta-controller starts from, picked on the validation split
     if args.risk_timing:
         # picked once, on the validation split, for the starting point and every validation's baselines
-        references["timings"] = validation_timings(specialists, val, cfg, trend, vol_levels, device,
-                                                   args.eval_segments, val_tables)  # fmt: skip
+        references["timings"] = validation_timings(
+            specialists, val, cfg, trend, vol_levels, device, args.eval_segments, val_tables
+        )
         start_rule = timing_spec(vol_levels, references["timings"]["vol_managed_equal_allocation"])
         log.info("risk timing: a factor over vol_managed_equal_allocation (half-life %d, power %d, picked on val)",
                  start_rule["half_life"], start_rule["power"])  # fmt: skip
     num_rows = args.num_envs
     meta_obs_size = meta_observation_size(envs.portfolio_obs_size, num_specialists, timed=start_rule is not None)
-    meta = MetaController(meta_obs_size, num_specialists, args.hidden_size, allocation_rate=args.allocation_rate,
-                          timing=start_rule).to(device)  # fmt: skip
+    meta = MetaController(
+        meta_obs_size, num_specialists, args.hidden_size, allocation_rate=args.allocation_rate, timing=start_rule
+    ).to(device)
     risk = None if start_rule is None else risk_features(start_rule, train, device)  # [T, H + 1], training market
     distributed.broadcast_module(meta, world)
     optimizer = FlatAdam(meta.parameters(), lr=args.learning_rate, eps=1e-5)  # Adam, stepped as one tensor
@@ -229,11 +233,13 @@ def main(args: Args) -> dict:
     final_portfolio = torch.zeros((args.num_steps, num_rows, envs.portfolio_obs_size), device=device)
     final_held = torch.zeros((args.num_steps, num_rows, 2 * num_specialists + 1), device=device)  # the tracker's part
     final_risk = None if risk is None else torch.zeros((args.num_steps, num_rows, risk.shape[1]), device=device)
-    final_inst_obs = torch.zeros((args.num_steps, num_rows, *envs.single_observation_space["instruments"].shape),
-                                 device=device)  # fmt: skip
+    final_inst_obs = torch.zeros(
+        (args.num_steps, num_rows, *envs.single_observation_space["instruments"].shape), device=device
+    )
     meta_actions = torch.zeros((args.num_steps, num_rows, num_specialists + 1), device=device)
-    meta_logprobs, meta_values, rewards, truncs = (torch.zeros((args.num_steps, num_rows), device=device)
-                                                   for _ in range(4))  # fmt: skip
+    meta_logprobs, meta_values, rewards, truncs = (
+        torch.zeros((args.num_steps, num_rows), device=device) for _ in range(4)
+    )
 
     start_iteration, global_step = 1, 0
     best = {"sharpe": -float("inf"), "iteration": 0, "model": None}
@@ -250,8 +256,9 @@ def main(args: Args) -> dict:
             was = "with" if "timing" in state else "without"
             raise ckpt.CheckpointError(f"{args.output_dir}/latest.pt was trained {was} --risk-timing: resume with "
                                        f"the same setting (or start a new run)")  # fmt: skip
-        start_iteration, global_step, best = restore(state, mine, log, {"model": meta, "optimizer": optimizer},
-                                                     {"env": envs, "twin": twin, "tracker": tracker})  # fmt: skip
+        start_iteration, global_step, best = restore(
+            state, mine, log, {"model": meta, "optimizer": optimizer}, {"env": envs, "twin": twin, "tracker": tracker}
+        )
         next_obs = envs.observe()
         if "rollout" in mine:  # (latest.pt files from before the episode sums were kept have none)
             rollout.load_state_dict(mine["rollout"])
@@ -259,8 +266,9 @@ def main(args: Args) -> dict:
              specialists.names, world.size, num_rows, args.num_steps, num_iterations, device)  # fmt: skip
 
     own_steps = state["step_files"] if args.resume else None  # pruning counts only this run's step files
-    run = Run(args, "phase2", world, device, log, num_iterations, steps_per_iteration, start_iteration, global_step,
-              own_steps)  # fmt: skip
+    run = Run(
+        args, "phase2", world, device, log, num_iterations, steps_per_iteration, start_iteration, global_step, own_steps
+    )
     report = None
     if not args.resume and world.is_main:  # the starting point (the equal allocation) is a candidate for best.pt
         report = validate(meta)
@@ -290,8 +298,9 @@ def main(args: Args) -> dict:
             reward, twin_reward = meta_reward(env_reward, info), None
             if args.paired_baseline:  # the starting point (allocation and appetite), same positions, same path
                 start = equal if base is None else (equal[0], base)
-                _, twin_env_reward, _, _, twin_info = twin.step(compose_weights(*start, positions, owner, max_position),
-                                                                positions, observe=False)  # fmt: skip
+                _, twin_env_reward, _, _, twin_info = twin.step(
+                    compose_weights(*start, positions, owner, max_position), positions, observe=False
+                )
                 twin_reward = meta_reward(twin_env_reward, twin_info)
             rewards[step] = reward if twin_reward is None else reward - twin_reward
             truncs[step] = truncated.float()
@@ -314,8 +323,9 @@ def main(args: Args) -> dict:
             next_positions = specialists.positions(next_obs["instruments"], owner)
             next_evidence = None if risk is None else risk.index_select(0, envs.bar)
             next_meta_value = meta.get_value(tracker.observe(next_obs["portfolio"], next_positions, next_evidence))
-            meta_adv = gae(rewards, meta_values, final_meta_values, next_meta_value, truncs, args.gamma,
-                           args.gae_lambda)  # fmt: skip
+            meta_adv = gae(
+                rewards, meta_values, final_meta_values, next_meta_value, truncs, args.gamma, args.gae_lambda
+            )
             meta_returns = meta_adv + meta_values
 
         # flatten the batch
@@ -374,8 +384,9 @@ def main(args: Args) -> dict:
     return result
 
 
-def final_evaluation(args: Args, meta: MetaController, best: dict, report: dict | None, validate, val, facts: dict,
-                     log) -> dict:  # fmt: skip
+def final_evaluation(
+    args: Args, meta: MetaController, best: dict, report: dict | None, validate, val, facts: dict, log
+) -> dict:
     """The best meta-controller (what `best.pt` holds) on the validation split; writes `metrics.json`
     (with the run's `facts`) and prints the report."""
     if report is None:  # resumed after the last iteration's checkpoint: validate the final iterate again

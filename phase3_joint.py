@@ -220,8 +220,9 @@ def main(args: Args) -> dict:
     groups = [{"params": list(meta.parameters()), "name": "meta"},
               {"params": list(specialists.parameters()), "name": "specialists"}]  # fmt: skip
     optimizer = FlatAdam(groups, lr=args.learning_rate, eps=1e-5)  # Adam, each group stepped as one tensor
-    schedule = UpdateSchedule(args.meta_update_freq if coordinate else 1,
-                              args.specialist_update_freq if coordinate else 1)  # fmt: skip
+    schedule = UpdateSchedule(
+        args.meta_update_freq if coordinate else 1, args.specialist_update_freq if coordinate else 1
+    )
     adaptive = AdaptiveLR({"meta": args.learning_rate, "specialists": args.learning_rate})
     curriculum = Curriculum(threshold=args.curriculum_threshold, enabled=args.curriculum_learning)
     schedules = {"optimizer": optimizer, "curriculum": curriculum, "adaptive_lr": adaptive}  # saved in latest.pt
@@ -260,8 +261,9 @@ def main(args: Args) -> dict:
         """The specialists' third objective on one minibatch: their critics' value loss and the entropy bonus."""
         with autocast(args.amp, device):
             value, log_std = specialists.value_per_slot(mb_obs, owner), specialists.log_std[owner, 0, 0]
-            dist = torch.distributions.Normal(torch.zeros_like(value), log_std.exp().expand_as(value),
-                                              validate_args=False)  # fmt: skip
+            dist = torch.distributions.Normal(
+                torch.zeros_like(value), log_std.exp().expand_as(value), validate_args=False
+            )
             return args.vf_coef * 0.5 * ((value - mb_own_returns) ** 2).mean() - args.ent_coef * dist.entropy().mean()
 
     update = JointUpdate(meta, specialists, optimizer, meta_loss, specialist_policy_objectives,
@@ -299,12 +301,14 @@ def main(args: Args) -> dict:
     final_risk = None if risk is None else torch.zeros((args.num_steps, num_rows, risk.shape[1]), device=device)
     final_inst_obs = torch.zeros((args.num_steps, num_rows, num_instruments, obs_size), device=device)
     meta_actions = torch.zeros((args.num_steps, num_rows, num_specialists + 1), device=device)
-    meta_logprobs, meta_values, rewards, truncs = (torch.zeros((args.num_steps, num_rows), device=device)
-                                                   for _ in range(4))  # fmt: skip
+    meta_logprobs, meta_values, rewards, truncs = (
+        torch.zeros((args.num_steps, num_rows), device=device) for _ in range(4)
+    )
     # the specialists' rollout (Phase 3 trains them too)
     inst_obs = torch.zeros((args.num_steps, num_rows, num_instruments, obs_size), device=device)
     spec_actions, spec_logprobs, spec_values, own_rewards = (
-        torch.zeros((args.num_steps, num_rows, num_instruments), device=device) for _ in range(4))  # fmt: skip
+        torch.zeros((args.num_steps, num_rows, num_instruments), device=device) for _ in range(4)
+    )
 
     start_iteration, global_step = 1, 0
     best = {"sharpe": -float("inf"), "iteration": 0, "specialists": None, "meta": None}
@@ -322,8 +326,9 @@ def main(args: Args) -> dict:
         level = curriculum.get_difficulty_level(state["global_step"])
         envs, twin, risk = make_envs(level)  # the resumed curriculum level's market
         models = {"specialists": specialists, "meta": meta}
-        start_iteration, global_step, best = restore(state, mine, log, {**models, **schedules},
-                                                     {"env": envs, "twin": twin, "tracker": tracker})  # fmt: skip
+        start_iteration, global_step, best = restore(
+            state, mine, log, {**models, **schedules}, {"env": envs, "twin": twin, "tracker": tracker}
+        )
         prev_positions = mine["prev_positions"].to(device)
         next_obs = envs.observe()
         if "rollout" in mine:  # (latest.pt files from before the episode sums were kept have none)
@@ -334,8 +339,9 @@ def main(args: Args) -> dict:
              args.curriculum_learning)  # fmt: skip
 
     own_steps = state["step_files"] if args.resume else None  # pruning counts only this run's step files
-    run = Run(args, "phase3", world, device, log, num_iterations, steps_per_iteration, start_iteration, global_step,
-              own_steps)  # fmt: skip
+    run = Run(
+        args, "phase3", world, device, log, num_iterations, steps_per_iteration, start_iteration, global_step, own_steps
+    )
     report = None
     if not args.resume and world.is_main:  # the starting point (Phases 1 and 2) is a candidate for best.pt
         report = validate(specialists, meta)
@@ -380,8 +386,9 @@ def main(args: Args) -> dict:
             reward, twin_reward = meta_reward(env_reward, info), None
             if args.paired_baseline:  # the starting point (allocation and appetite), same positions, same path
                 start = equal if base is None else (equal[0], base)
-                _, twin_env_reward, _, _, twin_info = twin.step(compose_weights(*start, positions, owner, max_position),
-                                                                positions, observe=False)  # fmt: skip
+                _, twin_env_reward, _, _, twin_info = twin.step(
+                    compose_weights(*start, positions, owner, max_position), positions, observe=False
+                )
                 twin_reward = meta_reward(twin_env_reward, twin_info)
             rewards[step] = reward if twin_reward is None else reward - twin_reward
             truncs[step] = truncated.float()
@@ -409,8 +416,9 @@ def main(args: Args) -> dict:
             next_positions = specialists.positions(next_obs["instruments"], owner)
             next_evidence = None if risk is None else risk.index_select(0, envs.bar)
             next_meta_value = meta.get_value(tracker.observe(next_obs["portfolio"], next_positions, next_evidence))
-            meta_adv = gae(rewards, meta_values, final_meta_values, next_meta_value, truncs, args.gamma,
-                           args.gae_lambda)  # fmt: skip
+            meta_adv = gae(
+                rewards, meta_values, final_meta_values, next_meta_value, truncs, args.gamma, args.gae_lambda
+            )
             meta_returns = meta_adv + meta_values
             if update_specialists:  # their own objective's advantages, with their own critic
                 final_spec_values = specialists.value_per_slot(final_inst_obs.flatten(0, 1), owner)  # one batch
@@ -427,8 +435,9 @@ def main(args: Args) -> dict:
         if update_specialists:  # their rollout: one row per (step, env row), one slot per instrument
             b_inst_obs = inst_obs.reshape(-1, num_instruments, obs_size)
             b_spec_actions = spec_actions.reshape(-1, num_instruments)
-            b_spec_logprobs, b_own_adv, b_own_returns = (x.reshape(-1, num_instruments)
-                                                         for x in (spec_logprobs, own_adv, own_returns))  # fmt: skip
+            b_spec_logprobs, b_own_adv, b_own_returns = (
+                x.reshape(-1, num_instruments) for x in (spec_logprobs, own_adv, own_returns)
+            )
         stats = {"conflicts": [], "cosine": [], "norm_meta": [], "norm_specialists": [], "pg": []}
         clipfracs = []
         meta_rollout = (b_meta_obs, b_meta_actions, b_meta_logprobs, b_meta_adv, b_meta_returns)
@@ -437,8 +446,9 @@ def main(args: Args) -> dict:
         for _epoch in range(args.n_epochs if update_meta or update_specialists else 0):
             for mb in minibatches(steps_per_iteration, args.minibatch_size, device):  # a fresh shuffle each epoch
                 run.watch.minibatches += 1
-                meta_stats, specialist_pg, coordination = update(mb, meta_rollout, specialist_rollout, update_meta,
-                                                                 update_specialists)  # fmt: skip
+                meta_stats, specialist_pg, coordination = update(
+                    mb, meta_rollout, specialist_rollout, update_meta, update_specialists
+                )
                 meta_pg, meta_v_loss, meta_entropy, approx_kl, clipfrac = meta_stats
                 clipfracs.append(clipfrac)
                 if specialist_pg is not None:
@@ -478,8 +488,9 @@ def main(args: Args) -> dict:
                 adaptive.step(sharpe)
             new_level = curriculum.update_curriculum({"val_sharpe": sharpe})
             if new_level != level:
-                log.info("curriculum: level %d -> %d at step %d (rolling validation Sharpe)", level, new_level,
-                         global_step)  # fmt: skip
+                log.info(
+                    "curriculum: level %d -> %d at step %d (rolling validation Sharpe)", level, new_level, global_step
+                )
                 level = new_level
                 envs, twin, risk = make_envs(level)
                 next_obs, _ = envs.reset(seed=seed + iteration)
@@ -508,8 +519,9 @@ def main(args: Args) -> dict:
     facts = {"gradient_coordination": coordinate, "curriculum_learning": args.curriculum_learning,
              "curriculum_level": level, "global_step": global_step, "config_hash": cfg.hash(), "seed": args.seed,
              "timing": timing, "ranks": ranks}  # fmt: skip
-    result = final_evaluation(args, specialists, meta, owner, best, report, validate, val, cfg, device, val_tables,
-                              facts, log)  # fmt: skip
+    result = final_evaluation(
+        args, specialists, meta, owner, best, report, validate, val, cfg, device, val_tables, facts, log
+    )
     run.writer.close()
     return result
 
@@ -539,7 +551,7 @@ def final_evaluation(args: Args, specialists, meta, owner, best: dict, report: d
         "final_iterate": {"portfolio": report["portfolio"]},
         "phase2_sharpe": json.loads(phase2_metrics.read_text())["portfolio"]["sharpe"]
         if phase2_metrics.is_file()
-        else None,  # fmt: skip
+        else None,
         **facts,
     }
     ckpt.atomic_write_json(Path(args.output_dir) / "metrics.json", result)
