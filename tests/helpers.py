@@ -22,7 +22,7 @@ from mtq_common.data.synthetic import generate_market
 from mtq_common.data.tables import build_tables
 from mtq_common.envs.portfolio_env import PortfolioEnv
 from mtq_common.envs.trading_env import instrument_obs_size, position_column
-from mtq_common.training.config import Config
+from mtq_common.training.config import Config, default_instruments
 
 REPO = Path(__file__).resolve().parent.parent
 # the smallest PPO shapes the phase scripts accept (test budgets)
@@ -50,6 +50,19 @@ def write_config(path: Path, overrides: dict | None = None) -> Path:
             config[section] = values
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def signal_config(path: Path, signals: dict[str, float]) -> Path:
+    """The built-in instruments, each with the latent drift `signals[its sector]` (0: pure noise), no sector
+    limit, 4,000 training and 2,000 validation bars: the planted markets of the learning tests."""
+    specs = default_instruments()
+    instruments = {s: {"sector": spec.sector, "signal": signals[spec.sector]} for s, spec in specs.items()}
+    overrides = {
+        "environment": {"max_sector_allocation": 1.0},
+        "instruments": instruments,
+        "data": {"synthetic": {"train_bars": 4000, "val_bars": 2000}},
+    }
+    return write_config(path, overrides)
 
 
 def prepare(tmp: Path, config: Path | None, p1: dict | None = None, p2: dict | None = None) -> tuple[Path, Path]:

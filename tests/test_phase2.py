@@ -15,7 +15,7 @@ from mtq_common.agents.nets import SpecialistAgents
 from mtq_common.agents.rollout_stats import PortfolioRolloutStats
 from mtq_common.training.checkpoint import CheckpointError, parameter_fingerprint
 from mtq_common.training.settings import load_config
-from tests.helpers import SMALL, run_cli, tensorboard_scalars, tensorboard_tags, write_config
+from tests.helpers import SMALL, run_cli, signal_config, tensorboard_scalars, tensorboard_tags, write_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -134,15 +134,7 @@ def test_the_starting_point_is_a_candidate_for_best(tiny, risk_timing):
 
 def market_config(path: Path, noise_classes: tuple[str, ...]) -> Path:
     """Every asset class with a strong latent drift except `noise_classes` (pure noise); no sector limit."""
-    sectors = {"EURUSD": "forex", "GBPUSD": "forex", "USDJPY": "forex", "XAUUSD": "commodities",
-               "WTIUSD": "commodities", "SPX500": "equity", "NAS100": "equity", "US30": "equity"}  # fmt: skip
-    instruments = {s: {"sector": k, "signal": 0.0 if k in noise_classes else 2.0} for s, k in sectors.items()}
-    overrides = {
-        "environment": {"max_sector_allocation": 1.0},
-        "instruments": instruments,
-        "data": {"synthetic": {"train_bars": 4000, "val_bars": 2000}},
-    }
-    return write_config(path, overrides)
+    return signal_config(path, {k: 0.0 if k in noise_classes else 2.0 for k in ("forex", "commodities", "equity")})
 
 
 ROUTING_SEED = 1  # seeds 1, 2 and 3 were tried; see docs/reference.md (Phase 2) for their figures

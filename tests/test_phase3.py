@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import phase3_joint
-from tests.helpers import SMALL, run_cli, tensorboard_tags
+from tests.helpers import SMALL, prepare, run_cli, signal_config, tensorboard_tags
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -113,10 +113,6 @@ def test_missing_outputs_are_clear_errors(tiny, tmp_path, missing):
     assert "checkpoint not found" in stderr and script in stderr and "Traceback" not in stderr
 
 
-SIGNAL_SECTORS = {"EURUSD": "forex", "GBPUSD": "forex", "USDJPY": "forex", "XAUUSD": "commodities",
-                  "WTIUSD": "commodities", "SPX500": "equity", "NAS100": "equity", "US30": "equity"}  # fmt: skip
-
-
 def test_fine_tuning_improves_what_phase2_cannot_change(tmp_path):
     """A learning test that fails if Phase 3 returns its starting point. Every instrument carries a planted,
     learnable drift (signal 1.0); the specialists had one Phase 1 iteration (2,048 steps: barely trained) and
@@ -124,13 +120,7 @@ def test_fine_tuning_improves_what_phase2_cannot_change(tmp_path):
     Sharpe must rise well above the starting point's, in the iterate it selects and in the final one (which
     no selection picks). Measured for seeds 1, 2, 3: start 1.89 / 3.06 / 3.23, best +2.0 / +1.5 / +1.0,
     final +1.8 / +1.3 / +1.0 (2-core CPU)."""
-    from tests.helpers import prepare, write_config
-
-    config = write_config(tmp_path / "signal.yaml", {
-        "environment": {"max_sector_allocation": 1.0},
-        "instruments": {s: {"sector": k, "signal": 1.0} for s, k in SIGNAL_SECTORS.items()},
-        "data": {"synthetic": {"train_bars": 4000, "val_bars": 2000}},
-    })  # fmt: skip
+    config = signal_config(tmp_path / "signal.yaml", dict.fromkeys(("forex", "commodities", "equity"), 1.0))
     budget = dict(num_envs=32, num_steps=64, minibatch_size=256, n_epochs=4, eval_segments=64, seed=1)
     dirs = prepare(tmp_path, config, p1={**budget, "timesteps": 2048}, p2={**budget, "timesteps": 4096})
     metrics = phase3(tmp_path, config, dirs, **budget, timesteps=20480, eval_interval=5, curriculum_learning=False,
