@@ -7,7 +7,7 @@ process, under `torch.profiler` (CPU ops). Reported per phase:
 * the script's wall time under the profiler and its PPO minibatches;
 * the aten calls it dispatched (nested calls included), in all and per minibatch (the whole run's calls
   over its minibatches: the rollout, the validation and the start-up are spread over them);
-* the time of the **dense kernels** (`DENSE`: the matmuls, `tanh` and its backward), the time inside
+* the time of the **dense kernels** (`DENSE`: the matmuls, the activation and its backward), the time inside
   outermost ops (every thread; the autograd engine's steps included), and the main thread's time outside
   any op (Python between the calls, and the profiler's own work);
 * the dense kernels' seconds scaled to `--pipeline-timesteps` by the environment steps.
@@ -33,8 +33,11 @@ from pathlib import Path
 
 from benchmarks.timed_runs import PHASES, SCRIPTS, phase_flags
 
-DENSE = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::tanh", "aten::tanh_backward")
-"""The arithmetic of the networks: their matmuls (forward and backward) and their activation."""
+MATMULS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")
+ACTIVATIONS = ("aten::sigmoid", "aten::sigmoid_backward", "aten::tanh", "aten::tanh_backward")
+DENSE = MATMULS + ACTIVATIONS
+"""The arithmetic of the networks: their matmuls (forward and backward) and their activation (`nets.tanh`, a
+sigmoid; `tanh` for scripts that call torch's own)."""
 
 
 def census(profiler, wall: float) -> dict:
