@@ -45,7 +45,6 @@ from mtq_common.agents.ppo import (
     gae,
     minibatches,
     normalise,
-    truncated_values,
     update_scalars,
 )
 from mtq_common.agents.rollout_stats import PortfolioRolloutStats, log_validation
@@ -277,11 +276,6 @@ def main(args: Args) -> dict:
         ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best["model"], meta, specialists, cfg, args))
     run.watch.lap("validation")  # the starting point's
     guard = DivergenceGuard("phase 2", device)
-
-    def final_meta_value(inst_obs, portfolio, held, evidence):
-        """V of the meta observations rebuilt from a rollout's final-observation parts (the truncated rows')."""
-        return meta.get_value(tracker.assemble(portfolio, specialists.positions(inst_obs, owner), held, evidence))
-
     for iteration in range(start_iteration, num_iterations + 1):
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
@@ -322,9 +316,10 @@ def main(args: Args) -> dict:
 
         # bootstrap value if not done: a truncated row continues from V(final obs), not from zero
         with torch.no_grad():
-            final_meta_values = truncated_values(
-                truncs, final_meta_value, final_inst_obs, final_portfolio, final_held, final_risk
-            )
+            final_positions = specialists.positions(final_inst_obs.flatten(0, 1), owner)  # one batch
+            final_meta_obs = tracker.assemble(final_portfolio.flatten(0, 1), final_positions, final_held.flatten(0, 1),
+                                              None if risk is None else final_risk.flatten(0, 1))  # fmt: skip
+            final_meta_values = meta.get_value(final_meta_obs).view(args.num_steps, num_rows)
             next_positions = specialists.positions(next_obs["instruments"], owner)
             next_evidence = None if risk is None else risk.index_select(0, envs.bar)
             next_meta_value = meta.get_value(tracker.observe(next_obs["portfolio"], next_positions, next_evidence))

@@ -174,19 +174,6 @@ def gae(rewards, values, final_values, next_value, truncs, gamma: float, lam: fl
     return advantages
 
 
-def truncated_values(truncs: torch.Tensor, value_fn, *final_obs: torch.Tensor | None) -> torch.Tensor:
-    """`gae`'s `final_values`: `value_fn(*final_obs)` at the entries of `truncs` `[S, R]` that are 1, zero elsewhere.
-
-    `final_obs` are the parts of the final observations, `[S, R, ...]` each (None passes through). Why only
-    there: `gae` reads a final value only where a row was truncated, one step in an episode's length, so the
-    bootstrap is a forward pass over those few rows instead of the whole rollout's (41 ms an iteration for
-    the specialists' positions over Phase 3's 8,192 rows, measured on the 2-core CPU)."""
-    done = truncs.reshape(-1).nonzero().squeeze(-1)
-    values = value_fn(*(None if x is None else x.flatten(0, 1).index_select(0, done) for x in final_obs))
-    out = values.new_zeros(truncs.numel(), *values.shape[1:]).index_copy_(0, done, values)
-    return out.view(*truncs.shape, *values.shape[1:])
-
-
 def _mean(x: torch.Tensor, dim: int | None) -> torch.Tensor:
     return x.mean() if dim is None else x.mean(dim)
 
