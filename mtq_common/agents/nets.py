@@ -31,8 +31,7 @@ def tanh(x: torch.Tensor) -> torch.Tensor:
 
     Why: torch's CPU tanh kernel costs about 2.6 ns an element, its sigmoid 0.45 ns (one AVX-512 core, torch
     2.13): on a `[2048, 64]` hidden layer 344 us against 59 us, more than the layer's matmul (182 us); compiled
-    by Inductor, 65 us against 30 us on `[512, 64]`. This form took the default pipeline from 274 s to 222-228 s
-    on the 2-core CPU (docs/benchmarks.md, *Throughput*)."""
+    by Inductor, 65 us against 30 us on `[512, 64]` (what it does to the phases: docs/benchmarks.md, *Throughput*)."""
     return 2.0 * torch.sigmoid(2.0 * x) - 1.0
 
 
