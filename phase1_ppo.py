@@ -197,7 +197,7 @@ def main(args: Args) -> dict:
     def clip(grads):  # each specialist's gradient norm on its own: one's large gradient must not shrink the others'
         clip_components_(grads, args.max_grad_norm)
 
-    update = PPOUpdate([agent], optimizer, ppo_loss, clip, world, compiled, batch_dim=1, stacked=True)  # [K, rows]
+    update = PPOUpdate([agent], optimizer, ppo_loss, clip, world, compiled, batch_dim=1)  # [K, rows]
 
     # ALGO LOGIC: storage setup, (num_steps, specialists, rows per specialist, ...)
     obs = torch.zeros((args.num_steps, num_specialists, rows_per_specialist, obs_size), device=device)

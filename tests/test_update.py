@@ -42,7 +42,7 @@ def test_the_compiled_ppo_update_matches_the_eager_one():
     for compiled in (False, True):
         agent, optimizer, loss_fn = specialist_setup()
         update = PPOUpdate([agent], optimizer, loss_fn, lambda grads: clip_components_(grads, 0.5), World(), compiled,
-                           batch_dim=1, stacked=True)  # fmt: skip
+                           batch_dim=1)  # fmt: skip
         torch.manual_seed(2)
         stats = [update(mb, *rollout) for _ in range(2) for mb in minibatches(ROWS, 16, "cpu")]
         results.append((agent.state_dict(), optimizer.state_dict(), stats))

@@ -1,11 +1,11 @@
 """One PPO minibatch update, eager (the reference) or compiled (`--compile`, LeanRL's recipe on any device).
 
 The eager update is CleanRL's: the loss, `loss.backward()`, the gradients averaged over ranks, clipped, one
-Adam step. The compiled update computes the same loss as a function of the optimiser's flat weight tensors
-(`torch.func.grad` of a `torch.func.functional_call`, `WeightsAsInputs`), so the forward pass, the backward
-pass, the clipping and Adam run as one `torch.compile`d graph per minibatch (under torchrun two: the
-gradients, then their application, with the gradient all-reduce between them). No host sync inside; the
-learning rate and Adam's step count are tensors, so a new value never recompiles.
+Adam step. The compiled update computes the same loss as a function of the parameters, as views of the
+optimiser's flat weight tensors (`torch.func.grad` of a `torch.func.functional_call`, `WeightsAsInputs`), so
+the forward pass, the backward pass, the clipping and Adam run as one `torch.compile`d graph per minibatch
+(under torchrun two: the gradients, then their application, with the gradient all-reduce between them). No
+host sync inside; the learning rate and Adam's step count are tensors, so a new value never recompiles.
 
 Why: the networks are small (64 wide), so an eager update is several hundred small ops whose dispatch
 from Python costs more than their arithmetic; compiled, Inductor fuses the element-wise work into a few
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from mtq_common.agents.coordination import coordinate_, grads_of_each
-from mtq_common.agents.ppo import FlatAdam, adam_
+from mtq_common.agents.ppo import FlatAdam, adam_, flat_cat
 from mtq_common.training import distributed
 
 CompileChoice = Literal["auto", "on", "off"]
@@ -68,30 +68,12 @@ def use_compile(choice: CompileChoice, minibatches: int, device: torch.device = 
 
 
 def views(flat: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
-    """`flat` cut into views of the given shapes, in order (a flat gradient seen as its parameters' gradients)."""
+    """`flat` cut into views of the given shapes, in order (a flat weight tensor seen as its parameters)."""
     out, offset = [], 0
     for shape in shapes:
         out.append(flat[offset : offset + shape.numel()].view(shape))
         offset += shape.numel()
     return out
-
-
-def group_major(shapes: list[torch.Size], device=CPU) -> tuple[torch.Tensor, torch.Tensor]:
-    """For a flat tensor laid out parameter by parameter, each parameter stacked `[K, ...]` (the specialists):
-    `(order [K, n], inverse [K n])` with `flat[order]` the same values as a `[K, n]` matrix, one row per group
-    (specialist), and `matrix.reshape(-1)[inverse]` the flat tensor back.
-
-    Why: per-specialist clipping and the conflict projection reduce over each specialist's slice of every
-    parameter. Compiled, a reduction over thirteen strided slices ran as slow loops (1.5 ms for Phase 3's 38k
-    gradients); over one contiguous row per specialist it is a plain vector reduction. The rules themselves
-    (`coordination`) take any list of `[K, ...]` tensors, so they apply to `[matrix]` unchanged.
-    """
-    k, blocks, offset = shapes[0][0], [], 0
-    for shape in shapes:
-        blocks.append((offset + torch.arange(shape.numel(), device=device)).view(k, -1))
-        offset += shape.numel()
-    order = torch.cat(blocks, 1)
-    return order, torch.argsort(order.reshape(-1))
 
 
 class _Holder(nn.Module):
@@ -107,10 +89,17 @@ class _Holder(nn.Module):
 
 
 class WeightsAsInputs:
-    """`fn(*args)` as a function of a `FlatAdam`'s flat weights: `call(flats, *args)` runs `fn` with every
-    parameter of `modules` replaced by its view of `flats` (one tensor per optimiser group), so that
-    `torch.func.grad` differentiates by the very tensors Adam steps. `fn` uses the modules as usual (it holds
-    them in its closure); their buffers (observation statistics) are read as they are."""
+    """`fn(*args)` as a function of the weights of a `FlatAdam`'s groups: `call(params, *args)` runs `fn` with
+    every parameter of `modules` replaced by the tensor given for it (`params[group]`, one tensor per parameter
+    in the group's order: views of the group's flat weights, `split`), so that `torch.func.grad` differentiates
+    by them. `fn` uses the modules as usual (it holds them in its closure); their buffers (observation
+    statistics) are read as they are.
+
+    Why per parameter and not by the flat tensor itself: the gradient of a flat tensor cut into views is
+    assembled, compiled, as one loop over all its elements that tests, for each, which of the dozen views it
+    belongs to (Phase 1's Adam kernel took 0.36 ms of a 1.4 ms minibatch so); per-parameter gradients are
+    concatenated by plain copies for Adam (`flat_cat`), and the clipping and the conflict projection reduce
+    over each parameter as it is."""
 
     def __init__(self, modules: list[nn.Module], optimizer: FlatAdam, fn: Callable):
         self.holder = _Holder(modules, fn)
@@ -118,10 +107,15 @@ class WeightsAsInputs:
         self.names = [[name_of[id(p)] for p in members] for members in optimizer.members]
         self.shapes = [[p.shape for p in members] for members in optimizer.members]
 
-    def __call__(self, flats: list[torch.Tensor], *args):
+    def split(self, flat: torch.Tensor, group: int) -> list[torch.Tensor]:
+        """Group `group`'s flat weights as its parameters (views, detached: the tensors to differentiate by)."""
+        return views(flat.detach(), self.shapes[group])
+
+    def call(self, params: list[list[torch.Tensor]], *args):
+        """`fn(*args)` with the parameters of each optimiser group replaced by `params[group]`."""
         weights = {}
-        for flat, names, shapes in zip(flats, self.names, self.shapes, strict=True):
-            weights.update(zip(names, views(flat, shapes), strict=True))
+        for tensors, names in zip(params, self.names, strict=True):
+            weights.update(zip(names, tensors, strict=True))
         return torch.func.functional_call(self.holder, weights, args)
 
 
@@ -130,8 +124,8 @@ class PPOUpdate:
 
     `loss_fn(*minibatch) -> (loss, stats)` is the phase's loss on the minibatch tensors; `clip_fn(grads)` clips
     a list of gradient tensors in place (per specialist in Phase 1, whole in Phase 2): eager, the per-parameter
-    gradients; compiled, the flat gradient as one tensor, or with `stacked` (parameters stacked `[K, ...]`, as
-    the specialists') as one `[K, n]` matrix (`group_major`).
+    gradients (eager, the `.grad` of each parameter; compiled, the gradient by each parameter's view of the flat
+    weights, `WeightsAsInputs`).
     `update(mb, *rollout)` takes the minibatch's row indices and the flattened rollout tensors (rows along
     `batch_dim`: the gather happens inside the compiled graph) and returns `stats` (detached tensors, read once
     per iteration by the script's logging). On one process the compiled update is one graph; under torchrun
@@ -139,14 +133,13 @@ class PPOUpdate:
     """
 
     def __init__(self, modules: list[nn.Module], optimizer: FlatAdam, loss_fn: Callable, clip_fn: Callable,
-                 world: distributed.World, compiled: bool, batch_dim: int = 0, stacked: bool = False):  # fmt: skip
+                 world: distributed.World, compiled: bool, batch_dim: int = 0):  # fmt: skip
         if len(optimizer.param_groups) != 1:
             raise ValueError("PPOUpdate steps one parameter group; Phase 3 composes its two (phase3_joint.py)")
         self.optimizer, self.loss_fn, self.clip_fn, self.world = optimizer, loss_fn, clip_fn, world
         self.params, self.compiled, self.batch_dim = optimizer.members[0], compiled, batch_dim
         if compiled:
             self.weights = WeightsAsInputs(modules, optimizer, loss_fn)
-            self.order = group_major([p.shape for p in self.params], self.params[0].device) if stacked else None
             self._step = torch.compile(self._step_of)
             self._gradients = torch.compile(self._gradients_of)
             self._apply = torch.compile(self._apply_of)
@@ -164,29 +157,24 @@ class PPOUpdate:
         weights_and_state = self.optimizer.group_tensors(0)
         if not self.world.enabled:
             return self._step(mb, rollout, *weights_and_state)
-        grad, stats = self._gradients(mb, rollout, weights_and_state[0])
-        distributed.average_([grad], self.world)
-        self._apply(grad, *weights_and_state)
+        grads, stats = self._gradients(mb, rollout, weights_and_state[0])
+        distributed.average_(grads, self.world)
+        self._apply(grads, *weights_and_state)
         return stats
 
     def _step_of(self, mb, rollout, *weights_and_state):
-        grad, stats = self._gradients_of(mb, rollout, weights_and_state[0])
-        self._apply_of(grad, *weights_and_state)
+        grads, stats = self._gradients_of(mb, rollout, weights_and_state[0])
+        self._apply_of(grads, *weights_and_state)
         return stats
 
     def _gradients_of(self, mb, rollout, flat):
         minibatch = [x.index_select(self.batch_dim, mb) for x in rollout]
-        return torch.func.grad(lambda w: self.weights([w], *minibatch), has_aux=True)(flat.detach())
+        params = self.weights.split(flat, 0)
+        return torch.func.grad(lambda ps: self.weights.call([ps], *minibatch), has_aux=True)(params)
 
-    def _apply_of(self, grad, flat, exp_avg, exp_avg_sq, step, lr) -> None:
-        if self.order is None:
-            self.clip_fn([grad])
-        else:
-            order, inverse = self.order
-            matrix = grad[order]
-            self.clip_fn([matrix])
-            grad = matrix.reshape(-1)[inverse]
-        adam_(flat, exp_avg, exp_avg_sq, step, lr, grad, *self.optimizer.group_constants(0))
+    def _apply_of(self, grads, flat, exp_avg, exp_avg_sq, step, lr) -> None:
+        self.clip_fn(grads)
+        adam_(flat, exp_avg, exp_avg_sq, step, lr, flat_cat(grads), *self.optimizer.group_constants(0))
 
 
 class JointUpdate:
@@ -214,7 +202,6 @@ class JointUpdate:
         self.max_norm, self.coordinate = max_norm, coordinate
         self.meta_params, self.specialist_params = optimizer.members  # (the order of the groups)
         if compiled:
-            self.order = group_major([p.shape for p in self.specialist_params], self.specialist_params[0].device)
             self.meta_weights = WeightsAsInputs([meta, specialists], optimizer, meta_loss_fn)
             self.policy_weights = WeightsAsInputs([meta, specialists], optimizer, policy_fn)
             self.value_weights = WeightsAsInputs([meta, specialists], optimizer, value_fn)
@@ -249,42 +236,40 @@ class JointUpdate:
         state = [self.optimizer.group_tensors(i) for i in (0, 1)]  # (flat weights, moments, step, rate) per group
         if not self.world.enabled:
             return self._step(meta_batch, specialist_batch, update_meta, state)
-        meta_grad, objectives, meta_stats, specialist_stats = self._gradients(meta_batch, specialist_batch,
-                                                                              update_meta, state)  # fmt: skip
-        distributed.average_([g for g in (meta_grad, objectives) if g is not None], self.world)
-        stats = self._apply(meta_grad, objectives, state)
+        meta_grads, objectives, meta_stats, specialist_stats = self._gradients(meta_batch, specialist_batch,
+                                                                               update_meta, state)  # fmt: skip
+        distributed.average_([*(meta_grads or []), *(g for grads in objectives or [] for g in grads)], self.world)
+        stats = self._apply(meta_grads, objectives, state)
         return meta_stats, specialist_stats, stats
 
     def _step_of(self, meta_batch, specialist_batch, update_meta, state):
-        meta_grad, objectives, meta_stats, specialist_stats = self._gradients_of(meta_batch, specialist_batch,
-                                                                                 update_meta, state)  # fmt: skip
-        return meta_stats, specialist_stats, self._apply_of(meta_grad, objectives, state)
+        meta_grads, objectives, meta_stats, specialist_stats = self._gradients_of(meta_batch, specialist_batch,
+                                                                                  update_meta, state)  # fmt: skip
+        return meta_stats, specialist_stats, self._apply_of(meta_grads, objectives, state)
 
     def _gradients_of(self, meta_batch, specialist_batch, update_meta, state):
-        meta_flat, specialist_flat = (group[0].detach() for group in state)
-        meta_grad = specialist_grads = specialist_stats = None
+        meta, specialists = (self.meta_weights.split(state[i][0], i) for i in (0, 1))
+        meta_grads = objectives = specialist_stats = None
         if update_meta:
-            meta_grad, meta_stats = torch.func.grad(lambda w: self.meta_weights([w, specialist_flat], *meta_batch),
-                                                    has_aux=True)(meta_flat)  # fmt: skip
+            meta_grads, meta_stats = torch.func.grad(
+                lambda ps: self.meta_weights.call([ps, specialists], *meta_batch), has_aux=True
+            )(meta)
         else:
-            meta_stats = self.meta_weights([meta_flat, specialist_flat], *meta_batch)[1]
-        if specialist_batch is not None:  # [3, weights]: both policy objectives' gradients in one batched pass
+            meta_stats = self.meta_weights.call([meta, specialists], *meta_batch)[1]
+        if specialist_batch is not None:  # both policy objectives' gradients in one batched pass: [2, K, ...] each
             policy_grads, specialist_stats = torch.func.jacrev(
-                lambda w: self.policy_weights([meta_flat, w], *specialist_batch), has_aux=True
-            )(specialist_flat)
-            value_grad = torch.func.grad(lambda w: self.value_weights([meta_flat, w], *specialist_batch))(
-                specialist_flat
+                lambda ps: self.policy_weights.call([meta, ps], *specialist_batch), has_aux=True
+            )(specialists)
+            value_grads = torch.func.grad(lambda ps: self.value_weights.call([meta, ps], *specialist_batch))(
+                specialists
             )
-            specialist_grads = torch.cat([policy_grads, value_grad.unsqueeze(0)])
-        return meta_grad, specialist_grads, meta_stats, specialist_stats
+            objectives = [[g[0] for g in policy_grads], [g[1] for g in policy_grads], value_grads]
+        return meta_grads, objectives, meta_stats, specialist_stats
 
-    def _apply_of(self, meta_grad, objectives, state) -> dict:
-        order, inverse = self.order
-        meta = None if meta_grad is None else [meta_grad]
-        per_objective = None if objectives is None else [[g[order]] for g in objectives.unbind()]  # [K, n] each
-        specialists, stats = coordinate_(meta, per_objective, self.max_norm, self.coordinate)
-        if meta_grad is not None:
-            adam_(*state[0], meta_grad, *self.optimizer.group_constants(0))
+    def _apply_of(self, meta_grads, objectives, state) -> dict:
+        specialists, stats = coordinate_(meta_grads, objectives, self.max_norm, self.coordinate)
+        if meta_grads is not None:
+            adam_(*state[0], flat_cat(meta_grads), *self.optimizer.group_constants(0))
         if specialists is not None:
-            adam_(*state[1], specialists[0].reshape(-1)[inverse], *self.optimizer.group_constants(1))
+            adam_(*state[1], flat_cat(specialists), *self.optimizer.group_constants(1))
         return stats
