@@ -123,9 +123,8 @@ class PPOUpdate:
     """A minibatch's update of the modules one optimiser group holds (Phases 1 and 2).
 
     `loss_fn(*minibatch) -> (loss, stats)` is the phase's loss on the minibatch tensors; `clip_fn(grads)` clips
-    a list of gradient tensors in place (per specialist in Phase 1, whole in Phase 2): eager, the per-parameter
-    gradients (eager, the `.grad` of each parameter; compiled, the gradient by each parameter's view of the flat
-    weights, `WeightsAsInputs`).
+    the per-parameter gradients in place (per specialist in Phase 1, whole in Phase 2): eager, each parameter's
+    `.grad`; compiled, the gradient by each parameter's view of the flat weights (`WeightsAsInputs`).
     `update(mb, *rollout)` takes the minibatch's row indices and the flattened rollout tensors (rows along
     `batch_dim`: the gather happens inside the compiled graph) and returns `stats` (detached tensors, read once
     per iteration by the script's logging). On one process the compiled update is one graph; under torchrun
