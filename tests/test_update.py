@@ -19,6 +19,20 @@ def close(a: torch.Tensor, b: torch.Tensor, msg: str = "") -> None:
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=msg)
 
 
+def world_of(ranks: int, monkeypatch) -> tuple[World, list]:
+    """One process, or two ranks with the same data: then the all-reduce is the identity, and the compiled update
+    runs as under torchrun (two graphs around it). The stand-in records what it was given."""
+    if ranks == 1:
+        return World(), []
+    given = []
+
+    def average_(tensors, world):
+        given.append([t.shape for t in tensors])
+
+    monkeypatch.setattr("mtq_common.agents.update.distributed.average_", average_)
+    return World(size=ranks), given
+
+
 def specialist_setup():
     torch.manual_seed(0)
     agent = SpecialistAgents(["a", "b", "c"], OBS, hidden=8)
@@ -33,7 +47,11 @@ def specialist_setup():
     return agent, optimizer, loss_fn
 
 
-def test_the_compiled_ppo_update_matches_the_eager_one():
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_the_compiled_ppo_update_matches_the_eager_one(ranks, monkeypatch):
+    """Phase 1's form (stacked specialists, each clipped on its own); with 2 ranks, the gradients reach the
+    all-reduce per parameter and the two compiled graphs (gradients, then Adam) agree with eager."""
+    world, given = world_of(ranks, monkeypatch)
     g = torch.Generator().manual_seed(1)
     rollout = (torch.randn(3, ROWS, OBS, generator=g), torch.randn(3, ROWS, generator=g),
                torch.randn(3, ROWS, generator=g) - 1, torch.randn(3, ROWS, generator=g),
@@ -41,7 +59,7 @@ def test_the_compiled_ppo_update_matches_the_eager_one():
     results = []
     for compiled in (False, True):
         agent, optimizer, loss_fn = specialist_setup()
-        update = PPOUpdate([agent], optimizer, loss_fn, lambda grads: clip_components_(grads, 0.5), World(), compiled,
+        update = PPOUpdate([agent], optimizer, loss_fn, lambda grads: clip_components_(grads, 0.5), world, compiled,
                            batch_dim=1)  # fmt: skip
         torch.manual_seed(2)
         stats = [update(mb, *rollout) for _ in range(2) for mb in minibatches(ROWS, 16, "cpu")]
@@ -54,11 +72,17 @@ def test_the_compiled_ppo_update_matches_the_eager_one():
         close(fused_opt["state"][0][key], eager_opt["state"][0][key], key)
     for a, b in zip(eager_stats, fused_stats, strict=True):
         close(torch.stack(b), torch.stack(a))
+    if ranks == 2:  # every minibatch (two epochs of four), eager and compiled, one gradient per parameter
+        shapes = [p.shape for p in specialist_setup()[0].parameters()]
+        assert given == [shapes] * (2 * 2 * (ROWS // 16))
 
 
-def test_the_compiled_joint_update_matches_the_eager_one():
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_the_compiled_joint_update_matches_the_eager_one(ranks, monkeypatch):
     """Phase 3's two levels: the meta gradient, the specialists' three objectives kept apart (one batched pass
-    compiled, three passes eager), the conflict projection, the clipping and Adam on both groups."""
+    compiled, three passes eager), the conflict projection, the clipping and Adam on both groups; with 2 ranks,
+    the compiled update's two graphs around the all-reduce."""
+    world, given = world_of(ranks, monkeypatch)
     g = torch.Generator().manual_seed(3)
     meta_rollout = (torch.randn(ROWS, 10, generator=g), torch.randn(ROWS, 4, generator=g),
                     torch.randn(ROWS, generator=g) - 4, torch.randn(ROWS, generator=g),
@@ -90,7 +114,7 @@ def test_the_compiled_joint_update_matches_the_eager_one():
         def value(obs, _actions, _logprobs, _portfolio_adv, _own_adv, returns, specialists=specialists):
             return 0.5 * ((specialists.value_per_slot(obs, OWNER) - returns) ** 2).mean()
 
-        update = JointUpdate(meta, specialists, optimizer, meta_loss, policy, value, 0.5, True, World(), compiled)
+        update = JointUpdate(meta, specialists, optimizer, meta_loss, policy, value, 0.5, True, world, compiled)
         torch.manual_seed(4)
         stats = [update(mb, meta_rollout, specialist_rollout, True, i % 2 == 0)
                  for i, mb in enumerate(minibatches(ROWS, 16, "cpu"))]  # fmt: skip
@@ -110,6 +134,9 @@ def test_the_compiled_joint_update_matches_the_eager_one():
         for key in c_a:
             close(c_b[key].float(), c_a[key].float(), key)
     assert conflicts > 0  # the projection was exercised
+    if ranks == 2:  # compiled: one exchange of the meta gradients and the specialists' three objectives
+        meta_shapes, spec_shapes = ([p.shape for p in m.parameters()] for m in (meta, specialists))
+        assert meta_shapes + 3 * spec_shapes in given and meta_shapes in given
 
 
 def test_the_clip_rules_agree_with_clip_grad_norm():
