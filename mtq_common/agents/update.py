@@ -77,23 +77,22 @@ def views(flat: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
 
 
 class _Holder(nn.Module):
-    """The modules whose weights `fn` reads, under one root, so `functional_call` can swap them by name."""
+    """The modules whose weights a function reads, under one root, so `functional_call` can swap them by name."""
 
-    def __init__(self, modules: list[nn.Module], fn: Callable):
+    def __init__(self, modules: list[nn.Module]):
         super().__init__()
         self.parts = nn.ModuleList(modules)
-        self.fn = fn
 
-    def forward(self, *args):
-        return self.fn(*args)
+    def forward(self, fn: Callable, *args):
+        return fn(*args)
 
 
 class WeightsAsInputs:
-    """`fn(*args)` as a function of the weights of a `FlatAdam`'s groups: `call(params, *args)` runs `fn` with
-    every parameter of `modules` replaced by the tensor given for it (`params[group]`, one tensor per parameter
-    in the group's order: views of the group's flat weights, `split`), so that `torch.func.grad` differentiates
-    by them. `fn` uses the modules as usual (it holds them in its closure); their buffers (observation
-    statistics) are read as they are.
+    """A function of `modules` as a function of the weights of a `FlatAdam`'s groups: `call(fn, params, *args)`
+    runs `fn(*args)` with every parameter of `modules` replaced by the tensor given for it (`params[group]`, one
+    tensor per parameter in the group's order: views of the group's flat weights, `split`), so that
+    `torch.func.grad` differentiates by them. `fn` uses the modules as usual (it holds them in its closure);
+    their buffers (observation statistics) are read as they are.
 
     Why per parameter and not by the flat tensor itself: the gradient of a flat tensor cut into views is
     assembled, compiled, as one loop over all its elements that tests, for each, which of the dozen views it
@@ -101,8 +100,8 @@ class WeightsAsInputs:
     concatenated by plain copies for Adam (`flat_cat`), and the clipping and the conflict projection reduce
     over each parameter as it is."""
 
-    def __init__(self, modules: list[nn.Module], optimizer: FlatAdam, fn: Callable):
-        self.holder = _Holder(modules, fn)
+    def __init__(self, modules: list[nn.Module], optimizer: FlatAdam):
+        self.holder = _Holder(modules)
         name_of = {id(p): name for name, p in self.holder.named_parameters()}
         self.names = [[name_of[id(p)] for p in members] for members in optimizer.members]
         self.shapes = [[p.shape for p in members] for members in optimizer.members]
@@ -111,12 +110,12 @@ class WeightsAsInputs:
         """Group `group`'s flat weights as its parameters (views, detached: the tensors to differentiate by)."""
         return views(flat.detach(), self.shapes[group])
 
-    def call(self, params: list[list[torch.Tensor]], *args):
+    def call(self, fn: Callable, params: list[list[torch.Tensor]], *args):
         """`fn(*args)` with the parameters of each optimiser group replaced by `params[group]`."""
         weights = {}
         for tensors, names in zip(params, self.names, strict=True):
             weights.update(zip(names, tensors, strict=True))
-        return torch.func.functional_call(self.holder, weights, args)
+        return torch.func.functional_call(self.holder, weights, (fn, *args))
 
 
 class PPOUpdate:
@@ -138,7 +137,7 @@ class PPOUpdate:
         self.optimizer, self.loss_fn, self.clip_fn, self.world = optimizer, loss_fn, clip_fn, world
         self.params, self.compiled, self.batch_dim = optimizer.members[0], compiled, batch_dim
         if compiled:
-            self.weights = WeightsAsInputs(modules, optimizer, loss_fn)
+            self.weights = WeightsAsInputs(modules, optimizer)
             self._step = torch.compile(self._step_of)
             self._gradients = torch.compile(self._gradients_of)
             self._apply = torch.compile(self._apply_of)
@@ -169,7 +168,7 @@ class PPOUpdate:
     def _gradients_of(self, mb, rollout, flat):
         minibatch = [x.index_select(self.batch_dim, mb) for x in rollout]
         params = self.weights.split(flat, 0)
-        return torch.func.grad(lambda ps: self.weights.call([ps], *minibatch), has_aux=True)(params)
+        return torch.func.grad(lambda ps: self.weights.call(self.loss_fn, [ps], *minibatch), has_aux=True)(params)
 
     def _apply_of(self, grads, flat, exp_avg, exp_avg_sq, step, lr) -> None:
         self.clip_fn(grads)
@@ -201,9 +200,7 @@ class JointUpdate:
         self.max_norm, self.coordinate = max_norm, coordinate
         self.meta_params, self.specialist_params = optimizer.members  # (the order of the groups)
         if compiled:
-            self.meta_weights = WeightsAsInputs([meta, specialists], optimizer, meta_loss_fn)
-            self.policy_weights = WeightsAsInputs([meta, specialists], optimizer, policy_fn)
-            self.value_weights = WeightsAsInputs([meta, specialists], optimizer, value_fn)
+            self.weights = WeightsAsInputs([meta, specialists], optimizer)
             self._step = torch.compile(self._step_of)
             self._gradients = torch.compile(self._gradients_of)
             self._apply = torch.compile(self._apply_of)
@@ -247,21 +244,20 @@ class JointUpdate:
         return meta_stats, specialist_stats, self._apply_of(meta_grads, objectives, state)
 
     def _gradients_of(self, meta_batch, specialist_batch, update_meta, state):
-        meta, specialists = (self.meta_weights.split(state[i][0], i) for i in (0, 1))
+        call = self.weights.call
+        meta, specialists = (self.weights.split(state[i][0], i) for i in (0, 1))
         meta_grads = objectives = specialist_stats = None
         if update_meta:
             meta_grads, meta_stats = torch.func.grad(
-                lambda ps: self.meta_weights.call([ps, specialists], *meta_batch), has_aux=True
+                lambda ps: call(self.meta_loss_fn, [ps, specialists], *meta_batch), has_aux=True
             )(meta)
         else:
-            meta_stats = self.meta_weights.call([meta, specialists], *meta_batch)[1]
+            meta_stats = call(self.meta_loss_fn, [meta, specialists], *meta_batch)[1]
         if specialist_batch is not None:  # both policy objectives' gradients in one batched pass: [2, K, ...] each
             policy_grads, specialist_stats = torch.func.jacrev(
-                lambda ps: self.policy_weights.call([meta, ps], *specialist_batch), has_aux=True
+                lambda ps: call(self.policy_fn, [meta, ps], *specialist_batch), has_aux=True
             )(specialists)
-            value_grads = torch.func.grad(lambda ps: self.value_weights.call([meta, ps], *specialist_batch))(
-                specialists
-            )
+            value_grads = torch.func.grad(lambda ps: call(self.value_fn, [meta, ps], *specialist_batch))(specialists)
             objectives = [[g[0] for g in policy_grads], [g[1] for g in policy_grads], value_grads]
         return meta_grads, objectives, meta_stats, specialist_stats
 
