@@ -130,7 +130,7 @@ class Args:
     torch_threads: int = 1
     """torch intra-op threads on the CPU (0: torch's default); small-batch PPO is fastest with 1."""
     compile: CompileChoice = "auto"
-    """torch.compile the PPO update (agents/update.py): on, off, or auto (on for runs of 2,000 minibatches or more)."""
+    """torch.compile the PPO update (agents/update.py): on, off, or auto (on for runs of 4,000 minibatches or more)."""
     amp: bool = False
     """bf16 autocast in the PPO update (CUDA only; refused on the CPU)."""
 

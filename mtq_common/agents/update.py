@@ -33,10 +33,12 @@ from mtq_common.training import distributed
 CompileChoice = Literal["auto", "on", "off"]
 CPU = torch.device("cpu")
 
-# Compiling a phase's update takes 15-55 s the first time on a machine and 3-7 s once Inductor's on-disk cache
-# holds it, against 1-5 ms saved per minibatch on the 2-core CPU: 2,000 minibatches about break even warm.
-# Every default phase compiles (Phase 2, the smallest: 11,520); a smoke or test run (hundreds) stays eager.
-COMPILE_MIN_MINIBATCHES = 2000
+# Compiling a phase's update takes 15-55 s the first time on a machine and 4.5-7.5 s once Inductor's on-disk
+# cache holds it (tracing, imports, loading), against 1.25-1.9 ms saved per minibatch on the 2-core CPU: warm,
+# Phase 1 breaks even at about 3,600 minibatches, Phase 2 at 4,200, Phase 3 at 4,000 (measured whole runs,
+# docs/benchmarks.md). Every default phase compiles (Phase 2, the smallest: 11,520); a smoke, test or
+# SB3-sized run stays eager.
+COMPILE_MIN_MINIBATCHES = 4000
 
 
 def compiler_missing(device: torch.device) -> str | None:
