@@ -108,9 +108,8 @@ def scaled_sharpe(scale: torch.Tensor, bt: Backtest, cost: np.ndarray) -> torch.
     previous = torch.cat([torch.zeros_like(scaled[:1]), scaled[:-1]])
     starts = torch.as_tensor(np.arange(len(w)) % bt.segment_length == 0)[:, None]
     previous = torch.where(starts, 0.0, previous)
-    net = (scaled * torch.as_tensor(bt.bar_returns)).sum(-1) - (torch.as_tensor(cost) * (scaled - previous).abs()).sum(
-        -1
-    )
+    returns = (scaled * torch.as_tensor(bt.bar_returns)).sum(-1)
+    net = returns - (torch.as_tensor(cost) * (scaled - previous).abs()).sum(-1)
     return net.mean() / net.std()
 
 
