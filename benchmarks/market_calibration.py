@@ -7,9 +7,12 @@ turnover (plain vectorised backtest: no stop-loss, no risk manager); the table i
 equally weighted portfolio of the eight. These are the reference points the README quotes: the oracle
 (it knows the latent drift) is an upper reference, momentum a plain rule, and the trend filter the rule
 with a no-trade band whose half-life and band are picked on the config's training split (never on the
-path measured here, a fresh one of the `test` stream). `vol_managed_trend_filter` scales the trend filter's
-book by the volatility appetite `min(1, (sigma* / sigma_t)^p)` (levels from the training split, half-life
-and p picked on the validation split, `rules.pick_vol_timing`); the equal allocation and its
+path measured here, a fresh one of the `test` stream). `oracle_sized` knows the drift too and sizes by it,
+`clip(drift / (k sigma_i), -1, 1)` (`sigma_i` the instrument's bar volatility, `k` picked on the training
+split): the ceiling of direction and size together, where the sign oracle is that of direction alone.
+`vol_managed_trend_filter` scales the trend filter's book by the volatility appetite
+`min(1, (sigma* / sigma_t)^p)` (levels from the training split, half-life and p picked on the validation split,
+`rules.pick_vol_timing`); the equal allocation and its
 volatility-managed form need trained specialists and are in the pipeline's reports, not here.
 """
 
@@ -38,6 +41,24 @@ from mtq_common.evaluation.rules import (
 )
 from mtq_common.training.checkpoint import atomic_write_json
 from mtq_common.training.settings import load_config
+
+ORACLE_SCALES = (0.05, 0.1, 0.2, 0.4, 0.8)
+"""Candidate drift-to-volatility ratios `k` at which the sized oracle reaches the position limit."""
+
+
+def sized_oracle_positions(market, k: float) -> np.ndarray:
+    """Positions `clip(drift / (k sigma_i), -1, 1)` [T, N], `sigma_i` the standard deviation of the instrument's bar
+    returns on `market` (synthetic data only: the latent drift is known)."""
+    return np.clip(market.drift / (k * market.returns[1:].std(0)), -1.0, 1.0)
+
+
+def fit_oracle_scale(train, cost: np.ndarray) -> float:
+    """The `k` of `ORACLE_SCALES` whose sized oracle has the best portfolio Sharpe on the training split."""
+
+    def score(k):
+        return sharpe(backtest(sized_oracle_positions(train, k), train.returns, cost).mean(axis=1), train.bars_per_year)
+
+    return max(ORACLE_SCALES, key=score)
 
 
 @dataclass
@@ -76,8 +97,10 @@ def main(args: Args) -> dict:
     timing = pick_vol_timing(val, levels, np.arange(len(val_positions)), (val_positions * val.returns[1:]).sum(-1),
                              val_positions, len(val_positions), cost_rates(val, cfg, "cpu").double().numpy(),
                              cfg.reward.risk_free_rate)  # fmt: skip
+    scale = fit_oracle_scale(splits["train"], cost_rates(splits["train"], cfg, "cpu").double().numpy())
     rules = {
         "oracle": oracle_positions(market.drift),
+        "oracle_sized": sized_oracle_positions(market, scale),
         "trend_filter": trend_filter_positions(market.prices, trend),
         "vol_managed_trend_filter": trend_filter_positions(market.prices, trend)
         * vol_appetite(market, levels, timing)[:, None],
@@ -94,6 +117,7 @@ def main(args: Args) -> dict:
     costs = [round(c, 6) for c in cost.tolist()]
     print(f"drift_half_life={s.drift_half_life} drift_scale={s.drift_scale} cost per unit of turnover={costs}")
     print(f"trend_filter: half-life {trend.half_life}, band {trend.band} (picked on the training split)")
+    print(f"oracle_sized: full position at drift = {scale} x the bar volatility (picked on the training split)")
     print(f"vol_managed_trend_filter: half-life {timing.half_life}, power {timing.power} (picked on the validation "
           f"split, Sharpe there {timing.val_sharpe:.2f})")  # fmt: skip
     header = f"{'rule':<26}" + "".join(f"{x:>10}" for x in [*symbols, "portfolio"])
@@ -101,7 +125,7 @@ def main(args: Args) -> dict:
     for name, row in table.items():
         print(f"{name:<26}" + "".join(f"{v:>10.2f}" for v in row.values()))
     result = {"bars": args.bars, "seed": args.seed, "generate_seconds": seconds, "sharpe": table,
-              "trend_filter": {"half_life": trend.half_life, "band": trend.band},
+              "trend_filter": {"half_life": trend.half_life, "band": trend.band}, "oracle_scale": scale,
               "vol_managed_trend_filter": dataclasses.asdict(timing)}  # fmt: skip
     if args.json:
         atomic_write_json(args.json, result, sort_keys=False)
