@@ -44,7 +44,7 @@ from mtq_common.data.market import MarketData
 from mtq_common.data.splits import load_splits
 from mtq_common.data.synthetic import REGIME_VOL
 from mtq_common.data.tables import cost_rates
-from mtq_common.data.volatility import VolLevels, fit_vol_levels, market_sigma, vol_appetite
+from mtq_common.data.volatility import VolLevels, ewma, fit_vol_levels, market_sigma, vol_appetite
 from mtq_common.evaluation.backtest import Backtest, run_backtests
 from mtq_common.evaluation.bootstrap import paired_sharpe_difference
 from mtq_common.evaluation.portfolio_eval import validation_timings, vol_managed
@@ -73,13 +73,9 @@ class Args:
 
 
 def causal_ewma(x: np.ndarray, half_life: float) -> np.ndarray:
-    """[T]: entry t is the EWMA of x[:t] (what is known before x[t]); 0 at t = 0."""
-    alpha = 1.0 - 0.5 ** (1.0 / half_life)
-    out, level = np.zeros_like(x), 0.0
-    for t in range(len(x)):
-        out[t] = level
-        level += alpha * (x[t] - level)
-    return out
+    """[T]: entry t is the EWMA of x[:t] (what is known before x[t]); 0 at t = 0 (`volatility.ewma`, one bar later)."""
+    before = ewma(x[:-1, None], half_life, np.zeros(1))[:, 0]
+    return np.concatenate([[0.0], before])
 
 
 def timing_features(market: MarketData, levels: VolLevels, bt: Backtest) -> np.ndarray:

@@ -21,11 +21,16 @@ VOL_TIMING_GRID = {"half_life": (10, 20, 60), "power": (1, 2)}
 """The volatility-managed rules' candidates (bars; exponent), picked on the validation split."""
 
 
+def ewma(x: np.ndarray, half_life: float, start: np.ndarray) -> np.ndarray:
+    """Causal EWMA of `x` `[T, N]` from `start` [N]: row t uses rows up to t."""
+    alpha = 1.0 - 0.5 ** (1.0 / half_life)
+    frame = pd.DataFrame(np.vstack([start[None, :], x.astype(np.float64)]))
+    return frame.ewm(alpha=alpha, adjust=False).mean().to_numpy()[1:]
+
+
 def ewma_variance(returns: np.ndarray, half_life: float, start: np.ndarray) -> np.ndarray:
     """Causal EWMA of squared returns `[T, N]` from `start` [N]: row t uses returns up to bar t."""
-    alpha = 1.0 - 0.5 ** (1.0 / half_life)
-    frame = pd.DataFrame(np.vstack([start[None, :], returns.astype(np.float64) ** 2]))
-    return frame.ewm(alpha=alpha, adjust=False).mean().to_numpy()[1:]
+    return ewma(returns.astype(np.float64) ** 2, half_life, start)
 
 
 @dataclass(frozen=True)

@@ -51,8 +51,9 @@ def _row0(x: Any) -> Any:
     if isinstance(x, dict):
         return {k: _row0(v) for k, v in x.items()}
     row = np.asarray(x)[0]
-    # `.item()` gives a Python float/bool/int; `.copy()` so no two calls share a buffer (check_env asserts it)
-    return row.item() if row.ndim == 0 else row.copy()
+    # a NumPy scalar's `tolist()` is a Python float/bool/int; `.copy()` so no two calls share a buffer (check_env
+    # asserts it). (NumPy, one row, after the batched step: no device sync.)
+    return row.tolist() if row.ndim == 0 else row.copy()
 
 
 class _SingleEnvAdapter(gym.Env):
