@@ -164,6 +164,8 @@ class Args:
     """Rolling validation Sharpe that advances the curriculum one level."""
     eval_interval: int = 10
     """Validate (and update best.pt) every this many iterations, and at the end."""
+    patience: int = 3
+    """Stop once this many validations in a row have not beaten best.pt (0: run every iteration)."""
     eval_segments: int = 16
     """Validation split pieces run in parallel, each starting flat (see mtq_common.evaluation.specialist_eval)."""
     eval_episodes: int = 100
@@ -194,6 +196,17 @@ def meta_reward(reward: torch.Tensor, info: dict) -> torch.Tensor:
     return reward
 
 
+def stalled(args: Args, iteration: int, num_iterations: int, best_iteration: int, world, device) -> bool:
+    """Whether fine-tuning stops early after `iteration`: it was a validation before the last iteration, and
+    the last `--patience` of them did not beat best.pt. A fine-tuning that has not improved on its start for
+    that long seldom does later, and a late winner on validation is mostly selection noise (docs/benchmarks.md).
+    Rank 0 holds best.pt and decides for every rank."""
+    if args.patience == 0 or iteration % args.eval_interval or not 0 < iteration < num_iterations:
+        return False  # (every rank takes this branch alike)
+    spent = iteration - best_iteration >= args.patience * args.eval_interval
+    return distributed.broadcast_value(float(spent), world, device) > 0
+
+
 def main(args: Args) -> dict:
     cfg, world, device, log = start_run(args, ALIASES, "phase3")  # config, ranks, log file, threads
     out_dir = Path(args.output_dir)
@@ -203,6 +216,8 @@ def main(args: Args) -> dict:
     compiled = use_compile(args.compile, minibatches_per_run, device, log)  # the update and the environment's step
     if not 0.0 <= args.specialist_portfolio_weight <= 1.0:
         raise ConfigError(f"--specialist-portfolio-weight {args.specialist_portfolio_weight}: accepted 0 to 1")
+    if args.patience < 0:
+        raise ConfigError(f"--patience {args.patience}: accepted 0 (never stop early) or more validations")
 
     # TRY NOT TO MODIFY: seeding (each rank its own environments and noise)
     seed = seed_everything(world.seed(args.seed))
@@ -310,7 +325,7 @@ def main(args: Args) -> dict:
         torch.zeros((args.num_steps, num_rows, num_instruments), device=device) for _ in range(4)
     )
 
-    start_iteration, global_step = 1, 0
+    start_iteration, global_step, early_stop = 1, 0, None
     best = {"sharpe": -float("inf"), "iteration": 0, "specialists": None, "meta": None}
     next_obs, _ = envs.reset(seed=seed)
     twin.reset(seed=seed)
@@ -334,6 +349,8 @@ def main(args: Args) -> dict:
         if "rollout" in mine:  # (latest.pt files from before the episode sums were kept have none)
             rollout.load_state_dict(mine["rollout"])
         log.info("resumed at curriculum level %d", level)
+        if stalled(args, start_iteration - 1, num_iterations, best["iteration"], world, device):  # stopped early
+            early_stop, start_iteration = start_iteration - 1, num_iterations + 1
     log.info("phase 3: %s + meta-controller, %d rank(s) x %d rows x %d steps, %d iterations, coordination %s, "
              "curriculum %s", specialists.names, world.size, num_rows, args.num_steps, num_iterations, coordinate,
              args.curriculum_learning)  # fmt: skip
@@ -462,8 +479,11 @@ def main(args: Args) -> dict:
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes (one host sync per iteration)
         sps = run.sps(global_step)
-        scalars = update_scalars(optimizer.param_groups[0]["lr"], sps, meta_v_loss, meta_pg, meta_entropy, approx_kl,
-                                 clipfracs, explained_variance(meta_values.reshape(-1), b_meta_returns))  # fmt: skip
+        scalars = {"charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/SPS": sps}
+        if clipfracs:  # (an iteration that updates neither level, with an update frequency above 1, has no losses)
+            explained = explained_variance(meta_values.reshape(-1), b_meta_returns)
+            scalars |= update_scalars(scalars["charts/learning_rate"], sps, meta_v_loss, meta_pg, meta_entropy,
+                                      approx_kl, clipfracs, explained)  # fmt: skip
         scalars |= {
             "curriculum/level": level,
             "coordination/lr_meta": optimizer.param_groups[0]["lr"],
@@ -508,6 +528,11 @@ def main(args: Args) -> dict:
         run.save_latest(iteration, global_step, best, model_payload(current, specialists, meta, cfg), schedules,
                         {"env": envs, "twin": twin, "tracker": tracker, "prev_positions": prev_positions,
                          "rollout": rollout})  # fmt: skip
+        if stalled(args, iteration, num_iterations, best["iteration"], world, device):
+            log.info("no new best.pt in %d validations (best: iteration %d): stopping at iteration %d of %d "
+                     "(--patience)", args.patience, best["iteration"], iteration, num_iterations)  # fmt: skip
+            early_stop = iteration
+            break
         if run.stop_here(iteration):
             return {"stopped_at_iteration": iteration, "global_step": global_step}
     fingerprint = parameter_fingerprint(specialists) + parameter_fingerprint(meta)
@@ -517,7 +542,8 @@ def main(args: Args) -> dict:
 
     # FINAL EVALUATION: the best hierarchy on the validation split, plus --eval-episodes episodes
     facts = {"gradient_coordination": coordinate, "curriculum_learning": args.curriculum_learning,
-             "curriculum_level": level, "global_step": global_step, "config_hash": cfg.hash(), "seed": args.seed,
+             "curriculum_level": level, "global_step": global_step, "early_stop_iteration": early_stop,
+             "config_hash": cfg.hash(), "seed": args.seed,
              "timing": timing, "ranks": ranks}  # fmt: skip
     result = final_evaluation(
         args, specialists, meta, owner, best, report, validate, val, cfg, device, val_tables, facts, log

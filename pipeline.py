@@ -113,6 +113,8 @@ class Args:
     """Phase 2 environment steps (config: training.phase_2_timesteps)."""
     phase3_timesteps: int = 1_000_000
     """Phase 3 environment steps (config: training.phase_3_timesteps)."""
+    phase3_patience: int = 3
+    """Phase 3 stops once this many validations in a row have not beaten its best.pt (0: run every iteration)."""
     num_envs: int = 64
     """Environment rows of every phase (config: training.n_envs)."""
     eval_episodes: int = 100
@@ -200,7 +202,8 @@ def phase_args(args: Args, name: str, resume: bool):
     if name == "phase2":
         return script.Args(timesteps=args.phase2_timesteps, specialists_dir=str(out / "phase1"), **common)
     return script.Args(timesteps=args.phase3_timesteps, phase1_dir=str(out / "phase1"),
-                       phase2_dir=str(out / "phase2"), eval_episodes=args.eval_episodes, **common)  # fmt: skip
+                       phase2_dir=str(out / "phase2"), eval_episodes=args.eval_episodes, patience=args.phase3_patience,
+                       **common)  # fmt: skip
 
 
 def versions() -> dict[str, str]:
@@ -326,7 +329,9 @@ def test_backtests(args: Args, cfg, device):
                                            phase2=phase2)  # fmt: skip
     phase3_metrics = out / "phase3" / "metrics.json"
     if phase3_metrics.is_file():  # which Phase 3 iteration best.pt holds (0: the Phase 2 system itself)
-        report["phase3_best_iteration"] = json.loads(phase3_metrics.read_text())["best_iteration"]
+        phase3 = json.loads(phase3_metrics.read_text())
+        report["phase3_best_iteration"] = phase3["best_iteration"]
+        report["phase3_early_stop_iteration"] = phase3.get("early_stop_iteration")  # (None: ran every iteration)
     return report, backtests, (specialists, meta), test, tables
 
 

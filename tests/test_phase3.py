@@ -85,6 +85,26 @@ def test_interrupted_run_resumes_to_the_same_result(tiny):
     assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in unbroken.items() if k not in drop}
 
 
+def test_patience_stops_a_fine_tuning_that_does_not_improve_and_a_resume_keeps_the_stop(tiny):
+    """With neither level updated in 8 iterations (both update frequencies 100) every validation repeats the
+    starting point's Sharpe and never beats it: `--patience 1` stops after the first validation (best.pt:
+    iteration 0), `--patience 0` runs every iteration, and resuming the stopped run trains nothing more."""
+    tmp, config, dirs = tiny
+    frozen = dict(timesteps=2048, eval_interval=2, meta_update_freq=100, specialist_update_freq=100)  # 8 x 256 steps
+    stopped = phase3(tmp, config, dirs, name="patience_1", patience=1, **frozen)
+    assert (stopped["best_iteration"], stopped["early_stop_iteration"], stopped["global_step"]) == (0, 2, 2 * 256)
+    full = phase3(tmp, config, dirs, name="patience_0", patience=0, **frozen)
+    assert (full["best_iteration"], full["early_stop_iteration"], full["global_step"]) == (0, None, 2048)
+    assert full["portfolio"] == stopped["portfolio"]  # the same best.pt: the starting point
+    again = phase3(tmp, config, dirs, name="patience_1", patience=1, resume=True, **frozen)
+    assert (again["early_stop_iteration"], again["global_step"]) == (2, 2 * 256)
+    assert again["portfolio"] == stopped["portfolio"]
+    code, stderr = run_cli("phase3_joint.py", "--config", str(config), "--phase1-dir", str(dirs[0]), "--phase2-dir",
+                           str(dirs[1]), "--output-dir", str(tmp / "neg"), "--log-dir", str(tmp / "l_neg"),
+                           "--device", "cpu", "--patience", "-1")  # fmt: skip
+    assert code == 2 and "--patience -1" in stderr and "Traceback" not in stderr, stderr
+
+
 def test_fine_tuning_keeps_phase2_level(tiny, tmp_path):
     """Phase 3 validates its starting point (Phases 1 and 2 as they are, iteration 0) before fine-tuning, so
     its best validation Sharpe is never below Phase 2's on the same validation bars; a fine-tuned iterate
