@@ -164,8 +164,9 @@ class Args:
     """Rolling validation Sharpe that advances the curriculum one level."""
     eval_interval: int = 10
     """Validate (and update best.pt) every this many iterations, and at the end."""
-    patience: int = 3
-    """Stop once this many validations in a row have not beaten best.pt (0: run every iteration)."""
+    patience: int = 0
+    """Stop once this many validations in a row have not beaten best.pt (0: never; docs/benchmarks.md: 3 halves the
+    pipeline and loses late gains)."""
     eval_segments: int = 16
     """Validation split pieces run in parallel, each starting flat (see mtq_common.evaluation.specialist_eval)."""
     eval_episodes: int = 100
@@ -198,9 +199,8 @@ def meta_reward(reward: torch.Tensor, info: dict) -> torch.Tensor:
 
 def stalled(args: Args, iteration: int, num_iterations: int, best_iteration: int, world, device) -> bool:
     """Whether fine-tuning stops early after `iteration`: it was a validation before the last iteration, and
-    the last `--patience` of them did not beat best.pt. A fine-tuning that has not improved on its start for
-    that long seldom does later, and a late winner on validation is mostly selection noise (docs/benchmarks.md).
-    Rank 0 holds best.pt and decides for every rank."""
+    the last `--patience` of them did not beat best.pt (a quick sweep's saving; off by default, because late
+    iterates can still win, docs/benchmarks.md). Rank 0 holds best.pt and decides for every rank."""
     if args.patience == 0 or iteration % args.eval_interval or not 0 < iteration < num_iterations:
         return False  # (every rank takes this branch alike)
     spent = iteration - best_iteration >= args.patience * args.eval_interval

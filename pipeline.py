@@ -113,8 +113,8 @@ class Args:
     """Phase 2 environment steps (config: training.phase_2_timesteps)."""
     phase3_timesteps: int = 1_000_000
     """Phase 3 environment steps (config: training.phase_3_timesteps)."""
-    phase3_patience: int = 3
-    """Phase 3 stops once this many validations in a row have not beaten its best.pt (0: run every iteration)."""
+    phase3_patience: int = 0
+    """Phase 3 stops once this many validations in a row have not beaten its best.pt (0: never; phase3_joint.py)."""
     num_envs: int = 64
     """Environment rows of every phase (config: training.n_envs)."""
     eval_episodes: int = 100

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 import pipeline as pipeline_script
 from mtq_common.training.settings import parse_args
@@ -111,6 +112,33 @@ def test_eval_again_reproduces_the_report(trained):
     done = pipeline(tmp, "--mode", "eval", config=config)
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp / "out" / "eval" / "report.json").read_text()) == before
+
+
+def test_fresh_paths_evaluates_a_run_on_another_draw_of_the_market_and_leaves_its_report(trained, tmp_path):
+    """benchmarks.fresh_paths: the run's test evaluation again on another synthetic draw (new seed, longer test
+    split), into its own folder; the run's own report is untouched. A CSV run or the run's own seed is refused."""
+    from benchmarks import fresh_paths
+    from mtq_common.training.config import ConfigError
+
+    tmp, _, _ = trained
+    own = (tmp / "out" / "eval" / "report.json").read_bytes()
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "seed_1").symlink_to(tmp / "out", target_is_directory=True)
+    result = fresh_paths.main(fresh_paths.Args(runs=str(tmp_path / "runs"), seeds=[1], synthetic_seed=11,
+                                               test_bars=900, eval_episodes=2, workers=1))  # fmt: skip
+    report = json.loads((tmp_path / "fresh_11" / "seed_1" / "eval" / "report.json").read_text())
+    config = yaml.safe_load((tmp_path / "fresh_11" / "seed_1" / "fresh.yaml").read_text())
+    assert config["data"]["synthetic"]["seed"] == 11 and config["data"]["synthetic"]["test_bars"] == 900
+    assert report["data"]["bars"] == json.loads(own)["data"]["bars"] + 200  # 900 test bars instead of 700
+    assert result["seeds"][0]["sharpe"]["system"] == report["portfolio"]["sharpe"]
+    assert (tmp / "out" / "eval" / "report.json").read_bytes() == own
+    manifest = json.loads((tmp / "out" / "pipeline.json").read_text())
+    seed = manifest["config"]["data"]["synthetic"]["seed"]
+    with pytest.raises(ConfigError, match="must differ"):
+        fresh_paths.fresh_config(manifest["config"], seed, 900, "pipeline.json")
+    csv = {**manifest["config"], "data": {**manifest["config"]["data"], "source": "csv"}}
+    with pytest.raises(ConfigError, match="synthetic"):
+        fresh_paths.fresh_config(csv, seed + 1, 900, "pipeline.json")
 
 
 def test_killed_run_resumes_to_the_same_result(trained, tmp_path):
