@@ -50,6 +50,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mtq_common.agents.coordination import (
@@ -84,6 +85,7 @@ from mtq_common.data.tables import build_tables
 from mtq_common.data.volatility import fit_vol_levels
 from mtq_common.envs.portfolio_env import PortfolioEnv
 from mtq_common.evaluation.backtest import run_episodes, summarize_episodes
+from mtq_common.evaluation.bootstrap import paired_sharpe_difference
 from mtq_common.evaluation.portfolio_eval import evaluate_portfolio
 from mtq_common.evaluation.report_text import format_report
 from mtq_common.evaluation.rules import fit_trend_for
@@ -164,6 +166,9 @@ class Args:
     """Rolling validation Sharpe that advances the curriculum one level."""
     eval_interval: int = 10
     """Validate (and update best.pt) every this many iterations, and at the end."""
+    replace_confidence: float = 0.9
+    """best.pt leaves the starting point (Phase 2) only for an iterate whose validation Sharpe beats it with the
+    paired bootstrap interval at this confidence above 0 (0: any higher Sharpe replaces it)."""
     patience: int = 0
     """Stop once this many validations in a row have not beaten best.pt (0: never; docs/benchmarks.md: 3 halves the
     pipeline and loses late gains)."""
@@ -216,6 +221,8 @@ def main(args: Args) -> dict:
     compiled = use_compile(args.compile, minibatches_per_run, device, log)  # the update and the environment's step
     if not 0.0 <= args.specialist_portfolio_weight <= 1.0:
         raise ConfigError(f"--specialist-portfolio-weight {args.specialist_portfolio_weight}: accepted 0 to 1")
+    if not 0.0 <= args.replace_confidence < 1.0:
+        raise ConfigError(f"--replace-confidence {args.replace_confidence}: accepted 0 (off) up to, not including, 1")
     if args.patience < 0:
         raise ConfigError(f"--patience {args.patience}: accepted 0 (never stop early) or more validations")
 
@@ -300,10 +307,23 @@ def main(args: Args) -> dict:
     vol_levels = fit_vol_levels(splits["train"])  # the volatility-managed baselines' levels, from the training split
     references: dict = {}  # the baselines' validation backtests, computed once
 
+    def validation(specialists, meta) -> tuple[dict, np.ndarray]:
+        """The hierarchy and every baseline on the validation split (`eval_segments` pieces in parallel): the
+        report, and the system's returns there (for its paired difference to the starting point)."""
+        report, backtests = evaluate_portfolio(specialists, meta, val, cfg, trend, device, args.eval_segments,
+                                               val_tables, 3, references, vol_levels=vol_levels)  # fmt: skip
+        return report, backtests["system"].net_return
+
     def validate(specialists, meta) -> dict:
-        """The hierarchy and every baseline on the validation split (`eval_segments` pieces in parallel)."""
-        return evaluate_portfolio(specialists, meta, val, cfg, trend, device, args.eval_segments, val_tables, 3,
-                                  references, vol_levels=vol_levels)[0]  # fmt: skip
+        return validation(specialists, meta)[0]
+
+    def gain_over_start(returns: np.ndarray) -> dict:
+        """An iterate's validation Sharpe minus the starting point's, with its paired bootstrap interval. Why
+        not the Sharpe alone: best.pt is the highest of a dozen noisy validations, and such a winner of a
+        few hundredths lost to Phase 2 on other paths of the market (docs/benchmarks.md)."""
+        confidence = args.replace_confidence or 0.9  # (0: the interval is only logged)
+        return paired_sharpe_difference(returns, start_returns, val.bars_per_year, cfg.reward.risk_free_rate,
+                                        confidence=confidence)  # fmt: skip
 
     num_rows, obs_size = args.num_envs, specialists.obs_size
     meta_obs_size = meta_observation_size(envs.portfolio_obs_size, num_specialists, timed=meta.timing is not None)
@@ -335,7 +355,10 @@ def main(args: Args) -> dict:
     tracker = MetaTracker(owner, num_specialists, num_rows, device, meta.allocation_rate)
     rollout = PortfolioRolloutStats(specialists.names, envs.limits.max_var, device, num_rows)
     prev_positions = torch.zeros(num_rows, num_instruments, device=device)
+    start_returns = None  # the starting point's validation returns (rank 0): what an iterate must beat
     if args.resume:
+        if world.is_main:  # (the models still hold Phases 1 and 2, before the resumed weights replace them)
+            start_returns = validation(specialists, meta)[1]
         state, mine = resume(args, "phase3", cfg, world)
         curriculum.load_state_dict(state["curriculum"])
         level = curriculum.get_difficulty_level(state["global_step"])
@@ -361,7 +384,7 @@ def main(args: Args) -> dict:
     )
     report = None
     if not args.resume and world.is_main:  # the starting point (Phases 1 and 2) is a candidate for best.pt
-        report = validate(specialists, meta)
+        report, start_returns = validation(specialists, meta)
         best = {"sharpe": report["portfolio"]["sharpe"], "iteration": 0, "specialists": clone_state(specialists),
                 "meta": clone_state(meta)}  # fmt: skip
         ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best, specialists, meta, cfg))
@@ -498,10 +521,10 @@ def main(args: Args) -> dict:
         # VALIDATION on the plain validation split (rank 0, which sends its Sharpe to every rank);
         # the curriculum and the adaptive rates react to it
         if iteration % args.eval_interval == 0 or iteration == num_iterations:
-            sharpe = float("nan")
+            sharpe, gain = float("nan"), None
             if world.is_main:
-                report = validate(specialists, meta)
-                sharpe = report["portfolio"]["sharpe"]
+                report, returns = validation(specialists, meta)
+                sharpe, gain = report["portfolio"]["sharpe"], gain_over_start(returns)
                 log_validation(run.writer, report, global_step)
             sharpe = distributed.broadcast_value(sharpe, world, device)
             if coordinate:
@@ -518,12 +541,20 @@ def main(args: Args) -> dict:
                 tracker = MetaTracker(owner, num_specialists, num_rows, device, meta.allocation_rate)
                 prev_positions.zero_()
                 rollout.restart_episodes()
-            if world.is_main and sharpe > best["sharpe"]:
-                best = {"sharpe": sharpe, "iteration": iteration, "specialists": clone_state(specialists),
-                        "meta": clone_state(meta)}  # fmt: skip
+            confident = args.replace_confidence == 0 or (gain is not None and gain["low"] > 0)
+            if world.is_main and sharpe > best["sharpe"] and confident:
+                best = {
+                    "sharpe": sharpe,
+                    "iteration": iteration,
+                    "specialists": clone_state(specialists),
+                    "meta": clone_state(meta),
+                    "gain": {k: gain[k] for k in ("difference", "low", "high")},
+                }
                 ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best, specialists, meta, cfg))
-            log.info("iteration %d/%d step %d SPS %d val sharpe %.3f level %d", iteration, num_iterations,
-                     global_step, sps, sharpe, level)  # fmt: skip
+            if world.is_main:
+                log.info("iteration %d/%d step %d SPS %d val sharpe %.3f (start %+.3f [%+.3f, %+.3f]) level %d",
+                         iteration, num_iterations, global_step, sps, sharpe, gain["difference"], gain["low"],
+                         gain["high"], level)  # fmt: skip
         current = {"specialists": clone_state(specialists), "meta": clone_state(meta)}
         run.save_latest(iteration, global_step, best, model_payload(current, specialists, meta, cfg), schedules,
                         {"env": envs, "twin": twin, "tracker": tracker, "prev_positions": prev_positions,
@@ -543,6 +574,7 @@ def main(args: Args) -> dict:
     # FINAL EVALUATION: the best hierarchy on the validation split, plus --eval-episodes episodes
     facts = {"gradient_coordination": coordinate, "curriculum_learning": args.curriculum_learning,
              "curriculum_level": level, "global_step": global_step, "early_stop_iteration": early_stop,
+             "replace_confidence": args.replace_confidence,
              "config_hash": cfg.hash(), "seed": args.seed,
              "timing": timing, "ranks": ranks}  # fmt: skip
     result = final_evaluation(
@@ -574,6 +606,7 @@ def final_evaluation(args: Args, specialists, meta, owner, best: dict, report: d
         "episodes": summarize_episodes(episodes),
         "eval_episodes": args.eval_episodes,
         "best_iteration": best["iteration"],
+        "best_gain_over_start": best.get("gain"),  # (None: best.pt is the starting point)
         "final_iterate": {"portfolio": report["portfolio"]},
         "phase2_sharpe": json.loads(phase2_metrics.read_text())["portfolio"]["sharpe"]
         if phase2_metrics.is_file()
