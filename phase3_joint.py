@@ -170,8 +170,8 @@ class Args:
     """best.pt leaves the starting point (Phase 2) only for an iterate whose validation Sharpe beats it with the
     paired bootstrap interval at this confidence above 0 (0: any higher Sharpe replaces it)."""
     patience: int = 0
-    """Stop once this many validations in a row have not beaten best.pt (0: never; docs/benchmarks.md: 3 halves the
-    pipeline and loses late gains)."""
+    """Stop once this many validations in a row have not beaten best.pt (0: never; docs/benchmarks.md: 3 saves about
+    0.4 of the pipeline's time and loses late gains)."""
     eval_segments: int = 16
     """Validation split pieces run in parallel, each starting flat (see mtq_common.evaluation.specialist_eval)."""
     eval_episodes: int = 100

@@ -113,6 +113,9 @@ class Args:
     """Phase 2 environment steps (config: training.phase_2_timesteps)."""
     phase3_timesteps: int = 1_000_000
     """Phase 3 environment steps (config: training.phase_3_timesteps)."""
+    phase3_replace_confidence: float = 0.9
+    """Phase 3's best.pt leaves Phase 2 only with the paired validation interval at this confidence above 0 (0: any
+    higher Sharpe; phase3_joint.py --replace-confidence)."""
     phase3_patience: int = 0
     """Phase 3 stops once this many validations in a row have not beaten its best.pt (0: never; phase3_joint.py)."""
     num_envs: int = 64
@@ -203,6 +206,7 @@ def phase_args(args: Args, name: str, resume: bool):
         return script.Args(timesteps=args.phase2_timesteps, specialists_dir=str(out / "phase1"), **common)
     return script.Args(timesteps=args.phase3_timesteps, phase1_dir=str(out / "phase1"),
                        phase2_dir=str(out / "phase2"), eval_episodes=args.eval_episodes, patience=args.phase3_patience,
+                       replace_confidence=args.phase3_replace_confidence,
                        **common)  # fmt: skip
 
 

@@ -288,6 +288,18 @@ def test_smoke_sets_tiny_budgets_and_explicit_flags_win():
     assert pipeline_script.smoke_argv(["--mode", "eval"]) == ["--mode", "eval"]
 
 
+def test_phase3_selection_flags_reach_the_phase_script():
+    """`--phase3-replace-confidence` and `--phase3-patience` are Phase 3's `--replace-confidence` and `--patience`,
+    with Phase 3's defaults (0.9: best.pt leaves Phase 2 only with confidence; 0: never stop early)."""
+    args, _ = parse_args(pipeline_script.Args, pipeline_script.ALIASES, [])
+    defaults = pipeline_script.phase_args(args, "phase3", False)
+    assert (defaults.replace_confidence, defaults.patience) == (0.9, 0)
+    argv = ["--phase3-replace-confidence", "0", "--phase3-patience", "2"]
+    args, _ = parse_args(pipeline_script.Args, pipeline_script.ALIASES, argv)
+    assert (pipeline_script.phase_args(args, "phase3", False).replace_confidence, args.phase3_patience) == (0.0, 2)
+    assert pipeline_script.phase_args(args, "phase3", False).patience == 2
+
+
 def test_a_copy_of_phase2_with_its_own_reward_runs_through_the_pipeline(trained, tmp_path):
     """README's walkthrough: copy phase2_meta.py, change `meta_reward`, pass the copy with --phase2-script. The
     copy's reward is the one Phase 2 trains on, for the env and the twin alike (a constant 1 here: the twin's
