@@ -315,6 +315,7 @@ def main(args: Args) -> dict:
         return report, backtests["system"].net_return
 
     def validate(specialists, meta) -> dict:
+        """`validation`'s report alone (the final evaluation's)."""
         return validation(specialists, meta)[0]
 
     def gain_over_start(returns: np.ndarray) -> dict:
