@@ -522,7 +522,7 @@ def main(args: Args) -> dict:
         # VALIDATION on the plain validation split (rank 0, which sends its Sharpe to every rank);
         # the curriculum and the adaptive rates react to it
         if iteration % args.eval_interval == 0 or iteration == num_iterations:
-            sharpe, gain = float("nan"), None
+            sharpe = float("nan")
             if world.is_main:
                 report, returns = validation(specialists, meta)
                 sharpe, gain = report["portfolio"]["sharpe"], gain_over_start(returns)
@@ -542,17 +542,17 @@ def main(args: Args) -> dict:
                 tracker = MetaTracker(owner, num_specialists, num_rows, device, meta.allocation_rate)
                 prev_positions.zero_()
                 rollout.restart_episodes()
-            confident = args.replace_confidence == 0 or (gain is not None and gain["low"] > 0)
-            if world.is_main and sharpe > best["sharpe"] and confident:
-                best = {
-                    "sharpe": sharpe,
-                    "iteration": iteration,
-                    "specialists": clone_state(specialists),
-                    "meta": clone_state(meta),
-                    "gain": {k: gain[k] for k in ("difference", "low", "high")},
-                }
-                ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best, specialists, meta, cfg))
-            if world.is_main:
+            if world.is_main:  # (rank 0 holds best.pt)
+                confident = args.replace_confidence == 0 or gain["low"] > 0
+                if sharpe > best["sharpe"] and confident:
+                    best = {
+                        "sharpe": sharpe,
+                        "iteration": iteration,
+                        "specialists": clone_state(specialists),
+                        "meta": clone_state(meta),
+                        "gain": {k: gain[k] for k in ("difference", "low", "high")},
+                    }
+                    ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best, specialists, meta, cfg))
                 log.info("iteration %d/%d step %d SPS %d val sharpe %.3f (start %+.3f [%+.3f, %+.3f]) level %d",
                          iteration, num_iterations, global_step, sps, sharpe, gain["difference"], gain["low"],
                          gain["high"], level)  # fmt: skip

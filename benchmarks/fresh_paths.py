@@ -31,8 +31,9 @@ import tyro
 import yaml
 
 from benchmarks.run import finite_or_none, trading_quality
-from mtq_common.training.checkpoint import atomic_write_json
-from mtq_common.training.config import ConfigError
+from mtq_common.training.checkpoint import atomic_write_bytes, atomic_write_json
+from mtq_common.training.config import Config, ConfigError
+from mtq_common.training.settings import config_from_dict
 
 REPO = Path(__file__).resolve().parent.parent
 PHASES = ("phase1", "phase2", "phase3")
@@ -56,8 +57,9 @@ class Args:
     """Evaluations run at once."""
 
 
-def fresh_config(config: dict, synthetic_seed: int, test_bars: int, where: str) -> dict:
-    """A run's config (`pipeline.json`'s `config`) with another synthetic seed and test split length."""
+def fresh_config(config: dict, synthetic_seed: int, test_bars: int, where: str) -> Config:
+    """A run's config (`pipeline.json`'s `config`) with another synthetic seed and test split length, validated as
+    every config is (`config_from_dict`: a test split too short for the features is refused there)."""
     data = config["data"]
     if data["source"] != "synthetic":
         raise ConfigError(f"{where}: data.source = {data['source']!r}; another draw exists only of the built-in "
@@ -65,11 +67,9 @@ def fresh_config(config: dict, synthetic_seed: int, test_bars: int, where: str) 
     if data["synthetic"]["seed"] == synthetic_seed:
         raise ConfigError(f"{where}: data.synthetic.seed is already {synthetic_seed}; --synthetic-seed must differ "
                           "from the runs' own, or the new path is the test split again")  # fmt: skip
-    if test_bars < 1:
-        raise ConfigError(f"--test-bars {test_bars}: accepted a positive number of bars")
     out = copy.deepcopy(config)
     out["data"]["synthetic"].update(seed=synthetic_seed, test_bars=test_bars)
-    return out
+    return config_from_dict(out, where=f"{where} with --synthetic-seed {synthetic_seed} --test-bars {test_bars}")
 
 
 def prepare(run: Path, folder: Path, synthetic_seed: int, test_bars: int) -> Path:
@@ -85,7 +85,7 @@ def prepare(run: Path, folder: Path, synthetic_seed: int, test_bars: int) -> Pat
     for phase in PHASES:
         (folder / phase).symlink_to((run / phase).resolve(), target_is_directory=True)
     shutil.copy(manifest_path, folder / "pipeline.json")
-    (folder / "fresh.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    atomic_write_bytes(folder / "fresh.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
     return folder
 
 

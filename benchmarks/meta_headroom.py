@@ -189,13 +189,12 @@ def seed_row(run: Path, cfg, splits: dict, levels: VolLevels, trend) -> dict:
     mean, std, w, b = fit_linear(timing_features(splits["train"], levels, train), 1, timing_scale, train,
                                  costs["train"], bias=2.0)  # start near full appetite  # fmt: skip
     x = (timing_features(test, levels, ea) - mean) / std
-    learned_appetite = on_bars(1 / (1 + np.exp(-(x @ w + b)[:, 0])), ea.bars, test.num_bars, 1.0)
+    learned_appetite = on_bars(timing_scale(torch.as_tensor(x @ w + b))[:, 0].numpy(), ea.bars, test.num_bars, 1.0)
     vm_train = vol_appetite(splits["train"], levels, vm)[train.bars]
     to_scale = allocation_scale(vm_train, owner["train"].numpy())
     a_mean, a_std, a_w, _ = fit_linear(allocation_features(train, onehot), k, to_scale, train, costs["train"])
-    z = (allocation_features(ea, onehot) - a_mean) / a_std @ a_w
-    shares = np.exp(z - z.max(-1, keepdims=True))
-    learned_allocation = on_bars(shares / shares.sum(-1, keepdims=True), ea.bars, test.num_bars, 1.0 / k)
+    shares = torch.softmax(torch.as_tensor((allocation_features(ea, onehot) - a_mean) / a_std @ a_w), -1).numpy()
+    learned_allocation = on_bars(shares, ea.bars, test.num_bars, 1.0 / k)
     even = np.full((test.num_bars, k), 1.0 / k)
     makers = {
         "equal_allocation": equal("test"),
