@@ -34,6 +34,7 @@ from mtq_common.agents.nets import SpecialistAgents
 from mtq_common.agents.ppo import (
     DivergenceGuard,
     FlatAdam,
+    at_truncations,
     clipped_surrogate,
     gae,
     minibatches,
@@ -205,6 +206,11 @@ def main(args: Args) -> dict:
     actions = torch.zeros((args.num_steps, num_specialists, rows_per_specialist), device=device)
     logprobs, rewards, values, truncs = (torch.zeros_like(actions) for _ in range(4))
 
+    row_specialist = torch.arange(num_specialists, device=device).view(1, -1, 1).expand_as(truncs)
+
+    def final_value(obs, specialist):  # V of truncated rows' final observations, each with its specialist's critic
+        return agent.value_per_slot(obs.unsqueeze(0), specialist).squeeze(0)
+
     start_iteration, global_step = 1, 0
     best = {"sharpe": {name: -float("inf") for name in specialists}, "iteration": {}, "model": None}
     next_obs, _ = envs.reset(seed=seed)
@@ -251,8 +257,7 @@ def main(args: Args) -> dict:
 
         # bootstrap value if not done: a truncated row continues from V(final obs), not from zero
         with torch.no_grad():
-            final_values = agent.get_value(final_obs.transpose(0, 1).reshape(num_specialists, -1, obs_size))
-            final_values = final_values.view(num_specialists, args.num_steps, rows_per_specialist).transpose(0, 1)
+            final_values = at_truncations(final_value, truncs, final_obs, row_specialist)
             next_value = agent.get_value(next_obs.view(num_specialists, rows_per_specialist, obs_size))
             advantages = gae(rewards, values, final_values, next_value, truncs, args.gamma, args.gae_lambda)
             returns = advantages + values

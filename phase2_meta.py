@@ -40,6 +40,7 @@ from mtq_common.agents.nets import MetaController
 from mtq_common.agents.ppo import (
     DivergenceGuard,
     FlatAdam,
+    at_truncations,
     clipped_surrogate,
     explained_variance,
     gae,
@@ -249,6 +250,11 @@ def main(args: Args) -> dict:
              torch.ones(num_rows, device=device))  # fmt: skip
     # the meta-controller's observation and held allocation; the rollout's TensorBoard tags
     tracker = MetaTracker(owner, num_specialists, num_rows, device, meta.allocation_rate)
+
+    def final_value(inst_obs, portfolio, held, *evidence):  # V of final observations, from their stored parts
+        positions = specialists.positions(inst_obs, owner)
+        return meta.get_value(tracker.assemble(portfolio, positions, held, *evidence))
+
     rollout = PortfolioRolloutStats(specialists.names, envs.limits.max_var, device, num_rows)
     if args.resume:
         state, mine = resume(args, "phase2", cfg, world)
@@ -316,10 +322,8 @@ def main(args: Args) -> dict:
 
         # bootstrap value if not done: a truncated row continues from V(final obs), not from zero
         with torch.no_grad():
-            final_positions = specialists.positions(final_inst_obs.flatten(0, 1), owner)  # one batch
-            final_meta_obs = tracker.assemble(final_portfolio.flatten(0, 1), final_positions, final_held.flatten(0, 1),
-                                              None if risk is None else final_risk.flatten(0, 1))  # fmt: skip
-            final_meta_values = meta.get_value(final_meta_obs).view(args.num_steps, num_rows)
+            final_parts = (final_inst_obs, final_portfolio, final_held, *([] if risk is None else [final_risk]))
+            final_meta_values = at_truncations(final_value, truncs, *final_parts)
             next_positions = specialists.positions(next_obs["instruments"], owner)
             next_evidence = None if risk is None else risk.index_select(0, envs.bar)
             next_meta_value = meta.get_value(tracker.observe(next_obs["portfolio"], next_positions, next_evidence))

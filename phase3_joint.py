@@ -71,6 +71,7 @@ from mtq_common.agents.nets import MetaController
 from mtq_common.agents.ppo import (
     DivergenceGuard,
     FlatAdam,
+    at_truncations,
     clipped_surrogate,
     explained_variance,
     gae,
@@ -449,11 +450,13 @@ def main(args: Args) -> dict:
         run.watch.lap("rollout")
 
         # bootstrap value if not done: a truncated row continues from V(final obs), not from zero
+        def final_value(inst_obs, portfolio, held, *evidence, tracker=tracker):  # V of final obs from their parts
+            positions = specialists.positions(inst_obs, owner)
+            return meta.get_value(tracker.assemble(portfolio, positions, held, *evidence))
+
         with torch.no_grad():
-            final_positions = specialists.positions(final_inst_obs.flatten(0, 1), owner)  # one batch
-            final_meta_obs = tracker.assemble(final_portfolio.flatten(0, 1), final_positions, final_held.flatten(0, 1),
-                                              None if risk is None else final_risk.flatten(0, 1))  # fmt: skip
-            final_meta_values = meta.get_value(final_meta_obs).view(args.num_steps, num_rows)
+            final_parts = (final_inst_obs, final_portfolio, final_held, *([] if risk is None else [final_risk]))
+            final_meta_values = at_truncations(final_value, truncs, *final_parts)
             next_positions = specialists.positions(next_obs["instruments"], owner)
             next_evidence = None if risk is None else risk.index_select(0, envs.bar)
             next_meta_value = meta.get_value(tracker.observe(next_obs["portfolio"], next_positions, next_evidence))
@@ -462,8 +465,8 @@ def main(args: Args) -> dict:
             )
             meta_returns = meta_adv + meta_values
             if update_specialists:  # their own objective's advantages, with their own critic
-                final_spec_values = specialists.value_per_slot(final_inst_obs.flatten(0, 1), owner)  # one batch
-                final_spec_values = final_spec_values.view(args.num_steps, num_rows, num_instruments)
+                final_spec_values = at_truncations(lambda obs: specialists.value_per_slot(obs, owner), truncs,
+                                                   final_inst_obs)  # fmt: skip
                 next_spec_value = specialists.value_per_slot(next_obs["instruments"], owner)
                 own_adv = gae(own_rewards, spec_values, final_spec_values, next_spec_value, truncs.unsqueeze(-1),
                               args.gamma, args.gae_lambda)  # fmt: skip

@@ -91,9 +91,17 @@ def largest_book(num_instruments: int, max_position: float) -> float:
     return num_instruments * max_position
 
 
-def correlation_exposure(weights: torch.Tensor, corr: torch.Tensor, b_max: float) -> torch.Tensor:
-    """c = w^T R w / (sum|w| * B_max); 0 for a flat book."""
-    return _quad(weights, corr, weights) / (weights.abs().sum(-1) * b_max).clamp_min(EPS)
+def correlation_exposure(weights: torch.Tensor, cov: torch.Tensor, b_max: float) -> torch.Tensor:
+    """c = w^T R w / (sum|w| * B_max) for R = `correlation_from_covariance(cov)`; 0 for a flat book.
+
+    Computed without forming R: with `x = w / sigma`, `w^T R w = x^T cov x - sum_i x_i^2 cov_ii + sum_i w_i^2`
+    (R's off-diagonal terms are `x_i x_j cov_ij`, its diagonal is 1). Why: R is the same for every row on a
+    bar, yet building it per row and step was most of a compiled environment step (4,096 rows: 1.8 ms of the
+    risk manager's 1.9 ms with R, 0.8 ms without; Inductor, one core)."""
+    diag = torch.diagonal(cov, dim1=-2, dim2=-1)
+    x = weights / diag.clamp_min(EPS).sqrt()
+    quad = _quad(x, cov, x) - (x * x * diag).sum(-1) + (weights * weights).sum(-1)
+    return quad / (weights.abs().sum(-1) * b_max).clamp_min(EPS)
 
 
 def sector_allocation(weights: torch.Tensor, sector_onehot: torch.Tensor, b_max: float) -> torch.Tensor:
@@ -111,7 +119,6 @@ def risk_step_reference(
 ) -> RiskOut:
     """Pure-torch reference of the risk manager; `proposed` [B, N], `cov` [B, N, N], `sector_onehot` [N, K]."""
     b_max = largest_book(proposed.shape[-1], limits.max_position)
-    corr = correlation_from_covariance(cov)
 
     # 1. position cap
     w = proposed.clamp(-limits.max_position, limits.max_position)
@@ -124,7 +131,7 @@ def risk_step_reference(
     bind_sector = (sector_factor < 1).any(-1)
 
     # 3. correlation exposure: homogeneous of degree one, so one factor on the whole book meets it
-    exposure = correlation_exposure(w, corr, b_max)
+    exposure = correlation_exposure(w, cov, b_max)
     corr_factor = _scale_to(exposure, limits.max_correlation)
     w = w * corr_factor.unsqueeze(-1)
 
@@ -225,10 +232,8 @@ if triton is not None:
         onehot_mask = mask_n[:, None] & mask_k[None, :]
         onehot = tl.load(onehot_ptr + ns[:, None] * K + ks[None, :], mask=onehot_mask, other=0.0).to(tl.float32)
 
-        # correlation; zero-variance instruments get R_ii = 1 and no correlation (sigma clamped)
+        # sigma, clamped: a zero-variance instrument has R_ii = 1 and no correlation (`correlation_exposure`)
         sigma = tl.sqrt_rn(tl.maximum(diag, _EPS))
-        corr = cov / (sigma[:, None] * sigma[None, :])
-        corr = tl.where((ns[:, None] == ns[None, :]) & mask_nn, 1.0, corr)
 
         # 1. position cap
         w = tl.minimum(tl.maximum(p, -max_position), max_position)
@@ -241,7 +246,9 @@ if triton is not None:
         bind_sector = tl.max((sector_factor < 1).to(tl.int32), axis=0)
 
         # 3. correlation exposure: one factor on the whole book
-        exposure = _quad_tl(w, corr, w) / tl.maximum(tl.sum(tl.abs(w), axis=0) * b_max, _EPS)
+        x = tl.where(mask_n, w / sigma, 0.0)  # w^T R w without R, as in `correlation_exposure`
+        quad = _quad_tl(x, cov, x) - tl.sum(x * x * diag, axis=0) + tl.sum(w * w, axis=0)
+        exposure = quad / tl.maximum(tl.sum(tl.abs(w), axis=0) * b_max, _EPS)
         corr_factor = _scale_to_tl(exposure, max_correlation)
         w = w * corr_factor
 

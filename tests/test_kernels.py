@@ -193,8 +193,7 @@ def capped_stats(proposed, cov, onehot, limits):
     """Correlation exposure and largest sector share of the position-capped proposal (which limits bind)."""
     w = proposed.clamp(-limits.max_position, limits.max_position)
     b_max = proposed.shape[-1] * limits.max_position
-    corr = correlation_from_covariance(cov)
-    return correlation_exposure(w, corr, b_max), sector_allocation(w, onehot, b_max).amax(-1)
+    return correlation_exposure(w, cov, b_max), sector_allocation(w, onehot, b_max).amax(-1)
 
 
 def is_flat(out: RiskOut) -> torch.Tensor:
@@ -323,6 +322,22 @@ def test_risk_step_triton_zero_variance_instrument():
     cov[:, :, -1] = 0.0
     check_risk(proposed, cov, sector_onehot(8, 2), feasible(8, 2))
     check_risk(proposed, cov, sector_onehot(8, 3), feasible(8, 3))
+
+
+def test_correlation_exposure_without_forming_r_equals_w_r_w():
+    """`correlation_exposure` skips building R (`x = w / sigma`, the diagonal put back as sum w^2): it equals
+    w^T R w / (sum|w| B_max) with R from `correlation_from_covariance`, in float64, also with a zero-variance
+    instrument (R_ii = 1, no correlation) and for a flat book (0)."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(9, 8, generator=g, dtype=torch.float64) * 0.05
+    w[0] = 0.0
+    cov = covariance(9, 8, g).double()
+    cov[:5, -1, :] = 0.0
+    cov[:5, :, -1] = 0.0
+    corr = correlation_from_covariance(cov)
+    expected = torch.einsum("bi,bij,bj->b", w, corr, w) / (w.abs().sum(-1) * 0.8).clamp_min(1e-12)
+    torch.testing.assert_close(correlation_exposure(w, cov, 0.8), expected, rtol=1e-12, atol=1e-15)
+    assert correlation_exposure(w, cov, 0.8)[0] == 0.0
 
 
 @needs_triton

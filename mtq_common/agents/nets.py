@@ -103,7 +103,7 @@ class StackedLinear(nn.Module):
         lead = x.shape[:-2]
         slots = x.reshape(-1, *x.shape[-2:]).transpose(0, 1)  # [N, rows, in]
         out = torch.baddbmm(self.bias[owner], slots, self.weight[owner])  # [N, rows, out]
-        return out.transpose(0, 1).reshape(*lead, x.shape[-2], -1)
+        return out.transpose(0, 1).reshape(*lead, x.shape[-2], out.shape[-1])  # (explicit: rows may be 0)
 
 
 class SpecialistAgents(nn.Module):

@@ -174,6 +174,22 @@ def gae(rewards, values, final_values, next_value, truncs, gamma: float, lam: fl
     return advantages
 
 
+def at_truncations(value_fn, truncs: torch.Tensor, *final_parts: torch.Tensor) -> torch.Tensor:
+    """`final_values` for `gae`, shaped like `truncs` (`[S, B]`, or `[S, K, R]` in Phase 1; plus `value_fn`'s
+    trailing dims): V of the final observation where a row was truncated, 0 elsewhere (`gae` reads it only
+    there). `final_parts` are the final observation's pieces as the rollout stored them, each shaped like
+    `truncs` and more; `value_fn(*parts)` gets them for the M truncated (step, row) pairs only, each `[M, ...]`.
+
+    Why only those: one bar in `episode_length` ends a row, so valuing every stored final observation was the
+    whole rollout's forward pass once more for a few rows (Phase 3: 6 s of its 2 minutes). Finding the pairs is
+    one host sync per iteration, after the rollout."""
+    done = truncs.reshape(-1).nonzero().squeeze(-1)
+    values = value_fn(*(part.flatten(0, truncs.dim() - 1).index_select(0, done) for part in final_parts))
+    out = values.new_zeros(truncs.numel(), *values.shape[1:])
+    out.index_copy_(0, done, values)
+    return out.view(*truncs.shape, *values.shape[1:])
+
+
 def _mean(x: torch.Tensor, dim: int | None) -> torch.Tensor:
     return x.mean() if dim is None else x.mean(dim)
 
