@@ -215,3 +215,34 @@ def test_resuming_across_risk_timing_is_refused_with_the_reason(tiny):
     with pytest.raises(CheckpointError, match="trained with --risk-timing"):
         phase2(tmp, config, phase1_dir, name="timed", timesteps=1024, eval_interval=100, resume=True,
                risk_timing=False)  # fmt: skip
+
+
+def test_the_report_measures_a_risk_timing_meta_controller_against_the_rule_it_starts_from(tiny):
+    """`vol_managed_equal_allocation` in a report of a risk-timing meta-controller is the rule that meta-controller
+    starts from (its stored choice), even where the evaluation's own validation pick is another half-life or power:
+    a meta-controller at its start then trades exactly that baseline (difference 0)."""
+    from mtq_common.agents.hierarchy import load_specialists, meta_observation_size, timing_spec
+    from mtq_common.agents.nets import MetaController
+    from mtq_common.data.splits import load_splits
+    from mtq_common.data.volatility import VolTiming, fit_vol_levels
+    from mtq_common.envs.portfolio_env import PortfolioEnv
+    from mtq_common.evaluation.portfolio_eval import evaluate_portfolio
+    from mtq_common.evaluation.rules import fit_trend_for
+
+    tmp, config, phase1_dir = tiny
+    cfg = load_config(config)
+    splits = load_splits(cfg)
+    val = splits["val"]
+    specialists, _ = load_specialists(phase1_dir, val, "cpu")
+    levels, trend = fit_vol_levels(splits["train"]), fit_trend_for(splits["train"], cfg)
+    start, other = VolTiming(60, 1, "val", 1.0), VolTiming(10, 2, "val", 2.0)
+    obs_size = meta_observation_size(PortfolioEnv(val, cfg, 1).portfolio_obs_size, 3, timed=True)
+    meta = MetaController(obs_size, 3, timing=timing_spec(levels, start))  # at its start: the mean action is the rule
+    timings = {"vol_managed_equal_allocation": other, "vol_managed_trend_filter": other}
+    report, _ = evaluate_portfolio(specialists, meta, val, cfg, trend, "cpu", 4, vol_levels=levels, timings=timings)
+    picked = report["vol_managed"]
+    assert (picked["vol_managed_equal_allocation"]["half_life"], picked["vol_managed_equal_allocation"]["power"]) == (
+        60, 1)  # fmt: skip
+    assert (picked["vol_managed_trend_filter"]["half_life"], picked["vol_managed_trend_filter"]["power"]) == (10, 2)
+    baseline = report["baselines"]["vol_managed_equal_allocation"]
+    assert report["portfolio"]["sharpe"] == pytest.approx(baseline["sharpe"], abs=1e-6)

@@ -68,6 +68,11 @@ def timing_spec(levels: VolLevels, timing: VolTiming) -> dict:
             "sigma_star": list(levels.sigma_star), **dataclasses.asdict(timing)}  # fmt: skip
 
 
+def start_timing(timing: dict) -> VolTiming:
+    """The volatility-managed rule a risk-timing meta-controller starts from: the choice `timing_spec` stored."""
+    return VolTiming(timing["half_life"], timing["power"], timing["picked_on"], timing["val_sharpe"])
+
+
 def risk_features(timing: dict, market: MarketData, device) -> torch.Tensor:
     """The meta-controller's volatility evidence per bar of `market`, `[T, H + 1]` (causal, `baselines`):
     `log(sigma_hat_t / sigma_star)` for each half-life H of the levels, then the volatility-managed rule's
@@ -76,8 +81,7 @@ def risk_features(timing: dict, market: MarketData, device) -> torch.Tensor:
                        tuple(timing["sigma_star"]))  # fmt: skip
     pairs = zip(levels.half_lives, levels.sigma_star, strict=True)
     columns = [np.log(market_sigma(market, levels, h) / star) for h, star in pairs]
-    rule = VolTiming(timing["half_life"], timing["power"], timing["picked_on"], timing["val_sharpe"])
-    columns.append(vol_appetite(market, levels, rule))
+    columns.append(vol_appetite(market, levels, start_timing(timing)))
     return torch.as_tensor(np.stack(columns, -1), dtype=torch.float32, device=device)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from kernels import NOT_APPLIED
-from mtq_common.agents.hierarchy import HierarchyPolicy, instrument_specialist_index
+from mtq_common.agents.hierarchy import HierarchyPolicy, instrument_specialist_index, start_timing
 from mtq_common.data.market import MarketData, iso_time
 from mtq_common.data.tables import MarketTables, build_tables, cost_rates
 from mtq_common.data.volatility import VolLevels, VolTiming, vol_appetite
@@ -220,7 +220,7 @@ def evaluate_portfolio(
         return lambda rows: baseline_policies(market, cfg, trend, where, rate)[name]
 
     references = reference_cache if reference_cache is not None else {}
-    timings = timings or references.get("timings")  # a run's validations pick once, at their first call
+    timings = with_start_rule(timings or references.get("timings"), meta)  # a run's validations pick once
 
     def cached(name: str) -> bool:  # the references that stay valid across this run's validations
         learned = name in ("equal_allocation", "vol_managed_equal_allocation")
@@ -243,7 +243,7 @@ def evaluate_portfolio(
         makers.update(vol_makers())  # the choices are known: one pass for every policy
     ran = run_backtests(market, cfg, makers, segments, device, tables)  # every policy in one env, bar by bar
     if vol_levels is not None and timings is None:  # pick on this (validation) split, then a second pass
-        timings = pick_timings({**references, **ran}, market, vol_levels, cfg)
+        timings = with_start_rule(pick_timings({**references, **ran}, market, vol_levels, cfg), meta)
         ran.update(run_backtests(market, cfg, vol_makers(), segments, device, tables))
     if vol_levels is not None and reference_cache is not None:
         references["timings"] = timings
@@ -272,6 +272,18 @@ def vol_managed(make_inner, market: MarketData, levels: VolLevels, timing: VolTi
     """A maker of `make_inner`'s policy scaled by the volatility appetite of `timing` on `market`."""
     appetite = torch.as_tensor(vol_appetite(market, levels, timing), dtype=torch.float32, device=device)
     return lambda rows: VolManagedPolicy(make_inner(rows), appetite, size)
+
+
+def with_start_rule(timings: dict | None, meta) -> dict | None:
+    """`timings` with `vol_managed_equal_allocation` set to the rule a risk-timing `meta` starts from (its stored
+    choice, picked on the validation split by Phase 2), if it has one: "system minus vol_managed_equal_allocation"
+    then measures what training moved the meta-controller from its own start. Why: a second pick of the same rule
+    by another validation run (the test evaluation's 8 segments against Phase 2's 16) can choose another
+    half-life (bench seed 2: 10 against 20 bars; its meta-controller, at its start, trailed that other rule by
+    0.08 on test)."""
+    if timings is None or meta is None or meta.timing is None:
+        return timings
+    return {**timings, "vol_managed_equal_allocation": start_timing(meta.timing)}
 
 
 def pick_timings(backtests: dict[str, Backtest], val: MarketData, levels: VolLevels, cfg: Config) -> dict:
