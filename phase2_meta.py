@@ -54,12 +54,14 @@ from mtq_common.data.splits import load_splits
 from mtq_common.data.tables import build_tables
 from mtq_common.data.volatility import fit_vol_levels
 from mtq_common.envs.portfolio_env import PortfolioEnv
+from mtq_common.evaluation.bootstrap import paired_sharpe_difference
 from mtq_common.evaluation.portfolio_eval import evaluate_portfolio, validation_timings
 from mtq_common.evaluation.report_text import format_report
 from mtq_common.evaluation.rules import fit_trend_for
 from mtq_common.training import checkpoint as ckpt
 from mtq_common.training import distributed
 from mtq_common.training.checkpoint import clone_state, parameter_fingerprint
+from mtq_common.training.config import ConfigError
 from mtq_common.training.plumbing import Run, autocast, cli, iterations, restore, resume, seed_everything, start_run
 
 ALIASES = {"timesteps": "training.phase_2_timesteps"}
@@ -126,6 +128,10 @@ class Args:
     """Score each bar against the starting point on the same path (a twin env): less noise, same optimum."""
     eval_interval: int = 10
     """Validate (and update best.pt) every this many iterations, and at the end."""
+    replace_confidence: float = 0.9
+    """best.pt leaves the starting point (the rule the meta-controller starts from) only for an iterate whose
+    validation Sharpe beats it with the paired bootstrap interval at this confidence above 0 (0: any higher Sharpe
+    replaces it; the same rule as phase3_joint.py's)."""
     eval_segments: int = 16
     """Validation split pieces run in parallel, each starting flat (see mtq_common.evaluation.specialist_eval)."""
     keep_checkpoints: int = 3
@@ -156,6 +162,8 @@ def meta_reward(reward: torch.Tensor, info: dict) -> torch.Tensor:
 
 def main(args: Args) -> dict:
     cfg, world, device, log = start_run(args, ALIASES, "phase2")  # config, ranks, log file, threads
+    if not 0.0 <= args.replace_confidence < 1.0:
+        raise ConfigError(f"--replace-confidence {args.replace_confidence}: accepted 0 (off) up to, not including, 1")
     out_dir = Path(args.output_dir)
     steps_per_iteration = args.num_envs * args.num_steps  # on this rank
     num_iterations = iterations(args, steps_per_iteration, world)  # (a minibatch never exceeds the rollout)
@@ -188,10 +196,24 @@ def main(args: Args) -> dict:
     vol_levels = fit_vol_levels(train)  # the volatility-managed baselines' levels, from the training split
     references: dict = {}  # the baselines' validation backtests, computed once
 
+    def validation(meta) -> tuple[dict, dict]:
+        """The hierarchy and every baseline on the validation split (`eval_segments` pieces in parallel): the
+        report, and the system's Sharpe there minus its starting point's with the paired bootstrap interval.
+        The start is a baseline of the report: the meta-controller's mean action at its start is exactly the
+        rule (`MetaController`). Why the interval: best.pt is the highest of many noisy validations, and such
+        a winner lost to its start on the test split on three seeds of four (docs/benchmarks.md)."""
+        report, backtests = evaluate_portfolio(specialists, meta, val, cfg, trend, device, args.eval_segments,
+                                               val_tables, 2, references, specialists_frozen=True,
+                                               vol_levels=vol_levels)  # fmt: skip
+        start = backtests["vol_managed_equal_allocation" if args.risk_timing else "equal_allocation"]
+        confidence = args.replace_confidence or 0.9  # (0: the interval is only logged)
+        gain = paired_sharpe_difference(backtests["system"].net_return, start.net_return, val.bars_per_year,
+                                        cfg.reward.risk_free_rate, confidence=confidence)  # fmt: skip
+        return report, gain
+
     def validate(meta) -> dict:
-        """The hierarchy and every baseline on the validation split (`eval_segments` pieces in parallel)."""
-        return evaluate_portfolio(specialists, meta, val, cfg, trend, device, args.eval_segments, val_tables, 2,
-                                  references, specialists_frozen=True, vol_levels=vol_levels)[0]  # fmt: skip
+        """`validation`'s report alone (the final evaluation's)."""
+        return validation(meta)[0]
 
     start_rule = None  # risk timing: the rule the meta-controller starts from, picked on the validation split
     if args.risk_timing:
@@ -362,14 +384,17 @@ def main(args: Args) -> dict:
 
         # VALIDATION: the whole hierarchy on the validation split, next to the baselines (rank 0)
         if world.is_main and (iteration % args.eval_interval == 0 or iteration == num_iterations):
-            report = validate(meta)
+            report, gain = validation(meta)
             log_validation(run.writer, report, global_step)
             sharpe = report["portfolio"]["sharpe"]
-            if sharpe > best["sharpe"]:
-                best = {"sharpe": sharpe, "iteration": iteration, "model": clone_state(meta)}
+            confident = args.replace_confidence == 0 or gain["low"] > 0
+            if sharpe > best["sharpe"] and confident:
+                best = {"sharpe": sharpe, "iteration": iteration, "model": clone_state(meta),
+                        "gain": {k: gain[k] for k in ("difference", "low", "high")}}  # fmt: skip
                 ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best["model"], meta, specialists, cfg, args))
-            log.info("iteration %d/%d step %d SPS %d val sharpe %.3f (equal allocation %+.3f)", iteration,
-                     num_iterations, global_step, sps, sharpe, -report["allocation_efficiency"] + sharpe)  # fmt: skip
+            log.info("iteration %d/%d step %d SPS %d val sharpe %.3f (start %+.3f [%+.3f, %+.3f])", iteration,
+                     num_iterations, global_step, sps, sharpe, gain["difference"], gain["low"],
+                     gain["high"])  # fmt: skip
         run.save_latest(iteration, global_step, best, model_payload(clone_state(meta), meta, specialists, cfg, args),
                         {"optimizer": optimizer}, {"env": envs, "twin": twin, "tracker": tracker,
                                                    "rollout": rollout})  # fmt: skip
@@ -401,6 +426,8 @@ def final_evaluation(
         **best_report,
         "phase": 2,
         "best_iteration": best["iteration"],
+        "best_gain_over_start": best.get("gain"),  # (None: best.pt is the starting point)
+        "replace_confidence": args.replace_confidence,
         "final_iterate": {"portfolio": report["portfolio"], "allocation_efficiency": report["allocation_efficiency"]},
         **facts,
     }

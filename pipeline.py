@@ -113,6 +113,9 @@ class Args:
     """Phase 2 environment steps (config: training.phase_2_timesteps)."""
     phase3_timesteps: int = 1_000_000
     """Phase 3 environment steps (config: training.phase_3_timesteps)."""
+    phase2_replace_confidence: float = 0.9
+    """Phase 2's best.pt leaves the rule it starts from only with the paired validation interval at this confidence
+    above 0 (0: any higher Sharpe; phase2_meta.py --replace-confidence)."""
     phase3_replace_confidence: float = 0.9
     """Phase 3's best.pt leaves Phase 2 only with the paired validation interval at this confidence above 0 (0: any
     higher Sharpe; phase3_joint.py --replace-confidence)."""
@@ -203,7 +206,8 @@ def phase_args(args: Args, name: str, resume: bool):
     if name == "phase1":
         return script.Args(timesteps=args.phase1_timesteps, **common)
     if name == "phase2":
-        return script.Args(timesteps=args.phase2_timesteps, specialists_dir=str(out / "phase1"), **common)
+        return script.Args(timesteps=args.phase2_timesteps, specialists_dir=str(out / "phase1"),
+                           replace_confidence=args.phase2_replace_confidence, **common)  # fmt: skip
     return script.Args(timesteps=args.phase3_timesteps, phase1_dir=str(out / "phase1"),
                        phase2_dir=str(out / "phase2"), eval_episodes=args.eval_episodes, patience=args.phase3_patience,
                        replace_confidence=args.phase3_replace_confidence,
