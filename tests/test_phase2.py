@@ -1,5 +1,6 @@
 """phase2_meta.py: outputs, frozen specialists, routing capital to the skilled specialist, errors."""
 
+import dataclasses
 import hashlib
 import json
 import subprocess
@@ -130,6 +131,9 @@ def test_the_starting_point_is_a_candidate_for_best(tiny, risk_timing):
     if metrics["best_iteration"] == 0:
         assert metrics["portfolio"]["sharpe"] == pytest.approx(start["sharpe"], abs=1e-4)
         assert metrics["portfolio"]["turnover"] == pytest.approx(start["turnover"], rel=1e-4)
+        assert metrics["best_gain_over_start"] is None
+    else:  # an iterate replaces the start only with its paired interval over it above 0 (--replace-confidence 0.9)
+        assert metrics["best_gain_over_start"]["low"] > 0
 
 
 def market_config(path: Path, noise_classes: tuple[str, ...]) -> Path:
@@ -159,6 +163,7 @@ def test_meta_controller_routes_capital_to_the_skilled_specialist(tmp_path, seed
     assert allocation["equity"] > max(allocation["forex"], allocation["commodities"]) + 0.02, allocation
     assert allocation["equity"] > 0.35, allocation
     assert metrics["allocation_efficiency"] > 0.15, metrics["allocation_efficiency"]
+    assert metrics["best_iteration"] > 0 and metrics["best_gain_over_start"]["low"] > 0  # a gain beyond noise
 
 
 def corrupt(path: Path) -> Path:
@@ -219,8 +224,8 @@ def test_resuming_across_risk_timing_is_refused_with_the_reason(tiny):
 
 def test_the_report_measures_a_risk_timing_meta_controller_against_the_rule_it_starts_from(tiny):
     """`vol_managed_equal_allocation` in a report of a risk-timing meta-controller is the rule that meta-controller
-    starts from (its stored choice), even where the evaluation's own validation pick is another half-life or power:
-    a meta-controller at its start then trades exactly that baseline (difference 0)."""
+    starts from (its stored choice on its stored levels), even where the evaluation's own validation pick is another
+    half-life or power and its levels differ: a meta-controller at its start then trades exactly that baseline."""
     from mtq_common.agents.hierarchy import load_specialists, meta_observation_size, timing_spec
     from mtq_common.agents.nets import MetaController
     from mtq_common.data.splits import load_splits
@@ -239,7 +244,10 @@ def test_the_report_measures_a_risk_timing_meta_controller_against_the_rule_it_s
     obs_size = meta_observation_size(PortfolioEnv(val, cfg, 1).portfolio_obs_size, 3, timed=True)
     meta = MetaController(obs_size, 3, timing=timing_spec(levels, start))  # at its start: the mean action is the rule
     timings = {"vol_managed_equal_allocation": other, "vol_managed_trend_filter": other}
-    report, _ = evaluate_portfolio(specialists, meta, val, cfg, trend, "cpu", 4, vol_levels=levels, timings=timings)
+    # the evaluation's own levels (another draw's training split, say) differ from the ones the rule stored
+    other_levels = dataclasses.replace(levels, sigma_star=tuple(2.0 * x for x in levels.sigma_star))
+    report, _ = evaluate_portfolio(specialists, meta, val, cfg, trend, "cpu", 4, vol_levels=other_levels,
+                                   timings=timings)  # fmt: skip
     picked = report["vol_managed"]
     assert (picked["vol_managed_equal_allocation"]["half_life"], picked["vol_managed_equal_allocation"]["power"]) == (
         60, 1)  # fmt: skip

@@ -288,16 +288,19 @@ def test_smoke_sets_tiny_budgets_and_explicit_flags_win():
     assert pipeline_script.smoke_argv(["--mode", "eval"]) == ["--mode", "eval"]
 
 
-def test_phase3_selection_flags_reach_the_phase_script():
+def test_selection_flags_reach_the_phase_scripts():
     """`--phase3-replace-confidence` and `--phase3-patience` are Phase 3's `--replace-confidence` and `--patience`,
-    with Phase 3's defaults (0.9: best.pt leaves Phase 2 only with confidence; 0: never stop early)."""
+    `--phase2-replace-confidence` Phase 2's, with the scripts' defaults (0.9: best.pt leaves the starting point only
+    with confidence; 0: never stop early)."""
     args, _ = parse_args(pipeline_script.Args, pipeline_script.ALIASES, [])
     defaults = pipeline_script.phase_args(args, "phase3", False)
     assert (defaults.replace_confidence, defaults.patience) == (0.9, 0)
-    argv = ["--phase3-replace-confidence", "0", "--phase3-patience", "2"]
+    assert pipeline_script.phase_args(args, "phase2", False).replace_confidence == 0.9
+    argv = ["--phase3-replace-confidence", "0", "--phase3-patience", "2", "--phase2-replace-confidence", "0.5"]
     args, _ = parse_args(pipeline_script.Args, pipeline_script.ALIASES, argv)
     assert (pipeline_script.phase_args(args, "phase3", False).replace_confidence, args.phase3_patience) == (0.0, 2)
     assert pipeline_script.phase_args(args, "phase3", False).patience == 2
+    assert pipeline_script.phase_args(args, "phase2", False).replace_confidence == 0.5
 
 
 def test_a_copy_of_phase2_with_its_own_reward_runs_through_the_pipeline(trained, tmp_path):

@@ -73,12 +73,17 @@ def start_timing(timing: dict) -> VolTiming:
     return VolTiming(timing["half_life"], timing["power"], timing["picked_on"], timing["val_sharpe"])
 
 
+def start_levels(timing: dict) -> VolLevels:
+    """The training split's volatility levels a risk-timing meta-controller stored (`timing_spec`)."""
+    return VolLevels(tuple(timing["half_lives"]), tuple(tuple(x) for x in timing["level"]),
+                     tuple(timing["sigma_star"]))  # fmt: skip
+
+
 def risk_features(timing: dict, market: MarketData, device) -> torch.Tensor:
     """The meta-controller's volatility evidence per bar of `market`, `[T, H + 1]` (causal, `baselines`):
     `log(sigma_hat_t / sigma_star)` for each half-life H of the levels, then the volatility-managed rule's
     appetite `a_t` (the base the appetite is a residual over; `split_action`)."""
-    levels = VolLevels(tuple(timing["half_lives"]), tuple(tuple(x) for x in timing["level"]),
-                       tuple(timing["sigma_star"]))  # fmt: skip
+    levels = start_levels(timing)
     pairs = zip(levels.half_lives, levels.sigma_star, strict=True)
     columns = [np.log(market_sigma(market, levels, h) / star) for h, star in pairs]
     columns.append(vol_appetite(market, levels, start_timing(timing)))

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from kernels import NOT_APPLIED
-from mtq_common.agents.hierarchy import HierarchyPolicy, instrument_specialist_index, start_timing
+from mtq_common.agents.hierarchy import HierarchyPolicy, instrument_specialist_index, start_levels, start_timing
 from mtq_common.data.market import MarketData, iso_time
 from mtq_common.data.tables import MarketTables, build_tables, cost_rates
 from mtq_common.data.volatility import VolLevels, VolTiming, vol_appetite
@@ -228,7 +228,10 @@ def evaluate_portfolio(
 
     def vol_makers() -> dict:
         inner = {"vol_managed_equal_allocation": hierarchy(None), "vol_managed_trend_filter": baseline("trend_filter")}
-        return {name: vol_managed(inner[name], market, vol_levels, timings[name], size, where)
+        levels = dict.fromkeys(VOL_MANAGED, vol_levels)
+        if meta is not None and meta.timing is not None:  # the rule it starts from, on the levels it stored
+            levels["vol_managed_equal_allocation"] = start_levels(meta.timing)
+        return {name: vol_managed(inner[name], market, levels[name], timings[name], size, where)
                 for name in VOL_MANAGED if name not in references}  # fmt: skip
 
     makers = {"system": hierarchy(meta)}
@@ -276,11 +279,12 @@ def vol_managed(make_inner, market: MarketData, levels: VolLevels, timing: VolTi
 
 def with_start_rule(timings: dict | None, meta) -> dict | None:
     """`timings` with `vol_managed_equal_allocation` set to the rule a risk-timing `meta` starts from (its stored
-    choice, picked on the validation split by Phase 2), if it has one: "system minus vol_managed_equal_allocation"
-    then measures what training moved the meta-controller from its own start. Why: a second pick of the same rule
-    by another validation run (the test evaluation's 8 segments against Phase 2's 16) can choose another
-    half-life (bench seed 2: 10 against 20 bars; its meta-controller, at its start, trailed that other rule by
-    0.08 on test)."""
+    choice, picked on the validation split by Phase 2; `evaluate_portfolio` runs it on the training levels the
+    meta-controller stored, which differ on another draw of the market), if it has one: "system minus
+    vol_managed_equal_allocation" then measures what training moved the meta-controller from its own start.
+    Why: a second pick of the same rule by another validation run (the test evaluation's 8 segments against
+    Phase 2's 16) can choose another half-life (bench seed 2: 10 against 20 bars; its meta-controller, at its
+    start, trailed that other rule by 0.08 on test)."""
     if timings is None or meta is None or meta.timing is None:
         return timings
     return {**timings, "vol_managed_equal_allocation": start_timing(meta.timing)}
