@@ -12,8 +12,14 @@ import torch
 
 import phase1_ppo
 import phase2_meta
-from mtq_common.agents.nets import SpecialistAgents
+from mtq_common.agents.hierarchy import load_specialists, meta_observation_size, timing_spec
+from mtq_common.agents.nets import MetaController, SpecialistAgents
 from mtq_common.agents.rollout_stats import PortfolioRolloutStats
+from mtq_common.data.splits import load_splits
+from mtq_common.data.volatility import VolTiming, fit_vol_levels
+from mtq_common.envs.portfolio_env import PortfolioEnv
+from mtq_common.evaluation.portfolio_eval import evaluate_portfolio
+from mtq_common.evaluation.rules import fit_trend_for
 from mtq_common.training.checkpoint import CheckpointError, parameter_fingerprint
 from mtq_common.training.settings import load_config
 from tests.helpers import SMALL, run_cli, signal_config, tensorboard_scalars, tensorboard_tags, write_config
@@ -226,14 +232,6 @@ def test_the_report_measures_a_risk_timing_meta_controller_against_the_rule_it_s
     """`vol_managed_equal_allocation` in a report of a risk-timing meta-controller is the rule that meta-controller
     starts from (its stored choice on its stored levels), even where the evaluation's own validation pick is another
     half-life or power and its levels differ: a meta-controller at its start then trades exactly that baseline."""
-    from mtq_common.agents.hierarchy import load_specialists, meta_observation_size, timing_spec
-    from mtq_common.agents.nets import MetaController
-    from mtq_common.data.splits import load_splits
-    from mtq_common.data.volatility import VolTiming, fit_vol_levels
-    from mtq_common.envs.portfolio_env import PortfolioEnv
-    from mtq_common.evaluation.portfolio_eval import evaluate_portfolio
-    from mtq_common.evaluation.rules import fit_trend_for
-
     tmp, config, phase1_dir = tiny
     cfg = load_config(config)
     splits = load_splits(cfg)
