@@ -54,14 +54,13 @@ from mtq_common.data.splits import load_splits
 from mtq_common.data.tables import build_tables
 from mtq_common.data.volatility import fit_vol_levels
 from mtq_common.envs.portfolio_env import PortfolioEnv
-from mtq_common.evaluation.bootstrap import paired_sharpe_difference
+from mtq_common.evaluation.bootstrap import check_replace_confidence, gain_over_start
 from mtq_common.evaluation.portfolio_eval import evaluate_portfolio, validation_timings
 from mtq_common.evaluation.report_text import format_report
 from mtq_common.evaluation.rules import fit_trend_for
 from mtq_common.training import checkpoint as ckpt
 from mtq_common.training import distributed
 from mtq_common.training.checkpoint import clone_state, parameter_fingerprint
-from mtq_common.training.config import ConfigError
 from mtq_common.training.plumbing import Run, autocast, cli, iterations, restore, resume, seed_everything, start_run
 
 ALIASES = {"timesteps": "training.phase_2_timesteps"}
@@ -162,8 +161,7 @@ def meta_reward(reward: torch.Tensor, info: dict) -> torch.Tensor:
 
 def main(args: Args) -> dict:
     cfg, world, device, log = start_run(args, ALIASES, "phase2")  # config, ranks, log file, threads
-    if not 0.0 <= args.replace_confidence < 1.0:
-        raise ConfigError(f"--replace-confidence {args.replace_confidence}: accepted 0 (off) up to, not including, 1")
+    check_replace_confidence(args.replace_confidence)
     out_dir = Path(args.output_dir)
     steps_per_iteration = args.num_envs * args.num_steps  # on this rank
     num_iterations = iterations(args, steps_per_iteration, world)  # (a minibatch never exceeds the rollout)
@@ -198,18 +196,15 @@ def main(args: Args) -> dict:
 
     def validation(meta) -> tuple[dict, dict]:
         """The hierarchy and every baseline on the validation split (`eval_segments` pieces in parallel): the
-        report, and the system's Sharpe there minus its starting point's with the paired bootstrap interval.
-        The start is a baseline of the report: the meta-controller's mean action at its start is exactly the
-        rule (`MetaController`). Why the interval: best.pt is the highest of many noisy validations, and such
-        a winner lost to its start on the test split on three seeds of four (docs/benchmarks.md)."""
+        report, and the system's gain over its starting point (`bootstrap.gain_over_start`). The start is a
+        baseline of the report: the meta-controller's mean action at its start is exactly the rule
+        (`MetaController`)."""
         report, backtests = evaluate_portfolio(specialists, meta, val, cfg, trend, device, args.eval_segments,
                                                val_tables, 2, references, specialists_frozen=True,
                                                vol_levels=vol_levels)  # fmt: skip
         start = backtests["vol_managed_equal_allocation" if args.risk_timing else "equal_allocation"]
-        confidence = args.replace_confidence or 0.9  # (0: the interval is only logged)
-        gain = paired_sharpe_difference(backtests["system"].net_return, start.net_return, val.bars_per_year,
-                                        cfg.reward.risk_free_rate, confidence=confidence)  # fmt: skip
-        return report, gain
+        return report, gain_over_start(backtests["system"].net_return, start.net_return, val.bars_per_year,
+                                       cfg.reward.risk_free_rate, args.replace_confidence)  # fmt: skip
 
     def validate(meta) -> dict:
         """`validation`'s report alone (the final evaluation's)."""
@@ -387,8 +382,7 @@ def main(args: Args) -> dict:
             report, gain = validation(meta)
             log_validation(run.writer, report, global_step)
             sharpe = report["portfolio"]["sharpe"]
-            confident = args.replace_confidence == 0 or gain["low"] > 0
-            if sharpe > best["sharpe"] and confident:
+            if sharpe > best["sharpe"] and gain["replaces"]:
                 best = {"sharpe": sharpe, "iteration": iteration, "model": clone_state(meta),
                         "gain": {k: gain[k] for k in ("difference", "low", "high")}}  # fmt: skip
                 ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best["model"], meta, specialists, cfg, args))

@@ -86,7 +86,7 @@ from mtq_common.data.tables import build_tables
 from mtq_common.data.volatility import fit_vol_levels
 from mtq_common.envs.portfolio_env import PortfolioEnv
 from mtq_common.evaluation.backtest import run_episodes, summarize_episodes
-from mtq_common.evaluation.bootstrap import paired_sharpe_difference
+from mtq_common.evaluation.bootstrap import check_replace_confidence, gain_over_start
 from mtq_common.evaluation.portfolio_eval import evaluate_portfolio
 from mtq_common.evaluation.report_text import format_report
 from mtq_common.evaluation.rules import fit_trend_for
@@ -222,8 +222,7 @@ def main(args: Args) -> dict:
     compiled = use_compile(args.compile, minibatches_per_run, device, log)  # the update and the environment's step
     if not 0.0 <= args.specialist_portfolio_weight <= 1.0:
         raise ConfigError(f"--specialist-portfolio-weight {args.specialist_portfolio_weight}: accepted 0 to 1")
-    if not 0.0 <= args.replace_confidence < 1.0:
-        raise ConfigError(f"--replace-confidence {args.replace_confidence}: accepted 0 (off) up to, not including, 1")
+    check_replace_confidence(args.replace_confidence)
     if args.patience < 0:
         raise ConfigError(f"--patience {args.patience}: accepted 0 (never stop early) or more validations")
 
@@ -319,13 +318,10 @@ def main(args: Args) -> dict:
         """`validation`'s report alone (the final evaluation's)."""
         return validation(specialists, meta)[0]
 
-    def gain_over_start(returns: np.ndarray) -> dict:
-        """An iterate's validation Sharpe minus the starting point's, with its paired bootstrap interval. Why
-        not the Sharpe alone: best.pt is the highest of a dozen noisy validations, and such a winner of a
-        few hundredths lost to Phase 2 on other paths of the market (docs/benchmarks.md)."""
-        confidence = args.replace_confidence or 0.9  # (0: the interval is only logged)
-        return paired_sharpe_difference(returns, start_returns, val.bars_per_year, cfg.reward.risk_free_rate,
-                                        confidence=confidence)  # fmt: skip
+    def gain(returns: np.ndarray) -> dict:
+        """An iterate's validation gain over the starting point, Phases 1 and 2 (`bootstrap.gain_over_start`)."""
+        return gain_over_start(returns, start_returns, val.bars_per_year, cfg.reward.risk_free_rate,
+                               args.replace_confidence)  # fmt: skip
 
     num_rows, obs_size = args.num_envs, specialists.obs_size
     meta_obs_size = meta_observation_size(envs.portfolio_obs_size, num_specialists, timed=meta.timing is not None)
@@ -355,6 +351,11 @@ def main(args: Args) -> dict:
              torch.ones(num_rows, device=device))  # fmt: skip
     # the meta-controller's observation and held allocation; the rollout's TensorBoard tags
     tracker = MetaTracker(owner, num_specialists, num_rows, device, meta.allocation_rate)
+
+    def final_value(inst_obs, portfolio, held, *evidence):  # V of final observations, from their stored parts
+        positions = specialists.positions(inst_obs, owner)
+        return meta.get_value(tracker.assemble(portfolio, positions, held, *evidence))
+
     rollout = PortfolioRolloutStats(specialists.names, envs.limits.max_var, device, num_rows)
     prev_positions = torch.zeros(num_rows, num_instruments, device=device)
     start_returns = None  # the starting point's validation returns (rank 0): what an iterate must beat
@@ -450,10 +451,6 @@ def main(args: Args) -> dict:
         run.watch.lap("rollout")
 
         # bootstrap value if not done: a truncated row continues from V(final obs), not from zero
-        def final_value(inst_obs, portfolio, held, *evidence, tracker=tracker):  # V of final obs from their parts
-            positions = specialists.positions(inst_obs, owner)
-            return meta.get_value(tracker.assemble(portfolio, positions, held, *evidence))
-
         with torch.no_grad():
             final_parts = (final_inst_obs, final_portfolio, final_held, *([] if risk is None else [final_risk]))
             final_meta_values = at_truncations(final_value, truncs, *final_parts)
@@ -528,7 +525,7 @@ def main(args: Args) -> dict:
             sharpe = float("nan")
             if world.is_main:
                 report, returns = validation(specialists, meta)
-                sharpe, gain = report["portfolio"]["sharpe"], gain_over_start(returns)
+                sharpe, over_start = report["portfolio"]["sharpe"], gain(returns)
                 log_validation(run.writer, report, global_step)
             sharpe = distributed.broadcast_value(sharpe, world, device)
             if coordinate:
@@ -546,19 +543,18 @@ def main(args: Args) -> dict:
                 prev_positions.zero_()
                 rollout.restart_episodes()
             if world.is_main:  # (rank 0 holds best.pt)
-                confident = args.replace_confidence == 0 or gain["low"] > 0
-                if sharpe > best["sharpe"] and confident:
+                if sharpe > best["sharpe"] and over_start["replaces"]:
                     best = {
                         "sharpe": sharpe,
                         "iteration": iteration,
                         "specialists": clone_state(specialists),
                         "meta": clone_state(meta),
-                        "gain": {k: gain[k] for k in ("difference", "low", "high")},
+                        "gain": {k: over_start[k] for k in ("difference", "low", "high")},
                     }
                     ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best, specialists, meta, cfg))
                 log.info("iteration %d/%d step %d SPS %d val sharpe %.3f (start %+.3f [%+.3f, %+.3f]) level %d",
-                         iteration, num_iterations, global_step, sps, sharpe, gain["difference"], gain["low"],
-                         gain["high"], level)  # fmt: skip
+                         iteration, num_iterations, global_step, sps, sharpe, over_start["difference"],
+                         over_start["low"], over_start["high"], level)  # fmt: skip
         current = {"specialists": clone_state(specialists), "meta": clone_state(meta)}
         run.save_latest(iteration, global_step, best, model_payload(current, specialists, meta, cfg), schedules,
                         {"env": envs, "twin": twin, "tracker": tracker, "prev_positions": prev_positions,

@@ -11,6 +11,7 @@ from mtq_common.evaluation import bootstrap as st
 from mtq_common.evaluation import metrics
 from mtq_common.evaluation import sharpe_significance as sig
 from mtq_common.evaluation.sharpe_significance import normal_cdf, normal_ppf
+from mtq_common.training.config import ConfigError
 
 BARS = 252
 # i.i.d. normal returns with a known true Sharpe: per-bar mean 0.05, std 1.
@@ -346,3 +347,22 @@ def test_non_finite_input_names_the_index():
         st.sharpe_interval(np.zeros((10, 2)), BARS)
     with pytest.raises(ValueError, match="trial_sharpes"):
         sig.deflated_sharpe_ratio(r[:5], [], BARS)
+
+
+def test_gain_over_start_replaces_the_start_only_with_confidence_unless_switched_off():
+    """Phases 2 and 3's selection rule: with `replace_confidence` 0.9 an iterate replaces its start only where the
+    paired interval's low end is above 0; with 0 always (the interval is still computed, at 0.9); bad values are
+    refused."""
+    rng = np.random.default_rng(0)
+    start = rng.normal(0.0, 0.01, 2000)
+    clearly_better = start + 0.002  # the same noise, a steady edge: the paired interval excludes 0
+    noise = start + rng.normal(0.0, 0.01, 2000)  # no edge: the interval straddles 0
+    better = st.gain_over_start(clearly_better, start, 252, 0.0, 0.9)
+    assert better["low"] > 0 and better["replaces"] and better["confidence"] == 0.9
+    unsure = st.gain_over_start(noise, start, 252, 0.0, 0.9)
+    assert unsure["low"] < 0 < unsure["high"] and not unsure["replaces"]
+    off = st.gain_over_start(noise, start, 252, 0.0, 0.0)
+    assert off["replaces"] and off["confidence"] == 0.9 and off["low"] == unsure["low"]
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ConfigError, match="--replace-confidence"):
+            st.check_replace_confidence(bad)

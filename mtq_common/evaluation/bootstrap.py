@@ -39,6 +39,7 @@ import math
 import numpy as np
 
 from mtq_common.evaluation import metrics
+from mtq_common.training.config import ConfigError
 
 _CHUNK_ELEMENTS = 1 << 20
 """Bootstrap samples are generated and evaluated in chunks of about this many resampled bars, so memory stays
@@ -262,6 +263,24 @@ def paired_sharpe_difference(
         boot_a, boot_b = _bootstrap_sharpes([a, b], bars_per_year, risk_free_rate, int(num_samples), block, seed)
     sharpes = annualised_sharpe(a, bars_per_year, risk_free_rate), annualised_sharpe(b, bars_per_year, risk_free_rate)
     return _paired(*sharpes, boot_a, boot_b, confidence, block, return_distribution)
+
+
+def check_replace_confidence(replace_confidence: float) -> None:
+    """`--replace-confidence` of Phases 2 and 3: 0 (off) or a confidence below 1; anything else a `ConfigError`."""
+    if not 0.0 <= replace_confidence < 1.0:
+        raise ConfigError(f"--replace-confidence {replace_confidence}: accepted 0 (off) up to, not including, 1")
+
+
+def gain_over_start(returns, start_returns, bars_per_year, risk_free_rate, replace_confidence: float) -> dict:
+    """The rule by which an iterate may replace a phase's starting point in `best.pt` (Phases 2 and 3): its
+    validation `returns` against the start's on the same bars, `paired_sharpe_difference` at `replace_confidence`
+    (0.9 where it is 0, which only logs the interval), plus `replaces`: with `replace_confidence` 0 always (any
+    higher Sharpe wins), else only where the interval's low end is above 0. Why: `best.pt` is the highest of
+    many noisy validations, and such winners lost to their start on other paths of the market
+    (docs/benchmarks.md)."""
+    gain = paired_sharpe_difference(returns, start_returns, bars_per_year, risk_free_rate,
+                                    confidence=replace_confidence or 0.9)  # fmt: skip
+    return {**gain, "replaces": replace_confidence == 0 or gain["low"] > 0}
 
 
 def _paired(sharpe_a: float, sharpe_b: float, boot_a: np.ndarray | None, boot_b: np.ndarray | None,
