@@ -16,6 +16,13 @@ from mtq_common.envs.trading_env import BatchedTradingEnv, as_actions, instrumen
 from mtq_common.training.config import Config
 
 
+def compile_options() -> dict:
+    """Inductor options for the compiled step: 256-bit vectors on an AVX-512 CPU. A row's 8 instruments then
+    fill one vector exactly, where 16 lanes would be half masked (4,096 rows, one thread: 3.73-4.12 -> 3.36-3.40
+    ms a step). Other CPUs (and GPUs) keep Inductor's default."""
+    return {"cpp.simdlen": 256} if torch.backends.cpu.get_cpu_capability() == "AVX512" else {}
+
+
 class PortfolioEnv(BatchedTradingEnv):
     """Batched multi-instrument portfolio: every row holds all N instruments under the risk manager.
 
@@ -74,7 +81,7 @@ class PortfolioEnv(BatchedTradingEnv):
         self.has_truth = tables.regime is not None
         # compiled: the step before the autoreset as one torch.compile'd function (the autoreset's data-dependent
         # branches stay eager); fused code rounds differently from the eager step (see mtq_common.agents.update)
-        self._step = torch.compile(self._stepped) if compiled else self._stepped
+        self._step = torch.compile(self._stepped, options=compile_options()) if compiled else self._stepped
 
     def _observe(self) -> dict[str, torch.Tensor]:
         eng, tb = self.engine, self.engine.tables
