@@ -166,8 +166,8 @@ def copy_bandwidth(device: torch.device, nbytes: int = COPY_BYTES, repeats: int 
 
 def bench_env(kind: str, rows: int, market, cfg, tables, device: torch.device, args: Args,
               compiled: bool = False) -> dict:  # fmt: skip
-    """Environment steps/s of one batched env (torch mode, unchecked pre-generated actions); `compiled`: the
-    portfolio env's step through torch.compile (`--compile`'s path)."""
+    """Environment steps/s of one batched env (torch mode, unchecked pre-generated actions); `compiled`: its
+    step through torch.compile (`--compile`'s path)."""
     make = make_specialist_vec if kind == "specialist" else make_portfolio_vec
     extra = {"compiled": True} if compiled else {}
     env = make(
@@ -275,7 +275,8 @@ def bench_device(device: torch.device, market, cfg, args: Args) -> tuple[dict, l
     results = []
     for rows in args.batch_sizes:
         measured = [bench_env(kind, rows, market, cfg, tables, device, args) for kind in ("specialist", "portfolio")]
-        measured.append(bench_env("portfolio", rows, market, cfg, tables, device, args, compiled=True))
+        measured += [bench_env(kind, rows, market, cfg, tables, device, args, compiled=True)
+                     for kind in ("specialist", "portfolio")]  # fmt: skip
         for op, by_impl in impls.items():
             inputs = kernel_inputs(op, rows, portfolio_env, device)
             for impl, fn in by_impl.items():

@@ -21,7 +21,7 @@ from mtq_common.agents.nets import MetaController, SpecialistAgents
 from mtq_common.data.synthetic import generate_market
 from mtq_common.data.tables import build_tables
 from mtq_common.envs.portfolio_env import PortfolioEnv
-from mtq_common.envs.trading_env import instrument_obs_size, position_column
+from mtq_common.envs.trading_env import SpecialistEnv, instrument_obs_size, position_column
 from mtq_common.training.config import Config, default_instruments
 
 REPO = Path(__file__).resolve().parent.parent
@@ -199,6 +199,20 @@ def restarting_portfolio_pair(**second) -> tuple[PortfolioEnv, PortfolioEnv, tor
     market = generate_market(cfg.data.instruments, SECTORS, VOLS, 400, 9)
     envs = PortfolioEnv(market, cfg, 16, torch_mode=True, seed=3), PortfolioEnv(market, cfg, 16, torch_mode=True,
                                                                                 seed=3, **second)  # fmt: skip
+    for env in envs:
+        env.reset(seed=3)
+    return *envs, torch.Generator().manual_seed(0)
+
+
+def restarting_specialist_pair(**both) -> tuple[SpecialistEnv, SpecialistEnv, torch.Generator]:
+    """Two `SpecialistEnv`s of 16 rows (two per instrument) on one 400-bar market with 7-bar episodes (many
+    restarts), reset alike, the second compiled; `both` go to each (e.g. ``next_return_diagnostic=True``)."""
+    cfg = Config()
+    cfg.environment.episode_length = 7
+    market = generate_market(cfg.data.instruments, SECTORS, VOLS, 400, 9)
+    rows = list(range(8)) * 2
+    envs = (SpecialistEnv(market, cfg, rows, torch_mode=True, seed=3, **both),
+            SpecialistEnv(market, cfg, rows, torch_mode=True, seed=3, compiled=True, **both))  # fmt: skip
     for env in envs:
         env.reset(seed=3)
     return *envs, torch.Generator().manual_seed(0)

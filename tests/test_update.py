@@ -9,7 +9,7 @@ from mtq_common.agents.nets import MetaController, SpecialistAgents
 from mtq_common.agents.ppo import FlatAdam, clipped_surrogate, minibatches, normalise
 from mtq_common.agents.update import JointUpdate, PPOUpdate
 from mtq_common.training.distributed import World
-from tests.helpers import random_books, restarting_portfolio_pair
+from tests.helpers import random_books, restarting_portfolio_pair, restarting_specialist_pair
 
 ROWS, OBS = 64, 6
 OWNER = torch.tensor([0, 0, 1, 2])  # four instrument slots, three specialists
@@ -170,4 +170,24 @@ def test_the_compiled_portfolio_step_matches_the_eager_one(observe):
                 close(b[0][key], a[0][key], key)
     for key, value in eager.observe().items():
         close(fused.observe()[key], value, key)
+    assert restarts > 20
+
+
+@pytest.mark.parametrize("diagnostic", [False, True])
+def test_the_compiled_specialist_step_matches_the_eager_one(diagnostic):
+    """Phase 1's environment: the step before the autoreset compiled, the autoreset eager; the same rewards,
+    positions, stop-losses and observations over many restarts (with the look-ahead test aid too)."""
+    eager, fused, gen = restarting_specialist_pair(next_return_diagnostic=diagnostic)
+    restarts = 0
+    for _ in range(30):
+        actions = torch.rand(eager.num_envs, 1, generator=gen) * 2 - 1
+        a, b = eager.step(actions), fused.step(actions)
+        restarts += int(a[3].sum())
+        close(b[0], a[0], "obs")
+        close(b[1], a[1], "reward")
+        assert torch.equal(a[3], b[3])
+        for key in ("net_return", "position", "equity", "drawdown", "stop_loss"):
+            close(b[4][key], a[4][key], key)
+        close(b[4]["final_obs"], a[4]["final_obs"], "final_obs")
+    close(fused.observe(), eager.observe(), "observe")
     assert restarts > 20

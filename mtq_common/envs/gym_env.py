@@ -166,7 +166,7 @@ def make_specialist_vec(
 ) -> SpecialistEnv:
     """A batched `SpecialistEnv` whose rows cycle over all the market's instruments (row b trades b mod N).
 
-    Extra `kwargs` go to `SpecialistEnv` (`next_return_diagnostic`, `check_actions`, `tables`).
+    Extra `kwargs` go to `SpecialistEnv` (`next_return_diagnostic`, `check_actions`, `tables`, `compiled`).
     """
     config, market = _market_for(config, split, market)
     rows = np.arange(num_envs) % market.num_instruments

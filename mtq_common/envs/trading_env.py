@@ -240,6 +240,7 @@ class SpecialistEnv(BatchedTradingEnv):
         next_return_diagnostic: bool = False,
         check_actions: bool = True,
         tables: MarketTables | None = None,
+        compiled: bool = False,
     ):
         super().__init__(torch_mode, check_actions)
         tables = tables or build_tables(market, cfg, device)
@@ -256,6 +257,8 @@ class SpecialistEnv(BatchedTradingEnv):
         self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, self.num_envs)
         self.action_space = gym.vector.utils.batch_space(self.single_action_space, self.num_envs)
         self.cost_rate = cost_rates(market, cfg, self.engine.device)[self.engine.index]  # [B, 1]
+        # compiled: the step before the autoreset as one torch.compile'd function, as `PortfolioEnv`'s
+        self._step = torch.compile(self._stepped) if compiled else self._stepped
 
     def _observe(self) -> torch.Tensor:
         return self.engine.instrument_obs(self.diagnostic).squeeze(1)
@@ -264,8 +267,12 @@ class SpecialistEnv(BatchedTradingEnv):
         return self.engine.fresh_instrument_obs(rows).squeeze(1)
 
     def step(self, actions):
+        actions = as_actions(actions, (self.num_envs, 1), self.engine.device, self.check_actions)
+        return self._finish(*self._step(actions))
+
+    def _stepped(self, actions: torch.Tensor):
+        """`step` before the autoreset: `(observation, reward, truncated, info)` (pure tensor work, compilable)."""
         eng = self.engine
-        actions = as_actions(actions, (self.num_envs, 1), eng.device, self.check_actions)
         own = actions.reshape(self.num_envs, 1)
         own = torch.where(eng.stop_lock(own), 0.0, own)
         target = own * eng.max_position
@@ -280,7 +287,7 @@ class SpecialistEnv(BatchedTradingEnv):
             "stop_loss": stopped.squeeze(1),
             "instrument_vol": sigma.squeeze(1),
         }
-        return self._finish(self._observe(), out.reward, truncated, info)
+        return self._observe(), out.reward, truncated, info
 
 
 def specialist_rows(market: MarketData, specialists: list[str], rows_per_specialist: int):
