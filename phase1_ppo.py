@@ -131,7 +131,7 @@ class Args:
     torch_threads: int = 1
     """torch intra-op threads on the CPU (0: torch's default); small-batch PPO is fastest with 1."""
     compile: CompileChoice = "auto"
-    """torch.compile the PPO update and env step (agents/update.py): on, off, auto (on from 4,000 minibatches)."""
+    """torch.compile the PPO update (agents/update.py): on, off, or auto (on for runs of 4,000 minibatches or more)."""
     amp: bool = False
     """bf16 autocast in the PPO update (CUDA only; refused on the CPU)."""
 
@@ -149,7 +149,7 @@ def main(args: Args) -> dict:
     rows_per_iteration = args.num_envs * args.num_steps  # per specialist, on this rank
     num_iterations = iterations(args, rows_per_iteration, world)  # (a minibatch never exceeds the rollout)
     minibatches_per_run = num_iterations * args.n_epochs * -(-rows_per_iteration // args.minibatch_size)
-    compiled = use_compile(args.compile, minibatches_per_run, device, log)  # the update and the env's step
+    compiled = use_compile(args.compile, minibatches_per_run, device, log)  # the update
 
     # TRY NOT TO MODIFY: seeding (each rank its own environments and noise; rank 0's initial weights)
     seed = seed_everything(world.seed(args.seed))
@@ -158,9 +158,11 @@ def main(args: Args) -> dict:
     splits = load_splits(cfg)
     train, val = splits["train"], splits["val"]
     row_instrument, _ = specialist_rows(train, specialists, args.num_envs)
+    # (eager: at these 192 rows the compiled step, `compiled=True`, saves 0.3 ms of a 3.3 ms rollout step, and
+    # a default run measured no faster; docs/benchmarks.md)
     envs = SpecialistEnv(
         train, cfg, row_instrument, device=device, seed=seed, torch_mode=True,
-        next_return_diagnostic=args.next_return_diagnostic, check_actions=False, compiled=compiled,
+        next_return_diagnostic=args.next_return_diagnostic, check_actions=False,
     )  # fmt: skip
     val_tables = build_tables(val, cfg, device)
     trend = fit_trend_for(train, cfg)  # the trend_filter rule's parameters, from the training split
