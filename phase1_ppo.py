@@ -158,8 +158,8 @@ def main(args: Args) -> dict:
     splits = load_splits(cfg)
     train, val = splits["train"], splits["val"]
     row_instrument, _ = specialist_rows(train, specialists, args.num_envs)
-    # (eager: at these 192 rows the compiled step, `compiled=True`, saves 0.3 ms of a 3.3 ms rollout step, and
-    # a default run measured no faster; docs/benchmarks.md)
+    # (eager: at these 192 rows the compiled step, `compiled=True`, saves 0.3 ms of a 1.1 ms rollout step, about
+    # what tracing it costs at each start: a default run measured no faster; docs/benchmarks.md)
     envs = SpecialistEnv(
         train, cfg, row_instrument, device=device, seed=seed, torch_mode=True,
         next_return_diagnostic=args.next_return_diagnostic, check_actions=False,
