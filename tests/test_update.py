@@ -175,8 +175,8 @@ def test_the_compiled_portfolio_step_matches_the_eager_one(observe):
 
 @pytest.mark.parametrize("diagnostic", [False, True])
 def test_the_compiled_specialist_step_matches_the_eager_one(diagnostic):
-    """Phase 1's environment: the step before the autoreset compiled, the autoreset eager; the same rewards,
-    positions, stop-losses and observations over many restarts (with the look-ahead test aid too)."""
+    """`SpecialistEnv(compiled=True)`: the step before the autoreset compiled, the autoreset eager; the same
+    rewards, positions, stop-losses and observations over many restarts (with the look-ahead test aid too)."""
     eager, fused, gen = restarting_specialist_pair(next_return_diagnostic=diagnostic)
     restarts = 0
     for _ in range(30):

@@ -18,7 +18,7 @@ from mtq_common.training.config import Config
 
 def compile_options() -> dict:
     """Inductor options for the compiled step: 256-bit vectors on an AVX-512 CPU. A row's 8 instruments then
-    fill one vector exactly, where 16 lanes would be half masked (4,096 rows, one thread: 3.73-4.12 -> 3.36-3.40
+    fill one vector exactly, where 16 lanes would be half masked (4,096 rows, one thread: 3.73-4.12 -> 3.25-3.46
     ms a step). Other CPUs (and GPUs) keep Inductor's default."""
     return {"cpp.simdlen": 256} if torch.backends.cpu.get_cpu_capability() == "AVX512" else {}
 
