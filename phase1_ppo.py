@@ -42,12 +42,13 @@ from mtq_common.agents.ppo import (
     update_scalars,
 )
 from mtq_common.agents.update import CompileChoice, PPOUpdate, use_compile
+from mtq_common.data.features import FEATURE_NAMES
 from mtq_common.data.market import iso_time
 from mtq_common.data.splits import load_splits
-from mtq_common.data.tables import build_tables
+from mtq_common.data.tables import build_tables, cost_rates
 from mtq_common.envs.engine import POSITION_RATE
 from mtq_common.envs.trading_env import SpecialistEnv, position_column, specialist_rows
-from mtq_common.evaluation.rules import fit_trend_for
+from mtq_common.evaluation.rules import fit_scaled_trend, fit_trend_for
 from mtq_common.evaluation.specialist_eval import evaluate_specialists, format_specialist_table
 from mtq_common.training import checkpoint as ckpt
 from mtq_common.training import distributed
@@ -112,6 +113,8 @@ class Args:
     """Width of the two hidden layers."""
     position_rate: float = POSITION_RATE
     """Partial adjustment: each bar the position moves this share of the way to the policy's target (1: all)."""
+    start_rule: bool = True
+    """Start each specialist at the scaled trend rule (picked on the training split) and learn a residual over it."""
     eval_interval: int = 10
     """Validate (and update `best.pt`) every this many iterations, and at the end."""
     eval_segments: int = 16
@@ -176,8 +179,19 @@ def main(args: Args) -> dict:
     num_specialists, rows_per_specialist, obs_size = len(specialists), args.num_envs, envs.obs_size
 
     position_index = position_column(train.num_instruments)
+    start_rule = None
+    if args.start_rule:  # the scaled trend, read by the specialists from its feature `trend_z_h`
+        rule = fit_scaled_trend(train, cost_rates(train, cfg, "cpu").double().numpy(), args.position_rate)
+        start_rule = {**dataclasses.asdict(rule), "index": FEATURE_NAMES.index(f"trend_z_{rule.half_life}")}
+        log.info("start rule: scaled trend, half-life %d, scale %g (training split Sharpe %.2f)", rule.half_life,
+                 rule.scale, rule.train_sharpe)  # fmt: skip
     agent = SpecialistAgents(
-        specialists, obs_size, args.hidden_size, position_rate=args.position_rate, position_index=position_index
+        specialists,
+        obs_size,
+        args.hidden_size,
+        position_rate=args.position_rate,
+        position_index=position_index,
+        start_rule=start_rule,
     ).to(device)
     distributed.broadcast_module(agent, world)
     optimizer = FlatAdam(agent.parameters(), lr=args.learning_rate, eps=1e-5)  # Adam, stepped as one tensor
@@ -232,6 +246,8 @@ def main(args: Args) -> dict:
         args, "phase1", world, device, log, num_iterations, rows_per_iteration, start_iteration, global_step, own_steps
     )
     evaluation = None
+    if world.is_main and not args.resume:  # the starting point is a candidate for best.pt (a start rule's worth)
+        best = update_best(best, agent, validate(agent), 0)
     guard = DivergenceGuard("phase 1", device)
     for iteration in range(start_iteration, num_iterations + 1):
         # Annealing the rate if instructed to do so.

@@ -114,10 +114,17 @@ class SpecialistAgents(nn.Module):
     rules included), from the own position the observation carries at `position_index`. The same map
     serves Phase 1, Phases 2-3 and the evaluation (`to_position`), and the rate is stored with the weights:
     an evaluation trades its rule baselines at the same rate.
+
+    `start_rule` (optional, stored with the weights): the action mean is the scaled trend rule's target
+    `clip(scale * obs[..., feature], -1, 1)` (`rules.scaled_trend_positions`, read from the raw observation)
+    plus the actor's output, a residual that starts near 0 (the last layer's small initial weights). So a
+    specialist starts as the rule and training moves it only where its reward pays, as the meta-controller
+    starts at the volatility-managed allocation.
     """
 
     def __init__(self, names: list[str], obs_size: int, hidden: int = 64, init_log_std: float = -1.0,
-                 position_rate: float = 1.0, position_index: int | None = None):  # fmt: skip
+                 position_rate: float = 1.0, position_index: int | None = None,
+                 start_rule: dict | None = None):  # fmt: skip
         super().__init__()
         if not 0.0 < position_rate <= 1.0:
             raise ValueError(f"position_rate {position_rate} (--position-rate): accepted 0 < rate <= 1")
@@ -127,6 +134,7 @@ class SpecialistAgents(nn.Module):
         k = len(names)
         self.obs_size, self.hidden = obs_size, hidden
         self.position_rate, self.position_index = position_rate, position_index
+        self.start_rule = None if start_rule is None else dict(start_rule)  # {"index", "scale", ...}
         self.norm = RunningNorm((k, obs_size))
         self.critic = nn.ModuleList(
             [StackedLinear(k, obs_size, hidden), StackedLinear(k, hidden, hidden), StackedLinear(k, hidden, 1, 1.0)]
@@ -156,7 +164,7 @@ class SpecialistAgents(nn.Module):
     def forward_grouped(self, obs: torch.Tensor):
         """obs [K, R, F] -> (action mean [K, R], log std [K, 1], value [K, R])."""
         x = self._normalised(obs)
-        return self._mlp(self.actor, x), self.log_std.squeeze(-1), self._mlp(self.critic, x)
+        return self._mlp(self.actor, x) + self.start(obs), self.log_std.squeeze(-1), self._mlp(self.critic, x)
 
     def get_value(self, obs: torch.Tensor) -> torch.Tensor:
         """CleanRL's interface on grouped rows: the critic alone, value [K, R] (a bootstrap needs no action)."""
@@ -174,17 +182,24 @@ class SpecialistAgents(nn.Module):
     def forward_per_slot(self, obs: torch.Tensor, owner: torch.Tensor):
         """obs [B, N, F], owner [N] -> (action mean [B, N], log std [N], value [B, N])."""
         x = self._normalised(obs, owner)
-        return self._mlp(self.actor, x, owner), self.log_std[owner, 0, 0], self._mlp(self.critic, x, owner)
+        mean = self._mlp(self.actor, x, owner) + self.start(obs)
+        return mean, self.log_std[owner, 0, 0], self._mlp(self.critic, x, owner)
 
     def mean_per_slot(self, obs: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
         """The action mean alone, [B, N]: the actor without the critic, half the work, for callers that only
         trade (the same values as `forward_per_slot`'s mean)."""
-        return self._mlp(self.actor, self._normalised(obs, owner), owner)
+        return self._mlp(self.actor, self._normalised(obs, owner), owner) + self.start(obs)
 
     def value_per_slot(self, obs: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
         """The value alone, [B, N]: the critic without the actor, for bootstraps (the same values as
         `forward_per_slot`'s value)."""
         return self._mlp(self.critic, self._normalised(obs, owner), owner)
+
+    def start(self, obs: torch.Tensor) -> torch.Tensor | float:
+        """The start rule's target [...] from the raw observation `obs` [..., F], or 0 without one."""
+        if self.start_rule is None:
+            return 0.0
+        return (self.start_rule["scale"] * obs[..., self.start_rule["index"]]).clamp(-1.0, 1.0)
 
     def to_position(self, action: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
         """The position to trade for `action` [...] given the raw observation `obs` [..., F] (class docstring)."""
@@ -202,7 +217,7 @@ class SpecialistAgents(nn.Module):
     def from_spec(cls, spec: dict) -> SpecialistAgents:
         """A network of the shape `describe()` recorded (checkpoints store it beside the weights)."""
         return cls(spec["names"], spec["obs_size"], spec["hidden"], position_rate=spec.get("position_rate", 1.0),
-                   position_index=spec.get("position_index"))  # fmt: skip
+                   position_index=spec.get("position_index"), start_rule=spec.get("start_rule"))  # fmt: skip
 
     @classmethod
     def from_checkpoint(cls, phase1_dir, market, device) -> SpecialistAgents:
@@ -239,7 +254,8 @@ class SpecialistAgents(nn.Module):
     def describe(self) -> dict:
         """What a loader must match and rebuild: names, sizes, the action-to-position map."""
         return {"names": self.names, "obs_size": self.obs_size, "hidden": self.hidden,
-                "position_rate": self.position_rate, "position_index": self.position_index}  # fmt: skip
+                "position_rate": self.position_rate, "position_index": self.position_index,
+                "start_rule": self.start_rule}  # fmt: skip
 
 
 def layer_init(layer: nn.Linear, std: float = math.sqrt(2), bias: float = 0.0) -> nn.Linear:
