@@ -247,7 +247,10 @@ def main(args: Args) -> dict:
     )
     evaluation = None
     if world.is_main and not args.resume:  # the starting point is a candidate for best.pt (a start rule's worth)
-        best = update_best(best, agent, validate(agent), 0)
+        start = validate(agent)
+        best = update_best(best, agent, start, 0)
+        best["start_sharpe"] = {name: v["mean_sharpe"] for name, v in start.items()}
+        log.info("start (iteration 0) val sharpe %s", {n: round(v, 3) for n, v in best["start_sharpe"].items()})
     guard = DivergenceGuard("phase 1", device)
     for iteration in range(start_iteration, num_iterations + 1):
         # Annealing the rate if instructed to do so.
@@ -335,7 +338,8 @@ def main(args: Args) -> dict:
 
     # FINAL EVALUATION: the best specialists (what Phase 2 loads) on the validation split
     facts = {"global_step": global_step, "config_hash": cfg.hash(), "seed": args.seed, "data": data_summary(val),
-             "trend_filter": dataclasses.asdict(trend), "timing": timing, "ranks": ranks}  # fmt: skip
+             "trend_filter": dataclasses.asdict(trend), "start_rule": agent.start_rule,
+             "start_sharpe": best.get("start_sharpe"), "timing": timing, "ranks": ranks}  # fmt: skip
     result = final_evaluation(args, agent, best, evaluation, validate, val, facts, log)
     run.writer.close()
     return result

@@ -12,10 +12,11 @@ import torch
 
 from mtq_common.agents.hierarchy import HierarchyPolicy, instrument_specialist_index
 from mtq_common.agents.nets import SpecialistAgents
+from mtq_common.data.features import trend_zscore
 from mtq_common.data.splits import load_splits
 from mtq_common.data.tables import cost_rates
 from mtq_common.data.volatility import VOL_TIMING_GRID, VolTiming, fit_vol_levels, market_sigma, vol_appetite
-from mtq_common.envs.engine import POSITION_RATE
+from mtq_common.envs.engine import POSITION_RATE, partial_adjustment
 from mtq_common.envs.portfolio_env import PortfolioEnv
 from mtq_common.envs.trading_env import instrument_obs_size, position_column
 from mtq_common.evaluation import metrics as metrics_lib
@@ -23,16 +24,21 @@ from mtq_common.evaluation.backtest import policy_step, run_backtest, run_backte
 from mtq_common.evaluation.backtest_metrics import backtest_metrics
 from mtq_common.evaluation.rules import (
     MOMENTUM_LOOKBACK,
+    SCALED_TREND_GRID,
     TREND_FILTER_GRID,
     BuyAndHoldPolicy,
     RulePolicy,
+    ScaledTrend,
     TrendFilter,
     VolManagedPolicy,
     backtest,
     baseline_policies,
+    fit_scaled_trend,
     fit_trend_for,
     momentum_positions,
+    partially_adjusted,
     pick_vol_timing,
+    scaled_trend_positions,
     trend_filter_positions,
 )
 from mtq_common.evaluation.specialist_eval import segment_starts
@@ -130,6 +136,40 @@ def test_the_trend_filter_is_fitted_on_the_training_split_only(cfg):
     for split in ("val", "test"):
         with pytest.raises(ValueError, match="train"):
             fit_trend_for(splits[split], cfg)
+
+
+def test_the_scaled_trend_is_fitted_on_the_training_split_only_traded_alike(cfg):
+    splits = load_splits(cfg)
+    train = splits["train"]
+    cost = cost_rates(train, cfg, "cpu").double().numpy()
+    rule = fit_scaled_trend(train, cost, POSITION_RATE)
+    assert rule.fitted_on == "train" and math.isfinite(rule.train_sharpe)
+    scores = {
+        (h, c): metrics_lib.sharpe(
+            backtest(partially_adjusted(scaled_trend_positions(train.prices, ScaledTrend(h, c)), POSITION_RATE),
+                     train.returns, cost).sum(-1),
+            train.bars_per_year,
+        )
+        for h, c in itertools.product(SCALED_TREND_GRID["half_life"], SCALED_TREND_GRID["scale"])
+    }  # fmt: skip
+    assert scores[(rule.half_life, rule.scale)] == max(scores.values()) == pytest.approx(rule.train_sharpe)
+    for split in ("val", "test"):
+        with pytest.raises(ValueError, match="train"):
+            fit_scaled_trend(splits[split], cost, POSITION_RATE)
+
+
+def test_the_scaled_trend_is_the_z_score_in_proportion_clipped_and_held_through_the_partial_adjustment(market):
+    z = np.nan_to_num(trend_zscore(market.prices, 20))
+    positions = scaled_trend_positions(market.prices, ScaledTrend(20, 0.5))
+    assert positions.shape == market.prices.shape and np.abs(positions).max() <= 1.0
+    inside = np.abs(z) < 2.0  # where 0.5 z is not clipped
+    assert np.allclose(positions[inside], 0.5 * z[inside])
+    assert np.all(positions[z > 2.0] == 1.0) and np.all(positions[z < -2.0] == -1.0)
+    # held: the execution's partial adjustment from flat, bar by bar
+    held, previous = partially_adjusted(positions, 0.3), torch.zeros(positions.shape[1], dtype=torch.float64)
+    for t in range(50):
+        previous = partial_adjustment(previous, torch.from_numpy(positions[t]), 0.3)
+        assert np.allclose(held[t], previous.numpy())
 
 
 def test_the_trend_filter_trades_less_than_momentum_on_the_default_market():

@@ -1,6 +1,8 @@
 """The stacked specialists and the meta-controller: the one-network paths (the actor alone, the critic alone)
 give the full forward's values, bit for bit."""
 
+import math
+
 import torch
 
 from mtq_common.agents.nets import MetaController, SpecialistAgents, Tanh, tanh
@@ -26,6 +28,31 @@ def test_one_network_per_slot_gives_the_full_forwards_values_bit_for_bit():
     assert torch.equal(agents.positions(obs, owner), agents.to_position(mean, obs))
     # a slot's mean uses its owner's weights: another owner changes it
     assert not torch.equal(agents.mean_per_slot(obs, torch.tensor([1, 0, 1, 2, 2]))[:, 0], mean[:, 0])
+
+
+def test_a_specialist_with_a_start_rule_starts_at_the_rule_and_keeps_it_in_its_checkpoint():
+    """`start_rule`: the action mean is the scaled trend's target read from the raw observation plus the actor's
+    residual (0 here), in Phase 1's grouped rows and in the per-slot paths; `describe` carries it to a loader."""
+    torch.manual_seed(0)
+    rule = {"half_life": 20, "scale": 0.5, "index": 1}
+    agents = SpecialistAgents(["a", "b"], obs_size=4, hidden=8, start_rule=rule)
+    with torch.no_grad():
+        agents.actor[-1].weight.zero_()  # the residual: 0
+    obs = 3 * torch.randn(2, 9, 4)
+    target = (0.5 * obs[..., 1]).clamp(-1.0, 1.0)
+    assert torch.equal(agents.forward_grouped(obs)[0], target)
+    at_mean = agents.get_action_and_value(obs, target)[1]  # the density's peak: the rule is the mean
+    assert torch.allclose(at_mean, (-agents.log_std.view(2, 1) - 0.5 * math.log(2 * math.pi)).expand_as(at_mean))
+    owner = torch.tensor([0, 1, 1])
+    slots = 3 * torch.randn(5, 3, 4)
+    assert torch.equal(agents.mean_per_slot(slots, owner), (0.5 * slots[..., 1]).clamp(-1.0, 1.0))
+    # a residual moves the mean away from the rule, by the actor's output
+    with torch.no_grad():
+        agents.actor[-1].bias.fill_(0.25)
+    assert torch.allclose(agents.mean_per_slot(slots, owner), (0.5 * slots[..., 1]).clamp(-1.0, 1.0) + 0.25)
+    rebuilt = SpecialistAgents.from_spec(agents.describe())
+    assert rebuilt.start_rule == rule
+    assert SpecialistAgents.from_spec(SpecialistAgents(["a"], obs_size=4).describe()).start_rule is None
 
 
 def test_the_critic_alone_gives_the_full_forwards_value_bit_for_bit():

@@ -58,10 +58,11 @@ def test_smoke_subprocess_writes_every_output(tmp_path):
 
 
 def test_it_learns_when_the_next_return_is_observable(tmp_path):
-    """The PPO machinery itself: with the (look-ahead) diagnostic feature every specialist trades well."""
+    """The PPO machinery itself: with the (look-ahead) diagnostic feature every specialist trades well, learnt
+    from scratch (no start rule)."""
     config = write_config(tmp_path / "c.yaml")
     metrics = run(tmp_path, "diag", config, timesteps=12288, num_envs=32, num_steps=64, minibatch_size=256,
-                  n_epochs=4, eval_interval=3, next_return_diagnostic=True)  # fmt: skip
+                  n_epochs=4, eval_interval=3, next_return_diagnostic=True, start_rule=False)  # fmt: skip
     # Seeds 1-5 (costs on the drifted holdings, DESIGN section 4; Phase 1's default position_rate): forex 3.0-3.3,
     # commodities 4.6-5.3, equity 4.9-5.9, each well above the oracle's Sharpe on the same bars (forex 1.65,
     # commodities 2.4, equity 2.8). A fixed 3.0 sat inside the forex spread (2.6 on seed 1 without the rate).
@@ -83,6 +84,26 @@ def test_it_beats_buy_and_hold_on_the_default_market(tmp_path):
     agent = sum(row["sharpe"] for row in rows) / len(rows)
     buy_and_hold = sum(row["buy_and_hold_sharpe"] for row in rows) / len(rows)
     assert agent > buy_and_hold + 0.4, (agent, buy_and_hold)
+
+
+def test_the_specialists_start_at_the_scaled_trend_and_their_start_is_a_best_pt_candidate(tmp_path):
+    """`--start-rule` (the default): the rule picked on the training split is stored with the weights, and the
+    starting point is validated (iteration 0), so best.pt holds, per specialist, the rule or an iterate that beat it
+    on validation."""
+    import torch
+
+    config = write_config(tmp_path / "c.yaml")
+    metrics = run(tmp_path, "rule", config, timesteps=2048, eval_interval=2)
+    assert metrics["start_rule"]["fitted_on"] == "train" and metrics["start_rule"]["scale"] > 0
+    for name, table in metrics["specialists"].items():
+        assert table["mean_sharpe"] >= metrics["start_sharpe"][name], name
+        if metrics["best_iteration"][name] == 0:
+            assert table["mean_sharpe"] == metrics["start_sharpe"][name]
+    state = torch.load(tmp_path / "rule" / "out" / "best.pt", weights_only=True)
+    assert state["start_rule"] == metrics["start_rule"]
+    plain = run(tmp_path, "plain", config, timesteps=1024, start_rule=False)
+    state = torch.load(tmp_path / "plain" / "out" / "best.pt", weights_only=True)
+    assert state["start_rule"] is None and plain["start_rule"] is None
 
 
 def test_same_seed_same_metrics(tmp_path):
