@@ -222,7 +222,7 @@ def format_table(group: str, table: dict[str, dict], rows: list[str]) -> str:
     return "\n".join(lines)
 
 
-QUALITY_REFERENCES = ("best_rule", "vol_managed_equal_allocation", "equal_allocation", "phase2_system")
+QUALITY_REFERENCES = ("best_rule", "vol_managed_equal_allocation", "equal_allocation", "phase2_system", "scaled_trend")
 """The paired differences `system - reference` of the trading-quality table (DESIGN 14), in column order."""
 
 
@@ -251,7 +251,8 @@ def seed_row(seed: int, rep: dict) -> dict:
 
 def trading_quality(outcomes: list) -> tuple[str, dict] | None:
     """For pipeline runs (test reports): per seed the Sharpe ratios of the system, the Phase 2 system, the
-    equal allocation, its volatility-managed form and the best rule traded alike; the paired differences
+    equal allocation, its volatility-managed form, the best rule traded alike and the scaled trend (the rule the
+    specialists start at, where they do; not among DESIGN 14's rules); the paired differences
     `system - reference` with their 90% bootstrap intervals; the Phase 3 iteration `best.pt` holds;
     DESIGN 14's verdict; then mean and spread across seeds and the machine.
 
@@ -263,11 +264,22 @@ def trading_quality(outcomes: list) -> tuple[str, dict] | None:
     if not reports:
         return None
     rows = [seed_row(seed, rep) for seed, rep in reports]
-    names = ["system", "phase2_system", "equal_allocation", "vol_managed_equal_allocation", "best_rule"]
-    short = {"system": "system", "phase2_system": "phase 2", "equal_allocation": "eq.alloc",
-             "vol_managed_equal_allocation": "vm eq.alloc", "best_rule": "best rule"}  # fmt: skip
-    diff = {"best_rule": "- best rule", "vol_managed_equal_allocation": "- vm eq.alloc",
-            "equal_allocation": "- eq.alloc", "phase2_system": "- phase 2"}  # fmt: skip
+    names = ["system", "phase2_system", "equal_allocation", "vol_managed_equal_allocation", "best_rule", "scaled_trend"]
+    short = {
+        "system": "system",
+        "phase2_system": "phase 2",
+        "equal_allocation": "eq.alloc",
+        "vol_managed_equal_allocation": "vm eq.alloc",
+        "best_rule": "best rule",
+        "scaled_trend": "scaled tr.",
+    }
+    diff = {
+        "best_rule": "- best rule",
+        "vol_managed_equal_allocation": "- vm eq.alloc",
+        "equal_allocation": "- eq.alloc",
+        "phase2_system": "- phase 2",
+        "scaled_trend": "- scaled tr.",
+    }
     header = f"{'seed':<5}" + "".join(f"{short[n]:>12}" for n in names) + f"  {'(rule)':<25}"
     header += "".join(f"{diff[r]:>22}" for r in QUALITY_REFERENCES) + f"{'P3 it':>7}{'turn/vol':>10}  DESIGN 14"
     lines = [header]

@@ -177,13 +177,15 @@ def limits_hold(w, cov, limits: RiskLimits, onehot=ONEHOT):
             assert (np.abs(x) @ onehot / b_max).max() <= limits.max_sector * (1 + 1e-4)
 
 
-def untrained_agents(market, cfg, tables=None, position_rate: float = 1.0) -> tuple[SpecialistAgents, MetaController]:
-    """Seeded, randomly initialised specialists (the actor head scaled up so that they trade real sizes) and a
-    meta-controller at its starting point, sized for `market` (the evaluation and report tests' hierarchy)."""
+def untrained_agents(market, cfg, tables=None, position_rate: float = 1.0,
+                     start_rule: dict | None = None) -> tuple[SpecialistAgents, MetaController]:  # fmt: skip
+    """Seeded, randomly initialised specialists (the actor head scaled up so that they trade real sizes; with
+    `start_rule` as a residual over it) and a meta-controller at its starting point, sized for `market` (the
+    evaluation and report tests' hierarchy)."""
     torch.manual_seed(0)
     n = market.num_instruments
     specialists = SpecialistAgents(cfg.specialists, instrument_obs_size(n), hidden=8, position_rate=position_rate,
-                                   position_index=position_column(n))  # fmt: skip
+                                   position_index=position_column(n), start_rule=start_rule)  # fmt: skip
     with torch.no_grad():
         specialists.actor[-1].weight.mul_(100.0)
     env = PortfolioEnv(market, cfg, 1, tables=tables if tables is not None else build_tables(market, cfg))

@@ -35,9 +35,7 @@ def test_a_specialist_with_a_start_rule_starts_at_the_rule_and_keeps_it_in_its_c
     residual (0 here), in Phase 1's grouped rows and in the per-slot paths; `describe` carries it to a loader."""
     torch.manual_seed(0)
     rule = {"half_life": 20, "scale": 0.5, "index": 1}
-    agents = SpecialistAgents(["a", "b"], obs_size=4, hidden=8, start_rule=rule)
-    with torch.no_grad():
-        agents.actor[-1].weight.zero_()  # the residual: 0
+    agents = SpecialistAgents(["a", "b"], obs_size=4, hidden=8, start_rule=rule)  # (the residual starts at 0)
     obs = 3 * torch.randn(2, 9, 4)
     target = (0.5 * obs[..., 1]).clamp(-1.0, 1.0)
     assert torch.equal(agents.forward_grouped(obs)[0], target)

@@ -63,7 +63,7 @@ def test_smoke_subprocess_writes_every_output(tiny, tmp_path):
     for key in ("portfolio", "baselines", "allocation_efficiency", "specialist_utilization", "per_regime", "targets",
                 "data"):  # fmt: skip
         assert key in metrics, key
-    rules = {"equal_weight", "buy_and_hold", "risk_parity", "momentum", "trend_filter", "oracle"}
+    rules = {"equal_weight", "buy_and_hold", "risk_parity", "momentum", "trend_filter", "scaled_trend", "oracle"}
     assert set(metrics["baselines"]) == rules | {"vol_managed_equal_allocation", "vol_managed_trend_filter"}
     tags = tensorboard_tags(logs)
     for tag in ("charts/SPS", "losses/approx_kl", "trading/sharpe", "risk/var", "risk/var_compliance",

@@ -67,7 +67,8 @@ def test_train_writes_every_output(trained):
         assert key in report, key
     for key in PORTFOLIO_KEYS:
         assert key in report["portfolio"], key
-        for name in ("equal_weight", "buy_and_hold", "risk_parity", "momentum", "trend_filter", "oracle"):
+        for name in ("equal_weight", "buy_and_hold", "risk_parity", "momentum", "trend_filter", "scaled_trend",
+                     "oracle"):  # fmt: skip
             assert key in report["baselines"][name], (name, key)
     assert report["data"]["split"] == "test" and report["data"]["source"] == "synthetic"
     assert {t["metric"] for t in report["targets"]} >= {"sharpe", "max_drawdown", "win_rate", "var_compliance"}

@@ -13,6 +13,7 @@ import torch
 from kernels import LIMIT_NAMES
 from mtq_common.agents.hierarchy import HierarchyPolicy, risk_appetite, risk_features, split_action, timing_spec
 from mtq_common.agents.nets import MetaController
+from mtq_common.data.features import FEATURE_NAMES
 from mtq_common.data.market import REGIME_NAMES
 from mtq_common.data.splits import load_splits
 from mtq_common.data.volatility import VolTiming, fit_vol_levels
@@ -25,13 +26,18 @@ from mtq_common.evaluation.rules import (
     BASELINE_NAMES,
     MOMENTUM_LOOKBACK,
     VOL_MANAGED,
+    ScaledTrend,
     baseline_policies,
+    scaled_trend_positions,
     trend_filter_positions,
 )
 from mtq_common.evaluation.specialist_eval import segment_starts
 from tests.helpers import untrained_agents
 
 SEGMENTS = 8
+START_RULE = {"half_life": 40, "scale": 0.25, "fitted_on": "train", "train_sharpe": 1.0, "index": 13}
+"""A scaled trend the `adjusted` specialists start at (13: the feature `trend_z_40`), so their report has it."""
+NO_START_RULE = [n for n in BASELINE_NAMES if n != "scaled_trend"]
 Z95 = 1.6448536269514722
 
 
@@ -56,7 +62,7 @@ def evaluated(agents, market, cfg, tables, trend):
 @pytest.fixture(scope="module")
 def adjusted(market, cfg, tables, trend):
     """The evaluation of specialists that trade at the default partial-adjustment rate (so the rules do too)."""
-    agents = untrained_agents(market, cfg, tables, position_rate=POSITION_RATE)
+    agents = untrained_agents(market, cfg, tables, position_rate=POSITION_RATE, start_rule=START_RULE)
     return agents[0], evaluate_portfolio(*agents, market, cfg, trend, segments=SEGMENTS, tables=tables, phase=2)
 
 
@@ -118,8 +124,8 @@ def check_report(report, regimes, baselines):
 
 def test_report_has_every_key_finite_and_json(evaluated, market):
     report, backtests = evaluated
-    check_report(report, REGIME_NAMES, BASELINE_NAMES)
-    assert set(backtests) == {"system", "equal_allocation", *BASELINE_NAMES}
+    check_report(report, REGIME_NAMES, NO_START_RULE)
+    assert set(backtests) == {"system", "equal_allocation", *NO_START_RULE}  # (these specialists have no start rule)
     assert report["data"]["source"] == "synthetic" and report["data"]["split"] == "test"
     assert report["data"]["bars"] == len(backtests["system"].net_return)
     assert report["data"]["instruments"] == market.symbols
@@ -151,7 +157,7 @@ def test_csv_report_has_no_oracle_and_uses_volatility_terciles(agents, market, c
     assert "oracle" not in baseline_policies(csv, cfg, trend)
     assert "oracle" in baseline_policies(market, cfg, trend)
     report, backtests = evaluate_portfolio(*agents, csv, cfg, trend, segments=4)
-    check_report(report, ("low_vol", "mid_vol", "high_vol"), [n for n in BASELINE_NAMES if n != "oracle"])
+    check_report(report, ("low_vol", "mid_vol", "high_vol"), [n for n in NO_START_RULE if n != "oracle"])
     assert report["data"]["source"] == "csv" and backtests["system"].regime is None
     bars = [m["bars"] for m in report["per_regime"].values()]
     assert sum(bars) == report["data"]["bars"] and min(bars) > 0
@@ -288,6 +294,9 @@ def test_baselines_propose_what_they_are_defined_to(adjusted, market, tables, cf
     check("risk_parity", inverse_vol / inverse_vol.max(1, keepdims=True), reenter=True, rtol=1e-4, atol=1e-7)
     check("oracle", np.sign(market.drift[bars]), atol=1e-7)
     check("trend_filter", trend_filter_positions(market.prices, trend)[bars], atol=1e-7)
+    # the rule the specialists start at, traded as a rule (its parameters in the report)
+    assert FEATURE_NAMES[START_RULE["index"]] == "trend_z_40" and report["scaled_trend"]["scale"] == 0.25
+    check("scaled_trend", scaled_trend_positions(market.prices, ScaledTrend(40, 0.25))[bars], rtol=1e-5, atol=1e-6)
     assert (backtests["trend_filter"].proposed != 0).mean() > 0.5, "the trend filter holds positions most of the time"
 
     # buy-and-hold trades at rate 1 (one purchase): bought at m when flat (each segment's first bar, after a

@@ -117,9 +117,9 @@ class SpecialistAgents(nn.Module):
 
     `start_rule` (optional, stored with the weights): the action mean is the scaled trend rule's target
     `clip(scale * obs[..., feature], -1, 1)` (`rules.scaled_trend_positions`, read from the raw observation)
-    plus the actor's output, a residual that starts near 0 (the last layer's small initial weights). So a
-    specialist starts as the rule and training moves it only where its reward pays, as the meta-controller
-    starts at the volatility-managed allocation.
+    plus the actor's output, a residual that starts at 0 (the last layer's weights and bias are zero). So a
+    specialist starts exactly as the rule and training moves it only where its reward pays, as the
+    meta-controller starts at the volatility-managed allocation.
     """
 
     def __init__(self, names: list[str], obs_size: int, hidden: int = 64, init_log_std: float = -1.0,
@@ -143,6 +143,9 @@ class SpecialistAgents(nn.Module):
             [StackedLinear(k, obs_size, hidden), StackedLinear(k, hidden, hidden), StackedLinear(k, hidden, 1, 0.01)]
         )
         self.log_std = nn.Parameter(torch.full((k, 1, 1), init_log_std))
+        if self.start_rule is not None:  # start exactly at the rule: the residual is 0 until training moves it
+            with torch.no_grad():
+                self.actor[-1].weight.zero_()
 
     def _normalised(self, obs: torch.Tensor, owner: torch.Tensor | None = None) -> torch.Tensor:
         """Observations z-scored with each row's specialist's statistics: grouped rows `[K, R, F]` (owner None)

@@ -33,6 +33,7 @@ from mtq_common.evaluation.backtest_metrics import (
 from mtq_common.evaluation.rules import (
     BASELINE_NAMES,
     VOL_MANAGED,
+    ScaledTrend,
     TrendFilter,
     VolManagedPolicy,
     baseline_policies,
@@ -216,8 +217,10 @@ def evaluate_portfolio(
     def hierarchy(meta_controller, agents=specialists):
         return lambda rows: HierarchyPolicy(agents, meta_controller, owner, size, rows, where, market)
 
+    scaled = start_rule_of(specialists)  # the rule the specialists start at, traded as a rule
+
     def baseline(name):
-        return lambda rows: baseline_policies(market, cfg, trend, where, rate)[name]
+        return lambda rows: baseline_policies(market, cfg, trend, where, rate, scaled)[name]
 
     references = reference_cache if reference_cache is not None else {}
     timings = with_start_rule(timings or references.get("timings"), meta)  # a run's validations pick once
@@ -241,7 +244,7 @@ def evaluate_portfolio(
     if not (specialists_frozen and "equal_allocation" in references):
         makers["equal_allocation"] = hierarchy(None)
     if not any(name in references for name in BASELINE_NAMES):
-        makers.update({name: baseline(name) for name in baseline_policies(market, cfg, trend, where, rate)})
+        makers.update({name: baseline(name) for name in baseline_policies(market, cfg, trend, where, rate, scaled)})
     if vol_levels is not None and timings is not None:
         makers.update(vol_makers())  # the choices are known: one pass for every policy
     ran = run_backtests(market, cfg, makers, segments, device, tables)  # every policy in one env, bar by bar
@@ -265,10 +268,20 @@ def evaluate_portfolio(
     data = {"source": market.source, "split": market.split, "end": iso_time(end, market.bars_per_day)}
     report = report_from_backtests(backtests, list(specialists.names), rf, phase, data, confidence)
     report["trend_filter"] = dataclasses.asdict(trend)
+    if scaled is not None:
+        report["scaled_trend"] = dataclasses.asdict(scaled)
     if vol_levels is not None:
         report["vol_managed"] = {name: dataclasses.asdict(timings[name]) for name in VOL_MANAGED}
     report["position_rate"] = float(rate)
     return _json_ready(report), backtests
+
+
+def start_rule_of(specialists) -> ScaledTrend | None:
+    """The scaled trend the specialists start at (`SpecialistAgents.start_rule`), or None."""
+    rule = getattr(specialists, "start_rule", None)
+    if rule is None:
+        return None
+    return ScaledTrend(**{f.name: rule[f.name] for f in dataclasses.fields(ScaledTrend) if f.name in rule})
 
 
 def vol_managed(make_inner, market: MarketData, levels: VolLevels, timing: VolTiming, size: float, device):

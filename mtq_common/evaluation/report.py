@@ -71,6 +71,8 @@ POLICY_NOTES = {
     "momentum": f"sign of the {MOMENTUM_LOOKBACK}-bar price change, at the position limit",
     "trend_filter": "sign of the EWMA drift estimate over its standard error with a no-trade band, at the position "
     "limit (half-life and band picked on the training split)",
+    "scaled_trend": "the EWMA drift z-score times a scale, clipped to the position limit (half-life and scale "
+    "picked on the training split): the rule the specialists start at",
     "oracle": "sign of the latent drift (synthetic data only): the upper reference of what the market allows",
     "vol_managed_equal_allocation": "the equal allocation scaled by min(1, (sigma* / sigma_t)^p), sigma_t the "
     "instruments' causal EWMA volatility (half-life and p picked on the validation split): risk timing by rule",

@@ -182,8 +182,9 @@ def backtest(positions: np.ndarray, returns: np.ndarray, cost: float | np.ndarra
 # The rules as policies traded through PortfolioEnv (the evaluations' baselines)
 # ---------------------------------------------------------------------------------------------
 
-BASELINE_NAMES = ("equal_weight", "buy_and_hold", "risk_parity", "momentum", "trend_filter", "oracle")
-"""The baselines of every portfolio evaluation, in report order (the oracle only on synthetic data)."""
+BASELINE_NAMES = ("equal_weight", "buy_and_hold", "risk_parity", "momentum", "trend_filter", "scaled_trend", "oracle")
+"""The baselines of every portfolio evaluation, in report order (the scaled trend where the specialists start at it,
+the oracle only on synthetic data)."""
 
 
 class RulePolicy:
@@ -262,25 +263,30 @@ class VolManagedPolicy:
         self.inner.observe(info, done)
 
 
-def rule_tables(market: MarketData, trend: TrendFilter) -> dict[str, np.ndarray]:
-    """Position tables [T, N] of the table-driven rules on `market` (the oracle only where drift exists)."""
+def rule_tables(market: MarketData, trend: TrendFilter, scaled: ScaledTrend | None = None) -> dict[str, np.ndarray]:
+    """Position tables [T, N] of the table-driven rules on `market` (the scaled trend where `scaled` is given,
+    the oracle only where drift exists)."""
     tables = {
         "equal_weight": np.ones_like(market.prices),
         "momentum": momentum_positions(market.prices),
         "trend_filter": trend_filter_positions(market.prices, trend),
     }
+    if scaled is not None:
+        tables["scaled_trend"] = scaled_trend_positions(market.prices, scaled)
     if market.drift is not None:
         tables["oracle"] = oracle_positions(market.drift)
     return tables
 
 
 def baseline_policies(market: MarketData, cfg: Config, trend: TrendFilter, device="cpu",
-                      position_rate: float = 1.0) -> dict:  # fmt: skip
-    """Fresh baseline policies by name (`BASELINE_NAMES` order; the oracle only on synthetic data), trading
-    at `position_rate` (the evaluated specialists' rate: execution alike)."""
+                      position_rate: float = 1.0, scaled: ScaledTrend | None = None) -> dict:  # fmt: skip
+    """Fresh baseline policies by name (`BASELINE_NAMES` order; the scaled trend where `scaled` is given, the
+    oracle only on synthetic data), trading at `position_rate` (the evaluated specialists' rate: execution
+    alike)."""
     size = cfg.environment.max_position_size
     tables = {
-        name: torch.tensor(t, dtype=torch.float32, device=device) for name, t in rule_tables(market, trend).items()
+        name: torch.tensor(t, dtype=torch.float32, device=device)
+        for name, t in rule_tables(market, trend, scaled).items()
     }
     long_only = ("equal_weight",)
     policies = {
