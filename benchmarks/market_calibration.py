@@ -33,10 +33,12 @@ from mtq_common.evaluation.metrics import sharpe
 from mtq_common.evaluation.rules import (
     backtest,
     buy_and_hold_positions,
+    fit_scaled_trend,
     fit_trend_for,
     momentum_positions,
     oracle_positions,
     pick_vol_timing,
+    scaled_trend_positions,
     trend_filter_positions,
 )
 from mtq_common.training.checkpoint import atomic_write_json
@@ -97,11 +99,14 @@ def main(args: Args) -> dict:
     timing = pick_vol_timing(val, levels, np.arange(len(val_positions)), (val_positions * val.returns[1:]).sum(-1),
                              val_positions, len(val_positions), cost_rates(val, cfg, "cpu").double().numpy(),
                              cfg.reward.risk_free_rate)  # fmt: skip
-    scale = fit_oracle_scale(splits["train"], cost_rates(splits["train"], cfg, "cpu").double().numpy())
+    train_cost = cost_rates(splits["train"], cfg, "cpu").double().numpy()
+    scale = fit_oracle_scale(splits["train"], train_cost)
+    scaled = fit_scaled_trend(splits["train"], train_cost, 1.0)  # rate 1: this table rebalances every bar
     rules = {
         "oracle": oracle_positions(market.drift),
         "oracle_sized": sized_oracle_positions(market, scale),
         "trend_filter": trend_filter_positions(market.prices, trend),
+        "scaled_trend": scaled_trend_positions(market.prices, scaled),
         "vol_managed_trend_filter": trend_filter_positions(market.prices, trend)
         * vol_appetite(market, levels, timing)[:, None],
         "momentum": momentum_positions(market.prices),
@@ -117,6 +122,7 @@ def main(args: Args) -> dict:
     costs = [round(c, 6) for c in cost.tolist()]
     print(f"drift_half_life={s.drift_half_life} drift_scale={s.drift_scale} cost per unit of turnover={costs}")
     print(f"trend_filter: half-life {trend.half_life}, band {trend.band} (picked on the training split)")
+    print(f"scaled_trend: half-life {scaled.half_life}, scale {scaled.scale} (picked on the training split)")
     print(f"oracle_sized: full position at drift = {scale} x the bar volatility (picked on the training split)")
     print(f"vol_managed_trend_filter: half-life {timing.half_life}, power {timing.power} (picked on the validation "
           f"split, Sharpe there {timing.val_sharpe:.2f})")  # fmt: skip
@@ -126,6 +132,7 @@ def main(args: Args) -> dict:
         print(f"{name:<26}" + "".join(f"{v:>10.2f}" for v in row.values()))
     result = {"bars": args.bars, "seed": args.seed, "generate_seconds": seconds, "sharpe": table,
               "trend_filter": {"half_life": trend.half_life, "band": trend.band}, "oracle_scale": scale,
+              "scaled_trend": dataclasses.asdict(scaled),
               "vol_managed_trend_filter": dataclasses.asdict(timing)}  # fmt: skip
     if args.json:
         atomic_write_json(args.json, result, sort_keys=False)
