@@ -11,7 +11,9 @@ specialists' positions into proposed weights, and `PortfolioEnv`'s risk manager 
 within every hard limit before costs, returns and the portfolio reward. With `--risk-timing` (default) the
 appetite is a learned factor over the volatility-managed rule's `min(1, (sigma* / sigma_t)^p)` (levels from
 the training split, half-life and p picked on the validation split), and the meta-controller starts exactly
-at `vol_managed_equal_allocation`; without it, at the equal allocation at full appetite. The starting point
+at `vol_managed_equal_allocation`; without it, at the equal allocation at full appetite. With
+`--allocation-rule` (default) the allocation starts instead at a linear map of the specialists' recent sleeve
+returns fit on the training split (`mtq_common.evaluation.allocation_fit`). The starting point
 is validated as iteration 0, its held allocation moves a share `--allocation-rate` of the way to its action
 each bar, and its reward is scored against a twin env that trades that starting point on the same path
 (`--paired-baseline`: a control variate that leaves the optimal policy unchanged). `--timesteps` counts
@@ -54,6 +56,7 @@ from mtq_common.data.splits import load_splits
 from mtq_common.data.tables import build_tables
 from mtq_common.data.volatility import fit_vol_levels
 from mtq_common.envs.portfolio_env import PortfolioEnv
+from mtq_common.evaluation.allocation_fit import fit_allocation_rule
 from mtq_common.evaluation.bootstrap import check_replace_confidence, gain_over_start
 from mtq_common.evaluation.portfolio_eval import evaluate_portfolio, validation_timings
 from mtq_common.evaluation.report_text import format_report
@@ -123,6 +126,9 @@ class Args:
     risk_timing: bool = True
     """Start at the volatility-managed equal allocation and learn a factor over its appetite, with the market's
     volatility in the observation (DESIGN 14); --no-risk-timing: the equal allocation at full appetite."""
+    allocation_rule: bool = True
+    """Start the allocation at a linear map of the specialists' recent sleeve returns fit on the training split
+    (evaluation/allocation_fit.py); --no-allocation-rule: at 1/K."""
     paired_baseline: bool = True
     """Score each bar against the starting point on the same path (a twin env): less noise, same optimum."""
     eval_interval: int = 10
@@ -219,11 +225,15 @@ def main(args: Args) -> dict:
         start_rule = timing_spec(vol_levels, references["timings"]["vol_managed_equal_allocation"])
         log.info("risk timing: a factor over vol_managed_equal_allocation (half-life %d, power %d, picked on val)",
                  start_rule["half_life"], start_rule["power"])  # fmt: skip
+    allocation_rule = None  # where the allocation starts: fit on the training split (1/K without it)
+    if args.allocation_rule:
+        allocation_rule = fit_allocation_rule(specialists, train, cfg, start_rule, device)
+        log.info("allocation rule: fit on the training split, Sharpe there %.3f (the equal allocation) -> %.3f",
+                 allocation_rule["equal_sharpe"], allocation_rule["fit_sharpe"])  # fmt: skip
     num_rows = args.num_envs
     meta_obs_size = meta_observation_size(envs.portfolio_obs_size, num_specialists, timed=start_rule is not None)
-    meta = MetaController(
-        meta_obs_size, num_specialists, args.hidden_size, allocation_rate=args.allocation_rate, timing=start_rule
-    ).to(device)
+    meta = MetaController(meta_obs_size, num_specialists, args.hidden_size, allocation_rate=args.allocation_rate,
+                          timing=start_rule, allocation_rule=allocation_rule).to(device)  # fmt: skip
     risk = None if start_rule is None else risk_features(start_rule, train, device)  # [T, H + 1], training market
     distributed.broadcast_module(meta, world)
     optimizer = FlatAdam(meta.parameters(), lr=args.learning_rate, eps=1e-5)  # Adam, stepped as one tensor
@@ -266,7 +276,7 @@ def main(args: Args) -> dict:
     equal = (torch.full((num_rows, num_specialists), 1.0 / num_specialists, device=device),
              torch.ones(num_rows, device=device))  # fmt: skip
     # the meta-controller's observation and held allocation; the rollout's TensorBoard tags
-    tracker = MetaTracker(owner, num_specialists, num_rows, device, meta.allocation_rate)
+    tracker = MetaTracker(owner, num_specialists, num_rows, device, meta.allocation_rate, allocation_rule)
 
     def final_value(inst_obs, portfolio, held, *evidence):  # V of final observations, from their stored parts
         positions = specialists.positions(inst_obs, owner)
@@ -275,10 +285,12 @@ def main(args: Args) -> dict:
     rollout = PortfolioRolloutStats(specialists.names, envs.limits.max_var, device, num_rows)
     if args.resume:
         state, mine = resume(args, "phase2", cfg, world)
-        if ("timing" in state) != (start_rule is not None):  # the networks would not even have the same inputs
-            was = "with" if "timing" in state else "without"
-            raise ckpt.CheckpointError(f"{args.output_dir}/latest.pt was trained {was} --risk-timing: resume with "
-                                       f"the same setting (or start a new run)")  # fmt: skip
+        for key, flag, ours in (("timing", "--risk-timing", start_rule), ("allocation_rule", "--allocation-rule",
+                                                                          allocation_rule)):  # fmt: skip
+            if (key in state) != (ours is not None):  # the policies would not even start from the same point
+                was = "with" if key in state else "without"
+                raise ckpt.CheckpointError(f"{args.output_dir}/latest.pt was trained {was} {flag}: resume with "
+                                           f"the same setting (or start a new run)")  # fmt: skip
         start_iteration, global_step, best = restore(
             state, mine, log, {"model": meta, "optimizer": optimizer}, {"env": envs, "twin": twin, "tracker": tracker}
         )
@@ -320,7 +332,7 @@ def main(args: Args) -> dict:
             next_obs, env_reward, _, truncated, info = envs.step(proposal, positions)
             reward, twin_reward = meta_reward(env_reward, info), None
             if args.paired_baseline:  # the starting point (allocation and appetite), same positions, same path
-                start = equal if base is None else (equal[0], base)
+                start = (tracker.start_allocation(), equal[1] if base is None else base)
                 _, twin_env_reward, _, _, twin_info = twin.step(
                     compose_weights(*start, positions, owner, max_position), positions, observe=False
                 )

@@ -15,7 +15,8 @@ instrument-level objective, the vol-scaled return of its unit-size position net 
 `(a_i r_i - cost_i |a_i - a_i,prev|) / sigma_i`. The portfolio term makes a specialist trade for the
 book, the own term keeps it a good trader of its instrument. With `--paired-baseline` (default) the
 portfolio reward (`meta_reward`) is scored against a twin env trading the meta-controller's starting point
-(the volatility-managed or the plain equal allocation) with the same positions on the same path (as in
+(the volatility-managed or the plain equal allocation, at the fitted allocation rule where Phase 2 has one)
+with the same positions on the same path (as in
 Phase 2): for the meta-controller the twin does not depend on its actions, so its optimum is unchanged and
 the market noise both books share cancels; for the specialists the portfolio term then credits what their
 trades add to the book beyond that allocation of them (coordination),
@@ -350,7 +351,7 @@ def main(args: Args) -> dict:
     equal = (torch.full((num_rows, num_specialists), 1.0 / num_specialists, device=device),
              torch.ones(num_rows, device=device))  # fmt: skip
     # the meta-controller's observation and held allocation; the rollout's TensorBoard tags
-    tracker = MetaTracker(owner, num_specialists, num_rows, device, meta.allocation_rate)
+    tracker = MetaTracker(owner, num_specialists, num_rows, device, meta.allocation_rate, meta.allocation_rule)
 
     def final_value(inst_obs, portfolio, held, *evidence):  # V of final observations, from their stored parts
         positions = specialists.positions(inst_obs, owner)
@@ -428,7 +429,7 @@ def main(args: Args) -> dict:
             next_obs, env_reward, _, truncated, info = envs.step(proposal, positions)
             reward, twin_reward = meta_reward(env_reward, info), None
             if args.paired_baseline:  # the starting point (allocation and appetite), same positions, same path
-                start = equal if base is None else (equal[0], base)
+                start = (tracker.start_allocation(), equal[1] if base is None else base)
                 _, twin_env_reward, _, _, twin_info = twin.step(
                     compose_weights(*start, positions, owner, max_position), positions, observe=False
                 )
@@ -539,7 +540,9 @@ def main(args: Args) -> dict:
                 envs, twin, risk = make_envs(level)
                 next_obs, _ = envs.reset(seed=seed + iteration)
                 twin.reset(seed=seed + iteration)
-                tracker = MetaTracker(owner, num_specialists, num_rows, device, meta.allocation_rate)
+                tracker = MetaTracker(
+                    owner, num_specialists, num_rows, device, meta.allocation_rate, meta.allocation_rule
+                )
                 prev_positions.zero_()
                 rollout.restart_episodes()
             if world.is_main:  # (rank 0 holds best.pt)

@@ -125,12 +125,12 @@ def test_var_compliance_is_total_for_system_and_baselines(tiny):
 
 @pytest.mark.parametrize("risk_timing", [True, False])
 def test_the_starting_point_is_a_candidate_for_best(tiny, risk_timing):
-    """Phase 2 validates its starting point (iteration 0) before training: the volatility-managed equal
-    allocation with risk timing (the meta-controller then trades exactly that rule), else the equal allocation;
-    best.pt is never worse than it on the validation bars."""
+    """Phase 2 validates its starting point (iteration 0) before training: without the fitted allocation rule,
+    the volatility-managed equal allocation with risk timing (the meta-controller then trades exactly that
+    rule), else the equal allocation; best.pt is never worse than it on the validation bars."""
     tmp, config, phase1_dir = tiny
     metrics = phase2(tmp, config, phase1_dir, name=f"start_{risk_timing}", timesteps=512, eval_interval=100,
-                     risk_timing=risk_timing)  # fmt: skip
+                     risk_timing=risk_timing, allocation_rule=False)  # fmt: skip
     assert metrics["best_iteration"] in (0, 2)  # validated at iteration 0 and at the end only
     start = metrics["baselines"]["vol_managed_equal_allocation"] if risk_timing else metrics["equal_allocation"]
     assert metrics["portfolio"]["sharpe"] >= start["sharpe"] - 1e-4
@@ -163,7 +163,9 @@ def test_meta_controller_routes_capital_to_the_skilled_specialist(tmp_path, seed
         num_envs=32, num_steps=64, minibatch_size=256, n_epochs=4, eval_interval=5, eval_segments=64, seed=seed
     )
     phase1_dir = phase1(tmp_path, everywhere, timesteps=40960, **budget)
-    metrics = phase2(tmp_path, only_equity, phase1_dir, timesteps=40960, learning_rate=0.002, **budget)
+    # PPO's own learning: from 1/3 each (the fitted allocation rule would start it routed already)
+    metrics = phase2(tmp_path, only_equity, phase1_dir, timesteps=40960, learning_rate=0.002, allocation_rule=False,
+                     **budget)  # fmt: skip
     allocation = metrics["mean_allocation"]
     # it starts at 1/3 each: capital moves to the skilled specialist, and the Sharpe ratio with it
     assert allocation["equity"] > max(allocation["forex"], allocation["commodities"]) + 0.02, allocation
@@ -252,3 +254,17 @@ def test_the_report_measures_a_risk_timing_meta_controller_against_the_rule_it_s
     assert (picked["vol_managed_trend_filter"]["half_life"], picked["vol_managed_trend_filter"]["power"]) == (10, 2)
     baseline = report["baselines"]["vol_managed_equal_allocation"]
     assert report["portfolio"]["sharpe"] == pytest.approx(baseline["sharpe"], abs=1e-6)
+
+
+def test_the_fitted_allocation_rule_is_the_starting_point_and_resuming_across_it_is_refused(tiny):
+    """With --allocation-rule (default) the meta-controller stores the rule it starts from, fit on the training
+    split (its Sharpe there before and after is logged); a run cannot resume with the other setting."""
+    tmp, config, phase1_dir = tiny
+    phase2(tmp, config, phase1_dir, name="ruled", timesteps=1024, eval_interval=100, stop_after=1)
+    state = torch.load(tmp / "ruled" / "latest.pt", weights_only=True)
+    fitted = state["allocation_rule"]
+    assert len(fitted["weights"]) == 3 * len(fitted["weights"][0]) and fitted["fit_sharpe"] >= fitted["equal_sharpe"]
+    assert "allocation rule: fit on the training split" in (tmp / "logs_ruled" / "training.log").read_text()
+    with pytest.raises(CheckpointError, match="trained with --allocation-rule"):
+        phase2(tmp, config, phase1_dir, name="ruled", timesteps=1024, eval_interval=100, resume=True,
+               allocation_rule=False)  # fmt: skip

@@ -12,7 +12,9 @@ it did in Phase 1; the meta-controller scales specialists down (allocation below
 use their full position budget (above 1/K, up to the position cap), and the appetite scales the
 whole book. A risk-timing meta-controller's appetite is a learned factor over the volatility-managed
 rule's (`split_action`, `risk_appetite`), and its observation carries the market's volatility evidence
-(`risk_features`, causal, from the training split's levels stored with its weights).
+(`risk_features`, causal, from the training split's levels stored with its weights). With a fitted
+allocation rule (`allocation_logits`, fit on the training split by `evaluation.allocation_fit`) its allocation
+starts there instead of at 1/K: the specialists whose sleeves earned lately get more.
 """
 
 from __future__ import annotations
@@ -54,6 +56,24 @@ def instrument_specialist_index(sectors: list[str], specialists: list[str]) -> t
 
 PERFORMANCE_RATE = 0.05
 """EMA rate of each specialist's recent performance signal (about a 20-bar memory)."""
+SLEEVE_HALF_LIVES = (5, 20, 60)
+"""Half-lives (bars) of the specialists' recent sleeve returns an allocation rule reads (`allocation_logits`)."""
+
+
+def sleeve_rates(half_lives, num_specialists: int) -> torch.Tensor:
+    """EMA rates [H * K] of `MetaTracker.sleeves`, half-life-major (K specialists per half-life)."""
+    return torch.tensor([1.0 - 0.5 ** (1.0 / h) for h in half_lives for _ in range(num_specialists)])
+
+
+def allocation_logits(rule: dict, sleeves: torch.Tensor) -> torch.Tensor:
+    """A fitted allocation rule's logits [B, K]: `(sleeves - mean) / std @ weights`, `sleeves` [B, H * K] the
+    specialists' recent unit-size sleeve returns (`MetaTracker.sleeves`); `rule` holds tensors (`rule_tensors`)."""
+    return (sleeves - rule["mean"]) / rule["std"] @ rule["weights"]
+
+
+def rule_tensors(rule: dict, device) -> dict:
+    """A stored allocation rule's lists as float32 tensors on `device`."""
+    return {key: torch.tensor(rule[key], dtype=torch.float32, device=device) for key in ("mean", "std", "weights")}
 
 
 def meta_observation_size(portfolio_obs_size: int, num_specialists: int, timed: bool = False) -> int:
@@ -123,7 +143,9 @@ class MetaTracker:
     units of 1e-3 per bar) and the allocation and appetite the hierarchy holds. The meta-controller's
     output is a *target*: the held allocation moves towards it by `rate` each bar (partial adjustment;
     1 = jump to the target), so per-bar jitter of the meta-controller turns into a fraction of the
-    trading. What it held is part of its next observation, so the state stays Markov.
+    trading. What it held is part of its next observation, so the state stays Markov. It also keeps the
+    same sleeve returns' EMAs at `SLEEVE_HALF_LIVES` (`sleeves`), from which a fitted `allocation_rule`
+    gives the allocation the action moves from (`start_allocation`; without a rule, 1/K).
 
     Per bar: `observe(portfolio_obs, positions)` -> meta observation; `act(u)` -> (allocation, appetite)
     to trade now; after the env step, `after_step(positions, bar_returns, truncated)` updates the
@@ -131,15 +153,21 @@ class MetaTracker:
     observations need (`assemble`).
     """
 
-    STATE = ("performance", "allocation", "appetite")
+    STATE = ("performance", "allocation", "appetite", "sleeves")
 
-    def __init__(self, owner: torch.Tensor, num_specialists: int, num_rows: int, device, rate: float = 1.0):
+    def __init__(self, owner: torch.Tensor, num_specialists: int, num_rows: int, device, rate: float = 1.0,
+                 allocation_rule: dict | None = None):  # fmt: skip
         if not 0.0 < rate <= 1.0:
             raise ValueError(f"the allocation's adjustment rate must be in (0, 1], got {rate}")
         self.owner, self.k, self.rate = owner.to(device), num_specialists, rate
         self.performance = torch.zeros(num_rows, num_specialists, device=device)
         self.allocation = torch.full((num_rows, num_specialists), 1.0 / num_specialists, device=device)
         self.appetite = torch.ones(num_rows, device=device)
+        # the fitted allocation rule's evidence: each specialist's recent sleeve return at several half-lives
+        half_lives = SLEEVE_HALF_LIVES if allocation_rule is None else allocation_rule["half_lives"]
+        self.rule = None if allocation_rule is None else rule_tensors(allocation_rule, device)
+        self.sleeve_rates = sleeve_rates(half_lives, num_specialists).to(device)
+        self.sleeves = torch.zeros(num_rows, len(half_lives) * num_specialists, device=device)
 
     def observe(self, portfolio_obs: torch.Tensor, positions: torch.Tensor, risk: torch.Tensor | None = None):
         """The meta observation [B, D]: the portfolio, the specialists' signals and recent performance,
@@ -162,10 +190,18 @@ class MetaTracker:
         return the allocation and the appetite to trade. With `base` [B] (a risk-timing meta-controller: the
         volatility-managed rule's appetite at the rows' bars) the held "appetite" is the learned factor over
         it, smoothed like the allocation, and the rule's own timing reaches the book unsmoothed."""
+        if self.rule is not None:  # the action's allocation part moves from the fitted rule's, not from 1/K
+            u = torch.cat([u[..., : self.k] + allocation_logits(self.rule, self.sleeves), u[..., self.k :]], -1)
         allocation, appetite = split_action(u, timed=base is not None)
         self.allocation = self.allocation + self.rate * (allocation - self.allocation)
         self.appetite = self.appetite + self.rate * (appetite - self.appetite)
         return self.allocation, self.appetite if base is None else risk_appetite(self.appetite, base)
+
+    def start_allocation(self) -> torch.Tensor:
+        """The allocation [B, K] the meta-controller starts from (its zero action): the fitted rule's, or 1/K."""
+        if self.rule is None:
+            return torch.full_like(self.allocation, 1.0 / self.k)
+        return torch.softmax(allocation_logits(self.rule, self.sleeves), -1)
 
     def after_step(self, positions: torch.Tensor, bar_returns: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
         """Book the bar just completed, restart the rows whose episode ended, and return every row's `held()`
@@ -174,9 +210,13 @@ class MetaTracker:
         onehot = torch.nn.functional.one_hot(self.owner, self.k).to(positions.dtype)
         sleeve = (positions * bar_returns) @ onehot * 1e3  # unit-size, before allocation: no look-ahead
         self.performance = self.performance + PERFORMANCE_RATE * (sleeve - self.performance)
+        self.sleeves = self.sleeves + self.sleeve_rates * (
+            sleeve.repeat(1, len(self.sleeve_rates) // self.k) - self.sleeves
+        )
         final = self.held()
         done = truncated.unsqueeze(-1)
         self.performance = torch.where(done, 0.0, self.performance)
+        self.sleeves = torch.where(done, 0.0, self.sleeves)
         self.allocation = torch.where(done, 1.0 / self.k, self.allocation)
         self.appetite = torch.where(truncated, 1.0, self.appetite)
         return final
@@ -186,7 +226,8 @@ class MetaTracker:
 
     def load_state_dict(self, state: dict) -> None:
         for name in self.STATE:
-            setattr(self, name, state[name].to(getattr(self, name).device))
+            if name in state:  # (a latest.pt from before the sleeves were kept has none: they restart at 0)
+                setattr(self, name, state[name].to(getattr(self, name).device))
 
 
 class HierarchyPolicy:
@@ -212,7 +253,7 @@ class HierarchyPolicy:
         self.max_position = max_position
         self.k = len(specialists.names)
         rate = 1.0 if meta is None else meta.allocation_rate
-        self.tracker = MetaTracker(self.owner, self.k, num_rows, device, rate)
+        self.tracker = MetaTracker(self.owner, self.k, num_rows, device, rate, getattr(meta, "allocation_rule", None))
         self.own_positions = torch.zeros(num_rows, len(owner), device=device)
         self.last_allocation = self.tracker.allocation
         self.last_appetite = None if meta is None else self.tracker.appetite

@@ -283,18 +283,22 @@ class MetaController(nn.Module):
       with `a_t` the rule's appetite at the bar, and the volatility evidence in the observation
       (`hierarchy.risk_features`). The bias is 0, so it starts exactly at `vol_managed_equal_allocation`;
       the exponent keeps every appetite below 1 reachable with a gradient.
-    Either way its mean action is the starting point whatever it observes; Phase 2 can only learn a move
-    away from it where it pays. `allocation_rate` is the partial adjustment of the held allocation towards
-    the action (`hierarchy.MetaTracker`); it and `timing` are stored with the weights.
+    With an `allocation_rule` (`evaluation.allocation_fit`: a linear map of the specialists' recent sleeve
+    returns, fit on the training split) the allocation is `softmax(u[:K] + rule logits)`, so it starts at the
+    rule's allocation instead of 1/K. Either way its mean action is the starting point whatever it observes;
+    Phase 2 can only learn a move away from it where it pays. `allocation_rate` is the partial adjustment of
+    the held allocation towards the action (`hierarchy.MetaTracker`); it, `timing` and `allocation_rule` are
+    stored with the weights.
     """
 
     def __init__(self, obs_size: int, num_specialists: int, hidden: int = 64, init_log_std: float = -0.5,
-                 allocation_rate: float = 1.0, timing: dict | None = None):  # fmt: skip
+                 allocation_rate: float = 1.0, timing: dict | None = None,
+                 allocation_rule: dict | None = None):  # fmt: skip
         super().__init__()
         if not 0.0 < allocation_rate <= 1.0:
             raise ValueError(f"allocation_rate {allocation_rate} (--allocation-rate): accepted 0 < rate <= 1")
         self.obs_size, self.num_specialists, self.hidden = obs_size, num_specialists, hidden
-        self.allocation_rate, self.timing = allocation_rate, timing
+        self.allocation_rate, self.timing, self.allocation_rule = allocation_rate, timing, allocation_rule
         self.norm = RunningNorm((1, obs_size))
         self.critic = nn.Sequential(
             layer_init(nn.Linear(obs_size, hidden)), Tanh(),
@@ -345,7 +349,7 @@ class MetaController(nn.Module):
     def from_spec(cls, spec: dict) -> MetaController:
         """A network of the shape `describe()` recorded (checkpoints store it beside the weights)."""
         return cls(spec["obs_size"], spec["num_specialists"], spec["hidden"], allocation_rate=spec["allocation_rate"],
-                   timing=spec.get("timing"))  # fmt: skip
+                   timing=spec.get("timing"), allocation_rule=spec.get("allocation_rule"))  # fmt: skip
 
     @classmethod
     def from_checkpoint(cls, phase2_dir, specialists: SpecialistAgents, device) -> MetaController:
@@ -365,4 +369,5 @@ class MetaController(nn.Module):
     def describe(self) -> dict:
         spec = {"obs_size": self.obs_size, "num_specialists": self.num_specialists, "hidden": self.hidden,
                 "allocation_rate": self.allocation_rate}  # fmt: skip
-        return spec if self.timing is None else {**spec, "timing": self.timing}
+        optional = {"timing": self.timing, "allocation_rule": self.allocation_rule}
+        return {**spec, **{key: value for key, value in optional.items() if value is not None}}

@@ -1,0 +1,87 @@
+"""The fitted allocation rule (evaluation/allocation_fit.py) and the meta-controller starting from it: its
+evidence is causal, the fit learns a planted rule of where to put the capital, and a zero action trades it."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from mtq_common.agents.hierarchy import SLEEVE_HALF_LIVES, MetaTracker
+from mtq_common.agents.nets import MetaController
+from mtq_common.evaluation.allocation_fit import (
+    allocation_scale,
+    causal_ewma,
+    fit_linear,
+    scaled_sharpe,
+    sleeve_features,
+)
+
+
+def test_causal_ewma_reads_only_the_values_before_t_and_restarts_each_segment():
+    x = np.random.default_rng(0).normal(size=(50, 2))
+    changed = x.copy()
+    changed[20:] += 100.0
+    assert np.array_equal(causal_ewma(x, 5)[:21], causal_ewma(changed, 5)[:21])
+    assert (causal_ewma(changed, 5)[21] != causal_ewma(x, 5)[21]).all()
+    assert (causal_ewma(changed, 5, segment_length=25)[25] == 0.0).all()  # a new segment starts from nothing
+
+
+def planted_allocation(bars=6000, seed=0):
+    """Two specialists of one instrument each, long at the position limit, whose drifts persist: the one that
+    earned lately earns next."""
+    rng = np.random.default_rng(seed)
+    drift = np.zeros((bars, 2))
+    for t in range(1, bars):  # slow AR(1) drifts, independent across the two
+        drift[t] = 0.98 * drift[t - 1] + 0.2 * 0.01 * rng.normal(size=2)
+    held = np.full((bars, 2), 0.1)
+    return SimpleNamespace(weights=held, proposed=held, bar_returns=drift + 0.01 * rng.normal(size=(bars, 2)),
+                           segment_length=bars)  # fmt: skip
+
+
+def test_the_fit_moves_capital_to_the_specialist_whose_sleeve_earned_lately_and_beats_the_equal_allocation():
+    owner, cost = np.array([0, 1]), np.array([0.0001, 0.0001])
+    bt = planted_allocation()
+    to_scale = allocation_scale(np.ones(len(bt.weights)), owner)
+    mean, std, w, _ = fit_linear(sleeve_features(bt, owner, 2, 0.1), 2, to_scale, bt, cost, steps=300)
+    fast = w[:2]  # the 5-bar sleeve EMAs' rows: each specialist's own recent return weighs for it, not for the other
+    assert (np.diag(fast) > np.diag(fast[:, ::-1])).all()
+    fresh = planted_allocation(seed=1)  # a fresh path
+    z = torch.as_tensor((sleeve_features(fresh, owner, 2, 0.1) - mean) / std @ w)
+    equal = scaled_sharpe(torch.ones(len(z), 2, dtype=torch.float64), fresh, cost)
+    assert scaled_sharpe(allocation_scale(np.ones(len(z)), owner)(z), fresh, cost) > equal + 0.05
+
+
+def rule(k=3):
+    h = len(SLEEVE_HALF_LIVES) * k
+    weights = np.zeros((h, k))
+    weights[0, 0] = 1.0  # the first specialist's 5-bar sleeve return raises its own share
+    return {"half_lives": list(SLEEVE_HALF_LIVES), "mean": [0.0] * h, "std": [1.0] * h,
+            "weights": weights.tolist(), "equal_sharpe": 0.0, "fit_sharpe": 0.0}  # fmt: skip
+
+
+def test_a_zero_action_trades_the_fitted_rules_allocation_and_the_sleeves_follow_the_books_returns():
+    owner = torch.tensor([0, 1, 2, 2])
+    tracker = MetaTracker(owner, 3, 2, "cpu", rate=1.0, allocation_rule=rule())
+    assert torch.allclose(tracker.start_allocation(), torch.full((2, 3), 1 / 3))  # no evidence yet
+    positions, returns = torch.tensor([[1.0, 0.0, 0.0, 0.0]] * 2), torch.tensor([[0.002, 0.0, 0.0, 0.0]] * 2)
+    tracker.after_step(positions, returns, torch.tensor([False, True]))
+    alpha = 1 - 0.5 ** (1 / SLEEVE_HALF_LIVES[0])
+    assert tracker.sleeves[0, 0].item() == torch.tensor(alpha * 2.0).item()  # 0.002 per bar = 2 per 1e-3
+    assert (tracker.sleeves[1] == 0).all()  # the finished row restarts
+    allocation, _ = tracker.act(torch.zeros(2, 4))
+    expected = torch.softmax(torch.tensor([alpha * 2.0, 0.0, 0.0]), -1)
+    assert torch.allclose(allocation[0], expected) and torch.allclose(tracker.start_allocation()[0], expected)
+    assert torch.allclose(allocation[1], torch.full((3,), 1 / 3))
+    plain = MetaTracker(owner, 3, 2, "cpu", rate=1.0)  # without a rule: 1/K, whatever the sleeves
+    plain.after_step(positions, returns, torch.tensor([False, False]))
+    assert torch.allclose(plain.act(torch.zeros(2, 4))[0], torch.full((2, 3), 1 / 3))
+
+
+def test_the_rule_is_stored_with_the_weights_and_old_tracker_state_loads():
+    meta = MetaController(10, 3, allocation_rule=rule())
+    assert MetaController.from_spec(meta.describe()).allocation_rule == rule()
+    assert "allocation_rule" not in MetaController(10, 3).describe()
+    tracker = MetaTracker(torch.tensor([0, 1, 2]), 3, 2, "cpu", allocation_rule=rule())
+    old = {name: value for name, value in tracker.state_dict().items() if name != "sleeves"}  # before the sleeves
+    tracker.load_state_dict(old)
+    assert (tracker.sleeves == 0).all()
