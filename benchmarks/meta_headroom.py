@@ -15,7 +15,7 @@ specialists: those the report's equal allocation uses), on the test split, throu
   return (EWMAs of half-life 5, 20, 60 bars of the unscaled book's returns up to the bar before);
 * `learned_allocation`: the volatility-managed book with the capital moved between the specialists by
   `softmax(W x_t)`, `x_t` = each specialist's recent sleeve return (EWMAs of half-life 5, 20, 60 bars, up to
-  the bar before);
+  the bar before): the allocation rule Phase 2 fits and starts from (`evaluation.allocation_fit`);
 * `regime_timing` (synthetic markets only; **look-ahead**, not a tradable policy): the equal allocation scaled
   by `min(1, (m* / m_t)^p)`, `m_t` the true volatility multiplier of the regime the position is chosen in,
   `m*` its median on train, p picked on validation: the ceiling of pure risk timing, as the `oracle` baseline
@@ -39,12 +39,19 @@ import torch
 import tyro
 
 from benchmarks.run import machine
-from mtq_common.agents.hierarchy import HierarchyPolicy, compose_weights, instrument_specialist_index
+from mtq_common.agents.hierarchy import HierarchyPolicy, compose_weights, instrument_specialist_index, timing_spec
 from mtq_common.data.market import MarketData
 from mtq_common.data.splits import load_splits
 from mtq_common.data.synthetic import REGIME_VOL
 from mtq_common.data.tables import cost_rates
-from mtq_common.data.volatility import VolLevels, ewma, fit_vol_levels, market_sigma, vol_appetite
+from mtq_common.data.volatility import VolLevels, fit_vol_levels, market_sigma, vol_appetite
+from mtq_common.evaluation.allocation_fit import (
+    causal_ewma,
+    fit_allocation_rule,
+    fit_linear,
+    scaled_sharpe,
+    sleeve_features,
+)
 from mtq_common.evaluation.backtest import Backtest, run_backtests
 from mtq_common.evaluation.bootstrap import paired_sharpe_difference
 from mtq_common.evaluation.portfolio_eval import validation_timings, vol_managed
@@ -72,12 +79,6 @@ class Args:
     """Also write the table as JSON to this path."""
 
 
-def causal_ewma(x: np.ndarray, half_life: float) -> np.ndarray:
-    """[T]: entry t is the EWMA of x[:t] (what is known before x[t]); 0 at t = 0 (`volatility.ewma`, one bar later)."""
-    before = ewma(x[:-1, None], half_life, np.zeros(1))[:, 0]
-    return np.concatenate([[0.0], before])
-
-
 def timing_features(market: MarketData, levels: VolLevels, bt: Backtest) -> np.ndarray:
     """[T', F] at the backtest's bars: the volatility ratios, then the unscaled book's recent returns (per 1e-3)."""
     gross = (bt.weights * bt.bar_returns).sum(-1)
@@ -87,55 +88,9 @@ def timing_features(market: MarketData, levels: VolLevels, bt: Backtest) -> np.n
     return np.stack(vol + own, -1)
 
 
-def allocation_features(bt: Backtest, onehot: np.ndarray) -> np.ndarray:
-    """[T', 3K]: each specialist's recent sleeve return (`onehot` [N, K] maps instruments to specialists)."""
-    sleeves = (bt.weights * bt.bar_returns) @ onehot
-    return np.concatenate(
-        [np.stack([causal_ewma(x, h) * 1e3 for x in sleeves.T], -1) for h in PERFORMANCE_HALF_LIVES], -1
-    )
-
-
-def scaled_sharpe(scale: torch.Tensor, bt: Backtest, cost: np.ndarray) -> torch.Tensor:
-    """Per-bar Sharpe ratio (over cash) of the book `scale * w` from the unscaled backtest `bt` (`scale` [T', 1]
-    or [T', N]): a plain vectorised backtest, as `rules.pick_vol_timing` ranks its candidates (the book's
-    returns `scale * w * r`, costs on its changes, each segment from flat). Differentiable in `scale`."""
-    w = torch.as_tensor(bt.weights)
-    scaled = scale * w
-    previous = torch.cat([torch.zeros_like(scaled[:1]), scaled[:-1]])
-    starts = torch.as_tensor(np.arange(len(w)) % bt.segment_length == 0)[:, None]
-    previous = torch.where(starts, 0.0, previous)
-    returns = (scaled * torch.as_tensor(bt.bar_returns)).sum(-1)
-    net = returns - (torch.as_tensor(cost) * (scaled - previous).abs()).sum(-1)
-    return net.mean() / net.std()
-
-
-def fit_linear(features: np.ndarray, outputs: int, to_scale, bt: Backtest, cost: np.ndarray, bias: float | None = None,
-               steps: int = 600):  # fmt: skip
-    """`(mean, std, W, b)` of the linear map `z = (x - mean) / std @ W + b` ([T', outputs]) whose book scale
-    `to_scale(z)` maximises the Sharpe ratio of `bt`'s book after costs (`b` stays 0 when `bias` is None)."""
-    mean, std = features.mean(0), features.std(0) + 1e-9
-    x = torch.as_tensor((features - mean) / std)
-    w = torch.zeros(x.shape[1], outputs, dtype=torch.float64, requires_grad=True)
-    b = torch.full((outputs,), 0.0 if bias is None else bias, dtype=torch.float64, requires_grad=bias is not None)
-    opt = torch.optim.Adam([w, b] if bias is not None else [w], lr=0.03)
-    for _ in range(steps):
-        loss = -scaled_sharpe(to_scale(x @ w + b), bt, cost) + 1e-3 * (w**2).sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return mean, std, w.detach().numpy(), b.detach().numpy()
-
-
 def timing_scale(z):
     """The learned timing's appetite [T', 1] from its linear output."""
     return torch.sigmoid(z)
-
-
-def allocation_scale(appetite: np.ndarray, owner: np.ndarray):
-    """The learned allocation's book scale [T', N]: the rule's `appetite` times K x each instrument's
-    specialist's share `softmax(z)` (`hierarchy.compose_weights`)."""
-    a, idx = torch.as_tensor(appetite)[:, None], torch.as_tensor(owner)
-    return lambda z: a * z.shape[-1] * torch.softmax(z, -1).index_select(-1, idx)
 
 
 class TablePolicy:
@@ -170,7 +125,6 @@ def seed_row(run: Path, cfg, splits: dict, levels: VolLevels, trend) -> dict:
     size, rf, k = cfg.environment.max_position_size, cfg.reward.risk_free_rate, len(specialists.names)
     test = splits["test"]
     owner = {s: instrument_specialist_index(m.sectors, specialists.names) for s, m in splits.items()}
-    onehot = np.eye(k)[owner["test"].numpy()]
 
     def equal(split):
         return lambda rows: HierarchyPolicy(specialists, None, owner[split], size, rows, "cpu")
@@ -190,10 +144,9 @@ def seed_row(run: Path, cfg, splits: dict, levels: VolLevels, trend) -> dict:
                                  costs["train"], bias=2.0)  # start near full appetite  # fmt: skip
     x = (timing_features(test, levels, ea) - mean) / std
     learned_appetite = on_bars(timing_scale(torch.as_tensor(x @ w + b))[:, 0].numpy(), ea.bars, test.num_bars, 1.0)
-    vm_train = vol_appetite(splits["train"], levels, vm)[train.bars]
-    to_scale = allocation_scale(vm_train, owner["train"].numpy())
-    a_mean, a_std, a_w, _ = fit_linear(allocation_features(train, onehot), k, to_scale, train, costs["train"])
-    shares = torch.softmax(torch.as_tensor((allocation_features(ea, onehot) - a_mean) / a_std @ a_w), -1).numpy()
+    rule = fit_allocation_rule(specialists, splits["train"], cfg, timing_spec(levels, vm))  # what Phase 2 fits
+    x = (sleeve_features(ea, owner["test"].numpy(), k, size) - np.array(rule["mean"])) / np.array(rule["std"])
+    shares = torch.softmax(torch.as_tensor(x @ np.array(rule["weights"])), -1).numpy()
     learned_allocation = on_bars(shares, ea.bars, test.num_bars, 1.0 / k)
     even = np.full((test.num_bars, k), 1.0 / k)
     makers = {
@@ -204,7 +157,7 @@ def seed_row(run: Path, cfg, splits: dict, levels: VolLevels, trend) -> dict:
         "system": lambda rows: HierarchyPolicy(specialists, meta, owner["test"], size, rows, "cpu", test),
     }
     picked = {"learned_timing": {"w": np.round(w[:, 0], 3).tolist(), "b": round(float(b[0]), 3)},
-              "learned_allocation": {"w": np.round(a_w, 3).tolist()}}  # fmt: skip
+              "learned_allocation": {"w": np.round(rule["weights"], 3).tolist()}}  # fmt: skip
     if test.regime is not None:  # the ceiling: the true regime's multiplier (look-ahead), p picked on val
         m_star = float(np.median(REGIME_VOL[splits["train"].regime]))
 
