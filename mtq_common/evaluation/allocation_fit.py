@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from mtq_common.agents.hierarchy import SLEEVE_HALF_LIVES, HierarchyPolicy, instrument_specialist_index, risk_features
+from mtq_common.agents.ppo import FlatAdam
 from mtq_common.data.market import MarketData
 from mtq_common.data.tables import cost_rates
 from mtq_common.evaluation.backtest import Backtest, run_backtests
@@ -73,7 +74,7 @@ def fit_linear(features: np.ndarray, outputs: int, to_scale, bt: Backtest, cost:
     x = torch.as_tensor((features - mean) / std, dtype=torch.float64)
     w = torch.zeros(x.shape[1], outputs, dtype=torch.float64, requires_grad=True)
     b = torch.full((outputs,), 0.0 if bias is None else bias, dtype=torch.float64, requires_grad=bias is not None)
-    opt = torch.optim.Adam([w, b] if bias is not None else [w], lr=0.03)
+    opt = FlatAdam([w, b] if bias is not None else [w], lr=0.03)  # (torch.optim would import the compiler stack)
     for _ in range(steps):
         loss = -scaled_sharpe(to_scale(x @ w + b), bt, cost) + L2 * (w**2).sum()
         opt.zero_grad()
