@@ -147,12 +147,12 @@ def fit_scaled_trend(train, cost_rate: np.ndarray, position_rate: float) -> Scal
 
 
 def partially_adjusted(targets: np.ndarray, rate: float) -> np.ndarray:
-    """The positions held when a book of `targets` [T, N] trades through `engine.partial_adjustment` from flat,
-    `p_t = p_(t-1) + rate * (target_t - p_(t-1))` (no stop-loss: for the vectorised picks)."""
+    """The positions held when a book of `targets` [T, N] trades through `engine.partial_adjustment` from flat
+    (no stop-loss: for the vectorised picks)."""
     held = np.zeros_like(targets)
     previous = np.zeros_like(targets[0])
     for t in range(len(targets)):
-        previous = previous + rate * (targets[t] - previous)
+        previous = partial_adjustment(previous, targets[t], rate)  # (plain arithmetic: numpy arrays work)
         held[t] = previous
     return held
 
