@@ -83,24 +83,31 @@ def trend_filter_positions(prices: np.ndarray, rule: TrendFilter) -> np.ndarray:
     return hysteresis(trend_zscore(prices, rule.half_life), rule.band)
 
 
+def best_on_train(train, name: str, candidates: list, positions, cost_rate: np.ndarray) -> tuple[float, object]:
+    """`(score, candidate)`: the candidate whose `positions(candidate)` [T, N] scores best on the training split
+    `train`, the score the Sharpe ratio of the equally weighted book's net return (`backtest`, per-instrument
+    `cost_rate`), a plain vectorised backtest without the stop-loss or the risk manager: cheap, and the ranking
+    is what matters. Ties go to the first candidate. `name` is the rule's, for the error on another split."""
+    if train.split != "train":
+        raise ValueError(f"the {name} is fitted on the training split only, got {train.split!r}")
+    scores = [sharpe(backtest(positions(c), train.returns, cost_rate).sum(-1), train.bars_per_year) for c in candidates]
+    best = 0
+    for i, score in enumerate(scores):  # (strictly greater: the first of equal maxima wins)
+        if score > scores[best]:
+            best = i
+    return float(scores[best]), candidates[best]
+
+
 def fit_trend_filter(train, cost_rate: np.ndarray) -> TrendFilter:
     """Pick the trend filter's half-life and band on the training split `train` (a `MarketData`).
 
     Each candidate of ``TREND_FILTER_GRID`` holds `max_position`-size sign positions in every instrument;
-    the score is the Sharpe ratio of the equally weighted book's net return (`backtest`, per-instrument
-    `cost_rate`), a plain vectorised backtest without the stop-loss or the risk manager: cheap, and the
-    ranking is what matters. Ties go to the first candidate in grid order.
+    scored by `best_on_train`.
     """
-    if train.split != "train":
-        raise ValueError(f"the trend filter is fitted on the training split only, got {train.split!r}")
-    best = None
-    for half_life, band in itertools.product(TREND_FILTER_GRID["half_life"], TREND_FILTER_GRID["band"]):
-        rule = TrendFilter(half_life, band)
-        net = backtest(trend_filter_positions(train.prices, rule), train.returns, cost_rate).sum(-1)
-        score = sharpe(net, train.bars_per_year)
-        if best is None or score > best[0]:
-            best = (score, rule)
-    score, rule = best
+    candidates = [TrendFilter(h, b) for h, b in itertools.product(TREND_FILTER_GRID["half_life"],
+                                                                   TREND_FILTER_GRID["band"])]  # fmt: skip
+    score, rule = best_on_train(train, "trend filter", candidates, lambda r: trend_filter_positions(train.prices, r),
+                                cost_rate)  # fmt: skip
     return TrendFilter(rule.half_life, rule.band, fitted_on="train", train_sharpe=float(score))
 
 
@@ -131,18 +138,12 @@ def scaled_trend_positions(prices: np.ndarray, rule: ScaledTrend) -> np.ndarray:
 
 def fit_scaled_trend(train, cost_rate: np.ndarray, position_rate: float) -> ScaledTrend:
     """Pick the scaled trend's half-life and scale on the training split `train`, each candidate traded at
-    `position_rate` (the partial adjustment of the execution, `partially_adjusted`), scored as
-    `fit_trend_filter` scores its candidates. Ties go to the first candidate in grid order."""
-    if train.split != "train":
-        raise ValueError(f"the scaled trend is fitted on the training split only, got {train.split!r}")
-    best = None
-    for half_life, scale in itertools.product(SCALED_TREND_GRID["half_life"], SCALED_TREND_GRID["scale"]):
-        rule = ScaledTrend(half_life, scale)
-        held = partially_adjusted(scaled_trend_positions(train.prices, rule), position_rate)
-        score = sharpe(backtest(held, train.returns, cost_rate).sum(-1), train.bars_per_year)
-        if best is None or score > best[0]:
-            best = (score, rule)
-    score, rule = best
+    `position_rate` (the partial adjustment of the execution, `partially_adjusted`), scored by `best_on_train`."""
+    candidates = [ScaledTrend(h, c) for h, c in itertools.product(SCALED_TREND_GRID["half_life"],
+                                                                   SCALED_TREND_GRID["scale"])]  # fmt: skip
+    score, rule = best_on_train(train, "scaled trend", candidates,
+                                lambda r: partially_adjusted(scaled_trend_positions(train.prices, r), position_rate),
+                                cost_rate)  # fmt: skip
     return ScaledTrend(rule.half_life, rule.scale, fitted_on="train", train_sharpe=float(score))
 
 
