@@ -348,8 +348,6 @@ def main(args: Args) -> dict:
     best = {"sharpe": -float("inf"), "iteration": 0, "specialists": None, "meta": None}
     next_obs, _ = envs.reset(seed=seed)
     twin.reset(seed=seed)
-    equal = (torch.full((num_rows, num_specialists), 1.0 / num_specialists, device=device),
-             torch.ones(num_rows, device=device))  # fmt: skip
     # the meta-controller's observation and held allocation; the rollout's TensorBoard tags
     tracker = MetaTracker(owner, num_specialists, num_rows, device, meta.allocation_rate, meta.allocation_rule)
 
@@ -421,15 +419,14 @@ def main(args: Args) -> dict:
                 evidence = None if risk is None else risk.index_select(0, bar)  # volatility at the rows' bars
                 meta_obs[step] = tracker.observe(next_obs["portfolio"], positions, evidence)
                 meta_action, meta_logprob, _, meta_value = meta.get_action_and_value(meta_obs[step])
-                base = None if evidence is None else evidence[:, -1]  # the volatility-managed rule's appetite
-                allocation, appetite = tracker.act(meta_action, base)
+                allocation, appetite = tracker.act(meta_action, evidence)
                 proposal = compose_weights(allocation, appetite, positions, owner, max_position)
             guard.watch(proposal, global_step)
             meta_actions[step], meta_logprobs[step], meta_values[step] = meta_action, meta_logprob, meta_value
             next_obs, env_reward, _, truncated, info = envs.step(proposal, positions)
             reward, twin_reward = meta_reward(env_reward, info), None
             if args.paired_baseline:  # the starting point (allocation and appetite), same positions, same path
-                start = (tracker.start_allocation(), equal[1] if base is None else base)
+                start = tracker.start_point(evidence)
                 _, twin_env_reward, _, _, twin_info = twin.step(
                     compose_weights(*start, positions, owner, max_position), positions, observe=False
                 )

@@ -14,8 +14,10 @@ specialists: those the report's equal allocation uses), on the test split, throu
   sees, `x_t` = the volatility ratios `log(sigma_t / sigma*)` at the three half-lives and the book's own recent
   return (EWMAs of half-life 5, 20, 60 bars of the unscaled book's returns up to the bar before);
 * `learned_allocation`: the volatility-managed book with the capital moved between the specialists by
-  `softmax(W x_t)`, `x_t` = each specialist's recent sleeve return (EWMAs of half-life 5, 20, 60 bars, up to
-  the bar before): the allocation rule Phase 2 fits and starts from (`evaluation.allocation_fit`);
+  `softmax(W x_t)`, `x_t` = each specialist's recent sleeve return (EMAs of half-life 5, 20, 60 bars, up to
+  the bar before), fit alone;
+* `phase2_start`: what Phase 2 fits and starts from (`evaluation.allocation_fit`): that allocation and a
+  fitted factor on the volatility-managed rule's appetite, one map of the sleeves and the volatility ratios;
 * `regime_timing` (synthetic markets only; **look-ahead**, not a tradable policy): the equal allocation scaled
   by `min(1, (m* / m_t)^p)`, `m_t` the true volatility multiplier of the regime the position is chosen in,
   `m*` its median on train, p picked on validation: the ceiling of pure risk timing, as the `oracle` baseline
@@ -46,9 +48,12 @@ from mtq_common.data.synthetic import REGIME_VOL
 from mtq_common.data.tables import cost_rates
 from mtq_common.data.volatility import VolLevels, fit_vol_levels, market_sigma, vol_appetite
 from mtq_common.evaluation.allocation_fit import (
+    allocation_scale,
     causal_ewma,
     fit_allocation_rule,
     fit_linear,
+    rule_book,
+    rule_inputs,
     scaled_sharpe,
     sleeve_features,
 )
@@ -62,9 +67,10 @@ from mtq_common.training.settings import load_config
 
 PERFORMANCE_HALF_LIVES = (5, 20, 60)
 POWERS = (1, 2)
-POLICIES = ("equal_allocation", "vol_managed_equal_allocation", "learned_timing", "learned_allocation", "regime_timing",
-            "system")  # fmt: skip
-LABELS = dict(zip(POLICIES, ("eq.alloc", "vm eq.alloc", "timing", "allocation", "regime*", "system"), strict=True))
+POLICIES = ("equal_allocation", "vol_managed_equal_allocation", "learned_timing", "learned_allocation", "phase2_start",
+            "regime_timing", "system")  # fmt: skip
+LABELS = dict(zip(POLICIES, ("eq.alloc", "vm eq.alloc", "timing", "allocation", "p2 start", "regime*", "system"),
+                  strict=True))  # fmt: skip
 
 
 @dataclass
@@ -144,20 +150,30 @@ def seed_row(run: Path, cfg, splits: dict, levels: VolLevels, trend) -> dict:
                                  costs["train"], bias=2.0)  # start near full appetite  # fmt: skip
     x = (timing_features(test, levels, ea) - mean) / std
     learned_appetite = on_bars(timing_scale(torch.as_tensor(x @ w + b))[:, 0].numpy(), ea.bars, test.num_bars, 1.0)
-    rule = fit_allocation_rule(specialists, splits["train"], cfg, timing_spec(levels, vm))  # what Phase 2 fits
-    x = (sleeve_features(ea, owner["test"].numpy(), k, size) - np.array(rule["mean"])) / np.array(rule["std"])
-    shares = torch.softmax(torch.as_tensor(x @ np.array(rule["weights"])), -1).numpy()
+    sleeves = sleeve_features(train, owner["train"].numpy(), k, size)
+    alone = allocation_scale(vol_appetite(splits["train"], levels, vm)[train.bars], owner["train"].numpy())
+    mean, std, w_alloc, _ = fit_linear(sleeves, k, alone, train, costs["train"])
+    x = (sleeve_features(ea, owner["test"].numpy(), k, size) - mean) / std
+    shares = torch.softmax(torch.as_tensor(x @ w_alloc), -1).numpy()
     learned_allocation = on_bars(shares, ea.bars, test.num_bars, 1.0 / k)
+    spec = timing_spec(levels, vm)
+    rule = fit_allocation_rule(specialists, splits["train"], cfg, spec)  # what Phase 2 fits
+    start_shares, start_appetite = rule_book(rule, *rule_inputs(ea, test, spec, owner["test"].numpy(), k, size), k)
     even = np.full((test.num_bars, k), 1.0 / k)
     makers = {
         "equal_allocation": equal("test"),
         "vol_managed_equal_allocation": vol_managed(equal("test"), test, levels, vm, size, "cpu"),
         "learned_timing": tables(even, learned_appetite),
         "learned_allocation": tables(learned_allocation, vol_appetite(test, levels, vm)),
+        "phase2_start": tables(
+            on_bars(start_shares, ea.bars, test.num_bars, 1.0 / k), on_bars(start_appetite, ea.bars, test.num_bars, 1.0)
+        ),
         "system": lambda rows: HierarchyPolicy(specialists, meta, owner["test"], size, rows, "cpu", test),
     }
     picked = {"learned_timing": {"w": np.round(w[:, 0], 3).tolist(), "b": round(float(b[0]), 3)},
-              "learned_allocation": {"w": np.round(rule["weights"], 3).tolist()}}  # fmt: skip
+              "learned_allocation": {"w": np.round(w_alloc, 3).tolist()},
+              "phase2_start": {"w": np.round(rule["weights"], 3).tolist(),
+                               "b": np.round(rule["bias"], 3).tolist()}}  # fmt: skip
     if test.regime is not None:  # the ceiling: the true regime's multiplier (look-ahead), p picked on val
         m_star = float(np.median(REGIME_VOL[splits["train"].regime]))
 

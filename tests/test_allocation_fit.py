@@ -62,7 +62,7 @@ def rule(k=3):
 def test_a_zero_action_trades_the_fitted_rules_allocation_and_the_sleeves_follow_the_books_returns():
     owner = torch.tensor([0, 1, 2, 2])
     tracker = MetaTracker(owner, 3, 2, "cpu", rate=1.0, allocation_rule=rule())
-    assert torch.allclose(tracker.start_allocation(), torch.full((2, 3), 1 / 3))  # no evidence yet
+    assert torch.allclose(tracker.start_point()[0], torch.full((2, 3), 1 / 3))  # no evidence yet
     positions, returns = torch.tensor([[1.0, 0.0, 0.0, 0.0]] * 2), torch.tensor([[0.002, 0.0, 0.0, 0.0]] * 2)
     tracker.after_step(positions, returns, torch.tensor([False, True]))
     alpha = 1 - 0.5 ** (1 / SLEEVE_HALF_LIVES[0])
@@ -70,7 +70,7 @@ def test_a_zero_action_trades_the_fitted_rules_allocation_and_the_sleeves_follow
     assert (tracker.sleeves[1] == 0).all()  # the finished row restarts
     allocation, _ = tracker.act(torch.zeros(2, 4))
     expected = torch.softmax(torch.tensor([alpha * 2.0, 0.0, 0.0]), -1)
-    assert torch.allclose(allocation[0], expected) and torch.allclose(tracker.start_allocation()[0], expected)
+    assert torch.allclose(allocation[0], expected) and torch.allclose(tracker.start_point()[0][0], expected)
     assert torch.allclose(allocation[1], torch.full((3,), 1 / 3))
     plain = MetaTracker(owner, 3, 2, "cpu", rate=1.0)  # without a rule: 1/K, whatever the sleeves
     plain.after_step(positions, returns, torch.tensor([False, False]))

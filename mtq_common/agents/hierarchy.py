@@ -13,8 +13,9 @@ use their full position budget (above 1/K, up to the position cap), and the appe
 whole book. A risk-timing meta-controller's appetite is a learned factor over the volatility-managed
 rule's (`split_action`, `risk_appetite`), and its observation carries the market's volatility evidence
 (`risk_features`, causal, from the training split's levels stored with its weights). With a fitted
-allocation rule (`allocation_logits`, fit on the training split by `evaluation.allocation_fit`) its allocation
-starts there instead of at 1/K: the specialists whose sleeves earned lately get more.
+allocation rule (`rule_logits`, fit on the training split by `evaluation.allocation_fit`) its allocation
+starts there instead of at 1/K: the specialists whose sleeves earned lately get more; a risk-timing rule also
+scales the volatility-managed rule's appetite by a fitted factor of the same evidence and the volatility.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def instrument_specialist_index(sectors: list[str], specialists: list[str]) -> t
 PERFORMANCE_RATE = 0.05
 """EMA rate of each specialist's recent performance signal (about a 20-bar memory)."""
 SLEEVE_HALF_LIVES = (5, 20, 60)
-"""Half-lives (bars) of the specialists' recent sleeve returns an allocation rule reads (`allocation_logits`)."""
+"""Half-lives (bars) of the specialists' recent sleeve returns an allocation rule reads (`rule_logits`)."""
 
 
 def sleeve_rates(half_lives, num_specialists: int) -> torch.Tensor:
@@ -65,15 +66,24 @@ def sleeve_rates(half_lives, num_specialists: int) -> torch.Tensor:
     return torch.tensor([1.0 - 0.5 ** (1.0 / h) for h in half_lives for _ in range(num_specialists)])
 
 
-def allocation_logits(rule: dict, sleeves: torch.Tensor) -> torch.Tensor:
-    """A fitted allocation rule's logits [B, K]: `(sleeves - mean) / std @ weights`, `sleeves` [B, H * K] the
-    specialists' recent unit-size sleeve returns (`MetaTracker.sleeves`); `rule` holds tensors (`rule_tensors`)."""
-    return (sleeves - rule["mean"]) / rule["std"] @ rule["weights"]
+def rule_features(sleeves: torch.Tensor, risk: torch.Tensor | None, timed: bool) -> torch.Tensor:
+    """What a fitted allocation rule reads [B, F]: the specialists' recent unit-size sleeve returns `sleeves`
+    [B, H * K] (`MetaTracker.sleeves`) and, for a risk-timing rule (`timed`), the volatility ratios of `risk`
+    (`risk_features` without its last column, the rule's appetite)."""
+    return torch.cat([sleeves, risk[..., :-1]], -1) if timed else sleeves
+
+
+def rule_logits(rule: dict, features: torch.Tensor) -> torch.Tensor:
+    """A fitted allocation rule's output `(features - mean) / std @ weights + bias`: [B, K] allocation logits,
+    then for a risk-timing rule the log of its appetite factor ([B, K + 1]); `rule` holds tensors (`rule_tensors`)."""
+    return (features - rule["mean"]) / rule["std"] @ rule["weights"] + rule["bias"]
 
 
 def rule_tensors(rule: dict, device) -> dict:
-    """A stored allocation rule's lists as float32 tensors on `device`."""
-    return {key: torch.tensor(rule[key], dtype=torch.float32, device=device) for key in ("mean", "std", "weights")}
+    """A stored allocation rule's lists as float32 tensors on `device` (a rule stored without a bias has none)."""
+    out = {key: torch.tensor(rule[key], dtype=torch.float32, device=device) for key in ("mean", "std", "weights")}
+    out["bias"] = torch.tensor(rule.get("bias", 0.0), dtype=torch.float32, device=device)
+    return out
 
 
 def meta_observation_size(portfolio_obs_size: int, num_specialists: int, timed: bool = False) -> int:
@@ -145,7 +155,8 @@ class MetaTracker:
     1 = jump to the target), so per-bar jitter of the meta-controller turns into a fraction of the
     trading. What it held is part of its next observation, so the state stays Markov. It also keeps the
     same sleeve returns' EMAs at `SLEEVE_HALF_LIVES` (`sleeves`), from which a fitted `allocation_rule`
-    gives the allocation the action moves from (`start_allocation`; without a rule, 1/K).
+    gives the allocation the action moves from (without a rule, 1/K) and, for a risk-timing rule, a factor
+    on the volatility-managed rule's appetite (`start_point`: where a zero action trades).
 
     Per bar: `observe(portfolio_obs, positions)` -> meta observation; `act(u)` -> (allocation, appetite)
     to trade now; after the env step, `after_step(positions, bar_returns, truncated)` updates the
@@ -166,6 +177,7 @@ class MetaTracker:
         # the fitted allocation rule's evidence: each specialist's recent sleeve return at several half-lives
         half_lives = SLEEVE_HALF_LIVES if allocation_rule is None else allocation_rule["half_lives"]
         self.rule = None if allocation_rule is None else rule_tensors(allocation_rule, device)
+        self.timed_rule = allocation_rule is not None and allocation_rule.get("timed", False)
         self.sleeve_rates = sleeve_rates(half_lives, num_specialists).to(device)
         self.sleeves = torch.zeros(num_rows, len(half_lives) * num_specialists, device=device)
 
@@ -185,23 +197,38 @@ class MetaTracker:
         parts = [portfolio_obs, specialist_signals(positions, self.owner, self.k), held]
         return torch.cat(parts if risk is None else [*parts, risk], -1)
 
-    def act(self, u: torch.Tensor, base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def act(self, u: torch.Tensor, risk: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Move the held allocation and appetite towards the meta-controller's action `u` (`split_action`);
-        return the allocation and the appetite to trade. With `base` [B] (a risk-timing meta-controller: the
-        volatility-managed rule's appetite at the rows' bars) the held "appetite" is the learned factor over
-        it, smoothed like the allocation, and the rule's own timing reaches the book unsmoothed."""
-        if self.rule is not None:  # the action's allocation part moves from the fitted rule's, not from 1/K
-            u = torch.cat([u[..., : self.k] + allocation_logits(self.rule, self.sleeves), u[..., self.k :]], -1)
+        return the allocation and the appetite to trade. With `risk` [B, H + 1] (a risk-timing meta-controller:
+        `risk_features` at the rows' bars) the held "appetite" is the learned factor over the start's appetite
+        (`start_point`), smoothed like the allocation; the start's own timing reaches the book unsmoothed."""
+        logits, base = self.rule_start(risk)
+        if logits is not None:  # the action's allocation part moves from the fitted rule's, not from 1/K
+            u = torch.cat([u[..., : self.k] + logits, u[..., self.k :]], -1)
         allocation, appetite = split_action(u, timed=base is not None)
         self.allocation = self.allocation + self.rate * (allocation - self.allocation)
         self.appetite = self.appetite + self.rate * (appetite - self.appetite)
         return self.allocation, self.appetite if base is None else risk_appetite(self.appetite, base)
 
-    def start_allocation(self) -> torch.Tensor:
-        """The allocation [B, K] the meta-controller starts from (its zero action): the fitted rule's, or 1/K."""
+    def rule_start(self, risk: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The fitted rule's allocation logits [B, K] (None without a rule) and the appetite a timed
+        meta-controller's factor multiplies [B] (None without `risk`): the volatility-managed rule's `risk[:, -1]`,
+        times the fitted rule's factor if it times risk too."""
+        base = None if risk is None else risk[..., -1]
         if self.rule is None:
-            return torch.full_like(self.allocation, 1.0 / self.k)
-        return torch.softmax(allocation_logits(self.rule, self.sleeves), -1)
+            return None, base
+        out = rule_logits(self.rule, rule_features(self.sleeves, risk, self.timed_rule))
+        if self.timed_rule:
+            return out[..., : self.k], risk_appetite(out[..., self.k].exp(), base)
+        return out, base
+
+    def start_point(self, risk: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The allocation [B, K] and appetite [B] the meta-controller starts from (its zero action, unsmoothed):
+        the fitted rule's allocation or 1/K; the volatility-managed appetite (`risk`), times the rule's factor,
+        or full appetite."""
+        logits, base = self.rule_start(risk)
+        allocation = torch.full_like(self.allocation, 1.0 / self.k) if logits is None else torch.softmax(logits, -1)
+        return allocation, torch.ones_like(self.appetite) if base is None else base
 
     def after_step(self, positions: torch.Tensor, bar_returns: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
         """Book the bar just completed, restart the rows whose episode ended, and return every row's `held()`
@@ -266,8 +293,7 @@ class HierarchyPolicy:
         else:
             risk = None if self.risk is None else self.risk.index_select(0, env.bar)
             meta_obs = self.tracker.observe(obs["portfolio"], self.own_positions, risk)
-            allocation, appetite = self.tracker.act(self.meta.deterministic(meta_obs), None if risk is None else
-                                                    risk[:, -1])  # fmt: skip
+            allocation, appetite = self.tracker.act(self.meta.deterministic(meta_obs), risk)
         self.last_allocation, self.last_appetite = allocation, None if self.meta is None else appetite
         return compose_weights(allocation, appetite, self.own_positions, self.owner, self.max_position)
 

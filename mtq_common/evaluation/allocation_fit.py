@@ -1,17 +1,21 @@
-"""The meta-controller's fitted starting allocation (DESIGN 14): where capital goes before PPO moves it.
+"""The meta-controller's fitted starting point (DESIGN 14): where capital goes, and how much, before PPO moves it.
 
 Measured first (`benchmarks.meta_headroom`): over the specialists that start at the scaled trend, a linear map of
 their recent sleeve returns to an allocation, fit on the training split, adds +0.21 [+0.09, +0.33] Sharpe on test
-over `vol_managed_equal_allocation` (over the earlier PPO specialists, +0.07). PPO did not find it from its own
-noisy rewards. So Phase 2 fits it first and starts there:
+over `vol_managed_equal_allocation` (over the earlier PPO specialists, +0.07); a fitted timing of the book adds
++0.20 [+0.09, +0.31]. PPO did not find either from its own noisy rewards. So Phase 2 fits both first and starts
+there:
 
-    allocation_t = softmax((x_t - mean) / std @ W),   x_t = EMAs of each specialist's unit-size sleeve return
-                                                             (half-lives `SLEEVE_HALF_LIVES`, up to bar t)
+    allocation_t = softmax(z_t[:K]),   appetite_t = min(1, a_t * exp(z_t[K])),   z_t = (x_t - mean) / std @ W + b
+    x_t = EMAs of each specialist's unit-size sleeve return (half-lives `SLEEVE_HALF_LIVES`, up to bar t),
+          then the volatility ratios log(sigma_hat_t / sigma*) the meta-controller observes (`risk_features`)
 
-`W` [H * K, K] maximises the Sharpe ratio after costs of the volatility-managed book reallocated that way
-(`scaled_sharpe`: a plain vectorised backtest of the equal allocation's backtest on the training split, as
-`rules.pick_vol_timing` ranks its candidates) by Adam, with a small L2 penalty; `mean` and `std` standardise the
-features on train. The meta-controller's action then moves from this allocation (`hierarchy.MetaTracker`).
+with `a_t` the volatility-managed rule's appetite (picked on validation). `W` [F, K + 1] and `b` maximise the
+Sharpe ratio after costs of the book reallocated and scaled that way (`scaled_sharpe`: a plain vectorised
+backtest of the equal allocation's backtest on the training split, as `rules.pick_vol_timing` ranks its
+candidates) by Adam, with a small L2 penalty on `W`; `mean` and `std` standardise the features on train.
+Without risk timing the map reads the sleeves alone and gives the allocation only (K columns, no bias). The
+meta-controller's action then moves from this point (`hierarchy.MetaTracker`).
 """
 
 from __future__ import annotations
@@ -90,28 +94,63 @@ def allocation_scale(appetite: np.ndarray, owner: np.ndarray):
     return lambda z: a * z.shape[-1] * torch.softmax(z, -1).index_select(-1, index)
 
 
+def timed_scale(base: np.ndarray, owner: np.ndarray):
+    """The reallocated and timed book's scale [T, N] from z [T, K + 1]: the allocation `softmax(z[:K])` as in
+    `allocation_scale`, the appetite `min(1, base * exp(z[K]))` (`hierarchy.MetaTracker.rule_start`)."""
+    a, index = torch.as_tensor(base, dtype=torch.float64)[:, None], torch.as_tensor(owner)
+    return lambda z: (
+        (a * z[:, -1:].exp()).clamp(max=1.0) * (z.shape[-1] - 1) * torch.softmax(z[:, :-1], -1).index_select(-1, index)
+    )
+
+
+def rule_inputs(bt: Backtest, market: MarketData, timing: dict | None, owner: np.ndarray, num_specialists: int,
+                max_position: float) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """At `bt`'s bars: what the rule reads (`hierarchy.rule_features`) [T', F], and the volatility-managed
+    rule's appetite [T'] (ones without `timing`)."""
+    sleeves = sleeve_features(bt, owner, num_specialists, max_position)
+    if timing is None:
+        return sleeves, np.ones(len(bt.bars))
+    risk = risk_features(timing, market, "cpu").numpy()[bt.bars]
+    return np.concatenate([sleeves, risk[:, :-1]], -1), risk[:, -1]
+
+
+def rule_book(rule: dict, features: np.ndarray, base: np.ndarray, num_specialists: int) -> tuple:
+    """The allocation [T', K] and appetite [T'] a stored rule gives from `rule_inputs`' output: where the
+    meta-controller's zero action trades (`hierarchy.MetaTracker.start_point`)."""
+    z = (features - np.array(rule["mean"])) / np.array(rule["std"]) @ np.array(rule["weights"])
+    z = torch.as_tensor(z + np.array(rule.get("bias", 0.0)))
+    appetite = base if not rule.get("timed") else np.minimum(1.0, base * np.exp(z[:, num_specialists].numpy()))
+    return torch.softmax(z[:, :num_specialists], -1).numpy(), appetite
+
+
 def fit_allocation_rule(specialists, train: MarketData, cfg: Config, timing: dict | None, device="cpu",
                         segments: int = 8) -> dict:  # fmt: skip
     """The allocation rule of `specialists` fit on the training split `train` (module docstring): the equal
-    allocation backtested there (`segments` pieces), its book scaled by the volatility-managed rule's appetite of
-    `timing` (`hierarchy.timing_spec`; None: full appetite) and reallocated. Returns what the meta-controller
-    stores (`nets.MetaController(allocation_rule=...)`): the half-lives, `mean`, `std`, `weights` and the
-    training split's Sharpe ratio of the book before and after (`equal_sharpe`, `fit_sharpe`; per year)."""
+    allocation backtested there (`segments` pieces), its book reallocated and, with `timing`
+    (`hierarchy.timing_spec`), scaled by the volatility-managed rule's appetite times the fitted factor (None:
+    full appetite, no factor). Returns what the meta-controller stores (`nets.MetaController(allocation_rule=...)`):
+    the half-lives, `timed`, `mean`, `std`, `weights`, `bias` and the training split's Sharpe ratio of the
+    book before and after (`equal_sharpe`: the start without the rule; `fit_sharpe`; per year)."""
     if train.split != "train":
         raise ValueError(f"the allocation rule is fit on the training split only, got {train.split!r}")
     k, size = len(specialists.names), cfg.environment.max_position_size
     owner = instrument_specialist_index(train.sectors, specialists.names)
     policy = {"equal_allocation": lambda rows: HierarchyPolicy(specialists, None, owner, size, rows, device)}
     bt = run_backtests(train, cfg, policy, segments, device)["equal_allocation"]
-    appetite = np.ones(len(bt.bars)) if timing is None else risk_features(timing, train, "cpu")[:, -1].numpy()[bt.bars]
     cost = cost_rates(train, cfg, "cpu").double().numpy()
     owner = owner.numpy()
-    to_scale = allocation_scale(appetite, owner)
-    mean, std, weights, _ = fit_linear(sleeve_features(bt, owner, k, size), k, to_scale, bt, cost)
+    features, base = rule_inputs(bt, train, timing, owner, k, size)
+    timed = timing is not None
+    to_scale = timed_scale(base, owner) if timed else allocation_scale(base, owner)
+    outputs = k + 1 if timed else k
+    mean, std, weights, bias = fit_linear(features, outputs, to_scale, bt, cost, bias=0.0 if timed else None)
+    rule = {"half_lives": list(SLEEVE_HALF_LIVES), "timed": timed, "mean": mean.tolist(), "std": std.tolist(),
+            "weights": weights.tolist(), "bias": bias.tolist()}  # fmt: skip
     per_year = float(np.sqrt(train.bars_per_year))
-    with torch.no_grad():
-        equal = float(scaled_sharpe(to_scale(torch.zeros(len(bt.bars), k, dtype=torch.float64)), bt, cost)) * per_year
-        x = torch.as_tensor((sleeve_features(bt, owner, k, size) - mean) / std)
-        fit = float(scaled_sharpe(to_scale(x @ torch.as_tensor(weights)), bt, cost)) * per_year
-    return {"half_lives": list(SLEEVE_HALF_LIVES), "mean": mean.tolist(), "std": std.tolist(),
-            "weights": weights.tolist(), "equal_sharpe": equal, "fit_sharpe": fit}  # fmt: skip
+
+    def sharpe(allocation, appetite):  # the book of `allocation` [T', K] and `appetite` [T'] on train
+        scale = torch.as_tensor(appetite[:, None] * k * allocation[:, owner], dtype=torch.float64)
+        return float(scaled_sharpe(scale, bt, cost)) * per_year
+
+    equal = sharpe(np.full((len(base), k), 1.0 / k), base)
+    return {**rule, "equal_sharpe": equal, "fit_sharpe": sharpe(*rule_book(rule, features, base, k))}
