@@ -14,6 +14,7 @@ from mtq_common.evaluation.allocation_fit import (
     fit_linear,
     scaled_sharpe,
     sleeve_features,
+    timed_scale,
 )
 
 
@@ -85,3 +86,53 @@ def test_the_rule_is_stored_with_the_weights_and_old_tracker_state_loads():
     old = {name: value for name, value in tracker.state_dict().items() if name != "sleeves"}  # before the sleeves
     tracker.load_state_dict(old)
     assert (tracker.sleeves == 0).all()
+
+
+def timed_rule(k=3, vol=3):
+    """A risk-timing rule: the first specialist's 5-bar sleeve return raises its share and halves the appetite's
+    factor per unit; the first volatility ratio lowers it too."""
+    h = len(SLEEVE_HALF_LIVES) * k
+    weights = np.zeros((h + vol, k + 1))
+    weights[0, 0], weights[0, k], weights[h, k] = 1.0, -np.log(2.0), -1.0
+    return {"half_lives": list(SLEEVE_HALF_LIVES), "timed": True, "mean": [0.0] * (h + vol), "std": [1.0] * (h + vol),
+            "weights": weights.tolist(), "bias": [0.0] * (k + 1), "equal_sharpe": 0.0, "fit_sharpe": 0.0}  # fmt: skip
+
+
+def test_a_timed_rule_scales_the_volatility_managed_appetite_and_a_zero_action_trades_its_start():
+    owner = torch.tensor([0, 1, 2, 2])
+    tracker = MetaTracker(owner, 3, 2, "cpu", rate=0.5, allocation_rule=timed_rule())
+    tracker.sleeves[0, 0] = 1.0  # row 0: the first specialist earned lately
+    risk = torch.tensor([[0.0, 0.2, 0.3, 0.8], [0.5, 0.0, 0.0, 0.6]])  # three volatility ratios, then the base
+    allocation, appetite = tracker.start_point(risk)
+    assert torch.allclose(allocation[0], torch.softmax(torch.tensor([1.0, 0.0, 0.0]), -1))
+    assert torch.allclose(allocation[1], torch.full((3,), 1 / 3))
+    assert torch.allclose(appetite, torch.tensor([0.8 / 2, 0.6 * np.exp(-0.5)], dtype=torch.float32))
+    traded = tracker.act(torch.zeros(2, 4), risk)  # a zero action: the held factor stays 1, the start is traded
+    assert torch.allclose(traded[1], appetite)
+    traded = tracker.act(torch.tensor([[0.0, 0.0, 0.0, -1.0]] * 2), risk)  # the learned factor is smoothed (rate)
+    assert torch.allclose(traded[1], appetite * float(1 + 0.5 * (np.exp(-1.0) - 1)))
+
+
+def planted_timing(bars=6000, seed=0):
+    """Two specialists of one instrument each, long at the position limit, sharing one slow AR(1) drift: the book
+    earns after it earned (its own recent return times risk), whichever specialist holds it."""
+    rng = np.random.default_rng(seed)
+    drift = np.zeros(bars)
+    for t in range(1, bars):
+        drift[t] = 0.98 * drift[t - 1] + 0.2 * 0.01 * rng.normal()
+    held = np.full((bars, 2), 0.1)
+    return SimpleNamespace(weights=held, proposed=held, bar_returns=drift[:, None] + 0.01 * rng.normal(size=(bars, 2)),
+                           segment_length=bars)  # fmt: skip
+
+
+def test_the_timed_fit_holds_more_risk_after_the_book_earned_and_beats_the_untimed_book_on_a_fresh_path():
+    owner, cost = np.array([0, 1]), np.array([0.0001, 0.0001])
+    bt, base = planted_timing(), np.full(6000, 0.5)  # the volatility rule's appetite: half, whatever happens
+    vol = np.zeros((6000, 1))  # (no volatility evidence here)
+    features = np.concatenate([sleeve_features(bt, owner, 2, 0.1), vol], -1)
+    mean, std, w, b = fit_linear(features, 3, timed_scale(base, owner), bt, cost, bias=0.0, steps=300)
+    assert w[:2, 2].sum() > 0  # the factor rises with both specialists' 5-bar sleeve returns
+    fresh = planted_timing(seed=1)
+    z = torch.as_tensor((np.concatenate([sleeve_features(fresh, owner, 2, 0.1), vol], -1) - mean) / std @ w + b)
+    untimed = scaled_sharpe(torch.full((len(z), 2), 0.5, dtype=torch.float64), fresh, cost)
+    assert scaled_sharpe(timed_scale(base, owner)(z), fresh, cost) > untimed + 0.05

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -258,12 +259,15 @@ def test_the_report_measures_a_risk_timing_meta_controller_against_the_rule_it_s
 
 def test_the_fitted_allocation_rule_is_the_starting_point_and_resuming_across_it_is_refused(tiny):
     """With --allocation-rule (default) the meta-controller stores the rule it starts from, fit on the training
-    split (its Sharpe there before and after is logged); a run cannot resume with the other setting."""
+    split (its Sharpe there before and after is logged); with risk timing (default) it reads the K specialists'
+    sleeves at 3 half-lives and the 3 volatility ratios and gives K allocation logits and the appetite's factor;
+    a run cannot resume with the other setting."""
     tmp, config, phase1_dir = tiny
     phase2(tmp, config, phase1_dir, name="ruled", timesteps=1024, eval_interval=100, stop_after=1)
     state = torch.load(tmp / "ruled" / "latest.pt", weights_only=True)
     fitted = state["allocation_rule"]
-    assert len(fitted["weights"]) == 3 * len(fitted["weights"][0]) and fitted["fit_sharpe"] >= fitted["equal_sharpe"]
+    assert fitted["timed"] and np.shape(fitted["weights"]) == (3 * 3 + 3, 3 + 1) and len(fitted["bias"]) == 4
+    assert fitted["fit_sharpe"] >= fitted["equal_sharpe"]
     assert "allocation rule: fit on the training split" in (tmp / "logs_ruled" / "training.log").read_text()
     with pytest.raises(CheckpointError, match="trained with --allocation-rule"):
         phase2(tmp, config, phase1_dir, name="ruled", timesteps=1024, eval_interval=100, resume=True,
