@@ -12,8 +12,9 @@ within every hard limit before costs, returns and the portfolio reward. With `--
 appetite is a learned factor over the volatility-managed rule's `min(1, (sigma* / sigma_t)^p)` (levels from
 the training split, half-life and p picked on the validation split), and the meta-controller starts exactly
 at `vol_managed_equal_allocation`; without it, at the equal allocation at full appetite. With
-`--allocation-rule` (default) the allocation starts instead at a linear map of the specialists' recent sleeve
-returns fit on the training split (`mtq_common.evaluation.allocation_fit`). The starting point
+`--allocation-rule` (default) it starts instead at a linear map fit on the training split
+(`mtq_common.evaluation.allocation_fit`): from the specialists' recent sleeve returns to the allocation and,
+with risk timing, from those and the volatility ratios to a factor on the rule's appetite. The starting point
 is validated as iteration 0, its held allocation moves a share `--allocation-rate` of the way to its action
 each bar, and its reward is scored against a twin env that trades that starting point on the same path
 (`--paired-baseline`: a control variate that leaves the optimal policy unchanged). `--timesteps` counts
@@ -127,8 +128,9 @@ class Args:
     """Start at the volatility-managed equal allocation and learn a factor over its appetite, with the market's
     volatility in the observation (DESIGN 14); --no-risk-timing: the equal allocation at full appetite."""
     allocation_rule: bool = True
-    """Start the allocation at a linear map of the specialists' recent sleeve returns fit on the training split
-    (evaluation/allocation_fit.py); --no-allocation-rule: at 1/K."""
+    """Start at a linear map fit on the training split (evaluation/allocation_fit.py): the allocation from the
+    specialists' recent sleeve returns and, with risk timing, a factor on its appetite from those and the
+    volatility ratios; --no-allocation-rule: at 1/K and the rule's appetite."""
     paired_baseline: bool = True
     """Score each bar against the starting point on the same path (a twin env): less noise, same optimum."""
     eval_interval: int = 10
@@ -228,7 +230,7 @@ def main(args: Args) -> dict:
     allocation_rule = None  # where the allocation starts: fit on the training split (1/K without it)
     if args.allocation_rule:
         allocation_rule = fit_allocation_rule(specialists, train, cfg, start_rule, device)
-        log.info("allocation rule: fit on the training split, Sharpe there %.3f (the equal allocation) -> %.3f",
+        log.info("allocation rule: fit on the training split, Sharpe there %.3f (the start without it) -> %.3f",
                  allocation_rule["equal_sharpe"], allocation_rule["fit_sharpe"])  # fmt: skip
     num_rows = args.num_envs
     meta_obs_size = meta_observation_size(envs.portfolio_obs_size, num_specialists, timed=start_rule is not None)
