@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mtq_common.agents.coordination import clip_component_
@@ -202,21 +203,24 @@ def main(args: Args) -> dict:
     vol_levels = fit_vol_levels(train)  # the volatility-managed baselines' levels, from the training split
     references: dict = {}  # the baselines' validation backtests, computed once
 
-    def validation(meta) -> tuple[dict, dict]:
+    def validation(meta) -> tuple[dict, np.ndarray]:
         """The hierarchy and every baseline on the validation split (`eval_segments` pieces in parallel): the
-        report, and the system's gain over its starting point (`bootstrap.gain_over_start`). The start is a
-        baseline of the report: the meta-controller's mean action at its start is exactly the rule
-        (`MetaController`)."""
+        report, and the system's returns there (for its paired difference to the starting point)."""
         report, backtests = evaluate_portfolio(specialists, meta, val, cfg, trend, device, args.eval_segments,
                                                val_tables, 2, references, specialists_frozen=True,
                                                vol_levels=vol_levels)  # fmt: skip
-        start = backtests["vol_managed_equal_allocation" if args.risk_timing else "equal_allocation"]
-        return report, gain_over_start(backtests["system"].net_return, start.net_return, val.bars_per_year,
-                                       cfg.reward.risk_free_rate, args.replace_confidence)  # fmt: skip
+        return report, backtests["system"].net_return
 
     def validate(meta) -> dict:
         """`validation`'s report alone (the final evaluation's)."""
         return validation(meta)[0]
+
+    def gain(returns: np.ndarray) -> dict:
+        """An iterate's validation gain over the starting point, the meta-controller as it was built: its mean
+        action is the start whatever it observes (`MetaController`), the fitted rule's where there is one, not
+        the report's plain `vol_managed_equal_allocation` (`bootstrap.gain_over_start`)."""
+        return gain_over_start(returns, start_returns, val.bars_per_year, cfg.reward.risk_free_rate,
+                               args.replace_confidence)  # fmt: skip
 
     start_rule = None  # risk timing: the rule the meta-controller starts from, picked on the validation split
     if args.risk_timing:
@@ -283,7 +287,10 @@ def main(args: Args) -> dict:
         return meta.get_value(tracker.assemble(portfolio, positions, held, *evidence))
 
     rollout = PortfolioRolloutStats(specialists.names, envs.limits.max_var, device, num_rows)
+    start_returns = None  # the starting point's validation returns (rank 0): what an iterate must beat
     if args.resume:
+        if world.is_main:  # (the meta-controller is still the start, before the resumed weights replace it)
+            start_returns = validation(meta)[1]
         state, mine = resume(args, "phase2", cfg, world)
         for key, flag, ours in (("timing", "--risk-timing", start_rule), ("allocation_rule", "--allocation-rule",
                                                                           allocation_rule)):  # fmt: skip
@@ -305,8 +312,8 @@ def main(args: Args) -> dict:
         args, "phase2", world, device, log, num_iterations, steps_per_iteration, start_iteration, global_step, own_steps
     )
     report = None
-    if not args.resume and world.is_main:  # the starting point (the equal allocation) is a candidate for best.pt
-        report = validate(meta)
+    if not args.resume and world.is_main:  # the starting point is a candidate for best.pt
+        report, start_returns = validation(meta)
         best = {"sharpe": report["portfolio"]["sharpe"], "iteration": 0, "model": clone_state(meta)}
         ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best["model"], meta, specialists, cfg, args))
     run.watch.lap("validation")  # the starting point's
@@ -390,16 +397,17 @@ def main(args: Args) -> dict:
 
         # VALIDATION: the whole hierarchy on the validation split, next to the baselines (rank 0)
         if world.is_main and (iteration % args.eval_interval == 0 or iteration == num_iterations):
-            report, gain = validation(meta)
+            report, returns = validation(meta)
+            over_start = gain(returns)
             log_validation(run.writer, report, global_step)
             sharpe = report["portfolio"]["sharpe"]
-            if sharpe > best["sharpe"] and gain["replaces"]:
+            if sharpe > best["sharpe"] and over_start["replaces"]:
                 best = {"sharpe": sharpe, "iteration": iteration, "model": clone_state(meta),
-                        "gain": {k: gain[k] for k in ("difference", "low", "high")}}  # fmt: skip
+                        "gain": {k: over_start[k] for k in ("difference", "low", "high")}}  # fmt: skip
                 ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best["model"], meta, specialists, cfg, args))
             log.info("iteration %d/%d step %d SPS %d val sharpe %.3f (start %+.3f [%+.3f, %+.3f])", iteration,
-                     num_iterations, global_step, sps, sharpe, gain["difference"], gain["low"],
-                     gain["high"])  # fmt: skip
+                     num_iterations, global_step, sps, sharpe, over_start["difference"], over_start["low"],
+                     over_start["high"])  # fmt: skip
         run.save_latest(iteration, global_step, best, model_payload(clone_state(meta), meta, specialists, cfg, args),
                         {"optimizer": optimizer}, {"env": envs, "twin": twin, "tracker": tracker,
                                                    "rollout": rollout})  # fmt: skip
