@@ -363,7 +363,8 @@ def evaluate(args: Args, cfg, log) -> dict:
                                 seed=cfg.data.synthetic.seed + FRESH_PATH_SEED, split="test",
                                 drift_half_life=cfg.data.synthetic.drift_half_life,
                                 drift_scale=cfg.data.synthetic.drift_scale,
-                                signal=[cfg.instruments[s].signal for s in test.symbols])  # fmt: skip
+                                signal=[cfg.instruments[s].signal for s in test.symbols],
+                                driver=[cfg.instruments[s].driver for s in test.symbols])  # fmt: skip
         episodes = run_episodes(fresh, cfg, hierarchy(fresh), args.eval_episodes, length, seed=args.seed, device=device,
                                 consecutive=True)  # fmt: skip
         where = f"a fresh synthetic path (seed {cfg.data.synthetic.seed + FRESH_PATH_SEED}), consecutive windows"

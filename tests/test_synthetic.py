@@ -116,6 +116,23 @@ def test_difficulty_knobs_make_the_market_harder():
     assert cost.cost_multiplier == 2.0
 
 
+def test_a_common_driver_makes_instruments_of_two_sectors_one_bet_and_leaves_the_rest_as_they_were():
+    """`driver` loadings: two instruments of different sectors at 0.95 share about 0.9 of their noise and drift,
+    their volatility stays as configured, an unloaded one is untouched (its own draws come first), and zero
+    loadings give the built-in market bit for bit."""
+    base = generate_market(SYMBOLS, SECTORS, VOLS, 20_000, seed=5)
+    assert np.array_equal(base.prices, generate_market(SYMBOLS, SECTORS, VOLS, 20_000, seed=5, driver=[0.0] * 8).prices)
+    loads = [0.95, 0, 0, 0, 0, 0.95, 0, 0]  # EURUSD (forex) and SPX500 (equity)
+    tied = generate_market(SYMBOLS, SECTORS, VOLS, 20_000, seed=5, driver=loads)
+    noise = np.diff(np.log(tied.prices), axis=0) - tied.drift[:-1]  # a bar's log return: the drift of the bar before
+    assert 0.85 < np.corrcoef(noise[:, 0], noise[:, 5])[0, 1] < 0.95  # the table's 0.05 before
+    assert 0.85 < np.corrcoef(tied.drift[:, 0], tied.drift[:, 5])[0, 1] < 0.95
+    assert np.allclose(tied.returns.std(axis=0), base.returns.std(axis=0), rtol=0.05)
+    assert np.array_equal(tied.prices[:, 1], base.prices[:, 1])
+    with pytest.raises(ValueError, match="driver"):
+        generate_market(SYMBOLS, SECTORS, VOLS, 100, seed=5, driver=[1.5] + [0.0] * 7)
+
+
 def test_correlation_matrix_is_valid_for_user_symbols():
     corr = correlation_matrix(["A", "B", "C", "SPX500"], ["x", "x", "y", "equity"])
     assert np.allclose(np.diag(corr), 1) and np.linalg.eigvalsh(corr).min() > 0

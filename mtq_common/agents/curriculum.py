@@ -186,6 +186,7 @@ def generate_scenario(level: int, cfg, seed: int | None = None, num_levels: int 
         drift_scale=s.drift_scale,
         difficulty=LEVELS[level],
         signal=[cfg.instruments[sym].signal for sym in symbols],
+        driver=[cfg.instruments[sym].driver for sym in symbols],
     )
 
 

@@ -88,6 +88,7 @@ def full_market(cfg) -> MarketData:
         drift_half_life=s.drift_half_life,
         drift_scale=s.drift_scale,
         signal=[cfg.instruments[x].signal for x in symbols],
+        driver=[cfg.instruments[x].driver for x in symbols],
     )
 
 

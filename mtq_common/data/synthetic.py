@@ -17,6 +17,13 @@ Model, per bar t and instrument i (daily bars, 252 a year):
   the volatility, both annualised: per bar ``drift_scale * annual_vol / 252``. Past returns reveal
   it only partially (per bar it is about 0.19 of the noise). It is exposed as ``MarketData.drift``
   for evaluation only (the oracle baseline) and never enters an observation.
+* ``driver`` (optional, 0 by default: the built-in market has none): a loading ``b_i`` in [0, 1] on one
+  common driver, a latent instrument of its own (AR(1) drift and Student-t noise of the same form, drawn
+  after everything above, so the other draws are unchanged). The instrument's noise and drift become
+  ``sqrt(1 - b_i^2) * own + b_i * driver``, each in units of its own volatility and drift std, so its
+  volatility and its drift's size stay as configured: two instruments with loadings ``b_i, b_j`` share
+  ``b_i * b_j`` of their drift's and their noise's variance (correlation about ``b_i b_j`` beyond the
+  table's): they carry one bet, whatever their sectors.
 * ``crash``: with probability ``crash_prob`` per bar (0 by default) every instrument takes a shock of
   ``-CRASH_SIGMAS`` of its daily volatility times its sector's crash beta.
 * ``Difficulty`` (the curriculum's knob) multiplies the noise volatility (``vol_multiplier``), the
@@ -152,10 +159,12 @@ def generate_market(
     difficulty: Difficulty | None = None,
     start_date: str = START_DATE,
     signal: list[float] | None = None,
+    driver: list[float] | None = None,
 ) -> MarketData:
     """One split of the synthetic market; the same arguments always give the same data.
 
-    `signal` multiplies each instrument's latent drift (default 1 for all; 0 makes pure noise).
+    `signal` multiplies each instrument's latent drift (default 1 for all; 0 makes pure noise). `driver` is each
+    instrument's loading in [0, 1] on one common driver (module docstring; default 0 for all: none).
     """
     difficulty = difficulty or Difficulty()
     if split not in SPLITS:
@@ -181,6 +190,17 @@ def generate_market(
     crashes = rng.random(n_bars) < difficulty.crash_prob
     beta = np.array([CRASH_BETA.get(s, 0.5) for s in sectors])
     shock = -CRASH_SIGMAS * sigma * beta
+
+    if driver is not None and np.any(driver):  # (drawn last: a market without one is bit-identical)
+        b = np.asarray(driver, dtype=np.float64)
+        if np.any((b < 0) | (b > 1)):
+            raise ValueError(f"driver loadings must be in [0, 1], got {list(driver)}")
+        common_eps = rng.standard_t(STUDENT_T_DOF, size=n_bars) / np.sqrt(STUDENT_T_DOF / (STUDENT_T_DOF - 2.0))
+        unit = rng.standard_normal((n_bars, 1)) * np.sqrt(1.0 - phi**2)
+        common_drift = _ar1(unit, phi, x0=rng.standard_normal(1))[:, 0]  # stationary std 1
+        own = np.sqrt(1.0 - b**2)
+        noise = own * noise + b * sigma * (vol_mult[regime] * difficulty.vol_multiplier * common_eps)[:, None]
+        drift = own * drift + b * drift_std * common_drift[:, None]
 
     log_ret = np.zeros((n_bars, n))
     log_ret[1:] = drift[:-1] + noise[1:] + crashes[1:, None] * shock[None, :]
@@ -220,6 +240,7 @@ def synthetic_splits(cfg, difficulty: Difficulty | None = None) -> dict[str, Mar
             difficulty=difficulty,
             start_date=str(start),
             signal=[cfg.instruments[sym].signal for sym in symbols],
+            driver=[cfg.instruments[sym].driver for sym in symbols],
         )
         start = np.busday_offset(out[split].timestamps[-1], 1, roll="forward")
     return out

@@ -106,6 +106,9 @@ class InstrumentSpec:
     """Scales `transaction_cost` for this instrument (ignored when `cost` is set)."""
     signal: float = 1.0
     """Multiplies the synthetic latent drift of this instrument (0: a pure-noise instrument)."""
+    driver: float = 0.0
+    """Loading in [0, 1] of the synthetic path on one common driver shared by every instrument with a loading
+    (`mtq_common.data.synthetic`; 0: none, the built-in market)."""
     contract_size: float = 1.0
     """Units of the instrument in one contract (`pipeline.py --mode act` rounds units to whole contracts)."""
 
@@ -223,6 +226,8 @@ class Config:
         payload["training"] = {k: v for k, v in payload["training"].items() if k != "device"}
         for spec in payload["instruments"].values():
             spec.pop("contract_size")  # how a book is rounded to contracts, not what is trained
+            if spec["driver"] == 0.0:
+                spec.pop("driver")
         # Keys added after runs were started: at their defaults the hash is unchanged, so those runs still resume.
         if payload["data"]["csv"] == dataclasses.asdict(CsvConfig()):
             payload["data"].pop("csv")

@@ -252,6 +252,7 @@ def validate(cfg: Config, require_data_dir: bool = True) -> Config:
             ok = math.isfinite(spec.cost) and 0 <= spec.cost < 1
             _check(ok, w, f"instruments.{symbol}.cost", spec.cost, "a cost per unit of turnover, 0 <= value < 1")
         _check(spec.signal >= 0, w, f"instruments.{symbol}.signal", spec.signal, ">= 0")
+        _check(0 <= spec.driver <= 1, w, f"instruments.{symbol}.driver", spec.driver, "0 <= value <= 1")
         size = spec.contract_size
         _check(math.isfinite(size) and size > 0, w, f"instruments.{symbol}.contract_size", size, "a positive number")
     _check(d.source in ("synthetic", "csv"), w, "data.source", d.source, "synthetic or csv")
