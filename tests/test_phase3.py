@@ -213,7 +213,8 @@ def test_fine_tuning_stops_two_sectors_duplicating_one_bet(tmp_path):
     Measured (2-core CPU, about 20 s): Phase 3 does not learn it. Seeds 1, 2, 3: start 4.28 / 4.29 / 4.30;
     best +0.08 [+0.01, +0.16] at iteration 10 / none / none; final +0.08 / -0.10 / -0.10; the pair's gross
     0.045 -> 0.054 / 0.048 -> 0.059 / 0.046 -> 0.060 with the others' 0.088 -> 0.113 / 0.095 -> 0.122 /
-    0.091 -> 0.128 (every position grows; the pair's share stays about 0.33). Also tried, seed 1, with no
+    0.091 -> 0.128 (every position grows; the pair's share stays about 0.33). (Those with Phase 2's start
+    allocating only; since it also times risk, seed 1's best.pt stays at iteration 0.) Also tried, seed 1, with no
     de-duplication and no better final iterate: specialist portfolio weight 1, no paired baseline, no gradient
     coordination, learning rate 1e-3 with 3x the steps, a reward without the risk-free hurdle and 1,000-bar
     episodes. Why: the portfolio reward charges the risk-free hurdle on the whole account, so a larger book
