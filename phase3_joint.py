@@ -351,6 +351,35 @@ def main(args: Args) -> dict:
     # the meta-controller's observation and held allocation; the rollout's TensorBoard tags
     tracker = MetaTracker(owner, num_specialists, num_rows, device, meta.allocation_rate, meta.allocation_rule)
 
+    def decide(inst_obs, portfolio_obs, evidence, tracker, spec_noise, meta_noise):
+        """One bar's decisions of both levels, from the standard normal noise the script drew for their samples
+        (`spec_noise` None: the specialists trade their mean action). Returns the specialists' positions (and,
+        exploring, their action, log-probability and value), the meta-controller's observation, action,
+        log-probability and value, the allocation and appetite traded, the proposal and the twin's proposal
+        (the starting point with the same positions). Moves the tracker's held allocation and appetite. Pure
+        tensor work: with `--compile` one graph per kind of iteration (a few dozen small ops fused; the noise
+        stays outside, so the generator's stream is the eager script's)."""
+        spec = None
+        if spec_noise is not None:  # sample, and record what the specialists' update needs
+            mean, log_std, spec_value = specialists.forward_per_slot(inst_obs, owner)
+            std = log_std.exp().expand_as(mean)
+            action = mean + std * spec_noise  # (`Normal(mean, std).sample()`, bit for bit in eager)
+            spec = (action, torch.distributions.Normal(mean, std, validate_args=False).log_prob(action), spec_value)
+        else:  # the mean action: the actor alone (nothing of the specialists' is updated this iteration)
+            action = specialists.mean_per_slot(inst_obs, owner)
+        positions = specialists.to_position(action, inst_obs)  # clipped, partially adjusted
+        obs = tracker.observe(portfolio_obs, positions, evidence)
+        meta_action, meta_logprob, _, meta_value = meta.get_action_and_value(obs, noise=meta_noise)
+        allocation, appetite = tracker.act(meta_action, evidence)
+        proposal = compose_weights(allocation, appetite, positions, owner, max_position)
+        twin_proposal = None
+        if args.paired_baseline:  # the starting point (allocation and appetite), same positions
+            twin_proposal = compose_weights(*tracker.start_point(evidence), positions, owner, max_position)
+        return (positions, spec, obs, (meta_action, meta_logprob, meta_value), allocation, appetite, proposal,
+                twin_proposal)  # fmt: skip
+
+    act = torch.compile(decide) if compiled else decide
+
     def final_value(inst_obs, portfolio, held, *evidence):  # V of final observations, from their stored parts
         positions = specialists.positions(inst_obs, owner)
         return meta.get_value(tracker.assemble(portfolio, positions, held, *evidence))
@@ -406,30 +435,23 @@ def main(args: Args) -> dict:
         for step in range(args.num_steps):
             global_step += num_rows * world.size
             with torch.no_grad():
-                if explore:  # sample, and record what the specialists' update needs
-                    inst_obs[step] = next_obs["instruments"]
-                    mean, log_std, spec_value = specialists.forward_per_slot(next_obs["instruments"], owner)
-                    dist = torch.distributions.Normal(mean, log_std.exp().expand_as(mean), validate_args=False)
-                    action = spec_actions[step] = dist.sample()
-                    spec_logprobs[step], spec_values[step] = dist.log_prob(action), spec_value
-                else:  # the mean action: the actor alone (nothing of the specialists' is updated this iteration)
-                    action = specialists.mean_per_slot(next_obs["instruments"], owner)
-                positions = specialists.to_position(action, next_obs["instruments"])  # clipped, partially adjusted
+                # the samples' noise, drawn here in the order the levels sample (the same stream as `dist.sample()`)
+                spec_noise = torch.randn(num_rows, num_instruments, device=device) if explore else None
+                meta_noise = torch.randn(num_rows, num_specialists + 1, device=device)
                 bar = envs.bar
                 evidence = None if risk is None else risk.index_select(0, bar)  # volatility at the rows' bars
-                meta_obs[step] = tracker.observe(next_obs["portfolio"], positions, evidence)
-                meta_action, meta_logprob, _, meta_value = meta.get_action_and_value(meta_obs[step])
-                allocation, appetite = tracker.act(meta_action, evidence)
-                proposal = compose_weights(allocation, appetite, positions, owner, max_position)
+                positions, spec, meta_obs[step], meta_out, allocation, appetite, proposal, twin_proposal = act(
+                    next_obs["instruments"], next_obs["portfolio"], evidence, tracker, spec_noise, meta_noise
+                )
+            if explore:  # what the specialists' update needs
+                inst_obs[step] = next_obs["instruments"]
+                spec_actions[step], spec_logprobs[step], spec_values[step] = spec
             guard.watch(proposal, global_step)
-            meta_actions[step], meta_logprobs[step], meta_values[step] = meta_action, meta_logprob, meta_value
+            meta_actions[step], meta_logprobs[step], meta_values[step] = meta_out
             next_obs, env_reward, _, truncated, info = envs.step(proposal, positions)
             reward, twin_reward = meta_reward(env_reward, info), None
             if args.paired_baseline:  # the starting point (allocation and appetite), same positions, same path
-                start = tracker.start_point(evidence)
-                _, twin_env_reward, _, _, twin_info = twin.step(
-                    compose_weights(*start, positions, owner, max_position), positions, observe=False
-                )
+                _, twin_env_reward, _, _, twin_info = twin.step(twin_proposal, positions, observe=False)
                 twin_reward = meta_reward(twin_env_reward, twin_info)
             rewards[step] = reward if twin_reward is None else reward - twin_reward
             truncs[step] = truncated.float()

@@ -84,6 +84,25 @@ def test_the_meta_controllers_actor_alone_gives_the_full_forwards_mean_bit_for_b
     assert torch.equal(meta.deterministic(obs), mean)
 
 
+def test_the_meta_controllers_sample_from_drawn_noise_is_dist_sample_bit_for_bit():
+    """Phase 3's rollout draws the sample's noise itself (outside its compiled step) and passes it as `noise`:
+    the same action, log-probability and generator state as `dist.sample()` inside."""
+    torch.manual_seed(3)
+    meta = MetaController(obs_size=6, num_specialists=3, hidden=8)
+    with torch.no_grad():
+        for p in meta.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    obs = torch.randn(64, 6)
+    torch.manual_seed(7)
+    inside = meta.get_action_and_value(obs)
+    after_inside = torch.randn(3)
+    torch.manual_seed(7)
+    drawn = meta.get_action_and_value(obs, noise=torch.randn(64, 4))
+    for x, y in zip(inside, drawn, strict=True):
+        assert torch.equal(x, y)
+    assert torch.equal(torch.randn(3), after_inside)
+
+
 def test_the_activation_is_tanh_to_float32_rounding_with_its_gradient():
     """`nets.tanh` computes tanh as 2 sigmoid(2x) - 1 (faster on the CPU): the same function and the same
     derivative to float32 rounding, saturating at +-1 as tanh does, and every hidden layer of both networks

@@ -120,9 +120,15 @@ def risk_features(timing: dict, market: MarketData, device) -> torch.Tensor:
     return torch.as_tensor(np.stack(columns, -1), dtype=torch.float32, device=device)
 
 
-def specialist_signals(positions: torch.Tensor, owner: torch.Tensor, num_specialists: int) -> torch.Tensor:
-    """Each specialist's mean signed position and mean |position| over its instruments: [B, 2K]."""
-    onehot = torch.nn.functional.one_hot(owner, num_specialists).to(positions.dtype)  # [N, K]
+def owner_onehot(owner: torch.Tensor, num_specialists: int) -> torch.Tensor:
+    """`[N, K]` float: 1 where specialist k owns instrument i (a sum over a specialist's instruments is `@` it)."""
+    return torch.nn.functional.one_hot(owner, num_specialists).float()
+
+
+def specialist_signals(positions: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+    """Each specialist's mean signed position and mean |position| over its instruments: [B, 2K] (`onehot`:
+    `owner_onehot`)."""
+    onehot = onehot.to(positions.dtype)
     count = onehot.sum(0).clamp_min(1.0)
     return torch.cat([positions @ onehot / count, positions.abs() @ onehot / count], -1)
 
@@ -171,6 +177,7 @@ class MetaTracker:
         if not 0.0 < rate <= 1.0:
             raise ValueError(f"the allocation's adjustment rate must be in (0, 1], got {rate}")
         self.owner, self.k, self.rate = owner.to(device), num_specialists, rate
+        self.onehot = owner_onehot(self.owner, num_specialists)  # (made once: two ops fewer per bar and call)
         self.performance = torch.zeros(num_rows, num_specialists, device=device)
         self.allocation = torch.full((num_rows, num_specialists), 1.0 / num_specialists, device=device)
         self.appetite = torch.ones(num_rows, device=device)
@@ -194,7 +201,7 @@ class MetaTracker:
     def assemble(self, portfolio_obs: torch.Tensor, positions: torch.Tensor, held: torch.Tensor,
                  risk: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """A meta observation from its parts (`held()` now, or as `after_step` returned it)."""
-        parts = [portfolio_obs, specialist_signals(positions, self.owner, self.k), held]
+        parts = [portfolio_obs, specialist_signals(positions, self.onehot), held]
         return torch.cat(parts if risk is None else [*parts, risk], -1)
 
     def act(self, u: torch.Tensor, risk: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,7 +241,7 @@ class MetaTracker:
         """Book the bar just completed, restart the rows whose episode ended, and return every row's `held()`
         before that restart: with the final observation's portfolio part and the specialists' positions on
         it, `assemble` rebuilds the final meta observation (the PPO bootstrap), in one batch after a rollout."""
-        onehot = torch.nn.functional.one_hot(self.owner, self.k).to(positions.dtype)
+        onehot = self.onehot.to(positions.dtype)
         sleeve = (positions * bar_returns) @ onehot * 1e3  # unit-size, before allocation: no look-ahead
         self.performance = self.performance + PERFORMANCE_RATE * (sleeve - self.performance)
         self.sleeves = self.sleeves + self.sleeve_rates * (

@@ -332,12 +332,16 @@ class MetaController(nn.Module):
         """The actor alone: mean of u [B, K+1], the same values as `heads`' mean without the critic's work."""
         return self.actor_mean(self.normalise(obs))
 
-    def get_action_and_value(self, obs: torch.Tensor, action: torch.Tensor | None = None):
-        """CleanRL's interface: (u, log_prob, entropy, value) for obs [B, D]."""
+    def get_action_and_value(self, obs: torch.Tensor, action: torch.Tensor | None = None,
+                             noise: torch.Tensor | None = None):  # fmt: skip
+        """CleanRL's interface: (u, log_prob, entropy, value) for obs [B, D]. `noise` [B, K+1]: the sample's
+        standard normal draw, `u = mean + std * noise` (what `dist.sample()` draws from the same generator, bit
+        for bit), for a caller that draws it outside a compiled region (Phase 3's rollout)."""
         mean, value = self.heads(obs)
-        dist = torch.distributions.Normal(mean, self.actor_log_std.expand_as(mean).exp(), validate_args=False)
+        std = self.actor_log_std.expand_as(mean).exp()
+        dist = torch.distributions.Normal(mean, std, validate_args=False)
         if action is None:
-            action = dist.sample()
+            action = dist.sample() if noise is None else mean + std * noise
         return action, dist.log_prob(action).sum(-1), dist.entropy().sum(-1), value
 
     @torch.no_grad()

@@ -245,7 +245,8 @@ def update_scalars(learning_rate: float, sps: int, value_loss, policy_loss, entr
 # sync per step would stall a GPU rollout). `DivergenceGuard` keeps the check on the device instead: each
 # step adds one `isfinite` reduction and records the first step and row whose proposal was not finite;
 # `raise_if_diverged`, called once per iteration after the rollout (where the scripts sync anyway), raises
-# a `ValueError` naming the phase, the step and the row, before any update uses the poisoned batch.
+# a `ValueError` naming the phase, the step and the row, before any update uses the poisoned batch. On the CPU,
+# where a sync costs nothing, a finite proposal returns after the one reduction (10 ops fewer per step).
 
 
 class DivergenceGuard:
@@ -253,11 +254,14 @@ class DivergenceGuard:
 
     def __init__(self, phase: str, device):
         self.phase = phase
+        self.on_cpu = torch.device(device).type == "cpu"
         self.first_step = torch.full((), -1, dtype=torch.long, device=device)
         self.first_row = torch.zeros((), dtype=torch.long, device=device)
 
     def watch(self, proposal: torch.Tensor, global_step: int) -> None:
         """Record `global_step` and the first bad row if `proposal` [rows, ...] has a non-finite entry."""
+        if self.on_cpu and bool(torch.isfinite(proposal).all()):  # (a CPU sync is free: two ops, not ten)
+            return
         bad = ~torch.isfinite(proposal.reshape(proposal.shape[0], -1)).all(-1)
         first = bad.any() & (self.first_step < 0)
         self.first_step = torch.where(first, global_step, self.first_step)
