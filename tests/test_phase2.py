@@ -149,11 +149,11 @@ def test_an_iterate_is_measured_against_the_fitted_start_not_the_plain_rule(tiny
     needs to replace it in best.pt is over that start. A meta-controller that barely moves (learning rate 1e-9)
     logs a gain of 0.000 at every validation, whatever the start's lead over the plain rule."""
     tmp, config, phase1_dir = tiny
-    metrics = phase2(tmp, config, phase1_dir, name="frozen", timesteps=1024, eval_interval=1, learning_rate=1e-9,
+    metrics = phase2(tmp, config, phase1_dir, name="unmoved", timesteps=1024, eval_interval=1, learning_rate=1e-9,
                      anneal_lr=False)  # fmt: skip
     plain = metrics["baselines"]["vol_managed_equal_allocation"]["sharpe"]
     assert abs(metrics["portfolio"]["sharpe"] - plain) > 0.01  # the fitted start is not the plain rule
-    log = (tmp / "logs_frozen" / "training.log").read_text()
+    log = (tmp / "logs_unmoved" / "training.log").read_text()
     gains = re.findall(r"val sharpe \S+ \(start (\S+) \[(\S+), (\S+)\]\)", log)
     assert len(gains) == 4 and all(abs(float(x)) < 1e-3 for g in gains for x in g), gains
 
