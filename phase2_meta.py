@@ -132,6 +132,9 @@ class Args:
     """Start at a linear map fit on the training split (evaluation/allocation_fit.py): the allocation from the
     specialists' recent sleeve returns and, with risk timing, a factor on its appetite from those and the
     volatility ratios; --no-allocation-rule: at 1/K and the rule's appetite."""
+    check_allocation_rule: bool = True
+    """Keep the fitted rule only where its start beats the start without it on the validation split (it is fit on
+    train alone); --no-check-allocation-rule: keep it always."""
     paired_baseline: bool = True
     """Score each bar against the starting point on the same path (a twin env): less noise, same optimum."""
     eval_interval: int = 10
@@ -238,8 +241,24 @@ def main(args: Args) -> dict:
                  allocation_rule["equal_sharpe"], allocation_rule["fit_sharpe"])  # fmt: skip
     num_rows = args.num_envs
     meta_obs_size = meta_observation_size(envs.portfolio_obs_size, num_specialists, timed=start_rule is not None)
-    meta = MetaController(meta_obs_size, num_specialists, args.hidden_size, allocation_rate=args.allocation_rate,
-                          timing=start_rule, allocation_rule=allocation_rule).to(device)  # fmt: skip
+
+    def build(rule):
+        return MetaController(meta_obs_size, num_specialists, args.hidden_size, allocation_rate=args.allocation_rate,
+                              timing=start_rule, allocation_rule=rule).to(device)  # fmt: skip
+
+    meta, rule_check = build(allocation_rule), None
+    if allocation_rule is not None and args.check_allocation_rule:  # fit on train alone: it must win on val too
+        checked = validate(meta)  # (every rank: deterministic, so every rank takes the same decision)
+        plain = (
+            checked["baselines"]["vol_managed_equal_allocation"] if args.risk_timing else checked["equal_allocation"]
+        )
+        rule_check = {"val_sharpe": checked["portfolio"]["sharpe"], "plain_val_sharpe": plain["sharpe"]}
+        rule_check["kept"] = rule_check["val_sharpe"] > rule_check["plain_val_sharpe"]
+        log.info("allocation rule: validation Sharpe %.3f against %.3f without it: %s", rule_check["val_sharpe"],
+                 rule_check["plain_val_sharpe"], "kept" if rule_check["kept"] else "dropped")  # fmt: skip
+        if not rule_check["kept"]:
+            allocation_rule = None
+            meta = build(None)
     risk = None if start_rule is None else risk_features(start_rule, train, device)  # [T, H + 1], training market
     distributed.broadcast_module(meta, world)
     optimizer = FlatAdam(meta.parameters(), lr=args.learning_rate, eps=1e-5)  # Adam, stepped as one tensor
@@ -420,7 +439,7 @@ def main(args: Args) -> dict:
     # FINAL EVALUATION: the best meta-controller (what Phase 3 loads) on the validation split
     fingerprints = {"at_load": fingerprint_at_load, "at_end": parameter_fingerprint(specialists)}
     facts = {"global_step": global_step, "config_hash": cfg.hash(), "seed": args.seed, "timing": timing,
-             "ranks": ranks, "specialists_fingerprint": fingerprints}  # fmt: skip
+             "ranks": ranks, "specialists_fingerprint": fingerprints, "allocation_rule_check": rule_check}  # fmt: skip
     result = final_evaluation(args, meta, best, report, validate, val, facts, log)
     run.writer.close()
     return result

@@ -150,12 +150,35 @@ def test_an_iterate_is_measured_against_the_fitted_start_not_the_plain_rule(tiny
     logs a gain of 0.000 at every validation, whatever the start's lead over the plain rule."""
     tmp, config, phase1_dir = tiny
     metrics = phase2(tmp, config, phase1_dir, name="unmoved", timesteps=1024, eval_interval=1, learning_rate=1e-9,
-                     anneal_lr=False)  # fmt: skip
+                     anneal_lr=False, check_allocation_rule=False)  # fmt: skip
     plain = metrics["baselines"]["vol_managed_equal_allocation"]["sharpe"]
     assert abs(metrics["portfolio"]["sharpe"] - plain) > 0.01  # the fitted start is not the plain rule
     log = (tmp / "logs_unmoved" / "training.log").read_text()
     gains = re.findall(r"val sharpe \S+ \(start (\S+) \[(\S+), (\S+)\]\)", log)
     assert len(gains) == 4 and all(abs(float(x)) < 1e-3 for g in gains for x in g), gains
+
+
+def test_a_fitted_rule_that_loses_on_validation_is_dropped(tiny, monkeypatch):
+    """The allocation rule is fit on train alone; Phase 2 keeps it only where its start beats the start without
+    it on the validation split. A rule forced to put all capital in forex (the weakest specialist here) loses
+    there: the meta-controller is built without it, and metrics.json and the log say so. So does the real fit
+    on this tiny market (validation 3.97 against 5.29); on the built-in market it wins (4.86 against 4.68)."""
+    tmp, config, phase1_dir = tiny
+    real = phase2_meta.fit_allocation_rule
+
+    def forex_only(*args, **kwargs):
+        rule = real(*args, **kwargs)
+        return {**rule, "bias": [20.0] + [0.0] * (len(rule["bias"]) - 1)}
+
+    monkeypatch.setattr(phase2_meta, "fit_allocation_rule", forex_only)
+    metrics = phase2(tmp, config, phase1_dir, name="dropped", timesteps=512, eval_interval=100)
+    check = metrics["allocation_rule_check"]
+    assert not check["kept"] and check["val_sharpe"] <= check["plain_val_sharpe"], check
+    assert "allocation_rule" not in torch.load(tmp / "dropped" / "best.pt", weights_only=True)
+    assert "dropped" in (tmp / "logs_dropped" / "training.log").read_text()
+    real_fit = phase2(tmp, config, phase1_dir, name="real", timesteps=512, eval_interval=100)
+    check = real_fit["allocation_rule_check"]  # the real fit overfits this tiny market's 1,500 training bars
+    assert not check["kept"] and check["val_sharpe"] <= check["plain_val_sharpe"], check
 
 
 def market_config(path: Path, noise_classes: tuple[str, ...]) -> Path:
@@ -278,7 +301,9 @@ def test_the_fitted_allocation_rule_is_the_starting_point_and_resuming_across_it
     sleeves at 3 half-lives and the 3 volatility ratios and gives K allocation logits and the appetite's factor;
     a run cannot resume with the other setting."""
     tmp, config, phase1_dir = tiny
-    phase2(tmp, config, phase1_dir, name="ruled", timesteps=1024, eval_interval=100, stop_after=1)
+    # (on this tiny market the fit loses on validation and would be dropped: test_a_fitted_rule_that_loses_...)
+    phase2(tmp, config, phase1_dir, name="ruled", timesteps=1024, eval_interval=100, stop_after=1,
+           check_allocation_rule=False)  # fmt: skip
     state = torch.load(tmp / "ruled" / "latest.pt", weights_only=True)
     fitted = state["allocation_rule"]
     assert fitted["timed"] and np.shape(fitted["weights"]) == (3 * 3 + 3, 3 + 1) and len(fitted["bias"]) == 4
