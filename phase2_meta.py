@@ -246,9 +246,11 @@ def main(args: Args) -> dict:
         return MetaController(meta_obs_size, num_specialists, args.hidden_size, allocation_rate=args.allocation_rate,
                               timing=start_rule, allocation_rule=rule).to(device)  # fmt: skip
 
-    meta, rule_check = build(allocation_rule), None
+    meta, rule_check, start_validation = build(allocation_rule), None, None
     if allocation_rule is not None and args.check_allocation_rule:  # fit on train alone: it must win on val too
-        checked = validate(meta)  # (every rank: deterministic, so every rank takes the same decision)
+        # (every rank: deterministic, so every rank takes the same decision; kept, it is iteration 0's validation)
+        start_validation = validation(meta)
+        checked = start_validation[0]
         plain = (
             checked["baselines"]["vol_managed_equal_allocation"] if args.risk_timing else checked["equal_allocation"]
         )
@@ -257,7 +259,7 @@ def main(args: Args) -> dict:
         log.info("allocation rule: validation Sharpe %.3f against %.3f without it: %s", rule_check["val_sharpe"],
                  rule_check["plain_val_sharpe"], "kept" if rule_check["kept"] else "dropped")  # fmt: skip
         if not rule_check["kept"]:
-            allocation_rule = None
+            allocation_rule, start_validation = None, None
             meta = build(None)
     risk = None if start_rule is None else risk_features(start_rule, train, device)  # [T, H + 1], training market
     distributed.broadcast_module(meta, world)
@@ -309,7 +311,7 @@ def main(args: Args) -> dict:
     start_returns = None  # the starting point's validation returns (rank 0): what an iterate must beat
     if args.resume:
         if world.is_main:  # (the meta-controller is still the start, before the resumed weights replace it)
-            start_returns = validation(meta)[1]
+            start_returns = (start_validation or validation(meta))[1]
         state, mine = resume(args, "phase2", cfg, world)
         for key, flag, ours in (("timing", "--risk-timing", start_rule), ("allocation_rule", "--allocation-rule",
                                                                           allocation_rule)):  # fmt: skip
@@ -332,7 +334,7 @@ def main(args: Args) -> dict:
     )
     report = None
     if not args.resume and world.is_main:  # the starting point is a candidate for best.pt
-        report, start_returns = validation(meta)
+        report, start_returns = start_validation or validation(meta)
         best = {"sharpe": report["portfolio"]["sharpe"], "iteration": 0, "model": clone_state(meta)}
         ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best["model"], meta, specialists, cfg, args))
     run.watch.lap("validation")  # the starting point's
@@ -357,7 +359,7 @@ def main(args: Args) -> dict:
             next_obs, env_reward, _, truncated, info = envs.step(proposal, positions)
             reward, twin_reward = meta_reward(env_reward, info), None
             if args.paired_baseline:  # the starting point (allocation and appetite), same positions, same path
-                start = tracker.start_point(evidence)
+                start = tracker.start  # (this bar's, as `act` found it)
                 _, twin_env_reward, _, _, twin_info = twin.step(
                     compose_weights(*start, positions, owner, max_position), positions, observe=False
                 )

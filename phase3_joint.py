@@ -374,7 +374,7 @@ def main(args: Args) -> dict:
         proposal = compose_weights(allocation, appetite, positions, owner, max_position)
         twin_proposal = None
         if args.paired_baseline:  # the starting point (allocation and appetite), same positions
-            twin_proposal = compose_weights(*tracker.start_point(evidence), positions, owner, max_position)
+            twin_proposal = compose_weights(*tracker.start, positions, owner, max_position)
         return (positions, spec, obs, (meta_action, meta_logprob, meta_value), allocation, appetite, proposal,
                 twin_proposal)  # fmt: skip
 

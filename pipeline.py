@@ -51,7 +51,7 @@ from mtq_common.agents.nets import MetaController
 from mtq_common.data.csv_data import load_csv_series
 from mtq_common.data.market import iso_time
 from mtq_common.data.splits import fold_bounds, full_market, load_splits, warmup_bars
-from mtq_common.data.synthetic import generate_market
+from mtq_common.data.synthetic import config_options, generate_market
 from mtq_common.data.tables import build_tables
 from mtq_common.data.volatility import fit_vol_levels
 from mtq_common.evaluation.backtest import run_episodes, stitch_backtests, summarize_episodes
@@ -361,10 +361,7 @@ def evaluate(args: Args, cfg, log) -> dict:
         fresh = generate_market(test.symbols, test.sectors, [cfg.instruments[s].annual_vol for s in test.symbols],
                                 tables.first_bar + 2 + args.eval_episodes * length,
                                 seed=cfg.data.synthetic.seed + FRESH_PATH_SEED, split="test",
-                                drift_half_life=cfg.data.synthetic.drift_half_life,
-                                drift_scale=cfg.data.synthetic.drift_scale,
-                                signal=[cfg.instruments[s].signal for s in test.symbols],
-                                driver=[cfg.instruments[s].driver for s in test.symbols])  # fmt: skip
+                                **config_options(cfg, test.symbols))  # fmt: skip
         episodes = run_episodes(fresh, cfg, hierarchy(fresh), args.eval_episodes, length, seed=args.seed, device=device,
                                 consecutive=True)  # fmt: skip
         where = f"a fresh synthetic path (seed {cfg.data.synthetic.seed + FRESH_PATH_SEED}), consecutive windows"

@@ -42,7 +42,7 @@ import numpy as np
 from mtq_common.data.features import FEATURE_WINDOW
 from mtq_common.data.market import MarketData
 from mtq_common.data.splits import load_splits
-from mtq_common.data.synthetic import Difficulty, generate_market
+from mtq_common.data.synthetic import Difficulty, config_options, generate_market
 
 LEVELS: tuple[Difficulty, ...] = (
     Difficulty(vol_multiplier=0.75, crash_prob=0.0, signal_to_noise=1.5, cost_multiplier=0.5),
@@ -182,11 +182,8 @@ def generate_scenario(level: int, cfg, seed: int | None = None, num_levels: int 
         s.train_bars,
         seed=int(np.random.SeedSequence(entropy).generate_state(1)[0]),
         split="train",
-        drift_half_life=s.drift_half_life,
-        drift_scale=s.drift_scale,
         difficulty=LEVELS[level],
-        signal=[cfg.instruments[sym].signal for sym in symbols],
-        driver=[cfg.instruments[sym].driver for sym in symbols],
+        **config_options(cfg, symbols),
     )
 
 

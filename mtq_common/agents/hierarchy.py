@@ -185,6 +185,7 @@ class MetaTracker:
         half_lives = SLEEVE_HALF_LIVES if allocation_rule is None else allocation_rule["half_lives"]
         self.rule = None if allocation_rule is None else rule_tensors(allocation_rule, device)
         self.timed_rule = allocation_rule is not None and allocation_rule.get("timed", False)
+        self.start = None  # the starting point of the bar `act` last traded (the paired twin's allocation, appetite)
         self.sleeve_rates = sleeve_rates(half_lives, num_specialists).to(device)
         self.sleeves = torch.zeros(num_rows, len(half_lives) * num_specialists, device=device)
 
@@ -208,8 +209,10 @@ class MetaTracker:
         """Move the held allocation and appetite towards the meta-controller's action `u` (`split_action`);
         return the allocation and the appetite to trade. With `risk` [B, H + 1] (a risk-timing meta-controller:
         `risk_features` at the rows' bars) the held "appetite" is the learned factor over the start's appetite
-        (`start_point`), smoothed like the allocation; the start's own timing reaches the book unsmoothed."""
+        (`start_point`), smoothed like the allocation; the start's own timing reaches the book unsmoothed.
+        Also sets `start`: this bar's starting point (`start_point`'s, without computing the rule twice)."""
         logits, base = self.rule_start(risk)
+        self.start = self._start_of(logits, base)
         if logits is not None:  # the action's allocation part moves from the fitted rule's, not from 1/K
             u = torch.cat([u[..., : self.k] + logits, u[..., self.k :]], -1)
         allocation, appetite = split_action(u, timed=base is not None)
@@ -233,7 +236,9 @@ class MetaTracker:
         """The allocation [B, K] and appetite [B] the meta-controller starts from (its zero action, unsmoothed):
         the fitted rule's allocation or 1/K; the volatility-managed appetite (`risk`), times the rule's factor,
         or full appetite."""
-        logits, base = self.rule_start(risk)
+        return self._start_of(*self.rule_start(risk))
+
+    def _start_of(self, logits: torch.Tensor | None, base: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         allocation = torch.full_like(self.allocation, 1.0 / self.k) if logits is None else torch.softmax(logits, -1)
         return allocation, torch.ones_like(self.appetite) if base is None else base
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from mtq_common.data.csv_data import load_csv_market, load_csv_series
 from mtq_common.data.features import FEATURE_WINDOW
 from mtq_common.data.market import MarketData
-from mtq_common.data.synthetic import generate_market, synthetic_splits
+from mtq_common.data.synthetic import config_options, generate_market, synthetic_splits
 
 MIN_BLOCK = 50
 """The shortest validation/test block (bars): fewer make a meaningless backtest."""
@@ -85,10 +85,7 @@ def full_market(cfg) -> MarketData:
         s.train_bars + s.val_bars + s.test_bars,
         seed=s.seed,
         split="train",
-        drift_half_life=s.drift_half_life,
-        drift_scale=s.drift_scale,
-        signal=[cfg.instruments[x].signal for x in symbols],
-        driver=[cfg.instruments[x].driver for x in symbols],
+        **config_options(cfg, symbols),
     )
 
 

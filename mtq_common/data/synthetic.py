@@ -221,6 +221,15 @@ def generate_market(
     )
 
 
+def config_options(cfg, symbols: list[str]) -> dict:
+    """`generate_market`'s keyword options that the config sets for `symbols`: the drift's half-life and scale,
+    and each instrument's `signal` and `driver` (one place for every market the config describes)."""
+    s = cfg.data.synthetic
+    return {"drift_half_life": s.drift_half_life, "drift_scale": s.drift_scale,
+            "signal": [cfg.instruments[x].signal for x in symbols],
+            "driver": [cfg.instruments[x].driver for x in symbols]}  # fmt: skip
+
+
 def synthetic_splits(cfg, difficulty: Difficulty | None = None) -> dict[str, MarketData]:
     """Train, validation and test markets for `cfg` (a `mtq_common.training.config.Config`)."""
     symbols = cfg.data.instruments
@@ -235,12 +244,9 @@ def synthetic_splits(cfg, difficulty: Difficulty | None = None) -> dict[str, Mar
             n_bars,
             seed=s.seed,
             split=split,
-            drift_half_life=s.drift_half_life,
-            drift_scale=s.drift_scale,
             difficulty=difficulty,
             start_date=str(start),
-            signal=[cfg.instruments[sym].signal for sym in symbols],
-            driver=[cfg.instruments[sym].driver for sym in symbols],
+            **config_options(cfg, symbols),
         )
         start = np.busday_offset(out[split].timestamps[-1], 1, roll="forward")
     return out
