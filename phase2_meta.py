@@ -57,7 +57,7 @@ from mtq_common.agents.update import CompileChoice, PPOUpdate, use_compile
 from mtq_common.data.splits import load_splits
 from mtq_common.data.tables import build_tables
 from mtq_common.data.volatility import fit_vol_levels
-from mtq_common.envs.portfolio_env import PortfolioEnv
+from mtq_common.envs.portfolio_env import PortfolioEnv, compile_options
 from mtq_common.evaluation.allocation_fit import fit_allocation_rule
 from mtq_common.evaluation.bootstrap import check_replace_confidence, gain_over_start
 from mtq_common.evaluation.portfolio_eval import evaluate_portfolio, validation_timings
@@ -178,7 +178,7 @@ def main(args: Args) -> dict:
     steps_per_iteration = args.num_envs * args.num_steps  # on this rank
     num_iterations = iterations(args, steps_per_iteration, world)  # (a minibatch never exceeds the rollout)
     minibatches_per_run = num_iterations * args.n_epochs * -(-steps_per_iteration // args.minibatch_size)
-    compiled = use_compile(args.compile, minibatches_per_run, device, log)  # the update and the environment's step
+    compiled = use_compile(args.compile, minibatches_per_run, device, log)  # the update and each rollout bar
 
     # TRY NOT TO MODIFY: seeding (each rank its own environments and noise; rank 0's initial weights)
     seed = seed_everything(world.seed(args.seed))
@@ -189,16 +189,12 @@ def main(args: Args) -> dict:
     specialists, owner = load_specialists(args.specialists_dir, train, device)
     fingerprint_at_load = parameter_fingerprint(specialists)
     num_specialists = len(specialists.names)
-    envs = PortfolioEnv(
-        train, cfg, args.num_envs, device=device, seed=seed, torch_mode=True, check_actions=False, compiled=compiled
-    )
+    envs = PortfolioEnv(train, cfg, args.num_envs, device=device, seed=seed, torch_mode=True, check_actions=False)
     # The twin: the same rows (same seed, so the same start bars and episode ends) trading the starting point.
     # Its reward does not depend on the meta-controller's actions (the market path and the specialists' own
     # books are the same), so subtracting it leaves the optimal policy unchanged and cancels the market noise
     # both books share: a control variate that makes a small tilt of the allocation measurable.
-    twin = PortfolioEnv(
-        train, cfg, args.num_envs, device=device, seed=seed, torch_mode=True, check_actions=False, compiled=compiled
-    )
+    twin = PortfolioEnv(train, cfg, args.num_envs, device=device, seed=seed, torch_mode=True, check_actions=False)
     for note in envs.limit_notes:
         log.warning("risk limit: %s", note)
     val_tables = build_tables(val, cfg, device)
@@ -307,6 +303,30 @@ def main(args: Args) -> dict:
         positions = specialists.positions(inst_obs, owner)
         return meta.get_value(tracker.assemble(portfolio, positions, held, *evidence))
 
+    def trade_bar(envs, twin, inst_obs, portfolio_obs, evidence, tracker, meta_noise):
+        """One bar up to the environments' autoresets: the frozen specialists' positions, the meta-controller's
+        sample (from the standard normal `meta_noise` the script drew: the generator's stream of `dist.sample()`),
+        the env trading the proposal and the twin the starting point with the same positions
+        (`PortfolioEnv.trade`), both rewards, the tracker booking the bar. Pure tensor work: with `--compile`
+        one graph, one call a bar."""
+        positions = specialists.positions(inst_obs, owner)
+        obs = tracker.observe(portfolio_obs, positions, evidence)
+        meta_action, meta_logprob, _, meta_value = meta.get_action_and_value(obs, noise=meta_noise)
+        allocation, appetite = tracker.act(meta_action, evidence)
+        proposal = compose_weights(allocation, appetite, positions, owner, max_position)
+        stepped = envs.trade(proposal, positions)
+        _, env_reward, truncated, info = stepped
+        reward, twin_reward, twin_stepped = meta_reward(env_reward, info), None, None
+        if args.paired_baseline:  # the starting point (allocation and appetite), same positions, same path
+            twin_proposal = compose_weights(*tracker.start, positions, owner, max_position)  # (this bar's start)
+            twin_stepped = twin.trade(twin_proposal, positions, observe=False)
+            twin_reward = meta_reward(twin_stepped[1], twin_stepped[3])
+        held = tracker.after_step(positions, info["bar_returns"], truncated)
+        return (obs, (meta_action, meta_logprob, meta_value), allocation, appetite, proposal, stepped, twin_stepped,
+                reward, twin_reward, held)  # fmt: skip
+
+    step_bar = torch.compile(trade_bar, options=compile_options()) if compiled else trade_bar
+
     rollout = PortfolioRolloutStats(specialists.names, envs.limits.max_var, device, num_rows)
     start_returns = None  # the starting point's validation returns (rank 0): what an iterate must beat
     if args.resume:
@@ -347,29 +367,24 @@ def main(args: Args) -> dict:
         for step in range(args.num_steps):
             global_step += num_rows * world.size
             with torch.no_grad():
-                positions = specialists.positions(next_obs["instruments"], owner)
+                meta_noise = torch.randn(num_rows, num_specialists + 1, device=device)  # (outside the compiled bar)
                 bar = envs.bar
                 evidence = None if risk is None else risk.index_select(0, bar)  # volatility at the rows' bars
-                meta_obs[step] = tracker.observe(next_obs["portfolio"], positions, evidence)
-                meta_action, meta_logprob, _, meta_value = meta.get_action_and_value(meta_obs[step])
-                allocation, appetite = tracker.act(meta_action, evidence)
-                proposal = compose_weights(allocation, appetite, positions, owner, max_position)
+                bar_out = step_bar(envs, twin, next_obs["instruments"], next_obs["portfolio"], evidence, tracker,
+                                   meta_noise)  # fmt: skip
+            meta_obs[step], meta_out, allocation, appetite, proposal, stepped, twin_stepped = bar_out[:7]
+            reward, twin_reward, held = bar_out[7:]
             guard.watch(proposal, global_step)
-            meta_actions[step], meta_logprobs[step], meta_values[step] = meta_action, meta_logprob, meta_value
-            next_obs, env_reward, _, truncated, info = envs.step(proposal, positions)
-            reward, twin_reward = meta_reward(env_reward, info), None
-            if args.paired_baseline:  # the starting point (allocation and appetite), same positions, same path
-                start = tracker.start  # (this bar's, as `act` found it)
-                _, twin_env_reward, _, _, twin_info = twin.step(
-                    compose_weights(*start, positions, owner, max_position), positions, observe=False
-                )
-                twin_reward = meta_reward(twin_env_reward, twin_info)
+            meta_actions[step], meta_logprobs[step], meta_values[step] = meta_out
+            next_obs, _, _, truncated, info = envs.finish_step(*stepped)  # the autoresets (eager)
+            if twin_stepped is not None:
+                twin.finish_step(*twin_stepped)
             rewards[step] = reward if twin_reward is None else reward - twin_reward
             truncs[step] = truncated.float()
             # the final observation bootstraps a truncated row's value: its parts now, assembled after the rollout
             final_inst_obs[step] = info["final_obs"]["instruments"]
             final_portfolio[step] = info["final_obs"]["portfolio"]
-            final_held[step] = tracker.after_step(positions, info["bar_returns"], truncated)
+            final_held[step] = held
             if risk is not None:  # a truncated row's final observation is of the next bar
                 final_risk[step] = risk.index_select(0, (bar + 1).clamp_max(len(risk) - 1))
             rollout.add(info, reward, allocation, twin_reward, appetite, None if evidence is None else evidence[:, 0])

@@ -85,7 +85,7 @@ from mtq_common.agents.update import CompileChoice, JointUpdate, use_compile
 from mtq_common.data.splits import load_splits
 from mtq_common.data.tables import build_tables
 from mtq_common.data.volatility import fit_vol_levels
-from mtq_common.envs.portfolio_env import PortfolioEnv
+from mtq_common.envs.portfolio_env import PortfolioEnv, compile_options
 from mtq_common.evaluation.backtest import run_episodes, summarize_episodes
 from mtq_common.evaluation.bootstrap import check_replace_confidence, gain_over_start
 from mtq_common.evaluation.portfolio_eval import evaluate_portfolio
@@ -220,7 +220,7 @@ def main(args: Args) -> dict:
     steps_per_iteration = args.num_envs * args.num_steps  # on this rank
     num_iterations = iterations(args, steps_per_iteration, world)  # (a minibatch never exceeds the rollout)
     minibatches_per_run = num_iterations * args.n_epochs * -(-steps_per_iteration // args.minibatch_size)
-    compiled = use_compile(args.compile, minibatches_per_run, device, log)  # the update and the environment's step
+    compiled = use_compile(args.compile, minibatches_per_run, device, log)  # the update and each rollout bar
     if not 0.0 <= args.specialist_portfolio_weight <= 1.0:
         raise ConfigError(f"--specialist-portfolio-weight {args.specialist_portfolio_weight}: accepted 0 to 1")
     check_replace_confidence(args.replace_confidence)
@@ -298,7 +298,7 @@ def main(args: Args) -> dict:
         paths, as in Phase 2) and, for a risk-timing meta-controller, the market's volatility evidence."""
         market = generate_scenario(level, cfg, args.seed) if args.curriculum_learning else splits["train"]
         env, twin = (PortfolioEnv(market, cfg, args.num_envs, device=device, seed=seed, torch_mode=True,
-                                  check_actions=False, compiled=compiled) for _ in range(2))  # fmt: skip
+                                  check_actions=False) for _ in range(2))  # fmt: skip
         return env, twin, None if meta.timing is None else risk_features(meta.timing, market, device)
 
     level = curriculum.get_difficulty_level(0)
@@ -378,7 +378,30 @@ def main(args: Args) -> dict:
         return (positions, spec, obs, (meta_action, meta_logprob, meta_value), allocation, appetite, proposal,
                 twin_proposal)  # fmt: skip
 
-    act = torch.compile(decide) if compiled else decide
+    def trade_bar(envs, twin, inst_obs, portfolio_obs, evidence, tracker, spec_noise, meta_noise, prev_positions):
+        """One bar up to the environments' autoresets: both levels decide (`decide`), the env trades the proposal
+        and the twin the starting point with the same positions (`PortfolioEnv.trade`), the rewards are scored
+        and the tracker books the bar. Returns the decisions, the env's and the twin's `trade` outputs (the twin's
+        None without --paired-baseline), the reward trained on before the twin's is subtracted, the twin's reward,
+        the specialists' own rewards (None when they do not explore) and the tracker's part of the final
+        observations (`MetaTracker.after_step`). With `--compile` one graph per kind of iteration: one call a
+        bar instead of three, and the envs' steps fused with the decisions."""
+        decisions = decide(inst_obs, portfolio_obs, evidence, tracker, spec_noise, meta_noise)
+        positions, proposal, twin_proposal = decisions[0], decisions[6], decisions[7]
+        stepped = envs.trade(proposal, positions)
+        _, env_reward, truncated, info = stepped
+        reward, twin_reward, twin_stepped = meta_reward(env_reward, info), None, None
+        if args.paired_baseline:  # the starting point (allocation and appetite), same positions, same path
+            twin_stepped = twin.trade(twin_proposal, positions, observe=False)
+            twin_reward = meta_reward(twin_stepped[1], twin_stepped[3])
+        own_reward = None
+        if spec_noise is not None:  # each specialist's own objective: its unit-size position's vol-scaled net return
+            unit_cost = envs.cost_rate * (positions - prev_positions).abs()
+            own_reward = (positions * info["bar_returns"] - unit_cost) / info["instrument_vol"].clamp_min(1e-8)
+        held = tracker.after_step(positions, info["bar_returns"], truncated)
+        return decisions, stepped, twin_stepped, reward, twin_reward, own_reward, held
+
+    step_bar = torch.compile(trade_bar, options=compile_options()) if compiled else trade_bar
 
     def final_value(inst_obs, portfolio, held, *evidence):  # V of final observations, from their stored parts
         positions = specialists.positions(inst_obs, owner)
@@ -440,30 +463,26 @@ def main(args: Args) -> dict:
                 meta_noise = torch.randn(num_rows, num_specialists + 1, device=device)
                 bar = envs.bar
                 evidence = None if risk is None else risk.index_select(0, bar)  # volatility at the rows' bars
-                positions, spec, meta_obs[step], meta_out, allocation, appetite, proposal, twin_proposal = act(
-                    next_obs["instruments"], next_obs["portfolio"], evidence, tracker, spec_noise, meta_noise
-                )
+                bar_out = step_bar(envs, twin, next_obs["instruments"], next_obs["portfolio"], evidence, tracker,
+                                   spec_noise, meta_noise, prev_positions)  # fmt: skip
+            decisions, stepped, twin_stepped, reward, twin_reward, own_reward, held = bar_out
+            positions, spec, meta_obs[step], meta_out, allocation, appetite, proposal, _ = decisions
             if explore:  # what the specialists' update needs
                 inst_obs[step] = next_obs["instruments"]
                 spec_actions[step], spec_logprobs[step], spec_values[step] = spec
+                own_rewards[step] = own_reward
             guard.watch(proposal, global_step)
             meta_actions[step], meta_logprobs[step], meta_values[step] = meta_out
-            next_obs, env_reward, _, truncated, info = envs.step(proposal, positions)
-            reward, twin_reward = meta_reward(env_reward, info), None
-            if args.paired_baseline:  # the starting point (allocation and appetite), same positions, same path
-                _, twin_env_reward, _, _, twin_info = twin.step(twin_proposal, positions, observe=False)
-                twin_reward = meta_reward(twin_env_reward, twin_info)
+            next_obs, _, _, truncated, info = envs.finish_step(*stepped)  # the autoresets (eager)
+            if twin_stepped is not None:
+                twin.finish_step(*twin_stepped)
             rewards[step] = reward if twin_reward is None else reward - twin_reward
             truncs[step] = truncated.float()
-            if explore:  # each specialist's own objective: its unit-size position's vol-scaled net return
-                unit_cost = envs.cost_rate * (positions - prev_positions).abs()
-                sigma = info["instrument_vol"].clamp_min(1e-8)
-                own_rewards[step] = (positions * info["bar_returns"] - unit_cost) / sigma
             prev_positions = torch.where(truncated.unsqueeze(-1), 0.0, positions)
             # the final observation bootstraps a truncated row's value: its parts now, assembled after the rollout
             final_inst_obs[step] = info["final_obs"]["instruments"]
             final_portfolio[step] = info["final_obs"]["portfolio"]
-            final_held[step] = tracker.after_step(positions, info["bar_returns"], truncated)
+            final_held[step] = held
             if risk is not None:  # a truncated row's final observation is of the next bar
                 final_risk[step] = risk.index_select(0, (bar + 1).clamp_max(len(risk) - 1))
             rollout.add(info, reward, allocation, twin_reward, appetite, None if evidence is None else evidence[:, 0])

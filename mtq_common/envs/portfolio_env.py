@@ -156,6 +156,16 @@ class PortfolioEnv(BatchedTradingEnv):
         obs, reward, truncated, info = self._step(proposed_weights, own_positions, observe)
         return self._finish(obs, reward, truncated, info)
 
+    def trade(self, proposed_weights, own_positions=None, observe: bool = True):
+        """`step` before its autoreset: `(observation, reward, truncated, info)`, pure tensor work, for a caller
+        that compiles one function around a whole bar (Phase 3: both levels' decisions, this env and its twin).
+        `finish_step(*trade(...))` is exactly `step(...)`."""
+        return self._stepped(proposed_weights, own_positions, observe)
+
+    def finish_step(self, obs, reward, truncated, info: dict):
+        """The rest of `step` after `trade`: the autoreset (eager: its branches depend on the data)."""
+        return self._finish(obs, reward, truncated, info)
+
     def _stepped(self, proposed_weights, own_positions, observe: bool):
         """`step` before the autoreset: `(observation, reward, truncated, info)` (pure tensor work, compilable)."""
         eng = self.engine
