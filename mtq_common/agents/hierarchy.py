@@ -249,9 +249,9 @@ class MetaTracker:
         onehot = self.onehot.to(positions.dtype)
         sleeve = (positions * bar_returns) @ onehot * 1e3  # unit-size, before allocation: no look-ahead
         self.performance = self.performance + PERFORMANCE_RATE * (sleeve - self.performance)
-        self.sleeves = self.sleeves + self.sleeve_rates * (
-            sleeve.repeat(1, len(self.sleeve_rates) // self.k) - self.sleeves
-        )
+        # the bar's sleeve once per half-life; cat, not repeat: the same copy, 2-4x faster on these small tensors
+        per_half_life = torch.cat([sleeve] * (len(self.sleeve_rates) // self.k), -1)
+        self.sleeves = self.sleeves + self.sleeve_rates * (per_half_life - self.sleeves)
         final = self.held()
         done = truncated.unsqueeze(-1)
         self.performance = torch.where(done, 0.0, self.performance)

@@ -197,10 +197,14 @@ def run_backtests(
             policy.observe(_rows_of(info, rows[j]), truncated[rows[j]])
             last = getattr(policy, "last_allocation", None)
             if last is not None:
-                allocations.setdefault(j, torch.zeros(length, s, last.shape[-1], device=device))[k] = last
+                if j not in allocations:  # (not setdefault: its default would be allocated at every bar)
+                    allocations[j] = torch.zeros(length, s, last.shape[-1], device=device)
+                allocations[j][k] = last
             appetite = getattr(policy, "last_appetite", None)
             if appetite is not None:
-                appetites.setdefault(j, torch.zeros(length, s, device=device))[k] = appetite
+                if j not in appetites:
+                    appetites[j] = torch.zeros(length, s, device=device)
+                appetites[j][k] = appetite
         w = info["executed_weights"]
         store["bars"][k] = bar
         store["proposed"][k] = info["proposed_weights"]
