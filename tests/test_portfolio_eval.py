@@ -11,7 +11,15 @@ import pytest
 import torch
 
 from kernels import LIMIT_NAMES
-from mtq_common.agents.hierarchy import HierarchyPolicy, risk_appetite, risk_features, split_action, timing_spec
+from mtq_common.agents.hierarchy import (
+    HierarchyPolicy,
+    SharedPositions,
+    instrument_specialist_index,
+    risk_appetite,
+    risk_features,
+    split_action,
+    timing_spec,
+)
 from mtq_common.agents.nets import MetaController
 from mtq_common.data.features import FEATURE_NAMES
 from mtq_common.data.market import REGIME_NAMES
@@ -19,6 +27,7 @@ from mtq_common.data.splits import load_splits
 from mtq_common.data.volatility import VolTiming, fit_vol_levels
 from mtq_common.envs.engine import POSITION_RATE
 from mtq_common.evaluation import metrics as metrics_lib
+from mtq_common.evaluation.backtest import Backtest, run_backtests
 from mtq_common.evaluation.backtest_metrics import PORTFOLIO_KEYS, backtest_metrics, specialist_utilization
 from mtq_common.evaluation.portfolio_eval import evaluate_portfolio, target_checks, validation_timings
 from mtq_common.evaluation.report_text import format_report
@@ -380,6 +389,52 @@ def test_cached_references_give_the_same_report(evaluated, agents, market, cfg, 
         assert list(backtests) == list(evaluated[1])  # same order: system, equal allocation, baselines
     assert backtests["equal_allocation"] is cache["equal_allocation"]
     assert set(cache) == set(evaluated[1]) - {"system"}
+
+
+def test_hierarchies_over_the_same_specialists_share_their_positions_bit_for_bit(agents, market, cfg, tables):
+    """`SharedPositions`: the system (a tilted allocation at an appetite below 1) and the equal allocation trade
+    different books over the same specialists, whose observations follow their own positions only, so one forward
+    a bar serves both: every bar the second hierarchy reuses the first's answer (fewer reuses: the observations
+    differed), and both backtests are those of separate forwards, bit for bit."""
+    specialists, meta = agents
+    owner = instrument_specialist_index(market.sectors, specialists.names)
+    size = cfg.environment.max_position_size
+
+    def makers(positions):
+        def hierarchy(controller):
+            return lambda rows: HierarchyPolicy(specialists, controller, owner, size, rows, "cpu", market, positions)
+
+        return {"system": hierarchy(meta), "equal_allocation": hierarchy(None)}
+
+    shared = SharedPositions(specialists)
+    together = run_backtests(market, cfg, makers(shared), SEGMENTS, tables=tables)
+    alone = run_backtests(market, cfg, makers(None), SEGMENTS, tables=tables)
+    assert shared.hits == together["system"].segment_length
+    assert not np.array_equal(alone["system"].weights, alone["equal_allocation"].weights)
+    for name, bt in alone.items():
+        for field in dataclasses.fields(Backtest):
+            value = getattr(bt, field.name)
+            if isinstance(value, np.ndarray):
+                np.testing.assert_array_equal(getattr(together[name], field.name), value, err_msg=field.name)
+
+
+def test_shared_positions_are_reused_only_for_the_same_observation(agents, market):
+    """Another observation (one element moved by one float step) or another owner is computed afresh."""
+    specialists = agents[0]
+    owner = instrument_specialist_index(market.sectors, specialists.names)
+    torch.manual_seed(1)
+    obs = torch.randn(4, market.num_instruments, specialists.obs_size)
+    shared = SharedPositions(specialists)
+    first = shared(obs, owner)
+    np.testing.assert_array_equal(shared(obs.clone(), owner), first)
+    assert shared.hits == 1
+    moved = obs.clone()
+    moved[2, 0, 0] = torch.nextafter(moved[2, 0, 0], torch.tensor(10.0))
+    np.testing.assert_array_equal(shared(moved, owner), specialists.positions(moved, owner))
+    obs[2, 0, 0] = 5.0  # the caller's tensor changed in place after the call: the key was a copy
+    np.testing.assert_array_equal(shared(obs, owner), specialists.positions(obs, owner))
+    np.testing.assert_array_equal(shared(obs, owner.flip(0)), specialists.positions(obs, owner.flip(0)))
+    assert shared.hits == 1
 
 
 def test_specialist_utilization_shares_and_entropy(evaluated):

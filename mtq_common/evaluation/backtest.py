@@ -132,7 +132,9 @@ class _RowsOf(Mapping):
         return len(self.x)
 
 
-@torch.no_grad()
+# inference mode rather than no_grad: no view or version tracking on the thousands of small tensors a bar makes
+# (13-15% of a backtest's time); nothing made here reaches autograd, what leaves is NumPy
+@torch.inference_mode()
 def run_backtests(
     market: MarketData,
     cfg: Config,
@@ -195,10 +197,14 @@ def run_backtests(
             policy.observe(_rows_of(info, rows[j]), truncated[rows[j]])
             last = getattr(policy, "last_allocation", None)
             if last is not None:
-                allocations.setdefault(j, torch.zeros(length, s, last.shape[-1], device=device))[k] = last
+                if j not in allocations:  # (not setdefault: its default would be allocated at every bar)
+                    allocations[j] = torch.zeros(length, s, last.shape[-1], device=device)
+                allocations[j][k] = last
             appetite = getattr(policy, "last_appetite", None)
             if appetite is not None:
-                appetites.setdefault(j, torch.zeros(length, s, device=device))[k] = appetite
+                if j not in appetites:
+                    appetites[j] = torch.zeros(length, s, device=device)
+                appetites[j][k] = appetite
         w = info["executed_weights"]
         store["bars"][k] = bar
         store["proposed"][k] = info["proposed_weights"]
@@ -275,7 +281,7 @@ def stitch_backtests(parts: list[Backtest]) -> Backtest:
 EPISODE_METRICS = ("sharpe", "sortino", "max_drawdown", "win_rate", "total_return", "annual_volatility", "turnover")
 
 
-@torch.no_grad()
+@torch.inference_mode()  # (as `run_backtests`)
 def run_episodes(
     market: MarketData,
     cfg: Config,

@@ -16,7 +16,13 @@ import numpy as np
 import torch
 
 from kernels import NOT_APPLIED
-from mtq_common.agents.hierarchy import HierarchyPolicy, instrument_specialist_index, start_levels, start_timing
+from mtq_common.agents.hierarchy import (
+    HierarchyPolicy,
+    SharedPositions,
+    instrument_specialist_index,
+    start_levels,
+    start_timing,
+)
 from mtq_common.data.market import MarketData, iso_time
 from mtq_common.data.tables import MarketTables, build_tables, cost_rates
 from mtq_common.data.volatility import VolLevels, VolTiming, vol_appetite
@@ -214,8 +220,11 @@ def evaluate_portfolio(
     size = cfg.environment.max_position_size
     rate = specialists.position_rate
 
+    shared: dict[int, SharedPositions] = {}  # one per specialists: the hierarchies over them compute once a bar
+
     def hierarchy(meta_controller, agents=specialists):
-        return lambda rows: HierarchyPolicy(agents, meta_controller, owner, size, rows, where, market)
+        positions = shared.setdefault(id(agents), SharedPositions(agents))
+        return lambda rows: HierarchyPolicy(agents, meta_controller, owner, size, rows, where, market, positions)
 
     scaled = start_rule_of(specialists)  # the rule the specialists start at, traded as a rule
 

@@ -56,7 +56,7 @@ def rule_positions(market: MarketData, trend: TrendFilter) -> dict[str, np.ndarr
     return rules
 
 
-@torch.no_grad()
+@torch.inference_mode()  # (as `backtest.run_backtests`)
 def evaluate_specialists(
     agents: SpecialistAgents,
     market: MarketData,
