@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 import kernels
-from kernels.risk import NOT_APPLIED
+from kernels.risk import NOT_APPLIED, correlation_from_covariance
 from mtq_common.data.features import FEATURE_NAMES, FEATURE_WINDOW, compute_features
 from mtq_common.data.market import MarketData
 from mtq_common.training.config import Config
@@ -54,6 +54,7 @@ class MarketTables:
     instrument_static: torch.Tensor  # [T, N, F + N + STATE] features, one-hot, zeros for the state (one gather)
     portfolio_static: torch.Tensor  # [T, 3N + N(N-1)/2] 1- and 20-bar scaled returns, vols, correlations
     cov: torch.Tensor  # [T, N, N] per-bar EWMA covariance through bar t
+    corr: torch.Tensor  # [T, N, N] its correlation R (`kernels.risk.correlation_from_covariance`), for the risk manager
     variance: torch.Tensor  # [T, N] per-bar variance (the diagonal of cov)
     vol: torch.Tensor  # [T, N] annualised volatility from cov
     corr_ut: torch.Tensor  # [T, N(N-1)/2] upper triangle of the correlation matrix
@@ -104,6 +105,7 @@ def build_tables(market: MarketData, cfg: Config, device: torch.device | str = "
         instrument_static=put(torch.cat([features, onehot, torch.zeros(market.num_bars, n, STATE_SIZE)], -1)),
         portfolio_static=put(portfolio_static.clamp(-OBS_CLIP, OBS_CLIP)),
         cov=put(cov),
+        corr=put(correlation_from_covariance(cov)),  # per bar, not per row and step
         variance=put(sigma**2),
         vol=put(vol),
         corr_ut=put(corr_ut),

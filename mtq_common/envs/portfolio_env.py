@@ -119,8 +119,9 @@ class PortfolioEnv(BatchedTradingEnv):
         held_flat = eng.stop_lock(own, update)
         own = torch.where(held_flat, 0.0, own)
         proposal = torch.where(held_flat, 0.0, proposal)
-        cov = eng.tables.cov.index_select(0, eng.t)
-        return proposal, own, kernels.risk_step(proposal, cov, self.sector_onehot, self.limits, check_finite=False)
+        cov, corr = eng.tables.cov.index_select(0, eng.t), eng.tables.corr.index_select(0, eng.t)
+        risk = kernels.risk_step(proposal, cov, self.sector_onehot, self.limits, check_finite=False, corr=corr)
+        return proposal, own, risk
 
     def preview(self, proposed_weights, own_positions=None):
         """What `step` would execute at the current bar, without changing any state: `(proposal after the
