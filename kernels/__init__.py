@@ -54,11 +54,13 @@ def portfolio_step(weights, prev_weights, returns, cost_rate, equity, peak, ema_
     return fn(weights, prev_weights, returns, cost_rate, equity, peak, ema_a, ema_b, ema_down, var_usage, params)
 
 
-def risk_step(proposed, cov, sector_onehot, limits, check_finite: bool = True):
+def risk_step(proposed, cov, sector_onehot, limits, check_finite: bool = True, corr=None):
     """Fused risk manager (see `kernels.risk`); Triton on CUDA, the reference elsewhere.
 
     A non-finite proposal is refused with a `ValueError` naming the row (one host sync; the
     environments pass `check_finite=False` when they have checked or guard the proposals themselves).
+    `corr`: the correlation of `cov` when the caller has it (the environments gather it from the market
+    tables); derived from `cov` otherwise.
     """
     if check_finite:
         finite = torch.isfinite(proposed).all(-1)
@@ -66,4 +68,4 @@ def risk_step(proposed, cov, sector_onehot, limits, check_finite: bool = True):
             row = int((~finite).nonzero()[0, 0])
             raise ValueError(f"risk_step: the proposal of row {row} is not finite: {proposed[row].tolist()}")
     fn = risk_step_triton if use_triton(proposed) else risk_step_reference
-    return fn(proposed, cov, sector_onehot, limits)
+    return fn(proposed, cov, sector_onehot, limits, corr)

@@ -16,7 +16,9 @@ the largest book the universe allows, every instrument at the cap):
    `max_correlation / c` meets the limit exactly. (`max_correlation = inf` disables it: one instrument.)
 4. **VaR** `= var_scale * sqrt(w^T cov w)` with `var_scale = z(confidence) * sqrt(bars_per_day)`
    (one-day parametric VaR of the signed weights). Above `max_var` the whole book is scaled by
-   `max_var / VaR`: VaR compliance is 100% by construction.
+   `max_var / VaR`: VaR compliance is 100% by construction. VaR is homogeneous of degree one too, so
+   the VaR after step 3's factor `a` is `a` times the VaR of the book before it: both quadratic forms
+   are taken of the same book, in one pass over the row's matrices.
 
 Each step only scales down (a factor in (0, 1]), so no later step can break an earlier limit, a
 non-flat proposal never becomes a flat book, and every sign is kept. Outputs describe the executed
@@ -26,7 +28,9 @@ and `binding` [B, 4], which of the limits (`LIMIT_NAMES` order) changed the book
 
 `ewma_covariance` builds the per-bar covariance table the environments gather from: the EWMA of
 returns depends only on the market path, not on any row's actions, so it is computed once per
-dataset rather than carried as per-row state.
+dataset rather than carried as per-row state. The same holds for R: the environments pass its per-bar
+table (`correlation_from_covariance` of that covariance, `MarketTables.corr`) as `corr`, and only a
+caller without one has R derived here from each row's covariance.
 """
 
 from __future__ import annotations
@@ -91,17 +95,9 @@ def largest_book(num_instruments: int, max_position: float) -> float:
     return num_instruments * max_position
 
 
-def correlation_exposure(weights: torch.Tensor, cov: torch.Tensor, b_max: float) -> torch.Tensor:
-    """c = w^T R w / (sum|w| * B_max) for R = `correlation_from_covariance(cov)`; 0 for a flat book.
-
-    Computed without forming R: with `x = w / sigma`, `w^T R w = x^T cov x - sum_i x_i^2 cov_ii + sum_i w_i^2`
-    (R's off-diagonal terms are `x_i x_j cov_ij`, its diagonal is 1). Why: R is the same for every row on a
-    bar, yet building it per row and step was most of a compiled environment step (4,096 rows: 1.8 ms of the
-    risk manager's 1.9 ms with R, 0.8 ms without; Inductor, one core)."""
-    diag = torch.diagonal(cov, dim1=-2, dim2=-1)
-    x = weights / diag.clamp_min(EPS).sqrt()
-    quad = _quad(x, cov, x) - (x * x * diag).sum(-1) + (weights * weights).sum(-1)
-    return quad / (weights.abs().sum(-1) * b_max).clamp_min(EPS)
+def correlation_exposure(weights: torch.Tensor, corr: torch.Tensor, b_max: float) -> torch.Tensor:
+    """c = w^T R w / (sum|w| * B_max) for the correlation `corr` [B, N, N]; 0 for a flat book."""
+    return _quad(weights, corr, weights) / (weights.abs().sum(-1) * b_max).clamp_min(EPS)
 
 
 def sector_allocation(weights: torch.Tensor, sector_onehot: torch.Tensor, b_max: float) -> torch.Tensor:
@@ -115,10 +111,17 @@ def _scale_to(value: torch.Tensor, limit: float) -> torch.Tensor:
 
 
 def risk_step_reference(
-    proposed: torch.Tensor, cov: torch.Tensor, sector_onehot: torch.Tensor, limits: RiskLimits
+    proposed: torch.Tensor,
+    cov: torch.Tensor,
+    sector_onehot: torch.Tensor,
+    limits: RiskLimits,
+    corr: torch.Tensor | None = None,
 ) -> RiskOut:
-    """Pure-torch reference of the risk manager; `proposed` [B, N], `cov` [B, N, N], `sector_onehot` [N, K]."""
+    """Pure-torch reference of the risk manager; `proposed` [B, N], `cov` [B, N, N], `sector_onehot` [N, K],
+    `corr` [B, N, N] the correlation of `cov` (`correlation_from_covariance`; derived from `cov` when None)."""
     b_max = largest_book(proposed.shape[-1], limits.max_position)
+    if corr is None:
+        corr = correlation_from_covariance(cov)
 
     # 1. position cap
     w = proposed.clamp(-limits.max_position, limits.max_position)
@@ -131,14 +134,15 @@ def risk_step_reference(
     bind_sector = (sector_factor < 1).any(-1)
 
     # 3. correlation exposure: homogeneous of degree one, so one factor on the whole book meets it
-    exposure = correlation_exposure(w, cov, b_max)
+    exposure = correlation_exposure(w, corr, b_max)
     corr_factor = _scale_to(exposure, limits.max_correlation)
-    w = w * corr_factor.unsqueeze(-1)
 
-    # 4. VaR: scale the whole book down to the limit
-    var = limits.var_scale * _quad(w, cov, w).clamp_min(0.0).sqrt()
+    # 4. VaR: scale the whole book down to the limit. Homogeneous too: the VaR of the book scaled by
+    # corr_factor, from the quadratic form of the book before it (why: both forms read one w, so a
+    # compiled step takes them in one pass over the row's matrices)
+    var = limits.var_scale * corr_factor * _quad(w, cov, w).clamp_min(0.0).sqrt()
     var_factor = _scale_to(var, limits.max_var)
-    w = w * var_factor.unsqueeze(-1)
+    w = w * corr_factor.unsqueeze(-1) * var_factor.unsqueeze(-1)
 
     # what the executed book is (scaling by a and b multiplies c by a b and s_k, VaR by b)
     proposed_gross = proposed.abs().sum(-1)
@@ -199,6 +203,7 @@ if triton is not None:
     def _risk_step_kernel(
         proposed_ptr,  # [B, N] proposed weights
         cov_ptr,  # [B, N, N] per-bar covariance of each row
+        corr_ptr,  # [B, N, N] its correlation R
         onehot_ptr,  # [N, K] sector membership
         weights_out_ptr,  # [B, N] out: executed weights
         var_out_ptr,  # [B] out: one-day VaR of the executed book
@@ -228,12 +233,10 @@ if triton is not None:
         p = tl.load(proposed_ptr + row * N + ns, mask=mask_n, other=0.0).to(tl.float32)
         cov_row = cov_ptr + row * N * N
         cov = tl.load(cov_row + ns[:, None] * N + ns[None, :], mask=mask_nn, other=0.0).to(tl.float32)
-        diag = tl.load(cov_row + ns * (N + 1), mask=mask_n, other=0.0).to(tl.float32)
+        corr = tl.load(corr_ptr + row * N * N + ns[:, None] * N + ns[None, :], mask=mask_nn, other=0.0)
+        corr = corr.to(tl.float32)
         onehot_mask = mask_n[:, None] & mask_k[None, :]
         onehot = tl.load(onehot_ptr + ns[:, None] * K + ks[None, :], mask=onehot_mask, other=0.0).to(tl.float32)
-
-        # sigma, clamped: a zero-variance instrument has R_ii = 1 and no correlation (`correlation_exposure`)
-        sigma = tl.sqrt_rn(tl.maximum(diag, _EPS))
 
         # 1. position cap
         w = tl.minimum(tl.maximum(p, -max_position), max_position)
@@ -246,16 +249,13 @@ if triton is not None:
         bind_sector = tl.max((sector_factor < 1).to(tl.int32), axis=0)
 
         # 3. correlation exposure: one factor on the whole book
-        x = tl.where(mask_n, w / sigma, 0.0)  # w^T R w without R, as in `correlation_exposure`
-        quad = _quad_tl(x, cov, x) - tl.sum(x * x * diag, axis=0) + tl.sum(w * w, axis=0)
-        exposure = quad / tl.maximum(tl.sum(tl.abs(w), axis=0) * b_max, _EPS)
+        exposure = _quad_tl(w, corr, w) / tl.maximum(tl.sum(tl.abs(w), axis=0) * b_max, _EPS)
         corr_factor = _scale_to_tl(exposure, max_correlation)
-        w = w * corr_factor
 
-        # 4. VaR: scale the whole book down to the limit
-        var = var_scale * tl.sqrt_rn(tl.maximum(_quad_tl(w, cov, w), 0.0))
+        # 4. VaR: scale the whole book down to the limit (of the book before corr_factor, times it)
+        var = var_scale * corr_factor * tl.sqrt_rn(tl.maximum(_quad_tl(w, cov, w), 0.0))
         var_factor = _scale_to_tl(var, max_var)
-        w = w * var_factor
+        w = w * corr_factor * var_factor
 
         proposed_gross = tl.sum(tl.abs(p), axis=0)
         executed_gross = tl.sum(tl.abs(w), axis=0)
@@ -274,14 +274,21 @@ if triton is not None:
         tl.store(binding + 3, (var_factor < 1).to(tl.int8))
 
     def risk_step_triton(
-        proposed: torch.Tensor, cov: torch.Tensor, sector_onehot: torch.Tensor, limits: RiskLimits
+        proposed: torch.Tensor,
+        cov: torch.Tensor,
+        sector_onehot: torch.Tensor,
+        limits: RiskLimits,
+        corr: torch.Tensor | None = None,
     ) -> RiskOut:
         """Triton version of `risk_step_reference` (same signature and outputs), float32.
 
-        One program per row: the row's proposal, covariance tile and the sector one-hot stay in
-        registers through the four steps, and every output is written once.
+        One program per row: the row's proposal, covariance and correlation tiles and the sector one-hot
+        stay in registers through the four steps, and every output is written once.
         """
+        if corr is None:
+            corr = correlation_from_covariance(cov)
         proposed, cov, sector_onehot = proposed.contiguous(), cov.contiguous(), sector_onehot.contiguous()
+        corr = corr.contiguous()
         b, n = proposed.shape
         k = sector_onehot.shape[-1]
         binding = torch.empty(b, len(LIMIT_NAMES), dtype=torch.int8, device=proposed.device)
@@ -296,7 +303,7 @@ if triton is not None:
         )
         if b > 0:  # an empty grid is not a launch
             _risk_step_kernel[(b,)](
-                proposed, cov, sector_onehot, *out, n, k,
+                proposed, cov, corr, sector_onehot, *out, n, k,
                 limits.max_position, limits.max_var, limits.max_correlation, limits.max_sector, limits.var_scale,
                 largest_book(n, limits.max_position),
                 BLOCK_N=triton.next_power_of_2(n), BLOCK_K=triton.next_power_of_2(k),

@@ -193,7 +193,8 @@ def capped_stats(proposed, cov, onehot, limits):
     """Correlation exposure and largest sector share of the position-capped proposal (which limits bind)."""
     w = proposed.clamp(-limits.max_position, limits.max_position)
     b_max = proposed.shape[-1] * limits.max_position
-    return correlation_exposure(w, cov, b_max), sector_allocation(w, onehot, b_max).amax(-1)
+    exposure = correlation_exposure(w, correlation_from_covariance(cov), b_max)
+    return exposure, sector_allocation(w, onehot, b_max).amax(-1)
 
 
 def is_flat(out: RiskOut) -> torch.Tensor:
@@ -324,20 +325,25 @@ def test_risk_step_triton_zero_variance_instrument():
     check_risk(proposed, cov, sector_onehot(8, 3), feasible(8, 3))
 
 
-def test_correlation_exposure_without_forming_r_equals_w_r_w():
-    """`correlation_exposure` skips building R (`x = w / sigma`, the diagonal put back as sum w^2): it equals
-    w^T R w / (sum|w| B_max) with R from `correlation_from_covariance`, in float64, also with a zero-variance
-    instrument (R_ii = 1, no correlation) and for a flat book (0)."""
+def test_correlation_from_the_tables_or_derived_per_row_give_the_same_book():
+    """The environments pass R per bar (`corr`, from the market tables); without it the reference derives R from
+    each row's covariance: the same outputs, also with a zero-variance instrument (R_ii = 1, no correlation),
+    and a flat book has exposure 0. The exposure is w^T R w / (sum|w| B_max) (float64)."""
     g = torch.Generator().manual_seed(3)
-    w = torch.randn(9, 8, generator=g, dtype=torch.float64) * 0.05
-    w[0] = 0.0
+    proposed = torch.randn(9, 8, generator=g, dtype=torch.float64) * 0.05
+    proposed[0] = 0.0
     cov = covariance(9, 8, g).double()
     cov[:5, -1, :] = 0.0
     cov[:5, :, -1] = 0.0
     corr = correlation_from_covariance(cov)
+    onehot, limits = sector_onehot(8, 3), feasible(8, 3, max_correlation=0.03)
+    derived = risk_step_reference(proposed.float(), cov.float(), onehot, limits)
+    assert_outputs_match(derived, risk_step_reference(proposed.float(), cov.float(), onehot, limits, corr.float()))
+    assert derived.binding[:, LIMIT_NAMES.index("correlation")].any()
+    w = proposed
     expected = torch.einsum("bi,bij,bj->b", w, corr, w) / (w.abs().sum(-1) * 0.8).clamp_min(1e-12)
-    torch.testing.assert_close(correlation_exposure(w, cov, 0.8), expected, rtol=1e-12, atol=1e-15)
-    assert correlation_exposure(w, cov, 0.8)[0] == 0.0
+    torch.testing.assert_close(correlation_exposure(w, corr, 0.8), expected, rtol=1e-12, atol=1e-15)
+    assert correlation_exposure(w, corr, 0.8)[0] == 0.0
 
 
 @needs_triton

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 import kernels
-from kernels.risk import NOT_APPLIED
+from kernels.risk import NOT_APPLIED, correlation_from_covariance
 from mtq_common.data.features import FEATURE_NAMES, FEATURE_WINDOW, compute_features
 from mtq_common.data.market import MarketData
 from mtq_common.training.config import Config
@@ -22,6 +22,13 @@ OBS_CLIP = 10.0
 """Observations are clipped to +-OBS_CLIP so they always lie inside the observation space."""
 STATE_SIZE = 4
 """Per-instrument state columns of an observation: position, unrealised PnL, drawdown, time in trade."""
+
+
+def portfolio_state_size(n: int) -> int:
+    """State columns of the portfolio observation: drawdown, the N weights, three risk usages."""
+    return 1 + n + 3
+
+
 NORMAL_QUANTILES = {0.9: 1.2815515655446004, 0.95: 1.6448536269514722, 0.99: 2.3263478740408408}
 
 
@@ -52,8 +59,10 @@ class MarketTables:
     returns: torch.Tensor  # [T, N] simple return of bar t-1 -> t
     features: torch.Tensor  # [T, N, F] causal features
     instrument_static: torch.Tensor  # [T, N, F + N + STATE] features, one-hot, zeros for the state (one gather)
-    portfolio_static: torch.Tensor  # [T, 3N + N(N-1)/2] 1- and 20-bar scaled returns, vols, correlations
+    portfolio_static: torch.Tensor  # [T, 3N + N(N-1)/2 + portfolio_state_size(N)] 1- and 20-bar scaled returns, vols,
+    # correlations, zeros for the state (the portfolio observation's layout: one gather)
     cov: torch.Tensor  # [T, N, N] per-bar EWMA covariance through bar t
+    corr: torch.Tensor  # [T, N, N] its correlation R (`kernels.risk.correlation_from_covariance`), for the risk manager
     variance: torch.Tensor  # [T, N] per-bar variance (the diagonal of cov)
     vol: torch.Tensor  # [T, N] annualised volatility from cov
     corr_ut: torch.Tensor  # [T, N(N-1)/2] upper triangle of the correlation matrix
@@ -97,6 +106,9 @@ def build_tables(market: MarketData, cfg: Config, device: torch.device | str = "
     portfolio_static = torch.cat(
         [features[..., FEATURE_NAMES.index("ret_1")], features[..., FEATURE_NAMES.index("ret_20")], vol, corr_ut], -1
     )
+    # zero state columns, as in instrument_static: rows of the observation's full width need no masked loads in a
+    # compiled step (4,096 rows: the gather of 52-wide rows was about a tenth of the step)
+    portfolio_static = torch.cat([portfolio_static, torch.zeros(market.num_bars, portfolio_state_size(n))], -1)
     return MarketTables(
         prices=put(market.prices),
         returns=put(market.returns),
@@ -104,6 +116,7 @@ def build_tables(market: MarketData, cfg: Config, device: torch.device | str = "
         instrument_static=put(torch.cat([features, onehot, torch.zeros(market.num_bars, n, STATE_SIZE)], -1)),
         portfolio_static=put(portfolio_static.clamp(-OBS_CLIP, OBS_CLIP)),
         cov=put(cov),
+        corr=put(correlation_from_covariance(cov)),  # per bar, not per row and step
         variance=put(sigma**2),
         vol=put(vol),
         corr_ut=put(corr_ut),

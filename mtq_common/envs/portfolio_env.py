@@ -68,7 +68,7 @@ class PortfolioEnv(BatchedTradingEnv):
         self.risk = {k: torch.zeros(num_envs, device=self.engine.device) for k in ("var", "corr", "sector")}
 
         f_obs = instrument_obs_size(n, next_return_diagnostic)
-        self.portfolio_obs_size = 2 * n + n + n * (n - 1) // 2 + 1 + n + 3
+        self.portfolio_obs_size = tables.portfolio_static.shape[-1]  # 3N + N(N-1)/2 static, 1 + N + 3 state
         self.single_observation_space = gym.spaces.Dict(
             {
                 "instruments": gym.spaces.Box(-OBS_CLIP, OBS_CLIP, (n, f_obs), np.float32),
@@ -86,7 +86,6 @@ class PortfolioEnv(BatchedTradingEnv):
     def _observe(self) -> dict[str, torch.Tensor]:
         eng, tb = self.engine, self.engine.tables
         lim = self.limits
-        static = tb.portfolio_static.index_select(0, eng.t)  # returns, vols, correlations: prepared per bar
         dynamic = torch.cat(
             [
                 (eng.drawdown / eng.cfg.reward.max_drawdown_target).unsqueeze(-1),
@@ -102,9 +101,9 @@ class PortfolioEnv(BatchedTradingEnv):
             ],
             -1,
         ).clamp(-OBS_CLIP, OBS_CLIP)
-        portfolio = torch.empty(self.num_envs, self.portfolio_obs_size, device=eng.device)
-        portfolio[:, : static.shape[-1]] = static
-        portfolio[:, static.shape[-1] :] = dynamic
+        # returns, vols, correlations prepared per bar; the state columns written over the gathered zeros
+        portfolio = tb.portfolio_static.index_select(0, eng.t)
+        portfolio[:, -dynamic.shape[-1] :] = dynamic
         return {"instruments": eng.instrument_obs(self.diagnostic), "portfolio": portfolio}
 
     def _execute(self, proposed_weights, own_positions, update: bool):
@@ -119,8 +118,9 @@ class PortfolioEnv(BatchedTradingEnv):
         held_flat = eng.stop_lock(own, update)
         own = torch.where(held_flat, 0.0, own)
         proposal = torch.where(held_flat, 0.0, proposal)
-        cov = eng.tables.cov.index_select(0, eng.t)
-        return proposal, own, kernels.risk_step(proposal, cov, self.sector_onehot, self.limits, check_finite=False)
+        cov, corr = eng.tables.cov.index_select(0, eng.t), eng.tables.corr.index_select(0, eng.t)
+        risk = kernels.risk_step(proposal, cov, self.sector_onehot, self.limits, check_finite=False, corr=corr)
+        return proposal, own, risk
 
     def preview(self, proposed_weights, own_positions=None):
         """What `step` would execute at the current bar, without changing any state: `(proposal after the
@@ -130,9 +130,7 @@ class PortfolioEnv(BatchedTradingEnv):
 
     def _fresh_obs(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         eng = self.engine
-        static = eng.tables.portfolio_static.index_select(0, eng.t[rows])
-        portfolio = torch.zeros(len(rows), self.portfolio_obs_size, device=eng.device)  # flat: no risk in use
-        portfolio[:, : static.shape[-1]] = static
+        portfolio = eng.tables.portfolio_static.index_select(0, eng.t[rows])  # zero state: flat, no risk in use
         return {"instruments": eng.fresh_instrument_obs(rows), "portfolio": portfolio}
 
     def _extra_state(self) -> dict:
