@@ -57,7 +57,7 @@ from mtq_common.agents.update import CompileChoice, PPOUpdate, use_compile
 from mtq_common.data.splits import load_splits
 from mtq_common.data.tables import build_tables
 from mtq_common.data.volatility import fit_vol_levels
-from mtq_common.envs.portfolio_env import PortfolioEnv, compile_options
+from mtq_common.envs.portfolio_env import PortfolioEnv
 from mtq_common.evaluation.allocation_fit import fit_allocation_rule
 from mtq_common.evaluation.bootstrap import check_replace_confidence, gain_over_start
 from mtq_common.evaluation.portfolio_eval import evaluate_portfolio, validation_timings
@@ -66,6 +66,7 @@ from mtq_common.evaluation.rules import fit_trend_for
 from mtq_common.training import checkpoint as ckpt
 from mtq_common.training import distributed
 from mtq_common.training.checkpoint import clone_state, parameter_fingerprint
+from mtq_common.training.compiling import compile_options
 from mtq_common.training.plumbing import Run, autocast, cli, iterations, restore, resume, seed_everything, start_run
 
 ALIASES = {"timesteps": "training.phase_2_timesteps"}
@@ -325,7 +326,7 @@ def main(args: Args) -> dict:
         return (obs, (meta_action, meta_logprob, meta_value), allocation, appetite, proposal, stepped, twin_stepped,
                 reward, twin_reward, held)  # fmt: skip
 
-    step_bar = torch.compile(trade_bar, options=compile_options()) if compiled else trade_bar
+    step_bar = torch.compile(trade_bar, options=compile_options(device, narrow_vectors=True)) if compiled else trade_bar
 
     rollout = PortfolioRolloutStats(specialists.names, envs.limits.max_var, device, num_rows)
     start_returns = None  # the starting point's validation returns (rank 0): what an iterate must beat

@@ -85,7 +85,7 @@ from mtq_common.agents.update import CompileChoice, JointUpdate, use_compile
 from mtq_common.data.splits import load_splits
 from mtq_common.data.tables import build_tables
 from mtq_common.data.volatility import fit_vol_levels
-from mtq_common.envs.portfolio_env import PortfolioEnv, compile_options
+from mtq_common.envs.portfolio_env import PortfolioEnv
 from mtq_common.evaluation.backtest import run_episodes, summarize_episodes
 from mtq_common.evaluation.bootstrap import check_replace_confidence, gain_over_start
 from mtq_common.evaluation.portfolio_eval import evaluate_portfolio
@@ -94,6 +94,7 @@ from mtq_common.evaluation.rules import fit_trend_for
 from mtq_common.training import checkpoint as ckpt
 from mtq_common.training import distributed
 from mtq_common.training.checkpoint import clone_state, parameter_fingerprint
+from mtq_common.training.compiling import compile_options
 from mtq_common.training.config import ConfigError
 from mtq_common.training.plumbing import Run, autocast, cli, iterations, restore, resume, seed_everything, start_run
 
@@ -401,7 +402,7 @@ def main(args: Args) -> dict:
         held = tracker.after_step(positions, info["bar_returns"], truncated)
         return decisions, stepped, twin_stepped, reward, twin_reward, own_reward, held
 
-    step_bar = torch.compile(trade_bar, options=compile_options()) if compiled else trade_bar
+    step_bar = torch.compile(trade_bar, options=compile_options(device, narrow_vectors=True)) if compiled else trade_bar
 
     def final_value(inst_obs, portfolio, held, *evidence):  # V of final observations, from their stored parts
         positions = specialists.positions(inst_obs, owner)

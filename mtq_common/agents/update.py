@@ -29,6 +29,7 @@ from torch import nn
 from mtq_common.agents.coordination import coordinate_, grads_of_each
 from mtq_common.agents.ppo import FlatAdam, adam_, flat_cat
 from mtq_common.training import distributed
+from mtq_common.training.compiling import compile_options
 
 CompileChoice = Literal["auto", "on", "off"]
 CPU = torch.device("cpu")
@@ -140,9 +141,10 @@ class PPOUpdate:
         self.params, self.compiled, self.batch_dim = optimizer.members[0], compiled, batch_dim
         if compiled:
             self.weights = WeightsAsInputs(modules, optimizer)
-            self._step = torch.compile(self._step_of)
-            self._gradients = torch.compile(self._gradients_of)
-            self._apply = torch.compile(self._apply_of)
+            options = compile_options(self.params[0].device)
+            self._step = torch.compile(self._step_of, options=options)
+            self._gradients = torch.compile(self._gradients_of, options=options)
+            self._apply = torch.compile(self._apply_of, options=options)
 
     def __call__(self, mb: torch.Tensor, *rollout: torch.Tensor):
         if not self.compiled:  # the reference: CleanRL's order
@@ -203,9 +205,10 @@ class JointUpdate:
         self.meta_params, self.specialist_params = optimizer.members  # (the order of the groups)
         if compiled:
             self.weights = WeightsAsInputs([meta, specialists], optimizer)
-            self._step = torch.compile(self._step_of)
-            self._gradients = torch.compile(self._gradients_of)
-            self._apply = torch.compile(self._apply_of)
+            options = compile_options(self.meta_params[0].device)
+            self._step = torch.compile(self._step_of, options=options)
+            self._gradients = torch.compile(self._gradients_of, options=options)
+            self._apply = torch.compile(self._apply_of, options=options)
 
     def __call__(self, mb, meta_rollout, specialist_rollout, update_meta: bool, update_specialists: bool):
         # (`index_select`: a third of advanced indexing's time on the CPU, 20-60 us a minibatch, the same rows)

@@ -13,14 +13,8 @@ from mtq_common.data.market import MarketData
 from mtq_common.data.tables import OBS_CLIP, MarketTables, build_tables, cost_rates, feasible_limits
 from mtq_common.envs.engine import TradingEngine
 from mtq_common.envs.trading_env import BatchedTradingEnv, as_actions, instrument_obs_size
+from mtq_common.training.compiling import compile_options
 from mtq_common.training.config import Config
-
-
-def compile_options() -> dict:
-    """Inductor options for the compiled step: 256-bit vectors on an AVX-512 CPU. A row's 8 instruments then
-    fill one vector exactly, where 16 lanes would be half masked (4,096 rows, one thread: 3.73-4.12 -> 3.25-3.46
-    ms a step). Other CPUs (and GPUs) keep Inductor's default."""
-    return {"cpp.simdlen": 256} if torch.backends.cpu.get_cpu_capability() == "AVX512" else {}
 
 
 class PortfolioEnv(BatchedTradingEnv):
@@ -81,7 +75,8 @@ class PortfolioEnv(BatchedTradingEnv):
         self.has_truth = tables.regime is not None
         # compiled: the step before the autoreset as one torch.compile'd function (the autoreset's data-dependent
         # branches stay eager); fused code rounds differently from the eager step (see mtq_common.agents.update)
-        self._step = torch.compile(self._stepped, options=compile_options()) if compiled else self._stepped
+        options = compile_options(self.engine.device, narrow_vectors=True)
+        self._step = torch.compile(self._stepped, options=options) if compiled else self._stepped
 
     def _observe(self) -> dict[str, torch.Tensor]:
         eng, tb = self.engine, self.engine.tables

@@ -40,6 +40,7 @@ from mtq_common.data.features import FEATURE_NAMES
 from mtq_common.data.market import MarketData
 from mtq_common.data.tables import OBS_CLIP, STATE_SIZE, MarketTables, build_tables, cost_rates
 from mtq_common.envs.engine import TradingEngine
+from mtq_common.training.compiling import compile_options
 from mtq_common.training.config import Config
 
 
@@ -258,7 +259,9 @@ class SpecialistEnv(BatchedTradingEnv):
         self.action_space = gym.vector.utils.batch_space(self.single_action_space, self.num_envs)
         self.cost_rate = cost_rates(market, cfg, self.engine.device)[self.engine.index]  # [B, 1]
         # compiled: the step before the autoreset as one torch.compile'd function, as `PortfolioEnv`'s
-        self._step = torch.compile(self._stepped) if compiled else self._stepped
+        self._step = (
+            torch.compile(self._stepped, options=compile_options(self.engine.device)) if compiled else self._stepped
+        )
 
     def _observe(self) -> torch.Tensor:
         return self.engine.instrument_obs(self.diagnostic).squeeze(1)
