@@ -159,7 +159,8 @@ class Args:
     torch_threads: int = 1
     """torch intra-op threads on the CPU (0: torch's default); small-batch PPO is fastest with 1."""
     compile: CompileChoice = "auto"
-    """torch.compile the PPO update and env step (agents/update.py): on, off, auto (on from 4,000 minibatches)."""
+    """torch.compile the PPO update and each rollout bar (agents/update.py): on, off, auto (on from 4,000
+    minibatches)."""
     amp: bool = False
     """bf16 autocast in the PPO update (CUDA only; refused on the CPU)."""
 
