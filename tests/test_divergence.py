@@ -55,8 +55,8 @@ def test_nan_actions_stop_phase_2_naming_the_phase_step_and_row(tiny_phases, tmp
     _, config, (phase1_dir, _) = tiny_phases
     original = MetaController.get_action_and_value
 
-    def poisoned(self, obs, action=None):
-        u, logprob, entropy, value = original(self, torch.nan_to_num(obs), action)
+    def poisoned(self, obs, action=None, noise=None):
+        u, logprob, entropy, value = original(self, torch.nan_to_num(obs), action, noise)
         return torch.full_like(u, float("nan")), logprob, entropy, value
 
     monkeypatch.setattr(MetaController, "get_action_and_value", poisoned)
@@ -73,8 +73,8 @@ def test_nan_actions_from_a_diverged_meta_controller_stop_phase_2_with_a_clear_e
     _, config, (phase1_dir, _) = tiny_phases
     original = MetaController.get_action_and_value
 
-    def poisoned(self, obs, action=None):
-        u, logprob, entropy, value = original(self, obs, action)
+    def poisoned(self, obs, action=None, noise=None):
+        u, logprob, entropy, value = original(self, obs, action, noise)
         return torch.full_like(u, float("nan")), logprob, entropy, value
 
     monkeypatch.setattr(MetaController, "get_action_and_value", poisoned)
