@@ -359,8 +359,8 @@ def main(args: Args) -> dict:
         exploring, their action, log-probability and value), the meta-controller's observation, action,
         log-probability and value, the allocation and appetite traded, the proposal and the twin's proposal
         (the starting point with the same positions). Moves the tracker's held allocation and appetite. Pure
-        tensor work: with `--compile` one graph per kind of iteration (a few dozen small ops fused; the noise
-        stays outside, so the generator's stream is the eager script's)."""
+        tensor work, compiled inside `trade_bar` (the noise stays outside, so the generator's stream is the eager
+        script's)."""
         spec = None
         if spec_noise is not None:  # sample, and record what the specialists' update needs
             mean, log_std, spec_value = specialists.forward_per_slot(inst_obs, owner)

@@ -151,7 +151,7 @@ class PortfolioEnv(BatchedTradingEnv):
 
     def trade(self, proposed_weights, own_positions=None, observe: bool = True):
         """`step` before its autoreset: `(observation, reward, truncated, info)`, pure tensor work, for a caller
-        that compiles one function around a whole bar (Phase 3: both levels' decisions, this env and its twin).
+        that compiles one function around a whole bar (Phases 2 and 3: the decisions, this env and its twin).
         `finish_step(*trade(...))` is exactly `step(...)`."""
         return self._stepped(proposed_weights, own_positions, observe)
 
