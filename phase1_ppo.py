@@ -53,6 +53,7 @@ from mtq_common.evaluation.specialist_eval import evaluate_specialists, format_s
 from mtq_common.training import checkpoint as ckpt
 from mtq_common.training import distributed
 from mtq_common.training.checkpoint import parameter_fingerprint
+from mtq_common.training.compiling import compile_options
 from mtq_common.training.config import ConfigError
 from mtq_common.training.plumbing import Run, autocast, cli, iterations, restore, resume, seed_everything, start_run
 
@@ -134,7 +135,8 @@ class Args:
     torch_threads: int = 1
     """torch intra-op threads on the CPU (0: torch's default); small-batch PPO is fastest with 1."""
     compile: CompileChoice = "auto"
-    """torch.compile the PPO update (agents/update.py): on, off, or auto (on for runs of 4,000 minibatches or more)."""
+    """torch.compile the PPO update and each rollout bar (agents/update.py): on, off, or auto (on for runs of 4,000
+    minibatches or more)."""
     amp: bool = False
     """bf16 autocast in the PPO update (CUDA only; refused on the CPU)."""
 
@@ -152,7 +154,7 @@ def main(args: Args) -> dict:
     rows_per_iteration = args.num_envs * args.num_steps  # per specialist, on this rank
     num_iterations = iterations(args, rows_per_iteration, world)  # (a minibatch never exceeds the rollout)
     minibatches_per_run = num_iterations * args.n_epochs * -(-rows_per_iteration // args.minibatch_size)
-    compiled = use_compile(args.compile, minibatches_per_run, device, log)  # the update
+    compiled = use_compile(args.compile, minibatches_per_run, device, log)  # the update and each rollout bar
 
     # TRY NOT TO MODIFY: seeding (each rank its own environments and noise; rank 0's initial weights)
     seed = seed_everything(world.seed(args.seed))
@@ -161,8 +163,8 @@ def main(args: Args) -> dict:
     splits = load_splits(cfg)
     train, val = splits["train"], splits["val"]
     row_instrument, _ = specialist_rows(train, specialists, args.num_envs)
-    # (eager: at these 192 rows the compiled step, `compiled=True`, saves 0.3 ms of a 1.1 ms rollout step, about
-    # what tracing it costs at each start: a default run measured no faster; docs/benchmarks.md)
+    # (not compiled on its own: at these 192 rows that saved about what tracing it cost; under --compile the whole
+    # rollout bar is one graph instead, `trade_bar`, the specialists' samples with the step: docs/benchmarks.md)
     envs = SpecialistEnv(
         train, cfg, row_instrument, device=device, seed=seed, torch_mode=True,
         next_return_diagnostic=args.next_return_diagnostic, check_actions=False,
@@ -224,6 +226,16 @@ def main(args: Args) -> dict:
 
     row_specialist = torch.arange(num_specialists, device=device).view(1, -1, 1).expand_as(truncs)
 
+    def trade_bar(envs, obs, noise):
+        """One bar up to the autoreset: every specialist's sample (from the standard normal `noise` the script drew:
+        the generator's stream of `dist.sample()`), its position (the clipped target, partially adjusted) and the
+        env's step (`SpecialistEnv.trade`). Pure tensor work: with `--compile` one graph, one call a bar."""
+        action, logprob, _, value = agent.get_action_and_value(obs, noise=noise)
+        position = agent.to_position(action, obs)
+        return action, logprob, value, position, envs.trade(position.reshape(-1, 1))
+
+    step_bar = torch.compile(trade_bar, options=compile_options(device, narrow_vectors=True)) if compiled else trade_bar
+
     def final_value(obs, specialist):  # V of truncated rows' final observations, each with its specialist's critic
         return agent.value_per_slot(obs.unsqueeze(0), specialist).squeeze(0)
 
@@ -261,13 +273,14 @@ def main(args: Args) -> dict:
         ep_count = torch.zeros((), device=device)
         for step in range(args.num_steps):
             global_step += rows_per_specialist * world.size
-            obs[step] = next_obs.view(num_specialists, rows_per_specialist, obs_size)
+            step_obs = next_obs.view(num_specialists, rows_per_specialist, obs_size)
+            obs[step] = step_obs
             with torch.no_grad():
-                action, logprob, _, value = agent.get_action_and_value(obs[step])
-            position = agent.to_position(action, obs[step])  # the clipped target, partially adjusted
+                noise = torch.randn(num_specialists, rows_per_specialist, device=device)  # (outside the compiled bar)
+                action, logprob, value, position, stepped = step_bar(envs, step_obs, noise)
             guard.watch(position.reshape(-1, 1), global_step)
             values[step], actions[step], logprobs[step] = value, action, logprob
-            next_obs, reward, _, truncated, info = envs.step(position.reshape(-1, 1))
+            next_obs, reward, _, truncated, info = envs.finish_step(*stepped)  # the autoreset (eager)
             rewards[step] = reward.view(num_specialists, rows_per_specialist)
             truncs[step] = truncated.view(num_specialists, rows_per_specialist).float()
             final_obs[step] = info["final_obs"].view(num_specialists, rows_per_specialist, obs_size)

@@ -173,12 +173,16 @@ class SpecialistAgents(nn.Module):
         """CleanRL's interface on grouped rows: the critic alone, value [K, R] (a bootstrap needs no action)."""
         return self._mlp(self.critic, self._normalised(obs))
 
-    def get_action_and_value(self, obs: torch.Tensor, action: torch.Tensor | None = None):
-        """CleanRL's interface on grouped rows: (action, log_prob, entropy, value), each [K, R]."""
+    def get_action_and_value(self, obs: torch.Tensor, action: torch.Tensor | None = None,
+                             noise: torch.Tensor | None = None):  # fmt: skip
+        """CleanRL's interface on grouped rows: (action, log_prob, entropy, value), each [K, R]. `noise` [K, R]:
+        the sample's standard normal draw, `action = mean + std * noise` (what `dist.sample()` draws from the same
+        generator), for a caller that draws it outside a compiled region (Phase 1's rollout)."""
         mean, log_std, value = self.forward_grouped(obs)
-        dist = torch.distributions.Normal(mean, log_std.exp().expand_as(mean), validate_args=False)
+        std = log_std.exp().expand_as(mean)
+        dist = torch.distributions.Normal(mean, std, validate_args=False)
         if action is None:
-            action = dist.sample()
+            action = dist.sample() if noise is None else mean + std * noise
         return action, dist.log_prob(action), dist.entropy(), value
 
     # -- Phase 2/3 and evaluation: one specialist per instrument slot --------------------------

@@ -155,10 +155,6 @@ class PortfolioEnv(BatchedTradingEnv):
         `finish_step(*trade(...))` is exactly `step(...)`."""
         return self._stepped(proposed_weights, own_positions, observe)
 
-    def finish_step(self, obs, reward, truncated, info: dict):
-        """The rest of `step` after `trade`: the autoreset (eager: its branches depend on the data)."""
-        return self._finish(obs, reward, truncated, info)
-
     def _stepped(self, proposed_weights, own_positions, observe: bool):
         """`step` before the autoreset: `(observation, reward, truncated, info)` (pure tensor work, compilable)."""
         eng = self.engine

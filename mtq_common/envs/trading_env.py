@@ -134,6 +134,12 @@ class BatchedTradingEnv(VectorEnv):
         terminated = torch.zeros_like(done)
         return self._out(obs), self._out(reward), self._out(terminated), self._out(truncated), self._out(info)
 
+    def finish_step(self, obs, reward, truncated, info: dict):
+        """The rest of `step` after the environment's `trade` (`step` before its autoreset, pure tensor work, for a
+        caller that compiles a whole bar around it): the autoreset, eager because its branches depend on the data.
+        `finish_step(*trade(...))` is exactly `step(...)`."""
+        return self._finish(obs, reward, truncated, info)
+
     dense_restart = False
     """Build the next observation of every row after an autoreset (the GPU path; tests compare the two)."""
 
@@ -272,6 +278,12 @@ class SpecialistEnv(BatchedTradingEnv):
     def step(self, actions):
         actions = as_actions(actions, (self.num_envs, 1), self.engine.device, self.check_actions)
         return self._finish(*self._step(actions))
+
+    def trade(self, actions: torch.Tensor):
+        """`step` before its autoreset (`finish_step(*trade(actions))` is `step(actions)`), for a caller that
+        compiles a whole bar around it (Phase 1: the specialists' samples and this step). Tensors only; without
+        `check_actions` (the training scripts' fast path) there is no host sync."""
+        return self._stepped(as_actions(actions, (self.num_envs, 1), self.engine.device, self.check_actions))
 
     def _stepped(self, actions: torch.Tensor):
         """`step` before the autoreset: `(observation, reward, truncated, info)` (pure tensor work, compilable)."""
