@@ -223,7 +223,9 @@ def evaluate_portfolio(
     shared: dict[int, SharedPositions] = {}  # one per specialists: the hierarchies over them compute once a bar
 
     def hierarchy(meta_controller, agents=specialists):
-        positions = shared.setdefault(id(agents), SharedPositions(agents))
+        if id(agents) not in shared:  # (not setdefault: its default would be built at every call)
+            shared[id(agents)] = SharedPositions(agents)
+        positions = shared[id(agents)]
         return lambda rows: HierarchyPolicy(agents, meta_controller, owner, size, rows, where, market, positions)
 
     scaled = start_rule_of(specialists)  # the rule the specialists start at, traded as a rule
