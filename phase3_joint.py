@@ -34,6 +34,13 @@ joint PPO with one global clip and both levels updated every iteration):
 * adaptive learning rates: both groups' rates fall when validation portfolio Sharpe falls and recover
   (within bounds) when it recovers.
 
+Joint sizing (`--joint-sizing`, default on). Before PPO, Phase 3 fits a factor per instrument on the
+specialists' positions in the composed book, on the training split, by gradient ascent on the book's Sharpe
+ratio (`evaluation.allocation_fit.fit_joint_sizing`, as Phase 2 fits its start): what neither level can do
+alone, e.g. trade smaller two instruments of different sectors that carry one bet. It replaces the starting
+point only where its validation Sharpe beats it with the `--replace-confidence` interval above 0; PPO then
+fine-tunes from whichever start holds (`metrics.json`: `joint_sizing`).
+
 Curriculum (DESIGN section 7; `--no-curriculum-learning` trains on the plain training split): the
 training market is regenerated at each difficulty level (`mtq_common.agents.curriculum`); the level advances
 when the rolling validation Sharpe clears `--curriculum-threshold`. Validation is always on the plain
@@ -86,6 +93,7 @@ from mtq_common.data.splits import load_splits
 from mtq_common.data.tables import build_tables
 from mtq_common.data.volatility import fit_vol_levels
 from mtq_common.envs.portfolio_env import PortfolioEnv
+from mtq_common.evaluation.allocation_fit import fit_joint_sizing
 from mtq_common.evaluation.backtest import run_episodes, summarize_episodes
 from mtq_common.evaluation.bootstrap import check_replace_confidence, gain_over_start
 from mtq_common.evaluation.portfolio_eval import evaluate_portfolio
@@ -169,6 +177,9 @@ class Args:
     """Rolling validation Sharpe that advances the curriculum one level."""
     eval_interval: int = 10
     """Validate (and update best.pt) every this many iterations, and at the end."""
+    joint_sizing: bool = True
+    """Fit a factor per instrument on the specialists' positions on the training split before PPO, kept where it
+    validates better than the start with confidence (module docstring; a resumed run keeps its stored choice)."""
     replace_confidence: float = 0.9
     """best.pt leaves the starting point (Phase 2) only for an iterate whose validation Sharpe beats it with the
     paired bootstrap interval at this confidence above 0 (0: any higher Sharpe replaces it)."""
@@ -373,10 +384,10 @@ def main(args: Args) -> dict:
         obs = tracker.observe(portfolio_obs, positions, evidence)
         meta_action, meta_logprob, _, meta_value = meta.get_action_and_value(obs, noise=meta_noise)
         allocation, appetite = tracker.act(meta_action, evidence)
-        proposal = compose_weights(allocation, appetite, positions, owner, max_position)
+        proposal = compose_weights(allocation, appetite, positions, owner, max_position, sizing)
         twin_proposal = None
-        if args.paired_baseline:  # the starting point (allocation and appetite), same positions
-            twin_proposal = compose_weights(*tracker.start, positions, owner, max_position)
+        if args.paired_baseline:  # the starting point (allocation and appetite), same positions and sizing
+            twin_proposal = compose_weights(*tracker.start, positions, owner, max_position, sizing)
         return (positions, spec, obs, (meta_action, meta_logprob, meta_value), allocation, appetite, proposal,
                 twin_proposal)  # fmt: skip
 
@@ -412,10 +423,13 @@ def main(args: Args) -> dict:
     rollout = PortfolioRolloutStats(specialists.names, envs.limits.max_var, device, num_rows)
     prev_positions = torch.zeros(num_rows, num_instruments, device=device)
     start_returns = None  # the starting point's validation returns (rank 0): what an iterate must beat
+    joint_sizing = None  # the joint sizing's fit and validation (`metrics.json`), where one was fit
     if args.resume:
         if world.is_main:  # (the models still hold Phases 1 and 2, before the resumed weights replace them)
             start_returns = validation(specialists, meta)[1]
         state, mine = resume(args, "phase3", cfg, world)
+        meta.instrument_scale = state["meta_spec"].get("instrument_scale")  # the stored joint sizing (or none)
+        joint_sizing = state.get("joint_sizing")
         curriculum.load_state_dict(state["curriculum"])
         level = curriculum.get_difficulty_level(state["global_step"])
         envs, twin, risk = make_envs(level)  # the resumed curriculum level's market
@@ -444,6 +458,27 @@ def main(args: Args) -> dict:
         best = {"sharpe": report["portfolio"]["sharpe"], "iteration": 0, "specialists": clone_state(specialists),
                 "meta": clone_state(meta)}  # fmt: skip
         ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best, specialists, meta, cfg))
+    if not args.resume and args.joint_sizing:  # a fitted start of both levels' sizes (module docstring)
+        joint_sizing = fit_joint_sizing(specialists, meta, splits["train"], cfg, device)
+        meta.instrument_scale = joint_sizing["scale"]
+        keep = 0.0
+        if world.is_main:
+            sized, returns = validation(specialists, meta)
+            over_start, sharpe = gain(returns), sized["portfolio"]["sharpe"]
+            joint_sizing["val_sharpe"] = sharpe
+            joint_sizing["gain_over_start"] = {k: over_start[k] for k in ("difference", "low", "high")}
+            keep = float(sharpe > best["sharpe"] and over_start["replaces"])
+            if keep:
+                best = {"sharpe": sharpe, "iteration": 0, "specialists": clone_state(specialists),
+                        "meta": clone_state(meta), "gain": joint_sizing["gain_over_start"]}  # fmt: skip
+                ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best, specialists, meta, cfg))
+        joint_sizing["kept"] = bool(distributed.broadcast_value(keep, world, device))
+        log.info("joint sizing fit on train (Sharpe %.3f -> %.3f), scales %s: %s on validation",
+                 *joint_sizing["train_sharpe"], np.round(joint_sizing["scale"], 3).tolist(),
+                 "kept" if joint_sizing["kept"] else "not kept")  # fmt: skip
+        if not joint_sizing["kept"]:
+            meta.instrument_scale = None
+    sizing = meta.sizing(device)  # (None: the composition as in Phase 2)
     run.watch.lap("validation")  # the starting point's
     guard = DivergenceGuard("phase 3", device)
     for iteration in range(start_iteration, num_iterations + 1):
@@ -599,7 +634,8 @@ def main(args: Args) -> dict:
                          iteration, num_iterations, global_step, sps, sharpe, over_start["difference"],
                          over_start["low"], over_start["high"], level)  # fmt: skip
         current = {"specialists": clone_state(specialists), "meta": clone_state(meta)}
-        run.save_latest(iteration, global_step, best, model_payload(current, specialists, meta, cfg), schedules,
+        payload = {**model_payload(current, specialists, meta, cfg), "joint_sizing": joint_sizing}
+        run.save_latest(iteration, global_step, best, payload, schedules,
                         {"env": envs, "twin": twin, "tracker": tracker, "prev_positions": prev_positions,
                          "rollout": rollout})  # fmt: skip
         if stalled(args, iteration, num_iterations, best["iteration"], world, device):
@@ -620,6 +656,7 @@ def main(args: Args) -> dict:
              "replace_confidence": args.replace_confidence,
              "config_hash": cfg.hash(), "seed": args.seed,
              "timing": timing, "ranks": ranks}  # fmt: skip
+    facts["joint_sizing"] = joint_sizing
     result = final_evaluation(
         args, specialists, meta, owner, best, report, validate, val, cfg, device, val_tables, facts, log
     )

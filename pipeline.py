@@ -121,6 +121,9 @@ class Args:
     higher Sharpe; phase3_joint.py --replace-confidence)."""
     phase3_patience: int = 0
     """Phase 3 stops once this many validations in a row have not beaten its best.pt (0: never; phase3_joint.py)."""
+    phase3_joint_sizing: bool = True
+    """Phase 3 fits a factor per instrument on the specialists' positions on train before PPO, kept only with a
+    confident validation gain (phase3_joint.py --joint-sizing)."""
     num_envs: int = 64
     """Environment rows of every phase (config: training.n_envs)."""
     eval_episodes: int = 100
@@ -210,7 +213,7 @@ def phase_args(args: Args, name: str, resume: bool):
                            replace_confidence=args.phase2_replace_confidence, **common)  # fmt: skip
     return script.Args(timesteps=args.phase3_timesteps, phase1_dir=str(out / "phase1"),
                        phase2_dir=str(out / "phase2"), eval_episodes=args.eval_episodes, patience=args.phase3_patience,
-                       replace_confidence=args.phase3_replace_confidence,
+                       replace_confidence=args.phase3_replace_confidence, joint_sizing=args.phase3_joint_sizing,
                        **common)  # fmt: skip
 
 
@@ -340,6 +343,8 @@ def test_backtests(args: Args, cfg, device):
         phase3 = json.loads(phase3_metrics.read_text())
         report["phase3_best_iteration"] = phase3["best_iteration"]
         report["phase3_early_stop_iteration"] = phase3.get("early_stop_iteration")  # (None: ran every iteration)
+        sizing = phase3.get("joint_sizing")  # (None: not fit; else whether it replaced the Phase 2 start)
+        report["phase3_joint_sizing"] = None if sizing is None else sizing["kept"]
     return report, backtests, (specialists, meta), test, tables
 
 

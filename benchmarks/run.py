@@ -244,7 +244,8 @@ def seed_row(seed: int, rep: dict) -> dict:
     failed = [t["target"] for t in rep["relative_targets"] if not t["pass"]]
     return {"seed": seed, "sharpe": sharpe, "best_rule": best, "differences": differences,
             "phase3_best_iteration": rep.get("phase3_best_iteration"),
-            "phase3_early_stop_iteration": rep.get("phase3_early_stop_iteration"), "pass": not failed, "failed": failed,
+            "phase3_early_stop_iteration": rep.get("phase3_early_stop_iteration"),
+            "phase3_joint_sizing": rep.get("phase3_joint_sizing"), "pass": not failed, "failed": failed,
             "turnover_per_vol": policies["system"]["turnover_per_vol"],
             "momentum_turnover_per_vol": policies["momentum"]["turnover_per_vol"]}  # fmt: skip
 
@@ -290,6 +291,7 @@ def trading_quality(outcomes: list) -> tuple[str, dict] | None:
             cells += f"{d['difference']:+7.2f} [{d['low']:+.2f},{d['high']:+.2f}]" if d else f"{'':>22}"
         iteration, stop = r["phase3_best_iteration"], r["phase3_early_stop_iteration"]
         iteration = iteration if iteration is None or stop is None else f"{iteration}/{stop}"
+        iteration = f"{iteration}+s" if r.get("phase3_joint_sizing") else iteration  # from the joint sizing's start
         verdict = "PASS" if r["pass"] else "FAIL (" + "; ".join(r["failed"]) + ")"
         turnover = f"{r['turnover_per_vol']:.2f}/{r['momentum_turnover_per_vol']:.2f}"
         lines.append(f"{r['seed']:<5}{cells}{'' if iteration is None else iteration:>7}{turnover:>10}  {verdict}")
@@ -301,7 +303,8 @@ def trading_quality(outcomes: list) -> tuple[str, dict] | None:
             lines.append(f"{n + ' mean +- std':<40}{summary[n]['mean']:>8.3f} +- {summary[n]['std']:.3f}")
     lines.append(f"machine: {summary['machine']}")
     lines.append("(turn/vol: the system's turnover per unit of volatility / momentum's; P3 it: the Phase 3 iteration "
-                 "best.pt holds, 0 = the Phase 2 system; /N: stopped early at iteration N)")  # fmt: skip
+                 "best.pt holds, 0 = the Phase 2 system; +s: with the joint sizing fit on train; /N: stopped early at "
+                 "iteration N)")  # fmt: skip
     lines.append("every seed passes DESIGN 14" if summary["all_pass"] else "DESIGN 14 NOT met for every seed")
     return "\n".join(lines), summary
 

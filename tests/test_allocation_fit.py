@@ -82,6 +82,9 @@ def test_the_rule_is_stored_with_the_weights_and_old_tracker_state_loads():
     meta = MetaController(10, 3, allocation_rule=rule())
     assert MetaController.from_spec(meta.describe()).allocation_rule == rule()
     assert "allocation_rule" not in MetaController(10, 3).describe()
+    sized = MetaController.from_spec(MetaController(10, 3, instrument_scale=[0.5, 1.0, 2.0]).describe())
+    assert sized.instrument_scale == [0.5, 1.0, 2.0] and sized.sizing("cpu").tolist() == [0.5, 1.0, 2.0]
+    assert "instrument_scale" not in MetaController(10, 3).describe() and MetaController(10, 3).sizing("cpu") is None
     tracker = MetaTracker(torch.tensor([0, 1, 2]), 3, 2, "cpu", allocation_rule=rule())
     old = {name: value for name, value in tracker.state_dict().items() if name != "sleeves"}  # before the sleeves
     tracker.load_state_dict(old)

@@ -355,6 +355,9 @@ def test_compose_weights():
     w = compose_weights(only_equity, torch.full((1,), 0.5), positions, owner, 0.1)
     assert torch.all(w[0, :5] == 0) and torch.all(w.abs() <= 0.1)
     torch.testing.assert_close(w[0, 5:], torch.tensor([0.075, 0.075, -0.1]))  # 0.5 * 3 * 1.0 * 0.1, capped
+    scale = torch.tensor([0.5, 1.0, 1.0, 1.0, 1.0, 2.0, 0.5, 1.0])  # Phase 3's joint sizing, one factor an instrument
+    w = compose_weights(even, torch.ones(1), positions, owner, 0.1, scale)
+    torch.testing.assert_close(w, (positions * 0.1 * scale).clamp(-0.1, 0.1))  # the cap holds after the sizing
 
 
 def test_specialist_rows_group_by_specialist():

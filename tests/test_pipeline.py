@@ -290,17 +290,20 @@ def test_smoke_sets_tiny_budgets_and_explicit_flags_win():
 
 
 def test_selection_flags_reach_the_phase_scripts():
-    """`--phase3-replace-confidence` and `--phase3-patience` are Phase 3's `--replace-confidence` and `--patience`,
-    `--phase2-replace-confidence` Phase 2's, with the scripts' defaults (0.9: best.pt leaves the starting point only
-    with confidence; 0: never stop early)."""
+    """`--phase3-replace-confidence`, `--phase3-patience` and `--no-phase3-joint-sizing` are Phase 3's
+    `--replace-confidence`, `--patience` and `--no-joint-sizing`, `--phase2-replace-confidence` Phase 2's, with
+    the scripts' defaults (0.9: best.pt leaves the starting point only with confidence; 0: never stop early;
+    the joint sizing on)."""
     args, _ = parse_args(pipeline_script.Args, pipeline_script.ALIASES, [])
     defaults = pipeline_script.phase_args(args, "phase3", False)
-    assert (defaults.replace_confidence, defaults.patience) == (0.9, 0)
+    assert (defaults.replace_confidence, defaults.patience, defaults.joint_sizing) == (0.9, 0, True)
     assert pipeline_script.phase_args(args, "phase2", False).replace_confidence == 0.9
     argv = ["--phase3-replace-confidence", "0", "--phase3-patience", "2", "--phase2-replace-confidence", "0.5"]
     args, _ = parse_args(pipeline_script.Args, pipeline_script.ALIASES, argv)
     assert (pipeline_script.phase_args(args, "phase3", False).replace_confidence, args.phase3_patience) == (0.0, 2)
     assert pipeline_script.phase_args(args, "phase3", False).patience == 2
+    args, _ = parse_args(pipeline_script.Args, pipeline_script.ALIASES, ["--no-phase3-joint-sizing"])
+    assert pipeline_script.phase_args(args, "phase3", False).joint_sizing is False
     assert pipeline_script.phase_args(args, "phase2", False).replace_confidence == 0.5
 
 

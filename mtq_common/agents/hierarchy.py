@@ -3,19 +3,21 @@
 Phase 2, Phase 3 and the evaluation all call `compose_weights`; the risk manager then maps its
 proposal to executed weights.
 
-    w_i = clamp(risk_appetite * K * allocation_{k(i)} * position_i * max_position, -max_position, max_position)
+    w_i = clamp(risk_appetite * K * allocation_{k(i)} * s_i * position_i * max_position, -max_position, max_position)
 
 `position_i` in [-1, 1] is what specialist k(i) (the owner of instrument i) would trade in its own
 environment, `allocation` is a point of the simplex over the K specialists and `risk_appetite` is
 in [0, 1]. With an even allocation (1/K each) and full appetite every specialist trades exactly as
 it did in Phase 1; the meta-controller scales specialists down (allocation below 1/K) or lets them
 use their full position budget (above 1/K, up to the position cap), and the appetite scales the
-whole book. A risk-timing meta-controller's appetite is a learned factor over the volatility-managed
-rule's (`split_action`, `risk_appetite`), and its observation carries the market's volatility evidence
-(`risk_features`, causal, from the training split's levels stored with its weights). With a fitted
-allocation rule (`rule_logits`, fit on the training split by `evaluation.allocation_fit`) its allocation
-starts there instead of at 1/K: the specialists whose sleeves earned lately get more; a risk-timing rule also
-scales the volatility-managed rule's appetite by a fitted factor of the same evidence and the volatility.
+whole book. `s_i` is 1 unless Phase 3 fit a joint sizing (`MetaController.instrument_scale`): a factor per
+instrument, the one thing that sizes instruments of different specialists against each other. A risk-timing
+meta-controller's appetite is a learned factor over the volatility-managed rule's (`split_action`,
+`risk_appetite`), and its observation carries the market's volatility evidence (`risk_features`, causal, from the
+training split's levels stored with its weights). With a fitted allocation rule (`rule_logits`, fit on the
+training split by `evaluation.allocation_fit`) its allocation starts there instead of at 1/K: the specialists
+whose sleeves earned lately get more; a risk-timing rule also scales the volatility-managed rule's appetite by a
+fitted factor of the same evidence and the volatility.
 """
 
 from __future__ import annotations
@@ -36,13 +38,17 @@ def compose_weights(
     positions: torch.Tensor,
     instrument_specialist: torch.Tensor,
     max_position: float,
+    instrument_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Proposed weights [B, N] from `allocation` [B, K], `risk_appetite` [B] and `positions` [B, N].
 
-    `instrument_specialist` [N] (long) is the index of each instrument's specialist in `allocation`.
+    `instrument_specialist` [N] (long) is the index of each instrument's specialist in `allocation`;
+    `instrument_scale` [N] (optional) the joint sizing `s`.
     """
     k = allocation.shape[-1]
     per_instrument = allocation.index_select(-1, instrument_specialist) * k  # [B, N]
+    if instrument_scale is not None:
+        per_instrument = per_instrument * instrument_scale
     w = risk_appetite.unsqueeze(-1) * per_instrument * positions * max_position
     return w.clamp(-max_position, max_position)
 
@@ -322,6 +328,7 @@ class HierarchyPolicy:
         rate = 1.0 if meta is None else meta.allocation_rate
         self.tracker = MetaTracker(self.owner, self.k, num_rows, device, rate, getattr(meta, "allocation_rule", None))
         self.own_positions = torch.zeros(num_rows, len(owner), device=device)
+        self.scale = None if meta is None else meta.sizing(device)  # Phase 3's joint sizing, if it fit one
         self.last_allocation = self.tracker.allocation
         self.last_appetite = None if meta is None else self.tracker.appetite
 
@@ -335,7 +342,7 @@ class HierarchyPolicy:
             meta_obs = self.tracker.observe(obs["portfolio"], self.own_positions, risk)
             allocation, appetite = self.tracker.act(self.meta.deterministic(meta_obs), risk)
         self.last_allocation, self.last_appetite = allocation, None if self.meta is None else appetite
-        return compose_weights(allocation, appetite, self.own_positions, self.owner, self.max_position)
+        return compose_weights(allocation, appetite, self.own_positions, self.owner, self.max_position, self.scale)
 
     def observe(self, info: dict, done: torch.Tensor) -> None:
         if self.meta is None:  # the equal allocation reads nothing the tracker books: its allocation stays 1/K

@@ -293,16 +293,22 @@ class MetaController(nn.Module):
     Phase 2 can only learn a move away from it where it pays. `allocation_rate` is the partial adjustment of
     the held allocation towards the action (`hierarchy.MetaTracker`); it, `timing` and `allocation_rule` are
     stored with the weights.
+
+    `instrument_scale` (Phase 3's joint sizing, `evaluation.allocation_fit.fit_joint_sizing`; None: none) is a
+    factor per instrument of the market, in its order, on the specialists' positions in the composed book
+    (`hierarchy.compose_weights`): what neither level can express alone, since a specialist sees its own sector
+    and the allocation scales whole specialists. It is stored with the weights.
     """
 
     def __init__(self, obs_size: int, num_specialists: int, hidden: int = 64, init_log_std: float = -0.5,
                  allocation_rate: float = 1.0, timing: dict | None = None,
-                 allocation_rule: dict | None = None):  # fmt: skip
+                 allocation_rule: dict | None = None, instrument_scale: list[float] | None = None):  # fmt: skip
         super().__init__()
         if not 0.0 < allocation_rate <= 1.0:
             raise ValueError(f"allocation_rate {allocation_rate} (--allocation-rate): accepted 0 < rate <= 1")
         self.obs_size, self.num_specialists, self.hidden = obs_size, num_specialists, hidden
         self.allocation_rate, self.timing, self.allocation_rule = allocation_rate, timing, allocation_rule
+        self.instrument_scale = None if instrument_scale is None else [float(x) for x in instrument_scale]
         self.norm = RunningNorm((1, obs_size))
         self.critic = nn.Sequential(
             layer_init(nn.Linear(obs_size, hidden)), Tanh(),
@@ -353,11 +359,18 @@ class MetaController(nn.Module):
         """The mean action u (evaluation)."""
         return self.action_mean(obs)
 
+    def sizing(self, device) -> torch.Tensor | None:
+        """`instrument_scale` as a float32 tensor [N] on `device` (None without one)."""
+        if self.instrument_scale is None:
+            return None
+        return torch.tensor(self.instrument_scale, dtype=torch.float32, device=device)
+
     @classmethod
     def from_spec(cls, spec: dict) -> MetaController:
         """A network of the shape `describe()` recorded (checkpoints store it beside the weights)."""
         return cls(spec["obs_size"], spec["num_specialists"], spec["hidden"], allocation_rate=spec["allocation_rate"],
-                   timing=spec.get("timing"), allocation_rule=spec.get("allocation_rule"))  # fmt: skip
+                   timing=spec.get("timing"), allocation_rule=spec.get("allocation_rule"),
+                   instrument_scale=spec.get("instrument_scale"))  # fmt: skip
 
     @classmethod
     def from_checkpoint(cls, phase2_dir, specialists: SpecialistAgents, device) -> MetaController:
@@ -377,5 +390,6 @@ class MetaController(nn.Module):
     def describe(self) -> dict:
         spec = {"obs_size": self.obs_size, "num_specialists": self.num_specialists, "hidden": self.hidden,
                 "allocation_rate": self.allocation_rate}  # fmt: skip
-        optional = {"timing": self.timing, "allocation_rule": self.allocation_rule}
+        optional = {"timing": self.timing, "allocation_rule": self.allocation_rule,
+                    "instrument_scale": self.instrument_scale}  # fmt: skip
         return {**spec, **{key: value for key, value in optional.items() if value is not None}}
