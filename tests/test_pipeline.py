@@ -302,9 +302,9 @@ def test_selection_flags_reach_the_phase_scripts():
     args, _ = parse_args(pipeline_script.Args, pipeline_script.ALIASES, argv)
     assert (pipeline_script.phase_args(args, "phase3", False).replace_confidence, args.phase3_patience) == (0.0, 2)
     assert pipeline_script.phase_args(args, "phase3", False).patience == 2
+    assert pipeline_script.phase_args(args, "phase2", False).replace_confidence == 0.5
     args, _ = parse_args(pipeline_script.Args, pipeline_script.ALIASES, ["--no-phase3-joint-sizing"])
     assert pipeline_script.phase_args(args, "phase3", False).joint_sizing is False
-    assert pipeline_script.phase_args(args, "phase2", False).replace_confidence == 0.5
 
 
 def test_a_copy_of_phase2_with_its_own_reward_runs_through_the_pipeline(trained, tmp_path):
