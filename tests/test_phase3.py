@@ -96,7 +96,7 @@ def test_interrupted_run_resumes_to_the_same_result(tiny):
 def test_joint_sizing_is_fit_once_on_train_and_a_resume_keeps_its_choice(tiny, monkeypatch):
     """The joint sizing is fit before PPO on the training split, recorded with its validation (`metrics.json`,
     `latest.pt`) and stored with the meta-controller where kept; a resumed run reads that choice back and fits
-    nothing; `--no-joint-sizing` fits none."""
+    nothing; `--no-joint-sizing` fits none, and a sizing that is not kept leaves the run as without one."""
     tmp, config, dirs = tiny
     calls = []
     real = phase3_joint.fit_joint_sizing
@@ -127,6 +127,13 @@ def test_joint_sizing_is_fit_once_on_train_and_a_resume_keeps_its_choice(tiny, m
     off = phase3(tmp, config, dirs, name="unsized", timesteps=1024, joint_sizing=False)
     assert off["joint_sizing"] is None
     assert "instrument_scale" not in torch.load(tmp / "unsized" / "best.pt", weights_only=True)["meta_spec"]
+    # a sizing that is not kept changes nothing: the same run as without one (no random draw, no state moved)
+    unit = [1.0] * len(record["scale"])
+    monkeypatch.setattr(phase3_joint, "fit_joint_sizing", lambda *a: {**real(*a), "scale": unit})
+    ones = phase3(tmp, config, dirs, name="ones", timesteps=1024)
+    assert ones["joint_sizing"]["kept"] is False  # (the same Sharpe as the start: not above it)
+    drop = ("timing", "joint_sizing")
+    assert {k: v for k, v in ones.items() if k not in drop} == {k: v for k, v in off.items() if k not in drop}
 
 
 def test_patience_stops_a_fine_tuning_that_does_not_improve_and_a_resume_keeps_the_stop(tiny):
