@@ -57,6 +57,24 @@ def test_acting_on_data_cut_at_a_bar_gives_what_the_test_backtest_traded_there(t
         k = int(np.flatnonzero(backtest.bars == t)[0])
         np.testing.assert_array_equal(executed, backtest.weights[k].astype(np.float32))
         assert book["last_bar"] == str(test.timestamps[t])[:10]
+    # with Phase 3's joint sizing the book is the sized one, and each row says its factor
+    plain = backtest
+    scale = [0.5] + [1.0] * (test.num_instruments - 1)
+    sized = MetaController.from_spec({**meta.describe(), "instrument_scale": scale})
+    sized.load_state_dict(meta.state_dict())
+
+    def sized_system(rows):
+        return HierarchyPolicy(specialists, sized, owner, size, rows, "cpu", test)
+
+    backtest = run_backtests(test, cfg, {"system": sized_system}, segments=1)["system"]
+    assert not np.array_equal(backtest.weights[:, 0], plain.weights[:, 0])  # (the factor reaches the book)
+    t = backtest.bars[0] + 37
+    book = target_book(specialists, sized, test.window(0, t + 1, "test"), cfg)
+    executed = np.array([book["instruments"][s]["executed_weight"] for s in test.symbols], dtype=np.float32)
+    np.testing.assert_array_equal(
+        executed, backtest.weights[int(np.flatnonzero(backtest.bars == t)[0])].astype(np.float32)
+    )
+    assert [book["instruments"][s]["sizing"] for s in test.symbols] == scale
 
 
 def test_same_data_same_book_and_units(trained):

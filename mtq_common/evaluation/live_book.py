@@ -100,6 +100,7 @@ def target_book(specialists, meta, market: MarketData, cfg: Config, capital: flo
             "signal": float(own[0, i]),
             "allocation": float(allocation[k_of[market.sectors[i]]]),
             "risk_appetite": appetite,
+            "sizing": 1.0 if policy.scale is None else float(policy.scale[i]),  # Phase 3's joint sizing, if kept
             "proposed_weight": float(proposal[0, i]),
             "executed_weight": weight,
             "current_weight": float(held[i]),
