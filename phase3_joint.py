@@ -8,6 +8,13 @@ Loads the Phase 1 specialists (`--phase1-dir/best.pt`) and the Phase 2 meta-cont
 their positions, the meta-controller its allocation and risk appetite, and both log-probabilities
 enter one PPO update.
 
+Reward (`meta_reward`, `--sharpe-reward`, default on). The portfolio reward is the increment of the book's
+Sharpe ratio over the whole training split (`mtq_common.agents.sharpe_reward`): the differential Sharpe ratio
+with its moments held at the starting point's there, instead of the env's moving estimates of the last hundred
+bars. Its sum is the whole split's Sharpe ratio to first order: a larger book earns nothing by its size, and a
+book that moves its risk to where the return per unit of risk is higher earns more. Under the env's reward the
+meta-controller raised its appetite towards 1 and lost Sharpe ratio on the training split itself.
+
 Advantages. The meta-controller uses the portfolio advantage (GAE of the portfolio reward with its
 own critic). Each specialist uses `w * A_portfolio + (1 - w) * A_own` (`--specialist-portfolio-weight`
 w, default 0.5), both normalised: `A_own` is GAE, with the specialist's own critic, of its
@@ -88,12 +95,13 @@ from mtq_common.agents.ppo import (
     update_scalars,
 )
 from mtq_common.agents.rollout_stats import PortfolioRolloutStats, log_validation
+from mtq_common.agents.sharpe_reward import SharpeIncrement
 from mtq_common.agents.update import CompileChoice, JointUpdate, use_compile
 from mtq_common.data.splits import load_splits
 from mtq_common.data.tables import build_tables
 from mtq_common.data.volatility import fit_vol_levels
 from mtq_common.envs.portfolio_env import PortfolioEnv
-from mtq_common.evaluation.allocation_fit import fit_joint_sizing
+from mtq_common.evaluation.allocation_fit import fit_joint_sizing, start_backtests
 from mtq_common.evaluation.backtest import run_episodes, summarize_episodes
 from mtq_common.evaluation.bootstrap import check_replace_confidence, gain_over_start
 from mtq_common.evaluation.portfolio_eval import evaluate_portfolio
@@ -136,7 +144,11 @@ class Args:
     num_steps: int = 128
     """Rollout length per iteration."""
     learning_rate: float = 3e-4
-    """Adam learning rate of both levels before adaptation and annealing."""
+    """Adam learning rate of the meta-controller (and, times --specialist-lr-scale, of the specialists) before
+    adaptation and annealing."""
+    specialist_lr_scale: float = 0.01
+    """The specialists' learning rate relative to --learning-rate. Small by default: they start at a fitted rule,
+    and at the full rate PPO's noisy steps pulled them off it on every seed tried (docs/benchmarks.md)."""
     minibatch_size: int = 256
     """PPO minibatch size."""
     batch_size: int | None = None
@@ -177,6 +189,9 @@ class Args:
     """Rolling validation Sharpe that advances the curriculum one level."""
     eval_interval: int = 10
     """Validate (and update best.pt) every this many iterations, and at the end."""
+    sharpe_reward: bool = True
+    """Train on the increment of the book's Sharpe ratio over the whole training split (`meta_reward`; off: the
+    env's portfolio reward, the differential Sharpe ratio of the last hundred bars with its terms)."""
     joint_sizing: bool = True
     """Fit a factor per instrument on the specialists' positions on the training split before PPO, kept where it
     validates better than the start with confidence (module docstring; a resumed run keeps its stored choice)."""
@@ -209,12 +224,15 @@ class Args:
     """bf16 autocast in the PPO update (CUDA only; refused on the CPU)."""
 
 
-def meta_reward(reward: torch.Tensor, info: dict) -> torch.Tensor:
+def meta_reward(reward: torch.Tensor, info: dict, book: SharpeIncrement | None) -> torch.Tensor:
     """The meta-controller's reward [B] for one bar of a `PortfolioEnv` (its step's `reward` and `info`: the
     executed weights, net return, cost, VaR, ...). The one place to change what it learns: the script applies
     it to the env and to the twin alike, and `charts/episodic_return` logs its episode sums. Built in: the
-    env's portfolio reward (the differential Sharpe ratio with its terms, docs/design.md section 4)."""
-    return reward
+    increment of the book's Sharpe ratio over the whole training split, `book(net_return)`
+    (`agents.sharpe_reward`: the differential Sharpe ratio with its moments held at the starting point's there);
+    with `--no-sharpe-reward` (`book` None) the env's portfolio reward (the differential Sharpe ratio of the last
+    hundred bars with its terms, docs/design.md section 4)."""
+    return reward if book is None else book(info["net_return"])
 
 
 def stalled(args: Args, iteration: int, num_iterations: int, best_iteration: int, world, device) -> bool:
@@ -234,6 +252,8 @@ def main(args: Args) -> dict:
     num_iterations = iterations(args, steps_per_iteration, world)  # (a minibatch never exceeds the rollout)
     minibatches_per_run = num_iterations * args.n_epochs * -(-steps_per_iteration // args.minibatch_size)
     compiled = use_compile(args.compile, minibatches_per_run, device, log)  # the update and each rollout bar
+    if args.specialist_lr_scale < 0.0:
+        raise ConfigError(f"--specialist-lr-scale {args.specialist_lr_scale}: accepted 0 (frozen) or more")
     if not 0.0 <= args.specialist_portfolio_weight <= 1.0:
         raise ConfigError(f"--specialist-portfolio-weight {args.specialist_portfolio_weight}: accepted 0 to 1")
     check_replace_confidence(args.replace_confidence)
@@ -250,6 +270,10 @@ def main(args: Args) -> dict:
     meta = MetaController.from_checkpoint(args.phase2_dir, specialists, device)
     distributed.broadcast_module(specialists, world)  # (the same files: a no-op safeguard)
     distributed.broadcast_module(meta, world)
+    # the starting point on the training split: the reward's reference moments and the joint sizing's data
+    start_books = start_backtests(specialists, meta, splits["train"], cfg, device)
+    cash = cfg.reward.risk_free_rate / splits["train"].bars_per_year
+    book = SharpeIncrement.of(start_books["system"].net_return, cash) if args.sharpe_reward else None
     specialists.requires_grad_(True).train()
     num_specialists, num_instruments = len(specialists.names), val.num_instruments
     coordinate = args.gradient_coordination
@@ -259,7 +283,8 @@ def main(args: Args) -> dict:
     schedule = UpdateSchedule(
         args.meta_update_freq if coordinate else 1, args.specialist_update_freq if coordinate else 1
     )
-    adaptive = AdaptiveLR({"meta": args.learning_rate, "specialists": args.learning_rate})
+    base_rates = {"meta": args.learning_rate, "specialists": args.learning_rate * args.specialist_lr_scale}
+    adaptive = AdaptiveLR(base_rates)
     curriculum = Curriculum(threshold=args.curriculum_threshold, enabled=args.curriculum_learning)
     schedules = {"optimizer": optimizer, "curriculum": curriculum, "adaptive_lr": adaptive}  # saved in latest.pt
 
@@ -403,10 +428,10 @@ def main(args: Args) -> dict:
         positions, proposal, twin_proposal = decisions[0], decisions[6], decisions[7]
         stepped = envs.trade(proposal, positions)
         _, env_reward, truncated, info = stepped
-        reward, twin_reward, twin_stepped = meta_reward(env_reward, info), None, None
+        reward, twin_reward, twin_stepped = meta_reward(env_reward, info, book), None, None
         if args.paired_baseline:  # the starting point (allocation and appetite), same positions, same path
             twin_stepped = twin.trade(twin_proposal, positions, observe=False)
-            twin_reward = meta_reward(twin_stepped[1], twin_stepped[3])
+            twin_reward = meta_reward(twin_stepped[1], twin_stepped[3], book)
         own_reward = None
         if spec_noise is not None:  # each specialist's own objective: its unit-size position's vol-scaled net return
             unit_cost = envs.cost_rate * (positions - prev_positions).abs()
@@ -459,7 +484,7 @@ def main(args: Args) -> dict:
                 "meta": clone_state(meta)}  # fmt: skip
         ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best, specialists, meta, cfg))
     if not args.resume and args.joint_sizing:  # a fitted start of both levels' sizes (module docstring)
-        joint_sizing = fit_joint_sizing(specialists, meta, splits["train"], cfg, device)
+        joint_sizing = fit_joint_sizing(start_books, splits["train"], cfg)
         meta.instrument_scale = joint_sizing["scale"]
         keep = 0.0
         if world.is_main:
@@ -483,7 +508,7 @@ def main(args: Args) -> dict:
     guard = DivergenceGuard("phase 3", device)
     for iteration in range(start_iteration, num_iterations + 1):
         anneal = 1.0 - (iteration - 1.0) / num_iterations if args.anneal_lr else 1.0
-        rates = adaptive.rates() if coordinate else {"meta": args.learning_rate, "specialists": args.learning_rate}
+        rates = adaptive.rates() if coordinate else base_rates
         for group in optimizer.param_groups:
             group["lr"] = anneal * rates[group["name"]]
 
@@ -653,10 +678,11 @@ def main(args: Args) -> dict:
     # FINAL EVALUATION: the best hierarchy on the validation split, plus --eval-episodes episodes
     facts = {"gradient_coordination": coordinate, "curriculum_learning": args.curriculum_learning,
              "curriculum_level": level, "global_step": global_step, "early_stop_iteration": early_stop,
-             "replace_confidence": args.replace_confidence,
+             "replace_confidence": args.replace_confidence, "specialist_lr_scale": args.specialist_lr_scale,
              "config_hash": cfg.hash(), "seed": args.seed,
              "timing": timing, "ranks": ranks}  # fmt: skip
     facts["joint_sizing"] = joint_sizing
+    facts["sharpe_reward"] = None if book is None else book.as_dict()
     result = final_evaluation(
         args, specialists, meta, owner, best, report, validate, val, cfg, device, val_tables, facts, log
     )

@@ -101,9 +101,9 @@ def test_joint_sizing_is_fit_once_on_train_and_a_resume_keeps_its_choice(tiny, m
     calls = []
     real = phase3_joint.fit_joint_sizing
 
-    def halve_the_first(specialists, meta, train, *args):  # a real fit's record, with a sizing chosen here
+    def halve_the_first(ran, train, *args):  # a real fit's record, with a sizing chosen here
         calls.append(train.split)
-        fitted = real(specialists, meta, train, *args)
+        fitted = real(ran, train, *args)
         return {**fitted, "scale": [0.5] + [1.0] * (len(fitted["scale"]) - 1)}
 
     monkeypatch.setattr(phase3_joint, "fit_joint_sizing", halve_the_first)
@@ -198,11 +198,12 @@ def test_fine_tuning_improves_what_phase2_cannot_change(tmp_path):
     budget = dict(num_envs=32, num_steps=64, minibatch_size=256, n_epochs=4, eval_segments=64, seed=1)
     # (barely trained from scratch: `--no-start-rule`, or they would start at the scaled trend, near the oracle;
     # the meta-controller at 1/K, `--no-allocation-rule`: what Phase 3 adds is the specialists' learning, by PPO
-    # alone: `--no-joint-sizing`)
+    # alone: `--no-joint-sizing`, at the meta-controller's rate: `--specialist-lr-scale 1`, where the default 0.01
+    # keeps specialists that start at a fitted rule near it)
     dirs = prepare(tmp_path, config, p1={**budget, "timesteps": 2048, "start_rule": False},
                    p2={**budget, "timesteps": 4096, "allocation_rule": False})  # fmt: skip
     metrics = phase3(tmp_path, config, dirs, **budget, timesteps=20480, eval_interval=5, curriculum_learning=False,
-                     specialist_update_freq=1, joint_sizing=False)  # fmt: skip
+                     specialist_update_freq=1, joint_sizing=False, specialist_lr_scale=1.0)  # fmt: skip
     start = metrics["phase2_sharpe"]
     assert metrics["joint_sizing"] is None
     assert metrics["best_iteration"] > 0 and metrics["best_gain_over_start"]["low"] > 0  # a gain beyond noise

@@ -200,11 +200,25 @@ SIZING_STEPS = 200
 0.004 of 600 steps' in 200, at 4 ms a step over the training split's 20,000 bars)."""
 
 
-def fit_joint_sizing(specialists, meta, train: MarketData, cfg: Config, device="cpu", segments: int = 8,
-                     steps: int = SIZING_STEPS) -> dict:  # fmt: skip
-    """Phase 3's joint sizing of the hierarchy `specialists` + `meta`, fit on the training split `train`: a factor
-    `s_i = exp(u_i)` per instrument on the specialists' positions in the composed book (`hierarchy.compose_weights`,
-    `nets.MetaController(instrument_scale=...)`).
+def start_backtests(specialists, meta, train: MarketData, cfg: Config, device="cpu", segments: int = 8) -> dict:
+    """The hierarchy `specialists` + `meta` (`system`) and momentum backtested on the training split `train`
+    (`segments` pieces): what Phase 3 fits its joint sizing and sets its reward's moments from."""
+    if train.split != "train":
+        raise ValueError(f"Phase 3's start is measured on the training split only, got {train.split!r}")
+    size = cfg.environment.max_position_size
+    owner = instrument_specialist_index(train.sectors, specialists.names).to(device)
+    momentum = torch.as_tensor(momentum_positions(train.prices), dtype=torch.float32, device=device)
+    policies = {
+        "system": lambda rows: HierarchyPolicy(specialists, meta, owner, size, rows, device, train),
+        "momentum": lambda rows: RulePolicy(momentum, size, specialists.position_rate),
+    }
+    return run_backtests(train, cfg, policies, segments, device)
+
+
+def fit_joint_sizing(ran: dict, train: MarketData, cfg: Config, steps: int = SIZING_STEPS) -> dict:
+    """Phase 3's joint sizing of a hierarchy, fit on the training split `train` from its backtests there `ran`
+    (`start_backtests`): a factor `s_i = exp(u_i)` per instrument on the specialists' positions in the composed
+    book (`hierarchy.compose_weights`, `nets.MetaController(instrument_scale=...)`).
 
     Why: neither level can size two instruments of different specialists against each other. A specialist trades
     its own sector as if nobody else held its bets; the meta-controller scales whole specialists. Where two sectors
@@ -220,16 +234,6 @@ def fit_joint_sizing(specialists, meta, train: MarketData, cfg: Config, device="
 
     Returns `scale` [N] (the market's order) and the training split's Sharpe ratio (per year) and turnover per
     unit of volatility over momentum's, before and after."""
-    if train.split != "train":
-        raise ValueError(f"the joint sizing is fit on the training split only, got {train.split!r}")
-    size = cfg.environment.max_position_size
-    owner = instrument_specialist_index(train.sectors, specialists.names).to(device)
-    momentum = torch.as_tensor(momentum_positions(train.prices), dtype=torch.float32, device=device)
-    policies = {
-        "system": lambda rows: HierarchyPolicy(specialists, meta, owner, size, rows, device, train),
-        "momentum": lambda rows: RulePolicy(momentum, size, specialists.position_rate),
-    }
-    ran = run_backtests(train, cfg, policies, segments, device)
     bt, cost = ran["system"], cost_rates(train, cfg, "cpu").double().numpy()
     one = torch.ones(1, 1, dtype=torch.float64)
     momentum_turnover = float(turnover_per_vol(one, ran["momentum"], cost))
