@@ -93,6 +93,40 @@ def test_interrupted_run_resumes_to_the_same_result(tiny):
     assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in unbroken.items() if k not in drop}
 
 
+def test_the_reward_is_the_starts_sharpe_increment_and_the_specialists_rate_is_scaled(tiny, monkeypatch):
+    """By default the portfolio reward is the Sharpe increment over the starting point's training-split moments
+    (stored in `metrics.json`), applied to the env and the twin alike; `--no-sharpe-reward` trains on the env's
+    reward; the specialists' rate is --specialist-lr-scale of the meta-controller's, and a negative scale is a
+    clear error."""
+    tmp, config, dirs = tiny
+    seen = []
+    real = phase3_joint.meta_reward
+
+    def spy(reward, info, book):
+        seen.append(book)
+        return real(reward, info, book)
+
+    monkeypatch.setattr(phase3_joint, "meta_reward", spy)
+    on = phase3(tmp, config, dirs, name="sharpe_on", timesteps=512, compile="off")
+    book = on["sharpe_reward"]
+    assert set(book) == {"mean", "second", "cash"} and book["second"] > book["mean"] ** 2
+    assert seen and all(b is not None and b.as_dict() == book for b in seen)
+    seen.clear()
+    off = phase3(tmp, config, dirs, name="sharpe_off", timesteps=512, compile="off", sharpe_reward=False)
+    assert off["sharpe_reward"] is None and seen and all(b is None for b in seen)
+    assert on["specialist_lr_scale"] == 0.01
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((tmp / "l_sharpe_on").glob("events.out.tfevents.*"))))
+    events.Reload()
+    meta_rate, specialist_rate = (events.Scalars(f"coordination/lr_{k}")[0].value for k in ("meta", "specialists"))
+    assert specialist_rate == pytest.approx(0.01 * meta_rate, rel=1e-6)
+    code, stderr = run_cli("phase3_joint.py", "--config", str(config), "--phase1-dir", str(dirs[0]), "--phase2-dir",
+                           str(dirs[1]), "--output-dir", str(tmp / "neg_lr"), "--log-dir", str(tmp / "l_neg_lr"),
+                           "--device", "cpu", "--specialist-lr-scale", "-1")  # fmt: skip
+    assert code == 2 and "--specialist-lr-scale -1" in stderr and "Traceback" not in stderr, stderr
+
+
 def test_joint_sizing_is_fit_once_on_train_and_a_resume_keeps_its_choice(tiny, monkeypatch):
     """The joint sizing is fit before PPO on the training split, recorded with its validation (`metrics.json`,
     `latest.pt`) and stored with the meta-controller where kept; a resumed run reads that choice back and fits
