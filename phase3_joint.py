@@ -286,8 +286,12 @@ def main(args: Args) -> dict:
     meta = MetaController.from_checkpoint(args.phase2_dir, specialists, device)
     distributed.broadcast_module(specialists, world)  # (the same files: a no-op safeguard)
     distributed.broadcast_module(meta, world)
-    # the starting point on the training split: the reward's reference moments and the joint sizing's data
-    start_books = start_backtests(specialists, meta, splits["train"], cfg, device)
+    # the starting point on the training split: the reward's reference moments and the joint sizing's data (a
+    # resumed run keeps its stored sizing)
+    fit_sizing = args.joint_sizing and not args.resume
+    start_books = (
+        start_backtests(specialists, meta, splits["train"], cfg, device) if args.sharpe_reward or fit_sizing else None
+    )
     cash = cfg.reward.risk_free_rate / splits["train"].bars_per_year
     book = SharpeIncrement.of(start_books["system"].net_return, cash) if args.sharpe_reward else None
     specialists.requires_grad_(True).train()
@@ -502,7 +506,7 @@ def main(args: Args) -> dict:
         best = {"sharpe": report["portfolio"]["sharpe"], "iteration": 0, "specialists": clone_state(specialists),
                 "meta": clone_state(meta)}  # fmt: skip
         ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best, specialists, meta, cfg))
-    if not args.resume and args.joint_sizing:  # a fitted start of both levels' sizes (module docstring)
+    if fit_sizing:  # a fitted start of both levels' sizes (module docstring)
         joint_sizing = fit_joint_sizing(start_books, splits["train"], cfg)
         meta.instrument_scale = joint_sizing["scale"]
         keep = 0.0

@@ -103,16 +103,24 @@ def fit_linear(features: np.ndarray, outputs: int, to_scale, bt: Backtest, cost:
     x = torch.as_tensor((features - mean) / std, dtype=torch.float64)
     w = torch.zeros(x.shape[1], outputs, dtype=torch.float64, requires_grad=True)
     b = torch.full((outputs,), 0.0 if bias is None else bias, dtype=torch.float64, requires_grad=bias is not None)
-    opt = FlatAdam([w, b] if bias is not None else [w], lr=0.03)  # (torch.optim would import the compiler stack)
+    ascend_sharpe([w, b] if bias is not None else [w], w, lambda: to_scale(x @ w + b), bt, cost, steps, turnover_cap)
+    return mean, std, w.detach().numpy(), b.detach().numpy()
+
+
+def ascend_sharpe(params: list, regularised: torch.Tensor, scale, bt: Backtest, cost: np.ndarray, steps: int,
+                  turnover_cap: float | None) -> None:  # fmt: skip
+    """Adam on `params` (in place) for the book scale `scale()` that maximises the Sharpe ratio after costs of
+    `bt`'s book (`scaled_book`), less `L2 * |regularised|^2` and `TURNOVER_WEIGHT` x its turnover per unit of
+    volatility's excess over `turnover_cap` (relative; None: no penalty): the one objective of every fit here."""
+    opt = FlatAdam(params, lr=0.03)  # (torch.optim would import the compiler stack)
     for _ in range(steps):
-        net, traded = scaled_book(to_scale(x @ w + b), bt, cost)
-        loss = -net.mean() / net.std() + L2 * (w**2).sum()
+        net, traded = scaled_book(scale(), bt, cost)
+        loss = -net.mean() / net.std() + L2 * (regularised**2).sum()
         if turnover_cap is not None:  # (`turnover_per_vol`)
             loss = loss + TURNOVER_WEIGHT * torch.relu(traded.mean() / net.std() / turnover_cap - 1.0)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return mean, std, w.detach().numpy(), b.detach().numpy()
 
 
 def allocation_scale(appetite: np.ndarray, owner: np.ndarray):
@@ -239,14 +247,7 @@ def fit_joint_sizing(ran: dict, train: MarketData, cfg: Config, steps: int = SIZ
     momentum_turnover = float(turnover_per_vol(one, ran["momentum"], cost))
     cap = max(momentum_turnover, float(turnover_per_vol(one, bt, cost)))
     u = torch.zeros(1, train.num_instruments, dtype=torch.float64, requires_grad=True)
-    opt = FlatAdam([u], lr=0.03)
-    for _ in range(steps):
-        net, traded = scaled_book(u.exp(), bt, cost)
-        loss = -net.mean() / net.std() + L2 * (u**2).sum()
-        loss = loss + TURNOVER_WEIGHT * torch.relu(traded.mean() / net.std() / cap - 1.0)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    ascend_sharpe([u], u, u.exp, bt, cost, steps, cap)
     scale = u.detach().exp()
     per_year = float(np.sqrt(train.bars_per_year))
 
