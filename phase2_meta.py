@@ -17,7 +17,11 @@ at `vol_managed_equal_allocation`; without it, at the equal allocation at full a
 with risk timing, from those and the volatility ratios to a factor on the rule's appetite. The starting point
 is validated as iteration 0, its held allocation moves a share `--allocation-rate` of the way to its action
 each bar, and its reward is scored against a twin env that trades that starting point on the same path
-(`--paired-baseline`: a control variate that leaves the optimal policy unchanged). `--timesteps` counts
+(`--paired-baseline`: a control variate that leaves the optimal policy unchanged). The reward (`meta_reward`,
+`--sharpe-reward`, default on) is the increment of the book's Sharpe ratio over the whole training split
+(`mtq_common.agents.sharpe_reward`, moments held at the starting point's book there), as in Phase 3; an iterate
+replaces the start in `best.pt` only with a confident validation gain and within momentum's turnover per unit of
+volatility there, where the start is (`bootstrap.turnover_against_momentum`, DESIGN 14's T). `--timesteps` counts
 environment steps of the meta-controller. Outputs as in Phase 1: `latest.pt`, `best.pt` (by validation
 portfolio Sharpe), `step_*.pt`, `metrics.json`; `training.log` and TensorBoard events.
 Runs data-parallel under `torchrun --nproc_per_node N` as Phase 1 does (`mtq_common.training.distributed`).
@@ -28,7 +32,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from mtq_common.agents.coordination import clip_component_
@@ -53,13 +56,14 @@ from mtq_common.agents.ppo import (
     update_scalars,
 )
 from mtq_common.agents.rollout_stats import PortfolioRolloutStats, log_validation
+from mtq_common.agents.sharpe_reward import SharpeIncrement
 from mtq_common.agents.update import CompileChoice, PPOUpdate, use_compile
 from mtq_common.data.splits import load_splits
 from mtq_common.data.tables import build_tables
 from mtq_common.data.volatility import fit_vol_levels
 from mtq_common.envs.portfolio_env import PortfolioEnv
-from mtq_common.evaluation.allocation_fit import fit_allocation_rule
-from mtq_common.evaluation.bootstrap import check_replace_confidence, gain_over_start
+from mtq_common.evaluation.allocation_fit import fit_allocation_rule, start_backtests
+from mtq_common.evaluation.bootstrap import check_replace_confidence, gain_over_start, turnover_against_momentum
 from mtq_common.evaluation.portfolio_eval import evaluate_portfolio, validation_timings
 from mtq_common.evaluation.report_text import format_report
 from mtq_common.evaluation.rules import fit_trend_for
@@ -136,6 +140,9 @@ class Args:
     check_allocation_rule: bool = True
     """Keep the fitted rule only where its start beats the start without it on the validation split (it is fit on
     train alone); --no-check-allocation-rule: keep it always."""
+    sharpe_reward: bool = True
+    """Train on the increment of the book's Sharpe ratio over the whole training split (`meta_reward`; off: the
+    env's portfolio reward)."""
     paired_baseline: bool = True
     """Score each bar against the starting point on the same path (a twin env): less noise, same optimum."""
     eval_interval: int = 10
@@ -165,12 +172,15 @@ class Args:
     """bf16 autocast in the PPO update (CUDA only; refused on the CPU)."""
 
 
-def meta_reward(reward: torch.Tensor, info: dict) -> torch.Tensor:
+def meta_reward(reward: torch.Tensor, info: dict, book: SharpeIncrement | None) -> torch.Tensor:
     """The meta-controller's reward [B] for one bar of a `PortfolioEnv` (its step's `reward` and `info`: the
     executed weights, net return, cost, VaR, ...). The one place to change what it learns: the script applies
     it to the env and to the twin alike, and `charts/episodic_return` logs its episode sums. Built in: the
-    env's portfolio reward (the differential Sharpe ratio with its terms, docs/design.md section 4)."""
-    return reward
+    increment of the book's Sharpe ratio over the whole training split, `book(net_return)`
+    (`agents.sharpe_reward`: the differential Sharpe ratio with its moments held at the starting point's there);
+    with `--no-sharpe-reward` (`book` None) the env's portfolio reward (the differential Sharpe ratio of the last
+    hundred bars with its terms, docs/design.md section 4)."""
+    return reward if book is None else book(info["net_return"])
 
 
 def main(args: Args) -> dict:
@@ -204,24 +214,28 @@ def main(args: Args) -> dict:
     vol_levels = fit_vol_levels(train)  # the volatility-managed baselines' levels, from the training split
     references: dict = {}  # the baselines' validation backtests, computed once
 
-    def validation(meta) -> tuple[dict, np.ndarray]:
+    def validation(meta) -> tuple[dict, dict]:
         """The hierarchy and every baseline on the validation split (`eval_segments` pieces in parallel): the
-        report, and the system's returns there (for its paired difference to the starting point)."""
-        report, backtests = evaluate_portfolio(specialists, meta, val, cfg, trend, device, args.eval_segments,
-                                               val_tables, 2, references, specialists_frozen=True,
-                                               vol_levels=vol_levels)  # fmt: skip
-        return report, backtests["system"].net_return
+        report and the backtests (the system's returns for its paired difference to the starting point, its
+        turnover against momentum's)."""
+        return evaluate_portfolio(specialists, meta, val, cfg, trend, device, args.eval_segments, val_tables, 2,
+                                  references, specialists_frozen=True, vol_levels=vol_levels)  # fmt: skip
 
     def validate(meta) -> dict:
         """`validation`'s report alone (the final evaluation's)."""
         return validation(meta)[0]
 
-    def gain(returns: np.ndarray) -> dict:
+    def gain(ran: dict) -> dict:
         """An iterate's validation gain over the starting point, the meta-controller as it was built: its mean
         action is the start whatever it observes (`MetaController`), the fitted rule's where there is one, not
         the report's plain `vol_managed_equal_allocation` (`bootstrap.gain_over_start`)."""
-        return gain_over_start(returns, start_returns, val.bars_per_year, cfg.reward.risk_free_rate,
-                               args.replace_confidence)  # fmt: skip
+        return gain_over_start(ran["system"].net_return, start_returns, val.bars_per_year,
+                               cfg.reward.risk_free_rate, args.replace_confidence)  # fmt: skip
+
+    def turnover_check(ran: dict) -> dict:
+        """A validation's turnover per unit of volatility against momentum's (`bootstrap.turnover_against_momentum`:
+        DESIGN 14's T, at the confidence of the gain)."""
+        return turnover_against_momentum(ran, args.replace_confidence)
 
     start_rule = None  # risk timing: the rule the meta-controller starts from, picked on the validation split
     if args.risk_timing:
@@ -261,6 +275,10 @@ def main(args: Args) -> dict:
             meta = build(None)
     risk = None if start_rule is None else risk_features(start_rule, train, device)  # [T, H + 1], training market
     distributed.broadcast_module(meta, world)
+    book = None  # the reward's reference: the starting point's book on the training split (its mean action)
+    if args.sharpe_reward:
+        cash = cfg.reward.risk_free_rate / train.bars_per_year
+        book = SharpeIncrement.of(start_backtests(specialists, meta, train, cfg, device)["system"].net_return, cash)
     optimizer = FlatAdam(meta.parameters(), lr=args.learning_rate, eps=1e-5)  # Adam, stepped as one tensor
 
     def meta_loss(mb_obs, mb_actions, mb_logprobs, mb_advantages, mb_returns):
@@ -318,11 +336,11 @@ def main(args: Args) -> dict:
         proposal = compose_weights(allocation, appetite, positions, owner, max_position)
         stepped = envs.trade(proposal, positions)
         _, env_reward, truncated, info = stepped
-        reward, twin_reward, twin_stepped = meta_reward(env_reward, info), None, None
+        reward, twin_reward, twin_stepped = meta_reward(env_reward, info, book), None, None
         if args.paired_baseline:  # the starting point (allocation and appetite), same positions, same path
             twin_proposal = compose_weights(*tracker.start, positions, owner, max_position)  # (this bar's start)
             twin_stepped = twin.trade(twin_proposal, positions, observe=False)
-            twin_reward = meta_reward(twin_stepped[1], twin_stepped[3])
+            twin_reward = meta_reward(twin_stepped[1], twin_stepped[3], book)
         held = tracker.after_step(positions, info["bar_returns"], truncated)
         return (obs, (meta_action, meta_logprob, meta_value), allocation, appetite, proposal, stepped, twin_stepped,
                 reward, twin_reward, held)  # fmt: skip
@@ -331,9 +349,11 @@ def main(args: Args) -> dict:
 
     rollout = PortfolioRolloutStats(specialists.names, envs.limits.max_var, device, num_rows)
     start_returns = None  # the starting point's validation returns (rank 0): what an iterate must beat
+    turnover_gate = False  # (rank 0) an iterate must be within momentum's turnover, as the start is
     if args.resume:
         if world.is_main:  # (the meta-controller is still the start, before the resumed weights replace it)
-            start_returns = (start_validation or validation(meta))[1]
+            ran = (start_validation or validation(meta))[1]
+            start_returns, turnover_gate = ran["system"].net_return, turnover_check(ran)["ratio"] <= 1.0
         state, mine = resume(args, "phase2", cfg, world)
         for key, flag, ours in (("timing", "--risk-timing", start_rule), ("allocation_rule", "--allocation-rule",
                                                                           allocation_rule)):  # fmt: skip
@@ -356,7 +376,8 @@ def main(args: Args) -> dict:
     )
     report = None
     if not args.resume and world.is_main:  # the starting point is a candidate for best.pt
-        report, start_returns = start_validation or validation(meta)
+        report, ran = start_validation or validation(meta)
+        start_returns, turnover_gate = ran["system"].net_return, turnover_check(ran)["ratio"] <= 1.0
         best = {"sharpe": report["portfolio"]["sharpe"], "iteration": 0, "model": clone_state(meta)}
         ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best["model"], meta, specialists, cfg, args))
     run.watch.lap("validation")  # the starting point's
@@ -435,17 +456,18 @@ def main(args: Args) -> dict:
 
         # VALIDATION: the whole hierarchy on the validation split, next to the baselines (rank 0)
         if world.is_main and (iteration % args.eval_interval == 0 or iteration == num_iterations):
-            report, returns = validation(meta)
-            over_start = gain(returns)
+            report, ran = validation(meta)
+            over_start, moved = gain(ran), turnover_check(ran)
             log_validation(run.writer, report, global_step)
             sharpe = report["portfolio"]["sharpe"]
-            if sharpe > best["sharpe"] and over_start["replaces"]:
+            if sharpe > best["sharpe"] and over_start["replaces"] and (moved["within"] or not turnover_gate):
                 best = {"sharpe": sharpe, "iteration": iteration, "model": clone_state(meta),
                         "gain": {k: over_start[k] for k in ("difference", "low", "high")}}  # fmt: skip
                 ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best["model"], meta, specialists, cfg, args))
-            log.info("iteration %d/%d step %d SPS %d val sharpe %.3f (start %+.3f [%+.3f, %+.3f])", iteration,
-                     num_iterations, global_step, sps, sharpe, over_start["difference"], over_start["low"],
-                     over_start["high"])  # fmt: skip
+            log.info("iteration %d/%d step %d SPS %d val sharpe %.3f (start %+.3f [%+.3f, %+.3f]) turnover/vol "
+                     "%.3fx momentum's [%.3f, %.3f] (gate %s)", iteration, num_iterations, global_step, sps, sharpe,
+                     over_start["difference"], over_start["low"], over_start["high"], moved["ratio"], moved["low"],
+                     moved["high"], "on" if turnover_gate else "off")  # fmt: skip
         run.save_latest(iteration, global_step, best, model_payload(clone_state(meta), meta, specialists, cfg, args),
                         {"optimizer": optimizer}, {"env": envs, "twin": twin, "tracker": tracker,
                                                    "rollout": rollout})  # fmt: skip
@@ -458,7 +480,9 @@ def main(args: Args) -> dict:
     # FINAL EVALUATION: the best meta-controller (what Phase 3 loads) on the validation split
     fingerprints = {"at_load": fingerprint_at_load, "at_end": parameter_fingerprint(specialists)}
     facts = {"global_step": global_step, "config_hash": cfg.hash(), "seed": args.seed, "timing": timing,
-             "ranks": ranks, "specialists_fingerprint": fingerprints, "allocation_rule_check": rule_check}  # fmt: skip
+             "ranks": ranks, "specialists_fingerprint": fingerprints, "allocation_rule_check": rule_check,
+             "turnover_gate": bool(turnover_gate),
+             "sharpe_reward": None if book is None else book.as_dict()}  # fmt: skip
     result = final_evaluation(args, meta, best, report, validate, val, facts, log)
     run.writer.close()
     return result

@@ -103,7 +103,7 @@ from mtq_common.data.volatility import fit_vol_levels
 from mtq_common.envs.portfolio_env import PortfolioEnv
 from mtq_common.evaluation.allocation_fit import fit_joint_sizing, start_backtests
 from mtq_common.evaluation.backtest import run_episodes, summarize_episodes
-from mtq_common.evaluation.bootstrap import check_replace_confidence, gain_over_start
+from mtq_common.evaluation.bootstrap import check_replace_confidence, gain_over_start, turnover_against_momentum
 from mtq_common.evaluation.portfolio_eval import evaluate_portfolio
 from mtq_common.evaluation.report_text import format_report
 from mtq_common.evaluation.rules import fit_trend_for
@@ -235,22 +235,6 @@ def meta_reward(reward: torch.Tensor, info: dict, book: SharpeIncrement | None) 
     return reward if book is None else book(info["net_return"])
 
 
-def turnover(report: dict) -> float:
-    """The hierarchy's turnover per unit of volatility in a validation report (DESIGN 14's T)."""
-    return report["portfolio"]["turnover_per_vol"]
-
-
-def turnover_limit(start: dict) -> float:
-    """The most turnover per unit of volatility a PPO iterate may have on validation to replace the starting point,
-    from the start's validation report: momentum's where the start is within it (DESIGN 14's T holds and must go
-    on holding), else no limit (the start already breaks it). (The joint sizing's fit has its own turnover
-    penalty.) Why: with the Sharpe reward the meta-controller times risk more finely; on seed 1 of the built-in
-    market its chosen iterate traded 1.09x momentum's turnover per unit of volatility on validation and failed T
-    on test."""
-    momentum = start["baselines"]["momentum"]["turnover_per_vol"]
-    return momentum if turnover(start) <= momentum else float("inf")
-
-
 def stalled(args: Args, iteration: int, num_iterations: int, best_iteration: int, world, device) -> bool:
     """Whether fine-tuning stops early after `iteration`: it was a validation before the last iteration, and
     the last `--patience` of them did not beat best.pt (a quick sweep's saving; off by default, because late
@@ -366,21 +350,26 @@ def main(args: Args) -> dict:
     vol_levels = fit_vol_levels(splits["train"])  # the volatility-managed baselines' levels, from the training split
     references: dict = {}  # the baselines' validation backtests, computed once
 
-    def validation(specialists, meta) -> tuple[dict, np.ndarray]:
+    def validation(specialists, meta) -> tuple[dict, dict]:
         """The hierarchy and every baseline on the validation split (`eval_segments` pieces in parallel): the
-        report, and the system's returns there (for its paired difference to the starting point)."""
-        report, backtests = evaluate_portfolio(specialists, meta, val, cfg, trend, device, args.eval_segments,
-                                               val_tables, 3, references, vol_levels=vol_levels)  # fmt: skip
-        return report, backtests["system"].net_return
+        report and the backtests (the system's returns for its paired difference to the starting point, its
+        turnover against momentum's)."""
+        return evaluate_portfolio(specialists, meta, val, cfg, trend, device, args.eval_segments, val_tables, 3,
+                                  references, vol_levels=vol_levels)  # fmt: skip
 
     def validate(specialists, meta) -> dict:
         """`validation`'s report alone (the final evaluation's)."""
         return validation(specialists, meta)[0]
 
-    def gain(returns: np.ndarray) -> dict:
+    def gain(ran: dict) -> dict:
         """An iterate's validation gain over the starting point, Phases 1 and 2 (`bootstrap.gain_over_start`)."""
-        return gain_over_start(returns, start_returns, val.bars_per_year, cfg.reward.risk_free_rate,
-                               args.replace_confidence)  # fmt: skip
+        return gain_over_start(ran["system"].net_return, start_returns, val.bars_per_year,
+                               cfg.reward.risk_free_rate, args.replace_confidence)  # fmt: skip
+
+    def turnover_check(ran: dict) -> dict:
+        """A validation's turnover per unit of volatility against momentum's (`bootstrap.turnover_against_momentum`:
+        DESIGN 14's T, at the confidence of the gain)."""
+        return turnover_against_momentum(ran, args.replace_confidence)
 
     num_rows, obs_size = args.num_envs, specialists.obs_size
     meta_obs_size = meta_observation_size(envs.portfolio_obs_size, num_specialists, timed=meta.timing is not None)
@@ -468,12 +457,12 @@ def main(args: Args) -> dict:
     rollout = PortfolioRolloutStats(specialists.names, envs.limits.max_var, device, num_rows)
     prev_positions = torch.zeros(num_rows, num_instruments, device=device)
     start_returns = None  # the starting point's validation returns (rank 0): what an iterate must beat
-    turnover_cap = float("inf")  # (rank 0) the most turnover per unit of volatility an iterate may have there
+    turnover_gate = False  # (rank 0) an iterate must be within momentum's turnover, as the start is
     joint_sizing = None  # the joint sizing's fit and validation (`metrics.json`), where one was fit
     if args.resume:
         if world.is_main:  # (the models still hold Phases 1 and 2, before the resumed weights replace them)
-            start_report, start_returns = validation(specialists, meta)
-            turnover_cap = turnover_limit(start_report)
+            ran = validation(specialists, meta)[1]
+            start_returns, turnover_gate = ran["system"].net_return, turnover_check(ran)["ratio"] <= 1.0
         state, mine = resume(args, "phase3", cfg, world)
         meta.instrument_scale = state["meta_spec"].get("instrument_scale")  # the stored joint sizing (or none)
         joint_sizing = state.get("joint_sizing")
@@ -501,8 +490,8 @@ def main(args: Args) -> dict:
     )
     report = None
     if not args.resume and world.is_main:  # the starting point (Phases 1 and 2) is a candidate for best.pt
-        report, start_returns = validation(specialists, meta)
-        turnover_cap = turnover_limit(report)
+        report, ran = validation(specialists, meta)
+        start_returns, turnover_gate = ran["system"].net_return, turnover_check(ran)["ratio"] <= 1.0
         best = {"sharpe": report["portfolio"]["sharpe"], "iteration": 0, "specialists": clone_state(specialists),
                 "meta": clone_state(meta)}  # fmt: skip
         ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best, specialists, meta, cfg))
@@ -511,11 +500,12 @@ def main(args: Args) -> dict:
         meta.instrument_scale = joint_sizing["scale"]
         keep = 0.0
         if world.is_main:
-            sized, returns = validation(specialists, meta)
-            over_start, sharpe = gain(returns), sized["portfolio"]["sharpe"]
+            sized, ran = validation(specialists, meta)
+            over_start, moved, sharpe = gain(ran), turnover_check(ran), sized["portfolio"]["sharpe"]
             joint_sizing["val_sharpe"] = sharpe
             joint_sizing["gain_over_start"] = {k: over_start[k] for k in ("difference", "low", "high")}
-            keep = float(sharpe > best["sharpe"] and over_start["replaces"])  # (its fit penalises turnover)
+            joint_sizing["turnover_ratio"] = {k: moved[k] for k in ("ratio", "low", "high")}
+            keep = float(sharpe > best["sharpe"] and over_start["replaces"] and (moved["within"] or not turnover_gate))
             if keep:
                 best = {"sharpe": sharpe, "iteration": 0, "specialists": clone_state(specialists),
                         "meta": clone_state(meta), "gain": joint_sizing["gain_over_start"]}  # fmt: skip
@@ -648,8 +638,8 @@ def main(args: Args) -> dict:
         if iteration % args.eval_interval == 0 or iteration == num_iterations:
             sharpe = float("nan")
             if world.is_main:
-                report, returns = validation(specialists, meta)
-                sharpe, over_start = report["portfolio"]["sharpe"], gain(returns)
+                report, ran = validation(specialists, meta)
+                sharpe, over_start, moved = report["portfolio"]["sharpe"], gain(ran), turnover_check(ran)
                 log_validation(run.writer, report, global_step)
             sharpe = distributed.broadcast_value(sharpe, world, device)
             if coordinate:
@@ -669,7 +659,7 @@ def main(args: Args) -> dict:
                 prev_positions.zero_()
                 rollout.restart_episodes()
             if world.is_main:  # (rank 0 holds best.pt)
-                if sharpe > best["sharpe"] and over_start["replaces"] and turnover(report) <= turnover_cap:
+                if sharpe > best["sharpe"] and over_start["replaces"] and (moved["within"] or not turnover_gate):
                     best = {
                         "sharpe": sharpe,
                         "iteration": iteration,
@@ -679,9 +669,9 @@ def main(args: Args) -> dict:
                     }
                     ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best, specialists, meta, cfg))
                 log.info("iteration %d/%d step %d SPS %d val sharpe %.3f (start %+.3f [%+.3f, %+.3f]) turnover/vol "
-                         "%.3f (cap %.3f) level %d", iteration, num_iterations, global_step, sps, sharpe,
-                         over_start["difference"], over_start["low"], over_start["high"], turnover(report),
-                         turnover_cap, level)  # fmt: skip
+                         "%.3fx momentum's [%.3f, %.3f] (gate %s) level %d", iteration, num_iterations, global_step,
+                         sps, sharpe, over_start["difference"], over_start["low"], over_start["high"], moved["ratio"],
+                         moved["low"], moved["high"], "on" if turnover_gate else "off", level)  # fmt: skip
         current = {"specialists": clone_state(specialists), "meta": clone_state(meta)}
         payload = {**model_payload(current, specialists, meta, cfg), "joint_sizing": joint_sizing}
         run.save_latest(iteration, global_step, best, payload, schedules,
@@ -703,7 +693,7 @@ def main(args: Args) -> dict:
     facts = {"gradient_coordination": coordinate, "curriculum_learning": args.curriculum_learning,
              "curriculum_level": level, "global_step": global_step, "early_stop_iteration": early_stop,
              "replace_confidence": args.replace_confidence, "specialist_lr_scale": args.specialist_lr_scale,
-             "turnover_cap": None if not np.isfinite(turnover_cap) else turnover_cap,
+             "turnover_gate": bool(turnover_gate),
              "config_hash": cfg.hash(), "seed": args.seed,
              "timing": timing, "ranks": ranks}  # fmt: skip
     facts["joint_sizing"] = joint_sizing

@@ -80,13 +80,62 @@ def test_the_meta_reward_is_one_function_for_the_env_the_twin_and_the_logged_ret
     length, whole numbers up to `episode_length`, shorter where an episode met the end of the data; a twin
     reward of 1)."""
     tmp, config, phase1_dir = tiny
-    monkeypatch.setattr(phase2_meta, "meta_reward", lambda reward, info: torch.ones_like(reward))
+    monkeypatch.setattr(phase2_meta, "meta_reward", lambda reward, info, book: torch.ones_like(reward))
     phase2(tmp, config, phase1_dir, name="own_reward", timesteps=4096, num_envs=8, num_steps=64, eval_interval=100)
     logs = tmp / "logs_own_reward"
     episode_length = load_config(str(config)).environment.episode_length
     returns = tensorboard_scalars(logs, "charts/episodic_return")  # a mean over each iteration's episodes
     assert returns and max(returns) == float(episode_length) and min(returns) >= 1.0
     assert set(tensorboard_scalars(logs, "charts/twin_reward")) == {1.0}
+
+
+def test_the_reward_is_the_starts_sharpe_increment_unless_switched_off(tiny, monkeypatch):
+    """By default the reward is the Sharpe increment over the starting point's training-split moments (stored in
+    `metrics.json`), applied to the env and the twin alike; `--no-sharpe-reward` trains on the env's reward."""
+    tmp, config, phase1_dir = tiny
+    seen = []
+    real = phase2_meta.meta_reward
+
+    def spy(reward, info, book):
+        seen.append(book)
+        return real(reward, info, book)
+
+    monkeypatch.setattr(phase2_meta, "meta_reward", spy)
+    on = phase2(tmp, config, phase1_dir, name="sharpe_on", compile="off", eval_interval=100)
+    book = on["sharpe_reward"]
+    assert set(book) == {"mean", "second", "cash"} and book["second"] > book["mean"] ** 2
+    assert seen and all(b is not None and b.as_dict() == book for b in seen)
+    seen.clear()
+    off = phase2(tmp, config, phase1_dir, name="sharpe_off", compile="off", eval_interval=100, sharpe_reward=False)
+    assert off["sharpe_reward"] is None and seen and all(b is None for b in seen)
+
+
+def test_an_iterate_above_momentums_turnover_does_not_replace_the_start(tiny, monkeypatch):
+    """DESIGN 14's T: where the start is within momentum's turnover per unit of volatility on validation, an
+    iterate replaces it in best.pt only within it too (`bootstrap.turnover_against_momentum`). With any higher
+    Sharpe allowed to win (--replace-confidence 0) a fast learner validated every iteration leaves its start;
+    the same run where every iterate trades above momentum's keeps it, and `metrics.json` and the log say so."""
+    tmp, config, phase1_dir = tiny
+    fast = dict(
+        timesteps=2048,
+        eval_interval=1,
+        learning_rate=0.01,
+        replace_confidence=0.0,
+        risk_timing=False,
+        allocation_rule=False,
+    )  # (from the equal allocation: an easy start to beat)
+    free = phase2(tmp, config, phase1_dir, name="uncapped", **fast)
+    assert free["best_iteration"] > 0 and free["turnover_gate"]  # (the start is within momentum's)
+    start_within = iter([True])  # the start at 1.0x momentum's, every iterate above it
+
+    def above(ran, confidence):
+        return {"ratio": 1.0, "low": 1.0, "high": 1.0, "within": next(start_within, False)}
+
+    monkeypatch.setattr(phase2_meta, "turnover_against_momentum", above)
+    metrics = phase2(tmp, config, phase1_dir, name="capped", **fast)
+    assert metrics["best_iteration"] == 0 and metrics["turnover_gate"]
+    log = (tmp / "logs_capped" / "training.log").read_text()
+    assert log.count("(gate on)") == 8, log
 
 
 def test_the_appetite_statistics_are_its_mean_spread_and_correlation_with_volatility():

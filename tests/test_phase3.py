@@ -127,6 +127,24 @@ def test_the_reward_is_the_starts_sharpe_increment_and_the_specialists_rate_is_s
     assert code == 2 and "--specialist-lr-scale -1" in stderr and "Traceback" not in stderr, stderr
 
 
+def test_an_iterate_above_momentums_turnover_does_not_replace_the_start(tiny, monkeypatch):
+    """DESIGN 14's T, as in Phase 2 (`bootstrap.turnover_against_momentum`): with any higher Sharpe allowed to win
+    (--replace-confidence 0), a run validated every iteration leaves its start; where the start is within
+    momentum's turnover per unit of volatility and every iterate above it, the same run keeps its start."""
+    tmp, config, dirs = tiny
+    fast = dict(timesteps=2048, eval_interval=1, learning_rate=0.003, replace_confidence=0.0, joint_sizing=False)
+    assert phase3(tmp, config, dirs, name="uncapped", **fast)["best_iteration"] > 0
+    start_within = iter([True])  # the start at 1.0x momentum's, every iterate above it
+
+    def above(ran, confidence):
+        return {"ratio": 1.0, "low": 1.0, "high": 1.0, "within": next(start_within, False)}
+
+    monkeypatch.setattr(phase3_joint, "turnover_against_momentum", above)
+    capped = phase3(tmp, config, dirs, name="capped", **fast)
+    assert capped["best_iteration"] == 0 and capped["turnover_gate"]
+    assert (tmp / "l_capped" / "training.log").read_text().count("(gate on)") == 8
+
+
 def test_joint_sizing_is_fit_once_on_train_and_a_resume_keeps_its_choice(tiny, monkeypatch):
     """The joint sizing is fit before PPO on the training split, recorded with its validation (`metrics.json`,
     `latest.pt`) and stored with the meta-controller where kept; a resumed run reads that choice back and fits

@@ -210,9 +210,10 @@ SIZING_STEPS = 200
 
 def start_backtests(specialists, meta, train: MarketData, cfg: Config, device="cpu", segments: int = 8) -> dict:
     """The hierarchy `specialists` + `meta` (`system`) and momentum backtested on the training split `train`
-    (`segments` pieces): what Phase 3 fits its joint sizing and sets its reward's moments from."""
+    (`segments` pieces): what Phase 3 fits its joint sizing from, and Phases 2 and 3 set their reward's moments
+    from (the meta-controller's mean action is its start)."""
     if train.split != "train":
-        raise ValueError(f"Phase 3's start is measured on the training split only, got {train.split!r}")
+        raise ValueError(f"a phase's start is measured on the training split only, got {train.split!r}")
     size = cfg.environment.max_position_size
     owner = instrument_specialist_index(train.sectors, specialists.names).to(device)
     momentum = torch.as_tensor(momentum_positions(train.prices), dtype=torch.float32, device=device)
