@@ -234,8 +234,8 @@ def main(args: Args) -> dict:
 
     def turnover_check(ran: dict) -> dict:
         """A validation's turnover per unit of volatility against momentum's (`bootstrap.turnover_against_momentum`:
-        DESIGN 14's T, at the confidence of the gain)."""
-        return turnover_against_momentum(ran, args.replace_confidence)
+        DESIGN 14's T, at the confidence of the gain; within also at no more than the start's)."""
+        return turnover_against_momentum(ran, args.replace_confidence, start_turnover)
 
     start_rule = None  # risk timing: the rule the meta-controller starts from, picked on the validation split
     if args.risk_timing:
@@ -350,10 +350,12 @@ def main(args: Args) -> dict:
     rollout = PortfolioRolloutStats(specialists.names, envs.limits.max_var, device, num_rows)
     start_returns = None  # the starting point's validation returns (rank 0): what an iterate must beat
     turnover_gate = False  # (rank 0) an iterate must be within momentum's turnover, as the start is
+    start_turnover = None  # (rank 0) the start's turnover per unit of volatility over momentum's on validation
     if args.resume:
         if world.is_main:  # (the meta-controller is still the start, before the resumed weights replace it)
             ran = (start_validation or validation(meta))[1]
-            start_returns, turnover_gate = ran["system"].net_return, turnover_check(ran)["ratio"] <= 1.0
+            start_returns, start_turnover = ran["system"].net_return, turnover_check(ran)["ratio"]
+            turnover_gate = start_turnover <= 1.0
         state, mine = resume(args, "phase2", cfg, world)
         for key, flag, ours in (("timing", "--risk-timing", start_rule), ("allocation_rule", "--allocation-rule",
                                                                           allocation_rule)):  # fmt: skip
@@ -377,7 +379,8 @@ def main(args: Args) -> dict:
     report = None
     if not args.resume and world.is_main:  # the starting point is a candidate for best.pt
         report, ran = start_validation or validation(meta)
-        start_returns, turnover_gate = ran["system"].net_return, turnover_check(ran)["ratio"] <= 1.0
+        start_returns, start_turnover = ran["system"].net_return, turnover_check(ran)["ratio"]
+        turnover_gate = start_turnover <= 1.0
         best = {"sharpe": report["portfolio"]["sharpe"], "iteration": 0, "model": clone_state(meta)}
         ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best["model"], meta, specialists, cfg, args))
     run.watch.lap("validation")  # the starting point's

@@ -368,8 +368,8 @@ def main(args: Args) -> dict:
 
     def turnover_check(ran: dict) -> dict:
         """A validation's turnover per unit of volatility against momentum's (`bootstrap.turnover_against_momentum`:
-        DESIGN 14's T, at the confidence of the gain)."""
-        return turnover_against_momentum(ran, args.replace_confidence)
+        DESIGN 14's T, at the confidence of the gain; within also at no more than the start's)."""
+        return turnover_against_momentum(ran, args.replace_confidence, start_turnover)
 
     num_rows, obs_size = args.num_envs, specialists.obs_size
     meta_obs_size = meta_observation_size(envs.portfolio_obs_size, num_specialists, timed=meta.timing is not None)
@@ -458,11 +458,13 @@ def main(args: Args) -> dict:
     prev_positions = torch.zeros(num_rows, num_instruments, device=device)
     start_returns = None  # the starting point's validation returns (rank 0): what an iterate must beat
     turnover_gate = False  # (rank 0) an iterate must be within momentum's turnover, as the start is
+    start_turnover = None  # (rank 0) the start's turnover per unit of volatility over momentum's on validation
     joint_sizing = None  # the joint sizing's fit and validation (`metrics.json`), where one was fit
     if args.resume:
         if world.is_main:  # (the models still hold Phases 1 and 2, before the resumed weights replace them)
             ran = validation(specialists, meta)[1]
-            start_returns, turnover_gate = ran["system"].net_return, turnover_check(ran)["ratio"] <= 1.0
+            start_returns, start_turnover = ran["system"].net_return, turnover_check(ran)["ratio"]
+            turnover_gate = start_turnover <= 1.0
         state, mine = resume(args, "phase3", cfg, world)
         meta.instrument_scale = state["meta_spec"].get("instrument_scale")  # the stored joint sizing (or none)
         joint_sizing = state.get("joint_sizing")
@@ -491,7 +493,8 @@ def main(args: Args) -> dict:
     report = None
     if not args.resume and world.is_main:  # the starting point (Phases 1 and 2) is a candidate for best.pt
         report, ran = validation(specialists, meta)
-        start_returns, turnover_gate = ran["system"].net_return, turnover_check(ran)["ratio"] <= 1.0
+        start_returns, start_turnover = ran["system"].net_return, turnover_check(ran)["ratio"]
+        turnover_gate = start_turnover <= 1.0
         best = {"sharpe": report["portfolio"]["sharpe"], "iteration": 0, "specialists": clone_state(specialists),
                 "meta": clone_state(meta)}  # fmt: skip
         ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best, specialists, meta, cfg))
@@ -505,7 +508,7 @@ def main(args: Args) -> dict:
             joint_sizing["val_sharpe"] = sharpe
             joint_sizing["gain_over_start"] = {k: over_start[k] for k in ("difference", "low", "high")}
             joint_sizing["turnover_ratio"] = {k: moved[k] for k in ("ratio", "low", "high")}
-            keep = float(sharpe > best["sharpe"] and over_start["replaces"] and (moved["within"] or not turnover_gate))
+            keep = float(sharpe > best["sharpe"] and over_start["replaces"])  # (not gated: its fit penalises turnover)
             if keep:
                 best = {"sharpe": sharpe, "iteration": 0, "specialists": clone_state(specialists),
                         "meta": clone_state(meta), "gain": joint_sizing["gain_over_start"]}  # fmt: skip

@@ -128,7 +128,7 @@ def test_an_iterate_above_momentums_turnover_does_not_replace_the_start(tiny, mo
     assert free["best_iteration"] > 0 and free["turnover_gate"]  # (the start is within momentum's)
     start_within = iter([True])  # the start at 1.0x momentum's, every iterate above it
 
-    def above(ran, confidence):
+    def above(ran, confidence, start_ratio=None):
         return {"ratio": 1.0, "low": 1.0, "high": 1.0, "within": next(start_within, False)}
 
     monkeypatch.setattr(phase2_meta, "turnover_against_momentum", above)

@@ -312,7 +312,7 @@ def test_a_copy_of_phase2_with_its_own_reward_runs_through_the_pipeline(trained,
     copy's reward is the one Phase 2 trains on, for the env and the twin alike (a constant 1 here: the twin's
     logged reward is exactly 1); the manifest records the script; resuming with other scripts is refused."""
     source = (REPO / "phase2_meta.py").read_text()
-    built_in = "    return reward\n\n\ndef main("
+    built_in = '    return reward if book is None else book(info["net_return"])\n\n\ndef main('
     assert source.count(built_in) == 1  # the one line a user edits
     copy = tmp_path / "my_phase2.py"
     copy.write_text(source.replace(built_in, "    return torch.ones_like(reward)\n\n\ndef main("))

@@ -371,8 +371,8 @@ def test_gain_over_start_replaces_the_start_only_with_confidence_unless_switched
 def test_turnover_against_momentum_is_within_only_with_confidence_unless_switched_off():
     """DESIGN 14's T for Phases 2 and 3: the system's turnover per unit of volatility over momentum's on the same
     bars (`backtest_metrics`' turnover_per_vol, whose annualisation cancels), with a paired bootstrap interval;
-    within only where its high end is at most 1 (the ratio itself with confidence 0); the interval narrows with the
-    bars; a flat reference is an infinite ratio; bad input a ValueError."""
+    within only where its high end is at most 1 (the ratio itself with confidence 0) or the ratio is at most the
+    start's; the interval narrows with the bars; a flat reference is an infinite ratio; bad input a ValueError."""
     from types import SimpleNamespace
 
     rng = np.random.default_rng(0)
@@ -394,6 +394,8 @@ def test_turnover_against_momentum_is_within_only_with_confidence_unless_switche
     close = st.turnover_against_momentum(ran(0.98), 0.9)
     assert close["ratio"] == pytest.approx(0.98) and close["low"] < 0.98 < close["high"]
     assert not close["within"]  # (its high end is above 1: not confidently within)
+    assert st.turnover_against_momentum(ran(0.98), 0.9, start_ratio=0.99)["within"]  # (no more than its start)
+    assert not st.turnover_against_momentum(ran(0.98), 0.9, start_ratio=0.97)["within"]
     assert st.turnover_against_momentum(ran(0.98), 0.0)["within"]  # (the ratio alone)
     assert st.turnover_against_momentum(ran(0.8), 0.9)["within"]
     short = st.turnover_against_momentum(ran(0.98, 300), 0.9)

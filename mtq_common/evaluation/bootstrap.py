@@ -339,17 +339,19 @@ def turnover_ratio(traded, returns, ref_traded, ref_returns, confidence=0.9, num
     return {"ratio": float(ratio(*series)), "low": float(low), "high": float(high), "confidence": float(confidence)}
 
 
-def turnover_against_momentum(backtests: dict, replace_confidence: float) -> dict:
+def turnover_against_momentum(backtests: dict, replace_confidence: float, start_ratio: float | None = None) -> dict:
     """DESIGN 14's T on a validation of Phase 2 or 3: the system's turnover per unit of volatility over momentum's
     on the same bars (`backtests` of `evaluate_portfolio`), `turnover_ratio` at `replace_confidence` (0.9 where it
-    is 0), plus `within`: the interval's high end at most 1 (with `replace_confidence` 0, the ratio itself). An
-    iterate replaces its start only where it is within, if the start itself is (its ratio at most 1). Why the high
-    end: the ratio moves between splits. On seed 1 of the built-in market, Phase 2's iterates on the Sharpe reward
-    held 0.97-0.99x momentum's on validation and 1.02-1.03x on test; the high end is 6-7% above the ratio there."""
+    is 0), plus `within`: the interval's high end at most 1 (with `replace_confidence` 0, the ratio itself), or the
+    ratio at most the start's `start_ratio` (an iterate that trades no more than its start). An iterate replaces
+    its start only where it is within, if the start itself is (its ratio at most 1). Why the high end: the ratio
+    moves between splits. On seed 1 of the built-in market, Phase 2's iterates on the Sharpe reward held 0.97-0.99x
+    momentum's on validation and 1.02-1.03x on test; the high end is 6-7% above the ratio there."""
     system, momentum = backtests["system"], backtests["momentum"]
     found = turnover_ratio(system.traded, system.net_return, momentum.traded, momentum.net_return,
                            confidence=replace_confidence or 0.9)  # fmt: skip
-    return {**found, "within": (found["high"] if replace_confidence else found["ratio"]) <= 1.0}
+    confident = (found["high"] if replace_confidence else found["ratio"]) <= 1.0
+    return {**found, "within": confident or (start_ratio is not None and found["ratio"] <= start_ratio)}
 
 
 def _paired(sharpe_a: float, sharpe_b: float, boot_a: np.ndarray | None, boot_b: np.ndarray | None,
