@@ -19,7 +19,9 @@ over a whole split), the same formula
 is the first-order change in that book's Sharpe ratio from one bar's return: a sum of it over the bars of a
 policy is the gain in the whole split's Sharpe ratio to first order. Its expectation is flat in the book's scale
 at the reference (a larger or smaller book earns nothing by its size) and rises where a book moves its risk to
-bars whose return per unit of risk is higher: what a meta-controller that times risk is for.
+bars whose return per unit of risk is higher: what a meta-controller that times risk is for. Phases 2 and 3 train
+their meta-controller on it (`--sharpe-reward`, each from its own starting point's book): in Phase 2 it took the
+iterates from no confident gain over the fitted start to +0.14 to +0.26 over it on test (docs/benchmarks.md).
 """
 
 from __future__ import annotations
