@@ -70,7 +70,7 @@ from mtq_common.training import checkpoint as ckpt
 from mtq_common.training.config import ConfigError
 from mtq_common.training.distributed import resolve_device
 from mtq_common.training.plumbing import configure_threads, setup_logging
-from mtq_common.training.settings import config_from_args, parse_args
+from mtq_common.training.settings import config_defaults, config_from_args, parse_args
 
 ALIASES = {
     "phase1_timesteps": "training.phase_1_timesteps",
@@ -199,7 +199,9 @@ def phase_scripts(args: Args) -> dict[str, str]:
 
 
 def phase_args(args: Args, name: str, resume: bool):
-    """The phase script's own Args for this pipeline run (the same flags a user would type)."""
+    """The phase script's own Args for this pipeline run (the same flags a user would type): the config file's
+    values for every field it backs (`training.learning_rate`, `training.n_epochs`, ...; as the script alone would
+    read them), then the pipeline's own."""
     out, logs = Path(args.output_dir), Path(args.log_dir)
     common = dict(config=args.config, output_dir=str(out / name), log_dir=str(logs / name), device=args.device,
                   seed=args.seed, data_dir=args.data_dir, instruments=list(args.instruments),
@@ -207,14 +209,17 @@ def phase_args(args: Args, name: str, resume: bool):
                   torch_threads=args.torch_threads)  # fmt: skip
     script = phase_module(args, name)
     if name == "phase1":
-        return script.Args(timesteps=args.phase1_timesteps, **common)
-    if name == "phase2":
-        return script.Args(timesteps=args.phase2_timesteps, specialists_dir=str(out / "phase1"),
-                           replace_confidence=args.phase2_replace_confidence, **common)  # fmt: skip
-    return script.Args(timesteps=args.phase3_timesteps, phase1_dir=str(out / "phase1"),
-                       phase2_dir=str(out / "phase2"), eval_episodes=args.eval_episodes, patience=args.phase3_patience,
-                       replace_confidence=args.phase3_replace_confidence, joint_sizing=args.phase3_joint_sizing,
-                       **common)  # fmt: skip
+        own = dict(timesteps=args.phase1_timesteps)
+    elif name == "phase2":
+        own = dict(timesteps=args.phase2_timesteps, specialists_dir=str(out / "phase1"),
+                   replace_confidence=args.phase2_replace_confidence)  # fmt: skip
+    else:
+        own = dict(timesteps=args.phase3_timesteps, phase1_dir=str(out / "phase1"), phase2_dir=str(out / "phase2"),
+                   eval_episodes=args.eval_episodes, patience=args.phase3_patience,
+                   replace_confidence=args.phase3_replace_confidence,
+                   joint_sizing=args.phase3_joint_sizing)  # fmt: skip
+    from_file = config_defaults(script.Args, getattr(script, "ALIASES", {}), args.config)
+    return script.Args(**{**from_file, **common, **own})
 
 
 def versions() -> dict[str, str]:

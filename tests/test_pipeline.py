@@ -289,6 +289,24 @@ def test_smoke_sets_tiny_budgets_and_explicit_flags_win():
     assert pipeline_script.smoke_argv(["--mode", "eval"]) == ["--mode", "eval"]
 
 
+def test_the_config_files_training_values_reach_every_phase(tmp_path):
+    """The pipeline builds each phase's Args on the config file (built-in default < YAML < flag, as for a script run
+    alone): a file's `training.learning_rate`, `n_epochs`, `gamma` and `specialist_update_freq` reach the phases,
+    and the pipeline's own flags still win (here `--phase1-timesteps` over the file's `phase_1_timesteps`)."""
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  learning_rate: 0.001\n  n_epochs: 3\n  gamma: 0.95\n  specialist_update_freq: 2\n"
+                    "  phase_1_timesteps: 1234\n")  # fmt: skip
+    args, _ = parse_args(pipeline_script.Args, pipeline_script.ALIASES, ["--config", str(path)])
+    for name in ("phase1", "phase2", "phase3"):
+        phase = pipeline_script.phase_args(args, name, False)
+        assert (phase.learning_rate, phase.n_epochs, phase.gamma) == (0.001, 3, 0.95), name
+    assert pipeline_script.phase_args(args, "phase3", False).specialist_update_freq == 2
+    assert pipeline_script.phase_args(args, "phase1", False).timesteps == 1234
+    argv = ["--config", str(path), "--phase1-timesteps", "99"]
+    args, _ = parse_args(pipeline_script.Args, pipeline_script.ALIASES, argv)
+    assert pipeline_script.phase_args(args, "phase1", False).timesteps == 99
+
+
 def test_selection_flags_reach_the_phase_scripts():
     """`--phase3-replace-confidence`, `--phase3-patience` and `--no-phase3-joint-sizing` are Phase 3's
     `--replace-confidence`, `--patience` and `--no-joint-sizing`, `--phase2-replace-confidence` Phase 2's, with

@@ -395,6 +395,20 @@ def _config_path_from_argv(argv: list[str]) -> str | None:
     return None
 
 
+def config_defaults(args_cls: type, aliases: dict[str, str] | None, path: str | None) -> dict[str, Any]:
+    """`{field: value}` of the config file at `path` for every field of `args_cls` named like a config key (or
+    listed in `aliases`): a script's defaults under that file. `pipeline.py` builds each phase's `Args` on them, so
+    a YAML file sets the phases' hyperparameters there as it does for a script run alone."""
+    aliases = {**_ALIASES, **(aliases or {})}
+    cfg = load_config(path, require_data_dir=False)  # `data.source: csv` may take its folder from --data-dir
+    defaults = {}
+    for f in dataclasses.fields(args_cls):
+        key = _config_key(f.name, aliases)
+        if key is not None:
+            defaults[f.name] = _get(cfg, key)
+    return defaults
+
+
 def parse_args(args_cls: type, aliases: dict[str, str] | None = None, argv: list[str] | None = None):
     """Parse a script's tyro `Args` with the YAML file's values as defaults; return `(args, cfg)`.
 
@@ -407,13 +421,7 @@ def parse_args(args_cls: type, aliases: dict[str, str] | None = None, argv: list
     path = _config_path_from_argv(argv)
     if path is None and DEFAULT_CONFIG_PATH.is_file():
         path = str(DEFAULT_CONFIG_PATH)
-    cfg = load_config(path, require_data_dir=False)  # `data.source: csv` may take its folder from --data-dir
-    defaults = {}
-    for f in dataclasses.fields(args_cls):
-        key = _config_key(f.name, aliases)
-        if key is not None:
-            defaults[f.name] = _get(cfg, key)
-    defaults["config"] = path
+    defaults = {**config_defaults(args_cls, aliases, path), "config": path}
     args = tyro.cli(args_cls, args=argv, default=args_cls(**defaults))
     return args, config_from_args(args, aliases)
 
