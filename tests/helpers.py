@@ -223,3 +223,37 @@ def restarting_specialist_pair(**both) -> tuple[SpecialistEnv, SpecialistEnv, to
 def random_books(gen: torch.Generator) -> torch.Tensor:
     """Proposed weights for 16 rows of 8 instruments, within +-0.1."""
     return (torch.rand(16, 8, generator=gen) * 2 - 1) * 0.1
+
+
+def check_sharpe_reward_switch(script, monkeypatch, run) -> dict:
+    """Phases 2 and 3's reward switch: `run(name, **overrides)` trains `script` (a phase module) and returns its
+    `metrics.json`. By default `meta_reward` gets the Sharpe increment of the start's training-split moments (stored
+    as `sharpe_reward`) at every call, the env's and the twin's; with `sharpe_reward=False` it gets None. Returns the
+    default run's metrics."""
+    seen = []
+    real = script.meta_reward
+
+    def spy(reward, info, book):
+        seen.append(book)
+        return real(reward, info, book)
+
+    monkeypatch.setattr(script, "meta_reward", spy)
+    on = run("sharpe_on")
+    book = on["sharpe_reward"]
+    assert set(book) == {"mean", "second", "cash"} and book["second"] > book["mean"] ** 2
+    assert seen and all(b is not None and b.as_dict() == book for b in seen)
+    seen.clear()
+    off = run("sharpe_off", sharpe_reward=False)
+    assert off["sharpe_reward"] is None and seen and all(b is None for b in seen)
+    return on
+
+
+def every_iterate_above_momentum(script, monkeypatch) -> None:
+    """Make `script`'s turnover check (`bootstrap.turnover_against_momentum`) see the start at 1.0x momentum's
+    turnover per unit of volatility (within it, so the gate is on) and every later validation above it."""
+    start_within = iter([True])
+
+    def above(ran, confidence, start_ratio=None):
+        return {"ratio": 1.0, "low": 1.0, "high": 1.0, "within": next(start_within, False)}
+
+    monkeypatch.setattr(script, "turnover_against_momentum", above)

@@ -24,7 +24,16 @@ from mtq_common.evaluation.portfolio_eval import evaluate_portfolio
 from mtq_common.evaluation.rules import fit_trend_for
 from mtq_common.training.checkpoint import CheckpointError, parameter_fingerprint
 from mtq_common.training.settings import load_config
-from tests.helpers import SMALL, run_cli, signal_config, tensorboard_scalars, tensorboard_tags, write_config
+from tests.helpers import (
+    SMALL,
+    check_sharpe_reward_switch,
+    every_iterate_above_momentum,
+    run_cli,
+    signal_config,
+    tensorboard_scalars,
+    tensorboard_tags,
+    write_config,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -93,21 +102,11 @@ def test_the_reward_is_the_starts_sharpe_increment_unless_switched_off(tiny, mon
     """By default the reward is the Sharpe increment over the starting point's training-split moments (stored in
     `metrics.json`), applied to the env and the twin alike; `--no-sharpe-reward` trains on the env's reward."""
     tmp, config, phase1_dir = tiny
-    seen = []
-    real = phase2_meta.meta_reward
 
-    def spy(reward, info, book):
-        seen.append(book)
-        return real(reward, info, book)
+    def run(name, **overrides):
+        return phase2(tmp, config, phase1_dir, name=name, compile="off", eval_interval=100, **overrides)
 
-    monkeypatch.setattr(phase2_meta, "meta_reward", spy)
-    on = phase2(tmp, config, phase1_dir, name="sharpe_on", compile="off", eval_interval=100)
-    book = on["sharpe_reward"]
-    assert set(book) == {"mean", "second", "cash"} and book["second"] > book["mean"] ** 2
-    assert seen and all(b is not None and b.as_dict() == book for b in seen)
-    seen.clear()
-    off = phase2(tmp, config, phase1_dir, name="sharpe_off", compile="off", eval_interval=100, sharpe_reward=False)
-    assert off["sharpe_reward"] is None and seen and all(b is None for b in seen)
+    check_sharpe_reward_switch(phase2_meta, monkeypatch, run)
 
 
 def test_an_iterate_above_momentums_turnover_does_not_replace_the_start(tiny, monkeypatch):
@@ -126,12 +125,7 @@ def test_an_iterate_above_momentums_turnover_does_not_replace_the_start(tiny, mo
     )  # (from the equal allocation: an easy start to beat)
     free = phase2(tmp, config, phase1_dir, name="uncapped", **fast)
     assert free["best_iteration"] > 0 and free["turnover_gate"]  # (the start is within momentum's)
-    start_within = iter([True])  # the start at 1.0x momentum's, every iterate above it
-
-    def above(ran, confidence, start_ratio=None):
-        return {"ratio": 1.0, "low": 1.0, "high": 1.0, "within": next(start_within, False)}
-
-    monkeypatch.setattr(phase2_meta, "turnover_against_momentum", above)
+    every_iterate_above_momentum(phase2_meta, monkeypatch)
     metrics = phase2(tmp, config, phase1_dir, name="capped", **fast)
     assert metrics["best_iteration"] == 0 and metrics["turnover_gate"]
     log = (tmp / "logs_capped" / "training.log").read_text()

@@ -16,7 +16,16 @@ from mtq_common.data.splits import load_splits
 from mtq_common.evaluation.backtest import run_backtests
 from mtq_common.training import checkpoint as ckpt
 from mtq_common.training.settings import load_config
-from tests.helpers import SMALL, prepare, run_cli, signal_config, tensorboard_tags, write_config
+from tests.helpers import (
+    SMALL,
+    check_sharpe_reward_switch,
+    every_iterate_above_momentum,
+    prepare,
+    run_cli,
+    signal_config,
+    tensorboard_tags,
+    write_config,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -99,21 +108,11 @@ def test_the_reward_is_the_starts_sharpe_increment_and_the_specialists_rate_is_s
     reward; the specialists' rate is --specialist-lr-scale of the meta-controller's, and a negative scale is a
     clear error."""
     tmp, config, dirs = tiny
-    seen = []
-    real = phase3_joint.meta_reward
 
-    def spy(reward, info, book):
-        seen.append(book)
-        return real(reward, info, book)
+    def run(name, **overrides):
+        return phase3(tmp, config, dirs, name=name, timesteps=512, compile="off", **overrides)
 
-    monkeypatch.setattr(phase3_joint, "meta_reward", spy)
-    on = phase3(tmp, config, dirs, name="sharpe_on", timesteps=512, compile="off")
-    book = on["sharpe_reward"]
-    assert set(book) == {"mean", "second", "cash"} and book["second"] > book["mean"] ** 2
-    assert seen and all(b is not None and b.as_dict() == book for b in seen)
-    seen.clear()
-    off = phase3(tmp, config, dirs, name="sharpe_off", timesteps=512, compile="off", sharpe_reward=False)
-    assert off["sharpe_reward"] is None and seen and all(b is None for b in seen)
+    on = check_sharpe_reward_switch(phase3_joint, monkeypatch, run)
     assert on["specialist_lr_scale"] == 0.01
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -134,12 +133,7 @@ def test_an_iterate_above_momentums_turnover_does_not_replace_the_start(tiny, mo
     tmp, config, dirs = tiny
     fast = dict(timesteps=2048, eval_interval=1, learning_rate=0.003, replace_confidence=0.0, joint_sizing=False)
     assert phase3(tmp, config, dirs, name="uncapped", **fast)["best_iteration"] > 0
-    start_within = iter([True])  # the start at 1.0x momentum's, every iterate above it
-
-    def above(ran, confidence, start_ratio=None):
-        return {"ratio": 1.0, "low": 1.0, "high": 1.0, "within": next(start_within, False)}
-
-    monkeypatch.setattr(phase3_joint, "turnover_against_momentum", above)
+    every_iterate_above_momentum(phase3_joint, monkeypatch)
     capped = phase3(tmp, config, dirs, name="capped", **fast)
     assert capped["best_iteration"] == 0 and capped["turnover_gate"]
     assert (tmp / "l_capped" / "training.log").read_text().count("(gate on)") == 8
