@@ -48,6 +48,15 @@ alone, e.g. trade smaller two instruments of different sectors that carry one be
 point only where its validation Sharpe beats it with the `--replace-confidence` interval above 0; PPO then
 fine-tunes from whichever start holds (`metrics.json`: `joint_sizing`).
 
+Which iterate best.pt holds. The starting point (Phase 2, or its joint sizing) is validated first; an iterate
+replaces it where, on validation, its Sharpe ratio is the highest so far and beats the start's with the
+`--replace-confidence` interval above 0, and it trades within momentum's turnover per unit of volatility where
+the start does (`bootstrap.turnover_against_momentum`); then, with `--train-check` (default), where it also holds
+on the training split, which Phase 3's updates never see (they train on the curriculum's fresh paths): no more
+turnover per unit of volatility over momentum's than the larger of 1 and the start's there, and a Sharpe ratio
+there no lower than the start's (`bootstrap.holds_on_train`; docs/benchmarks.md: validation's regime mix moved
+the turnover ratio, and its Sharpe ratio lagged a decline).
+
 Curriculum (DESIGN section 7; `--no-curriculum-learning` trains on the plain training split): the
 training market is regenerated at each difficulty level (`mtq_common.agents.curriculum`); the level advances
 when the rolling validation Sharpe clears `--curriculum-threshold`. Validation is always on the plain
@@ -103,7 +112,12 @@ from mtq_common.data.volatility import fit_vol_levels
 from mtq_common.envs.portfolio_env import PortfolioEnv
 from mtq_common.evaluation.allocation_fit import fit_joint_sizing, start_backtests
 from mtq_common.evaluation.backtest import run_episodes, summarize_episodes
-from mtq_common.evaluation.bootstrap import check_replace_confidence, gain_over_start, turnover_against_momentum
+from mtq_common.evaluation.bootstrap import (
+    check_replace_confidence,
+    gain_over_start,
+    holds_on_train,
+    turnover_against_momentum,
+)
 from mtq_common.evaluation.portfolio_eval import evaluate_portfolio
 from mtq_common.evaluation.report_text import format_report
 from mtq_common.evaluation.rules import fit_trend_for
@@ -114,7 +128,7 @@ from mtq_common.training.compiling import compile_options
 from mtq_common.training.config import ConfigError
 from mtq_common.training.plumbing import Run, autocast, cli, iterations, restore, resume, seed_everything, start_run
 
-ALIASES = {"timesteps": "training.phase_3_timesteps"}
+ALIASES = {"timesteps": "training.phase_3_timesteps", "learning_rate": "training.phase_3_learning_rate"}
 
 
 @dataclass
@@ -143,9 +157,10 @@ class Args:
     """Portfolio environment rows, on each rank (config: training.n_envs)."""
     num_steps: int = 128
     """Rollout length per iteration."""
-    learning_rate: float = 3e-4
+    learning_rate: float = 3e-5
     """Adam learning rate of the meta-controller (and, times --specialist-lr-scale, of the specialists) before
-    adaptation and annealing."""
+    adaptation and annealing (config: training.phase_3_learning_rate; a tenth of Phases 1 and 2's: at theirs the
+    iterates gained on validation only while trading more than momentum, docs/benchmarks.md)."""
     specialist_lr_scale: float = 0.01
     """The specialists' learning rate relative to --learning-rate. Small by default: they start at a fitted rule,
     and at the full rate PPO's noisy steps pulled them off it on every seed tried (docs/benchmarks.md)."""
@@ -195,6 +210,10 @@ class Args:
     joint_sizing: bool = True
     """Fit a factor per instrument on the specialists' positions on the training split before PPO, kept where it
     validates better than the start with confidence (module docstring; a resumed run keeps its stored choice)."""
+    train_check: bool = True
+    """An iterate that passes on validation replaces the start only where it also holds on the training split:
+    turnover per unit of volatility over momentum's at most the larger of 1 and the start's, Sharpe ratio no lower
+    than the start's (module docstring)."""
     replace_confidence: float = 0.9
     """best.pt leaves the starting point (Phase 2) only for an iterate whose validation Sharpe beats it with the
     paired bootstrap interval at this confidence above 0 (0: any higher Sharpe replaces it)."""
@@ -274,7 +293,9 @@ def main(args: Args) -> dict:
     # resumed run keeps its stored sizing)
     fit_sizing = args.joint_sizing and not args.resume
     start_books = (
-        start_backtests(specialists, meta, splits["train"], cfg, device) if args.sharpe_reward or fit_sizing else None
+        start_backtests(specialists, meta, splits["train"], cfg, device)
+        if args.sharpe_reward or fit_sizing or args.train_check
+        else None
     )
     cash = cfg.reward.risk_free_rate / splits["train"].bars_per_year
     book = SharpeIncrement.of(start_books["system"].net_return, cash) if args.sharpe_reward else None
@@ -370,6 +391,13 @@ def main(args: Args) -> dict:
         """A validation's turnover per unit of volatility against momentum's (`bootstrap.turnover_against_momentum`:
         DESIGN 14's T, at the confidence of the gain; within also at no more than the start's)."""
         return turnover_against_momentum(ran, args.replace_confidence, start_turnover)
+
+    def train_check(specialists, meta) -> dict:
+        """An iterate against its start on the training split (`bootstrap.holds_on_train`; momentum's backtest
+        there is the start's)."""
+        ran = start_backtests(specialists, meta, splits["train"], cfg, device, momentum=False)
+        return holds_on_train({**start_books, **ran}, start_books, splits["train"].bars_per_year,
+                              cfg.reward.risk_free_rate)  # fmt: skip
 
     num_rows, obs_size = args.num_envs, specialists.obs_size
     meta_obs_size = meta_observation_size(envs.portfolio_obs_size, num_specialists, timed=meta.timing is not None)
@@ -662,13 +690,21 @@ def main(args: Args) -> dict:
                 prev_positions.zero_()
                 rollout.restart_episodes()
             if world.is_main:  # (rank 0 holds best.pt)
+                held = None
                 if sharpe > best["sharpe"] and over_start["replaces"] and (moved["within"] or not turnover_gate):
+                    held = train_check(specialists, meta) if args.train_check else {"holds": True}
+                    if args.train_check:
+                        log.info("iteration %d on train: turnover/vol %.3fx momentum's (start %.3fx), Sharpe %.3f "
+                                 "(start %.3f): %s", iteration, held["ratio"], held["start_ratio"], held["sharpe"],
+                                 held["start_sharpe"], "holds" if held["holds"] else "does not hold")  # fmt: skip
+                if held is not None and held["holds"]:
                     best = {
                         "sharpe": sharpe,
                         "iteration": iteration,
                         "specialists": clone_state(specialists),
                         "meta": clone_state(meta),
                         "gain": {k: over_start[k] for k in ("difference", "low", "high")},
+                        "on_train": {k: held[k] for k in held if k != "holds"},
                     }
                     ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best, specialists, meta, cfg))
                 log.info("iteration %d/%d step %d SPS %d val sharpe %.3f (start %+.3f [%+.3f, %+.3f]) turnover/vol "
@@ -696,7 +732,7 @@ def main(args: Args) -> dict:
     facts = {"gradient_coordination": coordinate, "curriculum_learning": args.curriculum_learning,
              "curriculum_level": level, "global_step": global_step, "early_stop_iteration": early_stop,
              "replace_confidence": args.replace_confidence, "specialist_lr_scale": args.specialist_lr_scale,
-             "turnover_gate": bool(turnover_gate),
+             "turnover_gate": bool(turnover_gate), "train_check": args.train_check,
              "config_hash": cfg.hash(), "seed": args.seed,
              "timing": timing, "ranks": ranks}  # fmt: skip
     facts["joint_sizing"] = joint_sizing
@@ -731,6 +767,7 @@ def final_evaluation(args: Args, specialists, meta, owner, best: dict, report: d
         "eval_episodes": args.eval_episodes,
         "best_iteration": best["iteration"],
         "best_gain_over_start": best.get("gain"),  # (None: best.pt is the starting point)
+        "best_on_train": best.get("on_train"),  # (None: the start, or no --train-check)
         "final_iterate": {"portfolio": report["portfolio"]},
         "phase2_sharpe": json.loads(phase2_metrics.read_text())["portfolio"]["sharpe"]
         if phase2_metrics.is_file()

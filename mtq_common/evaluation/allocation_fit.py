@@ -208,19 +208,20 @@ SIZING_STEPS = 200
 0.004 of 600 steps' in 200, at 4 ms a step over the training split's 20,000 bars)."""
 
 
-def start_backtests(specialists, meta, train: MarketData, cfg: Config, device="cpu", segments: int = 8) -> dict:
-    """The hierarchy `specialists` + `meta` (`system`) and momentum backtested on the training split `train`
-    (`segments` pieces): what Phase 3 fits its joint sizing from, and Phases 2 and 3 set their reward's moments
-    from (the meta-controller's mean action is its start)."""
+def start_backtests(specialists, meta, train: MarketData, cfg: Config, device="cpu", segments: int = 8,
+                    momentum: bool = True) -> dict:  # fmt: skip
+    """The hierarchy `specialists` + `meta` (`system`) and, unless `momentum` is False, momentum backtested on the
+    training split `train` (`segments` pieces): what Phase 3 fits its joint sizing from, checks an iterate against
+    (`bootstrap.holds_on_train`), and Phases 2 and 3 set their reward's moments from (the meta-controller's mean
+    action is its start)."""
     if train.split != "train":
         raise ValueError(f"a phase's start is measured on the training split only, got {train.split!r}")
     size = cfg.environment.max_position_size
     owner = instrument_specialist_index(train.sectors, specialists.names).to(device)
-    momentum = torch.as_tensor(momentum_positions(train.prices), dtype=torch.float32, device=device)
-    policies = {
-        "system": lambda rows: HierarchyPolicy(specialists, meta, owner, size, rows, device, train),
-        "momentum": lambda rows: RulePolicy(momentum, size, specialists.position_rate),
-    }
+    policies = {"system": lambda rows: HierarchyPolicy(specialists, meta, owner, size, rows, device, train)}
+    if momentum:
+        book = torch.as_tensor(momentum_positions(train.prices), dtype=torch.float32, device=device)
+        policies["momentum"] = lambda rows: RulePolicy(book, size, specialists.position_rate)
     return run_backtests(train, cfg, policies, segments, device)
 
 

@@ -46,6 +46,9 @@ class TrainingConfig:
     phase_1_timesteps: int = 500_000
     phase_2_timesteps: int = 300_000
     phase_3_timesteps: int = 1_000_000
+    phase_3_learning_rate: float = 0.00003
+    """Phase 3's rate (both levels; the specialists at `--specialist-lr-scale` of it): a tenth of `learning_rate`,
+    which Phases 1 and 2 use (docs/benchmarks.md: picked on validation)."""
     meta_update_freq: int = 1
     specialist_update_freq: int = 5
     device: str = "auto"

@@ -204,7 +204,8 @@ def validate(cfg: Config, require_data_dir: bool = True) -> Config:
     """
     w = cfg.source_path
     t, e, r, k, d = cfg.training, cfg.environment, cfg.reward, cfg.risk, cfg.data
-    _check(0 < t.learning_rate < 1, w, "training.learning_rate", t.learning_rate, "0 < value < 1")
+    for key in ("learning_rate", "phase_3_learning_rate"):
+        _check(0 < getattr(t, key) < 1, w, f"training.{key}", getattr(t, key), "0 < value < 1")
     for key in ("minibatch_size", "n_epochs", "n_envs", "meta_update_freq", "specialist_update_freq"):
         _check(getattr(t, key) >= 1, w, f"training.{key}", getattr(t, key), "a whole number >= 1")
     for key in ("phase_1_timesteps", "phase_2_timesteps", "phase_3_timesteps"):
