@@ -21,7 +21,7 @@ each bar, and its reward is scored against a twin env that trades that starting 
 `--sharpe-reward`, default on) is the increment of the book's Sharpe ratio over the whole training split
 (`mtq_common.agents.sharpe_reward`, moments held at the starting point's book there), as in Phase 3; an iterate
 replaces the start in `best.pt` only with a confident validation gain and within momentum's turnover per unit of
-volatility there, where the start is (`bootstrap.turnover_against_momentum`, DESIGN 14's T). `--timesteps` counts
+volatility there, where the start is (`selection.turnover_against_momentum`, DESIGN 14's T). `--timesteps` counts
 environment steps of the meta-controller. Outputs as in Phase 1: `latest.pt`, `best.pt` (by validation
 portfolio Sharpe), `step_*.pt`, `metrics.json`; `training.log` and TensorBoard events.
 Runs data-parallel under `torchrun --nproc_per_node N` as Phase 1 does (`mtq_common.training.distributed`).
@@ -63,10 +63,10 @@ from mtq_common.data.tables import build_tables
 from mtq_common.data.volatility import fit_vol_levels
 from mtq_common.envs.portfolio_env import PortfolioEnv
 from mtq_common.evaluation.allocation_fit import fit_allocation_rule, start_backtests
-from mtq_common.evaluation.bootstrap import check_replace_confidence, gain_over_start, turnover_against_momentum
 from mtq_common.evaluation.portfolio_eval import evaluate_portfolio, validation_timings
 from mtq_common.evaluation.report_text import format_report
 from mtq_common.evaluation.rules import fit_trend_for
+from mtq_common.evaluation.selection import check_replace_confidence, gain_over_start, turnover_against_momentum
 from mtq_common.training import checkpoint as ckpt
 from mtq_common.training import distributed
 from mtq_common.training.checkpoint import clone_state, parameter_fingerprint
@@ -228,12 +228,12 @@ def main(args: Args) -> dict:
     def gain(ran: dict) -> dict:
         """An iterate's validation gain over the starting point, the meta-controller as it was built: its mean
         action is the start whatever it observes (`MetaController`), the fitted rule's where there is one, not
-        the report's plain `vol_managed_equal_allocation` (`bootstrap.gain_over_start`)."""
+        the report's plain `vol_managed_equal_allocation` (`selection.gain_over_start`)."""
         return gain_over_start(ran["system"].net_return, start_returns, val.bars_per_year,
                                cfg.reward.risk_free_rate, args.replace_confidence)  # fmt: skip
 
     def turnover_check(ran: dict) -> dict:
-        """A validation's turnover per unit of volatility against momentum's (`bootstrap.turnover_against_momentum`:
+        """A validation's turnover per unit of volatility against momentum's (`selection.turnover_against_momentum`:
         DESIGN 14's T, at the confidence of the gain; within also at no more than the start's)."""
         return turnover_against_momentum(ran, args.replace_confidence, start_turnover)
 

@@ -51,10 +51,10 @@ fine-tunes from whichever start holds (`metrics.json`: `joint_sizing`).
 Which iterate best.pt holds. The starting point (Phase 2, or its joint sizing) is validated first; an iterate
 replaces it where, on validation, its Sharpe ratio is the highest so far and beats the start's with the
 `--replace-confidence` interval above 0, and it trades within momentum's turnover per unit of volatility where
-the start does (`bootstrap.turnover_against_momentum`); then, with `--train-check` (default), where it also holds
+the start does (`selection.turnover_against_momentum`); then, with `--train-check` (default), where it also holds
 on the training split, which Phase 3's updates never see (they train on the curriculum's fresh paths): no more
 turnover per unit of volatility over momentum's than the larger of 1 and the start's there, and a Sharpe ratio
-there no lower than the start's (`bootstrap.holds_on_train`; docs/benchmarks.md: validation's regime mix moved
+there no lower than the start's (`selection.holds_on_train`; docs/benchmarks.md: validation's regime mix moved
 the turnover ratio, and its Sharpe ratio lagged a decline).
 
 Curriculum (DESIGN section 7; `--no-curriculum-learning` trains on the plain training split): the
@@ -112,15 +112,15 @@ from mtq_common.data.volatility import fit_vol_levels
 from mtq_common.envs.portfolio_env import PortfolioEnv
 from mtq_common.evaluation.allocation_fit import fit_joint_sizing, start_backtests
 from mtq_common.evaluation.backtest import run_episodes, summarize_episodes
-from mtq_common.evaluation.bootstrap import (
+from mtq_common.evaluation.portfolio_eval import evaluate_portfolio
+from mtq_common.evaluation.report_text import format_report
+from mtq_common.evaluation.rules import fit_trend_for
+from mtq_common.evaluation.selection import (
     check_replace_confidence,
     gain_over_start,
     holds_on_train,
     turnover_against_momentum,
 )
-from mtq_common.evaluation.portfolio_eval import evaluate_portfolio
-from mtq_common.evaluation.report_text import format_report
-from mtq_common.evaluation.rules import fit_trend_for
 from mtq_common.training import checkpoint as ckpt
 from mtq_common.training import distributed
 from mtq_common.training.checkpoint import clone_state, parameter_fingerprint
@@ -383,17 +383,17 @@ def main(args: Args) -> dict:
         return validation(specialists, meta)[0]
 
     def gain(ran: dict) -> dict:
-        """An iterate's validation gain over the starting point, Phases 1 and 2 (`bootstrap.gain_over_start`)."""
+        """An iterate's validation gain over the starting point, Phases 1 and 2 (`selection.gain_over_start`)."""
         return gain_over_start(ran["system"].net_return, start_returns, val.bars_per_year,
                                cfg.reward.risk_free_rate, args.replace_confidence)  # fmt: skip
 
     def turnover_check(ran: dict) -> dict:
-        """A validation's turnover per unit of volatility against momentum's (`bootstrap.turnover_against_momentum`:
+        """A validation's turnover per unit of volatility against momentum's (`selection.turnover_against_momentum`:
         DESIGN 14's T, at the confidence of the gain; within also at no more than the start's)."""
         return turnover_against_momentum(ran, args.replace_confidence, start_turnover)
 
     def train_check(specialists, meta) -> dict:
-        """An iterate against its start on the training split (`bootstrap.holds_on_train`; momentum's backtest
+        """An iterate against its start on the training split (`selection.holds_on_train`; momentum's backtest
         there is the start's)."""
         ran = start_backtests(specialists, meta, splits["train"], cfg, device, momentum=False)
         return holds_on_train({**start_books, **ran}, start_books, splits["train"].bars_per_year,
@@ -690,21 +690,20 @@ def main(args: Args) -> dict:
                 prev_positions.zero_()
                 rollout.restart_episodes()
             if world.is_main:  # (rank 0 holds best.pt)
-                held = None
-                if sharpe > best["sharpe"] and over_start["replaces"] and (moved["within"] or not turnover_gate):
-                    held = train_check(specialists, meta) if args.train_check else {"holds": True}
-                    if args.train_check:
-                        log.info("iteration %d on train: turnover/vol %.3fx momentum's (start %.3fx), Sharpe %.3f "
-                                 "(start %.3f): %s", iteration, held["ratio"], held["start_ratio"], held["sharpe"],
-                                 held["start_sharpe"], "holds" if held["holds"] else "does not hold")  # fmt: skip
-                if held is not None and held["holds"]:
+                wins = sharpe > best["sharpe"] and over_start["replaces"] and (moved["within"] or not turnover_gate)
+                held = train_check(specialists, meta) if wins and args.train_check else None
+                if held is not None:
+                    log.info("iteration %d on train: turnover/vol %.3fx momentum's (start %.3fx), Sharpe %.3f "
+                             "(start %.3f): %s", iteration, held["ratio"], held["start_ratio"], held["sharpe"],
+                             held["start_sharpe"], "holds" if held["holds"] else "does not hold")  # fmt: skip
+                if wins and (held is None or held["holds"]):
                     best = {
                         "sharpe": sharpe,
                         "iteration": iteration,
                         "specialists": clone_state(specialists),
                         "meta": clone_state(meta),
                         "gain": {k: over_start[k] for k in ("difference", "low", "high")},
-                        "on_train": {k: held[k] for k in held if k != "holds"},
+                        "on_train": None if held is None else {k: held[k] for k in held if k != "holds"},
                     }
                     ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best, specialists, meta, cfg))
                 log.info("iteration %d/%d step %d SPS %d val sharpe %.3f (start %+.3f [%+.3f, %+.3f]) turnover/vol "

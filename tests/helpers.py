@@ -249,7 +249,7 @@ def check_sharpe_reward_switch(script, monkeypatch, run) -> dict:
 
 
 def every_iterate_above_momentum(script, monkeypatch) -> None:
-    """Make `script`'s turnover check (`bootstrap.turnover_against_momentum`) see the start at 1.0x momentum's
+    """Make `script`'s turnover check (`selection.turnover_against_momentum`) see the start at 1.0x momentum's
     turnover per unit of volatility (within it, so the gate is on) and every later validation above it."""
     start_within = iter([True])
 

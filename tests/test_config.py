@@ -116,6 +116,7 @@ def test_user_can_add_a_symbol(tmp_path):
         ("training:\n  minibatch_size: abc\n", ["training.minibatch_size", "whole number"]),
         ("training:\n  gamma: 1.5\n", ["training.gamma", "1.5"]),
         ("training:\n  phase_1_timesteps: -5\n", ["training.phase_1_timesteps", "-5"]),
+        ("training:\n  phase_3_learning_rate: 0\n", ["training.phase_3_learning_rate", "0 < value < 1"]),
         ("environment:\n  max_portfolio_var: 1.5\n", ["environment.max_portfolio_var", "(0, 1]"]),
         ("environment:\n  max_sector_allocation: 0\n", ["environment.max_sector_allocation"]),
         ("reward:\n  risk_penalty_weight: -1\n", ["reward.risk_penalty_weight"]),
@@ -247,7 +248,10 @@ def test_batch_size_is_a_deprecated_name_of_minibatch_size(tmp_path):
     path.write_text("training:\n  batch_size: 128\n  minibatch_size: 64\n")
     with pytest.raises(ConfigError, match="same setting"):
         load_config(path)
-    assert Config().hash() == "69d0e6103b13bab5"  # the default config's hash before the rename
+    before = Config()  # the default config before the rename, and before Phase 3 had its own rate
+    before.training.phase_3_learning_rate = before.training.learning_rate
+    assert before.hash() == "69d0e6103b13bab5"
+    assert Config().hash() != before.hash()  # (a run started then trained Phase 3 at another rate)
 
 
 def test_the_config_file_is_read_once_per_process(tmp_path):

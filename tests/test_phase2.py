@@ -111,7 +111,7 @@ def test_the_reward_is_the_starts_sharpe_increment_unless_switched_off(tiny, mon
 
 def test_an_iterate_above_momentums_turnover_does_not_replace_the_start(tiny, monkeypatch):
     """DESIGN 14's T: where the start is within momentum's turnover per unit of volatility on validation, an
-    iterate replaces it in best.pt only within it too (`bootstrap.turnover_against_momentum`). With any higher
+    iterate replaces it in best.pt only within it too (`selection.turnover_against_momentum`). With any higher
     Sharpe allowed to win (--replace-confidence 0) a fast learner validated every iteration leaves its start;
     the same run where every iterate trades above momentum's keeps it, and `metrics.json` and the log say so."""
     tmp, config, phase1_dir = tiny

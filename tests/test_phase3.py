@@ -127,16 +127,45 @@ def test_the_reward_is_the_starts_sharpe_increment_and_the_specialists_rate_is_s
 
 
 def test_an_iterate_above_momentums_turnover_does_not_replace_the_start(tiny, monkeypatch):
-    """DESIGN 14's T, as in Phase 2 (`bootstrap.turnover_against_momentum`): with any higher Sharpe allowed to win
+    """DESIGN 14's T, as in Phase 2 (`selection.turnover_against_momentum`): with any higher Sharpe allowed to win
     (--replace-confidence 0), a run validated every iteration leaves its start; where the start is within
     momentum's turnover per unit of volatility and every iterate above it, the same run keeps its start."""
     tmp, config, dirs = tiny
-    fast = dict(timesteps=2048, eval_interval=1, learning_rate=0.003, replace_confidence=0.0, joint_sizing=False)
+    fast = dict(timesteps=2048, eval_interval=1, learning_rate=0.003, replace_confidence=0.0, joint_sizing=False,
+                train_check=False)  # fmt: skip
     assert phase3(tmp, config, dirs, name="uncapped", **fast)["best_iteration"] > 0
     every_iterate_above_momentum(phase3_joint, monkeypatch)
     capped = phase3(tmp, config, dirs, name="capped", **fast)
     assert capped["best_iteration"] == 0 and capped["turnover_gate"]
     assert (tmp / "l_capped" / "training.log").read_text().count("(gate on)") == 8
+
+
+def test_an_iterate_that_does_not_hold_on_train_does_not_replace_the_start(tiny, monkeypatch):
+    """`--train-check` (`selection.holds_on_train`): an iterate that passes on validation is checked against the
+    start on the training split (its backtest there beside the start's and momentum's, from before PPO), and
+    replaces the start only where it holds. A run where any higher Sharpe wins (--replace-confidence 0) leaves its
+    start without the check; with it, where no iterate holds on train, the same run keeps its start and logs why."""
+    tmp, config, dirs = tiny
+    fast = dict(timesteps=2048, eval_interval=1, learning_rate=0.003, replace_confidence=0.0, joint_sizing=False)
+    unchecked = phase3(tmp, config, dirs, name="unchecked", train_check=False, **fast)
+    assert unchecked["best_iteration"] > 0 and not unchecked["train_check"] and unchecked["best_on_train"] is None
+    real, seen = phase3_joint.holds_on_train, []
+
+    def fails(ran, start, *args):  # the real figures, every iterate refused
+        seen.append((real(ran, start, *args), ran["momentum"] is start["momentum"], ran["system"] is start["system"]))
+        return {**seen[-1][0], "holds": False}
+
+    monkeypatch.setattr(phase3_joint, "holds_on_train", fails)
+    checked = phase3(tmp, config, dirs, name="checked", **fast)
+    assert checked["best_iteration"] == 0 and checked["train_check"] and checked["best_on_train"] is None
+    assert seen and all(same_momentum and not same_system for _, same_momentum, same_system in seen)
+    assert len({found["start_sharpe"] for found, _, _ in seen}) == 1  # (the start's, measured once)
+    log = (tmp / "l_checked" / "training.log").read_text()
+    assert log.count("on train: turnover/vol") == len(seen) and "does not hold" in log
+    monkeypatch.setattr(phase3_joint, "holds_on_train", lambda *a: {**real(*a), "holds": True})
+    held = phase3(tmp, config, dirs, name="held", **fast)  # every iterate holds: best.pt records its figures
+    assert held["best_iteration"] == unchecked["best_iteration"]
+    assert set(held["best_on_train"]) == {"ratio", "start_ratio", "sharpe", "start_sharpe"}
 
 
 def test_joint_sizing_is_fit_once_on_train_and_a_resume_keeps_its_choice(tiny, monkeypatch):

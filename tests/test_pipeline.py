@@ -291,15 +291,16 @@ def test_smoke_sets_tiny_budgets_and_explicit_flags_win():
 
 def test_the_config_files_training_values_reach_every_phase(tmp_path):
     """The pipeline builds each phase's Args on the config file (built-in default < YAML < flag, as for a script run
-    alone): a file's `training.learning_rate`, `n_epochs`, `gamma` and `specialist_update_freq` reach the phases,
-    and the pipeline's own flags still win (here `--phase1-timesteps` over the file's `phase_1_timesteps`)."""
+    alone): a file's `training.learning_rate` (Phases 1 and 2; Phase 3 reads `phase_3_learning_rate`), `n_epochs`,
+    `gamma` and `specialist_update_freq` reach the phases, and the pipeline's own flags still win (here
+    `--phase1-timesteps` over the file's `phase_1_timesteps`)."""
     path = tmp_path / "c.yaml"
-    path.write_text("training:\n  learning_rate: 0.001\n  n_epochs: 3\n  gamma: 0.95\n  specialist_update_freq: 2\n"
-                    "  phase_1_timesteps: 1234\n")  # fmt: skip
+    path.write_text("training:\n  learning_rate: 0.001\n  phase_3_learning_rate: 0.0002\n  n_epochs: 3\n  gamma: 0.95\n"
+                    "  specialist_update_freq: 2\n  phase_1_timesteps: 1234\n")  # fmt: skip
     args, _ = parse_args(pipeline_script.Args, pipeline_script.ALIASES, ["--config", str(path)])
-    for name in ("phase1", "phase2", "phase3"):
+    for name, rate in (("phase1", 0.001), ("phase2", 0.001), ("phase3", 0.0002)):
         phase = pipeline_script.phase_args(args, name, False)
-        assert (phase.learning_rate, phase.n_epochs, phase.gamma) == (0.001, 3, 0.95), name
+        assert (phase.learning_rate, phase.n_epochs, phase.gamma) == (rate, 3, 0.95), name
     assert pipeline_script.phase_args(args, "phase3", False).specialist_update_freq == 2
     assert pipeline_script.phase_args(args, "phase1", False).timesteps == 1234
     argv = ["--config", str(path), "--phase1-timesteps", "99"]

@@ -11,7 +11,6 @@ from mtq_common.evaluation import bootstrap as st
 from mtq_common.evaluation import metrics
 from mtq_common.evaluation import sharpe_significance as sig
 from mtq_common.evaluation.sharpe_significance import normal_cdf, normal_ppf
-from mtq_common.training.config import ConfigError
 
 BARS = 252
 # i.i.d. normal returns with a known true Sharpe: per-bar mean 0.05, std 1.
@@ -347,60 +346,3 @@ def test_non_finite_input_names_the_index():
         st.sharpe_interval(np.zeros((10, 2)), BARS)
     with pytest.raises(ValueError, match="trial_sharpes"):
         sig.deflated_sharpe_ratio(r[:5], [], BARS)
-
-
-def test_gain_over_start_replaces_the_start_only_with_confidence_unless_switched_off():
-    """Phases 2 and 3's selection rule: with `replace_confidence` 0.9 an iterate replaces its start only where the
-    paired interval's low end is above 0; with 0 always (the interval is still computed, at 0.9); bad values are
-    refused."""
-    rng = np.random.default_rng(0)
-    start = rng.normal(0.0, 0.01, 2000)
-    clearly_better = start + 0.002  # the same noise, a steady edge: the paired interval excludes 0
-    noise = start + rng.normal(0.0, 0.01, 2000)  # no edge: the interval straddles 0
-    better = st.gain_over_start(clearly_better, start, 252, 0.0, 0.9)
-    assert better["low"] > 0 and better["replaces"] and better["confidence"] == 0.9
-    unsure = st.gain_over_start(noise, start, 252, 0.0, 0.9)
-    assert unsure["low"] < 0 < unsure["high"] and not unsure["replaces"]
-    off = st.gain_over_start(noise, start, 252, 0.0, 0.0)
-    assert off["replaces"] and off["confidence"] == 0.9 and off["low"] == unsure["low"]
-    for bad in (-0.1, 1.0):
-        with pytest.raises(ConfigError, match="--replace-confidence"):
-            st.check_replace_confidence(bad)
-
-
-def test_turnover_against_momentum_is_within_only_with_confidence_unless_switched_off():
-    """DESIGN 14's T for Phases 2 and 3: the system's turnover per unit of volatility over momentum's on the same
-    bars (`backtest_metrics`' turnover_per_vol, whose annualisation cancels), with a paired bootstrap interval;
-    within only where its high end is at most 1 (the ratio itself with confidence 0) or the ratio is at most the
-    start's; the interval narrows with the bars; a flat reference is an infinite ratio; bad input a ValueError."""
-    from types import SimpleNamespace
-
-    rng = np.random.default_rng(0)
-    bars = 3000
-    momentum_returns, momentum_traded = rng.normal(0.0, 0.01, bars), rng.uniform(0.0, 0.2, bars)
-    own_returns, own_traded = rng.normal(0.0, 0.005, bars), rng.uniform(0.0, 0.1, bars)
-
-    def per_vol(traded, returns):
-        return np.mean(traded) / np.std(returns, ddof=1)
-
-    def ran(ratio: float, n: int = bars) -> dict:  # the system at `ratio` x momentum's over the first n bars
-        scale = ratio * per_vol(momentum_traded[:n], momentum_returns[:n]) / per_vol(own_traded[:n], own_returns[:n])
-        system = SimpleNamespace(traded=own_traded[:n] * scale, net_return=own_returns[:n])
-        return {
-            "system": system,
-            "momentum": SimpleNamespace(traded=momentum_traded[:n], net_return=momentum_returns[:n]),
-        }
-
-    close = st.turnover_against_momentum(ran(0.98), 0.9)
-    assert close["ratio"] == pytest.approx(0.98) and close["low"] < 0.98 < close["high"]
-    assert not close["within"]  # (its high end is above 1: not confidently within)
-    assert st.turnover_against_momentum(ran(0.98), 0.9, start_ratio=0.99)["within"]  # (no more than its start)
-    assert not st.turnover_against_momentum(ran(0.98), 0.9, start_ratio=0.97)["within"]
-    assert st.turnover_against_momentum(ran(0.98), 0.0)["within"]  # (the ratio alone)
-    assert st.turnover_against_momentum(ran(0.8), 0.9)["within"]
-    short = st.turnover_against_momentum(ran(0.98, 300), 0.9)
-    assert short["high"] - short["low"] > close["high"] - close["low"]
-    flat = st.turnover_ratio(np.ones(10), rng.normal(size=10), np.zeros(10), rng.normal(size=10))
-    assert flat["ratio"] == float("inf")
-    with pytest.raises(ValueError, match="same bars"):
-        st.turnover_ratio(np.ones(10), np.ones(10), np.ones(9), np.ones(9))

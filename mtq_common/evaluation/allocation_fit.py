@@ -212,7 +212,7 @@ def start_backtests(specialists, meta, train: MarketData, cfg: Config, device="c
                     momentum: bool = True) -> dict:  # fmt: skip
     """The hierarchy `specialists` + `meta` (`system`) and, unless `momentum` is False, momentum backtested on the
     training split `train` (`segments` pieces): what Phase 3 fits its joint sizing from, checks an iterate against
-    (`bootstrap.holds_on_train`), and Phases 2 and 3 set their reward's moments from (the meta-controller's mean
+    (`selection.holds_on_train`), and Phases 2 and 3 set their reward's moments from (the meta-controller's mean
     action is its start)."""
     if train.split != "train":
         raise ValueError(f"a phase's start is measured on the training split only, got {train.split!r}")

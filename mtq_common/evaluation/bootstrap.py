@@ -40,7 +40,6 @@ import math
 import numpy as np
 
 from mtq_common.evaluation import metrics
-from mtq_common.training.config import ConfigError
 
 _CHUNK_ELEMENTS = 1 << 20
 """Bootstrap samples are generated and evaluated in chunks of about this many resampled bars, so memory stays
@@ -291,25 +290,7 @@ def paired_sharpe_difference(
     return _paired(*sharpes, boot_a, boot_b, confidence, block, return_distribution)
 
 
-def check_replace_confidence(replace_confidence: float) -> None:
-    """`--replace-confidence` of Phases 2 and 3: 0 (off) or a confidence below 1; anything else a `ConfigError`."""
-    if not 0.0 <= replace_confidence < 1.0:
-        raise ConfigError(f"--replace-confidence {replace_confidence}: accepted 0 (off) up to, not including, 1")
-
-
-def gain_over_start(returns, start_returns, bars_per_year, risk_free_rate, replace_confidence: float) -> dict:
-    """The rule by which an iterate may replace a phase's starting point in `best.pt` (Phases 2 and 3): its
-    validation `returns` against the start's on the same bars, `paired_sharpe_difference` at `replace_confidence`
-    (0.9 where it is 0, which only logs the interval), plus `replaces`: with `replace_confidence` 0 always (any
-    higher Sharpe wins), else only where the interval's low end is above 0. Why: `best.pt` is the highest of
-    many noisy validations, and such winners lost to their start on other paths of the market
-    (docs/benchmarks.md)."""
-    gain = paired_sharpe_difference(returns, start_returns, bars_per_year, risk_free_rate,
-                                    confidence=replace_confidence or 0.9)  # fmt: skip
-    return {**gain, "replaces": replace_confidence == 0 or gain["low"] > 0}
-
-
-def _per_vol(traded: np.ndarray, returns: np.ndarray) -> np.ndarray:
+def turnover_per_volatility(traded: np.ndarray, returns: np.ndarray) -> np.ndarray:
     """Turnover per unit of volatility over the last axis (`backtest_metrics`: the mean of `traded` over the std
     of `returns`; 0 where the returns do not vary): [..., n] -> [...]."""
     vol = returns.std(axis=-1, ddof=1)
@@ -332,7 +313,7 @@ def turnover_ratio(traded, returns, ref_traded, ref_returns, confidence=0.9, num
 
     def ratio(t, r, rt, rr):
         with np.errstate(divide="ignore", invalid="ignore"):  # (a reference that never trades: inf)
-            return _per_vol(t, r) / _per_vol(rt, rr)
+            return turnover_per_volatility(t, r) / turnover_per_volatility(rt, rr)
 
     samples = np.empty(int(num_samples))
     for first, idx in _sample_chunks(n, int(num_samples), default_block_length(n), seed):
@@ -340,46 +321,6 @@ def turnover_ratio(traded, returns, ref_traded, ref_returns, confidence=0.9, num
     tail = (1.0 - confidence) / 2.0
     low, high = np.quantile(samples, [tail, 1.0 - tail])
     return {"ratio": float(ratio(*series)), "low": float(low), "high": float(high), "confidence": float(confidence)}
-
-
-def turnover_against_momentum(backtests: dict, replace_confidence: float, start_ratio: float | None = None) -> dict:
-    """DESIGN 14's T on a validation of Phase 2 or 3: the system's turnover per unit of volatility over momentum's
-    on the same bars (`backtests` of `evaluate_portfolio`), `turnover_ratio` at `replace_confidence` (0.9 where it
-    is 0), plus `within`: the interval's high end at most 1 (with `replace_confidence` 0, the ratio itself), or the
-    ratio at most the start's `start_ratio` (an iterate that trades no more than its start). An iterate replaces
-    its start only where it is within, if the start itself is (its ratio at most 1). Why the high end: the ratio
-    moves between splits. On seed 1 of the built-in market, Phase 2's iterates on the Sharpe reward held 0.97-0.99x
-    momentum's on validation and 1.02-1.03x on test; the high end is 6-7% above the ratio there."""
-    system, momentum = backtests["system"], backtests["momentum"]
-    found = turnover_ratio(system.traded, system.net_return, momentum.traded, momentum.net_return,
-                           confidence=replace_confidence or 0.9)  # fmt: skip
-    confident = (found["high"] if replace_confidence else found["ratio"]) <= 1.0
-    return {**found, "within": confident or (start_ratio is not None and found["ratio"] <= start_ratio)}
-
-
-def holds_on_train(backtests: dict, start: dict, bars_per_year: float, risk_free_rate: float) -> dict:
-    """Phase 3's last check before an iterate that passed on validation replaces its start: on the training split
-    (`backtests` of the iterate and `start` of the start, each with "system" and "momentum" as
-    `allocation_fit.start_backtests` gives them), its turnover per unit of volatility over momentum's is at most
-    the larger of 1 and the start's, and its Sharpe ratio is no lower than the start's. Returns `{"ratio",
-    "start_ratio", "sharpe", "start_sharpe", "holds"}` (Sharpe ratios annualised, over `risk_free_rate`).
-
-    Why a second split: Phase 3 trains on the curriculum's fresh paths, so the training split is unseen by its
-    updates too, and validation alone misled in two ways (seeds 1-5 of the built-in market, docs/benchmarks.md).
-    Its regime mix differs from the other splits': momentum trades 0.76 per unit of volatility there against 0.69
-    on test, and iterates that time risk harder than their start held 0.91-0.95x momentum's on validation and
-    1.03-1.06x on test and on train alike. And the validation Sharpe ratio lags a decline: on seed 1 the highest
-    one (iteration 50) was already below the start on train and on test."""
-    momentum = start["momentum"]
-    ref = _per_vol(momentum.traded, momentum.net_return)
-
-    def facts(bt):  # (turnover per unit of volatility over momentum's, Sharpe ratio)
-        ratio = float(_per_vol(bt.traded, bt.net_return) / ref) if ref > 0 else math.inf
-        return ratio, float(metrics.sharpe(bt.net_return, bars_per_year, risk_free_rate))
-
-    (ratio, sharpe), (start_ratio, start_sharpe) = facts(backtests["system"]), facts(start["system"])
-    holds = ratio <= max(1.0, start_ratio) and sharpe >= start_sharpe
-    return {"ratio": ratio, "start_ratio": start_ratio, "sharpe": sharpe, "start_sharpe": start_sharpe, "holds": holds}
 
 
 def _paired(sharpe_a: float, sharpe_b: float, boot_a: np.ndarray | None, boot_b: np.ndarray | None,

@@ -237,5 +237,7 @@ class Config:
         if not payload["data"]["allow_partial_overlap"]:
             payload["data"].pop("allow_partial_overlap")
         payload["training"]["batch_size"] = payload["training"].pop("minibatch_size")  # renamed: the same hash
+        if payload["training"]["phase_3_learning_rate"] == payload["training"]["learning_rate"]:
+            payload["training"].pop("phase_3_learning_rate")  # (before the key, Phase 3 trained at learning_rate)
         blob = json.dumps(payload, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
