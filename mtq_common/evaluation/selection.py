@@ -56,9 +56,9 @@ def holds_on_train(backtests: dict, start: dict, bars_per_year: float, risk_free
     "holds"}` (Sharpe ratios annualised, over `risk_free_rate`).
 
     Why (docs/benchmarks.md): Phase 3's updates never see this split (they train on the curriculum's paths), and
-    validation misled: its regime mix differs (momentum's ratio 0.76 there, 0.69 on test), so iterates that time
-    risk harder held 0.91-0.95x momentum's there and 1.01-1.06x on train and test; its Sharpe ratio lagged a
-    decline (seed 1's highest, iteration 50, was below the start on train and test)."""
+    validation misled: its regime mix differs (momentum trades 0.76 per unit of volatility there, 0.69 on test),
+    and iterates at 0.91-0.95x momentum's there traded up to 1.05x on train and 1.06x on test; its Sharpe ratio
+    lagged a decline (seed 1's highest, iteration 50, was below the start on train and on test)."""
     ref = bootstrap.turnover_per_volatility(start["momentum"].traded, start["momentum"].net_return)
 
     def facts(bt):  # (turnover per unit of volatility over momentum's, Sharpe ratio)
