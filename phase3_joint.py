@@ -52,7 +52,7 @@ Which iterate best.pt holds. The starting point (Phase 2, or its joint sizing) i
 replaces it where, on validation, its Sharpe ratio is the highest so far and beats the start's with the
 `--replace-confidence` interval above 0, and it trades within momentum's turnover per unit of volatility where
 the start does (`selection.turnover_against_momentum`); then, with `--train-check` (default), where it also holds
-on the training split, which Phase 3's updates never see (they train on the curriculum's fresh paths): no more
+on the training split, which Phase 3's updates never see under the curriculum (it trains on fresh paths): no more
 turnover per unit of volatility over momentum's than the larger of 1 and the start's there, and a Sharpe ratio
 there no lower than the start's (`selection.holds_on_train`; docs/benchmarks.md: validation's regime mix moved
 the turnover ratio, and its Sharpe ratio lagged a decline).

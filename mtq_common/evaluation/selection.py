@@ -55,7 +55,7 @@ def holds_on_train(backtests: dict, start: dict, bars_per_year: float, risk_free
     Sharpe ratio is no lower than the start's. Returns `{"ratio", "start_ratio", "sharpe", "start_sharpe",
     "holds"}` (Sharpe ratios annualised, over `risk_free_rate`).
 
-    Why (docs/benchmarks.md): Phase 3's updates never see this split (they train on the curriculum's paths), and
+    Why (docs/benchmarks.md): under the curriculum Phase 3's updates never see this split (fresh paths), and
     validation misled: its regime mix differs (momentum trades 0.76 per unit of volatility there, 0.69 on test),
     and iterates at 0.91-0.95x momentum's there traded up to 1.05x on train and 1.06x on test; its Sharpe ratio
     lagged a decline (seed 1's highest, iteration 50, was below the start on train and on test)."""
