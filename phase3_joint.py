@@ -292,8 +292,9 @@ def main(args: Args) -> dict:
     # the starting point on the training split: the reward's reference moments and the joint sizing's data (a
     # resumed run keeps its stored sizing)
     fit_sizing = args.joint_sizing and not args.resume
+    train_tables = build_tables(splits["train"], cfg, device)  # (built once: every check on train reads them)
     start_books = (
-        start_backtests(specialists, meta, splits["train"], cfg, device)
+        start_backtests(specialists, meta, splits["train"], cfg, device, tables=train_tables)
         if args.sharpe_reward or fit_sizing or args.train_check
         else None
     )
@@ -395,7 +396,7 @@ def main(args: Args) -> dict:
     def train_check(specialists, meta) -> dict:
         """An iterate against its start on the training split (`selection.holds_on_train`; momentum's backtest
         there is the start's)."""
-        ran = start_backtests(specialists, meta, splits["train"], cfg, device, momentum=False)
+        ran = start_backtests(specialists, meta, splits["train"], cfg, device, momentum=False, tables=train_tables)
         return holds_on_train({**start_books, **ran}, start_books, splits["train"].bars_per_year,
                               cfg.reward.risk_free_rate)  # fmt: skip
 

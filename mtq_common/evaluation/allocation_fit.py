@@ -209,11 +209,11 @@ SIZING_STEPS = 200
 
 
 def start_backtests(specialists, meta, train: MarketData, cfg: Config, device="cpu", segments: int = 8,
-                    momentum: bool = True) -> dict:  # fmt: skip
+                    momentum: bool = True, tables=None) -> dict:  # fmt: skip
     """The hierarchy `specialists` + `meta` (`system`) and, unless `momentum` is False, momentum backtested on the
-    training split `train` (`segments` pieces): what Phase 3 fits its joint sizing from, checks an iterate against
-    (`selection.holds_on_train`), and Phases 2 and 3 set their reward's moments from (the meta-controller's mean
-    action is its start)."""
+    training split `train` (`segments` pieces; `tables`: its `build_tables`, built here if None): what Phase 3 fits
+    its joint sizing from, checks an iterate against (`selection.holds_on_train`), and Phases 2 and 3 set their
+    reward's moments from (the meta-controller's mean action is its start)."""
     if train.split != "train":
         raise ValueError(f"a phase's start is measured on the training split only, got {train.split!r}")
     size = cfg.environment.max_position_size
@@ -222,7 +222,7 @@ def start_backtests(specialists, meta, train: MarketData, cfg: Config, device="c
     if momentum:
         book = torch.as_tensor(momentum_positions(train.prices), dtype=torch.float32, device=device)
         policies["momentum"] = lambda rows: RulePolicy(book, size, specialists.position_rate)
-    return run_backtests(train, cfg, policies, segments, device)
+    return run_backtests(train, cfg, policies, segments, device, tables)
 
 
 def fit_joint_sizing(ran: dict, train: MarketData, cfg: Config, steps: int = SIZING_STEPS) -> dict:
