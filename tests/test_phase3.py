@@ -332,7 +332,7 @@ def test_fine_tuning_stops_two_sectors_duplicating_one_bet(tmp_path):
     fifth. Measured (2-core CPU, about 13 s), seeds 1, 2, 3: start 4.44 / 4.45 / 4.45, joint sizing +0.22
     [+0.05, +0.39] / +0.21 [+0.05, +0.37] / +0.19 [+0.03, +0.36] (scales of FXD and EQD 0.62 / 0.82, 0.57 /
     0.88, 0.61 / 0.85), the pair's share 0.34 -> 0.24 on each; PPO from there never beat it (its final iterate
-    +0.14 / +0.07 / +0.02 over the Phase 2 start).
+    +0.218 / +0.209 / +0.191 over the Phase 2 start at Phase 3's default rate, 3e-5; +0.14 / +0.07 / +0.02 at 3e-4).
 
     PPO alone (`--no-joint-sizing`) does not learn it: seeds 1, 2, 3 of an earlier round gave best +0.08 [+0.01,
     +0.16] / none / none, every position growing and the pair's share staying about 0.33; also tried, seed 1,
