@@ -349,13 +349,11 @@ def main(args: Args) -> dict:
 
     rollout = PortfolioRolloutStats(specialists.names, envs.limits.max_var, device, num_rows)
     start_returns = None  # the starting point's validation returns (rank 0): what an iterate must beat
-    turnover_gate = False  # (rank 0) an iterate must be within momentum's turnover, as the start is
     start_turnover = None  # (rank 0) the start's turnover per unit of volatility over momentum's on validation
     if args.resume:
         if world.is_main:  # (the meta-controller is still the start, before the resumed weights replace it)
             ran = (start_validation or validation(meta))[1]
             start_returns, start_turnover = ran["system"].net_return, turnover_check(ran)["ratio"]
-            turnover_gate = start_turnover <= 1.0
         state, mine = resume(args, "phase2", cfg, world)
         for key, flag, ours in (("timing", "--risk-timing", start_rule), ("allocation_rule", "--allocation-rule",
                                                                           allocation_rule)):  # fmt: skip
@@ -380,9 +378,10 @@ def main(args: Args) -> dict:
     if not args.resume and world.is_main:  # the starting point is a candidate for best.pt
         report, ran = start_validation or validation(meta)
         start_returns, start_turnover = ran["system"].net_return, turnover_check(ran)["ratio"]
-        turnover_gate = start_turnover <= 1.0
         best = {"sharpe": report["portfolio"]["sharpe"], "iteration": 0, "model": clone_state(meta)}
         ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best["model"], meta, specialists, cfg, args))
+    # (rank 0) an iterate must be within momentum's turnover where the start is
+    turnover_gate = start_turnover is not None and start_turnover <= 1.0
     run.watch.lap("validation")  # the starting point's
     guard = DivergenceGuard("phase 2", device)
     for iteration in range(start_iteration, num_iterations + 1):

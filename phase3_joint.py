@@ -486,14 +486,12 @@ def main(args: Args) -> dict:
     rollout = PortfolioRolloutStats(specialists.names, envs.limits.max_var, device, num_rows)
     prev_positions = torch.zeros(num_rows, num_instruments, device=device)
     start_returns = None  # the starting point's validation returns (rank 0): what an iterate must beat
-    turnover_gate = False  # (rank 0) an iterate must be within momentum's turnover, as the start is
     start_turnover = None  # (rank 0) the start's turnover per unit of volatility over momentum's on validation
     joint_sizing = None  # the joint sizing's fit and validation (`metrics.json`), where one was fit
     if args.resume:
         if world.is_main:  # (the models still hold Phases 1 and 2, before the resumed weights replace them)
             ran = validation(specialists, meta)[1]
             start_returns, start_turnover = ran["system"].net_return, turnover_check(ran)["ratio"]
-            turnover_gate = start_turnover <= 1.0
         state, mine = resume(args, "phase3", cfg, world)
         meta.instrument_scale = state["meta_spec"].get("instrument_scale")  # the stored joint sizing (or none)
         joint_sizing = state.get("joint_sizing")
@@ -523,7 +521,6 @@ def main(args: Args) -> dict:
     if not args.resume and world.is_main:  # the starting point (Phases 1 and 2) is a candidate for best.pt
         report, ran = validation(specialists, meta)
         start_returns, start_turnover = ran["system"].net_return, turnover_check(ran)["ratio"]
-        turnover_gate = start_turnover <= 1.0
         best = {"sharpe": report["portfolio"]["sharpe"], "iteration": 0, "specialists": clone_state(specialists),
                 "meta": clone_state(meta)}  # fmt: skip
         ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best, specialists, meta, cfg))
@@ -549,6 +546,8 @@ def main(args: Args) -> dict:
         if not joint_sizing["kept"]:
             meta.instrument_scale = None
     sizing = meta.sizing(device)  # (None: the composition as in Phase 2)
+    # (rank 0) an iterate must be within momentum's turnover where the start is
+    turnover_gate = start_turnover is not None and start_turnover <= 1.0
     run.watch.lap("validation")  # the starting point's
     guard = DivergenceGuard("phase 3", device)
     for iteration in range(start_iteration, num_iterations + 1):
