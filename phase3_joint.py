@@ -217,9 +217,9 @@ class Args:
     replace_confidence: float = 0.9
     """best.pt leaves the starting point (Phase 2) only for an iterate whose validation Sharpe beats it with the
     paired bootstrap interval at this confidence above 0 (0: any higher Sharpe replaces it)."""
-    patience: int = 0
-    """Stop once this many validations in a row have not beaten best.pt (0: never; docs/benchmarks.md: 3 saves about
-    0.4 of the pipeline's time and loses late gains)."""
+    patience: int = 3
+    """Stop once this many validations in a row have not beaten best.pt (0: never, the whole --timesteps budget;
+    docs/benchmarks.md: on seeds 1-5 no iterate past iteration 20 was chosen, so 3 leaves every report as it was)."""
     eval_segments: int = 16
     """Validation split pieces run in parallel, each starting flat (see mtq_common.evaluation.specialist_eval)."""
     eval_episodes: int = 100
@@ -256,8 +256,9 @@ def meta_reward(reward: torch.Tensor, info: dict, book: SharpeIncrement | None) 
 
 def stalled(args: Args, iteration: int, num_iterations: int, best_iteration: int, world, device) -> bool:
     """Whether fine-tuning stops early after `iteration`: it was a validation before the last iteration, and
-    the last `--patience` of them did not beat best.pt (a quick sweep's saving; off by default, because late
-    iterates can still win, docs/benchmarks.md). Rank 0 holds best.pt and decides for every rank."""
+    the last `--patience` of them did not beat best.pt (why: past a few validations the iterates trade more or,
+    at the curriculum's last stress level, size the book down, and none was chosen on seeds 1-5; the rest of the
+    budget was discarded work, docs/benchmarks.md). Rank 0 holds best.pt and decides for every rank."""
     if args.patience == 0 or iteration % args.eval_interval or not 0 < iteration < num_iterations:
         return False  # (every rank takes this branch alike)
     spent = iteration - best_iteration >= args.patience * args.eval_interval

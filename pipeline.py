@@ -119,8 +119,9 @@ class Args:
     phase3_replace_confidence: float = 0.9
     """Phase 3's best.pt leaves Phase 2 only with the paired validation interval at this confidence above 0 (0: any
     higher Sharpe; phase3_joint.py --replace-confidence)."""
-    phase3_patience: int = 0
-    """Phase 3 stops once this many validations in a row have not beaten its best.pt (0: never; phase3_joint.py)."""
+    phase3_patience: int = 3
+    """Phase 3 stops once this many validations in a row have not beaten its best.pt (0: never, its whole budget;
+    phase3_joint.py --patience)."""
     phase3_joint_sizing: bool = True
     """Phase 3 fits a factor per instrument on the specialists' positions on train before PPO, kept only with a
     confident validation gain (phase3_joint.py --joint-sizing)."""

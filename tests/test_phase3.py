@@ -131,8 +131,9 @@ def test_an_iterate_above_momentums_turnover_does_not_replace_the_start(tiny, mo
     (--replace-confidence 0), a run validated every iteration leaves its start; where the start is within
     momentum's turnover per unit of volatility and every iterate above it, the same run keeps its start."""
     tmp, config, dirs = tiny
+    # (patience 0: all 8 iterations validated)
     fast = dict(timesteps=2048, eval_interval=1, learning_rate=0.003, replace_confidence=0.0, joint_sizing=False,
-                train_check=False)  # fmt: skip
+                train_check=False, patience=0)  # fmt: skip
     assert phase3(tmp, config, dirs, name="uncapped", **fast)["best_iteration"] > 0
     every_iterate_above_momentum(phase3_joint, monkeypatch)
     capped = phase3(tmp, config, dirs, name="capped", **fast)
