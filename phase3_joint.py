@@ -293,11 +293,10 @@ def main(args: Args) -> dict:
     # the starting point on the training split: the reward's reference moments and the joint sizing's data (a
     # resumed run keeps its stored sizing)
     fit_sizing = args.joint_sizing and not args.resume
-    train_tables = build_tables(splits["train"], cfg, device)  # (built once: every check on train reads them)
+    on_train = args.sharpe_reward or fit_sizing or args.train_check  # (what needs the start's books there)
+    train_tables = build_tables(splits["train"], cfg, device) if on_train else None  # (once: every check reads them)
     start_books = (
-        start_backtests(specialists, meta, splits["train"], cfg, device, tables=train_tables)
-        if args.sharpe_reward or fit_sizing or args.train_check
-        else None
+        start_backtests(specialists, meta, splits["train"], cfg, device, tables=train_tables) if on_train else None
     )
     cash = cfg.reward.risk_free_rate / splits["train"].bars_per_year
     book = SharpeIncrement.of(start_books["system"].net_return, cash) if args.sharpe_reward else None
