@@ -30,7 +30,8 @@ script measured over its training loop (`metrics.json` timing: environment steps
 the loop's wall time, in-loop validation included) and the subprocess's wall time (start-up and final
 evaluation included). The `pipeline` section runs `python pipeline.py --mode train` with
 `--pipeline-timesteps` (default: the seed's 500k / 300k / 1M) and reports its wall time and each
-phase's. Both print the device name and take `--train-device` and `--compile`. The `ops` section
+phase's, split into the training loop's parts and the time outside the loop (`timed_runs.phase_parts`).
+Both print the device name and take `--train-device` and `--compile`. The `ops` section
 (`benchmarks.op_census`) runs each phase script under the CPU profiler and reports where its time went.
 """
 

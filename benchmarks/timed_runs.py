@@ -107,12 +107,28 @@ def bench_pipeline(args, work: Path) -> dict:
         "device": args.train_device,
         "meets_target": wall <= PIPELINE_TARGET_SECONDS,
     }
+    result["phase_parts"] = {
+        name: phase_parts(seconds, json.loads((out / name / "metrics.json").read_text())["timing"])
+        for name, seconds in result["phase_seconds"].items()
+    }
     phases = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result["phase_seconds"].items())
     verdict = "meets" if result["meets_target"] else "misses"
     print(f"pipeline {t1}/{t2}/{t3} steps: {wall:.1f} s wall ({phases}, evaluation "
           f"{result['eval_seconds']:.1f} s); {verdict} the DESIGN section 13 target of "
           f"{PIPELINE_TARGET_SECONDS} s")  # fmt: skip
+    for name, parts in result["phase_parts"].items():
+        print(f"  {name}: " + ", ".join(f"{part} {seconds:.1f} s" for part, seconds in parts.items()))
     return result
+
+
+def phase_parts(phase_seconds: float, timing: dict) -> dict[str, float]:
+    """Where a phase's wall time in the pipeline went: its training loop's parts as the script timed them
+    (`metrics.json` timing: rollout, update, validation, logging; compiling happens in the first rollout and
+    update) and `outside_loop`, the rest (loading, the start's fits and backtests on the training split before
+    the loop, the final validation report after it)."""
+    parts = {part: timing[f"{part}_seconds"] for part in ("rollout", "update", "validation", "logging")
+             if f"{part}_seconds" in timing}  # fmt: skip
+    return {**parts, "outside_loop": phase_seconds - timing["seconds"]}
 
 
 SB3_TARGET = 20.0

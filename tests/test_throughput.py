@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks import op_census, throughput
+from benchmarks import op_census, throughput, timed_runs
 from tests.helpers import write_config
 
 
@@ -72,3 +72,11 @@ def test_census_counts_nested_ops_once():
     assert set(result["dense_seconds_by_kernel"]) == {"aten::mm", "aten::tanh"}
     assert 0 < result["dense_seconds"] <= result["op_seconds"] <= wall
     assert result["outside_op_seconds"] == pytest.approx(wall - result["op_seconds"])
+
+
+def test_a_phases_wall_time_splits_into_its_loop_parts_and_the_rest():
+    timing = {"seconds": 30.0, "rollout_seconds": 6.0, "update_seconds": 20.0, "validation_seconds": 3.5,
+              "logging_seconds": 0.5, "minibatches": 100, "seconds_per_minibatch": 0.2}  # fmt: skip
+    parts = timed_runs.phase_parts(42.0, timing)
+    assert parts == {"rollout": 6.0, "update": 20.0, "validation": 3.5, "logging": 0.5, "outside_loop": 12.0}
+    assert sum(parts.values()) == pytest.approx(42.0)  # the parts add up to the phase's wall time
