@@ -8,7 +8,6 @@ import torch
 
 from mtq_common.agents.hierarchy import SLEEVE_HALF_LIVES, MetaTracker
 from mtq_common.agents.nets import MetaController
-from mtq_common.evaluation import allocation_fit
 from mtq_common.evaluation.allocation_fit import (
     allocation_scale,
     causal_ewma,
@@ -140,15 +139,3 @@ def test_the_timed_fit_holds_more_risk_after_the_book_earned_and_beats_the_untim
     z = torch.as_tensor((np.concatenate([sleeve_features(fresh, owner, 2, 0.1), vol], -1) - mean) / std @ w + b)
     untimed = scaled_sharpe(torch.full((len(z), 2), 0.5, dtype=torch.float64), fresh, cost)
     assert scaled_sharpe(timed_scale(base, owner)(z), fresh, cost) > untimed + 0.05
-
-
-def test_training_backtests_use_warmed_pieces_only_where_they_step_fewer_bars():
-    """`train_pieces`: the built-in 20,000-bar training split runs as 32 pieces warmed by 300 bars (about 920
-    sequential bars instead of 8 flat pieces' 2,500); wherever warmed pieces of at least `TRAIN_PIECE_BARS` would
-    step more bars than 8 flat ones, the 8 flat pieces stay (a short split, the cross-sector test's 4,000 bars)."""
-    assert allocation_fit.train_pieces(20_000) == (32, allocation_fit.TRAIN_WARM_UP)
-    assert allocation_fit.train_pieces(4_000) == (8, 0)
-    for bars in range(1_000, 60_000, 250):
-        pieces, warm_up = allocation_fit.train_pieces(bars)
-        assert bars // pieces + warm_up <= bars // 8 + 1  # sequential bars: never more than 8 flat pieces'
-        assert warm_up == 0 or bars // pieces >= allocation_fit.TRAIN_PIECE_BARS

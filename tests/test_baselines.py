@@ -117,29 +117,6 @@ def test_run_backtests_runs_each_policy_as_it_would_run_alone(market, cfg, table
         np.testing.assert_array_equal(together[name].net_return, alone.net_return, err_msg=name)
 
 
-def test_warmed_pieces_enter_their_stretch_as_one_continuous_run_does(market, cfg, tables):
-    """`warm_up`: every piece but the first starts early and drops those bars, so the stitched backtest holds the
-    continuous run's bars and, once the partially adjusted position has forgotten the flat start (0.7^60 of
-    it), its book and trades, piece starts included; flat pieces trade in from nothing at each start."""
-    no_stops = dataclasses.replace(cfg, environment=dataclasses.replace(cfg.environment, stop_loss_pct=10.0))
-    table = torch.as_tensor(momentum_positions(market.prices), dtype=torch.float32)
-    makers = {"momentum": lambda rows: RulePolicy(table, cfg.environment.max_position_size, POSITION_RATE)}
-    whole = run_backtests(market, no_stops, makers, segments=1, tables=tables)["momentum"]
-    warmed = run_backtests(market, no_stops, makers, segments=4, tables=tables, warm_up=60)["momentum"]
-    flat = run_backtests(market, no_stops, makers, segments=4, tables=tables)["momentum"]
-    kept = len(warmed.bars)  # 4 equal pieces: the few bars after the last whole piece are left out, as before
-    np.testing.assert_array_equal(warmed.bars, whole.bars[:kept])
-    np.testing.assert_array_equal(flat.bars, warmed.bars)
-    np.testing.assert_allclose(warmed.weights, whole.weights[:kept], atol=1e-7)
-    np.testing.assert_allclose(warmed.traded, whole.traded[:kept], atol=1e-7)
-    assert warmed.segment_length == kept and flat.segment_length == kept // 4  # warmed: one continuous run
-    piece_starts = np.arange(1, 4) * (kept // 4)
-    assert np.abs(flat.traded[piece_starts] - whole.traded[piece_starts]).min() > 1e-3  # flat: bought from nothing
-    # no warm-up is the flat pieces, bit for bit
-    again = run_backtests(market, no_stops, makers, segments=4, tables=tables, warm_up=0)["momentum"]
-    np.testing.assert_array_equal(again.net_return, flat.net_return)
-
-
 def test_the_trend_filter_is_fitted_on_the_training_split_only(cfg):
     splits = load_splits(cfg)
     trend = fit_trend_for(splits["train"], cfg)

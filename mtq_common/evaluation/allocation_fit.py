@@ -44,27 +44,6 @@ train), against the per-bar Sharpe ratio (about 0.3 here): DESIGN 14 asks for no
 on the validation split (the rule specialists; Sharpe, turnover per unit of volatility over momentum's): no
 penalty 4.93, 1.21x; 0.1: 4.98, 0.89x; 0.3: 4.90, 0.88x; 0.5: 4.92, 0.82x; 1: 4.66, 0.80x; 10: 4.54, 0.88x
 (a stiff penalty stalls the ascent)."""
-TRAIN_PIECE_BARS, TRAIN_WARM_UP, TRAIN_MAX_PIECES = 600, 300, 32
-"""How the training split's backtests here (the fits' data, the reward's moments, Phase 3's check on train) are
-cut (`train_pieces`): pieces of at least 600 bars, at most 32, in parallel rows, each after the first entering its
-stretch after 300 bars of warm-up (`backtest.run_backtests`'s `warm_up`); a split too short for that to step
-fewer bars than 8 flat pieces keeps those. Why: on the built-in 20,000 bars 8 flat pieces stepped 2,500 bars
-each, 17 s of the default job (docs/benchmarks.md, 2026-12-06); 32 warmed pieces step about 920. Why 300 bars: the
-trackers forget a flat start within about 50 (the allocation moves at 0.1 a bar, the sleeves remember about 20,
-the partial adjustment 0.3), but the drawdowns the policies observe count from the peak since their episode
-began. Seed 1's Phase 2 hierarchy on the built-in training split, against one continuous run (gross exposure
-0.1242, mean net return 2.330e-4 a bar, Sharpe 0.4819 a bar, turnover per unit of volatility 10.42): 8 flat
-pieces 0.1220, 2.301e-4, 0.4852, 10.55 (3.2 s); 32 pieces warmed 100 bars 0.1197, 2.254e-4, 0.4811, 10.50
-(1.0 s); warmed 300 bars 0.1236, 2.316e-4, 0.4825, 10.45 (1.3 s): closer than 8 flat pieces on every measure.
-Pieces shorter than 600 bars were not: 32 pieces of a 4,000-bar split (125 bars, warmed 125) moved the
-cross-sector test's joint sizing off its planted answer (`tests/test_phase3.py`)."""
-
-
-def train_pieces(bars: int) -> tuple[int, int]:
-    """`(pieces, warm-up bars)` of a backtest over a training split of `bars` bars (`TRAIN_PIECE_BARS`)."""
-    if bars // 8 <= TRAIN_PIECE_BARS + TRAIN_WARM_UP:  # 8 flat pieces step no more bars than warmed ones would
-        return 8, 0
-    return min(TRAIN_MAX_PIECES, bars // TRAIN_PIECE_BARS), TRAIN_WARM_UP
 
 
 def causal_ewma(x: np.ndarray, half_life: float, segment_length: int | None = None) -> np.ndarray:
@@ -180,9 +159,10 @@ def rule_book(rule: dict, features: np.ndarray, base: np.ndarray, num_specialist
     return torch.softmax(z[:, :num_specialists], -1).numpy(), appetite
 
 
-def fit_allocation_rule(specialists, train: MarketData, cfg: Config, timing: dict | None, device="cpu") -> dict:
+def fit_allocation_rule(specialists, train: MarketData, cfg: Config, timing: dict | None, device="cpu",
+                        segments: int = 8) -> dict:  # fmt: skip
     """The allocation rule of `specialists` fit on the training split `train` (module docstring): the equal
-    allocation backtested there (in `train_pieces`), its book reallocated and, with `timing`
+    allocation backtested there (`segments` pieces), its book reallocated and, with `timing`
     (`hierarchy.timing_spec`), scaled by the volatility-managed rule's appetite times the fitted factor (None:
     full appetite, no factor). Returns what the meta-controller stores (`nets.MetaController(allocation_rule=...)`):
     the half-lives, `timed`, `mean`, `std`, `weights`, `bias` and the training split's Sharpe ratio of the
@@ -196,8 +176,7 @@ def fit_allocation_rule(specialists, train: MarketData, cfg: Config, timing: dic
         "equal_allocation": lambda rows: HierarchyPolicy(specialists, None, owner, size, rows, device),
         "momentum": lambda rows: RulePolicy(momentum, size, specialists.position_rate),
     }
-    segments, warm_up = train_pieces(train.num_bars)
-    ran = run_backtests(train, cfg, policies, segments, device, warm_up=warm_up)
+    ran = run_backtests(train, cfg, policies, segments, device)
     bt = ran["equal_allocation"]
     cost = cost_rates(train, cfg, "cpu").double().numpy()
     owner = owner.numpy()
@@ -229,12 +208,12 @@ SIZING_STEPS = 200
 0.004 of 600 steps' in 200, at 4 ms a step over the training split's 20,000 bars)."""
 
 
-def start_backtests(specialists, meta, train: MarketData, cfg: Config, device="cpu", momentum: bool = True,
-                    tables=None) -> dict:  # fmt: skip
+def start_backtests(specialists, meta, train: MarketData, cfg: Config, device="cpu", segments: int = 8,
+                    momentum: bool = True, tables=None) -> dict:  # fmt: skip
     """The hierarchy `specialists` + `meta` (`system`) and, unless `momentum` is False, momentum backtested on the
-    training split `train` (in `train_pieces`; `tables`: its `build_tables`, built here if None): what Phase 3
-    fits its joint sizing from, checks an iterate against (`selection.holds_on_train`), and Phases 2 and 3 set
-    their reward's moments from (the meta-controller's mean action is its start)."""
+    training split `train` (`segments` pieces; `tables`: its `build_tables`, built here if None): what Phase 3 fits
+    its joint sizing from, checks an iterate against (`selection.holds_on_train`), and Phases 2 and 3 set their
+    reward's moments from (the meta-controller's mean action is its start)."""
     if train.split != "train":
         raise ValueError(f"a phase's start is measured on the training split only, got {train.split!r}")
     size = cfg.environment.max_position_size
@@ -243,8 +222,7 @@ def start_backtests(specialists, meta, train: MarketData, cfg: Config, device="c
     if momentum:
         book = torch.as_tensor(momentum_positions(train.prices), dtype=torch.float32, device=device)
         policies["momentum"] = lambda rows: RulePolicy(book, size, specialists.position_rate)
-    segments, warm_up = train_pieces(train.num_bars)
-    return run_backtests(train, cfg, policies, segments, device, tables, warm_up)
+    return run_backtests(train, cfg, policies, segments, device, tables)
 
 
 def fit_joint_sizing(ran: dict, train: MarketData, cfg: Config, steps: int = SIZING_STEPS) -> dict:

@@ -8,13 +8,9 @@ the stop-loss, the risk manager and the costs are identical: the comparison is f
 `run_backtests` runs one continuous backtest of the whole split (`segments=1`, the test evaluation), or,
 for validation during training, cuts the split into `segments` consecutive pieces that run as parallel
 rows (each piece starts flat, as `specialist_eval.evaluate_specialists` does) and stitches them in time
-order. With `warm_up` (the fits and checks on the training split) each piece after the first starts that
-many bars early and drops them, so it enters its stretch with much of the state a continuous run would
-carry (not the drawdown from a peak before its warm-up), and the stitched result stands for one continuous
-backtest in a fraction of its sequential bars (`allocation_fit.TRAIN_PIECE_BARS` has the measured difference).
-`stitch_backtests` joins the walk-forward's test blocks the same way. The metrics of a `Backtest` are
-`backtest_metrics.py`; `run_episodes` gives the mean and spread over repeated episodes. `portfolio_eval`
-builds the report.
+order; `stitch_backtests` joins the walk-forward's test blocks the same way. The metrics of a
+`Backtest` are `backtest_metrics.py`; `run_episodes` gives the mean and spread over repeated episodes.
+`portfolio_eval` builds the report.
 """
 
 from __future__ import annotations
@@ -146,17 +142,12 @@ def run_backtests(
     segments: int = 8,
     device: str | torch.device = "cpu",
     tables: MarketTables | None = None,
-    warm_up: int = 0,
 ) -> dict[str, Backtest]:
     """Backtest every `make_policies[name](num_rows)` over the whole split through one `PortfolioEnv`.
 
     The tradable bars are cut by `specialist_eval.segment_starts` into S equal consecutive pieces, all
-    starting flat (`segments=1`: one continuous backtest of the whole split). With `warm_up` W > 0 every piece
-    but the first starts min(W, piece length) bars before its stretch and those bars are dropped (the first
-    piece runs as many bars past its end, also dropped): each piece then enters its stretch with positions,
-    stop-loss locks and trackers near those of a continuous run (drawdowns count from the warm-up's start), and
-    the result is marked continuous (`segment_length` = all its bars) for the fits that read it. Every policy
-    gets S rows of the same env (policy-major), so P policies step together, bar by bar: each proposes for its rows
+    starting flat (`segments=1`: one continuous backtest of the whole split). Every policy gets S rows
+    of the same env (policy-major), so P policies step together, bar by bar: each proposes for its rows
     (seeing only them, through `_RowsView`), the env steps once, and each observes its rows (`done` = the
     env's truncation, true for every row on the last bar only). A rule's own positions are its proposal
     over `max_position`, as the env assumes for a single policy.
@@ -164,14 +155,12 @@ def run_backtests(
     tables = tables or build_tables(market, cfg, device)
     device = tables.prices.device
     starts, length = segment_starts(tables, segments)
-    leads = [min(warm_up, length, start - starts[0]) for start in starts]  # bars each piece runs before its own
-    steps = length + max(leads)  # every row steps together; the first piece runs on past its end (within the data)
     names = list(make_policies)
     p, s, n = len(names), len(starts), market.num_instruments
-    eval_cfg = dataclasses.replace(cfg, environment=dataclasses.replace(cfg.environment, episode_length=steps))
+    eval_cfg = dataclasses.replace(cfg, environment=dataclasses.replace(cfg.environment, episode_length=length))
     env = PortfolioEnv(market, eval_cfg, p * s, device=device, torch_mode=True, tables=tables)
     env.reset(seed=0)
-    obs = env.start_at(torch.tensor([b - lead for b, lead in zip(starts, leads, strict=True)], device=device).repeat(p))
+    obs = env.start_at(torch.tensor(starts, device=device).repeat(p))
     rows = [slice(j * s, (j + 1) * s) for j in range(p)]
     views = [_RowsView(env, r) for r in rows]
     policies = [make_policies[name](s) for name in names]
@@ -179,25 +168,25 @@ def run_backtests(
 
     k_sectors = len(env.sectors)
     store = {
-        "net_return": torch.zeros(steps, p * s, device=device),
-        "cost": torch.zeros(steps, p * s, device=device),
-        "traded": torch.zeros(steps, p * s, device=device),
-        "weights": torch.zeros(steps, p * s, n, device=device),
-        "proposed": torch.zeros(steps, p * s, n, device=device),
-        "pnl": torch.zeros(steps, p * s, n, device=device),
-        "var": torch.zeros(steps, p * s, device=device),
-        "correlation_exposure": torch.zeros(steps, p * s, device=device),
-        "sector_allocation": torch.zeros(steps, p * s, k_sectors, device=device),
-        "intervention": torch.zeros(steps, p * s, device=device),
-        "gross_kept": torch.zeros(steps, p * s, device=device),
-        "binding": torch.zeros(steps, p * s, len(LIMIT_NAMES), device=device),
-        "bar_returns": torch.zeros(steps, p * s, n, device=device),
-        "stop_loss": torch.zeros(steps, p * s, n, device=device),
-        "bars": torch.zeros(steps, p * s, dtype=torch.long, device=device),
+        "net_return": torch.zeros(length, p * s, device=device),
+        "cost": torch.zeros(length, p * s, device=device),
+        "traded": torch.zeros(length, p * s, device=device),
+        "weights": torch.zeros(length, p * s, n, device=device),
+        "proposed": torch.zeros(length, p * s, n, device=device),
+        "pnl": torch.zeros(length, p * s, n, device=device),
+        "var": torch.zeros(length, p * s, device=device),
+        "correlation_exposure": torch.zeros(length, p * s, device=device),
+        "sector_allocation": torch.zeros(length, p * s, k_sectors, device=device),
+        "intervention": torch.zeros(length, p * s, device=device),
+        "gross_kept": torch.zeros(length, p * s, device=device),
+        "binding": torch.zeros(length, p * s, len(LIMIT_NAMES), device=device),
+        "bar_returns": torch.zeros(length, p * s, n, device=device),
+        "stop_loss": torch.zeros(length, p * s, n, device=device),
+        "bars": torch.zeros(length, p * s, dtype=torch.long, device=device),
     }
     allocations: dict[int, torch.Tensor] = {}
     appetites: dict[int, torch.Tensor] = {}
-    for k in range(steps):
+    for k in range(length):
         bar, held = env.bar, env.holdings
         proposed, own = [], []
         for j, policy in enumerate(policies):
@@ -209,12 +198,12 @@ def run_backtests(
             last = getattr(policy, "last_allocation", None)
             if last is not None:
                 if j not in allocations:  # (not setdefault: its default would be allocated at every bar)
-                    allocations[j] = torch.zeros(steps, s, last.shape[-1], device=device)
+                    allocations[j] = torch.zeros(length, s, last.shape[-1], device=device)
                 allocations[j][k] = last
             appetite = getattr(policy, "last_appetite", None)
             if appetite is not None:
                 if j not in appetites:
-                    appetites[j] = torch.zeros(steps, s, device=device)
+                    appetites[j] = torch.zeros(length, s, device=device)
                 appetites[j][k] = appetite
         w = info["executed_weights"]
         store["bars"][k] = bar
@@ -229,10 +218,8 @@ def run_backtests(
             store[key][k] = info[key]
 
     def stitch(x: torch.Tensor, dtype=np.float64) -> np.ndarray:
-        # [steps, S, ...] -> [S * length, ...]: piece j covers bars starts[j] .. starts[j] + length - 1, the
-        # steps from its lead on (its warm-up before, and the first piece's bars past its end, dropped)
-        x = torch.stack([x[lead : lead + length, j] for j, lead in enumerate(leads)])
-        return x.reshape(s * length, *x.shape[2:]).cpu().numpy().astype(dtype)
+        # [length, S, ...] -> [S * length, ...]: piece j covers bars starts[j] .. starts[j] + length - 1
+        return x.transpose(0, 1).reshape(s * length, *x.shape[2:]).cpu().numpy().astype(dtype)
 
     out = {}
     for j, name in enumerate(names):
@@ -252,7 +239,7 @@ def run_backtests(
             symbols=list(market.symbols),
             sectors=list(env.sectors),
             instrument_sectors=list(market.sectors),
-            segment_length=s * length if max(leads) > 0 else length,  # warmed pieces: one continuous run
+            segment_length=length,
             bars_per_year=float(tables.bars_per_year),
             bars_per_day=float(tables.bars_per_day),
             max_var=float(env.limits.max_var),
