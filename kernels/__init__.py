@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from kernels.portfolio_step import PortfolioStepOut, RewardParams, portfolio_step_reference
+from kernels.portfolio_step import PortfolioStepOut, RewardParams, portfolio_accounts, portfolio_step_reference
 from kernels.risk import LIMIT_NAMES, NOT_APPLIED, RiskLimits, RiskOut, ewma_covariance, risk_step_reference
 
 try:
@@ -32,6 +32,7 @@ __all__ = [
     "RiskLimits",
     "RiskOut",
     "ewma_covariance",
+    "portfolio_accounts",
     "portfolio_step",
     "risk_step",
     "use_triton",

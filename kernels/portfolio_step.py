@@ -96,6 +96,19 @@ class PortfolioStepOut(NamedTuple):
     reward: torch.Tensor  # [B]
 
 
+def portfolio_accounts(weights, prev_weights, returns, cost_rate, equity, peak, risk_free_per_bar: float):
+    """The step's accounting alone (the module docstring's first formulas): `(gross, cost, net, equity', peak',
+    drawdown)`, each [B]. `portfolio_step_reference` starts with it; an environment that scores no reward (the
+    backtests, `PortfolioEnv(score=False)`) calls it alone, at a seventh of the reference's time on a few rows."""
+    gross = (weights * returns).sum(-1)
+    cost = (cost_rate * (weights - prev_weights).abs()).sum(-1)
+    net = risk_free_per_bar + gross - cost
+    equity_new = equity * (1.0 + net)
+    peak_new = torch.maximum(peak, equity_new)
+    drawdown = 1.0 - equity_new / peak_new
+    return gross, cost, net, equity_new, peak_new, drawdown
+
+
 def portfolio_step_reference(
     weights: torch.Tensor,
     prev_weights: torch.Tensor,
@@ -115,12 +128,9 @@ def portfolio_step_reference(
     environment every row trades a different instrument with its own cost.
     """
     p = params
-    gross = (weights * returns).sum(-1)
-    cost = (cost_rate * (weights - prev_weights).abs()).sum(-1)
-    net = p.risk_free_per_bar + gross - cost
-    equity_new = equity * (1.0 + net)
-    peak_new = torch.maximum(peak, equity_new)
-    drawdown = 1.0 - equity_new / peak_new
+    gross, cost, net, equity_new, peak_new, drawdown = portfolio_accounts(
+        weights, prev_weights, returns, cost_rate, equity, peak, p.risk_free_per_bar
+    )
 
     r = gross - p.transaction_cost_weight * cost - p.risk_free_per_bar
     d_a = r - ema_a

@@ -419,3 +419,25 @@ def test_a_step_without_observations_changes_the_state_as_a_full_step():
             assert torch.equal(value, obs[key]), key
         restarts += int(truncated.sum())
     assert restarts > 20
+
+
+def test_an_unscored_step_books_the_same_accounts_and_no_reward():
+    """`score=False` (the backtests, which read the accounts only) skips the reward: it is 0 and its moving
+    moments stay put, while the accounts, the books, the observations and the restarts are the scored env's,
+    bit for bit (so every backtest and report is what it was with the reward computed)."""
+    scored, unscored, gen = restarting_portfolio_pair(score=False)
+    restarts = 0
+    for _ in range(30):
+        weights = random_books(gen)
+        obs, reward, _, truncated, info = scored.step(weights)
+        plain_obs, plain_reward, _, plain_truncated, plain_info = unscored.step(weights)
+        assert (plain_reward == 0).all() and (reward != 0).any()
+        assert torch.equal(truncated, plain_truncated)
+        for key in ("net_return", "cost", "equity", "drawdown", "executed_weights", "var", "stop_loss"):
+            assert torch.equal(info[key], plain_info[key]), key
+        for key, value in plain_obs.items():
+            assert torch.equal(value, obs[key]), key
+        restarts += int(truncated.sum())
+    assert restarts > 20
+    # the reward's moving mean starts at 0 each episode: only the scored env moves it
+    assert (unscored.engine.ema_a == 0).all() and (scored.engine.ema_a != 0).any()

@@ -166,24 +166,33 @@ class TradingEngine:
             self.locked = torch.where(same, self.locked, torch.zeros_like(self.locked))
         return same
 
-    def advance(self, weights: torch.Tensor, own: torch.Tensor, var_usage: torch.Tensor, cost_rate: torch.Tensor):
-        """Hold `weights` [B, n] (own book `own`) over bar t -> t+1: accounts, stop-loss, reward, truncation."""
+    def advance(self, weights: torch.Tensor, own: torch.Tensor, var_usage: torch.Tensor, cost_rate: torch.Tensor,
+                score: bool = True):  # fmt: skip
+        """Hold `weights` [B, n] (own book `own`) over bar t -> t+1: accounts, stop-loss, reward, truncation.
+        `score=False` books the accounts alone: the reward is 0 and its moving moments stay as they were."""
         tb = self.tables
         t_next = self.t + 1
         ret = self.gather(tb.returns, t_next)
-        out = kernels.portfolio_step(
-            weights,
-            self.weights,
-            ret,
-            cost_rate,
-            self.equity,
-            self.peak,
-            self.ema_a,
-            self.ema_b,
-            self.ema_down,
-            var_usage,
-            self.reward_params,
-        )
+        if score:
+            out = kernels.portfolio_step(
+                weights,
+                self.weights,
+                ret,
+                cost_rate,
+                self.equity,
+                self.peak,
+                self.ema_a,
+                self.ema_b,
+                self.ema_down,
+                var_usage,
+                self.reward_params,
+            )
+        else:
+            _, cost, net, equity, peak, drawdown = kernels.portfolio_accounts(
+                weights, self.weights, ret, cost_rate, self.equity, self.peak, self.reward_params.risk_free_per_bar
+            )
+            out = kernels.PortfolioStepOut(net, cost, equity, peak, drawdown, self.ema_a, self.ema_b, self.ema_down,
+                                           torch.zeros_like(net))  # fmt: skip
         # The own account: each slot's own position at full size, accounted like a one-instrument book.
         own_weights = own * self.max_position
         own_net = (

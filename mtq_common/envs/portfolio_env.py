@@ -30,7 +30,8 @@ class PortfolioEnv(BatchedTradingEnv):
     weights / max size, and risk usage (VaR, correlation exposure and largest sector share, each over
     its limit). `info` carries the executed weights, VaR, correlation exposure, sector allocation,
     the risk manager's intervention and, on synthetic data, the regime and the latent drift
-    (evaluation only: never part of an observation).
+    (evaluation only: never part of an observation). `score=False` (the backtests, which read the accounts only)
+    skips the reward: it is 0 each bar, everything else is as with it.
     """
 
     def __init__(
@@ -45,6 +46,7 @@ class PortfolioEnv(BatchedTradingEnv):
         check_actions: bool = True,
         tables: MarketTables | None = None,
         compiled: bool = False,
+        score: bool = True,
     ):
         super().__init__(torch_mode, check_actions)
         tables = tables or build_tables(market, cfg, device)
@@ -73,6 +75,8 @@ class PortfolioEnv(BatchedTradingEnv):
         self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, num_envs)
         self.action_space = gym.vector.utils.batch_space(self.single_action_space, num_envs)
         self.has_truth = tables.regime is not None
+        # score=False: no reward (0 each bar; `TradingEngine.advance`): the backtests, which read the accounts only
+        self.score = score
         # compiled: the step before the autoreset as one torch.compile'd function (the autoreset's data-dependent
         # branches stay eager); fused code rounds differently from the eager step (see mtq_common.agents.update)
         options = compile_options(self.engine.device, narrow_vectors=True)
@@ -161,7 +165,7 @@ class PortfolioEnv(BatchedTradingEnv):
         proposal, own, risk = self._execute(proposed_weights, own_positions, update=True)
         var_usage = risk.var / self.limits.max_var
         t_now = eng.t
-        out, stopped, truncated = eng.advance(risk.weights, own, var_usage, self.cost_rate)
+        out, stopped, truncated = eng.advance(risk.weights, own, var_usage, self.cost_rate, self.score)
         bar_returns = eng.gather(eng.tables.returns, t_now + 1)  # the bar just completed (known now)
         self.risk = {"var": risk.var, "corr": risk.correlation_exposure, "sector": risk.sector_allocation.amax(-1)}
         info = {

@@ -158,7 +158,7 @@ def run_backtests(
     names = list(make_policies)
     p, s, n = len(names), len(starts), market.num_instruments
     eval_cfg = dataclasses.replace(cfg, environment=dataclasses.replace(cfg.environment, episode_length=length))
-    env = PortfolioEnv(market, eval_cfg, p * s, device=device, torch_mode=True, tables=tables)
+    env = PortfolioEnv(market, eval_cfg, p * s, device=device, torch_mode=True, tables=tables, score=False)
     env.reset(seed=0)
     obs = env.start_at(torch.tensor(starts, device=device).repeat(p))
     rows = [slice(j * s, (j + 1) * s) for j in range(p)]
@@ -304,7 +304,8 @@ def run_episodes(
     available = tables.num_bars - 1 - tables.first_bar
     length = max(2, min(length or cfg.environment.episode_length, available))
     env_cfg = dataclasses.replace(cfg, environment=dataclasses.replace(cfg.environment, episode_length=length))
-    env = PortfolioEnv(market, env_cfg, episodes, device=device, seed=seed, torch_mode=True, tables=tables)
+    env = PortfolioEnv(market, env_cfg, episodes, device=device, seed=seed, torch_mode=True, tables=tables,
+                       score=False)  # fmt: skip
     high = tables.num_bars - 1 - length  # the last start that leaves `length` bars
     if consecutive:
         starts = tables.first_bar + length * torch.arange(episodes)
