@@ -68,7 +68,7 @@ def target_book(specialists, meta, market: MarketData, cfg: Config, capital: flo
     tables = build_tables(market, cfg, device)
     last = market.num_bars - 1
     whole = dataclasses.replace(cfg, environment=dataclasses.replace(cfg.environment, episode_length=market.num_bars))
-    env = PortfolioEnv(market, whole, 1, device=device, torch_mode=True, tables=tables)
+    env = PortfolioEnv(market, whole, 1, device=device, torch_mode=True, tables=tables, score=False)
     env.autoreset = False  # the run ends at the last bar and stays there
     env.reset(seed=0)
     obs = env.start_at(tables.first_bar)
