@@ -75,8 +75,7 @@ class PortfolioEnv(BatchedTradingEnv):
         self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, num_envs)
         self.action_space = gym.vector.utils.batch_space(self.single_action_space, num_envs)
         self.has_truth = tables.regime is not None
-        # score=False: no reward (0 each bar; `TradingEngine.advance`): the backtests, which read the accounts only
-        self.score = score
+        self.score = score  # (class docstring; `TradingEngine.advance`)
         # compiled: the step before the autoreset as one torch.compile'd function (the autoreset's data-dependent
         # branches stay eager); fused code rounds differently from the eager step (see mtq_common.agents.update)
         options = compile_options(self.engine.device, narrow_vectors=True)
