@@ -169,6 +169,45 @@ def test_an_iterate_that_does_not_hold_on_train_does_not_replace_the_start(tiny,
     assert set(held["best_on_train"]) == {"ratio", "start_ratio", "sharpe", "start_sharpe"}
 
 
+def test_validation_and_best_pt_read_the_moving_average_of_the_iterates(tiny, monkeypatch):
+    """`--weight-average`: each validation scores the exponential moving average of both levels' weights, from the
+    starting point, one step per iteration (not the iterate the updates train on), and best.pt holds the average
+    that validated best; `--weight-average 1` is a clear error."""
+    tmp, config, dirs = tiny
+    real, validated, iterates = phase3_joint.evaluate_portfolio, [], []
+
+    def flat(*modules):
+        return torch.cat([p.detach().flatten() for m in modules for p in m.parameters()]).clone()
+
+    def spy(specialists, meta, *args, **kwargs):  # the weights each validation scores
+        validated.append(flat(meta, specialists))
+        return real(specialists, meta, *args, **kwargs)
+
+    def update(self):  # the iterate after each iteration's update
+        iterates.append(torch.cat([w.detach().flatten() for w in self.weights]).clone())
+        real_update(self)
+
+    real_update = phase3_joint.WeightAverage.update
+    monkeypatch.setattr(phase3_joint, "evaluate_portfolio", spy)
+    monkeypatch.setattr(phase3_joint.WeightAverage, "update", update)
+    decay = 0.5
+    fast = dict(timesteps=1024, eval_interval=1, learning_rate=0.003, replace_confidence=0.0, joint_sizing=False,
+                train_check=False, patience=0)  # fmt: skip
+    run = phase3(tmp, config, dirs, name="averaged", weight_average=decay, **fast)
+    assert len(iterates) == 4 and len(validated) == 1 + 4 + 1  # the start, each iteration, the final evaluation
+    average = validated[0]
+    for i, iterate in enumerate(iterates, start=1):
+        average = decay * average + (1 - decay) * iterate
+        torch.testing.assert_close(validated[i], average, rtol=0, atol=1e-6)
+        assert not torch.allclose(validated[i], iterate, rtol=0, atol=1e-6)
+    torch.testing.assert_close(validated[-1], validated[run["best_iteration"]], rtol=0, atol=0)
+    assert run["weight_average"] == decay
+    code, stderr = run_cli("phase3_joint.py", "--config", str(config), "--phase1-dir", str(dirs[0]), "--phase2-dir",
+                           str(dirs[1]), "--output-dir", str(tmp / "bad_avg"), "--log-dir", str(tmp / "l_bad_avg"),
+                           "--device", "cpu", "--weight-average", "1")  # fmt: skip
+    assert code == 2 and "--weight-average 1" in stderr and "Traceback" not in stderr, stderr
+
+
 def test_joint_sizing_is_fit_once_on_train_and_a_resume_keeps_its_choice(tiny, monkeypatch):
     """The joint sizing is fit before PPO on the training split, recorded with its validation (`metrics.json`,
     `latest.pt`) and stored with the meta-controller where kept; a resumed run reads that choice back and fits

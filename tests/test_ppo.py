@@ -94,3 +94,38 @@ def test_stepping_it_does_not_import_the_compiler():
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_the_weight_average_is_a_moving_average_swapped_in_for_a_block_and_its_state_round_trips():
+    """`WeightAverage`: after each `update` the average is `decay * average + (1 - decay) * weights`; inside
+    `swapped_in` the weights are the average, after it (an error included) the iterate again, bit for bit; decay 0
+    swaps nothing; the state round-trips and a decay outside [0, 1) is refused."""
+    from mtq_common.agents.ppo import WeightAverage
+
+    weights = [torch.randn(5), torch.randn(3, 2)]
+    average, expected = WeightAverage(weights, decay=0.75), [w.clone() for w in weights]
+    for _ in range(3):
+        with torch.no_grad():
+            for w in weights:
+                w.add_(torch.randn_like(w))
+        average.update()
+        expected = [0.75 * e + 0.25 * w for e, w in zip(expected, weights, strict=True)]
+    iterate = [w.clone() for w in weights]
+    with average.swapped_in():
+        for w, e in zip(weights, expected, strict=True):
+            torch.testing.assert_close(w, e)
+    assert all(torch.equal(w, i) for w, i in zip(weights, iterate, strict=True))
+    with pytest.raises(RuntimeError), average.swapped_in():
+        raise RuntimeError("a validation that fails")
+    assert all(torch.equal(w, i) for w, i in zip(weights, iterate, strict=True))
+    copy = WeightAverage([w.clone() for w in weights], decay=0.75)
+    copy.load_state_dict(average.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(copy.average, average.average, strict=True))
+    off = WeightAverage(weights, decay=0.0)
+    for w in weights:
+        w.data.mul_(2.0)
+    off.update()
+    with off.swapped_in():
+        assert all(torch.equal(w, 2.0 * i) for w, i in zip(weights, iterate, strict=True))
+    with pytest.raises(ValueError, match="decay 1"):
+        WeightAverage(weights, decay=1.0)
