@@ -125,6 +125,9 @@ class Args:
     phase3_joint_sizing: bool = True
     """Phase 3 fits a factor per instrument on the specialists' positions on train before PPO, kept only with a
     confident validation gain (phase3_joint.py --joint-sizing)."""
+    phase3_weight_average: float = 0.9
+    """Phase 3 validates and keeps the moving average of its iterates, this decay per iteration (0: the iterate
+    itself; phase3_joint.py --weight-average)."""
     num_envs: int = 64
     """Environment rows of every phase (config: training.n_envs)."""
     eval_episodes: int = 100
@@ -218,7 +221,7 @@ def phase_args(args: Args, name: str, resume: bool):
         own = dict(timesteps=args.phase3_timesteps, phase1_dir=str(out / "phase1"), phase2_dir=str(out / "phase2"),
                    eval_episodes=args.eval_episodes, patience=args.phase3_patience,
                    replace_confidence=args.phase3_replace_confidence,
-                   joint_sizing=args.phase3_joint_sizing)  # fmt: skip
+                   joint_sizing=args.phase3_joint_sizing, weight_average=args.phase3_weight_average)  # fmt: skip
     from_file = config_defaults(script.Args, getattr(script, "ALIASES", {}), args.config)
     return script.Args(**{**from_file, **common, **own})
 

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
+import phase3_joint
 import pipeline as pipeline_script
 from mtq_common.training.settings import parse_args
 from tests.helpers import run_cli, tensorboard_scalars, write_config
@@ -309,13 +310,17 @@ def test_the_config_files_training_values_reach_every_phase(tmp_path):
 
 
 def test_selection_flags_reach_the_phase_scripts():
-    """`--phase3-replace-confidence`, `--phase3-patience` and `--no-phase3-joint-sizing` are Phase 3's
-    `--replace-confidence`, `--patience` and `--no-joint-sizing`, `--phase2-replace-confidence` Phase 2's, with
-    the scripts' defaults (0.9: best.pt leaves the starting point only with confidence; 3: stop after three
-    validations without a new best.pt; the joint sizing on)."""
+    """`--phase3-replace-confidence`, `--phase3-patience`, `--no-phase3-joint-sizing` and `--phase3-weight-average`
+    are Phase 3's `--replace-confidence`, `--patience`, `--no-joint-sizing` and `--weight-average`,
+    `--phase2-replace-confidence` Phase 2's, with the scripts' defaults (0.9: best.pt leaves the starting point only
+    with confidence; 3: stop after three validations without a new best.pt; the joint sizing on; the average of the
+    iterates at decay 0.9)."""
     args, _ = parse_args(pipeline_script.Args, pipeline_script.ALIASES, [])
     defaults = pipeline_script.phase_args(args, "phase3", False)
     assert (defaults.replace_confidence, defaults.patience, defaults.joint_sizing) == (0.9, 3, True)
+    assert defaults.weight_average == phase3_joint.Args.weight_average == 0.9
+    args, _ = parse_args(pipeline_script.Args, pipeline_script.ALIASES, ["--phase3-weight-average", "0"])
+    assert pipeline_script.phase_args(args, "phase3", False).weight_average == 0.0
     assert pipeline_script.phase_args(args, "phase2", False).replace_confidence == 0.9
     argv = ["--phase3-replace-confidence", "0", "--phase3-patience", "2", "--phase2-replace-confidence", "0.5"]
     args, _ = parse_args(pipeline_script.Args, pipeline_script.ALIASES, argv)
