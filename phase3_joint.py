@@ -226,7 +226,7 @@ class Args:
     paired bootstrap interval at this confidence above 0 (0: any higher Sharpe replaces it)."""
     patience: int = 3
     """Stop once this many validations in a row have not beaten best.pt (0: never, the whole --timesteps budget;
-    docs/benchmarks.md: on seeds 1-5 no iterate past iteration 20 was chosen, so 3 leaves every report as it was)."""
+    docs/benchmarks.md: on seeds 1-5 best.pt was never past iteration 30, so 3 leaves every report as it was)."""
     eval_segments: int = 16
     """Validation split pieces run in parallel, each starting flat (see mtq_common.evaluation.specialist_eval)."""
     eval_episodes: int = 100
