@@ -319,9 +319,9 @@ def test_selection_flags_reach_the_phase_scripts():
     defaults = pipeline_script.phase_args(args, "phase3", False)
     assert (defaults.replace_confidence, defaults.patience, defaults.joint_sizing) == (0.9, 3, True)
     assert defaults.weight_average == phase3_joint.Args.weight_average == 0.9
+    assert pipeline_script.phase_args(args, "phase2", False).replace_confidence == 0.9
     args, _ = parse_args(pipeline_script.Args, pipeline_script.ALIASES, ["--phase3-weight-average", "0"])
     assert pipeline_script.phase_args(args, "phase3", False).weight_average == 0.0
-    assert pipeline_script.phase_args(args, "phase2", False).replace_confidence == 0.9
     argv = ["--phase3-replace-confidence", "0", "--phase3-patience", "2", "--phase2-replace-confidence", "0.5"]
     args, _ = parse_args(pipeline_script.Args, pipeline_script.ALIASES, argv)
     assert (pipeline_script.phase_args(args, "phase3", False).replace_confidence, args.phase3_patience) == (0.0, 2)

@@ -1,4 +1,5 @@
-"""mtq_common.agents.ppo.FlatAdam: Adam's updates (its tensor form), each parameter group stepped as one tensor."""
+"""mtq_common.agents.ppo.FlatAdam: Adam's updates (its tensor form), each parameter group stepped as one tensor;
+`WeightAverage`: the moving average of those tensors that Phase 3 validates."""
 
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from mtq_common.agents.nets import MetaController, SpecialistAgents
-from mtq_common.agents.ppo import FlatAdam, flatten_
+from mtq_common.agents.ppo import FlatAdam, WeightAverage, flatten_
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,8 +101,7 @@ def test_the_weight_average_is_a_moving_average_swapped_in_for_a_block_and_its_s
     """`WeightAverage`: after each `update` the average is `decay * average + (1 - decay) * weights`; inside
     `swapped_in` the weights are the average, after it (an error included) the iterate again, bit for bit; decay 0
     swaps nothing; the state round-trips and a decay outside [0, 1) is refused."""
-    from mtq_common.agents.ppo import WeightAverage
-
+    torch.manual_seed(0)
     weights = [torch.randn(5), torch.randn(3, 2)]
     average, expected = WeightAverage(weights, decay=0.75), [w.clone() for w in weights]
     for _ in range(3):
