@@ -196,7 +196,7 @@ class WeightAverage:
                     w.copy_(i)
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "average": [a.clone() for a in self.average]}
+        return {"average": [a.clone() for a in self.average]}
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
