@@ -21,7 +21,9 @@ each bar, and its reward is scored against a twin env that trades that starting 
 `--sharpe-reward`, default on) is the increment of the book's Sharpe ratio over the whole training split
 (`mtq_common.agents.sharpe_reward`, moments held at the starting point's book there), as in Phase 3; an iterate
 replaces the start in `best.pt` only with a confident validation gain and within momentum's turnover per unit of
-volatility there, where the start is (`selection.turnover_against_momentum`, DESIGN 14's T). `--timesteps` counts
+volatility there, where the start is (`selection.turnover_against_momentum`, DESIGN 14's T); where the start is
+kept, `best.pt` is the start with the last iterate's observation normaliser and critic, the same actions
+(`nets.start_with_learned_estimates`: what Phase 3 fine-tunes from). `--timesteps` counts
 environment steps of the meta-controller. Outputs as in Phase 1: `latest.pt`, `best.pt` (by validation
 portfolio Sharpe), `step_*.pt`, `metrics.json`; `training.log` and TensorBoard events.
 Runs data-parallel under `torchrun --nproc_per_node N` as Phase 1 does (`mtq_common.training.distributed`).
@@ -43,7 +45,7 @@ from mtq_common.agents.hierarchy import (
     risk_features,
     timing_spec,
 )
-from mtq_common.agents.nets import MetaController
+from mtq_common.agents.nets import MetaController, start_with_learned_estimates
 from mtq_common.agents.ppo import (
     DivergenceGuard,
     FlatAdam,
@@ -478,12 +480,16 @@ def main(args: Args) -> dict:
     timing, ranks = run.finish(global_step, parameter_fingerprint(meta))  # (every rank: the weights must agree)
     if not world.is_main:
         return {"rank": world.rank, "global_step": global_step}
+    if best["iteration"] == 0:  # the start kept: it goes on with the normaliser and critic the run learned
+        best["model"] = start_with_learned_estimates(best["model"], clone_state(meta))
+        ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best["model"], meta, specialists, cfg, args))
+        log.info("best.pt: the start (iteration 0), with the last iterate's observation normaliser and critic")
 
     # FINAL EVALUATION: the best meta-controller (what Phase 3 loads) on the validation split
     fingerprints = {"at_load": fingerprint_at_load, "at_end": parameter_fingerprint(specialists)}
     facts = {"global_step": global_step, "config_hash": cfg.hash(), "seed": args.seed, "timing": timing,
              "ranks": ranks, "specialists_fingerprint": fingerprints, "allocation_rule_check": rule_check,
-             "turnover_gate": bool(turnover_gate),
+             "turnover_gate": bool(turnover_gate), "start_with_learned_estimates": best["iteration"] == 0,
              "sharpe_reward": None if book is None else book.as_dict()}  # fmt: skip
     result = final_evaluation(args, meta, best, report, validate, val, facts, log)
     run.writer.close()

@@ -272,6 +272,23 @@ def layer_init(layer: nn.Linear, std: float = math.sqrt(2), bias: float = 0.0) -
     return layer
 
 
+LEARNED_ESTIMATES = ("norm.", "critic.")
+"""The state-dict keys of an actor-critic here that never move a starting point's actions: the observation
+normaliser and the critic. A start's actor ends in a layer of zero weights (`SpecialistAgents` with a
+`start_rule`, `MetaController`), so what reaches that layer, whatever its scale, leaves the mean action as it is."""
+
+
+def start_with_learned_estimates(start: dict, trained: dict) -> dict:
+    """The state dict `start` (a starting point's weights) with `trained`'s normaliser and critic
+    (`LEARNED_ESTIMATES`): the same policy, with the estimates a run learned.
+
+    What Phase 2's `best.pt` holds where it keeps its start. Why: the next phase fine-tunes from it, and from the
+    untouched start's identity normaliser and random critic Phase 3 gained nothing on seed 3 of the built-in market
+    (explained variance 0.01 at its first iteration, against 0.37 where Phase 2 had moved); with the last iterate's
+    it gained +0.42 [+0.24, +0.60] on validation (docs/benchmarks.md)."""
+    return {key: (trained[key] if key.startswith(LEARNED_ESTIMATES) else value).clone() for key, value in start.items()}
+
+
 class MetaController(nn.Module):
     """The meta-controller's actor-critic: observation -> Gaussian over `u` in R^(K+1).
 
