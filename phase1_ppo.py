@@ -11,7 +11,8 @@ towards by `--position-rate` each bar (partial adjustment, in every phase and th
 `--timesteps` counts environment steps per specialist (CleanRL's global_step).
 Episodes end by truncation only (data end or `episode_length`): GAE bootstraps from the value of the
 final observation. Outputs: `latest.pt`, `best.pt` (each specialist's slice from its best validation
-Sharpe), rotating `step_*.pt` and `metrics.json` in `--output-dir`; `training.log` and TensorBoard
+Sharpe; a slice that keeps its start rule carries the last iterate's observation normaliser and critic, the same
+actions: `nets.start_with_learned_estimates`), rotating `step_*.pt` and `metrics.json` in `--output-dir`; `training.log` and TensorBoard
 events in `--log-dir`.
 
 Data-parallel on N processes or GPUs (`mtq_common.training.distributed`): `torchrun --nproc_per_node N
@@ -30,7 +31,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from mtq_common.agents.coordination import clip_components_
-from mtq_common.agents.nets import SpecialistAgents
+from mtq_common.agents.nets import SpecialistAgents, start_with_learned_estimates
 from mtq_common.agents.ppo import (
     DivergenceGuard,
     FlatAdam,
@@ -348,6 +349,12 @@ def main(args: Args) -> dict:
     timing, ranks = run.finish(global_step, parameter_fingerprint(agent))  # (every rank: the weights must agree)
     if not world.is_main:
         return {"rank": world.rank, "global_step": global_step}
+    kept = [i for i, name in enumerate(specialists) if best["iteration"].get(name) == 0]
+    if kept and agent.start_rule is not None:  # starts kept: they go on with the normaliser and critic learned
+        best["model"] = start_with_learned_estimates(best["model"], agent.state_dict(), kept)
+        ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best["model"], agent, cfg, specialists, val))
+        log.info("best.pt: %s at the start rule (iteration 0), with the last iterate's observation normaliser and "
+                 "critic", [specialists[i] for i in kept])  # fmt: skip
 
     # FINAL EVALUATION: the best specialists (what Phase 2 loads) on the validation split
     facts = {"global_step": global_step, "config_hash": cfg.hash(), "seed": args.seed, "data": data_summary(val),

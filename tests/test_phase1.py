@@ -106,6 +106,34 @@ def test_the_specialists_start_at_the_scaled_trend_and_their_start_is_a_best_pt_
     assert state["start_rule"] is None and plain["start_rule"] is None
 
 
+def test_a_kept_start_goes_on_with_the_normaliser_and_critic_the_run_learned(tmp_path, monkeypatch):
+    """A specialist whose best.pt slice is its start rule (iteration 0) trades as the rule (its validation is the
+    start's) but holds the last iterate's observation normaliser and critic (`nets.start_with_learned_estimates`),
+    what Phase 3 fine-tunes from."""
+    import torch
+
+    real = phase1_ppo.update_best
+
+    def keep_forex_start(best, agent, evaluation, iteration):  # forex never beats its start, the others may
+        if iteration > 0:
+            evaluation = {**evaluation, "forex": {**evaluation["forex"], "mean_sharpe": -float("inf")}}
+        return real(best, agent, evaluation, iteration)
+
+    monkeypatch.setattr(phase1_ppo, "update_best", keep_forex_start)
+    config = write_config(tmp_path / "c.yaml")
+    metrics = run(tmp_path, "kept", config, timesteps=2048, eval_interval=2, learning_rate=0.01)
+    assert metrics["best_iteration"]["forex"] == 0
+    assert metrics["specialists"]["forex"]["mean_sharpe"] == metrics["start_sharpe"]["forex"]
+    best = torch.load(tmp_path / "kept" / "out" / "best.pt", weights_only=True)
+    last = torch.load(tmp_path / "kept" / "out" / "latest.pt", weights_only=True)
+    forex = best["specialists"].index("forex")
+    for key, value in best["model"].items():
+        if value.dim() == 0:
+            continue  # (the normaliser's shared count)
+        learned = key.startswith(("norm.", "critic."))
+        assert torch.equal(value[forex], last["model"][key][forex]) == learned, key
+
+
 def test_same_seed_same_metrics(tmp_path):
     config = write_config(tmp_path / "c.yaml")
     a = run(tmp_path, "a", config, timesteps=1024, seed=3)

@@ -132,6 +132,25 @@ def test_an_iterate_above_momentums_turnover_does_not_replace_the_start(tiny, mo
     assert log.count("(gate on)") == 8, log
 
 
+def test_a_kept_start_goes_on_with_the_normaliser_and_critic_the_run_learned(tiny, monkeypatch):
+    """Where Phase 2 keeps its start, `best.pt` still trades as the start (its validation is the rule's) but holds
+    the last iterate's observation normaliser and critic (`nets.start_with_learned_estimates`): Phase 3 fine-tunes
+    from it, and from the start's identity normaliser and random critic it gained nothing (docs/benchmarks.md)."""
+    tmp, config, phase1_dir = tiny
+    every_iterate_above_momentum(phase2_meta, monkeypatch)  # (every iterate refused: the start is kept)
+    metrics = phase2(tmp, config, phase1_dir, name="kept", timesteps=1024, eval_interval=1, replace_confidence=0.0,
+                     learning_rate=0.01, allocation_rule=False)  # fmt: skip
+    assert metrics["best_iteration"] == 0 and metrics["start_with_learned_estimates"]
+    rule = metrics["baselines"]["vol_managed_equal_allocation"]  # (the start without the fitted allocation rule)
+    assert metrics["portfolio"]["sharpe"] == pytest.approx(rule["sharpe"], abs=1e-4)
+    assert metrics["portfolio"]["turnover"] == pytest.approx(rule["turnover"], rel=1e-4)
+    best = torch.load(tmp / "kept" / "best.pt", weights_only=True)["model"]
+    last = torch.load(tmp / "kept" / "latest.pt", weights_only=True)["model"]
+    assert float(best["norm.count"]) > 1.0  # fitted (an unfitted normaliser counts 1e-8)
+    for key in best:  # the estimates are the last iterate's; the actor (which trained) is the start's
+        assert torch.equal(best[key], last[key]) == key.startswith(("norm.", "critic.")), key
+
+
 def test_the_appetite_statistics_are_its_mean_spread_and_correlation_with_volatility():
     stats = PortfolioRolloutStats(["a", "b"], 0.02, "cpu", 4)
     zeros = torch.zeros(4)

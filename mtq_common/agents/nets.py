@@ -278,15 +278,24 @@ normaliser and the critic. A start's actor ends in a layer of zero weights (`Spe
 `start_rule`, `MetaController`), so what reaches that layer, whatever its scale, leaves the mean action as it is."""
 
 
-def start_with_learned_estimates(start: dict, trained: dict) -> dict:
+def start_with_learned_estimates(start: dict, trained: dict, rows: list[int] | None = None) -> dict:
     """The state dict `start` (a starting point's weights) with `trained`'s normaliser and critic
-    (`LEARNED_ESTIMATES`): the same policy, with the estimates a run learned.
+    (`LEARNED_ESTIMATES`): the same policy, with the estimates a run learned. `rows`: only these specialists'
+    slices of `SpecialistAgents`' stacked weights (the shared count of observations stays `start`'s).
 
-    What Phase 2's `best.pt` holds where it keeps its start. Why: the next phase fine-tunes from it, and from the
-    untouched start's identity normaliser and random critic Phase 3 gained nothing on seed 3 of the built-in market
-    (explained variance 0.01 at its first iteration, against 0.37 where Phase 2 had moved); with the last iterate's
-    it gained +0.42 [+0.24, +0.60] on validation (docs/benchmarks.md)."""
-    return {key: (trained[key] if key.startswith(LEARNED_ESTIMATES) else value).clone() for key, value in start.items()}
+    What `best.pt` holds where Phase 1 (per specialist) or Phase 2 keeps its start. Why: the next phases fine-tune
+    from it, and from the untouched start's identity normaliser and random critic Phase 3 gained nothing on seed 3
+    of the built-in market (explained variance 0.01 at its first iteration, against 0.37 where Phase 2 had moved);
+    with the last iterate's it gained +0.42 [+0.24, +0.60] on validation (docs/benchmarks.md)."""
+    out = {}
+    for key, value in start.items():
+        value = value.clone()
+        if key.startswith(LEARNED_ESTIMATES) and rows is None:
+            value = trained[key].clone()
+        elif key.startswith(LEARNED_ESTIMATES) and value.dim() > 0:
+            value[rows] = trained[key][rows]
+        out[key] = value
+    return out
 
 
 class MetaController(nn.Module):
