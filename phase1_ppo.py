@@ -12,8 +12,8 @@ towards by `--position-rate` each bar (partial adjustment, in every phase and th
 Episodes end by truncation only (data end or `episode_length`): GAE bootstraps from the value of the
 final observation. Outputs: `latest.pt`, `best.pt` (each specialist's slice from its best validation
 Sharpe; a slice that keeps its start rule carries the last iterate's observation normaliser and critic, the same
-actions: `nets.start_with_learned_estimates`), rotating `step_*.pt` and `metrics.json` in `--output-dir`; `training.log` and TensorBoard
-events in `--log-dir`.
+actions: `nets.start_with_learned_estimates`), rotating `step_*.pt` and `metrics.json` in `--output-dir`;
+`training.log` and TensorBoard events in `--log-dir`.
 
 Data-parallel on N processes or GPUs (`mtq_common.training.distributed`): `torchrun --nproc_per_node N
 phase1_ppo.py ...`. Each rank steps `--num-envs` rows per specialist with its own seed, gradients are
