@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from mtq_common.agents.nets import MetaController, SpecialistAgents, Tanh, tanh
+from mtq_common.agents.nets import MetaController, SpecialistAgents, Tanh, start_with_learned_estimates, tanh
 
 
 def test_one_network_per_slot_gives_the_full_forwards_values_bit_for_bit():
@@ -51,6 +51,38 @@ def test_a_specialist_with_a_start_rule_starts_at_the_rule_and_keeps_it_in_its_c
     rebuilt = SpecialistAgents.from_spec(agents.describe())
     assert rebuilt.start_rule == rule
     assert SpecialistAgents.from_spec(SpecialistAgents(["a"], obs_size=4).describe()).start_rule is None
+
+
+def test_a_start_with_learned_estimates_acts_as_the_start_and_values_as_the_trained_network():
+    """`start_with_learned_estimates` (what `best.pt` holds where a phase keeps its start): a starting point's
+    weights with a trained network's normaliser and critic act exactly as the start, since a start's actor ends in
+    zero weights, and value as the trained network; `rows` limits it to those specialists' slices."""
+    torch.manual_seed(4)
+    start = MetaController(obs_size=6, num_specialists=3, hidden=8)
+    trained = MetaController(obs_size=6, num_specialists=3, hidden=8)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    trained.norm.update(2 * torch.randn(1, 40, 6) + 1)
+    merged = MetaController(obs_size=6, num_specialists=3, hidden=8)
+    merged.load_state_dict(start_with_learned_estimates(start.state_dict(), trained.state_dict()))
+    obs = 3 * torch.randn(11, 6)
+    assert torch.equal(merged.action_mean(obs), start.action_mean(obs))
+    assert torch.equal(merged.get_value(obs), trained.get_value(obs))
+    assert not torch.equal(merged.get_value(obs), start.get_value(obs))
+
+    rule = {"half_life": 20, "scale": 0.5, "index": 1}
+    start, trained = (SpecialistAgents(["a", "b"], obs_size=4, hidden=8, start_rule=rule) for _ in range(2))
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    trained.norm.update(2 * torch.randn(2, 40, 4) + 1)
+    merged = SpecialistAgents(["a", "b"], obs_size=4, hidden=8, start_rule=rule)
+    merged.load_state_dict(start_with_learned_estimates(start.state_dict(), trained.state_dict(), rows=[1]))
+    obs = 3 * torch.randn(2, 9, 4)
+    assert torch.equal(merged.forward_grouped(obs)[0], start.forward_grouped(obs)[0])  # both act as the rule
+    values, start_values, trained_values = (x.get_value(obs) for x in (merged, start, trained))
+    assert torch.equal(values[0], start_values[0]) and torch.equal(values[1], trained_values[1])
 
 
 def test_the_critic_alone_gives_the_full_forwards_value_bit_for_bit():
