@@ -481,7 +481,7 @@ def main(args: Args) -> dict:
     if not world.is_main:
         return {"rank": world.rank, "global_step": global_step}
     if best["iteration"] == 0:  # the start kept: it goes on with the normaliser and critic the run learned
-        best["model"] = start_with_learned_estimates(best["model"], clone_state(meta))
+        best["model"] = start_with_learned_estimates(best["model"], meta.state_dict())
         ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best["model"], meta, specialists, cfg, args))
         log.info("best.pt: the start (iteration 0), with the last iterate's observation normaliser and critic")
 
