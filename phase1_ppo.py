@@ -56,7 +56,17 @@ from mtq_common.training import distributed
 from mtq_common.training.checkpoint import parameter_fingerprint
 from mtq_common.training.compiling import compile_options
 from mtq_common.training.config import ConfigError
-from mtq_common.training.plumbing import Run, autocast, cli, iterations, restore, resume, seed_everything, start_run
+from mtq_common.training.plumbing import (
+    Run,
+    autocast,
+    cli,
+    iterations,
+    out_of_patience,
+    restore,
+    resume,
+    seed_everything,
+    start_run,
+)
 
 ALIASES = {"timesteps": "training.phase_1_timesteps"}
 
@@ -119,6 +129,11 @@ class Args:
     """Start each specialist at the scaled trend rule (picked on the training split) and learn a residual over it."""
     eval_interval: int = 10
     """Validate (and update `best.pt`) every this many iterations, and at the end."""
+    patience: int = 3
+    """Stop once this many validations in a row have moved no specialist in best.pt (0: never, the whole --timesteps
+    budget). Why: on seeds 1-10 of the default job every specialist's validation Sharpe was below its start at each
+    of the first three validations, and best.pt kept every start rule to the end: the rest of the budget was
+    discarded work (docs/benchmarks.md)."""
     eval_segments: int = 16
     """Validation split pieces run in parallel (see mtq_common.evaluation.specialist_eval)."""
     keep_checkpoints: int = 3
@@ -152,6 +167,8 @@ def main(args: Args) -> dict:
     unknown = [s for s in specialists if s not in cfg.active_specialists()]
     if unknown:
         raise ConfigError(f"--specialists {unknown}: not among the active specialists {cfg.active_specialists()}")
+    if args.patience < 0:
+        raise ConfigError(f"--patience {args.patience}: accepted 0 (never stop early) or more validations")
     rows_per_iteration = args.num_envs * args.num_steps  # per specialist, on this rank
     num_iterations = iterations(args, rows_per_iteration, world)  # (a minibatch never exceeds the rollout)
     minibatches_per_run = num_iterations * args.n_epochs * -(-rows_per_iteration // args.minibatch_size)
@@ -237,10 +254,14 @@ def main(args: Args) -> dict:
 
     step_bar = torch.compile(trade_bar, options=compile_options(device, narrow_vectors=True)) if compiled else trade_bar
 
+    def stalled(iteration: int) -> bool:  # --patience: rank 0's best.pt decides for every rank
+        return out_of_patience(args.patience, args.eval_interval, iteration, num_iterations, newest(best), world,
+                               device)  # fmt: skip
+
     def final_value(obs, specialist):  # V of truncated rows' final observations, each with its specialist's critic
         return agent.value_per_slot(obs.unsqueeze(0), specialist).squeeze(0)
 
-    start_iteration, global_step = 1, 0
+    start_iteration, global_step, early_stop = 1, 0, None
     best = {"sharpe": {name: -float("inf") for name in specialists}, "iteration": {}, "model": None}
     next_obs, _ = envs.reset(seed=seed)
     if args.resume:
@@ -251,6 +272,8 @@ def main(args: Args) -> dict:
             state, mine, log, {"model": agent, "optimizer": optimizer}, {"env": envs}
         )
         next_obs = envs.observe()
+        if stalled(start_iteration - 1):  # it had stopped early
+            early_stop, start_iteration = start_iteration - 1, num_iterations + 1
     log.info("phase 1: %s on %d rank(s) x %d rows x %d steps, %d iterations, device %s", specialists, world.size,
              rows_per_specialist, args.num_steps, num_iterations, device)  # fmt: skip
 
@@ -344,6 +367,11 @@ def main(args: Args) -> dict:
             ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best["model"], agent, cfg, specialists, val))
         run.save_latest(iteration, global_step, best, model_payload(agent.state_dict(), agent, cfg, specialists, val),
                         {"optimizer": optimizer}, {"env": envs})  # fmt: skip
+        if stalled(iteration):
+            log.info("no specialist moved in best.pt in %d validations (newest: iteration %d): stopping at iteration "
+                     "%d of %d (--patience)", args.patience, newest(best), iteration, num_iterations)  # fmt: skip
+            early_stop = iteration
+            break
         if run.stop_here(iteration):
             return {"stopped_at_iteration": iteration, "global_step": global_step}
     timing, ranks = run.finish(global_step, parameter_fingerprint(agent))  # (every rank: the weights must agree)
@@ -359,7 +387,8 @@ def main(args: Args) -> dict:
     # FINAL EVALUATION: the best specialists (what Phase 2 loads) on the validation split
     facts = {"global_step": global_step, "config_hash": cfg.hash(), "seed": args.seed, "data": data_summary(val),
              "trend_filter": dataclasses.asdict(trend), "start_rule": agent.start_rule,
-             "start_sharpe": best.get("start_sharpe"), "timing": timing, "ranks": ranks}  # fmt: skip
+             "start_sharpe": best.get("start_sharpe"), "patience": args.patience, "early_stop_iteration": early_stop,
+             "timing": timing, "ranks": ranks}  # fmt: skip
     result = final_evaluation(args, agent, best, evaluation, validate, val, facts, log)
     run.writer.close()
     return result
@@ -386,6 +415,11 @@ def final_evaluation(
     log.info("validation (best.pt, %s bars):\n%s", val.num_bars, table)
     print(f"Phase 1 validation, best specialists ({val.split} split, {val.num_bars} bars):\n{table}")
     return result
+
+
+def newest(best: dict) -> int:
+    """The newest iteration a specialist in best.pt comes from (0: every one is at its start)."""
+    return max(best["iteration"].values(), default=0)
 
 
 def update_best(best: dict, agent: SpecialistAgents, evaluation: dict, iteration: int) -> dict:

@@ -129,7 +129,17 @@ from mtq_common.training import distributed
 from mtq_common.training.checkpoint import clone_state, parameter_fingerprint
 from mtq_common.training.compiling import compile_options
 from mtq_common.training.config import ConfigError
-from mtq_common.training.plumbing import Run, autocast, cli, iterations, restore, resume, seed_everything, start_run
+from mtq_common.training.plumbing import (
+    Run,
+    autocast,
+    cli,
+    iterations,
+    out_of_patience,
+    restore,
+    resume,
+    seed_everything,
+    start_run,
+)
 
 ALIASES = {"timesteps": "training.phase_3_timesteps", "learning_rate": "training.phase_3_learning_rate"}
 
@@ -225,8 +235,9 @@ class Args:
     """best.pt leaves the starting point (Phase 2) only for an iterate whose validation Sharpe beats it with the
     paired bootstrap interval at this confidence above 0 (0: any higher Sharpe replaces it)."""
     patience: int = 3
-    """Stop once this many validations in a row have not beaten best.pt (0: never, the whole --timesteps budget;
-    docs/benchmarks.md: on seeds 1-5 best.pt was never past iteration 30, so 3 leaves every report as it was)."""
+    """Stop once this many validations in a row have not beaten best.pt (0: never, the whole --timesteps budget).
+    Why: past a few validations the iterates trade more or, at the curriculum's last stress level, size the book
+    down, and on seeds 1-5 none of them was chosen: the rest of the budget was discarded work (docs/benchmarks.md)."""
     eval_segments: int = 16
     """Validation split pieces run in parallel, each starting flat (see mtq_common.evaluation.specialist_eval)."""
     eval_episodes: int = 100
@@ -259,17 +270,6 @@ def meta_reward(reward: torch.Tensor, info: dict, book: SharpeIncrement | None) 
     with `--no-sharpe-reward` (`book` None) the env's portfolio reward (the differential Sharpe ratio of the last
     hundred bars with its terms, docs/design.md section 4)."""
     return reward if book is None else book(info["net_return"])
-
-
-def stalled(args: Args, iteration: int, num_iterations: int, best_iteration: int, world, device) -> bool:
-    """Whether fine-tuning stops early after `iteration`: it was a validation before the last iteration, and
-    the last `--patience` of them did not beat best.pt (why: past a few validations the iterates trade more or,
-    at the curriculum's last stress level, size the book down, and none was chosen on seeds 1-5; the rest of the
-    budget was discarded work, docs/benchmarks.md). Rank 0 holds best.pt and decides for every rank."""
-    if args.patience == 0 or iteration % args.eval_interval or not 0 < iteration < num_iterations:
-        return False  # (every rank takes this branch alike)
-    spent = iteration - best_iteration >= args.patience * args.eval_interval
-    return distributed.broadcast_value(float(spent), world, device) > 0
 
 
 def main(args: Args) -> dict:
@@ -522,7 +522,9 @@ def main(args: Args) -> dict:
         if "rollout" in mine:  # (latest.pt files from before the episode sums were kept have none)
             rollout.load_state_dict(mine["rollout"])
         log.info("resumed at curriculum level %d", level)
-        if stalled(args, start_iteration - 1, num_iterations, best["iteration"], world, device):  # stopped early
+        if out_of_patience(
+            args.patience, args.eval_interval, start_iteration - 1, num_iterations, best["iteration"], world, device
+        ):  # stopped early
             early_stop, start_iteration = start_iteration - 1, num_iterations + 1
     log.info("phase 3: %s + meta-controller, %d rank(s) x %d rows x %d steps, %d iterations, coordination %s, "
              "curriculum %s", specialists.names, world.size, num_rows, args.num_steps, num_iterations, coordinate,
@@ -733,7 +735,8 @@ def main(args: Args) -> dict:
         run.save_latest(iteration, global_step, best, payload, {**schedules, "weight_average": average},
                         {"env": envs, "twin": twin, "tracker": tracker, "prev_positions": prev_positions,
                          "rollout": rollout})  # fmt: skip
-        if stalled(args, iteration, num_iterations, best["iteration"], world, device):
+        if out_of_patience(args.patience, args.eval_interval, iteration, num_iterations, best["iteration"], world,
+                           device):  # fmt: skip
             log.info("no new best.pt in %d validations (best: iteration %d): stopping at iteration %d of %d "
                      "(--patience)", args.patience, best["iteration"], iteration, num_iterations)  # fmt: skip
             early_stop = iteration

@@ -119,6 +119,9 @@ class Args:
     phase3_replace_confidence: float = 0.9
     """Phase 3's best.pt leaves Phase 2 only with the paired validation interval at this confidence above 0 (0: any
     higher Sharpe; phase3_joint.py --replace-confidence)."""
+    phase1_patience: int = 3
+    """Phase 1 stops once this many validations in a row have moved no specialist in its best.pt (0: never, its
+    whole budget; phase1_ppo.py --patience)."""
     phase3_patience: int = 3
     """Phase 3 stops once this many validations in a row have not beaten its best.pt (0: never, its whole budget;
     phase3_joint.py --patience)."""
@@ -213,7 +216,7 @@ def phase_args(args: Args, name: str, resume: bool):
                   torch_threads=args.torch_threads)  # fmt: skip
     script = phase_module(args, name)
     if name == "phase1":
-        own = dict(timesteps=args.phase1_timesteps)
+        own = dict(timesteps=args.phase1_timesteps, patience=args.phase1_patience)
     elif name == "phase2":
         own = dict(timesteps=args.phase2_timesteps, specialists_dir=str(out / "phase1"),
                    replace_confidence=args.phase2_replace_confidence)  # fmt: skip

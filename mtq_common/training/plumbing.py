@@ -197,6 +197,17 @@ def restore(state: dict, mine: dict, log, shared: dict, own: dict) -> tuple[int,
     return state["iteration"] + 1, state["global_step"], state["best"]
 
 
+def out_of_patience(patience: int, eval_interval: int, iteration: int, num_iterations: int, best_iteration: int,
+                    world: distributed.World, device) -> bool:  # fmt: skip
+    """Whether a run stops early after `iteration` (a phase's `--patience`): it was a validation before the last
+    iteration, and the last `patience` validations did not move best.pt, whose newest part is from `best_iteration`
+    (patience 0: never). Rank 0 holds best.pt and decides for every rank."""
+    if patience == 0 or iteration % eval_interval or not 0 < iteration < num_iterations:
+        return False  # (every rank takes this branch alike)
+    spent = iteration - best_iteration >= patience * eval_interval
+    return distributed.broadcast_value(float(spent), world, device) > 0
+
+
 def cli(main, args_type, aliases: dict, script: str) -> None:
     """A phase script's command line: parse the flags (and `--config`), run `main`, and on bad input
     print one paragraph naming `script` and exit with code 2 (every rank leaves the process group)."""
