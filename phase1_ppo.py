@@ -129,11 +129,10 @@ class Args:
     """Start each specialist at the scaled trend rule (picked on the training split) and learn a residual over it."""
     eval_interval: int = 10
     """Validate (and update `best.pt`) every this many iterations, and at the end."""
-    patience: int = 3
+    patience: int = 0
     """Stop once this many validations in a row have moved no specialist in best.pt (0: never, the whole --timesteps
-    budget). Why: on seeds 1-10 of the default job every specialist's validation Sharpe was below its start at each
-    of the first three validations, and best.pt kept every start rule to the end: the rest of the budget was
-    discarded work (docs/benchmarks.md)."""
+    budget). On seeds 1-10 of the default job no specialist beat its start at any validation, so 3 would halve Phase
+    1; it stays off because the later critic moves Phase 3 (docs/benchmarks.md: seed 2 then trades above momentum)."""
     eval_segments: int = 16
     """Validation split pieces run in parallel (see mtq_common.evaluation.specialist_eval)."""
     keep_checkpoints: int = 3

@@ -119,7 +119,7 @@ class Args:
     phase3_replace_confidence: float = 0.9
     """Phase 3's best.pt leaves Phase 2 only with the paired validation interval at this confidence above 0 (0: any
     higher Sharpe; phase3_joint.py --replace-confidence)."""
-    phase1_patience: int = 3
+    phase1_patience: int = 0
     """Phase 1 stops once this many validations in a row have moved no specialist in its best.pt (0: never, its
     whole budget; phase1_ppo.py --patience)."""
     phase3_patience: int = 3

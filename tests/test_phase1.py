@@ -134,6 +134,31 @@ def test_a_kept_start_goes_on_with_the_normaliser_and_critic_the_run_learned(tmp
         assert torch.equal(value[forex], last["model"][key][forex]) == learned, key
 
 
+def test_patience_stops_a_run_that_moves_no_specialist_and_a_resume_keeps_the_stop(tmp_path, monkeypatch):
+    """With no iterate ever beating a start (update_best patched), `--patience 2` stops after the second validation
+    (eval every iteration), `--patience 0` runs the whole budget, both keep the same starts, and resuming the stopped
+    run trains nothing more."""
+    real = phase1_ppo.update_best
+
+    def keep_starts(best, agent, evaluation, iteration):
+        if iteration > 0:
+            evaluation = {name: {**table, "mean_sharpe": -float("inf")} for name, table in evaluation.items()}
+        return real(best, agent, evaluation, iteration)
+
+    monkeypatch.setattr(phase1_ppo, "update_best", keep_starts)
+    config = write_config(tmp_path / "c.yaml")
+    budget = dict(timesteps=2048, eval_interval=1)  # 8 iterations of 256 steps
+    stopped = run(tmp_path, "patience_2", config, patience=2, **budget)
+    assert (stopped["early_stop_iteration"], stopped["global_step"]) == (2, 2 * 256)
+    assert set(stopped["best_iteration"].values()) == {0}
+    full = run(tmp_path, "patience_0", config, patience=0, **budget)
+    assert (full["early_stop_iteration"], full["global_step"]) == (None, 2048)
+    assert full["specialists"] == stopped["specialists"]  # the starts, as validated
+    again = run(tmp_path, "patience_2", config, patience=2, resume=True, **budget)
+    assert (again["early_stop_iteration"], again["global_step"]) == (2, 2 * 256)
+    assert again["specialists"] == stopped["specialists"]
+
+
 def test_same_seed_same_metrics(tmp_path):
     config = write_config(tmp_path / "c.yaml")
     a = run(tmp_path, "a", config, timesteps=1024, seed=3)
@@ -197,6 +222,7 @@ def test_subset_of_specialists(tmp_path):
         (["--resume"], "checkpoint not found"),
         (["--timesteps", "-5"], "phase_1_timesteps"),
         (["--position-rate", "1.5"], "position_rate 1.5 (--position-rate): accepted 0 < rate <= 1"),
+        (["--patience", "-1"], "--patience -1: accepted 0 (never stop early) or more validations"),
     ],
 )
 def test_clear_errors(tmp_path, extra, message):
