@@ -140,8 +140,9 @@ class Args:
     specialists' recent sleeve returns and, with risk timing, a factor on its appetite from those and the
     volatility ratios; --no-allocation-rule: at 1/K and the rule's appetite."""
     check_allocation_rule: bool = True
-    """Keep the fitted rule only where its start beats the start without it on the validation split (it is fit on
-    train alone); --no-check-allocation-rule: keep it always."""
+    """Keep the fitted rule only where its start beats the start without it on the validation split, with the
+    paired interval at --replace-confidence above 0 as an iterate needs (it is fit on train alone);
+    --no-check-allocation-rule: keep it always."""
     sharpe_reward: bool = True
     """Train on the increment of the book's Sharpe ratio over the whole training split (`meta_reward`; off: the
     env's portfolio reward)."""
@@ -265,13 +266,17 @@ def main(args: Args) -> dict:
         # (every rank: deterministic, so every rank takes the same decision; kept, it is iteration 0's validation)
         start_validation = validation(meta)
         checked = start_validation[0]
-        plain = (
-            checked["baselines"]["vol_managed_equal_allocation"] if args.risk_timing else checked["equal_allocation"]
-        )
-        rule_check = {"val_sharpe": checked["portfolio"]["sharpe"], "plain_val_sharpe": plain["sharpe"]}
-        rule_check["kept"] = rule_check["val_sharpe"] > rule_check["plain_val_sharpe"]
-        log.info("allocation rule: validation Sharpe %.3f against %.3f without it: %s", rule_check["val_sharpe"],
-                 rule_check["plain_val_sharpe"], "kept" if rule_check["kept"] else "dropped")  # fmt: skip
+        plain_name = "vol_managed_equal_allocation" if args.risk_timing else "equal_allocation"
+        plain = checked["baselines"][plain_name] if args.risk_timing else checked[plain_name]
+        ran = start_validation[1]
+        over_plain = gain_over_start(ran["system"].net_return, ran[plain_name].net_return, val.bars_per_year,
+                                     cfg.reward.risk_free_rate, args.replace_confidence)  # fmt: skip
+        rule_check = {"val_sharpe": checked["portfolio"]["sharpe"], "plain_val_sharpe": plain["sharpe"],
+                      "gain": {k: over_plain[k] for k in ("difference", "low", "high")}}  # fmt: skip
+        rule_check["kept"] = over_plain["replaces"] and rule_check["val_sharpe"] > rule_check["plain_val_sharpe"]
+        log.info("allocation rule: validation Sharpe %.3f against %.3f without it, %+.3f [%+.3f, %+.3f]: %s",
+                 rule_check["val_sharpe"], rule_check["plain_val_sharpe"], over_plain["difference"], over_plain["low"],
+                 over_plain["high"], "kept" if rule_check["kept"] else "dropped")  # fmt: skip
         if not rule_check["kept"]:
             allocation_rule, start_validation = None, None
             meta = build(None)

@@ -222,9 +222,10 @@ def test_an_iterate_is_measured_against_the_fitted_start_not_the_plain_rule(tiny
 
 def test_a_fitted_rule_that_loses_on_validation_is_dropped(tiny, monkeypatch):
     """The allocation rule is fit on train alone; Phase 2 keeps it only where its start beats the start without
-    it on the validation split. A rule forced to put all capital in forex (the weakest specialist here) loses
-    there: the meta-controller is built without it, and metrics.json and the log say so. So does the real fit
-    on this tiny market (validation 3.97 against 5.29); on the built-in market it wins (4.86 against 4.68)."""
+    it on the validation split (with confidence: the next test). A rule forced to put all capital in forex (the
+    weakest specialist here) loses there: the meta-controller is built without it, and metrics.json and the log
+    say so. So does the real fit on this tiny market (validation 3.97 against 5.29); on the built-in market it wins
+    (4.86 against 4.68, +0.17 [+0.04, +0.30])."""
     tmp, config, phase1_dir = tiny
     real = phase2_meta.fit_allocation_rule
 
@@ -241,6 +242,29 @@ def test_a_fitted_rule_that_loses_on_validation_is_dropped(tiny, monkeypatch):
     real_fit = phase2(tmp, config, phase1_dir, name="real", timesteps=512, eval_interval=100)
     check = real_fit["allocation_rule_check"]  # the real fit overfits this tiny market's 1,500 training bars
     assert not check["kept"] and check["val_sharpe"] <= check["plain_val_sharpe"], check
+
+
+def test_a_fitted_rule_ahead_on_validation_without_confidence_is_dropped(tiny, monkeypatch):
+    """The rule's start replaces the start without it only with the paired validation interval at
+    --replace-confidence above 0, as an iterate replaces a start. A fixed tilt of the allocation (no map from the
+    observations) is ahead of the plain rule on this tiny market's validation, +0.03 [-0.19, +0.29]: dropped.
+    With --replace-confidence 0 the higher Sharpe alone keeps it."""
+    tmp, config, phase1_dir = tiny
+    real = phase2_meta.fit_allocation_rule
+
+    def tilted(*args, **kwargs):
+        rule = real(*args, **kwargs)
+        weights = [[0.0] * len(row) for row in rule["weights"]]
+        return {**rule, "weights": weights, "bias": [0.1, -0.3, 0.2, 0.0]}
+
+    monkeypatch.setattr(phase2_meta, "fit_allocation_rule", tilted)
+    metrics = phase2(tmp, config, phase1_dir, name="unconfident", timesteps=512, eval_interval=100)
+    check = metrics["allocation_rule_check"]
+    assert check["val_sharpe"] > check["plain_val_sharpe"] and check["gain"]["low"] <= 0, check
+    assert not check["kept"]
+    assert "allocation_rule" not in torch.load(tmp / "unconfident" / "best.pt", weights_only=True)
+    anyway = phase2(tmp, config, phase1_dir, name="any_gain", timesteps=512, eval_interval=100, replace_confidence=0)
+    assert anyway["allocation_rule_check"]["kept"]
 
 
 def market_config(path: Path, noise_classes: tuple[str, ...]) -> Path:
