@@ -132,7 +132,8 @@ class Args:
     patience: int = 0
     """Stop once this many validations in a row have moved no specialist in best.pt (0: never, the whole --timesteps
     budget). On seeds 1-10 of the default job no specialist beat its start at any validation, so 3 would halve Phase
-    1; it stays off because the later critic moves Phase 3 (docs/benchmarks.md: seed 2 then trades above momentum)."""
+    1; it stays off: with the critic of iteration 30 instead of 61, seed 2's Phase 3 kept a later iterate that traded
+    above momentum on test (docs/benchmarks.md)."""
     eval_segments: int = 16
     """Validation split pieces run in parallel (see mtq_common.evaluation.specialist_eval)."""
     keep_checkpoints: int = 3
