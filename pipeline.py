@@ -125,6 +125,9 @@ class Args:
     phase3_patience: int = 3
     """Phase 3 stops once this many validations in a row have not beaten its best.pt (0: never, its whole budget;
     phase3_joint.py --patience)."""
+    phase3_cost_multiple: float = 2.0
+    """Phase 3's reward charges each bar's costs this many times (1: as paid, 2: a shadow cost as much again;
+    phase3_joint.py --cost-multiple)."""
     phase3_joint_sizing: bool = True
     """Phase 3 fits a factor per instrument on the specialists' positions on train before PPO, kept only with a
     confident validation gain (phase3_joint.py --joint-sizing)."""
@@ -223,7 +226,7 @@ def phase_args(args: Args, name: str, resume: bool):
     else:
         own = dict(timesteps=args.phase3_timesteps, phase1_dir=str(out / "phase1"), phase2_dir=str(out / "phase2"),
                    eval_episodes=args.eval_episodes, patience=args.phase3_patience,
-                   replace_confidence=args.phase3_replace_confidence,
+                   replace_confidence=args.phase3_replace_confidence, cost_multiple=args.phase3_cost_multiple,
                    joint_sizing=args.phase3_joint_sizing, weight_average=args.phase3_weight_average)  # fmt: skip
     from_file = config_defaults(script.Args, getattr(script, "ALIASES", {}), args.config)
     return script.Args(**{**from_file, **common, **own})

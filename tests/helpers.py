@@ -233,9 +233,9 @@ def check_sharpe_reward_switch(script, monkeypatch, run) -> dict:
     seen = []
     real = script.meta_reward
 
-    def spy(reward, info, book):
+    def spy(reward, info, book, *rest):
         seen.append(book)
-        return real(reward, info, book)
+        return real(reward, info, book, *rest)
 
     monkeypatch.setattr(script, "meta_reward", spy)
     on = run("sharpe_on")

@@ -12,6 +12,7 @@ import torch
 import phase3_joint
 from mtq_common.agents.hierarchy import HierarchyPolicy, instrument_specialist_index, load_specialists
 from mtq_common.agents.nets import MetaController, SpecialistAgents
+from mtq_common.agents.sharpe_reward import SharpeIncrement
 from mtq_common.data.splits import load_splits
 from mtq_common.evaluation.backtest import run_backtests
 from mtq_common.training import checkpoint as ckpt
@@ -113,7 +114,7 @@ def test_the_reward_is_the_starts_sharpe_increment_and_the_specialists_rate_is_s
         return phase3(tmp, config, dirs, name=name, timesteps=512, compile="off", **overrides)
 
     on = check_sharpe_reward_switch(phase3_joint, monkeypatch, run)
-    assert on["specialist_lr_scale"] == 0.01
+    assert on["specialist_lr_scale"] == 0.01 and on["cost_multiple"] == 2.0
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(next((tmp / "l_sharpe_on").glob("events.out.tfevents.*"))))
@@ -124,6 +125,28 @@ def test_the_reward_is_the_starts_sharpe_increment_and_the_specialists_rate_is_s
                            str(dirs[1]), "--output-dir", str(tmp / "neg_lr"), "--log-dir", str(tmp / "l_neg_lr"),
                            "--device", "cpu", "--specialist-lr-scale", "-1")  # fmt: skip
     assert code == 2 and "--specialist-lr-scale -1" in stderr and "Traceback" not in stderr, stderr
+
+
+def test_the_reward_charges_the_costs_again_at_a_cost_multiple_of_two(tiny):
+    """`meta_reward` scores the Sharpe increment of `net - (m - 1) cost` (`--cost-multiple` m, 2 by default): two
+    bars with the same net return score alike at m = 1; at m = 2 the one that paid costs scores as a bar whose net
+    return was lower by them, the other as before. The env's own reward (no book) is left as it is, and a negative
+    multiple is a clear error."""
+    tmp, config, dirs = tiny
+    book = SharpeIncrement.of(np.array([1e-3, -8e-4, 1.2e-3, -9e-4]), cash=0.0)  # (increasing where scored)
+    info = {"net_return": torch.tensor([1e-3, 1e-3]), "cost": torch.tensor([0.0, 5e-4])}
+    env_reward = torch.tensor([0.3, -0.2])
+    as_paid = phase3_joint.meta_reward(env_reward, info, book, 1.0)
+    assert as_paid[0] == as_paid[1]
+    shadow = phase3_joint.meta_reward(env_reward, info, book, 2.0)
+    assert shadow[0] == as_paid[0] and shadow[1] < shadow[0]
+    torch.testing.assert_close(shadow[1], book(torch.tensor(1e-3 - 5e-4)))
+    assert torch.equal(phase3_joint.meta_reward(env_reward, info, None, 2.0), env_reward)
+    assert phase3_joint.Args.cost_multiple == 2.0
+    code, stderr = run_cli("phase3_joint.py", "--config", str(config), "--phase1-dir", str(dirs[0]), "--phase2-dir",
+                           str(dirs[1]), "--output-dir", str(tmp / "neg_cost"), "--log-dir", str(tmp / "l_neg_cost"),
+                           "--device", "cpu", "--cost-multiple", "-1")  # fmt: skip
+    assert code == 2 and "--cost-multiple -1" in stderr and "Traceback" not in stderr, stderr
 
 
 def test_an_iterate_above_momentums_turnover_does_not_replace_the_start(tiny, monkeypatch):
