@@ -231,7 +231,8 @@ class Args:
     cost; `meta_reward`). Why 2: DESIGN 14 asks for no more turnover per unit of volatility than momentum's, and
     fine-tuning pushed the book's turnover up to the gates (seed 3 traded 1.003x momentum's on test). With 2, seeds
     1-5 chose the same iterations, for 0.00-0.07 less validation Sharpe and as much or less turnover on train (seed
-    3: 0.961x -> 0.940x momentum's); on test every check passed (docs/benchmarks.md)."""
+    3: 0.961x -> 0.940x momentum's); on test every check passed. On fresh seeds 11-15 it changed little: T failed on
+    two of them with and without it (docs/benchmarks.md)."""
     joint_sizing: bool = True
     """Fit a factor per instrument on the specialists' positions on the training split before PPO, kept where it
     validates better than the start with confidence (module docstring; a resumed run keeps its stored choice)."""
