@@ -180,3 +180,9 @@ def test_collect_tabulates_finished_pipeline_runs_with_paired_differences(tmp_pa
     assert not first["pass"] and second["pass"] and not quality["all_pass"]
     assert quality["system"]["mean"] == pytest.approx(4.4) and "logical cores" in quality["machine"]
     assert "DESIGN 14 NOT met for every seed" in printed and "deflated" not in printed
+    # the tally over seeds: seed 1 fails its one check, seed 3 passes it
+    assert (quality["checks"], quality["checks_passed"], quality["seeds_passing"]) == (2, 1, 1)
+    assert (
+        "DESIGN 14 checks passed: 1 of 2; seeds passing every check: 1 of 2; >= vol_managed_trend_filter + 0.3 "
+        "fails on seed(s) 1"
+    ) in printed
