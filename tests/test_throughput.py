@@ -27,6 +27,8 @@ def test_env_and_training_sections_report_what_ran(tmp_path):
     env_rows = [r for r in out["results"] if r["benchmark"] in ("env", "kernel")]
     assert {r["name"] for r in env_rows} == {"specialist", "portfolio", "portfolio_step", "risk_step"}
     assert {r["impl"] for r in env_rows if r["name"] == "portfolio"} == {"env", "compiled"}  # --compile's step too
+    # and the compiled step with its rows on adjacent bars (the tables' reads in the caches)
+    assert [r["impl"] for r in env_rows if r["path"] == "4-bars"] == ["compiled"]
     training = [r for r in out["results"] if r["benchmark"] == "training"]
     assert [r["name"] for r in training] == ["phase1", "phase2", "phase3"]
     # the scripts' own step counts: 2 iterations of 8 rows x 32 steps (Phase 1), 1 iteration after
