@@ -57,7 +57,9 @@ the start does (`selection.turnover_against_momentum`); then, with `--train-chec
 on the training split, which Phase 3's updates never see under the curriculum (it trains on fresh paths): no more
 turnover per unit of volatility over momentum's than the larger of 1 and the start's there, and a Sharpe ratio
 there no lower than the start's (`selection.holds_on_train`; docs/benchmarks.md: validation's regime mix moved
-the turnover ratio, and its Sharpe ratio lagged a decline). What is validated, checked and kept is the Polyak
+the turnover ratio, and its Sharpe ratio lagged a decline). That check is a backtest of the whole training split:
+where a core is spare it runs in a helper process while training goes on (`--helper`, `evaluation.train_checks`),
+and its verdict is read before the next decision that needs it. What is validated, checked and kept is the Polyak
 average of the iterates (`--weight-average`, `ppo.WeightAverage`): an exponential moving average of both levels'
 weights from the starting point, less noisy than any one iterate (the updates go on from the iterate).
 
@@ -123,20 +125,22 @@ from mtq_common.evaluation.rules import fit_trend_for
 from mtq_common.evaluation.selection import (
     check_replace_confidence,
     gain_over_start,
-    holds_on_train,
     turnover_against_momentum,
 )
+from mtq_common.evaluation.train_checks import TrainChecks
 from mtq_common.training import checkpoint as ckpt
 from mtq_common.training import distributed
 from mtq_common.training.checkpoint import clone_state, parameter_fingerprint
 from mtq_common.training.compiling import compile_options
 from mtq_common.training.config import ConfigError
+from mtq_common.training.helper import spare_core
 from mtq_common.training.plumbing import (
     Run,
     autocast,
     cli,
     iterations,
     out_of_patience,
+    patience_spent,
     restore,
     resume,
     seed_everything,
@@ -240,6 +244,9 @@ class Args:
     """An iterate that passes on validation replaces the start only where it also holds on the training split:
     turnover per unit of volatility over momentum's at most the larger of 1 and the start's, Sharpe ratio no lower
     than the start's (module docstring)."""
+    helper: bool = True
+    """Run each check on the training split in a helper process beside training where a core is spare (the same
+    verdicts to the bit; `mtq_common.training.helper`), read at the next decision that needs it."""
     replace_confidence: float = 0.9
     """best.pt leaves the starting point (Phase 2) only for an iterate whose validation Sharpe beats it with the
     paired bootstrap interval at this confidence above 0 (0: any higher Sharpe replaces it)."""
@@ -321,6 +328,9 @@ def main(args: Args) -> dict:
     fit_sizing = args.joint_sizing and not args.resume
     on_train = args.sharpe_reward or fit_sizing or args.train_check  # (what needs the start's books there)
     train_tables = build_tables(splits["train"], cfg, device) if on_train else None  # (once: every check reads them)
+    # (rank 0) each candidate's check on train: beside training, in a helper process where a core is spare
+    beside = args.helper and spare_core(device, world.size)
+    checks = TrainChecks(cfg, splits["train"], train_tables, beside) if args.train_check and world.is_main else None
     start_books = (
         start_backtests(specialists, meta, splits["train"], cfg, device, tables=train_tables) if on_train else None
     )
@@ -421,12 +431,28 @@ def main(args: Args) -> dict:
         DESIGN 14's T, at the confidence of the gain; within also at no more than the start's)."""
         return turnover_against_momentum(ran, args.replace_confidence, start_turnover)
 
-    def train_check(specialists, meta) -> dict:
-        """An iterate against its start on the training split (`selection.holds_on_train`; momentum's backtest
-        there is the start's)."""
-        ran = start_backtests(specialists, meta, splits["train"], cfg, device, momentum=False, tables=train_tables)
-        return holds_on_train({**start_books, **ran}, start_books, splits["train"].bars_per_year,
-                              cfg.reward.risk_free_rate)  # fmt: skip
+    def keep_best(candidate: dict, held: dict | None = None) -> dict:
+        """`candidate` (a validation's winner) as best.pt, with what its check on train found (`held`), saved."""
+        best = {**candidate, "on_train": None if held is None else {k: held[k] for k in held if k != "holds"}}
+        ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best, specialists, meta, cfg))
+        return best
+
+    def submit(candidate: dict) -> dict:
+        """`candidate` with its backtest on train submitted to `checks`: pending until `settle` reads it."""
+        return {"candidate": candidate, "backtest": checks.submit(model_payload(candidate, specialists, meta, cfg))}
+
+    def settle(best: dict, pending: dict | None) -> dict:
+        """best.pt after the pending candidate's check on train (`selection.holds_on_train` against the start;
+        momentum's backtest there is the start's): the candidate where it holds, else `best` as it was. Read
+        before anything compares with best.pt or stops on it, so the run takes the decisions it would take
+        with the check in place."""
+        if pending is None:
+            return best
+        held, iteration = checks.verdict(pending["backtest"], start_books), pending["candidate"]["iteration"]
+        log.info("iteration %d on train: turnover/vol %.3fx momentum's (start %.3fx), Sharpe %.3f (start %.3f): %s",
+                 iteration, held["ratio"], held["start_ratio"], held["sharpe"], held["start_sharpe"],
+                 "holds" if held["holds"] else "does not hold")  # fmt: skip
+        return keep_best(pending["candidate"], held) if held["holds"] else best
 
     num_rows, obs_size = args.num_envs, specialists.obs_size
     meta_obs_size = meta_observation_size(envs.portfolio_obs_size, num_specialists, timed=meta.timing is not None)
@@ -450,6 +476,7 @@ def main(args: Args) -> dict:
 
     start_iteration, global_step, early_stop = 1, 0, None
     best = {"sharpe": -float("inf"), "iteration": 0, "specialists": None, "meta": None}
+    pending = None  # (rank 0) a validation's winner whose check on train is still running (`settle`)
     next_obs, _ = envs.reset(seed=seed)
     twin.reset(seed=seed)
     # the meta-controller's observation and held allocation; the rollout's TensorBoard tags
@@ -539,6 +566,9 @@ def main(args: Args) -> dict:
         if "rollout" in mine:  # (latest.pt files from before the episode sums were kept have none)
             rollout.load_state_dict(mine["rollout"])
         log.info("resumed at curriculum level %d", level)
+        if "pending" in best:  # a winner whose check on train was still running when latest.pt was written
+            candidate = best.pop("pending")
+            best = settle(best, submit(candidate)) if checks is not None else keep_best(candidate)
         if out_of_patience(
             args.patience, args.eval_interval, start_iteration - 1, num_iterations, best["iteration"], world, device
         ):  # stopped early
@@ -726,32 +756,29 @@ def main(args: Args) -> dict:
                 prev_positions.zero_()
                 rollout.restart_episodes()
             if world.is_main:  # (rank 0 holds best.pt)
+                best, pending = settle(best, pending), None  # (the last winner, where it held on train)
                 wins = sharpe > best["sharpe"] and over_start["replaces"] and (moved["within"] or not turnover_gate)
-                with average.swapped_in():  # (the weights just validated: checked on train, kept in best.pt)
-                    held = train_check(specialists, meta) if wins and args.train_check else None
-                    if held is not None:
-                        log.info("iteration %d on train: turnover/vol %.3fx momentum's (start %.3fx), Sharpe %.3f "
-                                 "(start %.3f): %s", iteration, held["ratio"], held["start_ratio"], held["sharpe"],
-                                 held["start_sharpe"], "holds" if held["holds"] else "does not hold")  # fmt: skip
-                    if wins and (held is None or held["holds"]):
-                        best = {
-                            "sharpe": sharpe,
-                            "iteration": iteration,
-                            "specialists": clone_state(specialists),
-                            "meta": clone_state(meta),
-                            "gain": {k: over_start[k] for k in ("difference", "low", "high")},
-                            "on_train": None if held is None else {k: held[k] for k in held if k != "holds"},
-                        }
-                        ckpt.save_checkpoint(out_dir / "best.pt", model_payload(best, specialists, meta, cfg))
+                if wins:
+                    with average.swapped_in():  # (the weights just validated: checked on train, kept in best.pt)
+                        candidate = {"sharpe": sharpe, "iteration": iteration, "specialists": clone_state(specialists),
+                                     "meta": clone_state(meta),
+                                     "gain": {k: over_start[k] for k in ("difference", "low", "high")}}  # fmt: skip
+                    if checks is None:
+                        best = keep_best(candidate)
+                    else:  # its check on train runs while training goes on
+                        pending = submit(candidate)
                 log.info("iteration %d/%d step %d SPS %d val sharpe %.3f (start %+.3f [%+.3f, %+.3f]) turnover/vol "
                          "%.3fx momentum's [%.3f, %.3f] (gate %s) level %d", iteration, num_iterations, global_step,
                          sps, sharpe, over_start["difference"], over_start["low"], over_start["high"], moved["ratio"],
                          moved["low"], moved["high"], "on" if turnover_gate else "off", level)  # fmt: skip
         current = {"specialists": clone_state(specialists), "meta": clone_state(meta)}
         payload = {**model_payload(current, specialists, meta, cfg), "joint_sizing": joint_sizing}
-        run.save_latest(iteration, global_step, best, payload, {**schedules, "weight_average": average},
+        saved_best = best if pending is None else {**best, "pending": pending["candidate"]}  # (resume reads it again)
+        run.save_latest(iteration, global_step, saved_best, payload, {**schedules, "weight_average": average},
                         {"env": envs, "twin": twin, "tracker": tracker, "prev_positions": prev_positions,
                          "rollout": rollout})  # fmt: skip
+        if pending is not None and patience_spent(args.patience, args.eval_interval, iteration, best["iteration"]):
+            best, pending = settle(best, pending), None  # (whether the run stops early depends on its verdict)
         if out_of_patience(args.patience, args.eval_interval, iteration, num_iterations, best["iteration"], world,
                            device):  # fmt: skip
             log.info("no new best.pt in %d validations (best: iteration %d): stopping at iteration %d of %d "
@@ -759,7 +786,12 @@ def main(args: Args) -> dict:
             early_stop = iteration
             break
         if run.stop_here(iteration):
+            if checks is not None:
+                checks.close()  # (a pending check runs again on --resume, from latest.pt)
             return {"stopped_at_iteration": iteration, "global_step": global_step}
+    if checks is not None:
+        best = settle(best, pending)
+        checks.close()
     fingerprint = parameter_fingerprint(specialists) + parameter_fingerprint(meta)
     timing, ranks = run.finish(global_step, fingerprint)  # (every rank: the weights must agree)
     if not world.is_main:

@@ -69,8 +69,9 @@ from mtq_common.policy import check_data, load_hierarchy, trained_data
 from mtq_common.training import checkpoint as ckpt
 from mtq_common.training.config import ConfigError
 from mtq_common.training.distributed import resolve_device
+from mtq_common.training.helper import Helper, spare_core
 from mtq_common.training.plumbing import configure_threads, setup_logging
-from mtq_common.training.settings import config_defaults, config_from_args, parse_args
+from mtq_common.training.settings import config_defaults, config_from_args, config_from_dict, parse_args
 
 ALIASES = {
     "phase1_timesteps": "training.phase_1_timesteps",
@@ -153,6 +154,9 @@ class Args:
     """Show progress bars (only on a terminal)."""
     torch_threads: int = 1
     """torch intra-op threads on the CPU (0: torch's default); small-batch PPO is fastest with 1."""
+    helper: bool = True
+    """Where a core is spare, run work that needs only its inputs in a helper process beside the main one (Phase
+    3's checks on train, the test evaluation's episodes): the same results to the bit (mtq_common.training.helper)."""
     holdings: str | None = None
     """--mode act: a file of the units held per instrument (CSV `symbol,units` or JSON {"SYMBOL": units}; needs
     --capital): the trades start from this book instead of the model's own simulated holdings."""
@@ -217,6 +221,8 @@ def phase_args(args: Args, name: str, resume: bool):
                   seed=args.seed, data_dir=args.data_dir, instruments=list(args.instruments),
                   num_envs=args.num_envs, resume=resume, force=args.force, progress=args.progress,
                   torch_threads=args.torch_threads)  # fmt: skip
+    if name == "phase3":
+        common["helper"] = args.helper
     script = phase_module(args, name)
     if name == "phase1":
         own = dict(timesteps=args.phase1_timesteps, patience=args.phase1_patience)
@@ -368,27 +374,10 @@ def evaluate(args: Args, cfg, log) -> dict:
     out = Path(args.output_dir)
     device = resolve_device(args.device)
     start = time.time()
-    report, backtests, (specialists, meta), test, tables = test_backtests(args, cfg, device)
-    owner = instrument_specialist_index(test.sectors, specialists.names).to(device)
-
-    def hierarchy(market):
-        return lambda rows: HierarchyPolicy(specialists, meta, owner, cfg.environment.max_position_size, rows, device,
-                                            market)  # fmt: skip
-
-    if test.source == "synthetic":
-        # fresh market paths: a seed no split uses, long enough for every episode without overlap
-        length = cfg.environment.episode_length
-        fresh = generate_market(test.symbols, test.sectors, [cfg.instruments[s].annual_vol for s in test.symbols],
-                                tables.first_bar + 2 + args.eval_episodes * length,
-                                seed=cfg.data.synthetic.seed + FRESH_PATH_SEED, split="test",
-                                **config_options(cfg, test.symbols))  # fmt: skip
-        episodes = run_episodes(fresh, cfg, hierarchy(fresh), args.eval_episodes, length, seed=args.seed, device=device,
-                                consecutive=True)  # fmt: skip
-        where = f"a fresh synthetic path (seed {cfg.data.synthetic.seed + FRESH_PATH_SEED}), consecutive windows"
-    else:
-        episodes = run_episodes(test, cfg, hierarchy(test), args.eval_episodes, seed=args.seed, device=device,
-                                tables=tables)  # fmt: skip
-        where = "random windows of the test split"
+    with Helper(args.helper and spare_core(device, 1)) as helper:  # the episodes beside the test backtest
+        episodes = helper.submit(test_episodes, str(out), cfg.to_dict(), args.eval_episodes, args.seed, str(device))
+        report, backtests, _, test, _ = test_backtests(args, cfg, device)
+        episodes, where = episodes.result()
     summary = summarize_episodes(episodes)
     report["episodes_source"] = where
     paths = write_report(report, backtests, out / "eval", title="MTQuant test evaluation", episodes=summary)
@@ -400,6 +389,32 @@ def evaluate(args: Args, cfg, log) -> dict:
     print("report: " + ", ".join(str(p) for p in paths.values()))
     log.info("evaluation written to %s in %.1f s", out / "eval", seconds)
     return {"report": report, "episodes": summary, "seconds": seconds}
+
+
+def test_episodes(run_dir: str, config: dict, episodes: int, seed: int, device: str) -> tuple[list[dict], str]:
+    """The trained hierarchy of `run_dir` in `episodes` evaluation episodes and where they ran: on the built-in
+    market, consecutive windows of a fresh path (a seed no split uses); on CSV data, random windows of the test
+    split. (Arguments are plain data: `evaluate` may run it in a helper process.)"""
+    cfg = config_from_dict(config, require_data_dir=False)
+    specialists, meta = load_hierarchy(run_dir, device)
+    test = load_splits(cfg)["test"]
+    owner = instrument_specialist_index(test.sectors, specialists.names).to(device)
+    tables = build_tables(test, cfg, device)
+
+    def hierarchy(market):
+        return lambda rows: HierarchyPolicy(specialists, meta, owner, cfg.environment.max_position_size, rows, device,
+                                            market)  # fmt: skip
+
+    if test.source != "synthetic":
+        ran = run_episodes(test, cfg, hierarchy(test), episodes, seed=seed, device=device, tables=tables)
+        return ran, "random windows of the test split"
+    # fresh market paths: a seed no split uses, long enough for every episode without overlap
+    length, path_seed = cfg.environment.episode_length, cfg.data.synthetic.seed + FRESH_PATH_SEED
+    fresh = generate_market(test.symbols, test.sectors, [cfg.instruments[s].annual_vol for s in test.symbols],
+                            tables.first_bar + 2 + episodes * length, seed=path_seed, split="test",
+                            **config_options(cfg, test.symbols))  # fmt: skip
+    ran = run_episodes(fresh, cfg, hierarchy(fresh), episodes, length, seed=seed, device=device, consecutive=True)
+    return ran, f"a fresh synthetic path (seed {path_seed}), consecutive windows"
 
 
 def walk_forward(args: Args, cfg, log) -> dict:

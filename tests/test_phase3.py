@@ -14,6 +14,7 @@ from mtq_common.agents.hierarchy import HierarchyPolicy, instrument_specialist_i
 from mtq_common.agents.nets import MetaController, SpecialistAgents
 from mtq_common.agents.sharpe_reward import SharpeIncrement
 from mtq_common.data.splits import load_splits
+from mtq_common.evaluation import train_checks
 from mtq_common.evaluation.backtest import run_backtests
 from mtq_common.training import checkpoint as ckpt
 from mtq_common.training.settings import load_config
@@ -35,7 +36,7 @@ def phase3(tmp: Path, config: Path | None, dirs: tuple[Path, Path], name: str = 
     args = phase3_joint.Args(config=None if config is None else str(config), output_dir=str(tmp / name),
                              log_dir=str(tmp / f"l_{name}"), phase1_dir=str(dirs[0]), phase2_dir=str(dirs[1]),
                              device="cpu", progress=False,
-                             **{**SMALL, "timesteps": 1024, "eval_episodes": 4, **kwargs})  # fmt: skip
+                             **{**SMALL, "timesteps": 1024, "eval_episodes": 4, "helper": False, **kwargs})  # fmt: skip
     return phase3_joint.main(args)
 
 
@@ -101,6 +102,32 @@ def test_interrupted_run_resumes_to_the_same_result(tiny):
     resumed = phase3(tmp, config, dirs, name="broken", timesteps=1536, eval_interval=2, resume=True)
     drop = ("timing",)
     assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in unbroken.items() if k not in drop}
+
+
+def test_checks_on_train_beside_training_decide_as_in_place_and_a_pending_one_survives_a_resume(tiny, monkeypatch):
+    """`--helper`: each winner's check on train runs in a helper process while training goes on, and is read before
+    the next decision that needs it. Stopped while a check is pending, latest.pt keeps the candidate and the
+    resumed run checks it again. Both invocations beside training take the decisions of one run with every check
+    in place: the same metrics, best.pt and verdicts (their figures in the log, to the last digit)."""
+    tmp, config, dirs = tiny
+    fast = dict(timesteps=2048, eval_interval=1, learning_rate=0.003, replace_confidence=0.0, joint_sizing=False)
+    real = train_checks.holds_on_train  # (its figures, real; every winner holds, so the checks decide best.pt)
+    monkeypatch.setattr(train_checks, "holds_on_train", lambda *a: {**real(*a), "holds": True})
+    here = phase3(tmp, config, dirs, name="in_place", **fast)
+    assert here["best_iteration"] > 0 and here["best_on_train"] is not None
+    monkeypatch.setattr(phase3_joint, "spare_core", lambda *args: True)  # (a helper even on a one-core machine)
+    stop = here["best_iteration"]  # a winner: its check is still pending when the run stops after it
+    phase3(tmp, config, dirs, name="beside", helper=True, stop_after=stop, **fast)
+    latest = ckpt.load_checkpoint(tmp / "beside" / "latest.pt")
+    assert latest["iteration"] == stop and latest["best"]["pending"]["iteration"] == stop
+    resumed = phase3(tmp, config, dirs, name="beside", helper=True, resume=True, **fast)
+    assert {k: v for k, v in resumed.items() if k != "timing"} == {k: v for k, v in here.items() if k != "timing"}
+
+    def verdicts(name):  # the log's verdict lines, without their times
+        lines = (tmp / f"l_{name}" / "training.log").read_text().splitlines()
+        return [line.split("INFO", 1)[1] for line in lines if " on train: " in line]
+
+    assert verdicts("beside") == verdicts("in_place") and verdicts("in_place")
 
 
 def test_the_reward_is_the_starts_sharpe_increment_and_the_specialists_rate_is_scaled(tiny, monkeypatch):
@@ -173,20 +200,20 @@ def test_an_iterate_that_does_not_hold_on_train_does_not_replace_the_start(tiny,
     fast = dict(timesteps=2048, eval_interval=1, learning_rate=0.003, replace_confidence=0.0, joint_sizing=False)
     unchecked = phase3(tmp, config, dirs, name="unchecked", train_check=False, **fast)
     assert unchecked["best_iteration"] > 0 and not unchecked["train_check"] and unchecked["best_on_train"] is None
-    real, seen = phase3_joint.holds_on_train, []
+    real, seen = train_checks.holds_on_train, []
 
     def fails(ran, start, *args):  # the real figures, every iterate refused
         seen.append((real(ran, start, *args), ran["momentum"] is start["momentum"], ran["system"] is start["system"]))
         return {**seen[-1][0], "holds": False}
 
-    monkeypatch.setattr(phase3_joint, "holds_on_train", fails)
+    monkeypatch.setattr(train_checks, "holds_on_train", fails)
     checked = phase3(tmp, config, dirs, name="checked", **fast)
     assert checked["best_iteration"] == 0 and checked["train_check"] and checked["best_on_train"] is None
     assert seen and all(same_momentum and not same_system for _, same_momentum, same_system in seen)
     assert len({found["start_sharpe"] for found, _, _ in seen}) == 1  # (the start's, measured once)
     log = (tmp / "l_checked" / "training.log").read_text()
     assert log.count("on train: turnover/vol") == len(seen) and "does not hold" in log
-    monkeypatch.setattr(phase3_joint, "holds_on_train", lambda *a: {**real(*a), "holds": True})
+    monkeypatch.setattr(train_checks, "holds_on_train", lambda *a: {**real(*a), "holds": True})
     held = phase3(tmp, config, dirs, name="held", **fast)  # every iterate holds: best.pt records its figures
     assert held["best_iteration"] == unchecked["best_iteration"]
     assert set(held["best_on_train"]) == {"ratio", "start_ratio", "sharpe", "start_sharpe"}

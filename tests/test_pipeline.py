@@ -35,8 +35,17 @@ def pipeline_args(tmp: Path, *extra: str, config: Path | None = None) -> list[st
             *(["--config", str(config)] if config else []), *extra]  # fmt: skip
 
 
-def pipeline(tmp: Path, *extra: str, config: Path | None = None, wait: bool = True, timeout: int = 600):
-    cmd = [sys.executable, "pipeline.py", *pipeline_args(tmp, *extra, config=config)]
+def pipeline(
+    tmp: Path, *extra: str, config: Path | None = None, wait: bool = True, timeout: int = 600, helper: bool = False
+):
+    """pipeline.py in a subprocess; without `helper`, `--no-helper` (at these budgets a helper process costs more
+    than it saves; the `trained` run keeps the default)."""
+    cmd = [
+        sys.executable,
+        "pipeline.py",
+        *pipeline_args(tmp, *extra, config=config),
+        *([] if helper else ["--no-helper"]),
+    ]
     if not wait:
         return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
@@ -46,7 +55,7 @@ def pipeline(tmp: Path, *extra: str, config: Path | None = None, wait: bool = Tr
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipe")
     config = write_config(tmp / "c.yaml")
-    done = pipeline(tmp, "--mode", "train", config=config)
+    done = pipeline(tmp, "--mode", "train", config=config, helper=True)
     assert done.returncode == 0, done.stderr
     return tmp, config, done
 
@@ -109,6 +118,8 @@ def test_the_test_evaluation_is_one_continuous_backtest_of_the_whole_split(train
 
 
 def test_eval_again_reproduces_the_report(trained):
+    """The training run's evaluation ran its episodes in a helper process where a core was spare (`--helper`,
+    the default); again in place, the report (episodes included) is the same to the bit."""
     tmp, config, _ = trained
     before = json.loads((tmp / "out" / "eval" / "report.json").read_text())
     done = pipeline(tmp, "--mode", "eval", config=config)

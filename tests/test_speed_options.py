@@ -108,7 +108,17 @@ def test_compile_runs_phases_2_and_3_and_matches_eager(tiny_phases, tmp_path, sc
     inputs = (
         ["--specialists-dir", str(p1)]
         if script == "phase2_meta.py"
-        else ["--phase1-dir", str(p1), "--phase2-dir", str(p2), "--eval-episodes", "2", "--specialist-update-freq", "1"]
+        else [
+            "--phase1-dir",
+            str(p1),
+            "--phase2-dir",
+            str(p2),
+            "--eval-episodes",
+            "2",
+            "--specialist-update-freq",
+            "1",
+            "--no-helper",
+        ]
     )
     states = {}
     for mode in ("on", "off"):

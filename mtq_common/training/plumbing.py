@@ -204,8 +204,13 @@ def out_of_patience(patience: int, eval_interval: int, iteration: int, num_itera
     (patience 0: never). Rank 0 holds best.pt and decides for every rank."""
     if patience == 0 or iteration % eval_interval or not 0 < iteration < num_iterations:
         return False  # (every rank takes this branch alike)
-    spent = iteration - best_iteration >= patience * eval_interval
+    spent = patience_spent(patience, eval_interval, iteration, best_iteration)
     return distributed.broadcast_value(float(spent), world, device) > 0
+
+
+def patience_spent(patience: int, eval_interval: int, iteration: int, best_iteration: int) -> bool:
+    """Whether the last `patience` validations up to `iteration` did not move best.pt (patience 0: never)."""
+    return patience > 0 and iteration - best_iteration >= patience * eval_interval
 
 
 def cli(main, args_type, aliases: dict, script: str) -> None:
