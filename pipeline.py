@@ -375,7 +375,8 @@ def evaluate(args: Args, cfg, log) -> dict:
     device = resolve_device(args.device)
     start = time.time()
     with Helper(args.helper and spare_core(device, 1)) as helper:  # the episodes beside the test backtest
-        episodes = helper.submit(test_episodes, str(out), cfg.to_dict(), args.eval_episodes, args.seed, str(device))
+        episodes = helper.submit(evaluation_episodes, str(out), cfg.to_dict(), args.eval_episodes, args.seed,
+                                 str(device))  # fmt: skip
         report, backtests, _, test, _ = test_backtests(args, cfg, device)
         episodes, where = episodes.result()
     summary = summarize_episodes(episodes)
@@ -391,7 +392,7 @@ def evaluate(args: Args, cfg, log) -> dict:
     return {"report": report, "episodes": summary, "seconds": seconds}
 
 
-def test_episodes(run_dir: str, config: dict, episodes: int, seed: int, device: str) -> tuple[list[dict], str]:
+def evaluation_episodes(run_dir: str, config: dict, episodes: int, seed: int, device: str) -> tuple[list, str]:
     """The trained hierarchy of `run_dir` in `episodes` evaluation episodes and where they ran: on the built-in
     market, consecutive windows of a fresh path (a seed no split uses); on CSV data, random windows of the test
     split. (Arguments are plain data: `evaluate` may run it in a helper process.)"""
