@@ -51,7 +51,7 @@ def test_smoke_subprocess_writes_every_output(tiny, tmp_path):
     cmd = [sys.executable, "phase3_joint.py", "--config", str(config), "--timesteps", "1280", "--phase1-dir", str(p1),
            "--phase2-dir", str(p2), "--output-dir", str(out), "--log-dir", str(logs), "--device", "cpu",
            "--num-envs", "8", "--num-steps", "32", "--minibatch-size", "64", "--n-epochs", "1", "--eval-interval", "2",
-           "--eval-episodes", "5", "--specialist-update-freq", "2"]  # fmt: skip
+           "--eval-episodes", "5", "--specialist-update-freq", "2", "--no-helper"]  # fmt: skip
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "Phase 3 validation" in done.stdout and "5 validation episodes" in done.stdout
@@ -110,7 +110,7 @@ def test_checks_on_train_beside_training_decide_as_in_place_and_a_pending_one_su
     resumed run checks it again. Both invocations beside training take the decisions of one run with every check
     in place: the same metrics, best.pt and verdicts (their figures in the log, to the last digit)."""
     tmp, config, dirs = tiny
-    fast = dict(timesteps=2048, eval_interval=1, learning_rate=0.003, replace_confidence=0.0, joint_sizing=False)
+    fast = dict(timesteps=1536, eval_interval=1, learning_rate=0.003, replace_confidence=0.0, joint_sizing=False)
     real = train_checks.holds_on_train  # (its figures, real; every winner holds, so the checks decide best.pt)
     monkeypatch.setattr(train_checks, "holds_on_train", lambda *a: {**real(*a), "holds": True})
     here = phase3(tmp, config, dirs, name="in_place", **fast)
