@@ -1,15 +1,16 @@
 """A helper process: work that needs only its inputs runs beside training, on a core that would idle.
 
-The phases run one torch thread (`plumbing.configure_threads`), so on a two-core machine one core waits while
-they train. Phase 3's check of a candidate on the training split (a backtest of the whole split) and the
-evaluation's episodes need nothing but their inputs, so they can run there meanwhile. The helper is one
-spawned process (a forked one would inherit torch's thread pools, which are not fork-safe) that sets the
-main process's thread count and runs the same code on the same inputs, so it returns the same bits the main
-process would (`tests/test_helper.py` checks a whole Phase 3 both ways). Where no core is spare, `submit`
-runs the task in place, at once, and its result waits in an already finished future.
+The phases run one torch thread (`plumbing.configure_threads`), so on a two-core machine one core waits while they
+train. Phase 3's check of a candidate on the training split (a backtest of the whole split) and the evaluation's
+episodes need nothing but their inputs, so they can run there meanwhile. The helper is one spawned process (a
+forked one would inherit torch's thread pools, which are not fork-safe) that sets the main process's thread count
+and runs the same code on the same inputs, so it returns the same bits the main process would
+(`tests/test_phase3.py` checks a whole Phase 3 both ways, `tests/test_helper.py` a task). Where no core is spare,
+`submit` runs the task in place, at once, and its result waits in an already finished future.
 
 Inputs and results cross the process boundary pickled, as `concurrent.futures` sends them: plain data only
-(numbers, arrays, dicts and the bytes of a `torch.save`; weights are read back with `weights_only=True`).
+(numbers, arrays, dicts, a backtest's arrays and the bytes of a `torch.save`, whose weights are read back with
+`weights_only=True`).
 """
 
 from __future__ import annotations
