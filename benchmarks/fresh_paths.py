@@ -89,10 +89,12 @@ def prepare(run: Path, folder: Path, synthetic_seed: int, test_bars: int) -> Pat
     return folder
 
 
-def evaluate(folder: Path, episodes: int) -> dict:
-    """`pipeline.py --mode eval` in `folder` on its `fresh.yaml`; the test report it writes."""
+def evaluate(folder: Path, episodes: int, helper: bool = True) -> dict:
+    """`pipeline.py --mode eval` in `folder` on its `fresh.yaml` (`--no-helper` without `helper`); the test report
+    it writes."""
     cmd = [sys.executable, "pipeline.py", "--mode", "eval", "--config", str(folder / "fresh.yaml"), "--output-dir",
-           str(folder), "--log-dir", str(folder / "logs"), "--eval-episodes", str(episodes)]  # fmt: skip
+           str(folder), "--log-dir", str(folder / "logs"), "--eval-episodes", str(episodes),
+           *([] if helper else ["--no-helper"])]  # fmt: skip
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
@@ -104,8 +106,10 @@ def main(args: Args) -> dict:
     out = Path(args.output_dir) if args.output_dir else runs.parent / f"fresh_{args.synthetic_seed}"
     folders = {seed: prepare(runs / f"seed_{seed}", out / f"seed_{seed}", args.synthetic_seed, args.test_bars)
                for seed in args.seeds}  # fmt: skip
+    helper = args.workers < 2  # (evaluations side by side leave no core idle for a helper process)
     with ThreadPoolExecutor(max_workers=max(1, args.workers)) as pool:
-        reports = dict(zip(folders, pool.map(lambda f: evaluate(f, args.eval_episodes), folders.values()), strict=True))
+        ran = pool.map(lambda f: evaluate(f, args.eval_episodes, helper), folders.values())
+        reports = dict(zip(folders, ran, strict=True))
     outcomes = [SimpleNamespace(run=SimpleNamespace(seed=seed), report=reports[seed]) for seed in args.seeds]
     text, summary = trading_quality(outcomes)
     print(f"Trading quality on another draw of the market (synthetic seed {args.synthetic_seed}, "
