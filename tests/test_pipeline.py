@@ -35,17 +35,12 @@ def pipeline_args(tmp: Path, *extra: str, config: Path | None = None) -> list[st
             *(["--config", str(config)] if config else []), *extra]  # fmt: skip
 
 
-def pipeline(
-    tmp: Path, *extra: str, config: Path | None = None, wait: bool = True, timeout: int = 600, helper: bool = False
-):
+def pipeline(tmp: Path, *extra: str, config: Path | None = None, wait: bool = True, timeout: int = 600,
+             helper: bool = False):  # fmt: skip
     """pipeline.py in a subprocess; without `helper`, `--no-helper` (at these budgets a helper process costs more
     than it saves; the `trained` run keeps the default)."""
-    cmd = [
-        sys.executable,
-        "pipeline.py",
-        *pipeline_args(tmp, *extra, config=config),
-        *([] if helper else ["--no-helper"]),
-    ]
+    cmd = [sys.executable, "pipeline.py", *pipeline_args(tmp, *extra, config=config),
+           *([] if helper else ["--no-helper"])]  # fmt: skip
     if not wait:
         return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)

@@ -118,7 +118,7 @@ def test_compile_runs_phases_2_and_3_and_matches_eager(tiny_phases, tmp_path, sc
             "--specialist-update-freq",
             "1",
             "--no-helper",
-        ]
+        ]  # fmt: skip
     )
     states = {}
     for mode in ("on", "off"):

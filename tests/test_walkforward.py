@@ -52,9 +52,7 @@ def test_too_many_folds_and_one_fold_are_refused_before_anything_is_written(tmp_
     with pytest.raises(ValueError, match="does not fit"):
         fold_bounds(600, 6, 0.7, 100)
     assert MIN_BLOCK * 7 > 600 * 0.3
-    args = pipeline.Args(
-        mode="walkforward", folds=1, output_dir=str(tmp_path / "out"), log_dir=str(tmp_path / "l"), helper=False
-    )
+    args = pipeline.Args(mode="walkforward", folds=1, output_dir=str(tmp_path / "out"), log_dir=str(tmp_path / "l"))
     with pytest.raises(ConfigError, match="at least 2 folds"):
         pipeline.main(args)
     args = dataclasses.replace(args, folds=200)
