@@ -105,21 +105,9 @@ def test_compile_runs_phases_2_and_3_and_matches_eager(tiny_phases, tmp_path, sc
     # compile a whole rollout bar (the decisions, the env and its twin, the tracker): the compiled run must trade
     # what the eager one trades, so the envs' and the twin's states and the weights agree closely at the end.
     _, config, (p1, p2) = tiny_phases
-    inputs = (
-        ["--specialists-dir", str(p1)]
-        if script == "phase2_meta.py"
-        else [
-            "--phase1-dir",
-            str(p1),
-            "--phase2-dir",
-            str(p2),
-            "--eval-episodes",
-            "2",
-            "--specialist-update-freq",
-            "1",
-            "--no-helper",
-        ]  # fmt: skip
-    )
+    phase3 = ["--phase1-dir", str(p1), "--phase2-dir", str(p2), "--eval-episodes", "2", "--specialist-update-freq", "1",
+              "--no-helper"]  # fmt: skip
+    inputs = ["--specialists-dir", str(p1)] if script == "phase2_meta.py" else phase3
     states = {}
     for mode in ("on", "off"):
         out = tmp_path / mode
