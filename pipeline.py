@@ -344,7 +344,7 @@ def remove_run(args: Args, log) -> None:
 
 def test_backtests(args: Args, cfg, device):
     """The trained hierarchy and every baseline on the test split: one continuous backtest of the whole
-    split (DESIGN section 9). Returns `(report, backtests, (specialists, meta), test market, its tables)`."""
+    split (DESIGN section 9). Returns `(report, backtests, test market)`."""
     out = Path(args.output_dir)
     specialists, meta = load_hierarchy(out, device)
     splits = load_splits(cfg)
@@ -366,7 +366,7 @@ def test_backtests(args: Args, cfg, device):
         report["phase3_early_stop_iteration"] = phase3.get("early_stop_iteration")  # (None: ran every iteration)
         sizing = phase3.get("joint_sizing")  # (None: not fit; else whether it replaced the Phase 2 start)
         report["phase3_joint_sizing"] = None if sizing is None else sizing["kept"]
-    return report, backtests, (specialists, meta), test, tables
+    return report, backtests, test
 
 
 def evaluate(args: Args, cfg, log) -> dict:
@@ -377,7 +377,7 @@ def evaluate(args: Args, cfg, log) -> dict:
     with Helper(args.helper and spare_core(device, 1)) as helper:  # the episodes beside the test backtest
         episodes = helper.submit(evaluation_episodes, str(out), cfg.to_dict(), args.eval_episodes, args.seed,
                                  str(device))  # fmt: skip
-        report, backtests, _, test, _ = test_backtests(args, cfg, device)
+        report, backtests, test = test_backtests(args, cfg, device)
         episodes, where = episodes.result()
     summary = summarize_episodes(episodes)
     report["episodes_source"] = where
@@ -440,7 +440,7 @@ def walk_forward(args: Args, cfg, log) -> dict:
         resume = (fold_dir / "pipeline.json").is_file()
         log.info("walk-forward fold %d/%d: %s", k + 1, args.folds, "resuming" if resume else "training")
         train(fold_args, fold_cfg, log, resume=resume)
-        report, backtests, _, test, _ = test_backtests(fold_args, fold_cfg, device)
+        report, backtests, test = test_backtests(fold_args, fold_cfg, device)
         train_split = load_splits(fold_cfg)["train"]
         sharpe = {"system": report["portfolio"]["sharpe"], "equal_allocation": report["equal_allocation"]["sharpe"]}
         sharpe.update({name: m["sharpe"] for name, m in report["baselines"].items()})
