@@ -157,6 +157,21 @@ class Args:
     """bf16 autocast in the PPO update (CUDA only; refused on the CPU)."""
 
 
+def build_agents(args: Args, cfg, train, specialists: list[str], obs_size: int, log=None) -> SpecialistAgents:
+    """The specialists as Phase 1 starts them. With `--start-rule`, at the scaled trend fit on the training split
+    `train`: their actor's output layer is zero, so each trades the rule until training moves it (pipeline.py
+    builds the same in its helper, to fit Phase 2's start beside Phase 1)."""
+    start_rule = None
+    if args.start_rule:  # the scaled trend, read by the specialists from its feature `trend_z_h`
+        rule = fit_scaled_trend(train, cost_rates(train, cfg, "cpu").double().numpy(), args.position_rate)
+        start_rule = {**dataclasses.asdict(rule), "index": FEATURE_NAMES.index(f"trend_z_{rule.half_life}")}
+        if log is not None:
+            log.info("start rule: scaled trend, half-life %d, scale %g (training split Sharpe %.2f)", rule.half_life,
+                     rule.scale, rule.train_sharpe)  # fmt: skip
+    return SpecialistAgents(specialists, obs_size, args.hidden_size, position_rate=args.position_rate,
+                            position_index=position_column(train.num_instruments), start_rule=start_rule)  # fmt: skip
+
+
 def main(args: Args) -> dict:
     cfg, world, device, log = start_run(args, ALIASES, "phase1")  # config, ranks, log file, threads
     out_dir = Path(args.output_dir)
@@ -198,21 +213,7 @@ def main(args: Args) -> dict:
 
     num_specialists, rows_per_specialist, obs_size = len(specialists), args.num_envs, envs.obs_size
 
-    position_index = position_column(train.num_instruments)
-    start_rule = None
-    if args.start_rule:  # the scaled trend, read by the specialists from its feature `trend_z_h`
-        rule = fit_scaled_trend(train, cost_rates(train, cfg, "cpu").double().numpy(), args.position_rate)
-        start_rule = {**dataclasses.asdict(rule), "index": FEATURE_NAMES.index(f"trend_z_{rule.half_life}")}
-        log.info("start rule: scaled trend, half-life %d, scale %g (training split Sharpe %.2f)", rule.half_life,
-                 rule.scale, rule.train_sharpe)  # fmt: skip
-    agent = SpecialistAgents(
-        specialists,
-        obs_size,
-        args.hidden_size,
-        position_rate=args.position_rate,
-        position_index=position_index,
-        start_rule=start_rule,
-    ).to(device)
+    agent = build_agents(args, cfg, train, specialists, obs_size, log).to(device)
     distributed.broadcast_module(agent, world)
     optimizer = FlatAdam(agent.parameters(), lr=args.learning_rate, eps=1e-5)  # Adam, stepped as one tensor
 

@@ -175,6 +175,23 @@ class Args:
     """bf16 autocast in the PPO update (CUDA only; refused on the CPU)."""
 
 
+def start_fits(args: Args, cfg, specialists, splits: dict, val_tables, trend, vol_levels, device) -> dict:
+    """What the meta-controller starts from, fit on the frozen specialists' positions: `timings`, the
+    volatility-managed baselines' choices picked on the validation split (`--risk-timing`; None without), and
+    `allocation_rule`, the map fit on the training split over that timing (`--allocation-rule`; None without).
+    Both read the specialists only through what they trade, so specialists that trade the same positions get the
+    same fits (`main`'s `ahead`)."""
+    timings = None
+    if args.risk_timing:
+        timings = validation_timings(specialists, splits["val"], cfg, trend, vol_levels, device, args.eval_segments,
+                                     val_tables)  # fmt: skip
+    rule = None
+    if args.allocation_rule:
+        timing = None if timings is None else timing_spec(vol_levels, timings["vol_managed_equal_allocation"])
+        rule = fit_allocation_rule(specialists, splits["train"], cfg, timing, device)
+    return {"timings": timings, "allocation_rule": rule}
+
+
 def meta_reward(reward: torch.Tensor, info: dict, book: SharpeIncrement | None) -> torch.Tensor:
     """The meta-controller's reward [B] for one bar of a `PortfolioEnv` (its step's `reward` and `info`: the
     executed weights, net return, cost, VaR, ...). The one place to change what it learns: the script applies
@@ -186,7 +203,10 @@ def meta_reward(reward: torch.Tensor, info: dict, book: SharpeIncrement | None) 
     return reward if book is None else book(info["net_return"])
 
 
-def main(args: Args) -> dict:
+def main(args: Args, ahead: dict | None = None) -> dict:
+    """Train the meta-controller. `ahead`: `start_fits` computed beforehand for the specialists of `ahead["spec"]`
+    (pipeline.py fits them beside Phase 1, over the specialists as Phase 1 starts them); used only if the loaded
+    specialists trade exactly as those (`SpecialistAgents.trades_start_rule`), else fit here."""
     cfg, world, device, log = start_run(args, ALIASES, "phase2")  # config, ranks, log file, threads
     check_replace_confidence(args.replace_confidence)
     out_dir = Path(args.output_dir)
@@ -240,18 +260,19 @@ def main(args: Args) -> dict:
         DESIGN 14's T, at the confidence of the gain; within also at no more than the start's)."""
         return turnover_against_momentum(ran, args.replace_confidence, start_turnover)
 
+    fits = None  # the risk-timing choice and the allocation rule, fit ahead where they hold for these specialists
+    if ahead is not None and specialists.trades_start_rule(ahead["spec"]):
+        fits = ahead["fits"]
+        log.info("risk timing and allocation rule: fit beside Phase 1 over the start rules it kept")
+    fits = fits or start_fits(args, cfg, specialists, splits, val_tables, trend, vol_levels, device)
     start_rule = None  # risk timing: the rule the meta-controller starts from, picked on the validation split
-    if args.risk_timing:
-        # picked once, on the validation split, for the starting point and every validation's baselines
-        references["timings"] = validation_timings(
-            specialists, val, cfg, trend, vol_levels, device, args.eval_segments, val_tables
-        )
+    if fits["timings"] is not None:  # (picked once, for the starting point and every validation's baselines)
+        references["timings"] = fits["timings"]
         start_rule = timing_spec(vol_levels, references["timings"]["vol_managed_equal_allocation"])
         log.info("risk timing: a factor over vol_managed_equal_allocation (half-life %d, power %d, picked on val)",
                  start_rule["half_life"], start_rule["power"])  # fmt: skip
-    allocation_rule = None  # where the allocation starts: fit on the training split (1/K without it)
-    if args.allocation_rule:
-        allocation_rule = fit_allocation_rule(specialists, train, cfg, start_rule, device)
+    allocation_rule = fits["allocation_rule"]  # where the allocation starts: fit on train (1/K without it)
+    if allocation_rule is not None:
         log.info("allocation rule: fit on the training split, Sharpe there %.3f (the start without it) -> %.3f",
                  allocation_rule["equal_sharpe"], allocation_rule["fit_sharpe"])  # fmt: skip
     num_rows = args.num_envs
@@ -285,7 +306,8 @@ def main(args: Args) -> dict:
     book = None  # the reward's reference: the starting point's book on the training split (its mean action)
     if args.sharpe_reward:
         cash = cfg.reward.risk_free_rate / train.bars_per_year
-        book = SharpeIncrement.of(start_backtests(specialists, meta, train, cfg, device)["system"].net_return, cash)
+        start = start_backtests(specialists, meta, train, cfg, device, momentum=False)["system"]  # (no momentum cap)
+        book = SharpeIncrement.of(start.net_return, cash)
     optimizer = FlatAdam(meta.parameters(), lr=args.learning_rate, eps=1e-5)  # Adam, stepped as one tensor
 
     def meta_loss(mb_obs, mb_actions, mb_logprobs, mb_advantages, mb_returns):

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import torch
 import yaml
 
 import phase1_ppo
@@ -54,6 +55,7 @@ from mtq_common.data.splits import fold_bounds, full_market, load_splits, warmup
 from mtq_common.data.synthetic import config_options, generate_market
 from mtq_common.data.tables import build_tables
 from mtq_common.data.volatility import fit_vol_levels
+from mtq_common.envs.trading_env import instrument_obs_size
 from mtq_common.evaluation.backtest import run_episodes, stitch_backtests, summarize_episodes
 from mtq_common.evaluation.live_book import format_book, read_holdings, stale_days, target_book
 from mtq_common.evaluation.portfolio_eval import (
@@ -279,23 +281,54 @@ def train(args: Args, cfg, log, resume: bool) -> dict:
                     "scripts": phase_scripts(args)}  # fmt: skip
     manifest["versions"] = versions()
     ckpt.atomic_write_json(path, manifest)
-    for name in PHASES:
-        if manifest["phases"].get(name, {}).get("completed"):
-            log.info("%s already completed (%d steps): skipped", name, manifest["phases"][name]["global_step"])
-            continue
-        # inside a phase: continue from its latest checkpoint when an earlier attempt left one
-        continue_phase = resume and (out / name / "latest.pt").is_file()
-        log.info("%s: %s", name, "resuming from latest.pt" if continue_phase else "starting")
-        start = time.time()
-        result = phase_module(args, name).main(phase_args(args, name, continue_phase))
-        manifest["phases"][name] = {
-            "completed": True,
-            "global_step": result["global_step"],
-            "seconds": time.time() - start,
-            "validation_sharpe": validation_sharpe(result),
-        }
-        ckpt.atomic_write_json(path, manifest)
+    done = {name for name in PHASES if manifest["phases"].get(name, {}).get("completed")}
+    fresh_phase2 = not (resume and (out / "phase2" / "latest.pt").is_file())
+    built_in = args.phase1_script is None and args.phase2_script is None
+    # Phase 2's start fits beside Phase 1 (`phase2_fits_ahead`), on the core its one torch thread leaves
+    ahead = "phase1" not in done and "phase2" not in done and fresh_phase2 and built_in and args.helper
+    with Helper(ahead and spare_core(resolve_device(args.device), 1)) as helper:
+        if helper.beside:
+            ahead = helper.submit(phase2_fits_ahead, phase_args(args, "phase1", False),
+                                  phase_args(args, "phase2", False), cfg.to_dict(), args.device)  # fmt: skip
+        for name in PHASES:
+            if name in done:
+                log.info("%s already completed (%d steps): skipped", name, manifest["phases"][name]["global_step"])
+                continue
+            # inside a phase: continue from its latest checkpoint when an earlier attempt left one
+            continue_phase = resume and (out / name / "latest.pt").is_file()
+            log.info("%s: %s", name, "resuming from latest.pt" if continue_phase else "starting")
+            start = time.time()
+            extra = {}
+            if name == "phase2" and helper.beside:
+                extra["ahead"] = ahead.result()
+                helper.close()  # (Phase 3 starts a helper of its own)
+            result = phase_module(args, name).main(phase_args(args, name, continue_phase), **extra)
+            manifest["phases"][name] = {
+                "completed": True,
+                "global_step": result["global_step"],
+                "seconds": time.time() - start,
+                "validation_sharpe": validation_sharpe(result),
+            }
+            ckpt.atomic_write_json(path, manifest)
     return manifest
+
+
+def phase2_fits_ahead(phase1_args, phase2_args, config: dict, device: str) -> dict:
+    """Phase 2's `start_fits` over the specialists as Phase 1 builds them (`phase1_ppo.build_agents`), and their
+    `spec`. Run in a helper while Phase 1 trains (plain-data arguments). Phase 2 uses the fits only if the
+    specialists Phase 1 leaves trade exactly as these (`SpecialistAgents.trades_start_rule`: every start kept),
+    and fits afresh otherwise."""
+    cfg = config_from_dict(config, require_data_dir=False)
+    where = resolve_device(device)
+    splits = load_splits(cfg)
+    train = splits["train"]
+    names = phase1_args.specialists or cfg.active_specialists()
+    size = instrument_obs_size(train.num_instruments, phase1_args.next_return_diagnostic)
+    with torch.random.fork_rng(devices=[]):  # (their hidden layers' weights, which the start's positions ignore)
+        agents = phase1_ppo.build_agents(phase1_args, cfg, train, names, size).to(where).requires_grad_(False)
+    fits = phase2_meta.start_fits(phase2_args, cfg, agents, splits, build_tables(splits["val"], cfg, where),
+                                  fit_trend_for(train, cfg), fit_vol_levels(train), where)  # fmt: skip
+    return {"spec": agents.describe(), "fits": fits}
 
 
 def validation_sharpe(result: dict) -> float:

@@ -85,6 +85,32 @@ def test_a_start_with_learned_estimates_acts_as_the_start_and_values_as_the_trai
     assert torch.equal(values[0], start_values[0]) and torch.equal(values[1], trained_values[1])
 
 
+def test_specialists_that_kept_their_start_trade_as_fresh_ones_whatever_else_they_learned():
+    """`trades_start_rule` (pipeline.py fits Phase 2's start beside Phase 1 over fresh specialists, and Phase 2 uses
+    those fits only where it holds): true for a fresh start and for one whose hidden layers, normaliser and critic
+    moved, which trade the same positions bit for bit; false once the actor's output layer moves, for another
+    spec, or without a start rule."""
+    torch.manual_seed(2)
+    rule = {"half_life": 20, "scale": 0.5, "index": 1}
+    fresh = SpecialistAgents(["a", "b"], obs_size=4, hidden=8, position_rate=0.3, position_index=3, start_rule=rule)
+    kept = SpecialistAgents(["a", "b"], obs_size=4, hidden=8, position_rate=0.3, position_index=3, start_rule=rule)
+    with torch.no_grad():
+        for p in [*kept.actor[:-1].parameters(), *kept.critic.parameters()]:
+            p.add_(0.3 * torch.randn_like(p))
+    kept.norm.update(2 * torch.randn(2, 40, 4) + 1)
+    spec = fresh.describe()
+    assert fresh.trades_start_rule(spec) and kept.trades_start_rule(spec)
+    owner, obs = torch.tensor([0, 1, 1]), 3 * torch.randn(5, 3, 4)
+    assert torch.equal(kept.positions(obs, owner), fresh.positions(obs, owner))
+    assert not kept.trades_start_rule({**spec, "start_rule": {**rule, "scale": 0.25}})
+    assert not kept.trades_start_rule({**spec, "position_rate": 1.0})
+    with torch.no_grad():
+        kept.actor[-1].weight[0, 0, 0] = 1e-6  # one trained weight: the residual is no longer 0
+    assert not kept.trades_start_rule(spec)
+    plain = SpecialistAgents(["a", "b"], obs_size=4, hidden=8)
+    assert not plain.trades_start_rule(plain.describe())
+
+
 def test_the_critic_alone_gives_the_full_forwards_value_bit_for_bit():
     """Phase 1's bootstrap takes `get_value` (the critic alone) on grouped rows: the values of
     `forward_grouped`, so that skipping the actor changes no trained model."""

@@ -14,6 +14,7 @@ import torch
 
 import phase1_ppo
 import phase2_meta
+import pipeline
 from mtq_common.agents.hierarchy import load_specialists, meta_observation_size, timing_spec
 from mtq_common.agents.nets import MetaController, SpecialistAgents
 from mtq_common.agents.rollout_stats import PortfolioRolloutStats
@@ -164,6 +165,39 @@ def test_the_appetite_statistics_are_its_mean_spread_and_correlation_with_volati
     assert out["meta/appetite_mean"] == pytest.approx(appetite.mean().item())
     assert out["meta/appetite_std"] == pytest.approx(appetite.std(unbiased=False).item(), rel=1e-5)
     assert out["meta/appetite_vol_corr"] == pytest.approx(-1.0, abs=1e-5)
+
+
+def test_fits_made_beside_phase1_give_the_run_phase2_makes_alone(tmp_path, monkeypatch):
+    """pipeline.py fits Phase 2's start (`start_fits`) in a helper while Phase 1 trains, over the specialists as
+    Phase 1 builds them (`pipeline.phase2_fits_ahead`). Where Phase 1 keeps every start (as on the default job;
+    here no iterate may replace it), Phase 2 takes those fits, and its run is the one it makes fitting them itself,
+    bit for bit; fits made for other specialists are left alone."""
+    config = write_config(tmp_path / "c.yaml")
+    p1 = phase1_ppo.Args(config=str(config), output_dir=str(tmp_path / "phase1"), log_dir=str(tmp_path / "logs1"),
+                         device="cpu", progress=False, **{**SMALL, "timesteps": 512})  # fmt: skip
+    keep_start = phase1_ppo.update_best
+    monkeypatch.setattr(phase1_ppo, "update_best", lambda best, *a: keep_start(best, *a) if a[-1] == 0 else best)
+    phase1_ppo.main(p1)
+    assert json.loads((tmp_path / "phase1" / "metrics.json").read_text())["best_iteration"] == dict.fromkeys(
+        ["forex", "commodities", "equity"], 0)  # fmt: skip
+
+    def args(name):
+        return phase2_meta.Args(config=str(config), output_dir=str(tmp_path / name), log_dir=str(tmp_path / name),
+                                specialists_dir=p1.output_dir, device="cpu", progress=False,
+                                **{**SMALL, "timesteps": 512})  # fmt: skip
+
+    ahead = pipeline.phase2_fits_ahead(p1, args("unused"), load_config(config).to_dict(), "cpu")
+    assert ahead["fits"]["timings"] is not None and ahead["fits"]["allocation_rule"] is not None
+    alone = phase2_meta.main(args("alone"))
+    beside = phase2_meta.main(args("beside"), ahead)
+    assert "fit beside Phase 1" in (tmp_path / "beside" / "training.log").read_text()
+    for name in ("best.pt", "latest.pt"):
+        a, b = (torch.load(tmp_path / run / name, weights_only=True)["model"] for run in ("alone", "beside"))
+        assert all(torch.equal(a[key], b[key]) for key in a), name
+    assert alone["portfolio"] == beside["portfolio"] and alone["best_iteration"] == beside["best_iteration"]
+    other = {**ahead, "spec": {**ahead["spec"], "hidden": ahead["spec"]["hidden"] + 1}}
+    phase2_meta.main(args("other"), other)
+    assert "fit beside Phase 1" not in (tmp_path / "other" / "training.log").read_text()
 
 
 def test_specialists_stay_bit_identical(tiny):

@@ -258,6 +258,15 @@ class SpecialistAgents(nn.Module):
         agents.to(device).eval()
         return agents.requires_grad_(False)
 
+    def trades_start_rule(self, spec: dict) -> bool:
+        """Whether these specialists trade exactly as freshly built ones of `spec` (`describe()`) with a start rule:
+        the same rule and position map, and an actor whose output layer is still zero, so its residual adds exactly
+        0 and the positions are the rule's, whatever the normaliser and hidden layers hold. (Phase 1 keeps a start
+        that no validation beat, with the normaliser and critic it learned: `start_with_learned_estimates`.)"""
+        head = self.actor[-1]
+        zero = not bool(head.weight.detach().any()) and not bool(head.bias.detach().any())
+        return spec.get("start_rule") is not None and self.describe() == spec and zero
+
     def describe(self) -> dict:
         """What a loader must match and rebuild: names, sizes, the action-to-position map."""
         return {"names": self.names, "obs_size": self.obs_size, "hidden": self.hidden,

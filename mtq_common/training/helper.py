@@ -58,6 +58,11 @@ class Helper:
             self.pool = ProcessPoolExecutor(1, multiprocessing.get_context("spawn"), _start, start)
             self.pool.submit(int)  # (the pool starts its process at the first task: start it now)
 
+    @property
+    def beside(self) -> bool:
+        """Whether tasks run in a helper process (else in place, at `submit`)."""
+        return self.pool is not None
+
     def submit(self, fn: Callable, *args: Any) -> Future:
         """`fn(*args)` in the helper (`fn` a module-level function), or here and now without one."""
         if self.pool is not None:
