@@ -158,7 +158,8 @@ class Args:
     """torch intra-op threads on the CPU (0: torch's default); small-batch PPO is fastest with 1."""
     helper: bool = True
     """Where a core is spare, run work that needs only its inputs in a helper process beside the main one (Phase
-    3's checks on train, the test evaluation's episodes): the same results to the bit (mtq_common.training.helper)."""
+    2's start fits while Phase 1 trains, Phase 3's checks on train, the test evaluation's episodes): the same results
+    to the bit (mtq_common.training.helper)."""
     holdings: str | None = None
     """--mode act: a file of the units held per instrument (CSV `symbol,units` or JSON {"SYMBOL": units}; needs
     --capital): the trades start from this book instead of the model's own simulated holdings."""
@@ -285,11 +286,11 @@ def train(args: Args, cfg, log, resume: bool) -> dict:
     fresh_phase2 = not (resume and (out / "phase2" / "latest.pt").is_file())
     built_in = args.phase1_script is None and args.phase2_script is None
     # Phase 2's start fits beside Phase 1 (`phase2_fits_ahead`), on the core its one torch thread leaves
-    ahead = "phase1" not in done and "phase2" not in done and fresh_phase2 and built_in and args.helper
-    with Helper(ahead and spare_core(resolve_device(args.device), 1)) as helper:
+    fit_ahead = "phase1" not in done and "phase2" not in done and fresh_phase2 and built_in and args.helper
+    with Helper(fit_ahead and spare_core(resolve_device(args.device), 1)) as helper:
         if helper.beside:
-            ahead = helper.submit(phase2_fits_ahead, phase_args(args, "phase1", False),
-                                  phase_args(args, "phase2", False), cfg.to_dict(), args.device)  # fmt: skip
+            fits = helper.submit(phase2_fits_ahead, phase_args(args, "phase1", False),
+                                 phase_args(args, "phase2", False), cfg.to_dict(), args.device)  # fmt: skip
         for name in PHASES:
             if name in done:
                 log.info("%s already completed (%d steps): skipped", name, manifest["phases"][name]["global_step"])
@@ -300,7 +301,7 @@ def train(args: Args, cfg, log, resume: bool) -> dict:
             start = time.time()
             extra = {}
             if name == "phase2" and helper.beside:
-                extra["ahead"] = ahead.result()
+                extra["ahead"] = fits.result()
                 helper.close()  # (Phase 3 starts a helper of its own)
             result = phase_module(args, name).main(phase_args(args, name, continue_phase), **extra)
             manifest["phases"][name] = {

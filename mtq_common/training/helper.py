@@ -1,12 +1,13 @@
 """A helper process: work that needs only its inputs runs beside training, on a core that would idle.
 
 The phases run one torch thread (`plumbing.configure_threads`), so on a two-core machine one core waits while they
-train. Phase 3's check of a candidate on the training split (a backtest of the whole split) and the evaluation's
-episodes need nothing but their inputs, so they can run there meanwhile. The helper is one spawned process (a
-forked one would inherit torch's thread pools, which are not fork-safe) that sets the main process's thread count
-and runs the same code on the same inputs, so it returns the same bits the main process would
-(`tests/test_phase3.py` checks a whole Phase 3 both ways, `tests/test_helper.py` a task). Where no core is spare,
-`submit` runs the task in place, at once, and its result waits in an already finished future.
+train. Phase 2's start fits (while Phase 1 trains), Phase 3's check of a candidate on the training split (a backtest
+of the whole split) and the evaluation's episodes need nothing but their inputs, so they can run there meanwhile.
+The helper is one spawned process (a forked one would inherit torch's thread pools, which are not fork-safe) that
+sets the main process's thread count and runs the same code on the same inputs, so it returns the same bits the
+main process would (`tests/test_phase3.py` checks a whole Phase 3 both ways, `tests/test_phase2.py` Phase 2's fits,
+`tests/test_helper.py` a task). Where no core is spare, `submit` runs the task in place, at once, and its result
+waits in an already finished future.
 
 Inputs and results cross the process boundary pickled, as `concurrent.futures` sends them: plain data only
 (numbers, arrays, dicts, a backtest's arrays and the bytes of a `torch.save`, whose weights are read back with
