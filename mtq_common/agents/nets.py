@@ -264,7 +264,7 @@ class SpecialistAgents(nn.Module):
         0 and the positions are the rule's, whatever the normaliser and hidden layers hold. (Phase 1 keeps a start
         that no validation beat, with the normaliser and critic it learned: `start_with_learned_estimates`.)"""
         head = self.actor[-1]
-        zero = not bool(head.weight.detach().any()) and not bool(head.bias.detach().any())
+        zero = not (head.weight.any() or head.bias.any())
         return spec.get("start_rule") is not None and self.describe() == spec and zero
 
     def describe(self) -> dict:

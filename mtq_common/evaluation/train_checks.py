@@ -55,12 +55,12 @@ class TrainChecks:
     now, so it builds its split while the caller goes on), else in place when submitted. `close()` when done."""
 
     def __init__(self, cfg, train, tables, beside: bool):
-        self.cfg, self.train, self.tables, self.beside = cfg, train, tables, beside
+        self.cfg, self.train, self.tables = cfg, train, tables
         self.helper = Helper(beside, _start, (cfg.to_dict(),))
 
     def submit(self, payload: dict) -> Future:
         """The backtest of `payload` (a `model_payload`) on train, a future for `verdict`."""
-        if not self.beside:
+        if not self.helper.beside:
             return self.helper.submit(backtest, payload, self.cfg, self.train, self.tables)
         buffer = io.BytesIO()
         torch.save(payload, buffer)
