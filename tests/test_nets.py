@@ -5,7 +5,14 @@ import math
 
 import torch
 
-from mtq_common.agents.nets import MetaController, SpecialistAgents, Tanh, start_with_learned_estimates, tanh
+from mtq_common.agents.nets import (
+    MetaController,
+    SpecialistAgents,
+    Tanh,
+    affine,
+    start_with_learned_estimates,
+    tanh,
+)
 
 
 def test_one_network_per_slot_gives_the_full_forwards_values_bit_for_bit():
@@ -174,3 +181,31 @@ def test_the_activation_is_tanh_to_float32_rounding_with_its_gradient():
     meta = MetaController(obs_size=5, num_specialists=3, hidden=8)
     assert not any(isinstance(m, torch.nn.Tanh) for m in meta.modules())
     assert sum(isinstance(m, Tanh) for m in meta.modules()) == 4
+
+
+def test_a_stacked_layer_with_one_output_is_the_batched_matmul_to_float32_rounding_with_its_gradients():
+    """`nets.affine` computes a single output column as a dot product per row (torch's CPU `bmm` is slow there):
+    the same values and gradients as `torch.baddbmm` to float32 rounding; wider layers are `baddbmm` itself."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 50, 16, requires_grad=True)
+    for out in (1, 4):
+        weight = torch.randn(3, 16, out, requires_grad=True)
+        bias = torch.randn(3, 1, out, requires_grad=True)
+        y = affine(bias, x, weight)
+        ref = torch.baddbmm(bias, x, weight)
+        if out > 1:
+            assert torch.equal(y, ref)
+        torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+        grads = torch.autograd.grad(y.square().sum(), (x, weight, bias))
+        expected = torch.autograd.grad(ref.square().sum(), (x, weight, bias))
+        for g, e in zip(grads, expected, strict=True):
+            torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-5)
+    agents = SpecialistAgents(["a", "b"], obs_size=6, hidden=8)
+    obs, owner = torch.randn(4, 3, 6), torch.tensor([0, 1, 1])
+    mean, _, value = agents.forward_per_slot(obs, owner)
+    x_norm = agents._normalised(obs, owner)
+    h = tanh(agents.critic[1].per_slot(tanh(agents.critic[0].per_slot(x_norm, owner)), owner))
+    last = agents.critic[2]
+    slots = h.transpose(0, 1)  # [N, rows, hidden]
+    expected_value = torch.baddbmm(last.bias[owner], slots, last.weight[owner]).transpose(0, 1).squeeze(-1)
+    torch.testing.assert_close(value, expected_value, atol=1e-5, rtol=1e-5)
