@@ -260,11 +260,12 @@ def main(args: Args, ahead: dict | None = None) -> dict:
         DESIGN 14's T, at the confidence of the gain; within also at no more than the start's)."""
         return turnover_against_momentum(ran, args.replace_confidence, start_turnover)
 
-    fits = None  # the risk-timing choice and the allocation rule, fit ahead where they hold for these specialists
+    # the risk-timing choice and the allocation rule: fit ahead where they hold for these specialists, else here
     if ahead is not None and specialists.trades_start_rule(ahead["spec"]):
         fits = ahead["fits"]
         log.info("risk timing and allocation rule: fit beside Phase 1 over the start rules it kept")
-    fits = fits or start_fits(args, cfg, specialists, splits, val_tables, trend, vol_levels, device)
+    else:
+        fits = start_fits(args, cfg, specialists, splits, val_tables, trend, vol_levels, device)
     start_rule = None  # risk timing: the rule the meta-controller starts from, picked on the validation split
     if fits["timings"] is not None:  # (picked once, for the starting point and every validation's baselines)
         references["timings"] = fits["timings"]
