@@ -128,7 +128,7 @@ class Args:
     phase3_patience: int = 3
     """Phase 3 stops once this many validations in a row have not beaten its best.pt (0: never, its whole budget;
     phase3_joint.py --patience)."""
-    phase3_cost_multiple: float = 2.0
+    phase3_cost_multiple: float = 1.0
     """Phase 3's reward charges each bar's costs this many times (1: as paid, 2: a shadow cost as much again;
     phase3_joint.py --cost-multiple)."""
     phase3_joint_sizing: bool = True

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import phase3_joint
+import pipeline
 from mtq_common.agents.hierarchy import HierarchyPolicy, instrument_specialist_index, load_specialists
 from mtq_common.agents.nets import MetaController, SpecialistAgents
 from mtq_common.agents.sharpe_reward import SharpeIncrement
@@ -141,7 +142,7 @@ def test_the_reward_is_the_starts_sharpe_increment_and_the_specialists_rate_is_s
         return phase3(tmp, config, dirs, name=name, timesteps=512, compile="off", **overrides)
 
     on = check_sharpe_reward_switch(phase3_joint, monkeypatch, run)
-    assert on["specialist_lr_scale"] == 0.01 and on["cost_multiple"] == 2.0
+    assert on["specialist_lr_scale"] == 0.01 and on["cost_multiple"] == 1.0
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(next((tmp / "l_sharpe_on").glob("events.out.tfevents.*"))))
@@ -154,11 +155,11 @@ def test_the_reward_is_the_starts_sharpe_increment_and_the_specialists_rate_is_s
     assert code == 2 and "--specialist-lr-scale -1" in stderr and "Traceback" not in stderr, stderr
 
 
-def test_the_reward_charges_the_costs_again_at_a_cost_multiple_of_two(tiny):
-    """`meta_reward` scores the Sharpe increment of `net - (m - 1) cost` (`--cost-multiple` m, 2 by default): two
-    bars with the same net return score alike at m = 1; at m = 2 the one that paid costs scores as a bar whose net
-    return was lower by them, the other as before. The env's own reward (no book) is left as it is, and a negative
-    multiple is a clear error."""
+def test_the_reward_charges_the_costs_as_paid_or_again_at_a_cost_multiple_of_two(tiny):
+    """`meta_reward` scores the Sharpe increment of `net - (m - 1) cost` (`--cost-multiple` m; 1 by default, in the
+    script and the pipeline: the costs as paid): two bars with the same net return score alike at m = 1; at m = 2
+    the one that paid costs scores as a bar whose net return was lower by them, the other as before. The env's own
+    reward (no book) is left as it is, and a negative multiple is a clear error."""
     tmp, config, dirs = tiny
     book = SharpeIncrement.of(np.array([1e-3, -8e-4, 1.2e-3, -9e-4]), cash=0.0)  # (increasing where scored)
     info = {"net_return": torch.tensor([1e-3, 1e-3]), "cost": torch.tensor([0.0, 5e-4])}
@@ -169,7 +170,7 @@ def test_the_reward_charges_the_costs_again_at_a_cost_multiple_of_two(tiny):
     assert shadow[0] == as_paid[0] and shadow[1] < shadow[0]
     torch.testing.assert_close(shadow[1], book(torch.tensor(1e-3 - 5e-4)))
     assert torch.equal(phase3_joint.meta_reward(env_reward, info, None, 2.0), env_reward)
-    assert phase3_joint.Args.cost_multiple == 2.0
+    assert phase3_joint.Args.cost_multiple == 1.0 and pipeline.Args.phase3_cost_multiple == 1.0
     code, stderr = run_cli("phase3_joint.py", "--config", str(config), "--phase1-dir", str(dirs[0]), "--phase2-dir",
                            str(dirs[1]), "--output-dir", str(tmp / "neg_cost"), "--log-dir", str(tmp / "l_neg_cost"),
                            "--device", "cpu", "--cost-multiple", "-1")  # fmt: skip
