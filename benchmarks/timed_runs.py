@@ -11,8 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-PIPELINE_TARGET_SECONDS = 240
-"""DESIGN section 13: the default pipeline, evaluation included, within 4 minutes."""
+PIPELINE_TARGET_SECONDS = {"cpu": 240, "cuda": 60}
+"""The default pipeline, evaluation included: within 4 minutes on the 2-core CPU (DESIGN section 13), within a
+minute on one GPU (the speed issue's target on an H200)."""
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("phase1", "phase2", "phase3")
 SCRIPTS = {"phase1": "phase1_ppo.py", "phase2": "phase2_meta.py", "phase3": "phase3_joint.py"}
@@ -105,8 +106,9 @@ def bench_pipeline(args, work: Path) -> dict:
         "phase_seconds": {name: phase["seconds"] for name, phase in manifest["phases"].items()},
         "eval_seconds": manifest["eval"]["seconds"],
         "device": args.train_device,
-        "meets_target": wall <= PIPELINE_TARGET_SECONDS,
     }
+    target = PIPELINE_TARGET_SECONDS["cuda" if args.train_device.startswith("cuda") else "cpu"]
+    result["meets_target"] = wall <= target
     result["phase_parts"] = {
         name: phase_parts(seconds, json.loads((out / name / "metrics.json").read_text())["timing"])
         for name, seconds in result["phase_seconds"].items()
@@ -114,8 +116,7 @@ def bench_pipeline(args, work: Path) -> dict:
     phases = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result["phase_seconds"].items())
     verdict = "meets" if result["meets_target"] else "misses"
     print(f"pipeline {t1}/{t2}/{t3} steps: {wall:.1f} s wall ({phases}, evaluation "
-          f"{result['eval_seconds']:.1f} s); {verdict} the DESIGN section 13 target of "
-          f"{PIPELINE_TARGET_SECONDS} s")  # fmt: skip
+          f"{result['eval_seconds']:.1f} s); {verdict} the target of {target} s on {args.train_device}")  # fmt: skip
     for name, parts in result["phase_parts"].items():
         print(f"  {name}: " + ", ".join(f"{part} {seconds:.1f} s" for part, seconds in parts.items()))
     return result

@@ -1,7 +1,11 @@
 """benchmarks.throughput: the environment rows, the training and the ops sections on tiny sizes (no timing
-asserted)."""
+asserted); benchmarks/gpu_checks.sh where there is no GPU."""
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,3 +86,15 @@ def test_a_phases_wall_time_splits_into_its_loop_parts_and_the_rest():
     parts = timed_runs.phase_parts(42.0, timing)
     assert parts == {"rollout": 6.0, "update": 20.0, "validation": 3.5, "logging": 0.5, "outside_loop": 12.0}
     assert sum(parts.values()) == pytest.approx(42.0)  # the parts add up to the phase's wall time
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the stop where torch sees no GPU")
+def test_gpu_checks_stop_with_a_clear_error_where_torch_sees_no_gpu(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["bash", "benchmarks/gpu_checks.sh", str(tmp_path / "out")], cwd=repo,
+                          env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 1
+    assert "torch sees no CUDA GPU" in done.stderr
+    # nothing ran past the device check: the summary holds the header and the reason, no step
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["summary.txt"]
+    assert "kernel_tests" not in (tmp_path / "out" / "summary.txt").read_text()
