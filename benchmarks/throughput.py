@@ -56,7 +56,7 @@ import kernels
 from benchmarks.op_census import bench_ops
 from benchmarks.timed_runs import PHASES, bench_pipeline, bench_sb3, bench_training
 from kernels.portfolio_step import RewardParams, portfolio_step_reference
-from kernels.risk import risk_step_reference
+from kernels.risk import LIMIT_NAMES, risk_step_reference
 from mtq_common.data.splits import load_splits
 from mtq_common.data.tables import build_tables
 from mtq_common.envs.gym_env import make_portfolio_vec, make_specialist_vec
@@ -211,8 +211,10 @@ def kernel_implementations(device: torch.device) -> dict[str, dict[str, Callable
     """Per op: the dispatcher and the reference, plus the Triton launcher on CUDA when Triton imports."""
     impls = {
         "portfolio_step": {"dispatch": kernels.portfolio_step, "reference": portfolio_step_reference},
-        "risk_step": {"dispatch": kernels.risk_step, "reference": risk_step_reference},
-    }
+        # as the environments call it: the correlation from the tables, no finiteness check (a host sync)
+        "risk_step": {"dispatch": lambda *a: kernels.risk_step(*a[:4], check_finite=False, corr=a[4]),
+                      "reference": risk_step_reference},
+    }  # fmt: skip
     if device.type == "cuda" and kernels.HAS_TRITON:
         from kernels.portfolio_step import portfolio_step_triton
         from kernels.risk import risk_step_triton
@@ -232,9 +234,9 @@ def kernel_inputs(op: str, rows: int, portfolio_env, device: torch.device) -> tu
 
     bars = torch.randint(tables.first_bar, tables.num_bars, (rows,), generator=generator, device=device)
     max_position = portfolio_env.engine.max_position
-    if op == "risk_step":
-        cov = tables.cov.index_select(0, bars).contiguous()
-        return uniform(rows, n, low=-1.0, high=1.0), cov, portfolio_env.sector_onehot, portfolio_env.limits
+    if op == "risk_step":  # (the covariance and its correlation, gathered from the tables as a step does)
+        cov, corr = tables.cov.index_select(0, bars), tables.corr.index_select(0, bars)
+        return uniform(rows, n, low=-1.0, high=1.0), cov, portfolio_env.sector_onehot, portfolio_env.limits, corr
     equity = uniform(rows, low=0.9, high=1.1)
     ema_b = uniform(rows, low=1e-5, high=1e-4)
     return (
@@ -257,8 +259,9 @@ def kernel_bytes(op: str, rows: int, n: int, k: int, itemsize: int = 4) -> int:
     if op == "portfolio_step":
         # weights, previous weights, returns [B, N]; cost rate [N]; 6 state inputs [B]; 9 outputs [B]
         return itemsize * (3 * rows * n + n + 6 * rows + 9 * rows)
-    # proposal [B, N], covariance [B, N, N], sector one-hot [N, K]; weights [B, N], sectors [B, K], 3 x [B]
-    return itemsize * (rows * n + rows * n * n + n * k + rows * n + rows * k + 3 * rows)
+    # proposal [B, N], covariance and correlation [B, N, N], sector one-hot [N, K]; weights [B, N], sectors [B, K],
+    # 4 x [B] (VaR, correlation exposure, intervention, gross kept) and the binding limits [B, 4] as bytes
+    return itemsize * (rows * n + 2 * rows * n * n + n * k + rows * n + rows * k + 4 * rows) + rows * len(LIMIT_NAMES)
 
 
 def bench_kernel(op: str, impl: str, fn: Callable, inputs: tuple, device: torch.device, args: Args) -> dict:

@@ -179,7 +179,7 @@ if triton is not None:
         weights_ptr,  # [B, N] executed weights
         prev_weights_ptr,  # [B, N] weights held before the bar
         returns_ptr,  # [B, N] bar returns
-        cost_rate_ptr,  # [B, N] proportional cost per unit of turnover, per row and instrument
+        cost_rate_ptr,  # [B, N] or [N] proportional cost per unit of turnover, per row and instrument
         equity_ptr,  # [B] equity before the bar
         peak_ptr,  # [B] running peak before the bar
         ema_a_ptr,  # [B] moving mean A
@@ -197,6 +197,7 @@ if triton is not None:
         reward_out_ptr,  # [B] out: shaped reward
         B,  # rows
         N,  # instruments
+        cost_row_stride,  # N for [B, N] rates, 0 for [N] (every row reads the same N rates)
         eta,  # rate of the moving moments
         transaction_cost_weight,  # weight of the cost in the scored return
         risk_free_per_bar,  # the cash yield of the account; the hurdle of the scored return
@@ -222,7 +223,8 @@ if triton is not None:
         w = tl.load(weights_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         w_prev = tl.load(prev_weights_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         ret = tl.load(returns_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        cost_rate = tl.load(cost_rate_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        cost_offsets = rows[:, None] * cost_row_stride + cols[None, :]
+        cost_rate = tl.load(cost_rate_ptr + cost_offsets, mask=mask, other=0.0).to(tl.float32)
         equity = tl.load(equity_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
         # padded rows get peak 1 so that the drawdown division stays finite (they are never stored)
         peak = tl.load(peak_ptr + rows, mask=row_mask, other=1.0).to(tl.float32)
@@ -303,7 +305,9 @@ if triton is not None:
         p = params
         weights, prev_weights, returns = weights.contiguous(), prev_weights.contiguous(), returns.contiguous()
         b, n = weights.shape
-        cost_rate = cost_rate.expand(b, n).contiguous()  # [N] or [B, N] -> one rate per row and instrument
+        # [N] (or [1, N]): one rate per instrument that every row reads (row stride 0), not a [B, N] copy
+        shared = cost_rate.dim() == 1 or cost_rate.shape[0] == 1
+        cost_rate = cost_rate.reshape(n).contiguous() if shared else cost_rate.expand(b, n).contiguous()
         equity, peak = equity.contiguous(), peak.contiguous()
         ema_a, ema_b, ema_down = ema_a.contiguous(), ema_b.contiguous(), ema_down.contiguous()
         var_usage = var_usage.contiguous()
@@ -327,6 +331,7 @@ if triton is not None:
             *outs,
             b,
             n,
+            0 if shared else n,
             p.eta,
             p.transaction_cost_weight,
             p.risk_free_per_bar,

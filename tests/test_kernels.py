@@ -470,6 +470,10 @@ def test_per_row_cost_rate_in_both_paths():
     tri = run_triton(portfolio_step_triton, w, zeros, zeros, rates, *state, RewardParams())
     torch.testing.assert_close(ref.cost, rates[:, 0] * 0.1)
     torch.testing.assert_close(tri.cost, ref.cost)
+    # one rate for every row, [1, N] or [N]: the kernel reads it at row stride 0 (no [B, N] copy)
+    for shared in (rates[2:3], rates[2]):
+        tri = run_triton(portfolio_step_triton, w, zeros, zeros, shared, *state, RewardParams())
+        torch.testing.assert_close(tri.cost, torch.full((b,), 0.003 * 0.1))
 
 
 def test_ewma_covariance_is_the_causal_weighted_mean_of_outer_products_bit_for_bit():
