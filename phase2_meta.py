@@ -201,16 +201,20 @@ def start_meta(args: Args, portfolio_obs_size: int, num_specialists: int, start_
                           timing=start_rule, allocation_rule=allocation_rule).to(device)  # fmt: skip
 
 
-def start_book(args: Args, cfg, specialists, train, fits: dict, vol_levels, portfolio_obs_size: int, device):
-    """The start's net returns on the training split, the Sharpe reward's reference book (`main`): the start with
-    the fitted allocation rule where `fits` has one (`main` drops the rule, and backtests its plain start itself,
-    only where validation refutes it; on seeds 1-20 of the built-in market it kept it every time). Made beside
-    Phase 1 with `fits` (`pipeline.phase2_fits_ahead`), as both read the specialists only through what they trade."""
+def start_books(args: Args, cfg, specialists, train, fits: dict, vol_levels, portfolio_obs_size: int, device) -> dict:
+    """The start's net returns on the training split, the Sharpe reward's reference book (`main`), for the start
+    with the fitted allocation rule ("rule", where `fits` has one) and without it ("plain"): `main` keeps the rule
+    only where validation confirms it. Made beside Phase 1 with `fits` (`pipeline.phase2_fits_ahead`), as they
+    read the specialists only through what they trade."""
     timings = fits["timings"]
     start_rule = None if timings is None else timing_spec(vol_levels, timings["vol_managed_equal_allocation"])
+    rules = {"plain": None} if fits["allocation_rule"] is None else {"plain": None, "rule": fits["allocation_rule"]}
+    books = {}
     with torch.random.fork_rng(devices=[]):  # (the hidden weights, which the mean action ignores)
-        meta = start_meta(args, portfolio_obs_size, len(specialists.names), start_rule, fits["allocation_rule"], device)
-    return start_backtests(specialists, meta, train, cfg, device, momentum=False)["system"].net_return
+        for name, rule in rules.items():
+            meta = start_meta(args, portfolio_obs_size, len(specialists.names), start_rule, rule, device)
+            books[name] = start_backtests(specialists, meta, train, cfg, device, momentum=False)["system"]
+    return {name: book.net_return for name, book in books.items()}
 
 
 def meta_reward(reward: torch.Tensor, info: dict, book: SharpeIncrement | None) -> torch.Tensor:
@@ -225,7 +229,7 @@ def meta_reward(reward: torch.Tensor, info: dict, book: SharpeIncrement | None) 
 
 
 def main(args: Args, ahead: dict | None = None) -> dict:
-    """Train the meta-controller. `ahead`: `start_fits` (`ahead["fits"]`) and `start_book` (`ahead["book"]`)
+    """Train the meta-controller. `ahead`: `start_fits` (`ahead["fits"]`) and `start_books` (`ahead["books"]`)
     computed beforehand for the specialists of `ahead["spec"]` (pipeline.py makes them beside Phase 1, over the
     specialists as Phase 1 starts them); used only if the loaded specialists trade exactly as those
     (`SpecialistAgents.trades_start_rule`), else made here."""
@@ -286,7 +290,8 @@ def main(args: Args, ahead: dict | None = None) -> dict:
     ahead = ahead if ahead is not None and specialists.trades_start_rule(ahead["spec"]) else None
     if ahead is not None:
         fits = ahead["fits"]
-        log.info("risk timing and allocation rule: fit beside Phase 1 over the start rules it kept")
+        log.info("risk timing and allocation rule%s: fit beside Phase 1 over the start rules it kept",
+                 "" if ahead.get("books") is None else ", the start's book on train")  # fmt: skip
     else:
         fits = start_fits(args, cfg, specialists, splits, val_tables, trend, vol_levels, device)
     start_rule = None  # risk timing: the rule the meta-controller starts from, picked on the validation split
@@ -329,9 +334,8 @@ def main(args: Args, ahead: dict | None = None) -> dict:
     book = None  # the reward's reference: the starting point's book on the training split (its mean action)
     if args.sharpe_reward:
         cash = cfg.reward.risk_free_rate / train.bars_per_year
-        if ahead is not None and ahead.get("book") is not None and allocation_rule is fits["allocation_rule"]:
-            start_return = ahead["book"]  # (made with the fits, for the start with their rule)
-            log.info("reward: the start's book on train, made beside Phase 1")
+        if ahead is not None and ahead.get("books") is not None:  # (made beside Phase 1, with the fits)
+            start_return = ahead["books"]["plain" if allocation_rule is None else "rule"]
         else:  # (no momentum cap)
             start_return = start_backtests(specialists, meta, train, cfg, device, momentum=False)["system"].net_return
         book = SharpeIncrement.of(start_return, cash)

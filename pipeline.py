@@ -315,7 +315,7 @@ def train(args: Args, cfg, log, resume: bool) -> dict:
 
 
 def phase2_fits_ahead(phase1_args, phase2_args, config: dict, device: str) -> dict:
-    """Phase 2's `start_fits` and `start_book` (with `--sharpe-reward`; else None) over the specialists as Phase 1
+    """Phase 2's `start_fits` and `start_books` (with `--sharpe-reward`; else None) over the specialists as Phase 1
     builds them (`phase1_ppo.build_agents`), and their `spec`. Run in a helper while Phase 1 trains (plain-data
     arguments). Phase 2 uses them only if the specialists Phase 1 leaves trade exactly as these
     (`SpecialistAgents.trades_start_rule`: every start kept), and makes its own otherwise."""
@@ -330,11 +330,11 @@ def phase2_fits_ahead(phase1_args, phase2_args, config: dict, device: str) -> di
     val_tables, vol_levels = build_tables(splits["val"], cfg, where), fit_vol_levels(train)
     fits = phase2_meta.start_fits(phase2_args, cfg, agents, splits, val_tables, fit_trend_for(train, cfg), vol_levels,
                                   where)  # fmt: skip
-    book = None
+    books = None
     if phase2_args.sharpe_reward:  # (the portfolio observation's width: that of any split's tables)
-        book = phase2_meta.start_book(phase2_args, cfg, agents, train, fits, vol_levels,
-                                      val_tables.portfolio_static.shape[-1], where)  # fmt: skip
-    return {"spec": agents.describe(), "fits": fits, "book": book}
+        books = phase2_meta.start_books(phase2_args, cfg, agents, train, fits, vol_levels,
+                                        val_tables.portfolio_static.shape[-1], where)  # fmt: skip
+    return {"spec": agents.describe(), "fits": fits, "books": books}
 
 
 def validation_sharpe(result: dict) -> float:
