@@ -192,31 +192,6 @@ def start_fits(args: Args, cfg, specialists, splits: dict, val_tables, trend, vo
     return {"timings": timings, "allocation_rule": rule}
 
 
-def start_meta(args: Args, portfolio_obs_size: int, num_specialists: int, start_rule, allocation_rule, device):
-    """The meta-controller at its starting point: over `start_rule` (its risk timing, `hierarchy.timing_spec`;
-    None without) and `allocation_rule` (None: 1/K). Its mean action is that start whatever its hidden weights
-    (`nets.MetaController`)."""
-    obs_size = meta_observation_size(portfolio_obs_size, num_specialists, timed=start_rule is not None)
-    return MetaController(obs_size, num_specialists, args.hidden_size, allocation_rate=args.allocation_rate,
-                          timing=start_rule, allocation_rule=allocation_rule).to(device)  # fmt: skip
-
-
-def start_books(args: Args, cfg, specialists, train, fits: dict, vol_levels, portfolio_obs_size: int, device) -> dict:
-    """The start's net returns on the training split, the Sharpe reward's reference book (`main`), for the start
-    with the fitted allocation rule ("rule", where `fits` has one) and without it ("plain"): `main` keeps the rule
-    only where validation confirms it. Made beside Phase 1 with `fits` (`pipeline.phase2_fits_ahead`), as they
-    read the specialists only through what they trade."""
-    timings = fits["timings"]
-    start_rule = None if timings is None else timing_spec(vol_levels, timings["vol_managed_equal_allocation"])
-    rules = {"plain": None} if fits["allocation_rule"] is None else {"plain": None, "rule": fits["allocation_rule"]}
-    books = {}
-    with torch.random.fork_rng(devices=[]):  # (the hidden weights, which the mean action ignores)
-        for name, rule in rules.items():
-            meta = start_meta(args, portfolio_obs_size, len(specialists.names), start_rule, rule, device)
-            books[name] = start_backtests(specialists, meta, train, cfg, device, momentum=False)["system"]
-    return {name: book.net_return for name, book in books.items()}
-
-
 def meta_reward(reward: torch.Tensor, info: dict, book: SharpeIncrement | None) -> torch.Tensor:
     """The meta-controller's reward [B] for one bar of a `PortfolioEnv` (its step's `reward` and `info`: the
     executed weights, net return, cost, VaR, ...). The one place to change what it learns: the script applies
@@ -229,10 +204,9 @@ def meta_reward(reward: torch.Tensor, info: dict, book: SharpeIncrement | None) 
 
 
 def main(args: Args, ahead: dict | None = None) -> dict:
-    """Train the meta-controller. `ahead`: `start_fits` (`ahead["fits"]`) and `start_books` (`ahead["books"]`)
-    computed beforehand for the specialists of `ahead["spec"]` (pipeline.py makes them beside Phase 1, over the
-    specialists as Phase 1 starts them); used only if the loaded specialists trade exactly as those
-    (`SpecialistAgents.trades_start_rule`), else made here."""
+    """Train the meta-controller. `ahead`: `start_fits` computed beforehand for the specialists of `ahead["spec"]`
+    (pipeline.py fits them beside Phase 1, over the specialists as Phase 1 starts them); used only if the loaded
+    specialists trade exactly as those (`SpecialistAgents.trades_start_rule`), else fit here."""
     cfg, world, device, log = start_run(args, ALIASES, "phase2")  # config, ranks, log file, threads
     check_replace_confidence(args.replace_confidence)
     out_dir = Path(args.output_dir)
@@ -287,11 +261,9 @@ def main(args: Args, ahead: dict | None = None) -> dict:
         return turnover_against_momentum(ran, args.replace_confidence, start_turnover)
 
     # the risk-timing choice and the allocation rule: fit ahead where they hold for these specialists, else here
-    ahead = ahead if ahead is not None and specialists.trades_start_rule(ahead["spec"]) else None
-    if ahead is not None:
+    if ahead is not None and specialists.trades_start_rule(ahead["spec"]):
         fits = ahead["fits"]
-        log.info("risk timing and allocation rule%s: fit beside Phase 1 over the start rules it kept",
-                 "" if ahead.get("books") is None else ", the start's book on train")  # fmt: skip
+        log.info("risk timing and allocation rule: fit beside Phase 1 over the start rules it kept")
     else:
         fits = start_fits(args, cfg, specialists, splits, val_tables, trend, vol_levels, device)
     start_rule = None  # risk timing: the rule the meta-controller starts from, picked on the validation split
@@ -308,7 +280,8 @@ def main(args: Args, ahead: dict | None = None) -> dict:
     meta_obs_size = meta_observation_size(envs.portfolio_obs_size, num_specialists, timed=start_rule is not None)
 
     def build(rule):
-        return start_meta(args, envs.portfolio_obs_size, num_specialists, start_rule, rule, device)
+        return MetaController(meta_obs_size, num_specialists, args.hidden_size, allocation_rate=args.allocation_rate,
+                              timing=start_rule, allocation_rule=rule).to(device)  # fmt: skip
 
     meta, rule_check, start_validation = build(allocation_rule), None, None
     if allocation_rule is not None and args.check_allocation_rule:  # fit on train alone: it must win on val too
@@ -334,11 +307,8 @@ def main(args: Args, ahead: dict | None = None) -> dict:
     book = None  # the reward's reference: the starting point's book on the training split (its mean action)
     if args.sharpe_reward:
         cash = cfg.reward.risk_free_rate / train.bars_per_year
-        if ahead is not None and ahead.get("books") is not None:  # (made beside Phase 1, with the fits)
-            start_return = ahead["books"]["plain" if allocation_rule is None else "rule"]
-        else:  # (no momentum cap)
-            start_return = start_backtests(specialists, meta, train, cfg, device, momentum=False)["system"].net_return
-        book = SharpeIncrement.of(start_return, cash)
+        start = start_backtests(specialists, meta, train, cfg, device, momentum=False)["system"]  # (no momentum cap)
+        book = SharpeIncrement.of(start.net_return, cash)
     optimizer = FlatAdam(meta.parameters(), lr=args.learning_rate, eps=1e-5)  # Adam, stepped as one tensor
 
     def meta_loss(mb_obs, mb_actions, mb_logprobs, mb_advantages, mb_returns):

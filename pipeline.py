@@ -315,10 +315,10 @@ def train(args: Args, cfg, log, resume: bool) -> dict:
 
 
 def phase2_fits_ahead(phase1_args, phase2_args, config: dict, device: str) -> dict:
-    """Phase 2's `start_fits` and `start_books` (with `--sharpe-reward`; else None) over the specialists as Phase 1
-    builds them (`phase1_ppo.build_agents`), and their `spec`. Run in a helper while Phase 1 trains (plain-data
-    arguments). Phase 2 uses them only if the specialists Phase 1 leaves trade exactly as these
-    (`SpecialistAgents.trades_start_rule`: every start kept), and makes its own otherwise."""
+    """Phase 2's `start_fits` over the specialists as Phase 1 builds them (`phase1_ppo.build_agents`), and their
+    `spec`. Run in a helper while Phase 1 trains (plain-data arguments). Phase 2 uses the fits only if the
+    specialists Phase 1 leaves trade exactly as these (`SpecialistAgents.trades_start_rule`: every start kept),
+    and fits afresh otherwise."""
     cfg = config_from_dict(config, require_data_dir=False)
     where = resolve_device(device)
     splits = load_splits(cfg)
@@ -327,14 +327,9 @@ def phase2_fits_ahead(phase1_args, phase2_args, config: dict, device: str) -> di
     size = instrument_obs_size(train.num_instruments, phase1_args.next_return_diagnostic)
     with torch.random.fork_rng(devices=[]):  # (their hidden layers' weights, which the start's positions ignore)
         agents = phase1_ppo.build_agents(phase1_args, cfg, train, names, size).to(where).requires_grad_(False)
-    val_tables, vol_levels = build_tables(splits["val"], cfg, where), fit_vol_levels(train)
-    fits = phase2_meta.start_fits(phase2_args, cfg, agents, splits, val_tables, fit_trend_for(train, cfg), vol_levels,
-                                  where)  # fmt: skip
-    books = None
-    if phase2_args.sharpe_reward:  # (the portfolio observation's width: that of any split's tables)
-        books = phase2_meta.start_books(phase2_args, cfg, agents, train, fits, vol_levels,
-                                        val_tables.portfolio_static.shape[-1], where)  # fmt: skip
-    return {"spec": agents.describe(), "fits": fits, "books": books}
+    fits = phase2_meta.start_fits(phase2_args, cfg, agents, splits, build_tables(splits["val"], cfg, where),
+                                  fit_trend_for(train, cfg), fit_vol_levels(train), where)  # fmt: skip
+    return {"spec": agents.describe(), "fits": fits}
 
 
 def validation_sharpe(result: dict) -> float:
