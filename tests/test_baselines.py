@@ -170,6 +170,10 @@ def test_the_scaled_trend_is_the_z_score_in_proportion_clipped_and_held_through_
     for t in range(50):
         previous = partial_adjustment(previous, torch.from_numpy(positions[t]), 0.3)
         assert np.allclose(held[t], previous.numpy())
+    # several books at once (the fit's candidates), each exactly as alone
+    other = scaled_trend_positions(market.prices, ScaledTrend(10, 0.25))
+    both = partially_adjusted(np.stack([positions, other]), 0.3)
+    assert np.array_equal(both[0], held) and np.array_equal(both[1], partially_adjusted(other, 0.3))
 
 
 def test_the_trend_filter_trades_less_than_momentum_on_the_default_market():
