@@ -207,14 +207,18 @@ def bench_env(kind: str, rows: int, market, cfg, tables, device: torch.device, a
 # ---------------------------------------------------------------------------------------------
 
 
+def risk_step_as_the_envs_call_it(proposed, cov, sector_onehot, limits, corr):
+    """The dispatcher with the reference's signature, as a step calls it: the correlation from the tables, no
+    finiteness check (a host sync)."""
+    return kernels.risk_step(proposed, cov, sector_onehot, limits, check_finite=False, corr=corr)
+
+
 def kernel_implementations(device: torch.device) -> dict[str, dict[str, Callable]]:
     """Per op: the dispatcher and the reference, plus the Triton launcher on CUDA when Triton imports."""
     impls = {
         "portfolio_step": {"dispatch": kernels.portfolio_step, "reference": portfolio_step_reference},
-        # as the environments call it: the correlation from the tables, no finiteness check (a host sync)
-        "risk_step": {"dispatch": lambda *a: kernels.risk_step(*a[:4], check_finite=False, corr=a[4]),
-                      "reference": risk_step_reference},
-    }  # fmt: skip
+        "risk_step": {"dispatch": risk_step_as_the_envs_call_it, "reference": risk_step_reference},
+    }
     if device.type == "cuda" and kernels.HAS_TRITON:
         from kernels.portfolio_step import portfolio_step_triton
         from kernels.risk import risk_step_triton
