@@ -49,6 +49,7 @@ import phase2_meta
 import phase3_joint
 from mtq_common.agents.hierarchy import HierarchyPolicy, instrument_specialist_index, load_specialists
 from mtq_common.agents.nets import MetaController
+from mtq_common.agents.update import CompileChoice
 from mtq_common.data.csv_data import load_csv_series
 from mtq_common.data.market import iso_time
 from mtq_common.data.splits import fold_bounds, full_market, load_splits, warmup_bars
@@ -156,6 +157,10 @@ class Args:
     """Show progress bars (only on a terminal)."""
     torch_threads: int = 1
     """torch intra-op threads on the CPU (0: torch's default); small-batch PPO is fastest with 1."""
+    compile: CompileChoice = "auto"
+    """Every phase's `--compile`: torch.compile its PPO update and rollout bars: auto (on for a phase of 4,000
+    minibatches or more, where a C++ compiler is found), on, or off (eager: the same algorithm, no compile time, which
+    a first run on a machine pays in full: docs/benchmarks.md, *Throughput*)."""
     helper: bool = True
     """Where a core is spare, run work that needs only its inputs in a helper process beside the main one (Phase
     2's start fits while Phase 1 trains, Phase 3's checks on train, the test evaluation's episodes): the same results
@@ -223,7 +228,7 @@ def phase_args(args: Args, name: str, resume: bool):
     common = dict(config=args.config, output_dir=str(out / name), log_dir=str(logs / name), device=args.device,
                   seed=args.seed, data_dir=args.data_dir, instruments=list(args.instruments),
                   num_envs=args.num_envs, resume=resume, force=args.force, progress=args.progress,
-                  torch_threads=args.torch_threads)  # fmt: skip
+                  torch_threads=args.torch_threads, compile=args.compile)  # fmt: skip
     if name == "phase3":
         common["helper"] = args.helper
     script = phase_module(args, name)

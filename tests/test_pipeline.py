@@ -337,6 +337,17 @@ def test_selection_flags_reach_the_phase_scripts():
     assert pipeline_script.phase_args(args, "phase3", False).joint_sizing is False
 
 
+def test_compile_reaches_every_phase():
+    """`pipeline.py --compile off` trains every phase eager (a first run on a new machine then pays no compile time);
+    the default leaves each phase's own `auto`; a value other than auto, on or off is refused."""
+    for argv, expected in (([], "auto"), (["--compile", "off"], "off"), (["--compile", "on"], "on")):
+        args, _ = parse_args(pipeline_script.Args, pipeline_script.ALIASES, argv)
+        phases = [pipeline_script.phase_args(args, name, False) for name in ("phase1", "phase2", "phase3")]
+        assert [phase.compile for phase in phases] == [expected] * 3, argv
+    code, err = run_cli("pipeline.py", "--compile", "sometimes")
+    assert code != 0 and "--compile" in err
+
+
 def test_a_copy_of_phase2_with_its_own_reward_runs_through_the_pipeline(trained, tmp_path):
     """README's walkthrough: copy phase2_meta.py, change `meta_reward`, pass the copy with --phase2-script. The
     copy's reward is the one Phase 2 trains on, for the env and the twin alike (a constant 1 here: the twin's
