@@ -159,8 +159,8 @@ class Args:
     """torch intra-op threads on the CPU (0: torch's default); small-batch PPO is fastest with 1."""
     compile: CompileChoice = "auto"
     """Every phase's `--compile`: torch.compile its PPO update and rollout bars: auto (on for a phase of 4,000
-    minibatches or more, where a C++ compiler is found), on, or off (eager: the same algorithm, no compile time, which
-    a first run on a machine pays in full: docs/benchmarks.md, *Throughput*)."""
+    minibatches or more, where a C++ compiler is found), on, or off (eager: the same algorithm, no compiler needed;
+    slower even on a machine's first run, whose compile is not cached yet: docs/benchmarks.md, *Throughput*)."""
     helper: bool = True
     """Where a core is spare, run work that needs only its inputs in a helper process beside the main one (Phase
     2's start fits while Phase 1 trains, Phase 3's checks on train, the test evaluation's episodes): the same results
