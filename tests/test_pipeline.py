@@ -338,8 +338,8 @@ def test_selection_flags_reach_the_phase_scripts():
 
 
 def test_compile_reaches_every_phase():
-    """`pipeline.py --compile off` trains every phase eager (a first run on a new machine then pays no compile time);
-    the default leaves each phase's own `auto`; a value other than auto, on or off is refused."""
+    """`pipeline.py --compile off` trains every phase eager (no C++ compiler needed), `on` compiles every phase; the
+    default leaves each phase's own `auto`; a value other than auto, on or off is refused."""
     for argv, expected in (([], "auto"), (["--compile", "off"], "off"), (["--compile", "on"], "on")):
         args, _ = parse_args(pipeline_script.Args, pipeline_script.ALIASES, argv)
         phases = [pipeline_script.phase_args(args, name, False) for name in ("phase1", "phase2", "phase3")]
