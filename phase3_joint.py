@@ -482,20 +482,16 @@ def main(args: Args) -> dict:
 
     def decide(inst_obs, portfolio_obs, evidence, tracker, spec_noise, meta_noise):
         """One bar's decisions of both levels, from the standard normal noise the script drew for their samples
-        (`spec_noise` None: the specialists trade their mean action). Returns the specialists' positions (and,
-        exploring, their action, log-probability and value), the meta-controller's observation, action,
+        (`spec_noise` zero: the specialists trade their mean action). Returns the specialists' positions, their
+        action, log-probability and value, the meta-controller's observation, action,
         log-probability and value, the allocation and appetite traded, the proposal and the twin's proposal
         (the starting point with the same positions). Moves the tracker's held allocation and appetite. Pure
         tensor work, compiled inside `trade_bar` (the noise stays outside, so the generator's stream is the eager
         script's)."""
-        spec = None
-        if spec_noise is not None:  # sample, and record what the specialists' update needs
-            mean, log_std, spec_value = specialists.forward_per_slot(inst_obs, owner)
-            std = log_std.exp().expand_as(mean)
-            action = mean + std * spec_noise  # (`Normal(mean, std).sample()`, bit for bit in eager)
-            spec = (action, torch.distributions.Normal(mean, std, validate_args=False).log_prob(action), spec_value)
-        else:  # the mean action: the actor alone (nothing of the specialists' is updated this iteration)
-            action = specialists.mean_per_slot(inst_obs, owner)
+        mean, log_std, spec_value = specialists.forward_per_slot(inst_obs, owner)
+        std = log_std.exp().expand_as(mean)
+        action = mean + std * spec_noise  # (`Normal(mean, std).sample()`, bit for bit in eager; zero noise: the mean)
+        spec = (action, torch.distributions.Normal(mean, std, validate_args=False).log_prob(action), spec_value)
         positions = specialists.to_position(action, inst_obs)  # clipped, partially adjusted
         obs = tracker.observe(portfolio_obs, positions, evidence)
         meta_action, meta_logprob, _, meta_value = meta.get_action_and_value(obs, noise=meta_noise)
@@ -512,9 +508,10 @@ def main(args: Args) -> dict:
         and the twin the starting point with the same positions (`PortfolioEnv.trade`), the rewards are scored
         and the tracker books the bar. Returns the decisions, the env's and the twin's `trade` outputs (the twin's
         None without --paired-baseline), the reward trained on before the twin's is subtracted, the twin's reward,
-        the specialists' own rewards (None when they do not explore) and the tracker's part of the final
-        observations (`MetaTracker.after_step`). With `--compile` one graph per kind of iteration: one call a
-        bar instead of three, and the envs' steps fused with the decisions."""
+        the specialists' own rewards and the tracker's part of the final observations (`MetaTracker.after_step`).
+        With `--compile` one graph: one call a bar instead of three, and the envs' steps fused with the decisions.
+        Iterations that do not explore compute the specialists' samples too (at zero noise) and drop them: one
+        graph compiles once, where a second for their mean action alone cost about 30 s on a cold cache."""
         decisions = decide(inst_obs, portfolio_obs, evidence, tracker, spec_noise, meta_noise)
         positions, proposal, twin_proposal = decisions[0], decisions[6], decisions[7]
         stepped = envs.trade(proposal, positions)
@@ -523,10 +520,9 @@ def main(args: Args) -> dict:
         if args.paired_baseline:  # the starting point (allocation and appetite), same positions, same path
             twin_stepped = twin.trade(twin_proposal, positions, observe=False)
             twin_reward = meta_reward(twin_stepped[1], twin_stepped[3], book, args.cost_multiple)
-        own_reward = None
-        if spec_noise is not None:  # each specialist's own objective: its unit-size position's vol-scaled net return
-            unit_cost = envs.cost_rate * (positions - prev_positions).abs()
-            own_reward = (positions * info["bar_returns"] - unit_cost) / info["instrument_vol"].clamp_min(1e-8)
+        # each specialist's own objective: its unit-size position's vol-scaled net return
+        unit_cost = envs.cost_rate * (positions - prev_positions).abs()
+        own_reward = (positions * info["bar_returns"] - unit_cost) / info["instrument_vol"].clamp_min(1e-8)
         held = tracker.after_step(positions, info["bar_returns"], truncated)
         return decisions, stepped, twin_stepped, reward, twin_reward, own_reward, held
 
@@ -612,6 +608,7 @@ def main(args: Args) -> dict:
     turnover_gate = start_turnover is not None and start_turnover <= 1.0
     run.watch.lap("validation")  # the starting point's
     guard = DivergenceGuard("phase 3", device)
+    no_noise = torch.zeros(num_rows, num_instruments, device=device)  # the specialists' mean action (`decide`)
     for iteration in range(start_iteration, num_iterations + 1):
         anneal = 1.0 - (iteration - 1.0) / num_iterations if args.anneal_lr else 1.0
         rates = adaptive.rates() if coordinate else base_rates
@@ -627,7 +624,7 @@ def main(args: Args) -> dict:
             global_step += num_rows * world.size
             with torch.no_grad():
                 # the samples' noise, drawn here in the order the levels sample (the same stream as `dist.sample()`)
-                spec_noise = torch.randn(num_rows, num_instruments, device=device) if explore else None
+                spec_noise = torch.randn(num_rows, num_instruments, device=device) if explore else no_noise
                 meta_noise = torch.randn(num_rows, num_specialists + 1, device=device)
                 bar = envs.bar
                 evidence = None if risk is None else risk.index_select(0, bar)  # volatility at the rows' bars

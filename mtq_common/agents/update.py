@@ -118,7 +118,7 @@ class WeightsAsInputs:
         weights = {}
         for tensors, names in zip(params, self.names, strict=True):
             weights.update(zip(names, tensors, strict=True))
-        return torch.func.functional_call(self.holder, weights, (fn, *args))
+        return torch.func.functional_call(self.holder, weights, (fn, *args), tie_weights=False)
 
 
 class PPOUpdate:
