@@ -118,8 +118,8 @@ class WeightsAsInputs:
         weights = {}
         for tensors, names in zip(params, self.names, strict=True):
             weights.update(zip(names, tensors, strict=True))
-        # no tied weights here; tracing the default's search over every buffer made Dynamo restart Phase 3's
-        # update once (the observation count's float64 scalar), some 7 s more on each cold compile
+        # no tied weights here; tracing the default's search over every buffer made Dynamo restart each phase's
+        # compiled update once (at the observation count's float64 scalar), some 7 s more on each cold compile
         return torch.func.functional_call(self.holder, weights, (fn, *args), tie_weights=False)
 
 
