@@ -483,9 +483,9 @@ def main(args: Args) -> dict:
     def decide(inst_obs, portfolio_obs, evidence, tracker, spec_noise, meta_noise):
         """One bar's decisions of both levels, from the standard normal noise the script drew for their samples
         (`spec_noise` zero: the specialists trade their mean action). Returns the specialists' positions, their
-        action, log-probability and value, the meta-controller's observation, action,
-        log-probability and value, the allocation and appetite traded, the proposal and the twin's proposal
-        (the starting point with the same positions). Moves the tracker's held allocation and appetite. Pure
+        action, log-probability and value, the meta-controller's observation, action, log-probability and value,
+        the allocation and appetite traded, the proposal and the twin's proposal (the starting point with the
+        same positions). Moves the tracker's held allocation and appetite. Pure
         tensor work, compiled inside `trade_bar` (the noise stays outside, so the generator's stream is the eager
         script's)."""
         mean, log_std, spec_value = specialists.forward_per_slot(inst_obs, owner)
