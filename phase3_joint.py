@@ -485,9 +485,8 @@ def main(args: Args) -> dict:
         (`spec_noise` zero: the specialists trade their mean action). Returns the specialists' positions, their
         action, log-probability and value, the meta-controller's observation, action, log-probability and value,
         the allocation and appetite traded, the proposal and the twin's proposal (the starting point with the
-        same positions). Moves the tracker's held allocation and appetite. Pure
-        tensor work, compiled inside `trade_bar` (the noise stays outside, so the generator's stream is the eager
-        script's)."""
+        same positions). Moves the tracker's held allocation and appetite. Pure tensor work, compiled inside
+        `trade_bar` (the noise stays outside, so the generator's stream is the eager script's)."""
         mean, log_std, spec_value = specialists.forward_per_slot(inst_obs, owner)
         std = log_std.exp().expand_as(mean)
         action = mean + std * spec_noise  # (`Normal(mean, std).sample()`, bit for bit in eager; zero noise: the mean)
