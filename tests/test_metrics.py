@@ -173,12 +173,21 @@ def test_non_finite_returns_give_nan_never_a_plausible_number():
 
 
 def test_trade_pnls_runs_flips_flats_and_open_trade():
-    positions = [0, 1, 1, -1, -1, 0, 1]
-    pnl = [5, 1, 2, 3, -4, 7, -2]
-    # Long bars 1-2 (1 + 2), short bars 3-4 (3 - 4, a direct flip starts a new trade), open long at bar 6.
-    # The PnL of the flat bars 0 and 5 belongs to no trade.
-    np.testing.assert_allclose(m.trade_pnls(positions, pnl), [3.0, -1.0, -2.0])
+    positions = [0, 1, 1, -1, -1, 0, 0, 1]
+    pnl = [5, 1, 2, 3, -4, -0.5, 7, -2]
+    # Long bars 1-2 (1 + 2), short bars 3-4 (3 - 4, a direct flip starts a new trade) and the flat bar 5 that
+    # closes it (its cost, -0.5), an open long at bar 7. The flat bars 0 and 6 belong to no trade.
+    np.testing.assert_allclose(m.trade_pnls(positions, pnl), [3.0, -1.5, -2.0])
     assert m.win_rate(positions, pnl) == pytest.approx(1 / 3)
+
+
+def test_a_win_pays_its_closing_cost():
+    # Held two bars (+7e-4, -5e-4), closed at bar 2 for 3e-4 of costs: a net loss of 1e-4, not a win.
+    positions, pnl = [0.1, 0.1, 0.0, 0.0], [7e-4, -5e-4, -3e-4, 0.0]
+    np.testing.assert_allclose(m.trade_pnls(positions, pnl), [-1e-4])
+    assert m.win_rate(positions, pnl) == 0.0
+    # the same trade closed for less than its gain is a win
+    assert m.win_rate(positions, [7e-4, -5e-4, -1e-4, 0.0]) == 1.0
 
 
 def test_single_trade():

@@ -179,11 +179,14 @@ def calmar(returns, bars_per_year):
 def trade_pnls(positions, pnl) -> np.ndarray:
     """PnL of each trade in one instrument's position series, in order, as a 1-D float64 array.
 
-    ``positions[t]`` is the position held over bar ``t`` and ``pnl[t]`` the PnL it earned there (the caller
-    aligns them). A trade is a maximal run of consecutive bars whose position has the same non-zero sign:
-    a size change on the same side stays in the trade, a flip from long to short starts a new one, and a
-    flat bar (0) ends it. A trade's PnL is the sum of ``pnl`` over its bars; a trade still open at the end
-    counts as closed at the last bar. Empty when the position is always flat.
+    ``positions[t]`` is the position held over bar ``t`` and ``pnl[t]`` the PnL it earned there, net of the
+    cost of trading into it (the caller aligns them). A trade is a maximal run of consecutive bars whose
+    position has the same non-zero sign: a size change on the same side stays in the trade, a flip from long to
+    short starts a new one, and a flat bar (0) ends it. A trade's PnL is the sum of ``pnl`` over its bars and
+    over the flat bar that ends it: a flat position earns nothing, so that bar's PnL is what closing the trade
+    cost, and a win must pay it. On a direct flip the one bar's cost closes the old trade and opens the new
+    one; ``pnl`` alone cannot split it, so it counts in the new trade. A trade still open at the end counts as
+    closed at the last bar. Empty when the position is always flat.
     """
     positions = np.asarray(positions, dtype=np.float64)
     pnl = np.asarray(pnl, dtype=np.float64)
@@ -195,9 +198,10 @@ def trade_pnls(positions, pnl) -> np.ndarray:
     starts = np.flatnonzero(in_trade & (np.diff(side, prepend=0.0) != 0.0))
     if starts.size == 0:
         return np.empty(0, dtype=np.float64)
-    # reduceat sums from each start up to the next one, which includes the flat bars after a trade:
-    # zero their PnL so only the trade's own bars count.
-    return np.add.reduceat(np.where(in_trade, pnl, 0.0), starts)
+    # reduceat sums from each start up to the next one, which includes the flat bars after a trade: keep the
+    # first (its closing cost) and zero the rest, which belong to no trade.
+    closes = ~in_trade & (np.concatenate([[0.0], side[:-1]]) != 0.0)
+    return np.add.reduceat(np.where(in_trade | closes, pnl, 0.0), starts)
 
 
 def win_rate(positions, pnl) -> float:
