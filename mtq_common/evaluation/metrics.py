@@ -194,14 +194,15 @@ def trade_pnls(positions, pnl) -> np.ndarray:
         raise ValueError(f"positions and pnl must both be [T], got {positions.shape} and {pnl.shape}")
     side = np.sign(positions)
     in_trade = side != 0.0
-    # A trade starts on a non-flat bar whose side differs from the previous bar's (flat before bar 0).
-    starts = np.flatnonzero(in_trade & (np.diff(side, prepend=0.0) != 0.0))
+    # A trade starts on a non-flat bar whose side differs from the previous bar's (flat before bar 0), and a
+    # flat bar whose side differs from the previous bar's closes one.
+    changed = np.diff(side, prepend=0.0) != 0.0
+    starts = np.flatnonzero(in_trade & changed)
     if starts.size == 0:
         return np.empty(0, dtype=np.float64)
     # reduceat sums from each start up to the next one, which includes the flat bars after a trade: keep the
-    # first (its closing cost) and zero the rest, which belong to no trade.
-    closes = ~in_trade & (np.concatenate([[0.0], side[:-1]]) != 0.0)
-    return np.add.reduceat(np.where(in_trade | closes, pnl, 0.0), starts)
+    # closing one (its cost) and zero the rest, which belong to no trade.
+    return np.add.reduceat(np.where(in_trade | changed, pnl, 0.0), starts)
 
 
 def win_rate(positions, pnl) -> float:
