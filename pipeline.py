@@ -68,7 +68,7 @@ from mtq_common.evaluation.portfolio_eval import (
 from mtq_common.evaluation.report import write_report
 from mtq_common.evaluation.report_text import format_report
 from mtq_common.evaluation.rules import fit_trend_for
-from mtq_common.policy import check_data, load_hierarchy, trained_data
+from mtq_common.policy import check_data, check_execution_config, load_hierarchy, trained_data
 from mtq_common.training import checkpoint as ckpt
 from mtq_common.training.config import ConfigError
 from mtq_common.training.distributed import resolve_device
@@ -152,7 +152,8 @@ class Args:
     max_staleness_days: float | None = 7.0
     """--mode act: refuse CSV data whose last bar is older than this many days before --as-of (None: no check)."""
     force: bool = False
-    """Resume even if the config differs from the run's (the manifest's hash)."""
+    """--mode resume: resume even if the config differs from the run's (the manifest's hash); --mode act: trade even
+    if the config's costs or limits differ from the run's."""
     progress: bool = True
     """Show progress bars (only on a terminal)."""
     torch_threads: int = 1
@@ -541,6 +542,7 @@ def act(args: Args, cfg, log) -> dict:
     else:
         market = load_splits(cfg)["test"]  # the built-in market: act at the test split's last bar
     check_data(market, trained, out)
+    check_execution_config(cfg, out, trained, args.force)  # the run's costs and limits, or the book is another
     if market.source == "csv" and args.max_staleness_days is not None:
         as_of = np.datetime64(args.as_of or datetime.datetime.now(datetime.timezone.utc).date().isoformat(), "s")
         age = stale_days(market, as_of)

@@ -78,6 +78,49 @@ def check_data(market: MarketData, trained: dict[str, Any], run_dir: str | Path)
         )
 
 
+EXECUTION_KEYS = {
+    "environment": ("transaction_cost", "max_position_size", "stop_loss_pct", "max_portfolio_var",
+                    "max_correlation_exposure", "max_sector_allocation"),
+    "risk": ("var_confidence", "correlation_window"),
+}  # fmt: skip
+"""The config values that decide a trained run's book beside its weights (costs, position size, stop-loss, the
+portfolio limits, the risk model), with each instrument's `cost` and `cost_multiplier`. Not the data, contract
+sizes, budgets or reward weights: `--mode act` reads new data and rounds to the broker's contracts."""
+
+
+def execution_settings(config: dict, symbols: list[str]) -> dict[str, Any]:
+    """`EXECUTION_KEYS` of a `Config.to_dict()` as `{"section.key": value}`, with each of `symbols`' costs."""
+    out = {f"{section}.{key}": config[section][key] for section, keys in EXECUTION_KEYS.items() for key in keys}
+    for symbol in symbols:
+        spec = config["instruments"].get(symbol, {})
+        out |= {f"instruments.{symbol}.{key}": spec.get(key, "<absent>") for key in ("cost", "cost_multiplier")}
+    return out
+
+
+def check_execution_config(cfg: Config, run_dir: str | Path, trained: dict[str, Any], force: bool = False) -> None:
+    """Refuse `cfg` where its execution (`EXECUTION_KEYS`, for the instruments of `trained_data`) differs from that
+    of the config the run was trained with (`pipeline.json`), naming each difference: the book would not be the
+    one the run's backtest trades.
+    `force`: log the differences and go on. A run folder whose manifest records no config is not checked (a
+    warning)."""
+    log = logging.getLogger("mtq")
+    try:
+        run = read_run_config(run_dir).to_dict()
+    except CheckpointError as err:
+        log.warning("the config's execution is not checked against the run's: %s", err)
+        return
+    ran, given = (execution_settings(c, trained["instruments"]) for c in (run, cfg.to_dict()))
+    changed = [f"{key}: {ran[key]!r} in the run, {given[key]!r} now" for key in ran if ran[key] != given[key]]
+    if not changed:
+        return
+    if force:
+        log.warning("--force: trading with an execution other than the run's: %s", "; ".join(changed))
+        return
+    raise ConfigError(f"the config differs from the one {run_dir} was trained with (its pipeline.json) in how the "
+                      f"book is traded: {'; '.join(changed)}. Pass the run's config (its data section may name new "
+                      "data), or --force to trade with these values anyway.")  # fmt: skip
+
+
 def read_run_config(run_dir: str | Path) -> Config:
     """The config a run was trained with: the `config` of `run_dir/pipeline.json`."""
     path = Path(run_dir) / "pipeline.json"

@@ -20,6 +20,7 @@ from mtq_common.evaluation.live_book import target_book
 from mtq_common.training import checkpoint as ckpt
 from mtq_common.training.config import ConfigError
 from mtq_common.training.settings import load_config
+from tests.helpers import write_config
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,11 @@ def test_acting_on_data_cut_at_a_bar_gives_what_the_test_backtest_traded_there(t
         k = int(np.flatnonzero(backtest.bars == t)[0])
         np.testing.assert_array_equal(executed, backtest.weights[k].astype(np.float32))
         assert book["last_bar"] == str(test.timestamps[t])[:10]
+        # and the rows say what was traded: the appetite applied (not a risk-timing tracker's factor), the allocation
+        rows = [book["instruments"][s] for s in test.symbols]
+        assert [row["risk_appetite"] for row in rows] == pytest.approx([float(backtest.appetite[k])] * len(rows))
+        allocation = backtest.allocation[k][owner.numpy()]
+        np.testing.assert_allclose([row["allocation"] for row in rows], allocation, atol=1e-7)
     # with Phase 3's joint sizing the book is the sized one, and each row says its factor
     plain = backtest
     scale = [0.5] + [1.0] * (test.num_instruments - 1)
@@ -207,7 +213,7 @@ def write_csv(folder, symbols, prices, dates):
 
 
 @pytest.mark.parametrize("case", ["untrained", "instruments", "short", "stale", "unsorted", "holdings-no-capital",
-                                  "holdings-missing", "holdings-unknown", "holdings-text"])  # fmt: skip
+                                  "holdings-missing", "holdings-unknown", "holdings-text", "execution"])  # fmt: skip
 def test_bad_input_is_refused_and_writes_nothing(trained, tmp_path, case):
     out, config, cfg, *_ = trained
     market = load_splits(cfg)["test"]
@@ -229,6 +235,14 @@ def test_bad_input_is_refused_and_writes_nothing(trained, tmp_path, case):
         write_csv(data, market.symbols, market.prices, dates)
         args["data_dir"] = str(data)
         error, words = ConfigError, "stale"
+    elif case == "execution":  # another cost and VaR limit than the run's: the book would not be the run's
+        args["config"] = str(
+            write_config(
+                tmp_path / "other.yaml", {"environment": {"transaction_cost": 0.001, "max_portfolio_var": 0.01}}
+            )
+        )
+        error = ConfigError
+        words = "environment.transaction_cost: 0.003 in the run, 0.001 now; environment.max_portfolio_var: .*--force"
     elif case.startswith("holdings"):
         args["holdings"], args["capital"] = str(tmp_path / "held.csv"), 100_000.0
         error, words = ConfigError, "--holdings .*: file not found; expected a CSV file with the header `symbol,units`"
@@ -251,3 +265,7 @@ def test_bad_input_is_refused_and_writes_nothing(trained, tmp_path, case):
     with pytest.raises(error, match=words):
         pipeline.main(pipeline.Args(**args))
     assert not (out / "act").exists()
+    if case == "execution":  # --force trades with the given values (the user's explicit choice)
+        book = pipeline.main(pipeline.Args(**args, force=True))["book"]
+        assert book != pipeline.main(pipeline.Args(**{**args, "config": str(config)}))["book"]
+        shutil.rmtree(out / "act")

@@ -88,7 +88,9 @@ def target_book(specialists, meta, market: MarketData, cfg: Config, capital: flo
     if held_units is not None:
         held = held_units * closes / capital
     k_of = {name: k for k, name in enumerate(specialists.names)}
-    allocation, appetite = policy.last_allocation[0], float(policy.tracker.appetite[0])
+    # the appetite traded (a risk-timing meta-controller's tracker holds its factor over the rule's appetite)
+    allocation = policy.last_allocation[0]
+    appetite = 1.0 if policy.last_appetite is None else float(policy.last_appetite[0])
     when = iso_time(market.timestamps[last], market.bars_per_day)
     instruments = {}
     for i, symbol in enumerate(market.symbols):
