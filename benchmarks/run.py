@@ -35,7 +35,7 @@ import torch
 import tyro
 
 from benchmarks.throughput import device_name
-from mtq_common.evaluation.portfolio_eval import RULES
+from mtq_common.evaluation.rules import best_rule
 from mtq_common.evaluation.tearsheet import policy_metrics
 from mtq_common.training.checkpoint import atomic_write_json
 
@@ -234,7 +234,7 @@ def machine() -> str:
 def seed_row(seed: int, rep: dict) -> dict:
     """One seed's line of the trading-quality table from its test report."""
     policies, paired = policy_metrics(rep), rep.get("confidence", {}).get("vs_system", {})
-    best = max((name for name in RULES if name in policies), key=lambda name: policies[name]["sharpe"])
+    best = best_rule({name: m["sharpe"] for name, m in policies.items()})
     sharpe = {name: m["sharpe"] for name, m in policies.items()} | {"best_rule": policies[best]["sharpe"]}
     differences = {}
     for ref in QUALITY_REFERENCES:

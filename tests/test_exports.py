@@ -13,12 +13,14 @@ import pytest
 from mtq_common.evaluation import metrics
 from mtq_common.evaluation.backtest import Backtest
 from mtq_common.evaluation.plots import TEARSHEET_SIZE, equity_figure, percent_decimals, tearsheet_figure
-from mtq_common.evaluation.portfolio_eval import evaluate_portfolio, report_from_backtests
+from mtq_common.evaluation.portfolio_eval import evaluate_portfolio, relative_targets, report_from_backtests
 from mtq_common.evaluation.report import FILES, write_report
+from mtq_common.evaluation.rules import RULES
 from mtq_common.evaluation.tearsheet import (
     date_labels,
     period_returns,
     rolling_sharpe_and_vol,
+    shown_rule,
     tearsheet_markdown,
     worst_drawdowns,
 )
@@ -102,6 +104,21 @@ def test_tearsheet_png_and_the_markdown_section_are_written(evaluated, written):
     assert "best rule: `" in section and "| system |" in section and "(tearsheet.png)" in section
     for name in ("returns.csv", "equity.csv", "weights.csv", "tearsheet.png"):
         assert f"({name})" in text
+
+
+def test_the_tear_sheets_best_rule_is_the_one_the_reports_targets_name(evaluated):
+    report, backtests = evaluated
+    targets = next(t for t in relative_targets(report) if t["target"].startswith(">= "))  # the best rule + margin
+    assert shown_rule(report, backtests) == targets["target"].split()[1]
+    # a baseline that is not one of the rules (here the volatility-managed allocation) never stands in for them,
+    # however high its Sharpe ratio
+    names = [n for n in report["baselines"] if n not in RULES]
+    assert names and all(n in backtests for n in names)
+    lifted = {**report, "baselines": {n: {**m, "sharpe": m["sharpe"] + (100.0 if n in names else 0.0)}
+                                      for n, m in report["baselines"].items()}}  # fmt: skip
+    assert shown_rule(lifted, backtests) == shown_rule(report, backtests) in RULES
+    section = tearsheet_markdown(lifted, backtests)
+    assert f"best rule: `{shown_rule(report, backtests)}`" in section
 
 
 def test_a_backtest_on_other_bars_is_refused_before_any_file_is_written(evaluated, tmp_path):

@@ -25,13 +25,13 @@ from mtq_common.evaluation.backtest import Backtest
 from mtq_common.evaluation.tearsheet import (
     MONTHS,
     as_datetimes,
-    best_rule,
     drawdown,
     exposure,
     period_returns,
     policy_metrics,
     return_times,
     rolling_sharpe_and_vol,
+    shown_rule,
     worst_drawdowns,
 )
 
@@ -319,7 +319,7 @@ def _no_data(ax, text: str) -> None:
 
 def tearsheet_figure(report: dict, backtests: dict[str, Backtest], title: str = "MTQuant evaluation") -> Figure:
     """`tearsheet.png`: the system's monthly and yearly returns (% per cell), the one-year rolling Sharpe
-    ratio and volatility of the system, the equal allocation and the best rule (`tearsheet.best_rule`),
+    ratio and volatility of the system, the equal allocation and the best rule (`tearsheet.shown_rule`),
     the system's drawdown with its worst drawdowns shaded and numbered, and its gross and net exposure.
     Time is when each return was earned (`tearsheet.return_times`). A backtest shorter than a year says so
     in the rolling panels; timestamps that are not dates leave the calendar panel empty with a note."""
@@ -350,7 +350,7 @@ def tearsheet_figure(report: dict, backtests: dict[str, Backtest], title: str = 
     ax_month.set_title("monthly returns of the system (%, compounded; blank: no bar)", fontsize=10)
 
     # ROLLING: one-year Sharpe ratio and volatility of the system and its two references
-    rule = best_rule(report, backtests)
+    rule = shown_rule(report, backtests)
     styles = {"system": {"color": "black", "lw": 1.6}, "equal_allocation": {"color": "0.4", "lw": 1.1, "ls": "--"}}
     if len(system.net_return) < window:
         note = f"{len(system.net_return)} bars, less than one year ({window} bars): no rolling one-year statistics"
@@ -368,8 +368,8 @@ def tearsheet_figure(report: dict, backtests: dict[str, Backtest], title: str = 
         ax_vol.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=1))
     ax_sharpe.set_ylabel("Sharpe ratio")
     ax_vol.set_ylabel("annual volatility")
-    chosen = (f"best rule: {rule}, the baseline rule with the highest Sharpe ratio on these bars (picked after "
-              "the fact)") if rule else "no baseline rule in the report"  # fmt: skip
+    chosen = (f"best rule: {rule}, the rule of the report's targets with the highest Sharpe ratio on these bars "
+              "(picked after the fact)") if rule else "no baseline rule in the report"  # fmt: skip
     ax_sharpe.set_title(f"one-year rolling Sharpe ratio ({window} bars, over the risk-free rate of {rf:.2%})\n"
                         f"{chosen}", fontsize=9.5)  # fmt: skip
     ax_vol.set_title("one-year rolling annual volatility", fontsize=9.5)

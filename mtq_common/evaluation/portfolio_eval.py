@@ -43,6 +43,7 @@ from mtq_common.evaluation.rules import (
     TrendFilter,
     VolManagedPolicy,
     baseline_policies,
+    best_rule,
     pick_vol_timing,
 )
 from mtq_common.evaluation.sharpe_significance import probabilistic_sharpe_ratio
@@ -81,20 +82,19 @@ def target_checks(portfolio: dict, phase: int | str = 2) -> list[dict]:
     return rows
 
 
-RULES = ("momentum", "trend_filter", "vol_managed_trend_filter")
-"""The rules the system must beat by `RULE_MARGIN` (DESIGN section 14): the best of those in the report."""
 RULE_MARGIN = 0.3
+"""How far above the best rule (`rules.best_rule` of `rules.RULES`) the system's Sharpe ratio must be (DESIGN 14)."""
 
 
 def relative_targets(report: dict) -> list[dict]:
     """DESIGN section 14's targets against references traded alike on the same bars, `{metric, target,
-    threshold, value, pass}` each: Sharpe at least `RULE_MARGIN` above the best rule's (`RULES`), above
+    threshold, value, pass}` each: Sharpe at least `RULE_MARGIN` above the best rule's (`rules.best_rule`), above
     `vol_managed_equal_allocation`'s (when in the report) and the equal allocation's, and turnover per unit
     of volatility no higher than momentum's. With the report's bootstrap (`confidence`) each Sharpe row also
     carries the paired difference's interval (`low`, `high`) and passes only with `low` above 0 as well.
     (The seed's absolute table is `target_checks`.)"""
     system, base, policies = report["portfolio"], report["baselines"], policy_metrics(report)
-    best = max((name for name in RULES if name in base), key=lambda name: base[name]["sharpe"])
+    best = best_rule({name: m["sharpe"] for name, m in base.items()})
     rows = [("sharpe", ">=", f"{best} + {RULE_MARGIN:g}", best, RULE_MARGIN)]
     if "vol_managed_equal_allocation" in base:
         rows.append(("sharpe", ">", "vol_managed_equal_allocation", "vol_managed_equal_allocation", 0.0))

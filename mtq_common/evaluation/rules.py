@@ -57,6 +57,16 @@ MOMENTUM_LOOKBACK = 60
 TREND_FILTER_GRID = {"half_life": (10, 20, 40, 80), "band": (0.0, 0.5, 1.0, 1.5)}
 """The trend filter's candidates (bars; z-score units), searched on the training split."""
 
+RULES = ("momentum", "trend_filter", "vol_managed_trend_filter")
+"""The rules the system is judged against (DESIGN section 14: a margin above the best of them, traded alike). The
+report's targets, the seed table and the tear sheet name the same one (`best_rule`)."""
+
+
+def best_rule(sharpes: dict[str, float]) -> str | None:
+    """The one of `RULES` with the highest Sharpe ratio in `sharpes` (`{policy: Sharpe}`), None when none is there."""
+    present = [name for name in RULES if name in sharpes]
+    return max(present, key=sharpes.__getitem__) if present else None
+
 
 def momentum_positions(prices: np.ndarray, lookback: int = MOMENTUM_LOOKBACK) -> np.ndarray:
     """Time-series momentum: the sign of the return over the last `lookback` bars (0 before that)."""

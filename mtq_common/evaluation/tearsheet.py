@@ -34,11 +34,10 @@ import pandas as pd
 from mtq_common.data.market import iso_time
 from mtq_common.evaluation import metrics
 from mtq_common.evaluation.backtest import Backtest
+from mtq_common.evaluation.rules import best_rule
 
 WORST_DRAWDOWNS = 5
 """How many drawdowns the tear sheet tables."""
-NOT_RULES = ("oracle",)
-"""Baselines that are not rules a trader could run (the oracle reads the latent drift)."""
 MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 ROLLING_POINTS = 1000
 """The rolling statistics are evaluated at most at this many window ends, spread evenly (enough to plot)."""
@@ -192,12 +191,12 @@ def worst_drawdowns(returns, count: int = WORST_DRAWDOWNS) -> list[dict]:
     return sorted(periods, key=lambda p: -p["depth"])[:count]
 
 
-def best_rule(report: dict, backtests: dict[str, Backtest]) -> str | None:
-    """The baseline rule (every baseline but `NOT_RULES`) with the highest Sharpe ratio in the report, None
-    when there is none. Picked on the evaluated bars themselves: a reference, not a strategy one could
-    have chosen in advance."""
-    rules = [n for n in report["baselines"] if n not in NOT_RULES and n in backtests]
-    return max(rules, key=lambda n: report["baselines"][n]["sharpe"]) if rules else None
+def shown_rule(report: dict, backtests: dict[str, Backtest]) -> str | None:
+    """The rule the tear sheet shows: the report targets' best rule (`rules.best_rule`, the one of momentum,
+    `trend_filter` and `vol_managed_trend_filter` with the highest Sharpe ratio in the report) among `backtests`,
+    None when there is none. Picked on the evaluated bars themselves: a reference, not a strategy one could have
+    chosen in advance."""
+    return best_rule({name: m["sharpe"] for name, m in report["baselines"].items() if name in backtests})
 
 
 def exposure(bt: Backtest) -> dict[str, np.ndarray]:
@@ -241,7 +240,7 @@ def tearsheet_markdown(report: dict, backtests: dict[str, Backtest], figure: str
         rows = [[str(year), *("" if np.isnan(v) else f"{v:+.2%}" for v in table.loc[year])] for year in table.index]
         out += [markdown_table(["year", *MONTHS, "**year**"], rows), ""]
 
-    rule = best_rule(report, backtests)
+    rule = shown_rule(report, backtests)
     names = [n for n in ("system", "equal_allocation", rule) if n in backtests]
     if len(system.net_return) < window:
         out += [f"The backtest has {len(system.net_return)} bars, less than one year ({window} bars): no rolling "
@@ -255,8 +254,8 @@ def tearsheet_markdown(report: dict, backtests: dict[str, Backtest], figure: str
                          *(f"{x:.2%}" for x in (v.min(), np.median(v), v.max()))])  # fmt: skip
         header = ["policy", "Sharpe min", "median", "max", "windows with Sharpe > 0", "volatility min", "median", "max"]
         chosen = "no baseline rule in the report." if rule is None else (
-            f"best rule: `{rule}`, the baseline rule with the highest Sharpe ratio on these bars (picked after the "
-            "fact, as a reference).")  # fmt: skip
+            f"best rule: `{rule}`, the rule of the report's targets with the highest Sharpe ratio on these bars "
+            "(picked after the fact, as a reference).")  # fmt: skip
         out += [
             f"One-year rolling ({window} bars) Sharpe ratio (over the risk-free rate of {rf:.2%}) and annual "
             f"volatility, over the windows that end at up to {ROLLING_POINTS} bars spread evenly over the backtest; "
