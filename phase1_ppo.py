@@ -172,7 +172,14 @@ def build_agents(args: Args, cfg, train, specialists: list[str], obs_size: int, 
                             position_index=position_column(train.num_instruments), start_rule=start_rule)  # fmt: skip
 
 
+def check_args(args: Args) -> None:
+    """This script's own flags, refused before any work (pipeline.py checks them before its first phase too)."""
+    if args.patience < 0:
+        raise ConfigError(f"--patience {args.patience}: accepted 0 (never stop early) or more validations")
+
+
 def main(args: Args) -> dict:
+    check_args(args)
     cfg, world, device, log = start_run(args, ALIASES, "phase1")  # config, ranks, log file, threads
     out_dir = Path(args.output_dir)
     specialists = args.specialists or cfg.active_specialists()
@@ -182,8 +189,6 @@ def main(args: Args) -> dict:
     unknown = [s for s in specialists if s not in cfg.active_specialists()]
     if unknown:
         raise ConfigError(f"--specialists {unknown}: not among the active specialists {cfg.active_specialists()}")
-    if args.patience < 0:
-        raise ConfigError(f"--patience {args.patience}: accepted 0 (never stop early) or more validations")
     rows_per_iteration = args.num_envs * args.num_steps  # per specialist, on this rank
     num_iterations = iterations(args, rows_per_iteration, world)  # (a minibatch never exceeds the rollout)
     minibatches_per_run = num_iterations * args.n_epochs * -(-rows_per_iteration // args.minibatch_size)

@@ -192,6 +192,11 @@ def start_fits(args: Args, cfg, specialists, splits: dict, val_tables, trend, vo
     return {"timings": timings, "allocation_rule": rule}
 
 
+def check_args(args: Args) -> None:
+    """This script's own flags, refused before any work (pipeline.py checks them before its first phase too)."""
+    check_replace_confidence(args.replace_confidence)
+
+
 def meta_reward(reward: torch.Tensor, info: dict, book: SharpeIncrement | None) -> torch.Tensor:
     """The meta-controller's reward [B] for one bar of a `PortfolioEnv` (its step's `reward` and `info`: the
     executed weights, net return, cost, VaR, ...). The one place to change what it learns: the script applies
@@ -207,8 +212,8 @@ def main(args: Args, ahead: dict | None = None) -> dict:
     """Train the meta-controller. `ahead`: `start_fits` computed beforehand for the specialists of `ahead["spec"]`
     (pipeline.py fits them beside Phase 1, over the specialists as Phase 1 starts them); used only if the loaded
     specialists trade exactly as those (`SpecialistAgents.trades_start_rule`), else fit here."""
+    check_args(args)
     cfg, world, device, log = start_run(args, ALIASES, "phase2")  # config, ranks, log file, threads
-    check_replace_confidence(args.replace_confidence)
     out_dir = Path(args.output_dir)
     steps_per_iteration = args.num_envs * args.num_steps  # on this rank
     num_iterations = iterations(args, steps_per_iteration, world)  # (a minibatch never exceeds the rollout)

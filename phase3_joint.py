@@ -76,6 +76,7 @@ adaptive rates and the curriculum level move together.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -292,14 +293,9 @@ def meta_reward(
     return book(info["net_return"] - (cost_multiple - 1.0) * info["cost"])
 
 
-def main(args: Args) -> dict:
-    cfg, world, device, log = start_run(args, ALIASES, "phase3")  # config, ranks, log file, threads
-    out_dir = Path(args.output_dir)
-    steps_per_iteration = args.num_envs * args.num_steps  # on this rank
-    num_iterations = iterations(args, steps_per_iteration, world)  # (a minibatch never exceeds the rollout)
-    minibatches_per_run = num_iterations * args.n_epochs * -(-steps_per_iteration // args.minibatch_size)
-    compiled = use_compile(args.compile, minibatches_per_run, device, log)  # the update and each rollout bar
-    if args.specialist_lr_scale < 0.0:
+def check_args(args: Args) -> None:
+    """This script's own flags, refused before any work (pipeline.py checks them before its first phase too)."""
+    if not (math.isfinite(args.specialist_lr_scale) and args.specialist_lr_scale >= 0.0):
         raise ConfigError(f"--specialist-lr-scale {args.specialist_lr_scale}: accepted 0 (frozen) or more")
     if not 0.0 <= args.weight_average < 1.0:
         raise ConfigError(f"--weight-average {args.weight_average}: accepted 0 (off) <= decay < 1")
@@ -308,8 +304,18 @@ def main(args: Args) -> dict:
     check_replace_confidence(args.replace_confidence)
     if args.patience < 0:
         raise ConfigError(f"--patience {args.patience}: accepted 0 (never stop early) or more validations")
-    if args.cost_multiple < 0.0:
+    if not (math.isfinite(args.cost_multiple) and args.cost_multiple >= 0.0):
         raise ConfigError(f"--cost-multiple {args.cost_multiple}: accepted 0 (free trading) or more (1: as paid)")
+
+
+def main(args: Args) -> dict:
+    check_args(args)
+    cfg, world, device, log = start_run(args, ALIASES, "phase3")  # config, ranks, log file, threads
+    out_dir = Path(args.output_dir)
+    steps_per_iteration = args.num_envs * args.num_steps  # on this rank
+    num_iterations = iterations(args, steps_per_iteration, world)  # (a minibatch never exceeds the rollout)
+    minibatches_per_run = num_iterations * args.n_epochs * -(-steps_per_iteration // args.minibatch_size)
+    compiled = use_compile(args.compile, minibatches_per_run, device, log)  # the update and each rollout bar
 
     # TRY NOT TO MODIFY: seeding (each rank its own environments and noise)
     seed = seed_everything(world.seed(args.seed))

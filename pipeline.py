@@ -73,7 +73,7 @@ from mtq_common.training import checkpoint as ckpt
 from mtq_common.training.config import ConfigError
 from mtq_common.training.distributed import resolve_device
 from mtq_common.training.helper import Helper, spare_core
-from mtq_common.training.plumbing import configure_threads, setup_logging
+from mtq_common.training.plumbing import check_flags, configure_threads, setup_logging
 from mtq_common.training.settings import config_defaults, config_from_args, config_from_dict, parse_args
 
 ALIASES = {
@@ -152,8 +152,8 @@ class Args:
     max_staleness_days: float | None = 7.0
     """--mode act: refuse CSV data whose last bar is older than this many days before --as-of (None: no check)."""
     force: bool = False
-    """--mode resume: resume even if the config differs from the run's (the manifest's hash); --mode act: trade even
-    if the config's costs or limits differ from the run's."""
+    """--mode resume: resume even if the config differs from the run's (the manifest's hash); --mode eval and act:
+    evaluate or trade even if the config's costs or limits differ from the run's."""
     progress: bool = True
     """Show progress bars (only on a terminal)."""
     torch_threads: int = 1
@@ -266,8 +266,21 @@ def read_manifest(path: Path) -> dict | None:
         raise ckpt.CheckpointError(f"{path} is not a readable manifest ({exc}); move it away to start over") from None
 
 
+def check_phase_flags(args: Args, resume: bool) -> None:
+    """Every phase's flags as this run passes them (`phase_args`), checked before the first phase trains (a bad
+    --phase3-* value must not wait for Phases 1 and 2 to finish): the error names the phase."""
+    for name in PHASES:
+        script, script_args = phase_module(args, name), phase_args(args, name, resume)
+        try:
+            check_flags(script_args)
+            getattr(script, "check_args", lambda _: None)(script_args)
+        except ConfigError as err:
+            raise ConfigError(f"{name}: {err} (pipeline.py passes its --{name}-* flags as the script's own)") from None
+
+
 def train(args: Args, cfg, log, resume: bool) -> dict:
     """Run (or continue) the three phases; the manifest is rewritten atomically after each one."""
+    check_phase_flags(args, resume)
     out = Path(args.output_dir)
     path = out / "pipeline.json"
     manifest = read_manifest(path) if resume else None
@@ -389,6 +402,9 @@ def test_backtests(args: Args, cfg, device):
     specialists, meta = load_hierarchy(out, device)
     splits = load_splits(cfg)
     test = splits["test"]
+    trained = trained_data(out)
+    check_data(test, trained, out)  # the run's instruments, sectors and bar frequency
+    check_execution_config(cfg, out, trained, args.force)  # and its costs and limits, or the report is another's
     if list(specialists.names) != [s for s in specialists.names if s in test.sectors]:
         raise ckpt.CheckpointError(f"{out / 'phase3' / 'best.pt'} holds specialists for other instruments")
     tables = build_tables(test, cfg, device)
@@ -529,6 +545,9 @@ def act(args: Args, cfg, log) -> dict:
     out, device = Path(args.output_dir), resolve_device(args.device)
     if args.capital is not None and not (math.isfinite(args.capital) and args.capital > 0):
         raise ConfigError(f"--capital {args.capital}: accepted a positive amount")
+    staleness = args.max_staleness_days
+    if staleness is not None and not (math.isfinite(staleness) and staleness >= 0):
+        raise ConfigError(f"--max-staleness-days {staleness}: accepted a number of days >= 0, or None (no check)")
     if args.holdings is not None and args.capital is None:
         raise ConfigError(f"--holdings {args.holdings}: units held need --capital (the account's value) to become "
                           "weights; pass both")  # fmt: skip
@@ -544,7 +563,10 @@ def act(args: Args, cfg, log) -> dict:
     check_data(market, trained, out)
     check_execution_config(cfg, out, trained, args.force)  # the run's costs and limits, or the book is another
     if market.source == "csv" and args.max_staleness_days is not None:
-        as_of = np.datetime64(args.as_of or datetime.datetime.now(datetime.timezone.utc).date().isoformat(), "s")
+        try:
+            as_of = np.datetime64(args.as_of or datetime.datetime.now(datetime.timezone.utc).date().isoformat(), "s")
+        except ValueError:
+            raise ConfigError(f"--as-of {args.as_of!r}: accepted a date, YYYY-MM-DD") from None
         age = stale_days(market, as_of)
         if age > args.max_staleness_days:
             raise ConfigError(
@@ -570,6 +592,7 @@ def main(args: Args) -> dict:
             "pipeline.py runs in one process; to train on several processes or GPUs, run the phase scripts "
             "under torchrun (torchrun --nproc_per_node N phase1_ppo.py ...), then `pipeline.py --mode eval`"
         )
+    check_flags(args)  # (the seed, the rows, the episodes: before any file)
     cfg = config_from_args(args, ALIASES)
     configure_threads(args.torch_threads)
     resolve_device(args.device)  # a clear error before any work

@@ -107,9 +107,14 @@ class Outcome:
 
 def expand(command: str, seeds: list[int], configs: list[str], output_dir: str) -> list[Run]:
     """One Run per (config, seed): the command split like a shell would, plus the per-run flags."""
-    base = shlex.split(command)
+    try:
+        base = shlex.split(command)
+    except ValueError as err:  # (an unclosed quote)
+        raise ValueError(f"--command {command!r}: not a command line a shell would split ({err})") from None
     if not base:
-        raise ValueError("--command is empty")
+        raise ValueError('--command is empty: accepted a command line, e.g. "python pipeline.py --mode train"')
+    if not seeds:
+        raise ValueError("--seeds is empty: accepted one or more distinct seeds, e.g. --seeds 1 2 3 4 5")
     stems = [Path(c).stem for c in configs]
     if len(set(stems)) != len(stems):
         raise ValueError(f"configs must have distinct file stems (they name the output dirs): {configs}")
@@ -403,4 +408,10 @@ def main(args: Args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(tyro.cli(Args)))
+    cli_args = tyro.cli(Args)
+    try:  # bad flags: the message and exit code 2, not a traceback
+        expand(cli_args.command, cli_args.seeds, cli_args.configs, cli_args.output_dir)
+    except ValueError as err:
+        print(f"benchmarks.run: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(main(cli_args))

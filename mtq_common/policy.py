@@ -72,7 +72,7 @@ def check_data(market: MarketData, trained: dict[str, Any], run_dir: str | Path)
     differ = [f"{key}: trained on {trained[key]}, given {given[key]}" for key in trained if trained[key] != given[key]]
     if differ:
         raise ConfigError(
-            f"the data does not match the run trained in {run_dir}: " + "; ".join(differ) + ". Act on data of the "
+            f"the data does not match the run trained in {run_dir}: " + "; ".join(differ) + ". Use data of the "
             "same instruments, sectors and bar frequency (the config's data.instruments and the files in --data-dir), "
             "or train a run on this data first."
         )

@@ -213,7 +213,8 @@ def write_csv(folder, symbols, prices, dates):
 
 
 @pytest.mark.parametrize("case", ["untrained", "instruments", "short", "stale", "unsorted", "holdings-no-capital",
-                                  "holdings-missing", "holdings-unknown", "holdings-text", "execution"])  # fmt: skip
+                                  "holdings-missing", "holdings-unknown", "holdings-text", "execution", "as-of",
+                                  "staleness"])  # fmt: skip
 def test_bad_input_is_refused_and_writes_nothing(trained, tmp_path, case):
     out, config, cfg, *_ = trained
     market = load_splits(cfg)["test"]
@@ -235,6 +236,13 @@ def test_bad_input_is_refused_and_writes_nothing(trained, tmp_path, case):
         write_csv(data, market.symbols, market.prices, dates)
         args["data_dir"] = str(data)
         error, words = ConfigError, "stale"
+    elif case == "as-of":
+        write_csv(data, market.symbols, market.prices, dates)
+        args["data_dir"], args["as_of"] = str(data), "2022-13-45"
+        error, words = ConfigError, "--as-of '2022-13-45': accepted a date, YYYY-MM-DD"
+    elif case == "staleness":
+        args["max_staleness_days"] = -1.0
+        error, words = ConfigError, "--max-staleness-days -1.0: accepted a number of days >= 0, or None"
     elif case == "execution":  # another cost and VaR limit than the run's: the book would not be the run's
         args["config"] = str(
             write_config(

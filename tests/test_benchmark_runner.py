@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from benchmarks.run import Args, aggregate, expand, flatten, main, selected_rows
-from tests.helpers import write_config
+from tests.helpers import run_cli, write_config
 
 PY = shlex.quote(sys.executable)
 TINY_PPO = "--timesteps 512 --num-envs 8 --num-steps 32 --minibatch-size 64 --n-epochs 1 --device cpu"
@@ -41,6 +41,20 @@ def test_expand_without_configs_uses_default_group(tmp_path):
     assert runs[0].output_dir.endswith("default/seed_7")
     with pytest.raises(ValueError):
         expand("python x.py", [1], ["a/c.yaml", "b/c.yaml"], str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "command, seeds, words",
+    [
+        ("", [1], "--command is empty"),
+        ('python phase1_ppo.py "unclosed', [1], "not a command line a shell would split"),
+        ("python phase1_ppo.py", [], "--seeds is empty"),
+        ("python phase1_ppo.py", [1, 1], "seeds must be distinct"),
+    ],
+)
+def test_bad_flags_are_one_line_and_exit_2(command, seeds, words):
+    code, stderr = run_cli("benchmarks/run.py", "--command", command, "--seeds", *map(str, seeds))
+    assert code == 2 and words in stderr and "Traceback" not in stderr, stderr
 
 
 def test_print_only_by_default(tmp_path, capsys):

@@ -141,6 +141,13 @@ def test_user_can_add_a_symbol(tmp_path):
         ("data:\n  csv:\n    date_format: 'YYYY-MM-DD'\n", ["data.csv.date_format", "strftime"]),
         ("data:\n  csv: {dayfirst: true, date_format: '%d/%m/%Y'}\n", ["data.csv.dayfirst", "one of them"]),
         ("data:\n  csv:\n    timezone: Mars/Olympus\n", ["data.csv.timezone", "Mars/Olympus", "as_written"]),
+        ("training:\n  device: cudaX\n", ["training.device", "'cudaX'", "cuda:N"]),
+        ("training:\n  device: 'cuda:x'\n", ["training.device", "cuda:N"]),
+        ("specialists: [forex, forex, commodities, equity]\n", ["specialists", "no repeated name"]),
+        ("instruments:\n  EURUSD: {sector: forex, annual_vol: .inf}\n", ["instruments.EURUSD.annual_vol", "finite"]),
+        ("environment:\n  initial_capital: .inf\n", ["environment.initial_capital", "finite"]),
+        ("instruments:\n  EURUSD: {sector: forex, signal: .nan}\n", ["instruments.EURUSD.signal", "finite"]),
+        ("data:\n  synthetic:\n    drift_scale: .inf\n", ["data.synthetic.drift_scale", "finite"]),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, text, words):
@@ -152,6 +159,13 @@ def test_bad_config_names_the_key(tmp_path, text, words):
     assert str(path) in message
     for word in words:
         assert word in message
+
+
+def test_a_config_that_is_not_text_names_the_file(tmp_path):
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(b"\xff\xfe\x00 not text")
+    with pytest.raises(ConfigError, match=f"{path}: not a text file in UTF-8"):
+        load_config(path)
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path):

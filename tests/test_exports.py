@@ -5,6 +5,7 @@ drawdown axis reads at any scale."""
 
 import dataclasses
 import math
+import os
 
 import numpy as np
 import pandas as pd
@@ -24,6 +25,7 @@ from mtq_common.evaluation.tearsheet import (
     tearsheet_markdown,
     worst_drawdowns,
 )
+from mtq_common.training.checkpoint import atomic_write_json
 from tests.helpers import untrained_agents
 from tests.test_report import check_png
 
@@ -119,6 +121,16 @@ def test_the_tear_sheets_best_rule_is_the_one_the_reports_targets_name(evaluated
     assert shown_rule(lifted, backtests) == shown_rule(report, backtests) in RULES
     section = tearsheet_markdown(lifted, backtests)
     assert f"best rule: `{shown_rule(report, backtests)}`" in section
+
+
+def test_written_files_get_the_umasks_permissions_not_owner_only(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "report.json", {"sharpe": 1.0})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o644  # (a temporary file from mkstemp: 0o600)
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
 
 
 def test_a_backtest_on_other_bars_is_refused_before_any_file_is_written(evaluated, tmp_path):

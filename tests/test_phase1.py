@@ -223,6 +223,12 @@ def test_subset_of_specialists(tmp_path):
         (["--timesteps", "-5"], "phase_1_timesteps"),
         (["--position-rate", "1.5"], "position_rate 1.5 (--position-rate): accepted 0 < rate <= 1"),
         (["--patience", "-1"], "--patience -1: accepted 0 (never stop early) or more validations"),
+        (["--eval-interval", "0"], "--eval-interval 0: accepted a whole number >= 1"),
+        (["--ent-coef", "nan"], "--ent-coef nan: accepted a finite number >= 0"),
+        (["--max-grad-norm", "0"], "--max-grad-norm 0.0: accepted a finite number > 0"),
+        (["--num-steps", "0"], "--num-steps 0: accepted a whole number >= 1"),
+        (["--hidden-size", "0"], "--hidden-size 0: accepted a whole number >= 1"),
+        (["--device", "cuda:x"], "training.device = 'cuda:x' is out of range; accepted: auto, cpu, cuda or cuda:N"),
     ],
 )
 def test_clear_errors(tmp_path, extra, message):

@@ -2,6 +2,7 @@
 
 import dataclasses
 import hashlib
+import io
 import json
 import re
 import subprocess
@@ -333,19 +334,33 @@ def test_meta_controller_routes_capital_to_the_skilled_specialist(tmp_path, seed
     assert metrics["best_iteration"] > 0 and metrics["best_gain_over_start"]["low"] > 0  # a gain beyond noise
 
 
-def corrupt(path: Path) -> Path:
+def corrupt(path: Path, content: bytes = b"not a checkpoint at all") -> Path:
     path.mkdir(parents=True, exist_ok=True)
-    (path / "best.pt").write_bytes(b"not a checkpoint at all")
+    (path / "best.pt").write_bytes(content)
     return path
 
 
-@pytest.mark.parametrize("case", ["missing", "corrupted", "instruments", "layout", "partial"])
+class Unsafe:
+    """An object whose unpickling would run code: a safe load must refuse it."""
+
+    def __reduce__(self):
+        return (print, ("unpickled",))
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupted", "empty", "pickle", "instruments", "layout", "partial"])
 def test_bad_phase1_output_is_a_clear_error(tiny, tmp_path, case):
     _, config, phase1_dir = tiny
     if case == "missing":
         source, message = tmp_path / "nothing", "checkpoint not found"
     elif case == "corrupted":
         source, message = corrupt(tmp_path / "bad"), "not a readable MTQuant checkpoint"
+    elif case == "empty":  # (torch's error has no message)
+        source, message = corrupt(tmp_path / "bad", b""), "not a readable MTQuant checkpoint"
+    elif case == "pickle":  # refused without torch's advice to load it unsafely
+        buffer = io.BytesIO()
+        torch.save({"format": "mtquant-checkpoint-v1", "x": Unsafe()}, buffer)
+        source = corrupt(tmp_path / "bad", buffer.getvalue())
+        message = "holds objects that a safe load (weights_only=True) refuses"
     elif case == "instruments":
         source, message = phase1(tmp_path, config, instruments=["SPX500", "EURUSD"]), "was trained on instruments"
     elif case == "layout":
@@ -356,6 +371,7 @@ def test_bad_phase1_output_is_a_clear_error(tiny, tmp_path, case):
                            str(tmp_path / "o"), "--log-dir", str(tmp_path / "l"), "--device", "cpu")  # fmt: skip
     assert code == 2, stderr
     assert message in stderr and "phase1_ppo.py" in stderr and "Traceback" not in stderr
+    assert "unpickled" not in stderr and "weights_only set to False" not in stderr
 
 
 def test_interrupted_run_resumes_to_the_same_result(tiny):

@@ -206,6 +206,16 @@ def snapshot(folder: Path) -> dict[str, bytes]:
         ("resume-nothing", ["--mode", "resume"], "nothing to resume"),
         ("missing-config", ["--mode", "train", "--config", "nope.yaml"], "config file not found"),
         ("bad-csv", ["--mode", "train", "--data-dir", "DATA"], "close"),
+        ("device", ["--mode", "train", "--device", "cudaX"], "training.device = 'cudaX' is out of range"),
+        ("seed", ["--mode", "train", "--seed", "-1"], "--seed -1: accepted a whole number 0 <= seed < 2**32"),
+        ("episodes", ["--mode", "train", "--eval-episodes", "0"], "--eval-episodes 0: accepted a whole number >= 1"),
+        # a later phase's flag is checked before the first phase trains, and named as the pipeline passes it
+        (
+            "phase3-flag",
+            ["--mode", "train", "--phase3-weight-average", "1.5"],
+            "phase3: --weight-average 1.5: accepted 0 (off) <= decay < 1 (pipeline.py passes its --phase3-* flags",
+        ),
+        ("phase2-flag", ["--mode", "train", "--phase2-replace-confidence", "nan"], "phase2: "),
     ],
 )
 def test_bad_input_is_one_paragraph_and_exit_2(tmp_path, case, extra, message):
@@ -230,6 +240,21 @@ def test_resume_with_another_config_is_refused_and_touches_nothing(trained, tmp_
     # every key that differs, with the run's value and the current one
     assert "reward.risk_penalty_weight: 1.0 in the run, 2.0 now" in stderr
     assert "training.n_envs: 8 in the run, 4 now" in stderr
+    assert snapshot(tmp / "out") == before
+
+
+@pytest.mark.parametrize("change", ["limits", "instruments"])
+def test_eval_with_a_config_unlike_the_runs_is_refused_and_touches_nothing(trained, tmp_path, change):
+    tmp, config, _ = trained
+    if change == "limits":  # the report would be another policy's: the run's weights under other limits
+        other = write_config(tmp_path / "other.yaml", {"environment": {"max_position_size": 0.05}})
+        words = "environment.max_position_size: 0.1 in the run, 0.05 now"
+    else:  # the same sectors, fewer instruments: named, not a tensor-shape error
+        other = write_config(tmp_path / "other.yaml", {"data": {"instruments": ["EURUSD", "XAUUSD", "SPX500"]}})
+        words = "the data does not match the run trained in"
+    before = snapshot(tmp / "out")
+    code, stderr = run_cli("pipeline.py", *pipeline_args(tmp, "--mode", "eval", config=other))
+    assert code == 2 and words in stderr and "Traceback" not in stderr, stderr
     assert snapshot(tmp / "out") == before
 
 

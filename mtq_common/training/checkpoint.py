@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +28,19 @@ class CheckpointError(RuntimeError):
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` atomically (temporary file in the same folder, fsync, rename)."""
+    """Write `data` to `path` atomically (temporary file in the same folder, fsync, rename). The file gets the
+    usual permissions (the umask's; `tempfile.mkstemp` would make every report owner-only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -79,9 +80,12 @@ def load_checkpoint(path: str | Path, kind: str | None = None, hint: str = "") -
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and unpickler errors all mean the same thing to a user
+        why = (str(exc).splitlines() or ["(no message)"])[0][:200]  # (an empty file's error has no message)
+        if why.startswith("Weights only load failed"):  # (not torch's advice to load it unsafely)
+            why = "it holds objects that a safe load (weights_only=True) refuses"
         raise CheckpointError(
             f"{path} is not a readable MTQuant checkpoint (corrupted, truncated or not written by MTQuant): "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}. {hint}".strip()
+            f"{type(exc).__name__}: {why}. {hint}".strip()
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an MTQuant checkpoint (format tag missing). {hint}".strip())

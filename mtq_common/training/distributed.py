@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -31,8 +32,14 @@ RANK_SEED_STRIDE = 7919
 seed sweep never collide with another seed's rank)."""
 
 
+DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")
+"""The device names accepted (`--device`, `training.device`): auto, cpu, cuda or cuda:N."""
+
+
 def resolve_device(name: str) -> torch.device:
-    """`auto` takes CUDA when present; an unavailable CUDA request is a clear error."""
+    """`auto` takes CUDA when present; an unavailable CUDA request or another name is a clear error."""
+    if not isinstance(name, str) or not DEVICE_NAME.fullmatch(name):
+        raise ValueError(f"--device {name!r}: accepted auto, cpu, cuda or cuda:N (N a GPU's index)")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from mtq_common.training import checkpoint as ckpt
 from mtq_common.training import distributed
 from mtq_common.training.config import ConfigError
-from mtq_common.training.settings import config_from_args, parse_args
+from mtq_common.training.settings import config_from_args, finite_at_least, parse_args
 
 
 def setup_logging(path: str | Path, name: str, to_file: bool = True) -> logging.Logger:
@@ -142,10 +142,35 @@ def save_latest(out_dir, payload: dict, local: dict, world: distributed.World, s
 # --- a phase script's run -------------------------------------------------------------------------------
 
 
+SHARED_FLAGS = {
+    "seed": (lambda x: 0 <= x < 2**32, "a whole number 0 <= seed < 2**32"),
+    "num_envs": (lambda x: x >= 1, "a whole number >= 1"),
+    "num_steps": (lambda x: x >= 1, "a whole number >= 1 (bars per rollout)"),
+    "hidden_size": (lambda x: x >= 1, "a whole number >= 1"),
+    "eval_interval": (lambda x: x >= 1, "a whole number >= 1 (iterations between validations)"),
+    "eval_segments": (lambda x: x >= 1, "a whole number >= 1"),
+    "eval_episodes": (lambda x: x >= 1, "a whole number >= 1"),
+    "ent_coef": (lambda x: finite_at_least(x, 0), "a finite number >= 0"),
+    "vf_coef": (lambda x: finite_at_least(x, 0), "a finite number >= 0"),
+    "max_grad_norm": (lambda x: finite_at_least(x, 0, above=True), "a finite number > 0"),
+    "target_kl": (lambda x: x is None or finite_at_least(x, 0, above=True), "None (off) or a finite number > 0"),
+}
+"""The flags the scripts share (a script checks those it has), each with what is accepted."""
+
+
+def check_flags(args) -> None:
+    """Refuse a bad value of any of `SHARED_FLAGS` that `args` has, naming the flag and what is accepted (before
+    any work or file: a NaN coefficient would otherwise read as a diverged run, an interval of 0 fail mid-run)."""
+    for name, (ok, accepted) in SHARED_FLAGS.items():
+        if hasattr(args, name) and not ok(getattr(args, name)):
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)!r}: accepted {accepted}")
+
+
 def start_run(args, aliases: dict, name: str):
-    """A phase script's first lines: its config (YAML file, then flags; see `config_from_args`), the
-    torch.distributed world and device, the log file (rank 0), torch's threads and the `--amp` check.
-    Returns `(cfg, world, device, log)`."""
+    """A phase script's first lines: its flags' checks (`check_flags`), its config (YAML file, then flags; see
+    `config_from_args`), the torch.distributed world and device, the log file (rank 0), torch's threads and the
+    `--amp` check. Returns `(cfg, world, device, log)`."""
+    check_flags(args)
     cfg = config_from_args(args, aliases)
     world, device = distributed.setup(args.device)
     log = setup_logging(Path(args.log_dir) / "training.log", name, to_file=world.is_main)

@@ -39,6 +39,7 @@ from mtq_common.training.config import (
     SyntheticConfig,
     TrainingConfig,
 )
+from mtq_common.training.distributed import DEVICE_NAME
 
 SECTIONS = {
     "training": TrainingConfig,
@@ -190,6 +191,13 @@ def read_yaml(path: str, mtime_ns: int, size: int) -> Any:
         return yaml.safe_load(Path(path).read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text file in UTF-8 ({exc}); expected a YAML config") from None
+
+
+def finite_at_least(x: float, low: float, above: bool = False) -> bool:
+    """Whether `x` is a finite number >= `low` (> `low` with `above`): `x >= 0` alone lets inf and NaN through."""
+    return math.isfinite(x) and (x > low if above else x >= low)
 
 
 def _check(cond: bool, where: str, key: str, value: Any, accepted: str) -> None:
@@ -213,49 +221,37 @@ def validate(cfg: Config, require_data_dir: bool = True) -> Config:
     _check(0 < t.gamma <= 1, w, "training.gamma", t.gamma, "0 < value <= 1")
     _check(0 <= t.gae_lambda <= 1, w, "training.gae_lambda", t.gae_lambda, "0 <= value <= 1")
     _check(0 < t.clip_range < 1, w, "training.clip_range", t.clip_range, "0 < value < 1")
-    _check(
-        t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
-        w,
-        "training.device",
-        t.device,
-        "auto, cpu, cuda or cuda:N",
-    )
+    _check(bool(DEVICE_NAME.fullmatch(t.device)), w, "training.device", t.device, "auto, cpu, cuda or cuda:N")
     _check(e.episode_length >= 2, w, "environment.episode_length", e.episode_length, "a whole number >= 2")
     _check(e.warmup_steps >= 0, w, "environment.warmup_steps", e.warmup_steps, "a whole number >= 0")
-    _check(e.initial_capital > 0, w, "environment.initial_capital", e.initial_capital, "a positive number")
+    cap = e.initial_capital
+    _check(finite_at_least(cap, 0, above=True), w, "environment.initial_capital", cap, "a finite number > 0")
     _check(0 <= e.transaction_cost < 1, w, "environment.transaction_cost", e.transaction_cost, "0 <= value < 1")
-    for key in (
-        "max_position_size",
-        "stop_loss_pct",
-        "max_portfolio_var",
-        "max_correlation_exposure",
-        "max_sector_allocation",
-    ):
+    limits = ("max_position_size", "stop_loss_pct", "max_portfolio_var", "max_correlation_exposure")
+    for key in (*limits, "max_sector_allocation"):
         value = getattr(e, key)
         _check(0 < value <= 1, w, f"environment.{key}", value, "a limit in (0, 1]")
-    for key in (
-        "risk_penalty_weight",
-        "transaction_cost_weight",
-        "diversification_bonus_weight",
-        "downside_volatility_weight",
-    ):
+    for key in ("risk_penalty_weight", "transaction_cost_weight", "diversification_bonus_weight"):
         value = getattr(r, key)
-        _check(value >= 0 and math.isfinite(value), w, f"reward.{key}", value, "a finite weight >= 0")
+        _check(finite_at_least(value, 0), w, f"reward.{key}", value, "a finite weight >= 0")
+    value = r.downside_volatility_weight
+    _check(finite_at_least(value, 0), w, "reward.downside_volatility_weight", value, "a finite weight >= 0")
     _check(math.isfinite(r.sharpe_target), w, "reward.sharpe_target", r.sharpe_target, "a finite number")
     _check(0 < r.max_drawdown_target <= 1, w, "reward.max_drawdown_target", r.max_drawdown_target, "(0, 1]")
     _check(-0.5 < r.risk_free_rate < 0.5, w, "reward.risk_free_rate", r.risk_free_rate, "-0.5 < value < 0.5")
     _check(0.5 < k.var_confidence < 1, w, "risk.var_confidence", k.var_confidence, "0.5 < value < 1")
     _check(k.correlation_window >= 2, w, "risk.correlation_window", k.correlation_window, "a whole number >= 2")
     for symbol, spec in cfg.instruments.items():
-        _check(spec.annual_vol > 0, w, f"instruments.{symbol}.annual_vol", spec.annual_vol, "a positive number")
-        _check(spec.cost_multiplier >= 0, w, f"instruments.{symbol}.cost_multiplier", spec.cost_multiplier, ">= 0")
+        vol, multiplier, at = spec.annual_vol, spec.cost_multiplier, f"instruments.{symbol}"
+        _check(finite_at_least(vol, 0, above=True), w, f"{at}.annual_vol", vol, "a finite number > 0")
+        _check(finite_at_least(multiplier, 0), w, f"{at}.cost_multiplier", multiplier, "a finite number >= 0")
         if spec.cost is not None:
             ok = math.isfinite(spec.cost) and 0 <= spec.cost < 1
             _check(ok, w, f"instruments.{symbol}.cost", spec.cost, "a cost per unit of turnover, 0 <= value < 1")
-        _check(spec.signal >= 0, w, f"instruments.{symbol}.signal", spec.signal, ">= 0")
+        _check(finite_at_least(spec.signal, 0), w, f"instruments.{symbol}.signal", spec.signal, "a finite number >= 0")
         _check(0 <= spec.driver <= 1, w, f"instruments.{symbol}.driver", spec.driver, "0 <= value <= 1")
         size = spec.contract_size
-        _check(math.isfinite(size) and size > 0, w, f"instruments.{symbol}.contract_size", size, "a positive number")
+        _check(finite_at_least(size, 0, above=True), w, f"{at}.contract_size", size, "a finite number > 0")
     _check(d.source in ("synthetic", "csv"), w, "data.source", d.source, "synthetic or csv")
     if require_data_dir and d.source == "csv" and not d.data_dir:
         raise ConfigError(
@@ -284,11 +280,13 @@ def validate(cfg: Config, require_data_dir: bool = True) -> Config:
     _check(s.seed >= 0, w, "data.synthetic.seed", s.seed, "a whole number >= 0")
     for key in ("train_bars", "val_bars", "test_bars"):
         _check(getattr(s, key) >= 200, w, f"data.synthetic.{key}", getattr(s, key), "a whole number >= 200")
-    _check(s.drift_half_life > 0, w, "data.synthetic.drift_half_life", s.drift_half_life, "a positive number")
-    _check(s.drift_scale >= 0, w, "data.synthetic.drift_scale", s.drift_scale, ">= 0")
+    life = s.drift_half_life
+    _check(finite_at_least(life, 0, above=True), w, "data.synthetic.drift_half_life", life, "a finite number > 0")
+    _check(finite_at_least(s.drift_scale, 0), w, "data.synthetic.drift_scale", s.drift_scale, "a finite number >= 0")
     _check(isinstance(d.allow_partial_overlap, bool), w, "data.allow_partial_overlap", d.allow_partial_overlap,
            "true or false")  # fmt: skip
     _check(len(cfg.specialists) >= 1, w, "specialists", cfg.specialists, "at least one specialist name")
+    _check(len(set(cfg.specialists)) == len(cfg.specialists), w, "specialists", cfg.specialists, "no repeated name")
     for symbol in d.instruments:
         sector = cfg.instruments[symbol].sector
         if sector not in cfg.specialists:
