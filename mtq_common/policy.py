@@ -101,12 +101,12 @@ def check_execution_config(cfg: Config, run_dir: str | Path, trained: dict[str, 
     """Refuse `cfg` where its execution (`EXECUTION_KEYS`, for the instruments of `trained_data`) differs from that
     of the config the run was trained with (`pipeline.json`), naming each difference: the book would not be the
     one the run's backtest trades.
-    `force`: log the differences and go on. A run folder whose manifest records no config is not checked (a
-    warning)."""
+    `force`: log the differences and go on. A run folder whose manifest records no readable config is not checked
+    (a warning)."""
     log = logging.getLogger("mtq")
     try:
         run = read_run_config(run_dir).to_dict()
-    except CheckpointError as err:
+    except (CheckpointError, ConfigError) as err:  # (no manifest, or one this version cannot read)
         log.warning("the config's execution is not checked against the run's: %s", err)
         return
     ran, given = (execution_settings(c, trained["instruments"]) for c in (run, cfg.to_dict()))

@@ -206,6 +206,19 @@ def test_pipeline_act_writes_the_book(trained, tmp_path):
     assert (out / "act").is_dir() and result["path"].endswith(f"book-{result['book']['last_bar']}.json")
 
 
+def test_a_run_whose_manifest_holds_no_config_acts_unchecked(trained, tmp_path):
+    """Phases trained by their scripts (torchrun) and evaluated by the pipeline leave a manifest without the config:
+    the execution cannot be compared, so act goes on (with a warning) and gives the same book."""
+    out, config, *_ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("act"))
+    (copy / "pipeline.json").write_text(json.dumps({"eval": {}}))
+    args = dict(mode="act", config=str(config), log_dir=str(tmp_path / "logs"))
+    book = pipeline.main(pipeline.Args(output_dir=str(copy), **args))["book"]
+    assert book == pipeline.main(pipeline.Args(output_dir=str(out), **args))["book"]
+    shutil.rmtree(out / "act")
+
+
 def write_csv(folder, symbols, prices, dates):
     folder.mkdir(parents=True, exist_ok=True)
     for i, symbol in enumerate(symbols):
