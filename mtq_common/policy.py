@@ -40,7 +40,8 @@ from mtq_common.training.config import Config, ConfigError
 from mtq_common.training.distributed import resolve_device
 from mtq_common.training.settings import config_from_dict
 
-UNTRAINED_HINT = "Nothing trained yet: run `python pipeline.py --mode train` (or --mode resume) first."
+UNTRAINED_HINT = "To write it, run `python pipeline.py --mode train` (or --mode resume)."
+"""What to do when a run's checkpoint is missing or unreadable (not "nothing trained": a file may be corrupted)."""
 
 
 def load_hierarchy(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[SpecialistAgents, MetaController]:
