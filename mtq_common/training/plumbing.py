@@ -144,7 +144,6 @@ def save_latest(out_dir, payload: dict, local: dict, world: distributed.World, s
 
 SHARED_FLAGS = {
     "seed": (lambda x: 0 <= x < 2**32, "a whole number 0 <= seed < 2**32"),
-    "num_envs": (lambda x: x >= 1, "a whole number >= 1"),
     "num_steps": (lambda x: x >= 1, "a whole number >= 1 (bars per rollout)"),
     "hidden_size": (lambda x: x >= 1, "a whole number >= 1"),
     "eval_interval": (lambda x: x >= 1, "a whole number >= 1 (iterations between validations)"),
@@ -155,7 +154,8 @@ SHARED_FLAGS = {
     "max_grad_norm": (lambda x: finite_at_least(x, 0, above=True), "a finite number > 0"),
     "target_kl": (lambda x: x is None or finite_at_least(x, 0, above=True), "None (off) or a finite number > 0"),
 }
-"""The flags the scripts share (a script checks those it has), each with what is accepted."""
+"""The flags the scripts share (a script checks those it has), each with what is accepted. Flags that back a config
+key (`--num-envs`: `training.n_envs`, ...) are checked with the config (`settings.validate`)."""
 
 
 def check_flags(args) -> None:
