@@ -816,8 +816,8 @@ def main(args: Args) -> dict:
 
 def final_evaluation(args: Args, specialists, meta, owner, best: dict, report: dict | None, validate, val, cfg,
                      device, tables, facts: dict, log) -> dict:  # fmt: skip
-    """The best hierarchy (what `best.pt` holds) on the validation split and in `--eval-episodes` episodes
-    on fresh paths; writes `metrics.json` (with the run's `facts`) and prints the report."""
+    """The best hierarchy (what `best.pt` holds) on the validation split and in `--eval-episodes` episodes,
+    random windows of it; writes `metrics.json` (with the run's `facts`) and prints the report."""
     if report is None:  # resumed after the last iteration's checkpoint: validate the final iterate again
         report = validate(specialists, meta)
     specialists.load_state_dict(best["specialists"])

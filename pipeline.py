@@ -440,9 +440,13 @@ def evaluate(args: Args, cfg, log) -> dict:
     paths = write_report(report, backtests, out / "eval", title="MTQuant test evaluation", episodes=summary)
     seconds = time.time() - start
     text = format_report(report)
-    spread = "\n".join(f"  {key:<18} {v['mean']:+.3f} +- {v['std']:.3f}" for key, v in summary.items())
     print(f"Test evaluation ({test.split} split, {report['data']['bars']} bars, never seen in training):\n{text}")
-    print(f"{args.eval_episodes} evaluation episodes on {where} (mean +- std):\n{spread}")
+    if len(episodes) == 1:
+        values = "\n".join(f"  {key:<18} {v['mean']:+.3f}" for key, v in summary.items())
+        print(f"1 evaluation episode on {where}:\n{values}")
+    else:
+        spread = "\n".join(f"  {key:<18} {v['mean']:+.3f} +- {v['std']:.3f}" for key, v in summary.items())
+        print(f"{len(episodes)} evaluation episodes on {where} (mean +- std):\n{spread}")
     print("report: " + ", ".join(str(p) for p in paths.values()))
     log.info("evaluation written to %s in %.1f s", out / "eval", seconds)
     return {"report": report, "episodes": summary, "seconds": seconds}
@@ -463,6 +467,11 @@ def evaluation_episodes(run_dir: str, config: dict, episodes: int, seed: int, de
                                             market)  # fmt: skip
 
     if test.source != "synthetic":
+        length, available = cfg.environment.episode_length, tables.num_bars - 1 - tables.first_bar
+        if available <= length:  # every window would be the whole split: one episode, and no spread to report
+            ran = run_episodes(test, cfg, hierarchy(test), 1, seed=seed, device=device, tables=tables)
+            return ran, (f"one window, the whole test split ({available} bars, an episode is {length}): no spread "
+                         "(a shorter environment.episode_length gives windows)")  # fmt: skip
         ran = run_episodes(test, cfg, hierarchy(test), episodes, seed=seed, device=device, tables=tables)
         return ran, "random windows of the test split"
     # fresh market paths: a seed no split uses, long enough for every episode without overlap
@@ -488,12 +497,15 @@ def walk_forward(args: Args, cfg, log) -> dict:
     for k in range(args.folds):
         fold_dir = out / f"fold_{k}"
         fold_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, folds=args.folds, fold=k))
-        config_path = fold_dir / "config.yaml"
+        config_path, manifest_path = fold_dir / "config.yaml", fold_dir / "pipeline.json"
+        resume = manifest_path.is_file()
+        if resume:  # a fold trained with another config is refused before its config file is replaced
+            manifest = read_manifest(manifest_path)
+            ckpt.check_config_hash(manifest, fold_cfg.hash(), manifest_path, args.force, fold_cfg.to_dict())
         ckpt.atomic_write_bytes(config_path, yaml.safe_dump(fold_cfg.to_dict(), sort_keys=False).encode())
         fold_args = dataclasses.replace(args, config=str(config_path), output_dir=str(fold_dir),
                                         log_dir=str(logs / f"fold_{k}"))  # fmt: skip
         fold_cfg = config_from_args(fold_args, ALIASES)
-        resume = (fold_dir / "pipeline.json").is_file()
         log.info("walk-forward fold %d/%d: %s", k + 1, args.folds, "resuming" if resume else "training")
         train(fold_args, fold_cfg, log, resume=resume)
         report, backtests, test = test_backtests(fold_args, fold_cfg, device)

@@ -193,6 +193,15 @@ def test_csv_end_to_end_with_two_asset_classes(tmp_path):
     assert report["risk_layer"]["system"]["flat_books"] == 0.0
     assert report["data"]["start"] == str(np.datetime64(report["data"]["start"], "D"))  # an ISO date
     assert "skipped" in (tmp_path / "logs" / "phase1" / "training.log").read_text()
+    # a test split no longer than an episode (124 tradable bars, episodes of 200): one window, reported as one
+    # (it was 3 copies of the same backtest with a spread of 0)
+    assert report["episodes_source"].startswith("one window, the whole test split (124 bars")
+    short = write_config(tmp_path / "short.yaml", {"environment": {"episode_length": 50}})
+    csv = ("--data-dir", str(data), "--instruments", "SPX500", "NAS100", "XAUUSD")
+    code, stderr = run_cli("pipeline.py", *pipeline_args(tmp_path, "--mode", "eval", *csv, config=short))
+    assert code == 0, stderr
+    report = json.loads((tmp_path / "out" / "eval" / "report.json").read_text())
+    assert report["episodes_source"] == "random windows of the test split" and report["episodes"]["sharpe"]["std"] > 0
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -1,6 +1,7 @@
 """Walk-forward windows: expanding training windows, consecutive test blocks, no overlap, clear refusals."""
 
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,10 @@ import pytest
 import pipeline
 from mtq_common.data.splits import MIN_BLOCK, fold_bounds, fold_splits, warmup_bars
 from mtq_common.data.tables import build_tables
+from mtq_common.training.checkpoint import CheckpointError
 from mtq_common.training.config import Config, ConfigError
+from mtq_common.training.settings import load_config
+from tests.helpers import write_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,3 +74,21 @@ def test_a_bad_walkforward_command_exits_2_with_one_paragraph(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "at least 2 folds" in result.stderr
     assert not out.exists()
+
+
+def test_resuming_a_fold_with_another_config_is_refused_before_its_config_file_is_replaced(tmp_path):
+    """OUT/fold_k/config.yaml is what the fold was trained with (its phases can be rerun from it by hand): a
+    walk-forward resumed with another config is refused, and the file stays the trained one."""
+    config, out = write_config(tmp_path / "c.yaml"), tmp_path / "out"
+    cfg = load_config(str(config))
+    trained = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, folds=2, fold=0))
+    fold = out / "fold_0"
+    fold.mkdir(parents=True)
+    manifest = {"config": trained.to_dict(), "config_hash": trained.hash(), "seed": 1, "phases": {}}
+    (fold / "pipeline.json").write_text(json.dumps(manifest))
+    (fold / "config.yaml").write_text("the config fold 0 was trained with\n")
+    args = pipeline.Args(mode="walkforward", folds=3, config=str(config), output_dir=str(out),
+                         log_dir=str(tmp_path / "l"))  # fmt: skip
+    with pytest.raises(CheckpointError, match="data.folds: 2 in the run, 3 now"):
+        pipeline.main(args)
+    assert (fold / "config.yaml").read_text() == "the config fold 0 was trained with\n"

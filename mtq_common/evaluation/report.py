@@ -329,7 +329,8 @@ def markdown_report(
         out += [
             "## Evaluation episodes",
             "",
-            "Repeated evaluation episodes, each starting flat (std over episodes, ddof = 1).",
+            f"Repeated evaluation episodes ({report.get('episodes_source', 'as run')}), each starting flat (std over "
+            "episodes, ddof = 1).",
             "",
             _markdown_table(["metric", "mean ± std", "min", "max"], episode_rows),
             "",
