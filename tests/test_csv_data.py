@@ -107,16 +107,19 @@ def test_round_trip_three_files_with_different_layouts(tmp_path):
 
 
 def test_hourly_data_gives_24_bars_per_day(tmp_path):
-    hours = pd.date_range("2021-03-01", periods=24 * 20, freq="h")
+    hours = pd.date_range("2021-03-01", periods=24 * 20, freq="h")  # every day of the week: 365 of them a year
     write_simple(tmp_path / "AAA.csv", hours, random_prices(len(hours), 0), header="datetime,close")
     data = load_csv_market(tmp_path, ["AAA"], SECTORS)
     assert data["train"].bars_per_day == 24
-    assert data["test"].bars_per_year == 6048
+    assert data["test"].bars_per_year == 24 * 365  # (it was 24 x 252, which understated Sharpe ratios by 1.2x)
+    hours = hours[hours.day_of_week < 5]  # a market closed at weekends
+    write_simple(tmp_path / "AAA.csv", hours, random_prices(len(hours), 0), header="datetime,close")
+    assert load_csv_market(tmp_path, ["AAA"], SECTORS)["test"].bars_per_year == 24 * 252
 
 
 @pytest.mark.parametrize(
     ("freq", "expected"),
-    [("B", (252.0, 1.0)), ("D", (252.0, 1.0)), ("W-FRI", (52.0, 0.2)), ("MS", (12.0, 1 / 21))],
+    [("B", (252.0, 1.0)), ("D", (365.0, 1.0)), ("W-FRI", (52.0, 0.2)), ("MS", (12.0, 1 / 21))],  # D: every day
 )
 def test_infer_bar_frequency(freq, expected):
     assert infer_bar_frequency(pd.date_range("2020-01-01", periods=60, freq=freq)) == pytest.approx(expected)
@@ -531,3 +534,22 @@ def test_unparseable_date(tmp_path):
         load_csv_market(tmp_path, ["AAA"], SECTORS)
     message = str(err.value)
     assert "AAA.csv" in message and "'Date'" in message and "row 12" in message and "'2020-01-1x'" in message
+
+
+def test_a_hole_in_the_calendar_is_refused_naming_the_files_and_the_dates(tmp_path):
+    """Rows missing for months are not a bar: their price move would be booked as one bar's return."""
+    days = business_days(900)
+    kept = (days < "2021-03-01") | (days > "2021-09-30")
+    for symbol, seed in (("AAA", 0), ("BBB", 1)):  # the same hole in both files
+        write_simple(tmp_path / f"{symbol}.csv", days[kept], random_prices(int(kept.sum()), seed))
+    hole = r"every file has no row between 2021-02-26 and 2021-10-01 \(217 days, where bars are 1 day\(s\) apart"
+    with pytest.raises(DataError, match=hole + r".*fill the missing rows, or cut the files to one side of the hole"):
+        load_csv_market(tmp_path, ["AAA", "BBB"], SECTORS)
+    write_simple(tmp_path / "BBB.csv", days, random_prices(len(days), 1))  # the hole in one file only
+    with pytest.raises(DataError, match=r"AAA.csv has no row between 2021-02-26 and 2021-10-01"):
+        load_csv_market(tmp_path, ["AAA", "BBB"], SECTORS)
+    # a week's closure (as after 11 September 2001) is a market's, not a hole in the data
+    closed = (days < "2021-03-01") | (days > "2021-03-05")
+    for symbol, seed in (("AAA", 0), ("BBB", 1)):
+        write_simple(tmp_path / f"{symbol}.csv", days[closed], random_prices(int(closed.sum()), seed))
+    assert load_csv_market(tmp_path, ["AAA", "BBB"], SECTORS)["train"].num_bars > 0

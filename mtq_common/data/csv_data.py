@@ -26,14 +26,20 @@ Splits
     train is the first ``round(a * T)`` bars, val runs up to ``round((a + b) * T)`` and test is the rest
     (rounding half up). Each split needs at least ``min_bars_per_split`` bars.
 
-Bar frequency (`infer_bar_frequency`, on the full aligned timestamps)
-    From the median positive spacing ``s`` between consecutive bars:
+Holes
+    A stretch with no bar in any file, longer than ``max(10 days, 4 x the median spacing)`` (a market closed
+    for a week, as after 11 September 2001, passes), is refused naming the files and the dates: its return
+    would be booked as one bar's.
 
-    * ``20 h <= s < 4 days``: daily, ``(bars_per_year, bars_per_day) = (252, 1)``;
+Bar frequency (`infer_bar_frequency`, on the full aligned timestamps)
+    From the median positive spacing ``s`` between consecutive bars, with ``D`` trading days a year: 365 when
+    at least a tenth of the bars fall on a Saturday or Sunday (a market that trades every day), else 252:
+
+    * ``20 h <= s < 4 days``: daily, ``(bars_per_year, bars_per_day) = (D, 1)``;
     * ``4 days <= s < 20 days``: weekly, ``(52, 0.2)``;
     * ``s >= 20 days``: monthly, ``(12, 1 / 21)``;
     * ``s < 20 h``: intraday, ``bars_per_day`` = median number of bars per calendar date (over dates that
-      have bars) and ``bars_per_year = 252 * bars_per_day``.
+      have bars) and ``bars_per_year = D * bars_per_day``.
 """
 
 from __future__ import annotations
@@ -122,9 +128,10 @@ def infer_bar_frequency(timestamps) -> tuple[float, float]:
     """``(bars_per_year, bars_per_day)`` from the timestamps' spacing.
 
     Uses the median positive spacing between consecutive (sorted) timestamps: 20 hours to 4 days is daily
-    ``(252, 1)``, 4 to 20 days weekly ``(52, 0.2)``, 20 days or more monthly ``(12, 1/21)``. Below 20 hours the
+    ``(D, 1)``, 4 to 20 days weekly ``(52, 0.2)``, 20 days or more monthly ``(12, 1/21)``. Below 20 hours the
     data is intraday: ``bars_per_day`` is the median number of bars per calendar date (over dates with bars)
-    and ``bars_per_year = 252 * bars_per_day`` (252 trading days a year).
+    and ``bars_per_year = D * bars_per_day``. ``D``, the trading days in a year, is 365 where at least a tenth
+    of the bars fall on a weekend (a market open every day: 2/7 of its bars do), else 252.
 
     Raises:
         ValueError: fewer than two distinct timestamps (no spacing to measure).
@@ -140,12 +147,14 @@ def infer_bar_frequency(timestamps) -> tuple[float, float]:
         return 12.0, 1.0 / 21.0
     if spacing >= pd.Timedelta(days=4):
         return 52.0, 0.2
+    weekend = (pd.DatetimeIndex(ts).day_of_week >= 5).mean()
+    days_per_year = 365.0 if weekend >= 0.1 else 252.0
     if spacing >= pd.Timedelta(hours=20):
-        return 252.0, 1.0
+        return days_per_year, 1.0
     # Intraday: count bars per calendar date; the median ignores partial first/last sessions.
     bars_per_date = pd.Series(ts).dt.normalize().value_counts()
     bars_per_day = float(np.median(bars_per_date.to_numpy()))
-    return 252.0 * bars_per_day, bars_per_day
+    return days_per_year * bars_per_day, bars_per_day
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -246,7 +255,40 @@ def _read_and_align(data_dir, symbols, max_ffill, strict_order, csv, allow_parti
     files = [read_price_file(path, max_ffill, strict_order, csv) for path in paths]
     _check_time_zones(files, csv)
     timestamps, prices = _align(files, csv, allow_partial_overlap)
+    _check_holes(files, timestamps)
     return files, timestamps, prices
+
+
+def _check_holes(files: list[PriceFile], timestamps: np.ndarray) -> None:
+    """Refuse a stretch with no aligned bar longer than ``max(10 days, 4 x the median spacing)``: the price
+    move across it would be booked as one bar's return. Names the files that have no row in it."""
+    gaps = np.diff(timestamps)
+    if gaps.size == 0:
+        return
+    spacing = np.median(gaps[gaps > np.timedelta64(0, "ns")].astype(np.int64)).astype("timedelta64[ns]")
+    limit = max(np.timedelta64(10, "D"), 4 * spacing)
+    holes = np.flatnonzero(gaps > limit)
+    if holes.size == 0:
+        return
+    t = holes[np.argmax(gaps[holes])]  # the longest
+    start, end = timestamps[t], timestamps[t + 1]
+    inside = [(f, f.series.index.to_numpy(dtype="datetime64[ns]")) for f in files]
+    empty = [f for f, times in inside if not ((times > start) & (times < end)).any()]
+    who = ("every file has" if len(empty) == len(files) else "the files share" if not empty else
+           f"{_names(empty)} {'has' if len(empty) == 1 else 'have'}")  # fmt: skip
+    days = (end - start) / np.timedelta64(1, "D")
+    raise DataError(
+        f"{who} no row between {_when(pd.Timestamp(start))} and {_when(pd.Timestamp(end))} ({days:g} days, where "
+        f"bars are {_in_words(spacing)} apart; the longest of {holes.size} such hole(s)): its price move would be "
+        f"booked as one bar's return. Expected no stretch without bars longer than {_in_words(limit)}: fill the "
+        "missing rows, or cut the files to one side of the hole."
+    )
+
+
+def _in_words(span: np.timedelta64) -> str:
+    """A time span for messages, in days, or in hours below a day."""
+    days = span / np.timedelta64(1, "D")
+    return f"{days:g} day(s)" if days >= 1 else f"{days * 24:g} hour(s)"
 
 
 def _check_time_zones(files: list[PriceFile], csv: CsvConfig) -> None:
