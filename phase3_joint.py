@@ -327,6 +327,7 @@ def main(args: Args) -> dict:
     meta = MetaController.from_checkpoint(args.phase2_dir, specialists, device)
     distributed.broadcast_module(specialists, world)  # (the same files: a no-op safeguard)
     distributed.broadcast_module(meta, world)
+    start_fingerprint = parameter_fingerprint(specialists) + parameter_fingerprint(meta)  # (a resume checks it)
     # the starting point on the training split: the reward's reference moments and the joint sizing's data (a
     # resumed run keeps its stored sizing)
     fit_sizing = args.joint_sizing and not args.resume
@@ -547,6 +548,10 @@ def main(args: Args) -> dict:
             ran = validation(specialists, meta)[1]
             start_returns, start_turnover = ran["system"].net_return, turnover_check(ran)["ratio"]
         state, mine = resume(args, "phase3", cfg, world)
+        if state.get("start_fingerprint", start_fingerprint) != start_fingerprint and not args.force:
+            raise ckpt.CheckpointError(f"{args.output_dir}/latest.pt started from other Phase 1 and 2 models than "
+                                       f"{args.phase1_dir} and {args.phase2_dir} hold now (their weights differ): "
+                                       "resume with the run's inputs, or pass --force to resume anyway")  # fmt: skip
         meta.instrument_scale = state["meta_spec"].get("instrument_scale")  # the stored joint sizing (or none)
         joint_sizing = state.get("joint_sizing")
         curriculum.load_state_dict(state["curriculum"])
@@ -772,7 +777,8 @@ def main(args: Args) -> dict:
                          sps, sharpe, over_start["difference"], over_start["low"], over_start["high"], moved["ratio"],
                          moved["low"], moved["high"], "on" if turnover_gate else "off", level)  # fmt: skip
         current = {"specialists": clone_state(specialists), "meta": clone_state(meta)}
-        payload = {**model_payload(current, specialists, meta, cfg), "joint_sizing": joint_sizing}
+        payload = {**model_payload(current, specialists, meta, cfg), "joint_sizing": joint_sizing,
+                   "start_fingerprint": start_fingerprint}  # fmt: skip
         saved_best = best if pending is None else {**best, "pending": pending["candidate"]}  # (resume reads it again)
         run.save_latest(iteration, global_step, saved_best, payload, {**schedules, "weight_average": average},
                         {"env": envs, "twin": twin, "tracker": tracker, "prev_positions": prev_positions,

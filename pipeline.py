@@ -293,6 +293,9 @@ def train(args: Args, cfg, log, resume: bool) -> dict:
         if changed and not args.force:
             raise ConfigError(f"{path} was trained with other phase scripts ({'; '.join(changed)}): resume with the "
                               "same --phase1/2/3-script flags (or --force)")  # fmt: skip
+        if manifest.get("seed", args.seed) != args.seed and not args.force:  # (each phase draws from it)
+            raise ConfigError(f"{path} was trained with --seed {manifest['seed']}, not {args.seed}: resume with the "
+                              "run's seed (or --force)")  # fmt: skip
     if manifest is None:
         load_splits(cfg)  # unreadable data is refused before the manifest (or anything else) is written
         if args.overwrite:

@@ -117,6 +117,16 @@ def tensorboard_scalars(log_dir: Path, tag: str) -> list[float]:
     return [v for _, v in sorted(values)]
 
 
+def tensorboard_steps(log_dir: Path, tag: str) -> list[int]:
+    """The steps logged under `tag` as TensorBoard shows them: the whole folder read as one run, so that a resumed
+    writer's purge of later steps applies (`tensorboard_scalars` reads each file alone)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
 def run_cli(script: str, *args: str) -> tuple[int, str]:
     """`python script args` run in this process: the exit code and stderr of the script's `__main__` block.
 

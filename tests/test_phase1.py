@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import phase1_ppo
-from tests.helpers import SMALL, run_cli, tensorboard_tags, write_config
+from tests.helpers import SMALL, run_cli, tensorboard_steps, tensorboard_tags, write_config
 
 REPO = Path(__file__).resolve().parent.parent
 CLEANRL_TAGS = {
@@ -202,8 +202,19 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     other = write_config(tmp_path / "other.yaml", {"reward": {"risk_penalty_weight": 3.0}})
     with pytest.raises(CheckpointError, match=r"reward\.risk_penalty_weight: 1\.0 in the run, 3\.0 now"):
         run(tmp_path, "broken", other, timesteps=2048, eval_interval=3, resume=True, keep_checkpoints=2)
+    # and with flags that change what is trained (the flags of where and how it runs may change)
+    with pytest.raises(CheckpointError, match="other flags: --num-steps 32 in the run, 64 now; --ent-coef"):
+        run(tmp_path, "broken", config, timesteps=2048, eval_interval=3, resume=True, keep_checkpoints=2,
+            num_steps=64, ent_coef=0.5)  # fmt: skip
+    with pytest.raises(CheckpointError, match="'model' does not fit this run .*size mismatch"):  # forced
+        run(tmp_path, "broken", config, timesteps=2048, eval_interval=3, resume=True, keep_checkpoints=2,
+            hidden_size=16, force=True)  # fmt: skip
     resumed = run(tmp_path, "broken", config, timesteps=2048, eval_interval=3, resume=True, keep_checkpoints=2)
     assert without_timing(resumed) == without_timing(unbroken)
+    # TensorBoard shows the resumed run's logs with every step of the unbroken run's (the resumed checkpoint's own
+    # step 1280 was hidden: the resumed writer purged from it, not from the step after it)
+    steps = [tensorboard_steps(tmp_path / name / "logs", "losses/value_loss") for name in ("broken", "unbroken")]
+    assert steps[0] == steps[1] == [256 * k for k in range(1, 9)]
     assert sorted(p.name for p in broken.glob("step_*.pt")) == kept
     assert all(path.read_bytes() == data for path, data in foreign.items())
 

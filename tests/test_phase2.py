@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -381,6 +382,14 @@ def test_interrupted_run_resumes_to_the_same_result(tiny):
     unbroken = phase2(tmp, config, phase1_dir, name="unbroken", timesteps=1536, eval_interval=2)
     partial = phase2(tmp, config, phase1_dir, name="broken", timesteps=1536, eval_interval=2, stop_after=3)
     assert partial["stopped_at_iteration"] == 3
+    other = tmp / "other_phase1"  # other specialists: the same files, one weight moved
+    shutil.copytree(phase1_dir, other, dirs_exist_ok=True)
+    best = torch.load(other / "best.pt", weights_only=True)
+    first = next(k for k, v in best["model"].items() if v.is_floating_point())
+    best["model"][first] = best["model"][first] + 0.01
+    torch.save(best, other / "best.pt")
+    with pytest.raises(CheckpointError, match="trained over other specialists than .*other_phase1 holds now"):
+        phase2(tmp, config, other, name="broken", timesteps=1536, eval_interval=2, resume=True)
     resumed = phase2(tmp, config, phase1_dir, name="broken", timesteps=1536, eval_interval=2, resume=True)
     assert {k: v for k, v in resumed.items() if k != "timing"} == {k: v for k, v in unbroken.items() if k != "timing"}
     weights = [torch.load(tmp / name / "best.pt", weights_only=True)["model"] for name in ("unbroken", "broken")]
@@ -400,9 +409,12 @@ def test_a_bad_allocation_rate_is_a_clear_error(tiny, tmp_path):
 def test_resuming_across_risk_timing_is_refused_with_the_reason(tiny):
     tmp, config, phase1_dir = tiny
     phase2(tmp, config, phase1_dir, name="timed", timesteps=1024, eval_interval=100, stop_after=1)
-    with pytest.raises(CheckpointError, match="trained with --risk-timing"):
+    with pytest.raises(CheckpointError, match="other flags: --risk-timing True in the run, False now"):
         phase2(tmp, config, phase1_dir, name="timed", timesteps=1024, eval_interval=100, resume=True,
                risk_timing=False)  # fmt: skip
+    with pytest.raises(CheckpointError, match="trained with --risk-timing"):  # --force cannot make them one run
+        phase2(tmp, config, phase1_dir, name="timed", timesteps=1024, eval_interval=100, resume=True,
+               risk_timing=False, force=True)  # fmt: skip
 
 
 def test_the_report_measures_a_risk_timing_meta_controller_against_the_rule_it_starts_from(tiny):
@@ -445,6 +457,9 @@ def test_the_fitted_allocation_rule_is_the_starting_point_and_resuming_across_it
     assert fitted["timed"] and np.shape(fitted["weights"]) == (3 * 3 + 3, 3 + 1) and len(fitted["bias"]) == 4
     assert fitted["fit_sharpe"] >= fitted["equal_sharpe"]
     assert "allocation rule: fit on the training split" in (tmp / "logs_ruled" / "training.log").read_text()
-    with pytest.raises(CheckpointError, match="trained with --allocation-rule"):
+    with pytest.raises(CheckpointError, match="other flags: --allocation-rule True in the run, False now"):
         phase2(tmp, config, phase1_dir, name="ruled", timesteps=1024, eval_interval=100, resume=True,
                allocation_rule=False)  # fmt: skip
+    with pytest.raises(CheckpointError, match="trained with --allocation-rule"):  # --force cannot make them one run
+        phase2(tmp, config, phase1_dir, name="ruled", timesteps=1024, eval_interval=100, resume=True,
+               allocation_rule=False, force=True)  # fmt: skip

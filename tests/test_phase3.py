@@ -1,6 +1,7 @@
 """phase3_joint.py: outputs, switches, exact resume, fine-tuning keeps Phase 2's level, errors."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,14 @@ def test_interrupted_run_resumes_to_the_same_result(tiny):
         phase3(tmp, config, dirs, name="broken", timesteps=1536, eval_interval=2, stop_after=3)["stopped_at_iteration"]
         == 3
     )
+    other = tmp / "phase3_test_other_phase2"  # another meta-controller to start from: one weight moved
+    shutil.copytree(dirs[1], other, dirs_exist_ok=True)
+    best = torch.load(other / "best.pt", weights_only=True)
+    first = next(k for k, v in best["model"].items() if v.is_floating_point())
+    best["model"][first] = best["model"][first] + 0.01
+    torch.save(best, other / "best.pt")
+    with pytest.raises(ckpt.CheckpointError, match="started from other Phase 1 and 2 models than"):
+        phase3(tmp, config, (dirs[0], other), name="broken", timesteps=1536, eval_interval=2, resume=True)
     resumed = phase3(tmp, config, dirs, name="broken", timesteps=1536, eval_interval=2, resume=True)
     drop = ("timing",)
     assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in unbroken.items() if k not in drop}

@@ -250,6 +250,10 @@ def test_resume_with_another_config_is_refused_and_touches_nothing(trained, tmp_
     assert "reward.risk_penalty_weight: 1.0 in the run, 2.0 now" in stderr
     assert "training.n_envs: 8 in the run, 4 now" in stderr
     assert snapshot(tmp / "out") == before
+    # and another seed: Phases 2 and 3 would draw other numbers than the run's first part did
+    code, stderr = run_cli("pipeline.py", *pipeline_args(tmp, "--mode", "resume", "--seed", "2", config=config))
+    assert code == 2 and "was trained with --seed 1, not 2" in stderr and "--force" in stderr
+    assert snapshot(tmp / "out") == before
 
 
 @pytest.mark.parametrize("change", ["limits", "instruments"])

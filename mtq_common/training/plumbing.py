@@ -111,15 +111,46 @@ def save_rotating(output_dir: str | Path, payload: dict, step: int, keep: int, o
     return kept
 
 
+RESUME_HINT = ("To start this phase afresh, move the file away and run without --resume (`pipeline.py --mode resume` "
+               "then restarts the phase).")  # fmt: skip
+
+RUN_FLAGS = frozenset({"config", "output_dir", "log_dir", "device", "resume", "force", "stop_after", "progress",
+                       "torch_threads", "compile", "amp", "helper", "keep_checkpoints", "batch_size", "eval_episodes",
+                       "data_dir", "specialists_dir", "phase1_dir", "phase2_dir"})  # fmt: skip
+"""A phase script's flags that say how or where a run goes, not what it trains: a resume may change them. (The
+config file's and the data's contents are checked by the config hash, the input folders' by their weights'
+fingerprints; `--batch-size` is the old name of `--minibatch-size`; `--eval-episodes` only adds a final report.)"""
+
+
+def trained_flags(args) -> dict:
+    """The flags of `args` that change what a run trains (all but `RUN_FLAGS`), as `latest.pt` records them."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(args).items() if k not in RUN_FLAGS}
+
+
+def check_flags_unchanged(state: dict, flags: dict, path, force: bool) -> None:
+    """Refuse to resume `state` (a `latest.pt`) with flags that change what is trained, naming each (`--force`
+    resumes anyway). Checkpoints from before the flags were recorded are not checked."""
+    ran = state.get("flags")
+    if ran is None or force:
+        return
+    changed = [f"--{k.replace('_', '-')} {ran.get(k)!r} in the run, {v!r} now" for k, v in flags.items()
+               if k in ran and ran[k] != v]  # fmt: skip
+    if changed:
+        fix = "resuming would mix two experiments. Use the run's flags, or pass --force to resume anyway."
+        raise ckpt.CheckpointError(f"{path} was trained with other flags: {'; '.join(changed)}: {fix}")
+
+
 def load_latest(path, phase: str, config_hash: str, force: bool, world: distributed.World,
-                config: dict | None = None) -> tuple[dict, dict]:  # fmt: skip
+                config: dict | None = None, flags: dict | None = None) -> tuple[dict, dict]:  # fmt: skip
     """`--resume`: rank 0 reads the `phase` checkpoint at `path` and checks its config hash (naming the keys
-    that differ from `config`, the current config's dict); every rank gets `(state, this rank's part of it)`
-    (see `local_state`). Errors are raised on every rank."""
+    that differ from `config`, the current config's dict) and its `trained_flags` against `flags`; every rank
+    gets `(state, this rank's part of it)` (see `local_state`). Errors are raised on every rank."""
 
     def load() -> dict:
-        state = ckpt.load_checkpoint(path, phase, hint="Run without --resume to start fresh.")
+        state = ckpt.load_checkpoint(path, phase, hint=RESUME_HINT)
         ckpt.check_config_hash(state, config_hash, path, force, config)
+        if flags is not None:
+            check_flags_unchanged(state, flags, path, force)
         return state
 
     state = distributed.load_on_main(load, world)
@@ -197,11 +228,12 @@ def seed_everything(seed: int) -> int:
 
 
 def resume(args, phase: str, cfg, world: distributed.World) -> tuple[dict, dict]:
-    """`--resume`: `latest.pt` in `--output-dir`, checked against the run's config (`--force` accepts another;
-    the error names every key that differs); returns `(state, this rank's part of it)` (see
+    """`--resume`: `latest.pt` in `--output-dir`, checked against the run's config and flags (`--force` accepts
+    others; the error names every key and flag that differs); returns `(state, this rank's part of it)` (see
     `load_latest`)."""
     out = Path(args.output_dir)
-    state, mine = load_latest(out / "latest.pt", phase, cfg.hash(), args.force, world, cfg.to_dict())
+    state, mine = load_latest(out / "latest.pt", phase, cfg.hash(), args.force, world, cfg.to_dict(),
+                              trained_flags(args))  # fmt: skip
     if "step_files" not in state:  # written before checkpoints named their step files: those on disk up to its step
         steps = [int(p.stem.removeprefix("step_")) for p in out.glob("step_*.pt") if p.stem[5:].isdigit()]
         state["step_files"] = sorted(s for s in steps if s <= state["global_step"])
@@ -213,10 +245,16 @@ def restore(state: dict, mine: dict, log, shared: dict, own: dict) -> tuple[int,
     every rank) from `state`, each of `own` (this rank's environments and trackers) from `mine`, then this
     rank's random generators, last, so that nothing drawn while rebuilding moves them. The inverse of
     `Run.save_latest`. Returns `(first iteration to run, global step, best so far)`."""
-    for name, obj in shared.items():
-        obj.load_state_dict(state[name])
-    for name, obj in own.items():
-        obj.load_state_dict(mine[name])
+    for states, objects in ((state, shared), (mine, own)):
+        for name, obj in objects.items():
+            try:
+                obj.load_state_dict(states[name])
+            except (RuntimeError, KeyError, ValueError) as err:  # (a forced resume with other shapes, say)
+                lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+                first = " ".join(lines[:2]) or type(err).__name__  # (torch's first line only names the module)
+                raise ckpt.CheckpointError(f"the resumed latest.pt's {name!r} does not fit this run ({first}): it was "
+                                           "trained with other shapes or settings. Resume with the run's flags and "
+                                           "config, or start a new run.") from None  # fmt: skip
     ckpt.restore_rng_state(mine["rng"])
     log.info("resumed at iteration %d (step %d)", state["iteration"], state["global_step"])
     return state["iteration"] + 1, state["global_step"], state["best"]
@@ -267,7 +305,8 @@ class Run:
         self.num_iterations, self.start_iteration = num_iterations, start_iteration
         self.rows_per_iteration = rows_per_iteration * world.size  # environment steps of all ranks
         self.writer = (
-            SummaryWriter(str(args.log_dir), purge_step=global_step if args.resume else None)
+            # (a resume hides events logged after its checkpoint's step, not those logged at it)
+            SummaryWriter(str(args.log_dir), purge_step=global_step + 1 if args.resume else None)
             if world.is_main
             else NullWriter()
         )
@@ -301,7 +340,8 @@ class Run:
         def states(objects: dict) -> dict:
             return {name: obj.state_dict() if hasattr(obj, "state_dict") else obj for name, obj in objects.items()}
 
-        payload = {**payload, **states(shared), "iteration": iteration, "global_step": global_step, "best": best}
+        payload = {**payload, **states(shared), "iteration": iteration, "global_step": global_step, "best": best,
+                   "flags": trained_flags(self.args)}  # fmt: skip
         local = {**states(own), "rng": ckpt.rng_state()}
         self.step_files = save_latest(Path(self.args.output_dir), payload, local, self.world, global_step,
                                                   self.args.keep_checkpoints, self.step_files)  # fmt: skip
