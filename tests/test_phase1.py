@@ -215,6 +215,9 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     # step 1280 was hidden: the resumed writer purged from it, not from the step after it)
     steps = [tensorboard_steps(tmp_path / name / "logs", "losses/value_loss") for name in ("broken", "unbroken")]
     assert steps[0] == steps[1] == [256 * k for k in range(1, 9)]
+    (broken / "latest.pt").write_bytes(b"not a checkpoint")  # the hint fits a phase script and pipeline.py alike
+    with pytest.raises(CheckpointError, match=r"move the file away and run without --resume \(`pipeline.py --mode"):
+        run(tmp_path, "broken", config, timesteps=2048, eval_interval=3, resume=True, keep_checkpoints=2)
     assert sorted(p.name for p in broken.glob("step_*.pt")) == kept
     assert all(path.read_bytes() == data for path, data in foreign.items())
 
