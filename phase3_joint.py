@@ -840,7 +840,7 @@ def final_evaluation(args: Args, specialists, meta, owner, best: dict, report: d
         **best_report,
         "phase": 3,
         "episodes": summarize_episodes(episodes),
-        "eval_episodes": args.eval_episodes,
+        "eval_episodes": len(episodes),  # (one where the validation split is no longer than an episode)
         "best_iteration": best["iteration"],
         "best_gain_over_start": best.get("gain"),  # (None: best.pt is the starting point)
         "best_on_train": best.get("on_train"),  # (None: the start, or no --train-check)
@@ -852,10 +852,13 @@ def final_evaluation(args: Args, specialists, meta, owner, best: dict, report: d
     }
     ckpt.atomic_write_json(Path(args.output_dir) / "metrics.json", result)
     text = format_report(best_report)
-    spread = "\n".join(f"  {key:<18} {v['mean']:+.3f} +- {v['std']:.3f}" for key, v in result["episodes"].items())
-    log.info("validation (best.pt):\n%s\nepisodes (%d):\n%s", text, args.eval_episodes, spread)
+    n = len(episodes)
+    spread = "\n".join(f"  {key:<18} {v['mean']:+.3f}" + (f" +- {v['std']:.3f}" if n > 1 else "")
+                       for key, v in result["episodes"].items())  # fmt: skip
+    what = f"{n} validation episodes (mean +- std)" if n > 1 else "1 validation episode (the split is one window)"
+    log.info("validation (best.pt):\n%s\n%s:\n%s", text, what, spread)
     print(f"Phase 3 validation, best hierarchy ({val.split} split, {val.num_bars} bars):\n{text}")
-    print(f"{args.eval_episodes} validation episodes (mean +- std):\n{spread}")
+    print(f"{what}:\n{spread}")
     return result
 
 

@@ -470,12 +470,11 @@ def evaluation_episodes(run_dir: str, config: dict, episodes: int, seed: int, de
                                             market)  # fmt: skip
 
     if test.source != "synthetic":
-        length, available = cfg.environment.episode_length, tables.num_bars - 1 - tables.first_bar
-        if available <= length:  # every window would be the whole split: one episode, and no spread to report
-            ran = run_episodes(test, cfg, hierarchy(test), 1, seed=seed, device=device, tables=tables)
-            return ran, (f"one window, the whole test split ({available} bars, an episode is {length}): no spread "
-                         "(a shorter environment.episode_length gives windows)")  # fmt: skip
         ran = run_episodes(test, cfg, hierarchy(test), episodes, seed=seed, device=device, tables=tables)
+        if len(ran) < episodes:  # the split is no longer than an episode: every window would be the whole of it
+            bars, length = tables.num_bars - 1 - tables.first_bar, cfg.environment.episode_length
+            return ran, (f"one window, the whole test split ({bars} bars, an episode is {length}): no spread "
+                         "(a shorter environment.episode_length gives windows)")  # fmt: skip
         return ran, "random windows of the test split"
     # fresh market paths: a seed no split uses, long enough for every episode without overlap
     length, path_seed = cfg.environment.episode_length, cfg.data.synthetic.seed + FRESH_PATH_SEED

@@ -27,7 +27,7 @@ from mtq_common.data.splits import load_splits
 from mtq_common.data.volatility import VolTiming, fit_vol_levels
 from mtq_common.envs.engine import POSITION_RATE
 from mtq_common.evaluation import metrics as metrics_lib
-from mtq_common.evaluation.backtest import Backtest, run_backtests
+from mtq_common.evaluation.backtest import Backtest, run_backtests, run_episodes
 from mtq_common.evaluation.backtest_metrics import PORTFOLIO_KEYS, backtest_metrics, specialist_utilization
 from mtq_common.evaluation.portfolio_eval import evaluate_portfolio, target_checks, validation_timings
 from mtq_common.evaluation.report_text import format_report
@@ -35,8 +35,10 @@ from mtq_common.evaluation.rules import (
     BASELINE_NAMES,
     MOMENTUM_LOOKBACK,
     VOL_MANAGED,
+    RulePolicy,
     ScaledTrend,
     baseline_policies,
+    momentum_positions,
     scaled_trend_positions,
     trend_filter_positions,
 )
@@ -592,3 +594,16 @@ def test_the_risk_evidence_is_causal_and_the_appetite_a_factor_over_the_rule(cfg
     torch.testing.assert_close(risk_appetite(factor, base), base)  # u = 0: the rule's own appetite
     _, factor = split_action(torch.full((test.num_bars, 4), 2.0), timed=True)
     assert torch.all(risk_appetite(factor, base) <= 1.0) and torch.all(risk_appetite(factor, base) >= base)
+
+
+def test_episodes_drawn_from_a_split_no_longer_than_one_are_one_window(cfg, market):
+    """Drawn windows of a split no longer than an episode would all be the whole split: one episode is run, not
+    copies whose spread of 0 would read as measured (`--eval-episodes` on CSV data); shorter ones differ."""
+    table = torch.as_tensor(momentum_positions(market.prices), dtype=torch.float32)
+
+    def momentum(rows):
+        return RulePolicy(table, cfg.environment.max_position_size)
+
+    assert len(run_episodes(market, cfg, momentum, 5, length=10_000)) == 1
+    windows = run_episodes(market, cfg, momentum, 5, length=100, seed=3)
+    assert len(windows) == 5 and len({round(w["sharpe"], 9) for w in windows}) > 1

@@ -299,10 +299,14 @@ def run_episodes(
     Start bars are drawn with `seed` (windows may overlap), or with `consecutive=True` laid end to end
     from the first tradable bar (non-overlapping: `market` must be long enough). On a synthetic
     market pass a fresh path (a seed no split uses); on CSV data the episodes are windows of the split.
+    Drawn windows of a split no longer than one episode would all be the same: then one episode is run
+    (the result has one entry), not `episodes` copies whose spread of 0 would read as measured.
     """
     tables = tables or build_tables(market, cfg, device)
     available = tables.num_bars - 1 - tables.first_bar
     length = max(2, min(length or cfg.environment.episode_length, available))
+    if not consecutive and length >= available:
+        episodes = 1
     env_cfg = dataclasses.replace(cfg, environment=dataclasses.replace(cfg.environment, episode_length=length))
     env = PortfolioEnv(market, env_cfg, episodes, device=device, seed=seed, torch_mode=True, tables=tables,
                        score=False)  # fmt: skip
