@@ -120,7 +120,7 @@ from mtq_common.envs.portfolio_env import PortfolioEnv
 from mtq_common.evaluation.allocation_fit import fit_joint_sizing, start_backtests
 from mtq_common.evaluation.backtest import run_episodes, summarize_episodes
 from mtq_common.evaluation.portfolio_eval import evaluate_portfolio
-from mtq_common.evaluation.report_text import format_report
+from mtq_common.evaluation.report_text import format_episodes, format_report
 from mtq_common.evaluation.rules import fit_trend_for
 from mtq_common.evaluation.selection import (
     check_replace_confidence,
@@ -853,8 +853,7 @@ def final_evaluation(args: Args, specialists, meta, owner, best: dict, report: d
     ckpt.atomic_write_json(Path(args.output_dir) / "metrics.json", result)
     text = format_report(best_report)
     n = len(episodes)
-    spread = "\n".join(f"  {key:<18} {v['mean']:+.3f}" + (f" +- {v['std']:.3f}" if n > 1 else "")
-                       for key, v in result["episodes"].items())  # fmt: skip
+    spread = format_episodes(result["episodes"], n)
     what = f"{n} validation episodes (mean +- std)" if n > 1 else "1 validation episode (the split is one window)"
     log.info("validation (best.pt):\n%s\n%s:\n%s", text, what, spread)
     print(f"Phase 3 validation, best hierarchy ({val.split} split, {val.num_bars} bars):\n{text}")

@@ -66,7 +66,7 @@ from mtq_common.evaluation.portfolio_eval import (
     validation_timings,
 )
 from mtq_common.evaluation.report import write_report
-from mtq_common.evaluation.report_text import format_report
+from mtq_common.evaluation.report_text import format_episodes, format_report
 from mtq_common.evaluation.rules import fit_trend_for
 from mtq_common.policy import check_data, check_execution_config, load_hierarchy, trained_data
 from mtq_common.training import checkpoint as ckpt
@@ -444,12 +444,9 @@ def evaluate(args: Args, cfg, log) -> dict:
     seconds = time.time() - start
     text = format_report(report)
     print(f"Test evaluation ({test.split} split, {report['data']['bars']} bars, never seen in training):\n{text}")
-    if len(episodes) == 1:
-        values = "\n".join(f"  {key:<18} {v['mean']:+.3f}" for key, v in summary.items())
-        print(f"1 evaluation episode on {where}:\n{values}")
-    else:
-        spread = "\n".join(f"  {key:<18} {v['mean']:+.3f} +- {v['std']:.3f}" for key, v in summary.items())
-        print(f"{len(episodes)} evaluation episodes on {where} (mean +- std):\n{spread}")
+    n = len(episodes)
+    what = f"{n} evaluation episodes on {where} (mean +- std)" if n > 1 else f"1 evaluation episode on {where}"
+    print(f"{what}:\n{format_episodes(summary, n)}")
     print("report: " + ", ".join(str(p) for p in paths.values()))
     log.info("evaluation written to %s in %.1f s", out / "eval", seconds)
     return {"report": report, "episodes": summary, "seconds": seconds}

@@ -1,5 +1,5 @@
-"""An evaluation report as plain text, what the scripts print (`format_report`), and the cells it shares with
-the Markdown report (`report.py`): `confidence_rows`, `paired_interval`, `limit_text`.
+"""An evaluation report as plain text, what the scripts print (`format_report`, `format_episodes`), and the cells
+it shares with the Markdown report (`report.py`): `confidence_rows`, `paired_interval`, `limit_text`.
 """
 
 from __future__ import annotations
@@ -125,6 +125,13 @@ def format_report(report: dict) -> str:
         out.append(f"Execution: every policy's own positions move {report['position_rate']:g} of the way to its "
                    "target each bar; a stopped instrument stays flat until its target changes sign")  # fmt: skip
     return "\n".join(out)
+
+
+def format_episodes(summary: dict, count: int) -> str:
+    """Evaluation episodes' metrics (`backtest.summarize_episodes` over `count` episodes), one a line: the mean
+    and the spread, or the value alone for a single episode (it has no spread)."""
+    return "\n".join(f"  {key:<18} {v['mean']:+.3f}" + (f" +- {v['std']:.3f}" if count > 1 else "")
+                     for key, v in summary.items())  # fmt: skip
 
 
 def paired_interval(target: dict) -> str:
