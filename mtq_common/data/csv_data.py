@@ -138,11 +138,10 @@ def infer_bar_frequency(timestamps) -> tuple[float, float]:
     """
     ts = np.sort(np.asarray(pd.to_datetime(np.asarray(timestamps).ravel()), dtype="datetime64[ns]"))
     gaps = np.diff(ts)
-    gaps = gaps[gaps > np.timedelta64(0, "ns")]
-    if gaps.size == 0:
+    if not (gaps > np.timedelta64(0, "ns")).any():
         raise ValueError(f"cannot infer the bar frequency from {ts.size} timestamp(s): need two distinct ones")
 
-    spacing = pd.Timedelta(np.median(gaps.astype(np.int64)), unit="ns")
+    spacing = pd.Timedelta(median_spacing(gaps))
     if spacing >= pd.Timedelta(days=20):
         return 12.0, 1.0 / 21.0
     if spacing >= pd.Timedelta(days=4):
@@ -155,6 +154,11 @@ def infer_bar_frequency(timestamps) -> tuple[float, float]:
     bars_per_date = pd.Series(ts).dt.normalize().value_counts()
     bars_per_day = float(np.median(bars_per_date.to_numpy()))
     return days_per_year * bars_per_day, bars_per_day
+
+
+def median_spacing(gaps: np.ndarray) -> np.timedelta64:
+    """The median of the positive `gaps` (timedelta64[ns]) between consecutive timestamps: the bar spacing."""
+    return np.median(gaps[gaps > np.timedelta64(0, "ns")].astype(np.int64)).astype("timedelta64[ns]")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -265,7 +269,7 @@ def _check_holes(files: list[PriceFile], timestamps: np.ndarray) -> None:
     gaps = np.diff(timestamps)
     if gaps.size == 0:
         return
-    spacing = np.median(gaps[gaps > np.timedelta64(0, "ns")].astype(np.int64)).astype("timedelta64[ns]")
+    spacing = median_spacing(gaps)
     limit = max(np.timedelta64(10, "D"), 4 * spacing)
     holes = np.flatnonzero(gaps > limit)
     if holes.size == 0:
