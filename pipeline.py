@@ -52,7 +52,7 @@ from mtq_common.agents.nets import MetaController
 from mtq_common.agents.update import CompileChoice
 from mtq_common.data.csv_data import load_csv_series
 from mtq_common.data.market import iso_time
-from mtq_common.data.splits import fold_bounds, full_market, load_splits, warmup_bars
+from mtq_common.data.splits import financed, fold_bounds, full_market, load_splits, spot_symbols, warmup_bars
 from mtq_common.data.synthetic import config_options, generate_market
 from mtq_common.data.tables import build_tables
 from mtq_common.data.volatility import fit_vol_levels
@@ -475,9 +475,9 @@ def evaluation_episodes(run_dir: str, config: dict, episodes: int, seed: int, de
         return ran, "random windows of the test split"
     # fresh market paths: a seed no split uses, long enough for every episode without overlap
     length, path_seed = cfg.environment.episode_length, cfg.data.synthetic.seed + FRESH_PATH_SEED
-    fresh = generate_market(test.symbols, test.sectors, [cfg.instruments[s].annual_vol for s in test.symbols],
-                            tables.first_bar + 2 + episodes * length, seed=path_seed, split="test",
-                            **config_options(cfg, test.symbols))  # fmt: skip
+    vols, bars = [cfg.instruments[s].annual_vol for s in test.symbols], tables.first_bar + 2 + episodes * length
+    fresh = financed(generate_market(test.symbols, test.sectors, vols, bars, seed=path_seed, split="test",
+                                     **config_options(cfg, test.symbols)), cfg)  # fmt: skip
     ran = run_episodes(fresh, cfg, hierarchy(fresh), episodes, length, seed=seed, device=device, consecutive=True)
     return ran, f"a fresh synthetic path (seed {path_seed}), consecutive windows"
 
@@ -526,7 +526,7 @@ def walk_forward(args: Args, cfg, log) -> dict:
     layout = (f"the {args.folds} folds' test blocks, each one continuous backtest from flat, stitched in time order "
               "(each fold trained on all bars before its validation block)")  # fmt: skip
     data = {"source": test.source, "split": f"walk-forward ({args.folds} folds)", "end": rows[-1]["test"][1],
-            "layout": layout}  # fmt: skip
+            "layout": layout, "spot_instruments": spot_symbols(cfg, list(test.symbols))}  # fmt: skip
     names = [n for n in load_hierarchy(out / "fold_0", device)[0].names]
     report = _json_ready(report_from_backtests(stitched, names, cfg.reward.risk_free_rate, "final", data, True))
     report["folds"] = rows
@@ -566,9 +566,10 @@ def act(args: Args, cfg, log) -> dict:
     specialists, meta = load_hierarchy(out, device)
     trained = trained_data(out)
     if cfg.data.source == "csv":
-        market = load_csv_series(cfg.data.data_dir, list(cfg.data.instruments),
-                                 {s: cfg.sector_of(s) for s in cfg.data.instruments}, strict_order=True,
-                                 csv=cfg.data.csv, allow_partial_overlap=cfg.data.allow_partial_overlap)  # fmt: skip
+        market = financed(load_csv_series(cfg.data.data_dir, list(cfg.data.instruments),
+                                          {s: cfg.sector_of(s) for s in cfg.data.instruments}, strict_order=True,
+                                          csv=cfg.data.csv, allow_partial_overlap=cfg.data.allow_partial_overlap),
+                          cfg)  # fmt: skip
     else:
         market = load_splits(cfg)["test"]  # the built-in market: act at the test split's last bar
     check_data(market, trained, out)

@@ -33,6 +33,7 @@ import torch
 from mtq_common.agents.nets import MetaController, SpecialistAgents
 from mtq_common.data.csv_data import infer_bar_frequency
 from mtq_common.data.market import MarketData
+from mtq_common.data.splits import financed
 from mtq_common.evaluation.live_book import target_book
 from mtq_common.training import checkpoint as ckpt
 from mtq_common.training.checkpoint import CheckpointError
@@ -94,7 +95,8 @@ def execution_settings(config: dict, symbols: list[str]) -> dict[str, Any]:
     out = {f"{section}.{key}": config[section][key] for section, keys in EXECUTION_KEYS.items() for key in keys}
     for symbol in symbols:
         spec = config["instruments"].get(symbol, {})
-        out |= {f"instruments.{symbol}.{key}": spec.get(key, "<absent>") for key in ("cost", "cost_multiplier")}
+        keys = ("cost", "cost_multiplier", "spot")
+        out |= {f"instruments.{symbol}.{key}": spec.get(key, "<absent>") for key in keys}
     return out
 
 
@@ -204,7 +206,7 @@ class Policy:
         value) adds notionals, units rounded to whole contracts and the trades in units; `holdings` (units held
         per symbol, a dict or a pandas Series; symbols left out hold none) needs `capital` and replaces the
         model's own simulated holdings as the book the trades start from. The data's age is not checked."""
-        market = market_from_prices(prices, self.symbols, list(self.trained["sectors"]))
+        market = financed(market_from_prices(prices, self.symbols, list(self.trained["sectors"])), self.cfg)
         check_data(market, self.trained, self.run_dir)
         return target_book(self.specialists, self.meta, market, self.cfg, capital, self.device,
                            holdings=None if holdings is None else dict(holdings))  # fmt: skip

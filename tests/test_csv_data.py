@@ -282,6 +282,41 @@ def test_load_splits_and_walk_forward_read_with_the_config_options(tmp_path):
     np.testing.assert_array_equal(market.timestamps, days[:750].to_numpy("datetime64[ns]"))
 
 
+def test_spot_instruments_pay_the_risk_free_rate_in_every_market_a_run_reads(tmp_path):
+    """`instruments.SYMBOL.spot` reaches the train, validation and test splits, the walk-forward folds, the
+    curriculum's scenarios, `--mode act`'s data (`Policy.book`) and the execution that acting checks."""
+    from mtq_common.agents.curriculum import generate_scenario
+    from mtq_common.data.splits import financed, load_splits
+    from mtq_common.policy import execution_settings, market_from_prices
+    from mtq_common.training.settings import config_from_dict
+
+    days = business_days(900)
+    for symbol, seed in (("AAA", 1), ("BBB", 2)):
+        write_simple(tmp_path / f"{symbol}.csv", days, random_prices(900, seed))
+    raw = {"instruments": {"AAA": {"sector": "equity", "spot": True}, "BBB": {"sector": "equity"}},
+           "specialists": ["equity"], "reward": {"risk_free_rate": 0.03},
+           "data": {"source": "csv", "data_dir": str(tmp_path), "instruments": ["AAA", "BBB"]}}  # fmt: skip
+    cfg = config_from_dict(raw)
+
+    def check(market):
+        price_return = market.prices[1:] / market.prices[:-1] - 1.0
+        np.testing.assert_allclose(market.returns[1:, 0], price_return[:, 0] - 0.03 / 252, rtol=0, atol=1e-15)
+        np.testing.assert_array_equal(market.returns[1:, 1], price_return[:, 1])  # BBB: a future, no financing
+
+    for market in load_splits(cfg).values():
+        check(market)
+    cfg.data.folds, cfg.data.fold = 2, 1
+    for market in load_splits(cfg).values():
+        check(market)
+    cfg.data.folds = 0
+    check(generate_scenario(0, cfg))
+    frame = pd.DataFrame(load_splits(cfg)["test"].prices, index=days[-135:], columns=["AAA", "BBB"])
+    check(financed(market_from_prices(frame, ["AAA", "BBB"], ["equity", "equity"]), cfg))
+    assert execution_settings(cfg.to_dict(), ["AAA", "BBB"])["instruments.AAA.spot"] is True
+    cfg.reward.risk_free_rate = 0.0  # no cash rate: nothing to give up
+    assert all(m.financing is None for m in load_splits(cfg).values())
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The files overlap little: refused unless data.allow_partial_overlap
 # ----------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from kernels.portfolio_step import portfolio_step_reference
 from mtq_common.agents.hierarchy import compose_weights, instrument_specialist_index
 from mtq_common.data.features import FEATURE_WINDOW
 from mtq_common.data.market import MarketData
+from mtq_common.data.splits import financed
 from mtq_common.data.synthetic import generate_market
 from mtq_common.envs.portfolio_env import PortfolioEnv
 from mtq_common.envs.trading_env import SpecialistEnv, specialist_rows
@@ -91,6 +92,22 @@ def test_the_account_earns_the_cash_rate_on_top_of_its_trading():
     start_at(env)
     _, _, _, _, info = env.step(torch.tensor([[0.0]]))  # flat: only the cash yield
     assert info["net_return"].item() == pytest.approx(0.02 / 252, rel=1e-5)
+
+
+def test_a_long_spot_instrument_gives_up_the_cash_rate_it_spends_and_a_future_does_not():
+    futures = Config()  # risk_free_rate 0.02
+    spot = Config()
+    spot.instruments["SPX500"] = dataclasses.replace(spot.instruments["SPX500"], spot=True)
+    nets = {}
+    for name, cfg in (("futures", futures), ("spot", spot)):
+        market = financed(hand_market([100.0, 100.0, 100.0, 100.0]), cfg)  # a flat price: only the cash counts
+        env = SpecialistEnv(market, cfg, [0], torch_mode=True)
+        start_at(env)
+        nets[name] = [env.step(torch.tensor([[1.0]]))[4]["net_return"].item() for _ in range(3)]
+    held = futures.environment.max_position_size  # the long book held over the last two bars
+    for f, s in zip(nets["futures"][1:], nets["spot"][1:], strict=True):
+        assert f == pytest.approx(0.02 / 252, abs=1e-7)  # a future ties up no cash: the account keeps the rate
+        assert f - s == pytest.approx(held * 0.02 / 252, rel=0.02)  # the cash in the stock no longer earns it
 
 
 def test_stop_loss_closes_the_trade_and_holds_flat_until_a_new_trade():

@@ -178,13 +178,15 @@ def write_csv_market(folder: Path, symbols: list[str], bars: int = 1500) -> None
 def test_csv_end_to_end_with_two_asset_classes(tmp_path):
     data = tmp_path / "data"
     write_csv_market(data, ["SPX500", "NAS100", "XAUUSD"])
-    config = write_config(tmp_path / "c.yaml")
+    spot = {"instruments": {"SPX500": {"sector": "equity", "spot": True}}}  # a long position pays the cash rate
+    config = write_config(tmp_path / "c.yaml", spot)
     done = pipeline(tmp_path, "--mode", "train", "--data-dir", str(data), "--instruments", "SPX500", "NAS100",
                     "XAUUSD", config=config)  # fmt: skip
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "out" / "eval" / "report.json").read_text())
     assert report["data"]["source"] == "csv" and report["data"]["split"] == "test"
     assert report["data"]["instruments"] == ["SPX500", "NAS100", "XAUUSD"]
+    assert report["data"]["spot_instruments"] == ["SPX500"]
     assert "oracle" not in report["baselines"]
     assert set(report["specialist_utilization"]) >= {"commodities", "equity"}
     assert "forex" not in report["specialist_utilization"]
@@ -196,7 +198,7 @@ def test_csv_end_to_end_with_two_asset_classes(tmp_path):
     # a test split no longer than an episode (124 tradable bars, episodes of 200): one window, reported as one
     # (it was 3 copies of the same backtest with a spread of 0)
     assert report["episodes_source"].startswith("one window, the whole test split (124 bars")
-    short = write_config(tmp_path / "short.yaml", {"environment": {"episode_length": 50}})
+    short = write_config(tmp_path / "short.yaml", {"environment": {"episode_length": 50}, **spot})
     csv = ("--data-dir", str(data), "--instruments", "SPX500", "NAS100", "XAUUSD")
     code, stderr = run_cli("pipeline.py", *pipeline_args(tmp_path, "--mode", "eval", *csv, config=short))
     assert code == 0, stderr

@@ -41,7 +41,7 @@ import numpy as np
 
 from mtq_common.data.features import FEATURE_WINDOW
 from mtq_common.data.market import MarketData
-from mtq_common.data.splits import load_splits
+from mtq_common.data.splits import financed, load_splits
 from mtq_common.data.synthetic import Difficulty, config_options, generate_market
 
 LEVELS: tuple[Difficulty, ...] = (
@@ -175,7 +175,7 @@ def generate_scenario(level: int, cfg, seed: int | None = None, num_levels: int 
     symbols = list(cfg.data.instruments)
     s = cfg.data.synthetic
     entropy = [s.seed, _SCENARIO_STREAM, level] + ([] if seed is None else [seed])
-    return generate_market(
+    market = generate_market(
         symbols,
         [cfg.sector_of(sym) for sym in symbols],
         [cfg.instruments[sym].annual_vol for sym in symbols],
@@ -185,6 +185,7 @@ def generate_scenario(level: int, cfg, seed: int | None = None, num_levels: int 
         difficulty=LEVELS[level],
         **config_options(cfg, symbols),
     )
+    return financed(market, cfg)
 
 
 def window_volatility(prices: np.ndarray, length: int) -> np.ndarray:
@@ -227,4 +228,5 @@ def _csv_scenario(train: MarketData, level: int, num_levels: int, episode_length
         source=train.source,
         split="train",
         cost_multiplier=train.cost_multiplier,
+        financing=train.financing,
     )

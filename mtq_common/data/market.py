@@ -4,8 +4,11 @@ A `MarketData` is produced by the synthetic generator (`mtq_common.data.syntheti
 (`mtq_common.data.csv_data`). Conventions shared by every consumer:
 
 * ``prices[t, i]`` is the close of bar ``t`` for instrument ``i``.
-* ``returns[t, i] = prices[t, i] / prices[t - 1, i] - 1`` (simple return earned from bar ``t - 1`` to
-  bar ``t``); ``returns[0] = 0``. A position chosen at bar ``t`` earns ``returns[t + 1]``.
+* ``returns[t, i] = prices[t, i] / prices[t - 1, i] - 1 - financing[i]`` (simple return a position earns
+  from bar ``t - 1`` to bar ``t``); ``returns[0] = 0``. A position chosen at bar ``t`` earns
+  ``returns[t + 1]``. ``financing`` is 0 for futures and CFDs and the risk-free rate per bar for a spot
+  instrument: the account earns the rate on its equity (`kernels.portfolio_step`), so a long stock
+  bought with that cash must give it up. Every book, reward and baseline reads P&L from ``returns``.
 * ``drift[t, i]`` (synthetic only) is the latent expected return of bar ``t -> t + 1``; it is for
   evaluation (the oracle baseline) and must never reach an observation.
 * ``regime[t]`` (synthetic only) is the volatility regime of bar ``t`` (0 calm, 1 volatile, 2 crisis).
@@ -47,6 +50,9 @@ class MarketData:
     """Synthetic only: latent expected return of bar t -> t+1, float64 ``[T, N]``. Evaluation only."""
     cost_multiplier: float = 1.0
     """Scales the configured transaction cost (the curriculum's cost knob)."""
+    financing: np.ndarray | None = None
+    """Cost per bar of the cash a position ties up, float64 ``[N]`` (None: 0, futures and CFDs; set from the
+    config by `splits.financed`)."""
 
     def __post_init__(self) -> None:
         self.prices = np.asarray(self.prices, dtype=np.float64)
@@ -70,6 +76,8 @@ class MarketData:
         """Simple bar returns ``[T, N]`` with ``returns[0] = 0`` (see the module docstring)."""
         out = np.zeros_like(self.prices)
         out[1:] = self.prices[1:] / self.prices[:-1] - 1.0
+        if self.financing is not None:
+            out[1:] -= self.financing
         return out
 
     def window(self, start: int, stop: int, split: str) -> MarketData:
@@ -98,6 +106,7 @@ class MarketData:
             regime=self.regime,
             drift=None if self.drift is None else self.drift[:, idx],
             cost_multiplier=self.cost_multiplier,
+            financing=None if self.financing is None else self.financing[idx],
         )
 
 

@@ -22,7 +22,10 @@ phase script of a fold reads its windows through `splits.load_splits`.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+
+import numpy as np
 
 from mtq_common.data.csv_data import load_csv_market, load_csv_series
 from mtq_common.data.features import FEATURE_WINDOW
@@ -70,15 +73,30 @@ def fold_bounds(num_bars: int, folds: int, first_train_fraction: float, warmup: 
     return out
 
 
+def financed(market: MarketData, cfg) -> MarketData:
+    """`market` with the financing its config's spot instruments pay (`instruments.SYMBOL.spot`): the risk-free
+    rate per bar on what a position holds, deducted from their returns (`MarketData.financing`). Every market a
+    run trades or fits on comes through here."""
+    per_bar = cfg.reward.risk_free_rate / market.bars_per_year
+    rates = np.array([per_bar if cfg.instruments[s].spot else 0.0 for s in market.symbols])
+    return dataclasses.replace(market, financing=rates if rates.any() else None)
+
+
+def spot_symbols(cfg, symbols: list[str]) -> list[str]:
+    """The instruments of `symbols` that the config trades as spot (financed) instruments, for the report."""
+    return [s for s in symbols if cfg.instruments[s].spot]
+
+
 def full_market(cfg) -> MarketData:
     """The whole series the folds are cut from (module docstring)."""
     if cfg.data.source == "csv":
-        return load_csv_series(cfg.data.data_dir, list(cfg.data.instruments),
-                               {s: cfg.sector_of(s) for s in cfg.data.instruments}, csv=cfg.data.csv,
-                               allow_partial_overlap=cfg.data.allow_partial_overlap)  # fmt: skip
+        market = load_csv_series(cfg.data.data_dir, list(cfg.data.instruments),
+                                 {s: cfg.sector_of(s) for s in cfg.data.instruments}, csv=cfg.data.csv,
+                                 allow_partial_overlap=cfg.data.allow_partial_overlap)  # fmt: skip
+        return financed(market, cfg)
     s = cfg.data.synthetic
     symbols = list(cfg.data.instruments)
-    return generate_market(
+    market = generate_market(
         symbols,
         [cfg.sector_of(x) for x in symbols],
         [cfg.instruments[x].annual_vol for x in symbols],
@@ -87,6 +105,7 @@ def full_market(cfg) -> MarketData:
         split="train",
         **config_options(cfg, symbols),
     )
+    return financed(market, cfg)
 
 
 def warmup_bars(cfg) -> int:
@@ -113,9 +132,9 @@ def load_splits(cfg) -> dict[str, MarketData]:
     by the loader with the row counts it found.
     """
     if cfg.data.folds:
-        return fold_splits(cfg)
+        return fold_splits(cfg)  # (cut from `full_market`, financed)
     if cfg.data.source == "csv":
-        return load_csv_market(
+        splits = load_csv_market(
             cfg.data.data_dir,
             list(cfg.data.instruments),
             {s: cfg.sector_of(s) for s in cfg.data.instruments},
@@ -124,4 +143,6 @@ def load_splits(cfg) -> dict[str, MarketData]:
             csv=cfg.data.csv,
             allow_partial_overlap=cfg.data.allow_partial_overlap,
         )
-    return synthetic_splits(cfg)
+    else:
+        splits = synthetic_splits(cfg)
+    return {name: financed(market, cfg) for name, market in splits.items()}

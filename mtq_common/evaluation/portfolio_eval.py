@@ -24,6 +24,7 @@ from mtq_common.agents.hierarchy import (
     start_timing,
 )
 from mtq_common.data.market import MarketData, iso_time
+from mtq_common.data.splits import spot_symbols
 from mtq_common.data.tables import MarketTables, build_tables, cost_rates
 from mtq_common.data.volatility import VolLevels, VolTiming, vol_appetite
 from mtq_common.evaluation import bootstrap
@@ -276,7 +277,8 @@ def evaluate_portfolio(
     }
 
     end = np.asarray(market.timestamps)[backtests["system"].bars[-1] + 1]  # the last bar whose return is in
-    data = {"source": market.source, "split": market.split, "end": iso_time(end, market.bars_per_day)}
+    data = {"source": market.source, "split": market.split, "end": iso_time(end, market.bars_per_day),
+            "spot_instruments": spot_symbols(cfg, list(market.symbols))}  # fmt: skip
     report = report_from_backtests(backtests, list(specialists.names), rf, phase, data, confidence)
     report["trend_filter"] = dataclasses.asdict(trend)
     if scaled is not None:

@@ -114,6 +114,10 @@ class InstrumentSpec:
     (`mtq_common.data.synthetic`; 0: none, the built-in market)."""
     contract_size: float = 1.0
     """Units of the instrument in one contract (`pipeline.py --mode act` rounds units to whole contracts)."""
+    spot: bool = False
+    """A spot (cash) instrument, e.g. a stock's adjusted close: a long position spends cash that would earn
+    `reward.risk_free_rate` and a short one earns it, so its returns pay that rate (`MarketData.financing`).
+    False: a future or CFD, whose price moves need no cash (the built-in market)."""
 
 
 @dataclass
@@ -231,6 +235,8 @@ class Config:
             spec.pop("contract_size")  # how a book is rounded to contracts, not what is trained
             if spec["driver"] == 0.0:
                 spec.pop("driver")
+            if not spec["spot"]:
+                spec.pop("spot")  # (added later: futures, as before)
         # Keys added after runs were started: at their defaults the hash is unchanged, so those runs still resume.
         if payload["data"]["csv"] == dataclasses.asdict(CsvConfig()):
             payload["data"].pop("csv")
