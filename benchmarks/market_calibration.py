@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import tyro
 
-from mtq_common.data.splits import load_splits
-from mtq_common.data.synthetic import generate_market
+from mtq_common.data.splits import financed, load_splits
+from mtq_common.data.synthetic import config_options, generate_market
 from mtq_common.data.tables import cost_rates
 from mtq_common.data.volatility import fit_vol_levels, vol_appetite
 from mtq_common.evaluation.metrics import sharpe
@@ -51,7 +51,7 @@ ORACLE_SCALES = (0.05, 0.1, 0.2, 0.4, 0.8)
 def sized_oracle_positions(market, k: float) -> np.ndarray:
     """Positions `clip(drift / (k sigma_i), -1, 1)` [T, N], `sigma_i` the standard deviation of the instrument's bar
     returns on `market` (synthetic data only: the latent drift is known)."""
-    return np.clip(market.drift / (k * market.returns[1:].std(0)), -1.0, 1.0)
+    return np.clip(market.expected_return / (k * market.returns[1:].std(0)), -1.0, 1.0)
 
 
 def fit_oracle_scale(train, cost: np.ndarray) -> float:
@@ -87,9 +87,9 @@ def main(args: Args) -> dict:
         args.bars,
         seed=args.seed,
         split="test",
-        drift_half_life=s.drift_half_life,
-        drift_scale=s.drift_scale,
+        **config_options(cfg, symbols),
     )
+    market = financed(market, cfg)  # (spot instruments pay the cash rate, as in every run)
     seconds = time.perf_counter() - start
     cost = cost_rates(market, cfg, "cpu").double().numpy()
     splits = load_splits(cfg)
@@ -103,7 +103,7 @@ def main(args: Args) -> dict:
     scale = fit_oracle_scale(splits["train"], train_cost)
     scaled = fit_scaled_trend(splits["train"], train_cost, 1.0)  # rate 1: this table rebalances every bar
     rules = {
-        "oracle": oracle_positions(market.drift),
+        "oracle": oracle_positions(market.expected_return),
         "oracle_sized": sized_oracle_positions(market, scale),
         "trend_filter": trend_filter_positions(market.prices, trend),
         "scaled_trend": scaled_trend_positions(market.prices, scaled),

@@ -86,17 +86,20 @@ EXECUTION_KEYS = {
     "risk": ("var_confidence", "correlation_window"),
 }  # fmt: skip
 """The config values that decide a trained run's book beside its weights (costs, position size, stop-loss, the
-portfolio limits, the risk model), with each instrument's `cost` and `cost_multiplier`. Not the data, contract
-sizes, budgets or reward weights: `--mode act` reads new data and rounds to the broker's contracts."""
+portfolio limits, the risk model), with each instrument's `cost`, `cost_multiplier` and `spot`, and, where an
+instrument is spot, the risk-free rate its positions pay. Not the data, contract sizes, budgets or reward
+weights: `--mode act` reads new data and rounds to the broker's contracts."""
 
 
 def execution_settings(config: dict, symbols: list[str]) -> dict[str, Any]:
     """`EXECUTION_KEYS` of a `Config.to_dict()` as `{"section.key": value}`, with each of `symbols`' costs."""
     out = {f"{section}.{key}": config[section][key] for section, keys in EXECUTION_KEYS.items() for key in keys}
-    for symbol in symbols:
-        spec = config["instruments"].get(symbol, {})
+    specs = {symbol: config["instruments"].get(symbol, {}) for symbol in symbols}
+    for symbol, spec in specs.items():
         keys = ("cost", "cost_multiplier", "spot")
         out |= {f"instruments.{symbol}.{key}": spec.get(key, "<absent>") for key in keys}
+    spot = any(spec.get("spot") for spec in specs.values())  # (the rate moves a book of spot instruments only)
+    out["reward.risk_free_rate"] = config["reward"]["risk_free_rate"] if spot else "unused: no spot instrument"
     return out
 
 

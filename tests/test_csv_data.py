@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from mtq_common.data.csv_data import DataError, infer_bar_frequency, load_csv_market
 from mtq_common.data.csv_file import DataWarning
@@ -284,9 +285,13 @@ def test_load_splits_and_walk_forward_read_with_the_config_options(tmp_path):
 
 def test_spot_instruments_pay_the_risk_free_rate_in_every_market_a_run_reads(tmp_path):
     """`instruments.SYMBOL.spot` reaches the train, validation and test splits, the walk-forward folds, the
-    curriculum's scenarios, `--mode act`'s data (`Policy.book`) and the execution that acting checks."""
+    curriculum's scenarios, `--mode act`'s data (`Policy.book`), a market handed to the Gymnasium environment and
+    the execution that acting checks; the risk model still reads the price returns."""
+    import gymnasium as gym
+
     from mtq_common.agents.curriculum import generate_scenario
     from mtq_common.data.splits import financed, load_splits
+    from mtq_common.data.tables import build_tables
     from mtq_common.policy import execution_settings, market_from_prices
     from mtq_common.training.settings import config_from_dict
 
@@ -312,7 +317,14 @@ def test_spot_instruments_pay_the_risk_free_rate_in_every_market_a_run_reads(tmp
     check(generate_scenario(0, cfg))
     frame = pd.DataFrame(load_splits(cfg)["test"].prices, index=days[-135:], columns=["AAA", "BBB"])
     check(financed(market_from_prices(frame, ["AAA", "BBB"], ["equity", "equity"]), cfg))
-    assert execution_settings(cfg.to_dict(), ["AAA", "BBB"])["instruments.AAA.spot"] is True
+    plain = load_csv_market(tmp_path, ["AAA", "BBB"], {"AAA": "equity", "BBB": "equity"})["test"]  # not financed
+    env = gym.make("MTQ/Portfolio-v0", config=cfg, market=plain).unwrapped.batched
+    np.testing.assert_allclose(env.engine.tables.returns.numpy(), financed(plain, cfg).returns, rtol=0, atol=1e-8)
+    spot, futures = (build_tables(m, cfg) for m in (financed(plain, cfg), plain))
+    assert torch.equal(spot.cov, futures.cov) and torch.equal(spot.vol, futures.vol)  # risk is of the prices
+    settings = execution_settings(cfg.to_dict(), ["AAA", "BBB"])
+    assert settings["instruments.AAA.spot"] is True and settings["reward.risk_free_rate"] == 0.03
+    assert execution_settings(cfg.to_dict(), ["BBB"])["reward.risk_free_rate"] == "unused: no spot instrument"
     cfg.reward.risk_free_rate = 0.0  # no cash rate: nothing to give up
     assert all(m.financing is None for m in load_splits(cfg).values())
 

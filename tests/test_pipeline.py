@@ -187,6 +187,8 @@ def test_csv_end_to_end_with_two_asset_classes(tmp_path):
     assert report["data"]["source"] == "csv" and report["data"]["split"] == "test"
     assert report["data"]["instruments"] == ["SPX500", "NAS100", "XAUUSD"]
     assert report["data"]["spot_instruments"] == ["SPX500"]
+    said = (tmp_path / "out" / "eval" / "report.md").read_text()
+    assert "SPX500 is a spot instrument: a long position pays the risk-free rate on the cash it uses" in said
     assert "oracle" not in report["baselines"]
     assert set(report["specialist_utilization"]) >= {"commodities", "equity"}
     assert "forex" not in report["specialist_utilization"]

@@ -163,7 +163,7 @@ def generate_scenario(level: int, cfg, seed: int | None = None, num_levels: int 
     instruments), and level ``l`` keeps the calmest ``ceil((l + 1) / num_levels)`` fraction of them (at
     least enough for one feature window plus one episode). The kept windows, in time order, are
     chain-linked into one path: each window's prices are rescaled so that it starts at the close where
-    the previous one ended. Approximation: the return of each junction bar is 0 (the real jump between
+    the previous one ended. Approximation: the price return of each junction bar is 0 (the real jump between
     two windows is dropped) and features computed across a junction mix the two windows; bars keep their
     own timestamps, so time has gaps. The last level holds every window. Real data has no cost knob:
     ``cost_multiplier`` stays 1 and `seed` is unused.
@@ -214,7 +214,7 @@ def _csv_scenario(train: MarketData, level: int, num_levels: int, episode_length
         window = train.prices[w * length : (w + 1) * length]
         if last is not None:
             window = window * (last / window[0])
-            window[0] = last  # exactly: the junction bar's return is 0
+            window[0] = last  # exactly: the junction bar's price return is 0
         prices.append(window)
         timestamps.append(train.timestamps[w * length : (w + 1) * length])
         last = window[-1]

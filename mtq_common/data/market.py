@@ -72,13 +72,27 @@ class MarketData:
         return self.prices.shape[1]
 
     @property
-    def returns(self) -> np.ndarray:
-        """Simple bar returns ``[T, N]`` with ``returns[0] = 0`` (see the module docstring)."""
+    def price_returns(self) -> np.ndarray:
+        """Simple price returns ``[T, N]`` with ``[0] = 0``: what the risk model and volatility estimates read."""
         out = np.zeros_like(self.prices)
         out[1:] = self.prices[1:] / self.prices[:-1] - 1.0
+        return out
+
+    @property
+    def returns(self) -> np.ndarray:
+        """What a position earns per bar ``[T, N]``, the price return net of financing, with ``returns[0] = 0``
+        (see the module docstring): every P&L reads it."""
+        out = self.price_returns
         if self.financing is not None:
             out[1:] -= self.financing
         return out
+
+    @property
+    def expected_return(self) -> np.ndarray | None:
+        """Synthetic only: what a position chosen at bar t expects to earn, the drift net of financing."""
+        if self.drift is None or self.financing is None:
+            return self.drift
+        return self.drift - self.financing
 
     def window(self, start: int, stop: int, split: str) -> MarketData:
         """Bars `start` to `stop - 1` as a split of its own (the same instruments and frequency)."""

@@ -80,8 +80,7 @@ class MarketTables:
 def build_tables(market: MarketData, cfg: Config, device: torch.device | str = "cpu") -> MarketTables:
     """Features, returns and the EWMA risk tables of `market`, as float32 tensors on `device`."""
     dtype = torch.float32
-    returns64 = torch.as_tensor(market.returns)
-    cov = kernels.ewma_covariance(returns64, cfg.risk.correlation_window)
+    cov = kernels.ewma_covariance(torch.as_tensor(market.price_returns), cfg.risk.correlation_window)  # risk: prices
     sigma = torch.diagonal(cov, dim1=-2, dim2=-1).clamp_min(1e-20).sqrt()
     corr = cov / (sigma.unsqueeze(-1) * sigma.unsqueeze(-2))
     iu = torch.triu_indices(market.num_instruments, market.num_instruments, offset=1)

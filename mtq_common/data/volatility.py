@@ -48,7 +48,7 @@ def market_sigma(market: MarketData, levels: VolLevels, half_life: int) -> np.nd
     """`sigma_hat_t` [T]: the root mean over instruments of each one's EWMA variance over its training
     level (causal; the EWMA starts at the training level, so a split's first bars read as normal)."""
     level = np.asarray(levels.level[levels.half_lives.index(half_life)])
-    return np.sqrt((ewma_variance(market.returns, half_life, level) / level).mean(-1))
+    return np.sqrt((ewma_variance(market.price_returns, half_life, level) / level).mean(-1))
 
 
 def fit_vol_levels(train: MarketData) -> VolLevels:
@@ -56,8 +56,8 @@ def fit_vol_levels(train: MarketData) -> VolLevels:
     if train.split != "train":
         raise ValueError(f"the volatility levels are fitted on the training split only, got {train.split!r}")
     half_lives = VOL_TIMING_GRID["half_life"]
-    warm = (train.returns.astype(np.float64) ** 2).mean(0)
-    level = tuple(tuple(np.median(ewma_variance(train.returns, h, warm), 0).tolist()) for h in half_lives)
+    warm = (train.price_returns**2).mean(0)
+    level = tuple(tuple(np.median(ewma_variance(train.price_returns, h, warm), 0).tolist()) for h in half_lives)
     partial = VolLevels(half_lives, level, (1.0,) * len(half_lives))
     star = tuple(float(np.median(market_sigma(train, partial, h))) for h in half_lives)
     return VolLevels(half_lives, level, star)

@@ -27,18 +27,19 @@ import numpy as np
 import torch
 
 from mtq_common.data.market import MarketData
-from mtq_common.data.splits import load_splits
+from mtq_common.data.splits import financed, load_splits
 from mtq_common.envs.portfolio_env import PortfolioEnv
 from mtq_common.envs.trading_env import SpecialistEnv
 from mtq_common.training.config import Config
 
 
 def _market_for(config: Config | None, split: str, market: MarketData | None) -> tuple[Config, MarketData]:
-    """The config (default `Config()`) and the market (default: that config's `split`)."""
+    """The config (default `Config()`) and the market (default: that config's `split`), with the financing the
+    config's spot instruments pay (`splits.financed`; a market passed in gets it too)."""
     config = config if config is not None else Config()
     if market is None:
         market = load_splits(config)[split]
-    return config, market
+    return config, financed(market, config)
 
 
 def _fresh_seed() -> int:

@@ -137,6 +137,14 @@ def _fmt(metric: str, value) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def spot_sentence(spot: list[str]) -> str:
+    """How the spot instruments are accounted, for the report's data paragraph ("" when there are none)."""
+    if not spot:
+        return ""
+    are = "is a spot instrument" if len(spot) == 1 else "are spot instruments"
+    return f" {', '.join(spot)} {are}: a long position pays the risk-free rate on the cash it uses (futures use none)."
+
+
 def markdown_report(
     report: dict, backtests: dict[str, Backtest], episodes: dict | None = None, title: str = "MTQuant evaluation"
 ) -> str:
@@ -165,7 +173,7 @@ def markdown_report(
             "metrics and curves are of the segments stitched in time order. "
         )
         + "Returns are the account's (cash yield + trading - costs); Sharpe and Sortino are over the risk-free "
-        "rate.",
+        "rate." + spot_sentence(data.get("spot_instruments", [])),
         "",
     ]
 

@@ -285,7 +285,7 @@ def rule_tables(market: MarketData, trend: TrendFilter, scaled: ScaledTrend | No
     if scaled is not None:
         tables["scaled_trend"] = scaled_trend_positions(market.prices, scaled)
     if market.drift is not None:
-        tables["oracle"] = oracle_positions(market.drift)
+        tables["oracle"] = oracle_positions(market.expected_return)
     return tables
 
 

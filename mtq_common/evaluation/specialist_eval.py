@@ -52,7 +52,7 @@ def rule_positions(market: MarketData, trend: TrendFilter) -> dict[str, np.ndarr
         "buy_and_hold": buy_and_hold_positions(market.prices),
     }
     if market.drift is not None:
-        rules["oracle"] = oracle_positions(market.drift)
+        rules["oracle"] = oracle_positions(market.expected_return)
     return rules
 
 
