@@ -49,8 +49,8 @@ ORACLE_SCALES = (0.05, 0.1, 0.2, 0.4, 0.8)
 
 
 def sized_oracle_positions(market, k: float) -> np.ndarray:
-    """Positions `clip(drift / (k sigma_i), -1, 1)` [T, N], `sigma_i` the standard deviation of the instrument's bar
-    returns on `market` (synthetic data only: the latent drift is known)."""
+    """Positions `clip(expected_return / (k sigma_i), -1, 1)` [T, N] (the drift net of financing), `sigma_i` the
+    standard deviation of the instrument's bar returns on `market` (synthetic data only: the drift is known)."""
     return np.clip(market.expected_return / (k * market.returns[1:].std(0)), -1.0, 1.0)
 
 

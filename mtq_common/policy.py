@@ -92,7 +92,8 @@ weights: `--mode act` reads new data and rounds to the broker's contracts."""
 
 
 def execution_settings(config: dict, symbols: list[str]) -> dict[str, Any]:
-    """`EXECUTION_KEYS` of a `Config.to_dict()` as `{"section.key": value}`, with each of `symbols`' costs."""
+    """`EXECUTION_KEYS` of a `Config.to_dict()` as `{"section.key": value}`, with each of `symbols`' costs and spot
+    flag, and the risk-free rate where one of them is spot."""
     out = {f"{section}.{key}": config[section][key] for section, keys in EXECUTION_KEYS.items() for key in keys}
     specs = {symbol: config["instruments"].get(symbol, {}) for symbol in symbols}
     for symbol, spec in specs.items():
