@@ -189,6 +189,7 @@ def test_csv_end_to_end_with_two_asset_classes(tmp_path):
     assert report["data"]["spot_instruments"] == ["SPX500"]
     said = (tmp_path / "out" / "eval" / "report.md").read_text()
     assert "SPX500 is a spot instrument: a long position pays the risk-free rate on the cash it uses" in said
+    assert "SPX500 is a spot instrument" in done.stdout  # and on the terminal
     assert "oracle" not in report["baselines"]
     assert set(report["specialist_utilization"]) >= {"commodities", "equity"}
     assert "forex" not in report["specialist_utilization"]

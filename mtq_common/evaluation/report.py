@@ -43,7 +43,7 @@ from mtq_common.evaluation.plots import (
     specialist_names,
     tearsheet_figure,
 )
-from mtq_common.evaluation.report_text import confidence_rows, paired_interval
+from mtq_common.evaluation.report_text import confidence_rows, paired_interval, spot_sentence
 from mtq_common.evaluation.rules import MOMENTUM_LOOKBACK
 from mtq_common.evaluation.tearsheet import csv_bytes, export_frames, policy_metrics, tearsheet_markdown
 from mtq_common.evaluation.tearsheet import markdown_table as _markdown_table
@@ -135,14 +135,6 @@ def _fmt(metric: str, value) -> str:
 # ---------------------------------------------------------------------------------------------
 # report.md
 # ---------------------------------------------------------------------------------------------
-
-
-def spot_sentence(spot: list[str]) -> str:
-    """How the spot instruments are accounted, for the report's data paragraph ("" when there are none)."""
-    if not spot:
-        return ""
-    are = "is a spot instrument" if len(spot) == 1 else "are spot instruments"
-    return f" {', '.join(spot)} {are}: a long position pays the risk-free rate on the cash it uses (futures use none)."
 
 
 def markdown_report(

@@ -1,5 +1,6 @@
 """An evaluation report as plain text, what the scripts print (`format_report`, `format_episodes`), and the cells
-it shares with the Markdown report (`report.py`): `confidence_rows`, `paired_interval`, `limit_text`.
+it shares with the Markdown report (`report.py`): `confidence_rows`, `paired_interval`, `limit_text`,
+`spot_sentence`.
 """
 
 from __future__ import annotations
@@ -35,13 +36,22 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def spot_sentence(spot: list[str]) -> str:
+    """How the spot instruments are accounted, for the report's data paragraph ("" when there are none)."""
+    if not spot:
+        return ""
+    are = "is a spot instrument" if len(spot) == 1 else "are spot instruments"
+    return f" {', '.join(spot)} {are}: a long position pays the risk-free rate on the cash it uses (futures use none)."
+
+
 def format_report(report: dict) -> str:
     """`evaluate_portfolio`'s report as plain-text tables: system vs baselines, allocation efficiency,
     specialist utilisation, per-regime metrics, targets (PASS/FAIL), limits and data."""
     data = report["data"]
     out = [
         f"Portfolio evaluation: {data['source']} {data['split']} split, {data['start']} .. {data['end']}, "
-        f"{data['bars']} bars, {len(data['instruments'])} instruments ({', '.join(data['instruments'])})",
+        f"{data['bars']} bars, {len(data['instruments'])} instruments ({', '.join(data['instruments'])})."
+        + spot_sentence(data.get("spot_instruments", [])),
         "",
     ]
     policies = policy_metrics(report)
