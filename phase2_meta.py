@@ -390,10 +390,8 @@ def main(args: Args, ahead: dict | None = None) -> dict:
             ran = (start_validation or validation(meta))[1]
             start_returns, start_turnover = ran["system"].net_return, turnover_check(ran)["ratio"]
         state, mine = resume(args, "phase2", cfg, world)
-        if state.get("specialists_fingerprint", fingerprint_at_load) != fingerprint_at_load and not args.force:
-            raise ckpt.CheckpointError(f"{args.output_dir}/latest.pt was trained over other specialists than "
-                                       f"{args.specialists_dir} holds now (their weights differ): resume with the "
-                                       "run's Phase 1 output, or pass --force to resume anyway")  # fmt: skip
+        other = f"{args.output_dir}/latest.pt was trained over other specialists than {args.specialists_dir} holds now"
+        ckpt.check_inputs_unchanged(state, "specialists_fingerprint", fingerprint_at_load, other, args.force)
         for key, flag, ours in (("timing", "--risk-timing", start_rule), ("allocation_rule", "--allocation-rule",
                                                                           allocation_rule)):  # fmt: skip
             if (key in state) != (ours is not None):  # the policies would not even start from the same point

@@ -548,10 +548,9 @@ def main(args: Args) -> dict:
             ran = validation(specialists, meta)[1]
             start_returns, start_turnover = ran["system"].net_return, turnover_check(ran)["ratio"]
         state, mine = resume(args, "phase3", cfg, world)
-        if state.get("start_fingerprint", start_fingerprint) != start_fingerprint and not args.force:
-            raise ckpt.CheckpointError(f"{args.output_dir}/latest.pt started from other Phase 1 and 2 models than "
-                                       f"{args.phase1_dir} and {args.phase2_dir} hold now (their weights differ): "
-                                       "resume with the run's inputs, or pass --force to resume anyway")  # fmt: skip
+        other = (f"{args.output_dir}/latest.pt started from other Phase 1 and 2 models than {args.phase1_dir} and "
+                 f"{args.phase2_dir} hold now")  # fmt: skip
+        ckpt.check_inputs_unchanged(state, "start_fingerprint", start_fingerprint, other, args.force)
         meta.instrument_scale = state["meta_spec"].get("instrument_scale")  # the stored joint sizing (or none)
         joint_sizing = state.get("joint_sizing")
         curriculum.load_state_dict(state["curriculum"])

@@ -50,7 +50,6 @@ import phase3_joint
 from mtq_common.agents.hierarchy import HierarchyPolicy, instrument_specialist_index, load_specialists
 from mtq_common.agents.nets import MetaController
 from mtq_common.agents.update import CompileChoice
-from mtq_common.data.csv_data import load_csv_series
 from mtq_common.data.market import iso_time
 from mtq_common.data.splits import financed, fold_bounds, full_market, load_splits, spot_symbols, warmup_bars
 from mtq_common.data.synthetic import config_options, generate_market
@@ -566,10 +565,7 @@ def act(args: Args, cfg, log) -> dict:
     specialists, meta = load_hierarchy(out, device)
     trained = trained_data(out)
     if cfg.data.source == "csv":
-        market = financed(load_csv_series(cfg.data.data_dir, list(cfg.data.instruments),
-                                          {s: cfg.sector_of(s) for s in cfg.data.instruments}, strict_order=True,
-                                          csv=cfg.data.csv, allow_partial_overlap=cfg.data.allow_partial_overlap),
-                          cfg)  # fmt: skip
+        market = full_market(cfg, strict_order=True)  # every row to the last, refused where out of order
     else:
         market = load_splits(cfg)["test"]  # the built-in market: act at the test split's last bar
     check_data(market, trained, out)

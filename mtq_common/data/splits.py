@@ -87,12 +87,13 @@ def spot_symbols(cfg, symbols: list[str]) -> list[str]:
     return [s for s in symbols if cfg.instruments[s].spot]
 
 
-def full_market(cfg) -> MarketData:
-    """The whole series the folds are cut from (module docstring)."""
+def full_market(cfg, strict_order: bool = False) -> MarketData:
+    """The whole series the folds are cut from (module docstring), financed; `strict_order`: CSV rows out of order
+    are an error, not repaired (`load_csv_series`; what `--mode act` reads)."""
     if cfg.data.source == "csv":
         market = load_csv_series(cfg.data.data_dir, list(cfg.data.instruments),
-                                 {s: cfg.sector_of(s) for s in cfg.data.instruments}, csv=cfg.data.csv,
-                                 allow_partial_overlap=cfg.data.allow_partial_overlap)  # fmt: skip
+                                 {s: cfg.sector_of(s) for s in cfg.data.instruments}, strict_order=strict_order,
+                                 csv=cfg.data.csv, allow_partial_overlap=cfg.data.allow_partial_overlap)  # fmt: skip
         return financed(market, cfg)
     s = cfg.data.synthetic
     symbols = list(cfg.data.instruments)

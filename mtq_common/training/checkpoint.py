@@ -107,6 +107,16 @@ def config_differences(written: dict, current: dict, prefix: str = "") -> list[s
     return lines
 
 
+def check_inputs_unchanged(state: dict, key: str, fingerprint: str, what: str, force: bool = False) -> None:
+    """Refuse to resume `state` (a `latest.pt`) over input models other than those it was trained from: `state[key]`
+    holds their `parameter_fingerprint`; `what` names the checkpoint and the inputs for the message. Checkpoints
+    from before the fingerprint was recorded are not checked."""
+    if force or state.get(key, fingerprint) == fingerprint:
+        return
+    raise CheckpointError(f"{what} (their weights differ): resume with the run's inputs, or pass --force to resume "
+                          "anyway")  # fmt: skip
+
+
 def check_config_hash(payload: dict, config_hash: str, path: str | Path, force: bool = False,
                       config: dict | None = None) -> None:  # fmt: skip
     """Refuse to resume with a different config unless forced. `payload` (a checkpoint or the pipeline's
