@@ -812,6 +812,9 @@ def main(args: Args) -> dict:
     facts["joint_sizing"] = joint_sizing
     facts["sharpe_reward"] = None if book is None else book.as_dict()
     facts["cost_multiple"] = args.cost_multiple
+    if report is None:  # resumed after the last iteration's checkpoint: validate the final iterate again
+        with average.swapped_in():  # (its moving average, what the loop validated)
+            report = validate(specialists, meta)
     result = final_evaluation(
         args, specialists, meta, owner, best, report, validate, val, cfg, device, val_tables, facts, log
     )
@@ -819,12 +822,11 @@ def main(args: Args) -> dict:
     return result
 
 
-def final_evaluation(args: Args, specialists, meta, owner, best: dict, report: dict | None, validate, val, cfg,
+def final_evaluation(args: Args, specialists, meta, owner, best: dict, report: dict, validate, val, cfg,
                      device, tables, facts: dict, log) -> dict:  # fmt: skip
     """The best hierarchy (what `best.pt` holds) on the validation split and in `--eval-episodes` episodes,
-    random windows of it; writes `metrics.json` (with the run's `facts`) and prints the report."""
-    if report is None:  # resumed after the last iteration's checkpoint: validate the final iterate again
-        report = validate(specialists, meta)
+    random windows of it; writes `metrics.json` (with the run's `facts` and the final iterate's `report`) and
+    prints the report."""
     specialists.load_state_dict(best["specialists"])
     meta.load_state_dict(best["meta"])
     specialists.eval()

@@ -94,7 +94,7 @@ def test_target_kl_stops_the_epochs_early_and_norm_adv_switches_off(tiny):
     assert raw["global_step"] > 0
 
 
-def test_interrupted_run_resumes_to_the_same_result(tiny):
+def test_interrupted_run_resumes_to_the_same_result(tiny, monkeypatch):
     tmp, config, dirs = tiny
     unbroken = phase3(tmp, config, dirs, name="unbroken", timesteps=1536, eval_interval=2)
     assert (
@@ -112,6 +112,17 @@ def test_interrupted_run_resumes_to_the_same_result(tiny):
     resumed = phase3(tmp, config, dirs, name="broken", timesteps=1536, eval_interval=2, resume=True)
     drop = ("timing",)
     assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in unbroken.items() if k not in drop}
+    # killed after the last iteration's checkpoint, in the final evaluation: the resumed run only evaluates, and
+    # validates the final iterate's moving average again (what the unbroken run validated), not the raw weights
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(phase3_joint, "final_evaluation", killed)
+    with pytest.raises(KeyboardInterrupt):
+        phase3(tmp, config, dirs, name="ended", timesteps=1536, eval_interval=2)
+    monkeypatch.undo()
+    ended = phase3(tmp, config, dirs, name="ended", timesteps=1536, eval_interval=2, resume=True)
+    assert {k: v for k, v in ended.items() if k not in drop} == {k: v for k, v in unbroken.items() if k not in drop}
 
 
 def test_checks_on_train_beside_training_decide_as_in_place_and_a_pending_one_survives_a_resume(tiny, monkeypatch):
