@@ -359,6 +359,17 @@ def test_fine_tuning_keeps_phase2_level(tiny, tmp_path):
         assert metrics["portfolio"]["sharpe"] > phase2_sharpe and metrics["best_gain_over_start"]["low"] > 0
 
 
+@pytest.mark.parametrize("threshold", [-0.5, -2.0, float("nan")])
+def test_a_curriculum_threshold_not_above_the_demotion_line_is_refused_before_any_work(threshold):
+    """The curriculum steps back below a rolling Sharpe of -0.5: an advance threshold at or under it was a
+    ValueError naming `demote_threshold` (no flag) after the checkpoints had loaded."""
+    from mtq_common.training.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--curriculum-threshold .*: accepted above -0.5"):
+        phase3_joint.check_args(phase3_joint.Args(curriculum_threshold=threshold))
+    phase3_joint.check_args(phase3_joint.Args(curriculum_threshold=threshold, curriculum_learning=False))
+
+
 @pytest.mark.parametrize("missing", ["phase1", "phase2"])
 def test_missing_outputs_are_clear_errors(tiny, tmp_path, missing):
     _, config, (p1, p2) = tiny

@@ -58,6 +58,11 @@ PLAIN_LEVEL = 1
 _SCENARIO_STREAM = 7_000_001  # keeps scenario seeds apart from any plain market seed
 
 
+DEMOTE_THRESHOLD: float = -0.5
+"""Rolling validation Sharpe below which the level steps back one (the module docstring); an advance threshold
+must lie above it."""
+
+
 class Curriculum:
     """The current difficulty level, moved by validation portfolio Sharpe (rules in the module docstring).
 
@@ -77,7 +82,7 @@ class Curriculum:
         threshold: float = 1.0,
         window: int = 3,
         min_evaluations: int = 2,
-        demote_threshold: float = -0.5,
+        demote_threshold: float = DEMOTE_THRESHOLD,
         enabled: bool = True,
     ):
         if not 2 <= num_levels <= len(LEVELS):
