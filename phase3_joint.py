@@ -305,8 +305,10 @@ def check_args(args: Args) -> None:
     if args.patience < 0:
         raise ConfigError(f"--patience {args.patience}: accepted 0 (never stop early) or more validations")
     if args.curriculum_learning and not args.curriculum_threshold > DEMOTE_THRESHOLD:  # (NaN is refused too)
-        raise ConfigError(f"--curriculum-threshold {args.curriculum_threshold}: accepted above {DEMOTE_THRESHOLD}, the "
-                          "rolling validation Sharpe below which the curriculum steps back a level")
+        raise ConfigError(
+            f"--curriculum-threshold {args.curriculum_threshold}: accepted above {DEMOTE_THRESHOLD}, the "
+            "rolling validation Sharpe below which the curriculum steps back a level"
+        )
     if not (math.isfinite(args.cost_multiple) and args.cost_multiple >= 0.0):
         raise ConfigError(f"--cost-multiple {args.cost_multiple}: accepted 0 (free trading) or more (1: as paid)")
 

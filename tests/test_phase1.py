@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 import phase1_ppo
+import phase2_meta
+import phase3_joint
 from tests.helpers import SMALL, run_cli, tensorboard_steps, tensorboard_tags, write_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -242,6 +244,7 @@ def test_subset_of_specialists(tmp_path):
         (["--max-grad-norm", "0"], "--max-grad-norm 0.0: accepted a finite number > 0"),
         (["--num-steps", "0"], "--num-steps 0: accepted a whole number >= 1"),
         (["--hidden-size", "0"], "--hidden-size 0: accepted a whole number >= 1"),
+        (["--keep-checkpoints", "-1"], "--keep-checkpoints -1: accepted a whole number >= 0"),
         (["--device", "cuda:x"], "training.device = 'cuda:x' is out of range; accepted: auto, cpu, cuda or cuda:N"),
     ],
 )
@@ -250,6 +253,19 @@ def test_clear_errors(tmp_path, extra, message):
                            str(tmp_path / "l"), "--device", "cpu", *extra)  # fmt: skip
     assert code == 2
     assert message in stderr and "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("flag, value", [("stop_after", 0), ("torch_threads", -1), ("keep_checkpoints", -2)])
+def test_a_flag_out_of_range_is_refused_with_its_name(flag, value):
+    """Each script's shared flags are checked before any work: `--stop-after 0` stopped after one iteration, a
+    negative `--keep-checkpoints` deleted every step file, a negative `--torch-threads` was ignored."""
+    from mtq_common.training.config import ConfigError
+    from mtq_common.training.plumbing import check_flags
+
+    for script in (phase1_ppo, phase2_meta, phase3_joint):
+        with pytest.raises(ConfigError, match=f"--{flag.replace('_', '-')} {value}: accepted"):
+            check_flags(script.Args(**{flag: value}))
+    check_flags(phase1_ppo.Args(stop_after=None, torch_threads=0, keep_checkpoints=0))
 
 
 def test_trade_pnl_excludes_the_cash_yield(tmp_path):

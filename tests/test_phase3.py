@@ -112,6 +112,7 @@ def test_interrupted_run_resumes_to_the_same_result(tiny, monkeypatch):
     resumed = phase3(tmp, config, dirs, name="broken", timesteps=1536, eval_interval=2, resume=True)
     drop = ("timing",)
     assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in unbroken.items() if k not in drop}
+
     # killed after the last iteration's checkpoint, in the final evaluation: the resumed run only evaluates, and
     # validates the final iterate's moving average again (what the unbroken run validated), not the raw weights
     def killed(*args):

@@ -184,6 +184,9 @@ SHARED_FLAGS = {
     "vf_coef": (lambda x: finite_at_least(x, 0), "a finite number >= 0"),
     "max_grad_norm": (lambda x: finite_at_least(x, 0, above=True), "a finite number > 0"),
     "target_kl": (lambda x: x is None or finite_at_least(x, 0, above=True), "None (off) or a finite number > 0"),
+    "keep_checkpoints": (lambda x: x >= 0, "a whole number >= 0 (step files kept; 0: latest.pt alone)"),
+    "stop_after": (lambda x: x is None or x >= 1, "None (run to the end) or a whole number >= 1 (iterations)"),
+    "torch_threads": (lambda x: x >= 0, "a whole number >= 0 (0: torch's default)"),
 }
 """The flags the scripts share (a script checks those it has), each with what is accepted. Flags that back a config
 key (`--num-envs`: `training.n_envs`, ...) are checked with the config (`settings.validate`)."""
