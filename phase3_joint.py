@@ -224,7 +224,7 @@ class Args:
     curriculum_learning: bool = True
     """Train through the curriculum's difficulty levels (off: the plain training split)."""
     curriculum_threshold: float = 1.0
-    """Rolling validation Sharpe that advances the curriculum one level."""
+    """Rolling validation Sharpe that advances the curriculum one level (above -0.5, below which it steps back)."""
     eval_interval: int = 10
     """Validate (and update best.pt) every this many iterations, and at the end."""
     sharpe_reward: bool = True
