@@ -281,3 +281,30 @@ def test_the_config_file_is_read_once_per_process(tmp_path):
     assert read_yaml.cache_info().misses == 1 and again.training.learning_rate == cfg.training.learning_rate == 0.001
     path.write_text("training:\n  learning_rate: 0.0002\n")  # edited (another size): read again
     assert load_config(path).training.learning_rate == 0.0002 and read_yaml.cache_info().misses == 2
+
+
+def test_a_resume_message_names_only_the_keys_the_config_hash_reads():
+    """An older run's record (before `spot` and the `minibatch_size` rename, on another device) differs from the
+    current config in one trained value: the refusal names that value alone, not the key added since at its
+    default (it listed `spot: '<absent>' in the run, False now` for every instrument), the renamed key or the
+    device, none of which changes the hash."""
+    from mtq_common.training.checkpoint import CheckpointError, check_config_hash
+    from mtq_common.training.config import hashed_values
+
+    cfg = Config()
+    old = cfg.to_dict()
+    for spec in old["instruments"].values():
+        spec.pop("spot")
+    old["training"]["batch_size"] = old["training"].pop("minibatch_size")
+    old["training"]["device"] = "cuda:1"
+    assert hashed_values(old) == hashed_values(cfg.to_dict())  # the same experiment
+    cost = cfg.environment.transaction_cost
+    old["environment"]["transaction_cost"] = 2 * cost
+    with pytest.raises(CheckpointError) as refused:
+        check_config_hash({"config_hash": "0" * 16, "config": old}, cfg.hash(), "latest.pt", config=cfg.to_dict())
+    message = str(refused.value)
+    assert (
+        f"the config differs from the run's: environment.transaction_cost: {2 * cost!r} in the run, {cost!r} now "
+        in message
+    )
+    assert "spot" not in message and "device" not in message and "batch_size" not in message

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from mtq_common.training.config import hashed_values
+
 FORMAT = "mtquant-checkpoint-v1"
 
 
@@ -121,13 +123,14 @@ def check_config_hash(payload: dict, config_hash: str, path: str | Path, force: 
                       config: dict | None = None) -> None:  # fmt: skip
     """Refuse to resume with a different config unless forced. `payload` (a checkpoint or the pipeline's
     manifest) holds the run's `config_hash` and, since checkpoints record it, its `config`: then the message
-    names every key that differs with both values (`config`: the current `Config.to_dict()`)."""
+    names every key that differs with both values (`config`: the current `Config.to_dict()`), among those the hash
+    reads (`config.hashed_values`: a key added since the run, at its default, is no difference)."""
     written = payload.get("config_hash")
     if written == config_hash or force:
         return
     fix = "resuming would mix two experiments. Use the original config (and flags), or pass --force to resume anyway."
     if isinstance(payload.get("config"), dict) and config is not None:  # checkpoints and manifests record it
-        changed = config_differences(payload["config"], config)
+        changed = config_differences(hashed_values(payload["config"]), hashed_values(config))  # (what the hash reads)
         if changed:
             raise CheckpointError(f"{path}: the config differs from the run's: {'; '.join(changed)} (config hash "
                                   f"{written} in the run, {config_hash} now): {fix}")  # fmt: skip

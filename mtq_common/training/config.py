@@ -229,21 +229,37 @@ class Config:
 
     def hash(self) -> str:
         """Stable short hash of every value that changes what is trained (resume refuses a mismatch)."""
-        payload = self.to_dict()
-        payload["training"] = {k: v for k, v in payload["training"].items() if k != "device"}
-        for spec in payload["instruments"].values():
-            spec.pop("contract_size")  # how a book is rounded to contracts, not what is trained
-            if spec["driver"] == 0.0:
-                spec.pop("driver")
-            if not spec["spot"]:
-                spec.pop("spot")  # (added later: futures, as before)
-        # Keys added after runs were started: at their defaults the hash is unchanged, so those runs still resume.
-        if payload["data"]["csv"] == dataclasses.asdict(CsvConfig()):
-            payload["data"].pop("csv")
-        if not payload["data"]["allow_partial_overlap"]:
-            payload["data"].pop("allow_partial_overlap")
+        payload = hashed_values(self.to_dict())
         payload["training"]["batch_size"] = payload["training"].pop("minibatch_size")  # renamed: the same hash
-        if payload["training"]["phase_3_learning_rate"] == payload["training"]["learning_rate"]:
-            payload["training"].pop("phase_3_learning_rate")  # (before the key, Phase 3 trained at learning_rate)
         blob = json.dumps(payload, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def hashed_values(config: dict) -> dict:
+    """What `Config.hash` hashes: `config` (a `Config.to_dict()`, or the record of one that an older run kept)
+    without what does not change what is trained, and without keys added after runs were started while they hold
+    their defaults, so that those runs still resume and a resume's message names only real differences."""
+    payload = _plain(config)  # (a copy, in the types a JSON record reads back: a manifest's, a checkpoint's)
+    training = payload.get("training", {})
+    training.pop("device", None)
+    for spec in payload.get("instruments", {}).values():
+        spec.pop("contract_size", None)  # how a book is rounded to contracts, not what is trained
+        if spec.get("driver", 0.0) == 0.0:
+            spec.pop("driver", None)
+        if not spec.get("spot", False):
+            spec.pop("spot", None)  # (added later: futures, as before)
+    data = payload.get("data", {})
+    if data.get("csv") == _plain(dataclasses.asdict(CsvConfig())):
+        data.pop("csv")
+    if not data.get("allow_partial_overlap", False):
+        data.pop("allow_partial_overlap", None)
+    if "batch_size" in training:  # (the key's name in runs started before it was renamed)
+        training["minibatch_size"] = training.pop("batch_size")
+    if training.get("phase_3_learning_rate") == training.get("learning_rate"):
+        training.pop("phase_3_learning_rate", None)  # (before the key, Phase 3 trained at learning_rate)
+    return payload
+
+
+def _plain(values: dict) -> dict:
+    """`values` as JSON reads it back (tuples as lists, other objects as their text): what `Config.hash` serialises."""
+    return json.loads(json.dumps(values, default=str))
