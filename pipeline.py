@@ -147,7 +147,8 @@ class Args:
     """--mode act: the account's capital, for notionals, units rounded to whole contracts (config
     instruments.SYMBOL.contract_size, default 1) and the rounding residual (unset: weights only)."""
     as_of: str | None = None
-    """--mode act: the date the data must be current at (YYYY-MM-DD; default today, UTC)."""
+    """--mode act: the date the data must be current at (YYYY-MM-DD; default today, UTC). Not a cut: the book is for
+    the bar after the data's last row, and a date before that row is refused."""
     max_staleness_days: float | None = 7.0
     """--mode act: refuse CSV data whose last bar is older than this many days before --as-of (None: no check)."""
     force: bool = False
@@ -570,15 +571,22 @@ def act(args: Args, cfg, log) -> dict:
         market = load_splits(cfg)["test"]  # the built-in market: act at the test split's last bar
     check_data(market, trained, out)
     check_execution_config(cfg, out, trained, args.force)  # the run's costs and limits, or the book is another
-    if market.source == "csv" and args.max_staleness_days is not None:
+    if market.source == "csv" and (args.as_of is not None or args.max_staleness_days is not None):
         try:
             as_of = np.datetime64(args.as_of or datetime.datetime.now(datetime.timezone.utc).date().isoformat(), "s")
         except ValueError:
             raise ConfigError(f"--as-of {args.as_of!r}: accepted a date, YYYY-MM-DD") from None
+        last = iso_time(market.timestamps[-1], market.bars_per_day)
+        if args.as_of is not None and np.datetime64(as_of, "D") < np.datetime64(market.timestamps[-1], "D"):
+            raise ConfigError(  # (a book for the last bar, after the date asked for, would be taken for that date's)
+                f"--as-of {args.as_of}: before the data's last bar, {last}. --as-of is the date the data must be "
+                f"current at, not a cut: the book is always for the bar after the last row of {cfg.data.data_dir}. "
+                "To act as of an earlier bar, drop the later rows from the files."
+            )
         age = stale_days(market, as_of)
-        if age > args.max_staleness_days:
+        if args.max_staleness_days is not None and age > args.max_staleness_days:
             raise ConfigError(
-                f"the data is stale: its last bar is {iso_time(market.timestamps[-1], market.bars_per_day)}, "
+                f"the data is stale: its last bar is {last}, "
                 f"{age:.1f} days before {str(as_of)[:10]} (--as-of), more than --max-staleness-days "
                 f"{args.max_staleness_days:g}. Update the files in {cfg.data.data_dir}, or pass --as-of DATE or "
                 "--max-staleness-days None to act on them anyway."

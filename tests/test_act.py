@@ -227,7 +227,7 @@ def write_csv(folder, symbols, prices, dates):
 
 @pytest.mark.parametrize("case", ["untrained", "instruments", "short", "stale", "unsorted", "holdings-no-capital",
                                   "holdings-missing", "holdings-unknown", "holdings-text", "execution", "as-of",
-                                  "staleness"])  # fmt: skip
+                                  "as-of-early", "staleness"])  # fmt: skip
 def test_bad_input_is_refused_and_writes_nothing(trained, tmp_path, case):
     out, config, cfg, *_ = trained
     market = load_splits(cfg)["test"]
@@ -253,6 +253,10 @@ def test_bad_input_is_refused_and_writes_nothing(trained, tmp_path, case):
         write_csv(data, market.symbols, market.prices, dates)
         args["data_dir"], args["as_of"] = str(data), "2022-13-45"
         error, words = ConfigError, "--as-of '2022-13-45': accepted a date, YYYY-MM-DD"
+    elif case == "as-of-early":  # a date before the last row: the book would be the last row's, not that date's
+        write_csv(data, market.symbols, market.prices, dates)
+        args["data_dir"], args["as_of"], args["max_staleness_days"] = str(data), dates[-10], None
+        error, words = ConfigError, f"--as-of {dates[-10]}: before the data.s last bar, {dates[-1]}.*drop the later"
     elif case == "staleness":
         args["max_staleness_days"] = -1.0
         error, words = ConfigError, "--max-staleness-days -1.0: accepted a number of days >= 0, or None"
