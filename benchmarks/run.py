@@ -120,6 +120,8 @@ def expand(command: str, seeds: list[int], configs: list[str], output_dir: str) 
         raise ValueError(f"configs must have distinct file stems (they name the output dirs): {configs}")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct: {seeds}")
+    if any(not 0 <= seed < 2**32 for seed in seeds):  # (what every script accepts: refused here, not in each run)
+        raise ValueError(f"--seeds {seeds}: accepted whole numbers 0 <= seed < 2**32")
     runs = []
     for config in configs or [None]:
         group = Path(config).stem if config else DEFAULT_GROUP
@@ -352,7 +354,7 @@ def main(args: Args) -> int:
         outcomes = {i: collect(run) for i, run in enumerate(runs)}
     else:
         print(f"running {len(runs)} runs with {args.workers} workers", flush=True)
-        with ThreadPoolExecutor(max_workers=max(1, args.workers)) as pool:
+        with ThreadPoolExecutor(max_workers=args.workers) as pool:
             futures = {pool.submit(execute, run, args.timeout, args.stderr_lines): i for i, run in enumerate(runs)}
             for future in as_completed(futures):
                 outcome = outcomes[futures[future]] = future.result()
@@ -411,6 +413,10 @@ if __name__ == "__main__":
     cli_args = tyro.cli(Args)
     try:  # bad flags: the message and exit code 2, not a traceback
         expand(cli_args.command, cli_args.seeds, cli_args.configs, cli_args.output_dir)
+        if cli_args.workers < 1:
+            raise ValueError(f"--workers {cli_args.workers}: accepted a whole number >= 1 (runs at the same time)")
+        if cli_args.timeout is not None and not cli_args.timeout > 0:
+            raise ValueError(f"--timeout {cli_args.timeout}: accepted seconds > 0, or None (no limit)")
     except ValueError as err:
         print(f"benchmarks.run: error: {err}", file=sys.stderr)
         sys.exit(2)

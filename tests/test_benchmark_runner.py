@@ -44,16 +44,19 @@ def test_expand_without_configs_uses_default_group(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "command, seeds, words",
+    "command, seeds, extra, words",
     [
-        ("", [1], "--command is empty"),
-        ('python phase1_ppo.py "unclosed', [1], "not a command line a shell would split"),
-        ("python phase1_ppo.py", [], "--seeds is empty"),
-        ("python phase1_ppo.py", [1, 1], "seeds must be distinct"),
+        ("", [1], [], "--command is empty"),
+        ('python phase1_ppo.py "unclosed', [1], [], "not a command line a shell would split"),
+        ("python phase1_ppo.py", [], [], "--seeds is empty"),
+        ("python phase1_ppo.py", [1, 1], [], "seeds must be distinct"),
+        ("python phase1_ppo.py", [1, -1], [], "--seeds [1, -1]: accepted whole numbers 0 <= seed < 2**32"),
+        ("python phase1_ppo.py", [1], ["--workers", "0"], "--workers 0: accepted a whole number >= 1"),
+        ("python phase1_ppo.py", [1], ["--timeout", "0"], "--timeout 0.0: accepted seconds > 0"),
     ],
 )
-def test_bad_flags_are_one_line_and_exit_2(command, seeds, words):
-    code, stderr = run_cli("benchmarks/run.py", "--command", command, "--seeds", *map(str, seeds))
+def test_bad_flags_are_one_line_and_exit_2(command, seeds, extra, words):
+    code, stderr = run_cli("benchmarks/run.py", "--command", command, "--seeds", *map(str, seeds), *extra)
     assert code == 2 and words in stderr and "Traceback" not in stderr, stderr
 
 
