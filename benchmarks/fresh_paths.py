@@ -102,12 +102,16 @@ def evaluate(folder: Path, episodes: int, helper: bool = True) -> dict:
 
 
 def main(args: Args) -> dict:
+    if args.workers < 1:  # (refused before any folder is written)
+        raise ConfigError(f"--workers {args.workers}: accepted a whole number >= 1 (evaluations at the same time)")
+    if args.eval_episodes < 1:
+        raise ConfigError(f"--eval-episodes {args.eval_episodes}: accepted a whole number >= 1")
     runs = Path(args.runs)
     out = Path(args.output_dir) if args.output_dir else runs.parent / f"fresh_{args.synthetic_seed}"
     folders = {seed: prepare(runs / f"seed_{seed}", out / f"seed_{seed}", args.synthetic_seed, args.test_bars)
                for seed in args.seeds}  # fmt: skip
     helper = args.workers < 2  # (evaluations side by side leave no core idle for a helper process)
-    with ThreadPoolExecutor(max_workers=max(1, args.workers)) as pool:
+    with ThreadPoolExecutor(max_workers=args.workers) as pool:
         ran = pool.map(lambda f: evaluate(f, args.eval_episodes, helper), folders.values())
         reports = dict(zip(folders, ran, strict=True))
     outcomes = [SimpleNamespace(run=SimpleNamespace(seed=seed), report=reports[seed]) for seed in args.seeds]

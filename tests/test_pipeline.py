@@ -144,6 +144,11 @@ def test_fresh_paths_evaluates_a_run_on_another_draw_of_the_market_and_leaves_it
     seed = manifest["config"]["data"]["synthetic"]["seed"]
     with pytest.raises(ConfigError, match="must differ"):
         fresh_paths.fresh_config(manifest["config"], seed, 900, "pipeline.json")
+    for bad in ({"workers": 0}, {"eval_episodes": 0}):
+        flag = "--" + next(iter(bad)).replace("_", "-")
+        with pytest.raises(ConfigError, match=f"{flag} 0: accepted"):  # before any folder is written
+            fresh_paths.main(fresh_paths.Args(runs=str(tmp_path / "runs"), seeds=[1], synthetic_seed=12, **bad))
+    assert not (tmp_path / "fresh_12").exists()
     csv = {**manifest["config"], "data": {**manifest["config"]["data"], "source": "csv"}}
     with pytest.raises(ConfigError, match="synthetic"):
         fresh_paths.fresh_config(csv, seed + 1, 900, "pipeline.json")
