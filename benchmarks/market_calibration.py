@@ -23,8 +23,8 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import tyro
 
+from benchmarks import cli
 from mtq_common.data.splits import financed, load_splits
 from mtq_common.data.synthetic import config_options, generate_market
 from mtq_common.data.tables import cost_rates
@@ -42,6 +42,7 @@ from mtq_common.evaluation.rules import (
     trend_filter_positions,
 )
 from mtq_common.training.checkpoint import atomic_write_json
+from mtq_common.training.config import ConfigError
 from mtq_common.training.settings import load_config
 
 ORACLE_SCALES = (0.05, 0.1, 0.2, 0.4, 0.8)
@@ -76,6 +77,10 @@ class Args:
 
 
 def main(args: Args) -> dict:
+    if args.bars < 200:  # (what a synthetic split accepts: the features need 100 bars of history)
+        raise ConfigError(f"--bars {args.bars}: accepted a whole number >= 200")
+    if not 0 <= args.seed < 2**32:
+        raise ConfigError(f"--seed {args.seed}: accepted a whole number 0 <= seed < 2**32")
     cfg = load_config(args.config)
     symbols = cfg.data.instruments
     s = cfg.data.synthetic
@@ -140,4 +145,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    cli(main, Args, "market_calibration")

@@ -38,8 +38,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import tyro
 
+from benchmarks import cli
 from benchmarks.run import machine
 from mtq_common.agents.hierarchy import HierarchyPolicy, compose_weights, instrument_specialist_index, timing_spec
 from mtq_common.data.market import MarketData
@@ -232,4 +232,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    cli(main, Args, "meta_headroom")

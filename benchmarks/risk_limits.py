@@ -17,13 +17,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import tyro
 
+from benchmarks import cli
 from kernels import LIMIT_NAMES
 from mtq_common.data.splits import load_splits
 from mtq_common.envs.portfolio_env import PortfolioEnv
 from mtq_common.training.checkpoint import atomic_write_json
-from mtq_common.training.config import Config
+from mtq_common.training.config import Config, ConfigError
 from mtq_common.training.settings import load_config
 
 CASES = {
@@ -99,6 +99,8 @@ def run_case(cfg: Config, instruments: list[str], proposal: list[float], split: 
 
 
 def main(args: Args) -> dict:
+    if args.split not in ("train", "val", "test"):
+        raise ConfigError(f"--split {args.split!r}: accepted train, val or test")
     cfg = load_config(args.config)
     rows = {name: run_case(cfg, *case, split=args.split, max_bars=args.max_bars) for name, case in CASES.items()}
     print(f"risk layer on the synthetic {args.split} split, stop-loss off, one fixed proposal per case")
@@ -115,4 +117,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    cli(main, Args, "risk_limits")

@@ -50,9 +50,9 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import tyro
 
 import kernels
+from benchmarks import cli
 from benchmarks.op_census import bench_ops
 from benchmarks.timed_runs import PHASES, bench_pipeline, bench_sb3, bench_training
 from kernels.portfolio_step import RewardParams, portfolio_step_reference
@@ -367,7 +367,23 @@ def bench_environments(args: Args) -> tuple[dict, list[str], list[dict]]:
     return devices, skipped, results
 
 
+def check_args(args: Args) -> None:
+    """Counts and sizes that would make a row meaningless (or divide by zero), refused before anything runs."""
+    counts = {"--steps": [args.steps], "--batch-sizes": list(args.batch_sizes), "--ranks": list(args.ranks),
+              "--training-timesteps": list(args.training_timesteps), "--ops-timesteps": list(args.ops_timesteps),
+              "--pipeline-timesteps": list(args.pipeline_timesteps), "--sb3-timesteps": [args.sb3_timesteps],
+              "--bars": [] if args.bars is None else [args.bars]}  # fmt: skip
+    for flag, values in counts.items():
+        if any(value < 1 for value in values):
+            raise ValueError(f"{flag} {' '.join(map(str, values))}: accepted whole numbers >= 1")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup {args.warmup}: accepted a whole number >= 0")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads {args.threads}: accepted a whole number >= 1")
+
+
 def main(args: Args) -> dict:
+    check_args(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads in this process")
@@ -408,4 +424,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    cli(main, Args, "throughput")

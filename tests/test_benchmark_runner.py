@@ -203,3 +203,19 @@ def test_collect_tabulates_finished_pipeline_runs_with_paired_differences(tmp_pa
         "DESIGN 14 checks passed: 1 of 2; seeds passing every check: 1 of 2; >= vol_managed_trend_filter + 0.3 "
         "fails on seed(s) 1"
     ) in printed
+
+
+@pytest.mark.parametrize(
+    "script, extra, words",
+    [
+        ("market_calibration", ["--bars", "0"], "--bars 0: accepted a whole number >= 200"),
+        ("market_calibration", ["--seed", "-1"], "--seed -1: accepted a whole number 0 <= seed < 2**32"),
+        ("risk_limits", ["--split", "tset"], "--split 'tset': accepted train, val or test"),
+        ("meta_headroom", ["--runs", "nowhere", "--seeds", "1"], "checkpoint not found: nowhere/seed_1/phase3/best.pt"),
+        ("throughput", ["--steps", "0"], "--steps 0: accepted whole numbers >= 1"),
+    ],
+)
+def test_the_other_benchmarks_refuse_bad_input_in_one_paragraph_with_exit_2(script, extra, words):
+    """`benchmarks.cli`: a bad flag or a missing run was a traceback (or, for `--bars 0`, a table of zeros)."""
+    code, stderr = run_cli(f"benchmarks/{script}.py", *extra)
+    assert code == 2 and f"benchmarks.{script}: error: {words}" in stderr and "Traceback" not in stderr, stderr
