@@ -152,8 +152,8 @@ class Args:
     max_staleness_days: float | None = 7.0
     """--mode act: refuse CSV data whose last bar is older than this many days before --as-of (None: no check)."""
     force: bool = False
-    """--mode resume: resume even if the config differs from the run's (the manifest's hash); --mode eval and act:
-    evaluate or trade even if the config's costs or limits differ from the run's."""
+    """--mode resume: resume even if the config or seed differs from the run's (the manifest's); --mode eval and act:
+    evaluate or trade even if the config's costs or limits (eval: or the seed) differ from the run's."""
     progress: bool = True
     """Show progress bars (only on a terminal)."""
     torch_threads: int = 1
@@ -403,6 +403,10 @@ def test_backtests(args: Args, cfg, device):
     split (DESIGN section 9). Returns `(report, backtests, test market)`."""
     out = Path(args.output_dir)
     specialists, meta = load_hierarchy(out, device)
+    manifest = read_manifest(out / "pipeline.json")  # (the episodes draw from the seed: another gives another report)
+    if manifest is not None and manifest.get("seed", args.seed) != args.seed and not args.force:
+        raise ConfigError(f"{out / 'pipeline.json'} was trained with --seed {manifest['seed']}, not {args.seed}: "
+                          "evaluate with the run's seed, as its report was (or --force)")  # fmt: skip
     splits = load_splits(cfg)
     test = splits["test"]
     trained = trained_data(out)

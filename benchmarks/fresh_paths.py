@@ -92,8 +92,9 @@ def prepare(run: Path, folder: Path, synthetic_seed: int, test_bars: int) -> Pat
 def evaluate(folder: Path, episodes: int, helper: bool = True) -> dict:
     """`pipeline.py --mode eval` in `folder` on its `fresh.yaml` (`--no-helper` without `helper`); the test report
     it writes."""
+    seed = json.loads((folder / "pipeline.json").read_text())["seed"]  # (the run's: its episodes draw from it)
     cmd = [sys.executable, "pipeline.py", "--mode", "eval", "--config", str(folder / "fresh.yaml"), "--output-dir",
-           str(folder), "--log-dir", str(folder / "logs"), "--eval-episodes", str(episodes),
+           str(folder), "--log-dir", str(folder / "logs"), "--eval-episodes", str(episodes), "--seed", str(seed),
            *([] if helper else ["--no-helper"])]  # fmt: skip
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:

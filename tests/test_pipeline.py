@@ -266,17 +266,20 @@ def test_resume_with_another_config_is_refused_and_touches_nothing(trained, tmp_
     assert snapshot(tmp / "out") == before
 
 
-@pytest.mark.parametrize("change", ["limits", "instruments"])
+@pytest.mark.parametrize("change", ["limits", "instruments", "seed"])
 def test_eval_with_a_config_unlike_the_runs_is_refused_and_touches_nothing(trained, tmp_path, change):
     tmp, config, _ = trained
-    if change == "limits":  # the report would be another policy's: the run's weights under other limits
+    seed = []
+    if change == "seed":  # the episodes would draw other windows than the run's report did
+        other, seed, words = config, ["--seed", "2"], "was trained with --seed 1, not 2: evaluate with the run's seed"
+    elif change == "limits":  # the report would be another policy's: the run's weights under other limits
         other = write_config(tmp_path / "other.yaml", {"environment": {"max_position_size": 0.05}})
         words = "environment.max_position_size: 0.1 in the run, 0.05 now"
     else:  # the same sectors, fewer instruments: named, not a tensor-shape error
         other = write_config(tmp_path / "other.yaml", {"data": {"instruments": ["EURUSD", "XAUUSD", "SPX500"]}})
         words = "the data does not match the run trained in"
     before = snapshot(tmp / "out")
-    code, stderr = run_cli("pipeline.py", *pipeline_args(tmp, "--mode", "eval", config=other))
+    code, stderr = run_cli("pipeline.py", *pipeline_args(tmp, "--mode", "eval", *seed, config=other))
     assert code == 2 and words in stderr and "Traceback" not in stderr, stderr
     assert snapshot(tmp / "out") == before
 
