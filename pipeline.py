@@ -278,6 +278,14 @@ def check_phase_flags(args: Args, resume: bool) -> None:
             raise ConfigError(f"{name}: {err} (pipeline.py passes its --{name}-* flags as the script's own)") from None
 
 
+def check_seed(manifest: dict | None, args: Args, path: Path, verb: str) -> None:
+    """Refuse to `verb` a run (its `manifest`, read from `path`) with another --seed than it was trained with,
+    unless --force."""
+    if manifest is not None and manifest.get("seed", args.seed) != args.seed and not args.force:
+        raise ConfigError(f"{path} was trained with --seed {manifest['seed']}, not {args.seed}: {verb} with the run's "
+                          "seed (or --force)")  # fmt: skip
+
+
 def train(args: Args, cfg, log, resume: bool) -> dict:
     """Run (or continue) the three phases; the manifest is rewritten atomically after each one."""
     check_phase_flags(args, resume)
@@ -293,9 +301,7 @@ def train(args: Args, cfg, log, resume: bool) -> dict:
         if changed and not args.force:
             raise ConfigError(f"{path} was trained with other phase scripts ({'; '.join(changed)}): resume with the "
                               "same --phase1/2/3-script flags (or --force)")  # fmt: skip
-        if manifest.get("seed", args.seed) != args.seed and not args.force:  # (each phase draws from it)
-            raise ConfigError(f"{path} was trained with --seed {manifest['seed']}, not {args.seed}: resume with the "
-                              "run's seed (or --force)")  # fmt: skip
+        check_seed(manifest, args, path, "resume")  # (each phase draws from it)
     if manifest is None:
         load_splits(cfg)  # unreadable data is refused before the manifest (or anything else) is written
         if args.overwrite:
@@ -403,10 +409,8 @@ def test_backtests(args: Args, cfg, device):
     split (DESIGN section 9). Returns `(report, backtests, test market)`."""
     out = Path(args.output_dir)
     specialists, meta = load_hierarchy(out, device)
-    manifest = read_manifest(out / "pipeline.json")  # (the episodes draw from the seed: another gives another report)
-    if manifest is not None and manifest.get("seed", args.seed) != args.seed and not args.force:
-        raise ConfigError(f"{out / 'pipeline.json'} was trained with --seed {manifest['seed']}, not {args.seed}: "
-                          "evaluate with the run's seed, as its report was (or --force)")  # fmt: skip
+    path = out / "pipeline.json"  # (the episodes draw from the seed: another gives another report than the run's)
+    check_seed(read_manifest(path), args, path, "evaluate")
     splits = load_splits(cfg)
     test = splits["test"]
     trained = trained_data(out)

@@ -8,12 +8,13 @@ from mtq_common.training.checkpoint import CheckpointError
 from mtq_common.training.config import ConfigError
 
 
-def cli(main, args_type, name: str) -> None:
-    """A benchmark's command line: parse its flags and run `main`; bad input (a flag's value, a missing run or file)
-    is one paragraph naming `benchmarks.name` and exit code 2, as for the phase scripts, not a traceback."""
+def cli(main, args_type, name: str, *also: type[Exception]) -> None:
+    """A benchmark's command line: parse its flags and run `main`; bad input (a flag's value, a missing run or file,
+    and the exception types in `also`) is one paragraph naming `benchmarks.name` and exit code 2, as for the phase
+    scripts, not a traceback."""
     args = tyro.cli(args_type)
     try:
         main(args)
-    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError, *also) as err:
         print(f"benchmarks.{name}: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-import tyro
 import yaml
 
+from benchmarks import cli
 from benchmarks.run import finite_or_none, trading_quality
 from mtq_common.training.checkpoint import atomic_write_bytes, atomic_write_json
 from mtq_common.training.config import Config, ConfigError
@@ -126,8 +126,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Args))
-    except (ConfigError, FileNotFoundError, RuntimeError) as err:
-        print(f"benchmarks.fresh_paths: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    cli(main, Args, "fresh_paths", RuntimeError)  # (RuntimeError: a run's evaluation failed, its stderr attached)

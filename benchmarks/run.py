@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import tyro
 
+from benchmarks import cli
 from benchmarks.throughput import device_name
 from mtq_common.evaluation.rules import best_rule
 from mtq_common.evaluation.tearsheet import policy_metrics
@@ -341,8 +341,18 @@ def finite_or_none(value):
     return value
 
 
-def main(args: Args) -> int:
+def check_args(args: Args) -> list[Run]:
+    """The runs of `args` (`expand`), with the pool's flags refused where they are out of range."""
     runs = expand(args.command, args.seeds, args.configs, args.output_dir)
+    if args.workers < 1:
+        raise ValueError(f"--workers {args.workers}: accepted a whole number >= 1 (runs at the same time)")
+    if args.timeout is not None and not args.timeout > 0:
+        raise ValueError(f"--timeout {args.timeout}: accepted seconds > 0, or None (no limit)")
+    return runs
+
+
+def main(args: Args) -> int:
+    runs = check_args(args)
     if not args.run and not args.collect:
         for run in runs:
             print(shlex.join(run.command))
@@ -410,14 +420,4 @@ def main(args: Args) -> int:
 
 
 if __name__ == "__main__":
-    cli_args = tyro.cli(Args)
-    try:  # bad flags: the message and exit code 2, not a traceback
-        expand(cli_args.command, cli_args.seeds, cli_args.configs, cli_args.output_dir)
-        if cli_args.workers < 1:
-            raise ValueError(f"--workers {cli_args.workers}: accepted a whole number >= 1 (runs at the same time)")
-        if cli_args.timeout is not None and not cli_args.timeout > 0:
-            raise ValueError(f"--timeout {cli_args.timeout}: accepted seconds > 0, or None (no limit)")
-    except ValueError as err:
-        print(f"benchmarks.run: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(main(cli_args))
+    cli(lambda args: sys.exit(main(args)), Args, "run")  # (exit 1 when a run failed, 2 on bad flags)
