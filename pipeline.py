@@ -653,9 +653,15 @@ def smoke_argv(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
+    cli_args = None
     try:
         cli_args, _ = parse_args(Args, ALIASES, smoke_argv(sys.argv[1:]))
         main(cli_args)
     except (ConfigError, ckpt.CheckpointError, ValueError) as err:
         print(f"pipeline.py: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (checkpoints and reports are written whole or not at all)
+        training = cli_args is not None and cli_args.mode in ("train", "resume")
+        hint = ": `--mode resume` with the same flags continues from the phases' last checkpoints" if training else ""
+        print(f"pipeline.py: interrupted{hint}", file=sys.stderr)
+        sys.exit(130)

@@ -336,3 +336,18 @@ def test_the_rules_trade_through_the_stop_loss():
                    cost_rates(val, cfg, "cpu").double().numpy())  # fmt: skip
     plain = np.array([sharpe(net[:, i], val.bars_per_year) for i in range(val.num_instruments)])
     assert np.corrcoef(plain, off)[0, 1] > 0.9, (plain, off)
+
+
+def test_ctrl_c_ends_with_one_line_that_says_how_to_continue(tmp_path, monkeypatch):
+    """Ctrl-C (a KeyboardInterrupt anywhere in the run) exits 130 with one line naming --resume, not a traceback."""
+    import mtq_common.data.splits as splits
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(splits, "load_splits", interrupted)
+    code, stderr = run_cli("phase1_ppo.py", "--output-dir", str(tmp_path / "out"), "--log-dir", str(tmp_path / "l"),
+                           "--device", "cpu")  # fmt: skip
+    assert code == 130 and "Traceback" not in stderr
+    assert stderr.strip().splitlines() == [stderr.strip()] and "phase1_ppo.py: interrupted" in stderr
+    assert "--resume" in stderr

@@ -250,6 +250,22 @@ def test_bad_input_is_one_paragraph_and_exit_2(tmp_path, case, extra, message):
     assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_ctrl_c_ends_with_one_line(tmp_path, monkeypatch, mode):
+    """Ctrl-C (a KeyboardInterrupt) exits 130 with one line, not a traceback; while training, it names
+    `--mode resume`."""
+    from mtq_common.training import distributed
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distributed, "resolve_device", interrupted)  # (the first step of every mode)
+    code, stderr = run_cli("pipeline.py", *pipeline_args(tmp_path, "--mode", mode))
+    assert code == 130 and "Traceback" not in stderr
+    assert stderr.strip().splitlines() == [stderr.strip()] and "pipeline.py: interrupted" in stderr
+    assert ("--mode resume" in stderr) == (mode == "train")
+
+
 def test_resume_with_another_config_is_refused_and_touches_nothing(trained, tmp_path):
     tmp, config, _ = trained
     other = write_config(tmp_path / "other.yaml", {"reward": {"risk_penalty_weight": 2.0}})

@@ -290,6 +290,10 @@ def cli(main, args_type, aliases: dict, script: str) -> None:
         print(f"{script}: error: {err}", file=sys.stderr)
         distributed.shutdown()
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (every checkpoint is written whole or not at all)
+        print(f"{script}: interrupted; the same command with --resume continues from the last checkpoint "
+              "(latest.pt in --output-dir) where one was written", file=sys.stderr)  # fmt: skip
+        sys.exit(130)
 
 
 class Run:
