@@ -660,7 +660,7 @@ if __name__ == "__main__":
     except (ConfigError, ckpt.CheckpointError, ValueError) as err:
         print(f"pipeline.py: error: {err}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (checkpoints and reports are written whole or not at all)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (checkpoints and reports are written whole)
         training = cli_args is not None and cli_args.mode in ("train", "resume")
         hint = ": `--mode resume` with the same flags continues from the phases' last checkpoints" if training else ""
         print(f"pipeline.py: interrupted{hint}", file=sys.stderr)
