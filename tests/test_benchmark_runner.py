@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shlex
 import sys
+from dataclasses import dataclass
 
 import pytest
 
@@ -219,3 +222,19 @@ def test_the_other_benchmarks_refuse_bad_input_in_one_paragraph_with_exit_2(scri
     """`benchmarks.cli`: a bad flag or a missing run was a traceback (or, for `--bars 0`, a table of zeros)."""
     code, stderr = run_cli(f"benchmarks/{script}.py", *extra)
     assert code == 2 and f"benchmarks.{script}: error: {words}" in stderr and "Traceback" not in stderr, stderr
+
+
+def test_ctrl_c_in_a_benchmark_is_one_line_with_exit_130(monkeypatch):
+    from benchmarks import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    @dataclass
+    class Flags:
+        steps: int = 1
+
+    monkeypatch.setattr(sys, "argv", ["market_calibration"])
+    with contextlib.redirect_stderr(io.StringIO()) as err, pytest.raises(SystemExit) as exit_:
+        cli(interrupted, Flags, "market_calibration")
+    assert exit_.value.code == 130 and err.getvalue() == "benchmarks.market_calibration: interrupted\n"
