@@ -351,3 +351,26 @@ def test_ctrl_c_ends_with_one_line_that_says_how_to_continue(tmp_path, monkeypat
     assert code == 130 and "Traceback" not in stderr
     assert stderr.strip().splitlines() == [stderr.strip()] and "phase1_ppo.py: interrupted" in stderr
     assert "--resume" in stderr
+
+
+@pytest.mark.parametrize("flag", ["--output-dir", "--log-dir"])
+def test_a_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, flag):
+    """An output or log folder under a file (or one without write access) was found only at the first checkpoint,
+    after the training; the probe that finds it first leaves no folder behind."""
+    (tmp_path / "file").write_text("")
+    folders = {"--output-dir": str(tmp_path / "out"), "--log-dir": str(tmp_path / "logs")}
+    folders[flag] = str(tmp_path / "file" / "sub")
+    code, stderr = run_cli("phase1_ppo.py", *[x for kv in folders.items() for x in kv], "--device", "cpu")
+    assert code == 2 and "Traceback" not in stderr
+    assert f"{flag} {tmp_path / 'file' / 'sub'}: {tmp_path / 'file'} is a file, not a folder" in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # the other folder's probe left nothing
+
+
+def test_the_writable_probe_makes_missing_folders_and_removes_them(tmp_path):
+    from mtq_common.training.plumbing import check_writable
+
+    check_writable(tmp_path / "a" / "b" / "c", "--output-dir")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()
+    check_writable(tmp_path / "kept", "--output-dir")
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and list((tmp_path / "kept").iterdir()) == []

@@ -250,6 +250,13 @@ def test_bad_input_is_one_paragraph_and_exit_2(tmp_path, case, extra, message):
     assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
+def test_an_output_folder_that_cannot_be_written_is_refused_before_anything_runs(tmp_path):
+    (tmp_path / "file").write_text("")
+    code, stderr = run_cli("pipeline.py", "--output-dir", str(tmp_path / "file"), "--log-dir", str(tmp_path / "logs"))
+    assert code == 2 and f"--output-dir {tmp_path / 'file'}: {tmp_path / 'file'} is a file, not a folder" in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_ctrl_c_ends_with_one_line(tmp_path, monkeypatch, mode):
     """Ctrl-C (a KeyboardInterrupt) exits 130 with one line, not a traceback; while training, it names

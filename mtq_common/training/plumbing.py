@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -198,6 +200,29 @@ def check_flags(args) -> None:
     for name, (ok, accepted) in SHARED_FLAGS.items():
         if hasattr(args, name) and not ok(getattr(args, name)):
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)!r}: accepted {accepted}")
+    if os.environ.get("RANK", "0") == "0":  # (rank 0 writes every file; other ranks' probes would race its own)
+        for name in ("output_dir", "log_dir"):
+            if getattr(args, name, None) is not None:
+                check_writable(Path(getattr(args, name)), f"--{name.replace('_', '-')}")
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    """Refuse a folder that cannot be made or written, before any work: a run would otherwise train, then fail at
+    its first checkpoint. The probe leaves nothing behind (folders it made are removed)."""
+    made, fix = [], "pass a folder you can write"
+    try:
+        for path in [*reversed(folder.parents), folder]:
+            if path.exists() and not path.is_dir():
+                raise ConfigError(f"{flag} {folder}: {path} is a file, not a folder; {fix}")
+            if not path.is_dir():
+                path.mkdir()
+                made.append(path)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as err:
+        raise ConfigError(f"{flag} {folder}: cannot write there ({err.strerror}); {fix}") from None
+    finally:
+        for path in reversed(made):
+            path.rmdir()
 
 
 def start_run(args, aliases: dict, name: str):
