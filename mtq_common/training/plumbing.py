@@ -208,21 +208,16 @@ def check_flags(args) -> None:
 
 def check_writable(folder: Path, flag: str) -> None:
     """Refuse a folder that cannot be made or written, before any work: a run would otherwise train, then fail at
-    its first checkpoint. The probe leaves nothing behind (folders it made are removed)."""
-    made, fix = [], "pass a folder you can write"
+    its first checkpoint. The probe is a temporary file in the folder or its nearest existing parent, gone at once;
+    it makes no folder (runs started side by side share parents that one would remove under the other)."""
+    fix = "pass a folder you can write"
+    existing = next(path for path in [folder, *folder.parents] if path.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} {folder}: {existing} is a file, not a folder; {fix}")
     try:
-        for path in [*reversed(folder.parents), folder]:
-            if path.exists() and not path.is_dir():
-                raise ConfigError(f"{flag} {folder}: {path} is a file, not a folder; {fix}")
-            if not path.is_dir():
-                path.mkdir()
-                made.append(path)
-        tempfile.TemporaryFile(dir=folder).close()
+        tempfile.TemporaryFile(dir=existing).close()
     except OSError as err:
-        raise ConfigError(f"{flag} {folder}: cannot write there ({err.strerror}); {fix}") from None
-    finally:
-        for path in reversed(made):
-            path.rmdir()
+        raise ConfigError(f"{flag} {folder}: cannot write in {existing} ({err.strerror}); {fix}") from None
 
 
 def start_run(args, aliases: dict, name: str):
