@@ -196,7 +196,8 @@ key (`--num-envs`: `training.n_envs`, ...) are checked with the config (`setting
 
 def check_flags(args) -> None:
     """Refuse a bad value of any of `SHARED_FLAGS` that `args` has, naming the flag and what is accepted (before
-    any work or file: a NaN coefficient would otherwise read as a diverged run, an interval of 0 fail mid-run)."""
+    any work or file: a NaN coefficient would otherwise read as a diverged run, an interval of 0 fail mid-run), and
+    an output or log folder that cannot be written (`check_writable`)."""
     for name, (ok, accepted) in SHARED_FLAGS.items():
         if hasattr(args, name) and not ok(getattr(args, name)):
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)!r}: accepted {accepted}")
