@@ -147,8 +147,8 @@ class Args:
     """--mode act: the account's capital, for notionals, units rounded to whole contracts (config
     instruments.SYMBOL.contract_size, default 1) and the rounding residual (unset: weights only)."""
     as_of: str | None = None
-    """--mode act: the date the data must be current at (YYYY-MM-DD; default today, UTC). Not a cut: the book is for
-    the bar after the data's last row, and a date before that row is refused."""
+    """--mode act on CSV data: the date the data must be current at (YYYY-MM-DD; default today, UTC). Not a cut: the
+    book is for the bar after the data's last row, and a date before that row is refused."""
     max_staleness_days: float | None = 7.0
     """--mode act: refuse CSV data whose last bar is older than this many days before --as-of (None: no check)."""
     force: bool = False
@@ -579,6 +579,9 @@ def act(args: Args, cfg, log) -> dict:
         market = load_splits(cfg)["test"]  # the built-in market: act at the test split's last bar
     check_data(market, trained, out)
     check_execution_config(cfg, out, trained, args.force)  # the run's costs and limits, or the book is another
+    if market.source != "csv" and args.as_of is not None:  # (it was ignored: the built-in market has no "today")
+        raise ConfigError(f"--as-of {args.as_of}: applies to CSV data (--data-dir); the built-in market's book is "
+                          "for the bar after its test split's last bar, whatever the date")  # fmt: skip
     if market.source == "csv" and (args.as_of is not None or args.max_staleness_days is not None):
         try:
             as_of = np.datetime64(args.as_of or datetime.datetime.now(datetime.timezone.utc).date().isoformat(), "s")

@@ -227,7 +227,7 @@ def write_csv(folder, symbols, prices, dates):
 
 @pytest.mark.parametrize("case", ["untrained", "instruments", "short", "stale", "unsorted", "holdings-no-capital",
                                   "holdings-missing", "holdings-unknown", "holdings-text", "execution", "as-of",
-                                  "as-of-early", "staleness"])  # fmt: skip
+                                  "as-of-early", "as-of-built-in", "staleness"])  # fmt: skip
 def test_bad_input_is_refused_and_writes_nothing(trained, tmp_path, case):
     out, config, cfg, *_ = trained
     market = load_splits(cfg)["test"]
@@ -257,6 +257,8 @@ def test_bad_input_is_refused_and_writes_nothing(trained, tmp_path, case):
         write_csv(data, market.symbols, market.prices, dates)
         args["data_dir"], args["as_of"], args["max_staleness_days"] = str(data), dates[-10], None
         error, words = ConfigError, f"--as-of {dates[-10]}: before the data.s last bar, {dates[-1]}.*drop the later"
+    elif case == "as-of-built-in":  # the built-in market has no date to be current at: the flag was ignored
+        error, words = ConfigError, "--as-of 2030-01-10: applies to CSV data"
     elif case == "staleness":
         args["max_staleness_days"] = -1.0
         error, words = ConfigError, "--max-staleness-days -1.0: accepted a number of days >= 0, or None"
@@ -286,6 +288,8 @@ def test_bad_input_is_refused_and_writes_nothing(trained, tmp_path, case):
         write_csv(data, market.symbols, swapped, shuffled)
         args["data_dir"], args["as_of"] = str(data), dates[-1]
         error, words = ValueError, "strictly increasing"
+    if "data_dir" not in args and case != "as-of-built-in":
+        del args["as_of"]  # (CSV data's flag; the built-in market refuses it)
     shutil.rmtree(out / "act", ignore_errors=True)
     with pytest.raises(error, match=words):
         pipeline.main(pipeline.Args(**args))
