@@ -278,6 +278,20 @@ def check_phase_flags(args: Args, resume: bool) -> None:
             raise ConfigError(f"{name}: {err} (pipeline.py passes its --{name}-* flags as the script's own)") from None
 
 
+MODE_FLAGS = {"folds": "walkforward", "capital": "act", "as_of": "act", "max_staleness_days": "act",
+              "holdings": "act", "overwrite": "train"}  # fmt: skip
+"""The flags one mode alone reads."""
+
+
+def check_mode_flags(args: Args) -> None:
+    """Refuse a flag of `MODE_FLAGS` set (to other than its default) in another mode: it would be ignored, and a
+    user who gave it may think it acted (`--folds 8` with --mode train, `--capital` with --mode eval)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Args)}
+    for name, mode in MODE_FLAGS.items():
+        if args.mode != mode and getattr(args, name) != defaults[name]:
+            raise ConfigError(f"--{name.replace('_', '-')} applies to --mode {mode} only (given --mode {args.mode})")
+
+
 def check_seed(manifest: dict | None, args: Args, path: Path, verb: str) -> None:
     """Refuse to `verb` a run (its `manifest`, read from `path`) with another --seed than it was trained with,
     unless --force."""
@@ -623,8 +637,7 @@ def main(args: Args) -> dict:
     cfg = config_from_args(args, ALIASES)
     configure_threads(args.torch_threads)
     resolve_device(args.device)  # a clear error before any work
-    if args.overwrite and args.mode != "train":
-        raise ConfigError(f"--overwrite applies to --mode train only (given --mode {args.mode})")
+    check_mode_flags(args)
     if args.mode == "train":
         refuse_mixing(args)  # before the log file: a log folder inside OUT must stay untouched too
     log = setup_logging(Path(args.log_dir) / "pipeline.log", "pipeline")

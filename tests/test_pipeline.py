@@ -223,6 +223,10 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     [
         ("eval-untrained", ["--mode", "eval"], "run `python pipeline.py --mode train`"),
         ("resume-nothing", ["--mode", "resume"], "nothing to resume"),
+        # a flag another mode alone reads was ignored
+        ("folds-in-train", ["--mode", "train", "--folds", "8"], "--folds applies to --mode walkforward only (given"),
+        ("capital-in-eval", ["--mode", "eval", "--capital", "1e5"], "--capital applies to --mode act only (given"),
+        ("holdings-in-train", ["--mode", "train", "--holdings", "h.csv"], "--holdings applies to --mode act only"),
         ("missing-config", ["--mode", "train", "--config", "nope.yaml"], "config file not found"),
         ("bad-csv", ["--mode", "train", "--data-dir", "DATA"], "close"),
         ("device", ["--mode", "train", "--device", "cudaX"], "training.device = 'cudaX' is out of range"),
