@@ -345,7 +345,8 @@ def train(args: Args, cfg, log, resume: bool) -> dict:
             if name == "phase2" and helper.beside:
                 extra["ahead"] = fits.result()
                 helper.close()  # (Phase 3 starts a helper of its own)
-            result = phase_module(args, name).main(phase_args(args, name, continue_phase), **extra)
+            with ckpt.holding(out / name, f"pipeline.py ({name})"):  # (a phase script run by hand meanwhile: refused)
+                result = phase_module(args, name).main(phase_args(args, name, continue_phase), **extra)
             manifest["phases"][name] = {
                 "completed": True,
                 "global_step": result["global_step"],
@@ -638,6 +639,12 @@ def main(args: Args) -> dict:
     configure_threads(args.torch_threads)
     resolve_device(args.device)  # a clear error before any work
     check_mode_flags(args)
+    with ckpt.holding(args.output_dir, f"pipeline.py --mode {args.mode}"):  # (one process in a run at a time)
+        return run_mode(args, cfg)
+
+
+def run_mode(args: Args, cfg) -> dict:
+    """`main` after its checks, with the run folder held: the mode's work."""
     if args.mode == "train":
         refuse_mixing(args)  # before the log file: a log folder inside OUT must stay untouched too
     log = setup_logging(Path(args.log_dir) / "pipeline.log", "pipeline")

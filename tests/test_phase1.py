@@ -377,3 +377,41 @@ def test_the_writable_probe_makes_no_folder_and_leaves_no_file(tmp_path):
     if Path("/proc").is_dir():  # (Linux: no file can be made there, whoever runs the test)
         with pytest.raises(ConfigError, match="cannot write in /proc"):
             check_writable(Path("/proc/mtq"), "--log-dir")
+
+
+def hold_as_another_process(folder: Path, who: str):
+    """The run lock of `folder` taken through a file of its own, as another process would take it (a lock is per
+    open file: this process's own `holding` does not share it)."""
+    import fcntl
+
+    from mtq_common.training.checkpoint import lock_path
+
+    path = lock_path(folder)
+    path.parent.mkdir(exist_ok=True)
+    handle = open(path, "w")
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    handle.write(who)
+    handle.flush()
+    return handle
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the run lock is fcntl's")
+def test_a_run_folder_is_held_by_one_process_at_a_time(tmp_path):
+    """Two processes in one run (a `--resume` while the run still trains) wrote over each other's checkpoints and
+    reports; the second is now refused, naming the first. The lock writes nothing into the run's folder."""
+    from mtq_common.training.checkpoint import CheckpointError, holding
+
+    folder = tmp_path / "run"
+    with holding(folder, "phase1_ppo.py"):
+        with holding(folder, "pipeline.py (phase1)"):  # nested in one process: free
+            pass
+        with pytest.raises(BlockingIOError):  # held against any other open file, i.e. any other process
+            hold_as_another_process(folder, "x")
+    assert not folder.exists()
+    other = hold_as_another_process(folder, "pipeline.py --mode train (pid 1)")  # released when the block ended
+    with pytest.raises(CheckpointError, match=r"run is in use by pipeline.py --mode train \(pid 1\): wait"):
+        with holding(folder, "phase1_ppo.py"):
+            pass
+    code, stderr = run_cli("phase1_ppo.py", "--output-dir", str(folder), "--log-dir", str(tmp_path / "l"), "--resume")
+    assert code == 2 and "is in use by pipeline.py --mode train (pid 1)" in stderr and "Traceback" not in stderr
+    other.close()

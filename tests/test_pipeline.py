@@ -261,6 +261,23 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_anything_runs
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="the run lock is fcntl's")
+def test_a_run_another_process_holds_is_refused_and_touches_nothing(trained, tmp_path):
+    """A `--mode resume` (or eval, or act) while the run still trains wrote into it beside the training; now it
+    stops at once, naming the process that holds the run."""
+    from tests.test_phase1 import hold_as_another_process
+
+    tmp, config, _ = trained
+    before = snapshot(tmp / "out")
+    other = hold_as_another_process(tmp / "out", "pipeline.py --mode train (pid 1)")
+    try:
+        code, stderr = run_cli("pipeline.py", *pipeline_args(tmp, "--mode", "resume", config=config))
+    finally:
+        other.close()
+    assert code == 2 and f"{(tmp / 'out').resolve()} is in use by pipeline.py --mode train (pid 1)" in stderr
+    assert snapshot(tmp / "out") == before
+
+
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_ctrl_c_ends_with_one_line(tmp_path, monkeypatch, mode):
     """Ctrl-C (a KeyboardInterrupt) exits 130 with one line, not a traceback; while training, it names

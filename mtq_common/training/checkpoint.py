@@ -10,11 +10,15 @@ killed at any moment leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import secrets
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +26,65 @@ import torch
 
 from mtq_common.training.config import hashed_values
 
+try:
+    import fcntl
+except ImportError:  # (Windows: no run lock)
+    fcntl = None
+
 FORMAT = "mtquant-checkpoint-v1"
 
 
 class CheckpointError(RuntimeError):
     """A missing, corrupted, foreign or incompatible checkpoint; the message names the path and the fix."""
+
+
+_HELD: dict[Path, int] = {}  # run folders this process holds, each with its nesting depth
+
+
+def lock_path(folder: str | Path) -> Path:
+    """The lock file of run folder `folder`: in the temporary folder, named by the folder's full path, so that
+    taking it writes nothing into the run (nor makes a folder that does not exist yet); one folder per user."""
+    key = hashlib.sha1(str(Path(folder).resolve()).encode()).hexdigest()[:16]
+    user = getattr(os, "getuid", lambda: 0)()  # (a folder per user: another user's would not be writable)
+    return Path(tempfile.gettempdir()) / f"mtquant-locks-{user}" / f"{key}.lock"
+
+
+@contextlib.contextmanager
+def holding(folder: str | Path, who: str) -> Iterator[None]:
+    """Hold run folder `folder` while the block runs; another process asking for it meanwhile is refused with a
+    `CheckpointError` naming the holder. Two processes in one run folder (a `--mode resume` while the run still
+    trains) would write over each other's checkpoints and reports. An OS lock (`fcntl.flock`), released by the
+    OS however the process ends, kill -9 included; nested holds in one process are free. One machine only; none
+    where fcntl is missing (Windows)."""
+    key = Path(folder).resolve()
+    if fcntl is None or key in _HELD:  # nothing to take: no lock here, or this process holds it already
+        _HELD[key] = _HELD.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+            if not _HELD[key]:
+                del _HELD[key]
+        return
+    path = lock_path(key)
+    path.parent.mkdir(exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise CheckpointError(f"{key} is in use by {holder}: wait for it to end, or stop it. Two processes "
+                                  "writing one run would mix their checkpoints and reports.") from None  # fmt: skip
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{who} (pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})")
+        handle.flush()
+        _HELD[key] = 1
+        try:
+            yield
+        finally:
+            del _HELD[key]  # (closing the file releases the lock)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

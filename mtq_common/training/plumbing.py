@@ -305,7 +305,9 @@ def cli(main, args_type, aliases: dict, script: str) -> None:
     print one paragraph naming `script` and exit with code 2 (every rank leaves the process group)."""
     try:
         args, _ = parse_args(args_type, aliases)
-        main(args)
+        held = os.environ.get("RANK", "0") == "0"  # (rank 0 writes the run's files)
+        with ckpt.holding(args.output_dir, script) if held else contextlib.nullcontext():  # one process a run
+            main(args)
         distributed.shutdown(wait=True)
     except (ConfigError, ckpt.CheckpointError, ValueError) as err:
         print(f"{script}: error: {err}", file=sys.stderr)
