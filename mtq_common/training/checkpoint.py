@@ -55,9 +55,13 @@ def holding(folder: str | Path, who: str) -> Iterator[None]:
     `CheckpointError` naming the holder. Two processes in one run folder (a `--mode resume` while the run still
     trains) would write over each other's checkpoints and reports. An OS lock (`fcntl.flock`), released by the
     OS however the process ends, kill -9 included; nested holds in one process are free. One machine only; none
-    where fcntl is missing (Windows)."""
-    key = Path(folder).resolve()
-    if fcntl is None or key in _HELD:  # nothing to take: no lock here, or this process holds it already
+    where fcntl is missing (Windows) or the temporary folder cannot be written."""
+    key, handle = Path(folder).resolve(), None
+    if fcntl is not None and key not in _HELD:  # (else nothing to take: no lock here, or this process holds it)
+        with contextlib.suppress(OSError):  # an unwritable temporary folder: run without the lock
+            lock_path(key).parent.mkdir(exist_ok=True)
+            handle = open(lock_path(key), "a+")  # (closed by the `with handle` below, after the block)
+    if handle is None:
         _HELD[key] = _HELD.get(key, 0) + 1
         try:
             yield
@@ -66,9 +70,7 @@ def holding(folder: str | Path, who: str) -> Iterator[None]:
             if not _HELD[key]:
                 del _HELD[key]
         return
-    path = lock_path(key)
-    path.parent.mkdir(exist_ok=True)
-    with open(path, "a+") as handle:
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
