@@ -70,6 +70,11 @@ class World:
         return seed + RANK_SEED_STRIDE * self.rank
 
 
+def launch_rank() -> int:
+    """This process's rank as torchrun set it (0 when not launched by torchrun), readable before `setup`."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def setup(device_name: str) -> tuple[World, torch.device]:
     """Read torchrun's variables, join the process group (world size > 1 only) and pick the device.
 
@@ -77,7 +82,7 @@ def setup(device_name: str) -> tuple[World, torch.device]:
     process returns the group already joined.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = launch_rank(), int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name)
     if world_size == 1:
         return World(), device

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import random
 import sys
 import tempfile
@@ -201,7 +200,7 @@ def check_flags(args) -> None:
     for name, (ok, accepted) in SHARED_FLAGS.items():
         if hasattr(args, name) and not ok(getattr(args, name)):
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)!r}: accepted {accepted}")
-    if os.environ.get("RANK", "0") == "0":  # (rank 0 writes every file; other ranks' probes would race its own)
+    if distributed.launch_rank() == 0:  # (rank 0 writes every file; other ranks' probes would race its own)
         for name in ("output_dir", "log_dir"):
             if getattr(args, name, None) is not None:
                 check_writable(Path(getattr(args, name)), f"--{name.replace('_', '-')}")
@@ -305,8 +304,8 @@ def cli(main, args_type, aliases: dict, script: str) -> None:
     print one paragraph naming `script` and exit with code 2 (every rank leaves the process group)."""
     try:
         args, _ = parse_args(args_type, aliases)
-        held = os.environ.get("RANK", "0") == "0"  # (rank 0 writes the run's files)
-        with ckpt.holding(args.output_dir, script) if held else contextlib.nullcontext():  # one process a run
+        rank0 = distributed.launch_rank() == 0  # (rank 0 writes the run's files)
+        with ckpt.holding(args.output_dir, script) if rank0 else contextlib.nullcontext():  # one process a run
             main(args)
         distributed.shutdown(wait=True)
     except (ConfigError, ckpt.CheckpointError, ValueError) as err:
