@@ -16,6 +16,8 @@ Runs never mix: `--mode train` refuses (exit 2, before writing anything) to star
 run (`run_files`: OUT/pipeline.json, a `.pt` file in OUT/phase1..3, or a TensorBoard event file in
 LOG/phase1..3); continue it with `--mode resume`, pick another `--output-dir` / `--log-dir`, or pass
 `--overwrite` to delete that run first (`RUN_OUTPUTS` of OUT and LOG/phase1..3; other files are left alone).
+One process in a run at a time: OUT and LOG are held while it runs (`checkpoint.holding_run`), so a second one
+(a resume while it trains, another run sharing its log folder) stops at once.
 
 The evaluation uses the **test** split, which no phase has seen: the whole test period as one
 backtest (every instrument, the executed weights) next to every baseline and the targets, plus
@@ -345,7 +347,8 @@ def train(args: Args, cfg, log, resume: bool) -> dict:
             if name == "phase2" and helper.beside:
                 extra["ahead"] = fits.result()
                 helper.close()  # (Phase 3 starts a helper of its own)
-            with ckpt.holding(out / name, f"pipeline.py ({name})"):  # (a phase script run by hand meanwhile: refused)
+            # (a phase script run by hand into this phase's folders meanwhile: refused)
+            with ckpt.holding_run(out / name, Path(args.log_dir) / name, f"pipeline.py ({name})"):
                 result = phase_module(args, name).main(phase_args(args, name, continue_phase), **extra)
             manifest["phases"][name] = {
                 "completed": True,
@@ -639,7 +642,7 @@ def main(args: Args) -> dict:
     configure_threads(args.torch_threads)
     resolve_device(args.device)  # a clear error before any work
     check_mode_flags(args)
-    with ckpt.holding(args.output_dir, f"pipeline.py --mode {args.mode}"):  # (one process in a run at a time)
+    with ckpt.holding_run(args.output_dir, args.log_dir, f"pipeline.py --mode {args.mode}"):  # one process a run
         return run_mode(args, cfg)
 
 

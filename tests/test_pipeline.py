@@ -278,6 +278,29 @@ def test_a_run_another_process_holds_is_refused_and_touches_nothing(trained, tmp
     assert snapshot(tmp / "out") == before
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="the run lock is fcntl's")
+def test_a_log_folder_another_run_holds_is_refused_and_touches_nothing(tmp_path):
+    """A second run into another --output-dir but the running one's --log-dir, with --overwrite, deleted the first
+    run's TensorBoard events mid-run and then wrote beside it; the log folder is held with the run's now."""
+    from tests.test_phase1 import hold_as_another_process
+
+    logs = tmp_path / "logs"
+    (logs / "phase1").mkdir(parents=True)
+    (logs / "phase1" / "events.out.tfevents.1").write_text("the running run's")
+    other = hold_as_another_process(logs, "pipeline.py --mode train (pid 1)")
+    try:
+        code, stderr = run_cli("pipeline.py", "--mode", "train", "--overwrite", "--output-dir", str(tmp_path / "new"),
+                               "--log-dir", str(logs))  # fmt: skip
+        phase_code, phase_stderr = run_cli("phase1_ppo.py", "--output-dir", str(tmp_path / "p1"),
+                                           "--log-dir", str(logs))  # fmt: skip
+    finally:
+        other.close()
+    assert code == 2 and f"{logs.resolve()} is in use by pipeline.py --mode train (pid 1)" in stderr
+    assert phase_code == 2 and f"{logs.resolve()} is in use by" in phase_stderr
+    assert (logs / "phase1" / "events.out.tfevents.1").read_text() == "the running run's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs"]
+
+
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_ctrl_c_ends_with_one_line(tmp_path, monkeypatch, mode):
     """Ctrl-C (a KeyboardInterrupt) exits 130 with one line, not a traceback; while training, it names

@@ -89,6 +89,14 @@ def holding(folder: str | Path, who: str) -> Iterator[None]:
             del _HELD[key]  # (closing the file releases the lock)
 
 
+@contextlib.contextmanager
+def holding_run(output_dir: str | Path, log_dir: str | Path, who: str) -> Iterator[None]:
+    """`holding` a run's output folder and its log folder: a second run sharing only the log folder (an
+    `--overwrite` there deletes the first run's TensorBoard events and both write the folder) is refused too."""
+    with holding(output_dir, who), holding(log_dir, who):  # (one folder given twice: the nested hold is free)
+        yield
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` atomically (temporary file in the same folder, fsync, rename). The file gets the
     usual permissions (the umask's; `tempfile.mkstemp` would make every report owner-only)."""

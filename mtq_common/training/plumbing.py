@@ -305,7 +305,8 @@ def cli(main, args_type, aliases: dict, script: str) -> None:
     try:
         args, _ = parse_args(args_type, aliases)
         rank0 = distributed.launch_rank() == 0  # (rank 0 writes the run's files)
-        with ckpt.holding(args.output_dir, script) if rank0 else contextlib.nullcontext():  # one process a run
+        held = ckpt.holding_run(args.output_dir, args.log_dir, script) if rank0 else contextlib.nullcontext()
+        with held:  # one process in a run's folders at a time
             main(args)
         distributed.shutdown(wait=True)
     except (ConfigError, ckpt.CheckpointError, ValueError) as err:
