@@ -263,9 +263,13 @@ def read_manifest(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ckpt.CheckpointError(f"{path} is not a readable manifest ({exc}); move it away to start over") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("phases", {}), dict):  # (edited by hand)
+        raise ckpt.CheckpointError(f"{path} is not a readable manifest (expected a JSON object whose \"phases\" is "
+                                   "an object, as pipeline.py writes it); move it away to start over")  # fmt: skip
+    return manifest
 
 
 def check_phase_flags(args: Args, resume: bool) -> None:

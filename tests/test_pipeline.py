@@ -278,6 +278,16 @@ def test_a_run_another_process_holds_is_refused_and_touches_nothing(trained, tmp
     assert snapshot(tmp / "out") == before
 
 
+@pytest.mark.parametrize("text", ['{"config_hash": "ab', "[1, 2]", '{"phases": 3}'])
+def test_a_manifest_edited_by_hand_is_refused_with_its_path(tmp_path, text):
+    """A manifest that is JSON but not the object pipeline.py writes (a list, say) was an AttributeError traceback."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "pipeline.json").write_text(text)
+    code, stderr = run_cli("pipeline.py", *pipeline_args(tmp_path, "--mode", "resume"))
+    assert code == 2 and f"{tmp_path / 'out' / 'pipeline.json'} is not a readable manifest (" in stderr
+    assert "move it away to start over" in stderr and "Traceback" not in stderr
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="the run lock is fcntl's")
 def test_a_log_folder_another_run_holds_is_refused_and_touches_nothing(tmp_path):
     """A second run into another --output-dir but the running one's --log-dir, with --overwrite, deleted the first
