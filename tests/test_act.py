@@ -226,7 +226,8 @@ def write_csv(folder, symbols, prices, dates):
 
 
 @pytest.mark.parametrize("case", ["untrained", "instruments", "short", "stale", "unsorted", "holdings-no-capital",
-                                  "holdings-missing", "holdings-unknown", "holdings-text", "execution", "as-of",
+                                  "holdings-missing", "holdings-unknown", "holdings-text", "holdings-binary",
+                                  "execution", "as-of",
                                   "as-of-early", "as-of-built-in", "staleness"])  # fmt: skip
 def test_bad_input_is_refused_and_writes_nothing(trained, tmp_path, case):
     out, config, cfg, *_ = trained
@@ -281,6 +282,9 @@ def test_bad_input_is_refused_and_writes_nothing(trained, tmp_path, case):
         elif case == "holdings-text":
             (tmp_path / "held.csv").write_text("symbol,units\nEURUSD,ten\n")
             error, words = ValueError, "the units of EURUSD are 'ten'; expected a finite number"
+        elif case == "holdings-binary":  # (the decoding error did not name the file)
+            (tmp_path / "held.csv").write_bytes(b"symbol,units\nEURUSD,\xd0\x10\n")
+            words = "--holdings .*held.csv: not a readable text file \\('utf-8' codec can't decode byte 0xd0"
     else:
         swapped = market.prices.copy()
         shuffled = dates.copy()

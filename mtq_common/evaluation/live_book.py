@@ -181,7 +181,10 @@ def read_holdings(path: str | Path) -> dict[str, object]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--holdings {path}: file not found; expected {HOLDINGS_FORMATS}")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:  # (a binary file, say: the error must name the file)
+        raise ConfigError(f"--holdings {path}: not a readable text file ({exc}); expected {HOLDINGS_FORMATS}") from None
     if path.suffix.lower() == ".json":
         try:
             held = json.loads(text)
