@@ -203,7 +203,12 @@ def phase_module(args: Args, name: str):
         spec = importlib.util.spec_from_file_location(f"{name}_script_{len(_loaded)}", path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module  # (its dataclasses look their module up while it runs)
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:  # the copy's own error (a typo, a missing import): one paragraph that names it
+            del sys.modules[spec.name]
+            raise ConfigError(f"{flag}: loading it failed: {type(exc).__name__}: {exc} (`python {given} --help` "
+                              "shows the traceback)") from None  # fmt: skip
         missing = [attr for attr in ("Args", "main") if not hasattr(module, attr)]
         if missing:
             raise ConfigError(

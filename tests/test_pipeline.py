@@ -502,3 +502,10 @@ def test_a_phase_script_without_main_is_refused_before_anything_runs(tmp_path):
     done = pipeline(tmp_path, "--mode", "train", "--phase1-script", str(tmp_path / "empty.py"))
     assert done.returncode == 2 and "has no Args and no main" in done.stderr
     assert not (tmp_path / "out" / "phase1").exists()
+    # a copy that does not load (a typo): one paragraph naming the file and its error, not the pipeline's traceback
+    (tmp_path / "typo.py").write_text("def main(:\n")
+    code, stderr = run_cli("pipeline.py", *pipeline_args(tmp_path, "--mode", "train", "--phase2-script",
+                                                         str(tmp_path / "typo.py")))  # fmt: skip
+    assert code == 2 and "Traceback" not in stderr and "--phase2-script" in stderr
+    assert "loading it failed: SyntaxError: invalid syntax (typo.py, line 1)" in stderr
+    assert not (tmp_path / "out" / "phase1").exists()
