@@ -16,8 +16,9 @@ Runs never mix: `--mode train` refuses (exit 2, before writing anything) to star
 run (`run_files`: OUT/pipeline.json, a `.pt` file in OUT/phase1..3, or a TensorBoard event file in
 LOG/phase1..3); continue it with `--mode resume`, pick another `--output-dir` / `--log-dir`, or pass
 `--overwrite` to delete that run first (`RUN_OUTPUTS` of OUT and LOG/phase1..3; other files are left alone).
-One process in a run at a time: OUT and LOG are held while it runs (`checkpoint.holding_run`), so a second one
-(a resume while it trains, another run sharing its log folder) stops at once.
+One process in a run at a time: OUT, LOG and their phase folders are held while it runs (`checkpoint.holding_run`),
+so a second one (a resume while it trains, another run sharing its log folder, a phase script into one of its
+phases) stops at once.
 
 The evaluation uses the **test** split, which no phase has seen: the whole test period as one
 backtest (every instrument, the executed weights) next to every baseline and the targets, plus
@@ -651,7 +652,9 @@ def main(args: Args) -> dict:
     configure_threads(args.torch_threads)
     resolve_device(args.device)  # a clear error before any work
     check_mode_flags(args)
-    with ckpt.holding_run(args.output_dir, args.log_dir, f"pipeline.py --mode {args.mode}"):  # one process a run
+    # one process in a run at a time: its folders and each phase's (a phase script by hand into phase1 while
+    # Phase 3 trains would swap the specialists Phase 3 reads)
+    with ckpt.holding_run(args.output_dir, args.log_dir, f"pipeline.py --mode {args.mode}", PHASES):
         return run_mode(args, cfg)
 
 

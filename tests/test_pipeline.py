@@ -291,7 +291,8 @@ def test_a_manifest_edited_by_hand_is_refused_with_its_path(tmp_path, text):
 @pytest.mark.skipif(sys.platform == "win32", reason="the run lock is fcntl's")
 def test_a_log_folder_another_run_holds_is_refused_and_touches_nothing(tmp_path):
     """A second run into another --output-dir but the running one's --log-dir, with --overwrite, deleted the first
-    run's TensorBoard events mid-run and then wrote beside it; the log folder is held with the run's now."""
+    run's TensorBoard events mid-run and then wrote beside it; the log folder is held with the run's now, and so is
+    each phase's folder."""
     from tests.test_phase1 import hold_as_another_process
 
     logs = tmp_path / "logs"
@@ -308,6 +309,16 @@ def test_a_log_folder_another_run_holds_is_refused_and_touches_nothing(tmp_path)
     assert code == 2 and f"{logs.resolve()} is in use by pipeline.py --mode train (pid 1)" in stderr
     assert phase_code == 2 and f"{logs.resolve()} is in use by" in phase_stderr
     assert (logs / "phase1" / "events.out.tfevents.1").read_text() == "the running run's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs"]
+    # a phase script run by hand into one phase's folder of a run (Phase 3 would read its specialists): the pipeline
+    # holds every phase's folders while it runs, so the one that comes second is refused
+    other = hold_as_another_process(tmp_path / "new" / "phase1", "phase1_ppo.py (pid 1)")
+    try:
+        code, stderr = run_cli("pipeline.py", "--mode", "train", "--output-dir", str(tmp_path / "new"),
+                               "--log-dir", str(tmp_path / "new_logs"))  # fmt: skip
+    finally:
+        other.close()
+    assert code == 2 and f"{(tmp_path / 'new' / 'phase1').resolve()} is in use by phase1_ppo.py (pid 1)" in stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["logs"]
 
 

@@ -90,10 +90,17 @@ def holding(folder: str | Path, who: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def holding_run(output_dir: str | Path, log_dir: str | Path, who: str) -> Iterator[None]:
-    """`holding` a run's output folder and its log folder: a second run sharing only the log folder (an
-    `--overwrite` there deletes the first run's TensorBoard events and both write the folder) is refused too."""
-    with holding(output_dir, who), holding(log_dir, who):  # (one folder given twice: the nested hold is free)
+def holding_run(
+    output_dir: str | Path, log_dir: str | Path, who: str, subfolders: tuple[str, ...] = ()
+) -> Iterator[None]:
+    """`holding` a run's output folder and its log folder, and `subfolders` of both (the pipeline's phase folders,
+    which a phase script run by hand would hold): a second run sharing only the log folder (an `--overwrite` there
+    deleted the first run's TensorBoard events) or one phase's folder is refused too. (A lock is a folder's own,
+    not its subfolders': each folder a process writes is named.)"""
+    with contextlib.ExitStack() as stack:
+        for base in (output_dir, log_dir):
+            for folder in (Path(base), *(Path(base) / name for name in subfolders)):
+                stack.enter_context(holding(folder, who))  # (one folder given twice: the nested hold is free)
         yield
 
 
