@@ -653,7 +653,7 @@ def main(args: Args) -> dict:
     resolve_device(args.device)  # a clear error before any work
     check_mode_flags(args)
     # one process in a run at a time: its folders and each phase's (a phase script by hand into phase1 while
-    # Phase 3 trains would swap the specialists Phase 3 reads)
+    # Phase 2 trains would write over the checkpoints Phase 3 loads)
     with ckpt.holding_run(args.output_dir, args.log_dir, f"pipeline.py --mode {args.mode}", PHASES):
         return run_mode(args, cfg)
 
