@@ -280,12 +280,16 @@ def test_a_run_another_process_holds_is_refused_and_touches_nothing(trained, tmp
 
 @pytest.mark.parametrize("text", ['{"config_hash": "ab', "[1, 2]", '{"phases": 3}'])
 def test_a_manifest_edited_by_hand_is_refused_with_its_path(tmp_path, text):
-    """A manifest that is JSON but not the object pipeline.py writes (a list, say) was an AttributeError traceback."""
+    """A manifest that is JSON but not the object pipeline.py writes (a list, say) was an AttributeError traceback;
+    it is a CheckpointError now, which the command line prints as one paragraph with exit 2."""
+    from mtq_common.training.checkpoint import CheckpointError
+
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "pipeline.json").write_text(text)
-    code, stderr = run_cli("pipeline.py", *pipeline_args(tmp_path, "--mode", "resume"))
-    assert code == 2 and f"{tmp_path / 'out' / 'pipeline.json'} is not a readable manifest (" in stderr
-    assert "move it away to start over" in stderr and "Traceback" not in stderr
+    args, _ = parse_args(pipeline_script.Args, pipeline_script.ALIASES, pipeline_args(tmp_path, "--mode", "resume"))
+    path = tmp_path / "out" / "pipeline.json"
+    with pytest.raises(CheckpointError, match=f"{path} is not a readable manifest .*move it away to start over"):
+        pipeline_script.main(args)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="the run lock is fcntl's")
@@ -298,27 +302,30 @@ def test_a_log_folder_another_run_holds_is_refused_and_touches_nothing(tmp_path)
     logs = tmp_path / "logs"
     (logs / "phase1").mkdir(parents=True)
     (logs / "phase1" / "events.out.tfevents.1").write_text("the running run's")
+    from mtq_common.training.checkpoint import CheckpointError
+
+    def train(*flags):  # (in this process: the lock is taken through its own open file, as another process's is)
+        args, _ = parse_args(pipeline_script.Args, pipeline_script.ALIASES, ["--mode", "train", *flags])
+        pipeline_script.main(args)
+
     other = hold_as_another_process(logs, "pipeline.py --mode train (pid 1)")
     try:
-        code, stderr = run_cli("pipeline.py", "--mode", "train", "--overwrite", "--output-dir", str(tmp_path / "new"),
-                               "--log-dir", str(logs))  # fmt: skip
-        phase_code, phase_stderr = run_cli("phase1_ppo.py", "--output-dir", str(tmp_path / "p1"),
-                                           "--log-dir", str(logs))  # fmt: skip
+        with pytest.raises(CheckpointError, match=f"{logs.resolve()} is in use by pipeline.py --mode train .pid 1."):
+            train("--overwrite", "--output-dir", str(tmp_path / "new"), "--log-dir", str(logs))
+        code, stderr = run_cli("phase1_ppo.py", "--output-dir", str(tmp_path / "p1"), "--log-dir", str(logs))
     finally:
         other.close()
-    assert code == 2 and f"{logs.resolve()} is in use by pipeline.py --mode train (pid 1)" in stderr
-    assert phase_code == 2 and f"{logs.resolve()} is in use by" in phase_stderr
+    assert code == 2 and f"{logs.resolve()} is in use by" in stderr and "Traceback" not in stderr
     assert (logs / "phase1" / "events.out.tfevents.1").read_text() == "the running run's"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["logs"]
-    # a phase script run by hand into one phase's folder of a run (Phase 3 would read its specialists): the pipeline
-    # holds every phase's folders while it runs, so the one that comes second is refused
+    # a phase script run by hand into one phase's folder of a run (Phase 3 loads from there): the pipeline holds
+    # every phase's folders while it runs, so the one that comes second is refused
     other = hold_as_another_process(tmp_path / "new" / "phase1", "phase1_ppo.py (pid 1)")
     try:
-        code, stderr = run_cli("pipeline.py", "--mode", "train", "--output-dir", str(tmp_path / "new"),
-                               "--log-dir", str(tmp_path / "new_logs"))  # fmt: skip
+        with pytest.raises(CheckpointError, match="phase1 is in use by phase1_ppo.py .pid 1."):
+            train("--output-dir", str(tmp_path / "new"), "--log-dir", str(tmp_path / "new_logs"))
     finally:
         other.close()
-    assert code == 2 and f"{(tmp_path / 'new' / 'phase1').resolve()} is in use by phase1_ppo.py (pid 1)" in stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["logs"]
 
 
