@@ -353,6 +353,26 @@ def test_ctrl_c_ends_with_one_line_that_says_how_to_continue(tmp_path, monkeypat
     assert "--resume" in stderr
 
 
+def test_a_write_that_fails_is_one_error_naming_the_file_and_leaves_nothing_half_written(tmp_path, monkeypatch):
+    """A full disk hours into a run was an OSError traceback from deep in the checkpoint code; it is a WriteError
+    now (a CheckpointError: one paragraph and exit 2 from every command line) naming the file and the resume."""
+    import errno
+
+    from mtq_common.training import checkpoint
+
+    def full(_fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    (tmp_path / "latest.pt").write_bytes(b"the last whole checkpoint")
+    monkeypatch.setattr(checkpoint.os, "fsync", full)
+    with pytest.raises(checkpoint.WriteError, match=r"cannot write .*latest.pt \(No space left on device\); nothing "
+                                                    r"was left half-written: .*--mode resume"):  # fmt: skip
+        checkpoint.atomic_write_bytes(tmp_path / "latest.pt", b"a newer one")
+    assert [p.name for p in tmp_path.iterdir()] == ["latest.pt"]  # no temporary file left
+    assert (tmp_path / "latest.pt").read_bytes() == b"the last whole checkpoint"
+    assert issubclass(checkpoint.WriteError, checkpoint.CheckpointError)
+
+
 @pytest.mark.parametrize("flag", ["--output-dir", "--log-dir"])
 def test_a_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, flag):
     """An output or log folder under a file (or one without write access) was found only at the first checkpoint,

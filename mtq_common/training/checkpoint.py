@@ -38,6 +38,11 @@ class CheckpointError(RuntimeError):
     """A missing, corrupted, foreign or incompatible checkpoint; the message names the path and the fix."""
 
 
+class WriteError(CheckpointError):
+    """A checkpoint, report or manifest that could not be written (a full disk, a folder made read-only meanwhile);
+    the message names the file, the reason and how to go on. Nothing is left half-written (`atomic_write_bytes`)."""
+
+
 _HELD: dict[Path, int] = {}  # run folders this process holds, each with its nesting depth
 
 
@@ -108,16 +113,22 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` atomically (temporary file in the same folder, fsync, rename). The file gets the
     usual permissions (the umask's; `tempfile.mkstemp` would make every report owner-only)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "xb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # (a full disk hours into a run: one line that says how to go on)
+            raise WriteError(
+                f"cannot write {path} ({exc.strerror or exc}); nothing was left half-written: free some space (or "
+                "make the folder writable) and run again (training continues from its last checkpoint: "
+                "`pipeline.py --mode resume`, or a phase script's --resume)"
+            ) from exc
         raise
 
 
