@@ -122,7 +122,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (no temporary file where the folder itself could not be made)
+            tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError):  # (a full disk hours into a run: one line that says how to go on)
             raise WriteError(
                 f"cannot write {path} ({exc.strerror or exc}); nothing was left half-written: free some space (or "
