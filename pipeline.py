@@ -265,19 +265,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-def read_manifest(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ckpt.CheckpointError(f"{path} is not a readable manifest ({exc}); move it away to start over") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("phases", {}), dict):  # (edited by hand)
-        raise ckpt.CheckpointError(f"{path} is not a readable manifest (expected a JSON object whose \"phases\" is "
-                                   "an object, as pipeline.py writes it); move it away to start over")  # fmt: skip
-    return manifest
-
-
 def check_phase_flags(args: Args, resume: bool) -> None:
     """Every phase's flags as this run passes them (`phase_args`), checked before the first phase trains (a bad
     --phase3-* value must not wait for Phases 1 and 2 to finish): the error names the phase."""
@@ -317,7 +304,7 @@ def train(args: Args, cfg, log, resume: bool) -> dict:
     check_phase_flags(args, resume)
     out = Path(args.output_dir)
     path = out / "pipeline.json"
-    manifest = read_manifest(path) if resume else None
+    manifest = ckpt.read_manifest(path) if resume else None
     if resume and manifest is None:
         raise ckpt.CheckpointError(f"nothing to resume: {path} does not exist. Run `python pipeline.py --mode train`.")
     if manifest is not None:
@@ -357,9 +344,7 @@ def train(args: Args, cfg, log, resume: bool) -> dict:
             if name == "phase2" and helper.beside:
                 extra["ahead"] = fits.result()
                 helper.close()  # (Phase 3 starts a helper of its own)
-            # (a phase script run by hand into this phase's folders meanwhile: refused)
-            with ckpt.holding_run(out / name, Path(args.log_dir) / name, f"pipeline.py ({name})"):
-                result = phase_module(args, name).main(phase_args(args, name, continue_phase), **extra)
+            result = phase_module(args, name).main(phase_args(args, name, continue_phase), **extra)
             manifest["phases"][name] = {
                 "completed": True,
                 "global_step": result["global_step"],
@@ -438,7 +423,7 @@ def test_backtests(args: Args, cfg, device):
     out = Path(args.output_dir)
     specialists, meta = load_hierarchy(out, device)
     path = out / "pipeline.json"  # (the episodes draw from the seed: another gives another report than the run's)
-    check_seed(read_manifest(path), args, path, "evaluate")
+    check_seed(ckpt.read_manifest(path), args, path, "evaluate")
     splits = load_splits(cfg)
     test = splits["test"]
     trained = trained_data(out)
@@ -535,14 +520,16 @@ def walk_forward(args: Args, cfg, log) -> dict:
         config_path, manifest_path = fold_dir / "config.yaml", fold_dir / "pipeline.json"
         resume = manifest_path.is_file()
         if resume:  # a fold trained with another config is refused before its config file is replaced
-            manifest = read_manifest(manifest_path)
+            manifest = ckpt.read_manifest(manifest_path)
             ckpt.check_config_hash(manifest, fold_cfg.hash(), manifest_path, args.force, fold_cfg.to_dict())
         ckpt.atomic_write_bytes(config_path, yaml.safe_dump(fold_cfg.to_dict(), sort_keys=False).encode())
         fold_args = dataclasses.replace(args, config=str(config_path), output_dir=str(fold_dir),
                                         log_dir=str(logs / f"fold_{k}"))  # fmt: skip
         fold_cfg = config_from_args(fold_args, ALIASES)
         log.info("walk-forward fold %d/%d: %s", k + 1, args.folds, "resuming" if resume else "training")
-        train(fold_args, fold_cfg, log, resume=resume)
+        # (main holds OUT and LOG; a fold's phase folders are held as main holds a run's)
+        with ckpt.holding_run(fold_args.output_dir, fold_args.log_dir, "pipeline.py --mode walkforward", PHASES):
+            train(fold_args, fold_cfg, log, resume=resume)
         report, backtests, test = test_backtests(fold_args, fold_cfg, device)
         train_split = load_splits(fold_cfg)["train"]
         sharpe = {"system": report["portfolio"]["sharpe"], "equal_allocation": report["equal_allocation"]["sharpe"]}
@@ -675,7 +662,7 @@ def run_mode(args: Args, cfg) -> dict:
     if args.mode in ("train", "resume"):
         manifest = train(args, cfg, log, resume=args.mode == "resume")
     evaluation = evaluate(args, cfg, log)
-    manifest = manifest or read_manifest(out / "pipeline.json") or {}
+    manifest = manifest or ckpt.read_manifest(out / "pipeline.json") or {}
     manifest["eval"] = {"seconds": evaluation["seconds"], "episodes": args.eval_episodes, "path": str(out / "eval")}
     manifest["wall_seconds_last_invocation"] = time.time() - start
     ckpt.atomic_write_json(out / "pipeline.json", manifest)

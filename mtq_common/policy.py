@@ -20,7 +20,6 @@ registering the Gymnasium ids stays light (see `mtq_common/__init__.py`).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -133,11 +132,8 @@ def read_run_config(run_dir: str | Path) -> Config:
     path = Path(run_dir) / "pipeline.json"
     if not path.is_file():
         raise CheckpointError(f"{path} not found: {run_dir} is not a `pipeline.py` run folder. {UNTRAINED_HINT}")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable run manifest ({exc})") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
+    manifest = ckpt.read_manifest(path)
+    if not isinstance(manifest.get("config"), dict):
         raise CheckpointError(f"{path} holds no `config` mapping: not a manifest written by `pipeline.py`")
     return config_from_dict(manifest["config"], where=f"{path} (config)")
 

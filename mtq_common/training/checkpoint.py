@@ -109,6 +109,22 @@ def holding_run(
         yield
 
 
+def read_manifest(path: str | Path) -> dict | None:
+    """A run's manifest (`pipeline.json`, which `pipeline.py` writes), or None where there is none; one that is not
+    JSON, or not the object pipeline.py writes (edited by hand), is a `CheckpointError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable manifest ({exc}); move it away to start over") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("phases", {}), dict):
+        raise CheckpointError(f"{path} is not a readable manifest (expected a JSON object whose \"phases\" is an "
+                              "object, as pipeline.py writes it); move it away to start over")  # fmt: skip
+    return manifest
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` atomically (temporary file in the same folder, fsync, rename). The file gets the
     usual permissions (the umask's; `tempfile.mkstemp` would make every report owner-only)."""
